@@ -1,0 +1,211 @@
+#include "config/reader.hpp"
+
+#include "config/quantity.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+
+namespace ferry::config {
+
+void Problems::add(const toml::source_region& where, const std::string& message) {
+    list_.push_back(fmt::format("{}:{}: {}", file_, where.begin.line, message));
+}
+
+void Problems::add(const std::string& message) { list_.push_back(fmt::format("{}: {}", file_, message)); }
+
+Error Problems::error() const {
+    std::string all;
+    for (auto& p : list_) {
+        if (!all.empty())
+            all += '\n';
+        all += p;
+    }
+    return make_error(Errc::invalid_argument, all);
+}
+
+TableReader::TableReader(const toml::table& table, Problems& problems, std::string prefix)
+    : table_(table), problems_(problems), prefix_(std::move(prefix)) {}
+
+std::string TableReader::path(std::string_view key) const {
+    return prefix_.empty() ? std::string(key) : prefix_ + "." + std::string(key);
+}
+
+const toml::node* TableReader::node(std::string_view key) {
+    seen_.emplace(key);
+    return table_.get(key);
+}
+
+namespace {
+std::string_view type_name(const toml::node& n) {
+    switch (n.type()) {
+    case toml::node_type::string: return "a string";
+    case toml::node_type::integer: return "an integer";
+    case toml::node_type::floating_point: return "a float";
+    case toml::node_type::boolean: return "a boolean";
+    case toml::node_type::table: return "a table";
+    case toml::node_type::array: return "an array";
+    default: return "a date/time";
+    }
+}
+} // namespace
+
+void TableReader::type_error(std::string_view key, const toml::node& n, std::string_view expected) {
+    problems_.add(n.source(), fmt::format("key '{}': expected {}, got {}", path(key), expected,
+                                          type_name(n)));
+}
+
+void TableReader::get(std::string_view key, std::string& out) {
+    auto* n = node(key);
+    if (!n)
+        return;
+    if (auto v = n->value<std::string>(); v && n->is_string())
+        out = *v;
+    else
+        type_error(key, *n, "a string");
+}
+
+void TableReader::get(std::string_view key, std::optional<std::string>& out) {
+    std::string value;
+    if (!table_.get(key)) {
+        seen_.emplace(key);
+        return;
+    }
+    get(key, value);
+    out = value;
+}
+
+void TableReader::get(std::string_view key, bool& out) {
+    auto* n = node(key);
+    if (!n)
+        return;
+    if (n->is_boolean())
+        out = *n->value<bool>();
+    else
+        type_error(key, *n, "a boolean (true or false)");
+}
+
+void TableReader::get(std::string_view key, std::int64_t& out, std::int64_t min, std::int64_t max) {
+    auto* n = node(key);
+    if (!n)
+        return;
+    if (!n->is_integer()) {
+        type_error(key, *n, "an integer");
+        return;
+    }
+    auto v = *n->value<std::int64_t>();
+    if (v < min || v > max) {
+        problems_.add(n->source(),
+                      fmt::format("key '{}': {} is out of range [{}, {}]", path(key), v, min, max));
+        return;
+    }
+    out = v;
+}
+
+void TableReader::get_quantity(std::string_view key, std::uint64_t& out) {
+    auto* n = node(key);
+    if (!n)
+        return;
+    if (n->is_integer()) {
+        auto v = *n->value<std::int64_t>();
+        if (v < 0) {
+            problems_.add(n->source(), fmt::format("key '{}': {} is negative", path(key), v));
+            return;
+        }
+        out = static_cast<std::uint64_t>(v);
+        return;
+    }
+    if (!n->is_string()) {
+        type_error(key, *n, "a quantity (bytes, or a string like \"64Mi\")");
+        return;
+    }
+    auto parsed = parse_quantity(*n->value<std::string>());
+    if (!parsed) {
+        problems_.add(n->source(), fmt::format("key '{}': {}", path(key), parsed.error().message));
+        return;
+    }
+    out = *parsed;
+}
+
+void TableReader::get(std::string_view key, std::vector<std::string>& out) {
+    auto* n = node(key);
+    if (!n)
+        return;
+    auto* arr = n->as_array();
+    if (!arr) {
+        type_error(key, *n, "an array of strings");
+        return;
+    }
+    std::vector<std::string> values;
+    for (std::size_t i = 0; i < arr->size(); ++i) {
+        auto& item = *arr->get(i);
+        if (!item.is_string()) {
+            problems_.add(item.source(), fmt::format("key '{}[{}]': expected a string, got {}",
+                                                     path(key), i, type_name(item)));
+            continue;
+        }
+        values.push_back(*item.value<std::string>());
+    }
+    out = std::move(values);
+}
+
+void TableReader::get(std::string_view key, std::map<std::string, std::string>& out) {
+    auto* n = node(key);
+    if (!n)
+        return;
+    auto* tbl = n->as_table();
+    if (!tbl) {
+        type_error(key, *n, "a table of strings");
+        return;
+    }
+    std::map<std::string, std::string> values;
+    for (auto&& [k, v] : *tbl) {
+        if (!v.is_string()) {
+            problems_.add(v.source(), fmt::format("key '{}.{}': expected a string, got {}",
+                                                  path(key), k.str(), type_name(v)));
+            continue;
+        }
+        values[std::string(k.str())] = *v.value<std::string>();
+    }
+    out = std::move(values);
+}
+
+bool TableReader::require(std::string_view key) {
+    if (table_.contains(key))
+        return true;
+    problems_.add(fmt::format("missing required key '{}'", path(key)));
+    return false;
+}
+
+void TableReader::finish() {
+    for (auto&& [k, v] : table_) {
+        if (seen_.count(k.str()))
+            continue;
+        problems_.add(k.source(), fmt::format("unknown key '{}'", path(k.str())));
+    }
+}
+
+Result<toml::table> parse_toml_string(std::string_view text, const std::string& name) {
+    try {
+        return toml::parse(text, name);
+    } catch (const toml::parse_error& e) {
+        return make_error(Errc::invalid_argument,
+                          fmt::format("{}:{}:{}: {}", name, e.source().begin.line,
+                                      e.source().begin.column, e.description()));
+    }
+}
+
+Result<toml::table> parse_toml_file(const std::string& path) {
+    std::error_code ec;
+    if (!std::filesystem::is_regular_file(path, ec))
+        return make_error(Errc::not_found, fmt::format("{}: no such file", path));
+    try {
+        return toml::parse_file(path);
+    } catch (const toml::parse_error& e) {
+        return make_error(Errc::invalid_argument,
+                          fmt::format("{}:{}:{}: {}", path, e.source().begin.line,
+                                      e.source().begin.column, e.description()));
+    }
+}
+
+} // namespace ferry::config

@@ -1,0 +1,69 @@
+#pragma once
+// Strict reading of a TOML table: every problem names the file, the line and
+// the full key; keys nobody asked for are errors too. Problems accumulate so
+// an operator sees all of them at once.
+#include "common/error.hpp"
+
+#include <toml++/toml.h>
+
+#include <cstdint>
+#include <map>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace ferry::config {
+
+class Problems {
+public:
+    explicit Problems(std::string file) : file_(std::move(file)) {}
+    void add(const toml::source_region& where, const std::string& message);
+    void add(const std::string& message); // no line (e.g. a missing key)
+    const std::string& file() const { return file_; }
+    bool empty() const { return list_.empty(); }
+    Error error() const; // all problems, one per line
+
+private:
+    std::string file_;
+    std::vector<std::string> list_;
+};
+
+class TableReader {
+public:
+    // prefix is the dotted path of this table ("migration", "disks[0]").
+    TableReader(const toml::table& table, Problems& problems, std::string prefix);
+
+    // Each getter leaves out untouched when the key is absent (the default).
+    void get(std::string_view key, std::string& out);
+    void get(std::string_view key, std::optional<std::string>& out);
+    void get(std::string_view key, bool& out);
+    void get(std::string_view key, std::int64_t& out, std::int64_t min, std::int64_t max);
+    // A quantity: a TOML integer (bytes) or a string like "64Mi".
+    void get_quantity(std::string_view key, std::uint64_t& out);
+    void get(std::string_view key, std::vector<std::string>& out);
+    void get(std::string_view key, std::map<std::string, std::string>& out);
+    // Marks key as required: a problem if absent.
+    bool require(std::string_view key);
+    // The raw node, marked as read; nullptr when absent.
+    const toml::node* node(std::string_view key);
+    std::string path(std::string_view key) const;
+    Problems& problems() { return problems_; }
+
+    // Reports every key that no getter asked for.
+    void finish();
+
+private:
+    void type_error(std::string_view key, const toml::node& n, std::string_view expected);
+
+    const toml::table& table_;
+    Problems& problems_;
+    std::string prefix_;
+    std::set<std::string, std::less<>> seen_;
+};
+
+// Parses a TOML file; a syntax error names the file, line and column.
+Result<toml::table> parse_toml_file(const std::string& path);
+Result<toml::table> parse_toml_string(std::string_view text, const std::string& name);
+
+} // namespace ferry::config

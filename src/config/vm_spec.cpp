@@ -1,0 +1,155 @@
+#include "config/vm_spec.hpp"
+
+#include "config/quantity.hpp"
+#include "config/reader.hpp"
+
+#include <fmt/format.h>
+
+namespace ferry::config {
+
+bool valid_vm_name(std::string_view name) {
+    if (name.empty() || name.size() > 63)
+        return false;
+    auto alnum = [](char c) { return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9'); };
+    for (char c : name)
+        if (!alnum(c) && c != '-')
+            return false;
+    return alnum(name.front()) && alnum(name.back());
+}
+
+namespace {
+
+void read_disk(const toml::table& t, Problems& p, std::size_t i, DiskSpec& d) {
+    TableReader r(t, p, fmt::format("disks[{}]", i));
+    if (r.require("path"))
+        r.get("path", d.path);
+    r.get("format", d.format);
+    r.get("shared", d.shared);
+    r.get("readonly", d.readonly);
+    if (d.format != "raw" && d.format != "qcow2")
+        p.add(t.get("format")->source(),
+              fmt::format("key 'disks[{}].format': \"{}\" is not raw or qcow2", i, d.format));
+    if (d.path.find(',') != std::string::npos)
+        p.add(t.get("path")->source(),
+              fmt::format("key 'disks[{}].path': commas are not allowed in disk paths", i));
+    r.finish();
+}
+
+Result<VmSpec> read(const toml::table& root, const std::string& file) {
+    Problems p(file);
+    VmSpec s;
+    TableReader r(root, p, "");
+    if (r.require("name")) {
+        r.get("name", s.name);
+        if (root.get("name")->is_string() && !valid_vm_name(s.name))
+            p.add(root.get("name")->source(),
+                  fmt::format("key 'name': \"{}\" is not a valid VM name (1-63 characters of "
+                              "a-z, 0-9 and '-', starting and ending with a letter or digit)",
+                              s.name));
+    }
+    if (r.require("memory")) {
+        r.get_quantity("memory", s.memory);
+        auto* n = root.get("memory");
+        if (s.memory % (1 << 20) != 0 || s.memory < (16ULL << 20))
+            p.add(n->source(), fmt::format("key 'memory': {} bytes is not a whole number of MiB "
+                                           "of at least 16Mi",
+                                           s.memory));
+    }
+    r.get("cpus", s.cpus, 1, 255);
+    r.get("cpu_model", s.cpu_model);
+    r.get("machine", s.machine);
+    r.get("kernel", s.kernel);
+    r.get("initrd", s.initrd);
+    r.get("append", s.append);
+    r.get("labels", s.labels);
+    r.get("node_selector", s.node_selector);
+    r.get("extra_args", s.extra_args);
+    if (auto* n = r.node("disks")) {
+        auto* arr = n->as_array();
+        if (!arr) {
+            p.add(n->source(), "key 'disks': expected an array of tables ([[disks]])");
+        } else {
+            for (std::size_t i = 0; i < arr->size(); ++i) {
+                auto* t = arr->get(i)->as_table();
+                if (!t) {
+                    p.add(arr->get(i)->source(), fmt::format("key 'disks[{}]': expected a table", i));
+                    continue;
+                }
+                DiskSpec d;
+                read_disk(*t, p, i, d);
+                s.disks.push_back(d);
+            }
+        }
+    }
+    if ((s.initrd || s.append) && !s.kernel)
+        p.add("'initrd' and 'append' need 'kernel'");
+    r.finish();
+    if (!p.empty())
+        return p.error();
+    return s;
+}
+
+} // namespace
+
+Result<VmSpec> load_vm_spec(const std::string& path) {
+    auto table = parse_toml_file(path);
+    if (!table)
+        return table.error();
+    return read(*table, path);
+}
+
+Result<VmSpec> parse_vm_spec(std::string_view text, const std::string& name) {
+    auto table = parse_toml_string(text, name);
+    if (!table)
+        return table.error();
+    return read(*table, name);
+}
+
+void to_json(nlohmann::json& j, const DiskSpec& d) {
+    j = {{"path", d.path}, {"format", d.format}, {"shared", d.shared}, {"readonly", d.readonly}};
+}
+
+void from_json(const nlohmann::json& j, DiskSpec& d) {
+    j.at("path").get_to(d.path);
+    d.format = j.value("format", "raw");
+    d.shared = j.value("shared", true);
+    d.readonly = j.value("readonly", false);
+}
+
+void to_json(nlohmann::json& j, const VmSpec& s) {
+    j = {{"name", s.name},
+         {"memory", s.memory},
+         {"cpus", s.cpus},
+         {"cpu_model", s.cpu_model},
+         {"machine", s.machine},
+         {"labels", s.labels},
+         {"node_selector", s.node_selector},
+         {"disks", s.disks},
+         {"extra_args", s.extra_args}};
+    if (s.kernel)
+        j["kernel"] = *s.kernel;
+    if (s.initrd)
+        j["initrd"] = *s.initrd;
+    if (s.append)
+        j["append"] = *s.append;
+}
+
+void from_json(const nlohmann::json& j, VmSpec& s) {
+    j.at("name").get_to(s.name);
+    j.at("memory").get_to(s.memory);
+    s.cpus = j.value("cpus", 1);
+    s.cpu_model = j.value("cpu_model", "qemu64");
+    s.machine = j.value("machine", "pc");
+    if (j.contains("kernel"))
+        s.kernel = j["kernel"].get<std::string>();
+    if (j.contains("initrd"))
+        s.initrd = j["initrd"].get<std::string>();
+    if (j.contains("append"))
+        s.append = j["append"].get<std::string>();
+    s.labels = j.value("labels", std::map<std::string, std::string>{});
+    s.node_selector = j.value("node_selector", std::map<std::string, std::string>{});
+    s.disks = j.value("disks", std::vector<DiskSpec>{});
+    s.extra_args = j.value("extra_args", std::vector<std::string>{});
+}
+
+} // namespace ferry::config

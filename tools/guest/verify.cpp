@@ -1,0 +1,96 @@
+#include "verify.hpp"
+
+#include "layout.h"
+
+#include <fmt/format.h>
+
+#include <fstream>
+#include <regex>
+#include <vector>
+
+namespace ferry::guest {
+
+std::string VerifyReport::summary() const {
+    if (min_pass == max_pass)
+        return fmt::format("{} pages verified, all at pass {}", pages, max_pass);
+    return fmt::format("{} pages verified, pass {} up to page {} and {} after", pages, max_pass,
+                       boundary, min_pass);
+}
+
+Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in)
+        return make_error(Errc::io, fmt::format("cannot open memory dump {}", path));
+    VerifyReport r;
+    r.pages = pages;
+    std::vector<std::uint32_t> page(FERRY_GUEST_WORDS);
+    std::uint32_t prev = 0;
+    for (std::uint32_t p = 0; p < pages; ++p) {
+        if (!in.read(reinterpret_cast<char*>(page.data()), FERRY_GUEST_PAGE))
+            return make_error(Errc::io, fmt::format("memory dump {} ends at page {} of {}", path, p, pages));
+        for (std::uint32_t w = 1; w < FERRY_GUEST_WORDS; ++w)
+            if (page[w] != ferry_guest_pattern(p, w))
+                return make_error(Errc::internal,
+                                  fmt::format("guest page {} word {} is {:#x}, expected {:#x}: "
+                                              "page content lost or misplaced",
+                                              p, w, page[w], ferry_guest_pattern(p, w)));
+        std::uint32_t c = page[0];
+        if (p == 0) {
+            r.max_pass = r.min_pass = c;
+        } else if (c > prev) {
+            return make_error(Errc::internal,
+                              fmt::format("guest page {} holds pass {} but page {} holds {}: a "
+                                          "stale page (dirty page not transferred)",
+                                          p - 1, prev, p, c));
+        } else if (c < prev) {
+            if (r.min_pass != r.max_pass || prev - c != 1)
+                return make_error(Errc::internal,
+                                  fmt::format("guest page {} holds pass {} after pass {}: more than "
+                                              "one boundary (a stale page)",
+                                              p, c, prev));
+            r.min_pass = c;
+            r.boundary = p;
+        }
+        prev = c;
+    }
+    return r;
+}
+
+boost::asio::awaitable<Result<VerifyReport>> verify_live(qmp::Client& qmp, std::uint32_t pages,
+                                                         std::string dump_path, bool keep_stopped) {
+    auto status = co_await qmp.execute("query-status");
+    if (!status)
+        co_return status.error();
+    bool was_running = (*status).value("running", false);
+    if (was_running) {
+        auto stopped = co_await qmp.execute("stop");
+        if (!stopped)
+            co_return stopped.error();
+    }
+    qmp::json args;
+    args["val"] = FERRY_GUEST_WS_BASE;
+    args["size"] = std::uint64_t(pages) * FERRY_GUEST_PAGE;
+    args["filename"] = dump_path;
+    auto saved = co_await qmp.execute("pmemsave", std::move(args), std::chrono::seconds(120));
+    if (was_running && !keep_stopped) {
+        auto cont = co_await qmp.execute("cont");
+        if (!cont)
+            co_return cont.error();
+    }
+    if (!saved)
+        co_return saved.error();
+    co_return verify_dump(dump_path, pages);
+}
+
+std::uint32_t pages_from_console(const std::string& console_log_path) {
+    std::ifstream in(console_log_path);
+    std::string line;
+    static const std::regex banner(R"(FERRY-GUEST .*ws_pages=(\d+))");
+    std::smatch m;
+    while (std::getline(in, line))
+        if (std::regex_search(line, m, banner))
+            return static_cast<std::uint32_t>(std::stoul(m[1]));
+    return 0;
+}
+
+} // namespace ferry::guest
