@@ -8,6 +8,19 @@
 
 #include <iostream>
 
+namespace {
+boost::asio::awaitable<ferry::Result<ferry::guest::VerifyReport>>
+check(boost::asio::any_io_executor ex, std::string qmp_path, std::uint32_t pages, std::string dump,
+      bool keep_stopped) {
+    auto c = co_await ferry::qmp::Client::connect(ex, qmp_path);
+    if (!c)
+        co_return c.error();
+    auto r = co_await ferry::guest::verify_live(**c, pages, dump, keep_stopped);
+    (*c)->close();
+    co_return r;
+}
+} // namespace
+
 int main(int argc, char** argv) {
     CLI::App app{"Verify the ferry test guest's memory (pauses the VM briefly)"};
     std::string qmp_path, dump = "/tmp/ferry-guest-dump.bin", console;
@@ -26,17 +39,8 @@ int main(int argc, char** argv) {
         return 2;
     }
     boost::asio::io_context io;
-    auto fut = boost::asio::co_spawn(
-        io,
-        [&]() -> boost::asio::awaitable<ferry::Result<ferry::guest::VerifyReport>> {
-            auto c = co_await ferry::qmp::Client::connect(io.get_executor(), qmp_path);
-            if (!c)
-                co_return c.error();
-            auto r = co_await ferry::guest::verify_live(**c, pages, dump, keep_stopped);
-            (*c)->close();
-            co_return r;
-        },
-        boost::asio::use_future);
+    auto fut = boost::asio::co_spawn(io, check(io.get_executor(), qmp_path, pages, dump, keep_stopped),
+                                     boost::asio::use_future);
     io.run();
     auto r = fut.get();
     if (!r) {

@@ -1,0 +1,446 @@
+#include "engine/engine.hpp"
+
+#include "engine/engine_internal.hpp"
+#include "engine/process.hpp"
+#include "engine/store.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <filesystem>
+#include <fstream>
+#include <random>
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+
+namespace {
+
+Result<void> check_spec_files(const config::VmSpec& spec) {
+    auto need = [](const std::optional<std::string>& path, const char* key) -> Result<void> {
+        if (path && !fs::is_regular_file(*path))
+            return make_error(Errc::invalid_argument,
+                              fmt::format("spec key '{}': {} does not exist or is not a file", key, *path));
+        return {};
+    };
+    if (auto r = need(spec.kernel, "kernel"); !r)
+        return r;
+    if (auto r = need(spec.initrd, "initrd"); !r)
+        return r;
+    for (std::size_t i = 0; i < spec.disks.size(); ++i)
+        if (!fs::exists(spec.disks[i].path))
+            return make_error(Errc::invalid_argument,
+                              fmt::format("spec key 'disks[{}].path': {} does not exist", i, spec.disks[i].path));
+    return {};
+}
+
+std::string random_suffix() {
+    static std::mt19937_64 rng{std::random_device{}()};
+    return fmt::format("{:06x}", rng() & 0xFFFFFF);
+}
+
+} // namespace
+
+Engine::Engine(asio::any_io_executor ex, config::NodeConfig config)
+    : ex_(ex), config_(std::move(config)), reaper_(ex) {}
+
+Engine::~Engine() = default;
+
+std::string Engine::vm_dir(const std::string& name) const {
+    return config_.node.state_dir + "/vms/" + name;
+}
+
+std::string Engine::migration_path(const std::string& id) const {
+    return config_.node.state_dir + "/migrations/" + id + ".json";
+}
+
+void Engine::persist(const Vm& vm) {
+    if (auto r = write_json_file(vm_dir(vm.record.name) + "/vm.json", vm.record); !r)
+        engine_log()->error("vm {}: cannot save record: {}", vm.record.name, r.error().message);
+}
+
+void Engine::persist(const Migration& m) {
+    if (auto r = write_json_file(migration_path(m.id), m); !r)
+        engine_log()->error("migration {}: cannot save record: {}", m.id, r.error().message);
+}
+
+json Engine::vm_json(const Vm& vm) const {
+    json j{{"name", vm.record.name},
+           {"node", vm.record.node},
+           {"status", vm.status},
+           {"adopted", vm.record.adopted},
+           {"pid", vm.record.pid},
+           {"generation", vm.record.generation},
+           {"qmp_socket", vm.record.qmp_socket},
+           {"console_log", vm_dir(vm.record.name) + "/console.log"},
+           {"created_at", vm.record.created_at},
+           {"migration", vm.migration_id ? json(*vm.migration_id) : json(nullptr)}};
+    j["spec"] = vm.record.spec ? json(*vm.record.spec) : json(nullptr);
+    return j;
+}
+
+void Engine::attach(const std::shared_ptr<Vm>& vm) {
+    auto client = vm->qemu.qmp;
+    if (!client)
+        return;
+    std::weak_ptr<Vm> weak = vm;
+    client->subscribe([weak, raw = client.get()](const qmp::Event& e) {
+        auto v = weak.lock();
+        if (!v || v->qemu.qmp.get() != raw)
+            return;
+        if (e.name == "RESUME")
+            v->status = "running";
+        else if (e.name == "STOP")
+            v->status = "paused";
+        else if (e.name == "SHUTDOWN")
+            v->status = "shutdown";
+    });
+    client->on_close([weak, raw = client.get()](const Error& err) {
+        auto v = weak.lock();
+        if (!v || v->qemu.qmp.get() != raw)
+            return;
+        v->status = "stopped";
+        engine_log()->warn("vm {}: lost QEMU: {}", v->record.name, err.message);
+    });
+}
+
+asio::awaitable<Result<void>> Engine::start() {
+    std::error_code ec;
+    for (auto dir : {config_.node.state_dir + "/vms", config_.node.state_dir + "/migrations"}) {
+        fs::create_directories(dir, ec);
+        if (ec)
+            co_return make_error(Errc::io, fmt::format("creating {}: {}", dir, ec.message()));
+    }
+    for (auto& entry : fs::directory_iterator(config_.node.state_dir + "/vms", ec)) {
+        auto rec = read_json_file(entry.path().string() + "/vm.json");
+        if (!rec) {
+            engine_log()->warn("skipping {}: {}", entry.path().string(), rec.error().message);
+            continue;
+        }
+        auto vm = std::make_shared<Vm>();
+        try {
+            vm->record = rec->get<VmRecord>();
+        } catch (const std::exception& e) {
+            engine_log()->warn("skipping {}: bad record: {}", entry.path().string(), e.what());
+            continue;
+        }
+        vms_[vm->record.name] = vm;
+        co_await reattach(vm);
+    }
+    std::vector<Migration> unfinished;
+    for (auto& entry : fs::directory_iterator(config_.node.state_dir + "/migrations", ec)) {
+        if (entry.path().extension() != ".json")
+            continue;
+        auto rec = read_json_file(entry.path().string());
+        if (!rec)
+            continue;
+        Migration m;
+        try {
+            m = rec->get<Migration>();
+        } catch (const std::exception& e) {
+            engine_log()->warn("skipping {}: bad record: {}", entry.path().string(), e.what());
+            continue;
+        }
+        if (!is_final(m.phase))
+            unfinished.push_back(m);
+        auto st = std::make_shared<MigrationState>(ex_);
+        st->m = m;
+        migrations_[m.id] = st;
+    }
+    for (auto& m : unfinished)
+        co_await recover_migration(m);
+
+    asio::co_spawn(ex_, reap_loop(this), asio::detached);
+    engine_log()->info("engine ready: {} VMs, {} migrations on record", vms_.size(), migrations_.size());
+    co_return Result<void>{};
+}
+
+// Reaps exited QEMU children now and then so none stays a zombie: a VM
+// whose QEMU died is polled with process_alive(), which reaps it.
+asio::awaitable<void> Engine::reap_loop(Engine* self) {
+    while (!self->stopping_) {
+        self->reaper_.expires_after(std::chrono::seconds(1));
+        auto [ec] = co_await self->reaper_.async_wait(asio::as_tuple(asio::use_awaitable));
+        if (ec)
+            co_return;
+        for (auto& [name, vm] : self->vms_)
+            if (vm->record.pid > 0 && vm->status == "stopped")
+                process_alive(vm->record.pid);
+    }
+}
+
+asio::awaitable<void> Engine::reattach(std::shared_ptr<Vm> vm) {
+    auto& r = vm->record;
+    if (r.qmp_socket.empty() || !fs::exists(r.qmp_socket) || (r.pid > 0 && !process_alive(r.pid))) {
+        vm->status = "stopped";
+        engine_log()->warn("vm {}: its QEMU is gone", r.name);
+        co_return;
+    }
+    auto c = co_await qmp::Client::connect(ex_, r.qmp_socket, std::chrono::seconds(5));
+    if (!c) {
+        vm->status = "stopped";
+        engine_log()->warn("vm {}: cannot re-attach: {}", r.name, c.error().message);
+        co_return;
+    }
+    vm->qemu.qmp = *c;
+    vm->qemu.pid = r.pid;
+    vm->qemu.generation = r.generation;
+    vm->qemu.run_dir = r.run_dir;
+    vm->qemu.qmp_socket = r.qmp_socket;
+    if (!r.run_dir.empty()) {
+        vm->qemu.console_socket = r.run_dir + "/console.sock";
+        vm->qemu.console = std::make_shared<ConsoleCapture>(ex_, vm->qemu.console_socket,
+                                                            vm_dir(r.name) + "/console.log",
+                                                            fmt::format("r{}", r.generation));
+        vm->qemu.console->start();
+    }
+    auto status = co_await vm->qemu.qmp->execute("query-status");
+    vm->status = status ? (*status).value("status", "unknown") : "unknown";
+    attach(vm);
+    engine_log()->info("vm {}: re-attached to QEMU pid {} ({})", r.name, r.pid, vm->status);
+}
+
+asio::awaitable<void> Engine::recover_migration(Migration m) {
+    engine_log()->warn("migration {}: interrupted by a ferryd restart; cleaning up", m.id);
+    if (m.target_pid > 0 && process_alive(m.target_pid)) {
+        // Only kill it if it still is the QEMU we started (pids get reused).
+        std::ifstream cmdline(fmt::format("/proc/{}/cmdline", m.target_pid));
+        std::string args((std::istreambuf_iterator<char>(cmdline)), std::istreambuf_iterator<char>());
+        if (!m.target_dir.empty() && args.find(m.target_dir) != std::string::npos)
+            co_await terminate_process(ex_, m.target_pid, std::chrono::seconds(3));
+    }
+    if (!m.target_dir.empty()) {
+        std::error_code ec;
+        fs::remove_all(m.target_dir, ec);
+    }
+    // The source QEMU may still be migrating on its own, or paused before
+    // the switchover: cancel and resume it.
+    if (auto it = vms_.find(m.vm); it != vms_.end() && it->second->qemu.qmp) {
+        auto& qmp = *it->second->qemu.qmp;
+        co_await qmp.execute("migrate_cancel");
+        auto status = co_await qmp.execute("query-status");
+        if (status && !(*status).value("running", false)) {
+            auto s = (*status).value("status", "");
+            if (s == "finish-migrate" || s == "postmigrate" || s == "paused" || s == "pre-switchover")
+                co_await qmp.execute("cont");
+        }
+        auto again = co_await qmp.execute("query-status");
+        it->second->status = again ? (*again).value("status", "unknown") : "unknown";
+    }
+    m.phase = Phase::Failed;
+    m.failure_reason = "ferryd restarted during the migration; it was cancelled and the VM kept on the source";
+    m.ended_at = now_string();
+    persist(m);
+    migrations_[m.id]->m = m;
+}
+
+asio::awaitable<Result<json>> Engine::create_vm(config::VmSpec spec) {
+    if (vms_.count(spec.name))
+        co_return make_error(Errc::already_exists, fmt::format("VM {} already exists", spec.name));
+    if (auto r = check_spec_files(spec); !r)
+        co_return r.error();
+    auto vm = std::make_shared<Vm>();
+    vm->record.name = spec.name;
+    vm->record.node = config_.node.name;
+    vm->record.created_at = now_string();
+    vm->record.spec = spec;
+    vms_[spec.name] = vm; // reserve the name while launching
+    std::error_code ec;
+    fs::create_directories(vm_dir(spec.name), ec);
+    LaunchRequest req{&config_.node, &*vm->record.spec, vm_dir(spec.name), 1, false};
+    auto q = co_await launch_qemu(ex_, req);
+    if (!q) {
+        vms_.erase(spec.name);
+        fs::remove_all(vm_dir(spec.name), ec);
+        co_return q.error().wrap(fmt::format("creating VM {}", spec.name));
+    }
+    vm->qemu = std::move(*q);
+    vm->record.pid = vm->qemu.pid;
+    vm->record.generation = vm->qemu.generation;
+    vm->record.run_dir = vm->qemu.run_dir;
+    vm->record.qmp_socket = vm->qemu.qmp_socket;
+    vm->status = "running";
+    attach(vm);
+    persist(*vm);
+    engine_log()->info("vm {}: running (pid {})", spec.name, vm->record.pid);
+    co_return ok(vm_json(*vm));
+}
+
+asio::awaitable<Result<json>> Engine::adopt_vm(std::string name, std::string qmp_socket,
+                                               std::optional<config::VmSpec> spec) {
+    if (!config::valid_vm_name(name))
+        co_return make_error(Errc::invalid_argument, fmt::format("'{}' is not a valid VM name", name));
+    if (vms_.count(name))
+        co_return make_error(Errc::already_exists, fmt::format("VM {} already exists", name));
+    if (spec && spec->name != name)
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("the spec names VM {}, not {}", spec->name, name));
+    auto c = co_await qmp::Client::connect(ex_, qmp_socket, std::chrono::seconds(5));
+    if (!c)
+        co_return c.error().wrap(fmt::format("adopting {}", name));
+    auto status = co_await (*c)->execute("query-status");
+    if (!status)
+        co_return status.error().wrap(fmt::format("adopting {}", name));
+    auto vm = std::make_shared<Vm>();
+    vm->record.name = name;
+    vm->record.node = config_.node.name;
+    vm->record.adopted = true;
+    vm->record.created_at = now_string();
+    vm->record.spec = spec;
+    vm->record.qmp_socket = qmp_socket;
+    vm->record.pid = (*c)->peer_pid();
+    vm->qemu.qmp = *c;
+    vm->qemu.pid = vm->record.pid;
+    vm->qemu.qmp_socket = qmp_socket;
+    vm->status = (*status).value("status", "unknown");
+    std::error_code ec;
+    fs::create_directories(vm_dir(name), ec);
+    vms_[name] = vm;
+    attach(vm);
+    persist(*vm);
+    engine_log()->info("vm {}: adopted QEMU pid {} at {}", name, vm->record.pid, qmp_socket);
+    co_return ok(vm_json(*vm));
+}
+
+asio::awaitable<Result<json>> Engine::show_vm(std::string name) {
+    auto it = vms_.find(name);
+    if (it == vms_.end())
+        co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
+    auto vm = it->second;
+    if (vm->qemu.qmp && vm->qemu.qmp->connected()) {
+        auto status = co_await vm->qemu.qmp->execute("query-status", {}, std::chrono::seconds(3));
+        if (status)
+            vm->status = (*status).value("status", vm->status);
+    }
+    co_return ok(vm_json(*vm));
+}
+
+json Engine::list_vms() const {
+    json list = json::array();
+    for (auto& [name, vm] : vms_)
+        list.push_back(vm_json(*vm));
+    return list;
+}
+
+asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
+    auto it = vms_.find(name);
+    if (it == vms_.end())
+        co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
+    auto vm = it->second;
+    if (vm->migration_id)
+        co_return make_error(Errc::conflict, fmt::format("VM {} is migrating ({}); abort it first",
+                                                         name, *vm->migration_id));
+    vms_.erase(it);
+    if (vm->record.adopted) {
+        if (vm->qemu.qmp)
+            vm->qemu.qmp->close();
+        engine_log()->info("vm {}: released (adopted; QEMU left running)", name);
+    } else {
+        co_await destroy_qemu(ex_, vm->qemu);
+        engine_log()->info("vm {}: stopped and deleted", name);
+    }
+    std::error_code ec;
+    fs::remove(vm_dir(name) + "/vm.json", ec);
+    fs::remove_all(vm_dir(name), ec);
+    co_return Result<void>{};
+}
+
+Result<json> Engine::migrate(const MigrateRequest& req) {
+    if (stopping_)
+        return make_error(Errc::conflict, "ferryd is shutting down");
+    auto it = vms_.find(req.vm);
+    if (it == vms_.end())
+        return make_error(Errc::not_found, fmt::format("no VM named {}", req.vm));
+    auto vm = it->second;
+    if (vm->migration_id)
+        return make_error(Errc::conflict, fmt::format("VM {} is already migrating ({})", req.vm, *vm->migration_id));
+    if (!vm->record.spec)
+        return make_error(Errc::conflict,
+                          fmt::format("VM {} was adopted without a spec, so ferry cannot start its "
+                                      "destination QEMU; adopt it again with --spec",
+                                      req.vm));
+    if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
+        return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", req.vm, vm->status));
+    if (req.target_node && *req.target_node != config_.node.name) {
+        bool known = std::any_of(config_.peers.begin(), config_.peers.end(),
+                                 [&](auto& p) { return p.name == *req.target_node; });
+        return make_error(known ? Errc::conflict : Errc::not_found,
+                          known ? fmt::format("migration to peer node {} needs the peer transport, "
+                                              "which this ferryd does not have yet",
+                                              *req.target_node)
+                                : fmt::format("unknown target node {} (not this node, not in [[peers]])",
+                                              *req.target_node));
+    }
+    auto st = std::make_shared<MigrationState>(ex_);
+    auto& m = st->m;
+    m.id = fmt::format("{}-{}", req.vm, random_suffix());
+    m.vm = req.vm;
+    m.source_node = config_.node.name;
+    m.target_node = config_.node.name;
+    m.config = config_.migration;
+    if (req.bandwidth)
+        m.config.bandwidth_per_migration = *req.bandwidth;
+    if (req.max_downtime_ms)
+        m.config.max_downtime_ms = *req.max_downtime_ms;
+    m.created_at = now_string();
+    st->vm = vm;
+    vm->migration_id = m.id;
+    migrations_[m.id] = st;
+    persist(m);
+    engine_log()->info("migration {}: {} from {} to {}", m.id, m.vm, m.source_node, m.target_node);
+    asio::co_spawn(ex_, run_migration(this, st), asio::detached);
+    return ok(json(m));
+}
+
+json Engine::list_migrations() const {
+    std::vector<const Migration*> list;
+    for (auto& [id, st] : migrations_)
+        list.push_back(&st->m);
+    std::sort(list.begin(), list.end(), [](auto* a, auto* b) { return a->created_at < b->created_at; });
+    json out = json::array();
+    for (auto* m : list)
+        out.push_back(*m);
+    return out;
+}
+
+Result<json> Engine::show_migration(const std::string& id) const {
+    auto it = migrations_.find(id);
+    if (it == migrations_.end())
+        return make_error(Errc::not_found, fmt::format("no migration {}", id));
+    return ok(json(it->second->m));
+}
+
+Result<json> Engine::abort_migration(const std::string& id) {
+    auto it = migrations_.find(id);
+    if (it == migrations_.end())
+        return make_error(Errc::not_found, fmt::format("no migration {}", id));
+    auto& st = *it->second;
+    if (is_final(st.m.phase))
+        return make_error(Errc::conflict, fmt::format("migration {} already ended ({})", id, to_string(st.m.phase)));
+    if (st.switchover_started)
+        return make_error(Errc::conflict,
+                          fmt::format("migration {} is switching over: the destination has the VM's "
+                                      "final state and cannot be abandoned",
+                                      id));
+    if (!st.m.abort_requested) {
+        st.m.abort_requested = true;
+        st.m.abort_status = "Aborting";
+        persist(st.m);
+        engine_log()->info("migration {}: abort requested", id);
+        st.wake.cancel();
+    }
+    return ok(json(st.m));
+}
+
+void Engine::shutdown() {
+    stopping_ = true;
+    reaper_.cancel();
+}
+
+} // namespace ferry::engine

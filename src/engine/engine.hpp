@@ -1,0 +1,93 @@
+#pragma once
+// The engine of one node: its VMs, their QEMU processes, and migrations.
+// Single-threaded: every call runs on the engine's executor.
+#include "config/node_config.hpp"
+#include "config/vm_spec.hpp"
+#include "engine/migration.hpp"
+#include "engine/vm.hpp"
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace ferry::engine {
+
+struct MigrateRequest {
+    std::string vm;
+    std::optional<std::string> target_node; // default: this node
+    std::optional<std::uint64_t> bandwidth;  // overrides bandwidth_per_migration
+    std::optional<std::int64_t> max_downtime_ms;
+};
+
+class Engine {
+public:
+    Engine(boost::asio::any_io_executor ex, config::NodeConfig config);
+    ~Engine();
+
+    // Creates the state directories, loads the records, re-attaches to QEMU
+    // processes that still run and cleans up after interrupted migrations.
+    boost::asio::awaitable<Result<void>> start();
+
+    boost::asio::awaitable<Result<json>> create_vm(config::VmSpec spec);
+    boost::asio::awaitable<Result<json>> adopt_vm(std::string name, std::string qmp_socket,
+                                                  std::optional<config::VmSpec> spec);
+    boost::asio::awaitable<Result<json>> show_vm(std::string name);
+    json list_vms() const;
+    // Stops a VM ferry started; an adopted VM is only forgotten.
+    boost::asio::awaitable<Result<void>> delete_vm(std::string name);
+
+    // Validates and starts a migration in the background; returns its object.
+    Result<json> migrate(const MigrateRequest& request);
+    json list_migrations() const;
+    Result<json> show_migration(const std::string& id) const;
+    Result<json> abort_migration(const std::string& id);
+
+    // Stops background work; VMs keep running.
+    void shutdown();
+
+    const config::NodeConfig& config() const { return config_; }
+
+private:
+    struct Vm {
+        VmRecord record;
+        QemuInstance qemu;
+        std::string status = "unknown"; // QEMU run state, or "stopped" when it is gone
+        std::optional<std::string> migration_id;
+    };
+    struct MigrationState;
+
+    std::string vm_dir(const std::string& name) const;
+    std::string migration_path(const std::string& id) const;
+    void persist(const Vm& vm);
+    void persist(const Migration& m);
+    json vm_json(const Vm& vm) const;
+    void attach(const std::shared_ptr<Vm>& vm); // subscribes to the QEMU's events and loss
+    static boost::asio::awaitable<void> reap_loop(Engine* self);
+    boost::asio::awaitable<void> reattach(std::shared_ptr<Vm> vm);
+    boost::asio::awaitable<void> recover_migration(Migration m);
+
+    // Migration steps (engine_migrate.cpp).
+    static boost::asio::awaitable<void> run_migration(Engine* self, std::shared_ptr<MigrationState> st);
+    boost::asio::awaitable<Result<void>> prepare_target(MigrationState& st);
+    boost::asio::awaitable<Result<void>> start_source(MigrationState& st);
+    boost::asio::awaitable<Result<void>> watch(MigrationState& st);
+    boost::asio::awaitable<Result<void>> switch_over(MigrationState& st);
+    boost::asio::awaitable<void> hand_off(MigrationState& st);
+    boost::asio::awaitable<void> fail(MigrationState& st, const Error& error);
+    boost::asio::awaitable<void> ensure_source_running(MigrationState& st);
+    void set_phase(MigrationState& st, Phase phase);
+
+    boost::asio::any_io_executor ex_;
+    config::NodeConfig config_;
+    std::map<std::string, std::shared_ptr<Vm>> vms_;
+    std::map<std::string, std::shared_ptr<MigrationState>> migrations_;
+    boost::asio::steady_timer reaper_;
+    bool stopping_ = false;
+};
+
+} // namespace ferry::engine

@@ -1,0 +1,310 @@
+// The same-node migration state machine: one coroutine per phase.
+#include "engine/engine.hpp"
+
+#include "engine/engine_internal.hpp"
+#include "engine/process.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr auto poll_interval = 500ms;
+// QEMU 7.2 has no "unlimited" max-bandwidth: 1 TiB/s stands for it.
+constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
+
+json capabilities() {
+    json caps = json::array();
+    for (auto name : {"events", "pause-before-switchover"})
+        caps.push_back({{"capability", name}, {"state", true}});
+    return caps;
+}
+
+asio::awaitable<void> sleep_for(asio::any_io_executor ex, std::chrono::milliseconds d) {
+    asio::steady_timer t(ex);
+    t.expires_after(d);
+    co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+}
+
+} // namespace
+
+void Engine::set_phase(MigrationState& st, Phase phase) {
+    st.m.phase = phase;
+    persist(st.m);
+    engine_log()->info("migration {}: {}", st.m.id, to_string(phase));
+}
+
+asio::awaitable<void> Engine::run_migration(Engine* self, std::shared_ptr<MigrationState> st) {
+    st->start = Clock::now();
+    st->m.started_at = now_string();
+    self->set_phase(*st, Phase::Scheduling);
+    // One node: the target is this node, nothing to place yet.
+    self->set_phase(*st, Phase::Scheduled);
+    auto r = co_await self->prepare_target(*st);
+    if (r && st->m.abort_requested)
+        r = make_error(Errc::aborted, "aborted by request before the transfer started");
+    if (r)
+        r = co_await self->start_source(*st);
+    if (r)
+        r = co_await self->watch(*st);
+    if (r)
+        r = co_await self->switch_over(*st);
+    if (!r) {
+        co_await self->fail(*st, r.error());
+        co_return;
+    }
+    co_await self->hand_off(*st);
+}
+
+asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {
+    set_phase(st, Phase::PreparingTarget);
+    auto& vm = *st.vm;
+    LaunchRequest req{&config_.node, &*vm.record.spec, vm_dir(vm.record.name), vm.record.generation + 1, true};
+    auto q = co_await launch_qemu(ex_, req);
+    if (!q)
+        co_return q.error().wrap("preparing the destination");
+    st.target = std::move(*q);
+    st.m.target_pid = st.target.pid;
+    st.m.target_dir = st.target.run_dir;
+    std::weak_ptr<MigrationState> weak = migrations_[st.m.id];
+    st.target.qmp->on_close([weak](const Error&) {
+        if (auto s = weak.lock())
+            s->wake.cancel();
+    });
+    json caps_args{{"capabilities", capabilities()}};
+    auto caps = co_await st.target.qmp->execute("migrate-set-capabilities", caps_args);
+    if (!caps)
+        co_return caps.error().wrap("preparing the destination");
+    json incoming_args{{"uri", "unix:" + st.target.migrate_socket()}};
+    auto incoming = co_await st.target.qmp->execute("migrate-incoming", incoming_args);
+    if (!incoming)
+        co_return incoming.error().wrap("preparing the destination");
+    set_phase(st, Phase::TargetReady);
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
+    set_phase(st, Phase::Running);
+    auto qmp = st.vm->qemu.qmp;
+    auto status = co_await qmp->execute("query-status");
+    if (!status)
+        co_return status.error().wrap("reading the source's state");
+    st.source_was_running = (*status).value("running", false);
+
+    std::weak_ptr<MigrationState> weak = migrations_[st.m.id];
+    st.source_subscription = qmp->subscribe([weak](const qmp::Event& e) {
+        auto s = weak.lock();
+        if (s && (e.name == "MIGRATION" || e.name == "MIGRATION_PASS"))
+            s->wake.cancel();
+    });
+    qmp->on_close([weak](const Error&) {
+        if (auto s = weak.lock())
+            s->wake.cancel();
+    });
+
+    json caps_args{{"capabilities", capabilities()}};
+    auto caps = co_await qmp->execute("migrate-set-capabilities", caps_args);
+    if (!caps)
+        co_return caps.error().wrap("configuring the source");
+    auto bw = st.m.config.bandwidth_per_migration;
+    json params{{"max-bandwidth", bw == 0 ? unlimited_bandwidth : bw},
+                {"downtime-limit", st.m.config.max_downtime_ms}};
+    auto set = co_await qmp->execute("migrate-set-parameters", params);
+    if (!set)
+        co_return set.error().wrap("configuring the source");
+    json migrate_args{{"uri", "unix:" + st.target.migrate_socket()}};
+    auto started = co_await qmp->execute("migrate", migrate_args);
+    if (!started)
+        co_return started.error().wrap("starting the migration");
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
+    auto qmp = st.vm->qemu.qmp;
+    std::uint64_t data_bytes = st.vm->record.spec->memory;
+    TimeoutWatch timeouts(st.m.config.progress_timeout, st.m.config.completion_timeout_per_gib, data_bytes);
+
+    auto cancel = [&]() -> asio::awaitable<void> {
+        co_await qmp->execute("migrate_cancel");
+        for (int i = 0; i < 100 && qmp->connected(); ++i) {
+            auto info = co_await qmp->execute("query-migrate");
+            auto s = info ? (*info).value("status", "") : "";
+            if (s == "cancelled" || s == "failed" || s == "completed" || s.empty())
+                break;
+            co_await sleep_for(ex_, 100ms);
+        }
+    };
+    auto target_gone = [&] { return !st.target.qmp->connected() || !process_alive(st.target.pid); };
+
+    for (;;) {
+        if (st.m.abort_requested) {
+            co_await cancel();
+            co_return make_error(Errc::aborted, "aborted by request");
+        }
+        if (!qmp->connected())
+            co_return make_error(Errc::disconnected, "lost the source QEMU's QMP connection");
+        if (target_gone()) {
+            co_await cancel();
+            co_return make_error(Errc::disconnected, fmt::format("the destination QEMU exited: {}",
+                                                                 log_tail(st.target.log_path())));
+        }
+        auto info = co_await qmp->execute("query-migrate");
+        if (info) {
+            st.last_info = *info;
+            st.m.progress = progress_from_query_migrate(*info);
+            auto status = st.m.progress.qemu_status;
+            if (status == "pre-switchover" || status == "completed")
+                co_return Result<void>{};
+            if (status == "failed") {
+                if (target_gone())
+                    co_return make_error(Errc::disconnected, fmt::format("the destination QEMU exited: {}",
+                                                                         log_tail(st.target.log_path())));
+                co_return make_error(Errc::qemu, fmt::format("QEMU reports the migration failed: {}",
+                                                             (*info).value("error-desc", "no reason given")));
+            }
+            if (status == "cancelled")
+                co_return make_error(Errc::aborted, "the migration was cancelled inside QEMU");
+            auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - st.start);
+            if (auto reason = timeouts.observe(elapsed, st.m.progress.remaining_bytes)) {
+                co_await cancel();
+                co_return make_error(Errc::timeout, *reason);
+            }
+        }
+        st.wake.expires_after(poll_interval);
+        co_await st.wake.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+}
+
+asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
+    auto qmp = st.vm->qemu.qmp;
+    st.switchover_started = true;
+    engine_log()->info("migration {}: switching over", st.m.id);
+    if (st.m.progress.qemu_status == "pre-switchover") {
+        json continue_args{{"state", "pre-switchover"}};
+        auto cont = co_await qmp->execute("migrate-continue", continue_args);
+        if (!cont)
+            co_return cont.error().wrap("switching over");
+    }
+    auto deadline = Clock::now() + 120s;
+    for (;;) {
+        auto info = co_await qmp->execute("query-migrate");
+        if (!info)
+            co_return info.error().wrap("switching over");
+        st.last_info = *info;
+        st.m.progress = progress_from_query_migrate(*info);
+        auto status = st.m.progress.qemu_status;
+        if (status == "completed")
+            break;
+        if (status == "failed" || status == "cancelled")
+            co_return make_error(Errc::qemu, fmt::format("the switchover failed: {}",
+                                                         (*info).value("error-desc", status)));
+        if (Clock::now() > deadline)
+            co_return make_error(Errc::timeout, "the switchover did not complete within 120 s");
+        co_await sleep_for(ex_, 20ms);
+    }
+    // The destination resumes the guest by itself once the stream is complete.
+    deadline = Clock::now() + 30s;
+    for (;;) {
+        auto status = co_await st.target.qmp->execute("query-status");
+        if (status && (*status).value("running", false))
+            co_return Result<void>{};
+        if (!st.target.qmp->connected() || Clock::now() > deadline)
+            co_return make_error(Errc::io, fmt::format("the destination did not resume the VM ({}): {}",
+                                                       status ? (*status).value("status", "?") : status.error().message,
+                                                       log_tail(st.target.log_path())));
+        co_await sleep_for(ex_, 10ms);
+    }
+}
+
+asio::awaitable<void> Engine::hand_off(MigrationState& st) {
+    auto vm = st.vm;
+    QemuInstance old = std::move(vm->qemu);
+    old.qmp->unsubscribe(st.source_subscription);
+    auto source_beats = old.console ? old.console->heartbeat_list() : std::vector<Heartbeat>{};
+    vm->qemu = std::move(st.target);
+    st.target = QemuInstance{};
+    vm->record.pid = vm->qemu.pid;
+    vm->record.generation = vm->qemu.generation;
+    vm->record.run_dir = vm->qemu.run_dir;
+    vm->record.qmp_socket = vm->qemu.qmp_socket;
+    vm->record.adopted = false; // ferry started the new QEMU, so it owns it
+    vm->status = "running";
+    attach(vm);
+    persist(*vm);
+    co_await destroy_qemu(ex_, old); // the source QEMU only goes once the destination runs
+
+    st.m.result.total_time_ms = st.last_info.value("total-time", std::int64_t{0});
+    st.m.result.downtime_ms = st.last_info.value("downtime", std::int64_t{0});
+    if (!source_beats.empty()) {
+        // Wait for the destination's first heartbeat (a few intervals at most).
+        auto interval = std::chrono::milliseconds(source_beats.back().interval_ms);
+        auto deadline = Clock::now() + 3 * interval + 2s;
+        while (Clock::now() < deadline) {
+            auto blackout = guest_blackout_ms(source_beats, vm->qemu.console->heartbeat_list());
+            if (blackout) {
+                st.m.result.guest_blackout_ms = *blackout;
+                break;
+            }
+            co_await sleep_for(ex_, 10ms);
+        }
+    }
+    st.m.target_pid = -1;
+    st.m.target_dir.clear();
+    st.m.ended_at = now_string();
+    vm->migration_id.reset();
+    set_phase(st, Phase::Succeeded);
+    engine_log()->info("migration {}: total {} ms, downtime {} ms, guest blackout {}", st.m.id,
+                       *st.m.result.total_time_ms, *st.m.result.downtime_ms,
+                       st.m.result.guest_blackout_ms ? fmt::format("{} ms", *st.m.result.guest_blackout_ms)
+                                                     : std::string("unknown"));
+}
+
+asio::awaitable<void> Engine::ensure_source_running(MigrationState& st) {
+    auto qmp = st.vm->qemu.qmp;
+    if (!st.source_was_running || !qmp || !qmp->connected())
+        co_return;
+    // QEMU restarts the source itself after a cancel or failure; make sure.
+    for (int i = 0; i < 50; ++i) {
+        auto status = co_await qmp->execute("query-status");
+        if (!status)
+            break;
+        if ((*status).value("running", false)) {
+            st.vm->status = "running";
+            co_return;
+        }
+        auto s = (*status).value("status", "");
+        if (s != "finish-migrate") { // still finishing: wait
+            auto cont = co_await qmp->execute("cont");
+            if (!cont)
+                engine_log()->warn("migration {}: resuming the source: {}", st.m.id, cont.error().message);
+        }
+        co_await sleep_for(ex_, 100ms);
+    }
+    engine_log()->error("migration {}: the source VM did not resume", st.m.id);
+}
+
+asio::awaitable<void> Engine::fail(MigrationState& st, const Error& error) {
+    engine_log()->warn("migration {}: failed: {}", st.m.id, error.message);
+    if (st.target.pid > 0 || st.target.qmp)
+        co_await destroy_qemu(ex_, st.target);
+    st.target = QemuInstance{};
+    co_await ensure_source_running(st);
+    if (st.vm->qemu.qmp)
+        st.vm->qemu.qmp->unsubscribe(st.source_subscription);
+    st.m.failure_reason = error.message;
+    if (st.m.abort_requested)
+        st.m.abort_status = error.code == Errc::aborted ? "Succeeded" : "Failed";
+    st.m.target_pid = -1;
+    st.m.target_dir.clear();
+    st.m.ended_at = now_string();
+    st.vm->migration_id.reset();
+    set_phase(st, Phase::Failed);
+}
+
+} // namespace ferry::engine

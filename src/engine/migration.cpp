@@ -1,0 +1,177 @@
+#include "engine/migration.hpp"
+
+#include <fmt/format.h>
+
+#include <array>
+#include <cmath>
+
+namespace ferry::engine {
+
+namespace {
+constexpr std::array<std::pair<Phase, std::string_view>, 8> phase_names{{
+    {Phase::Pending, "Pending"},
+    {Phase::Scheduling, "Scheduling"},
+    {Phase::Scheduled, "Scheduled"},
+    {Phase::PreparingTarget, "PreparingTarget"},
+    {Phase::TargetReady, "TargetReady"},
+    {Phase::Running, "Running"},
+    {Phase::Succeeded, "Succeeded"},
+    {Phase::Failed, "Failed"},
+}};
+
+template <class T> json opt(const std::optional<T>& v) { return v ? json(*v) : json(nullptr); }
+template <class T> std::optional<T> get_opt(const json& j, const char* key) {
+    auto it = j.find(key);
+    if (it == j.end() || it->is_null())
+        return std::nullopt;
+    return it->get<T>();
+}
+} // namespace
+
+std::string_view to_string(Phase p) {
+    for (auto& [phase, name] : phase_names)
+        if (phase == p)
+            return name;
+    return "Failed";
+}
+
+std::optional<Phase> phase_from_string(std::string_view s) {
+    for (auto& [phase, name] : phase_names)
+        if (name == s)
+            return phase;
+    return std::nullopt;
+}
+
+void to_json(json& j, const Migration& m) {
+    const auto& p = m.progress;
+    j = json{
+        {"id", m.id},
+        {"vm", m.vm},
+        {"source_node", m.source_node},
+        {"target_node", m.target_node},
+        {"phase", to_string(m.phase)},
+        {"mode", m.mode},
+        {"method", m.method},
+        {"policy", opt(m.policy)},
+        {"config", m.config},
+        {"created_at", m.created_at},
+        {"started_at", opt(m.started_at)},
+        {"ended_at", opt(m.ended_at)},
+        {"abort_requested", m.abort_requested},
+        {"abort_status", opt(m.abort_status)},
+        {"failure_reason", opt(m.failure_reason)},
+        {"progress",
+         {{"total_bytes", p.total_bytes},
+          {"transferred_bytes", p.transferred_bytes},
+          {"remaining_bytes", p.remaining_bytes},
+          {"transfer_rate_bps", p.transfer_rate_bps},
+          {"dirty_rate_bps", p.dirty_rate_bps},
+          {"iteration", p.iteration},
+          {"throttle_percent", p.throttle_percent},
+          {"expected_downtime_ms", p.expected_downtime_ms},
+          {"qemu_status", p.qemu_status}}},
+        {"result",
+         {{"total_time_ms", opt(m.result.total_time_ms)},
+          {"downtime_ms", opt(m.result.downtime_ms)},
+          {"guest_blackout_ms", opt(m.result.guest_blackout_ms)}}},
+        {"target_pid", m.target_pid},
+        {"target_dir", m.target_dir},
+    };
+}
+
+void from_json(const json& j, Migration& m) {
+    m.id = j.at("id");
+    m.vm = j.at("vm");
+    m.source_node = j.value("source_node", "");
+    m.target_node = j.value("target_node", "");
+    m.phase = phase_from_string(j.value("phase", "Failed")).value_or(Phase::Failed);
+    m.mode = j.value("mode", "precopy");
+    m.method = j.value("method", "live");
+    m.policy = get_opt<std::string>(j, "policy");
+    if (auto c = j.find("config"); c != j.end()) {
+        auto& cfg = m.config;
+        cfg.parallel_migrations_per_cluster = c->value("parallel_migrations_per_cluster", cfg.parallel_migrations_per_cluster);
+        cfg.parallel_outbound_migrations_per_node = c->value("parallel_outbound_migrations_per_node", cfg.parallel_outbound_migrations_per_node);
+        cfg.bandwidth_per_migration = c->value("bandwidth_per_migration", cfg.bandwidth_per_migration);
+        cfg.completion_timeout_per_gib = c->value("completion_timeout_per_gib", cfg.completion_timeout_per_gib);
+        cfg.progress_timeout = c->value("progress_timeout", cfg.progress_timeout);
+        cfg.allow_auto_converge = c->value("allow_auto_converge", cfg.allow_auto_converge);
+        cfg.allow_post_copy = c->value("allow_post_copy", cfg.allow_post_copy);
+        cfg.disable_tls = c->value("disable_tls", cfg.disable_tls);
+        cfg.max_downtime_ms = c->value("max_downtime_ms", cfg.max_downtime_ms);
+        cfg.multifd_channels = c->value("multifd_channels", cfg.multifd_channels);
+    }
+    m.created_at = j.value("created_at", "");
+    m.started_at = get_opt<std::string>(j, "started_at");
+    m.ended_at = get_opt<std::string>(j, "ended_at");
+    m.abort_requested = j.value("abort_requested", false);
+    m.abort_status = get_opt<std::string>(j, "abort_status");
+    m.failure_reason = get_opt<std::string>(j, "failure_reason");
+    if (auto p = j.find("progress"); p != j.end()) {
+        m.progress.total_bytes = p->value("total_bytes", std::uint64_t{0});
+        m.progress.transferred_bytes = p->value("transferred_bytes", std::uint64_t{0});
+        m.progress.remaining_bytes = p->value("remaining_bytes", std::uint64_t{0});
+        m.progress.transfer_rate_bps = p->value("transfer_rate_bps", std::uint64_t{0});
+        m.progress.dirty_rate_bps = p->value("dirty_rate_bps", std::uint64_t{0});
+        m.progress.iteration = p->value("iteration", std::int64_t{0});
+        m.progress.throttle_percent = p->value("throttle_percent", std::int64_t{0});
+        m.progress.expected_downtime_ms = p->value("expected_downtime_ms", std::int64_t{0});
+        m.progress.qemu_status = p->value("qemu_status", "");
+    }
+    if (auto r = j.find("result"); r != j.end()) {
+        m.result.total_time_ms = get_opt<std::int64_t>(*r, "total_time_ms");
+        m.result.downtime_ms = get_opt<std::int64_t>(*r, "downtime_ms");
+        m.result.guest_blackout_ms = get_opt<std::int64_t>(*r, "guest_blackout_ms");
+    }
+    m.target_pid = j.value("target_pid", -1);
+    m.target_dir = j.value("target_dir", "");
+}
+
+Progress progress_from_query_migrate(const json& info) {
+    Progress p;
+    p.qemu_status = info.value("status", "");
+    p.expected_downtime_ms = info.value("expected-downtime", std::int64_t{0});
+    p.throttle_percent = info.value("cpu-throttle-percentage", std::int64_t{0});
+    if (auto ram = info.find("ram"); ram != info.end()) {
+        p.total_bytes = ram->value("total", std::uint64_t{0});
+        p.transferred_bytes = ram->value("transferred", std::uint64_t{0});
+        p.remaining_bytes = ram->value("remaining", std::uint64_t{0});
+        // "mbps" is megabits per second (a float).
+        double mbps = ram->value("mbps", 0.0);
+        p.transfer_rate_bps = static_cast<std::uint64_t>(std::llround(mbps * 1e6 / 8));
+        std::uint64_t page_size = ram->value("page-size", std::uint64_t{4096});
+        p.dirty_rate_bps = ram->value("dirty-pages-rate", std::uint64_t{0}) * page_size;
+        p.iteration = ram->value("dirty-sync-count", std::int64_t{0});
+    }
+    return p;
+}
+
+TimeoutWatch::TimeoutWatch(std::int64_t progress_timeout_s, std::int64_t completion_timeout_per_gib,
+                           std::uint64_t data_bytes)
+    : progress_limit_(std::chrono::seconds(progress_timeout_s)),
+      completion_limit_(static_cast<std::int64_t>(std::ceil(
+          static_cast<double>(completion_timeout_per_gib) * 1000.0 * static_cast<double>(data_bytes) /
+          static_cast<double>(1ULL << 30)))),
+      per_gib_(completion_timeout_per_gib), data_bytes_(data_bytes) {}
+
+std::optional<std::string> TimeoutWatch::observe(std::chrono::milliseconds elapsed,
+                                                 std::uint64_t remaining_bytes) {
+    if (!lowest_ || remaining_bytes < *lowest_) {
+        lowest_ = remaining_bytes;
+        lowest_at_ = elapsed;
+    }
+    if (per_gib_ > 0 && elapsed > completion_limit_)
+        return fmt::format("completion timeout: not finished after {:.1f} s (limit {} s per GiB x "
+                           "{:.2f} GiB = {:.1f} s); {} bytes still remaining",
+                           elapsed.count() / 1000.0, per_gib_,
+                           static_cast<double>(data_bytes_) / static_cast<double>(1ULL << 30),
+                           completion_limit_.count() / 1000.0, remaining_bytes);
+    if (progress_limit_.count() > 0 && elapsed - lowest_at_ > progress_limit_)
+        return fmt::format("progress timeout: remaining bytes did not fall below {} for {:.1f} s "
+                           "(limit {} s)",
+                           *lowest_, (elapsed - lowest_at_).count() / 1000.0,
+                           progress_limit_.count() / 1000);
+    return std::nullopt;
+}
+
+} // namespace ferry::engine

@@ -1,0 +1,40 @@
+#include "engine/qemu_args.hpp"
+
+#include <fmt/format.h>
+
+namespace ferry::engine {
+
+std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptions& o) {
+    std::vector<std::string> a{
+        o.qemu,
+        "-name", fmt::format("guest={},debug-threads=on", spec.name),
+        "-machine", fmt::format("{},accel={}", spec.machine, o.accel),
+        "-m", fmt::format("{}M", spec.memory >> 20),
+        "-smp", fmt::format("{}", spec.cpus),
+        "-cpu", spec.cpu_model,
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-qmp", fmt::format("unix:{},server=on,wait=off", o.qmp_socket),
+        "-chardev", fmt::format("socket,id=ferry-console,path={},server=on,wait=off", o.console_socket),
+        "-serial", "chardev:ferry-console",
+    };
+    if (spec.kernel) {
+        a.insert(a.end(), {"-kernel", *spec.kernel});
+        if (spec.initrd)
+            a.insert(a.end(), {"-initrd", *spec.initrd});
+        if (spec.append)
+            a.insert(a.end(), {"-append", *spec.append});
+    }
+    for (std::size_t i = 0; i < spec.disks.size(); ++i) {
+        auto& d = spec.disks[i];
+        a.insert(a.end(), {"-drive", fmt::format("file={},format={},if=virtio,id=disk{}{}", d.path,
+                                                 d.format, i, d.readonly ? ",readonly=on" : "")});
+    }
+    if (o.start_paused)
+        a.push_back("-S");
+    if (o.incoming)
+        a.insert(a.end(), {"-incoming", "defer"});
+    a.insert(a.end(), spec.extra_args.begin(), spec.extra_args.end());
+    return a;
+}
+
+} // namespace ferry::engine

@@ -1,0 +1,150 @@
+#include "engine/vm.hpp"
+
+#include "common/log.hpp"
+#include "engine/process.hpp"
+#include "engine/qemu_args.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+
+void to_json(nlohmann::json& j, const VmRecord& r) {
+    j = {{"name", r.name},       {"node", r.node},         {"adopted", r.adopted},
+         {"created_at", r.created_at}, {"pid", r.pid},     {"generation", r.generation},
+         {"run_dir", r.run_dir}, {"qmp_socket", r.qmp_socket}};
+    j["spec"] = r.spec ? nlohmann::json(*r.spec) : nlohmann::json(nullptr);
+}
+
+void from_json(const nlohmann::json& j, VmRecord& r) {
+    r.name = j.at("name");
+    r.node = j.value("node", "");
+    r.adopted = j.value("adopted", false);
+    r.created_at = j.value("created_at", "");
+    r.pid = j.value("pid", -1);
+    r.generation = j.value("generation", 0);
+    r.run_dir = j.value("run_dir", "");
+    r.qmp_socket = j.value("qmp_socket", "");
+    if (j.contains("spec") && !j["spec"].is_null())
+        r.spec = j["spec"].get<config::VmSpec>();
+}
+
+std::string log_tail(const std::string& path, std::size_t max_bytes) {
+    std::ifstream in(path);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    std::string s = ss.str();
+    while (!s.empty() && (s.back() == '\n' || s.back() == ' '))
+        s.pop_back();
+    if (s.size() > max_bytes)
+        s = "..." + s.substr(s.size() - max_bytes);
+    for (auto& c : s)
+        if (c == '\n')
+            c = ' ';
+    return s.empty() ? "(no output)" : s;
+}
+
+asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, LaunchRequest req) {
+    auto log = logger("engine");
+    QemuInstance q;
+    q.generation = req.generation;
+    q.run_dir = fmt::format("{}/r{}", req.vm_dir, req.generation);
+    q.qmp_socket = q.run_dir + "/qmp.sock";
+    q.console_socket = q.run_dir + "/console.sock";
+    for (auto* path : {&q.qmp_socket, &q.console_socket}) {
+        if (path->size() > max_socket_path)
+            co_return make_error(Errc::invalid_argument,
+                                 fmt::format("socket path {} is {} bytes, longer than the {} a Unix "
+                                             "socket allows: use a shorter [node] state_dir",
+                                             *path, path->size(), max_socket_path));
+    }
+    std::error_code ec;
+    fs::remove_all(q.run_dir, ec);
+    fs::create_directories(q.run_dir, ec);
+    if (ec)
+        co_return make_error(Errc::io, fmt::format("creating {}: {}", q.run_dir, ec.message()));
+
+    LaunchOptions opts;
+    opts.qemu = req.node->qemu;
+    opts.accel = req.node->accel;
+    opts.qmp_socket = q.qmp_socket;
+    opts.console_socket = q.console_socket;
+    opts.incoming = req.incoming;
+    opts.start_paused = !req.incoming;
+    auto argv = qemu_args(*req.spec, opts);
+    log->info("vm {}: starting QEMU r{}{}", req.spec->name, req.generation, req.incoming ? " (incoming)" : "");
+    log->debug("vm {}: {}", req.spec->name, fmt::join(argv, " "));
+    auto pid = spawn_process(argv, q.log_path());
+    if (!pid)
+        co_return pid.error();
+    q.pid = *pid;
+
+    // Connect while watching the process: a QEMU that rejects its arguments
+    // exits at once and its log says why.
+    asio::steady_timer timer(ex);
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    for (;;) {
+        if (!process_alive(q.pid))
+            co_return make_error(Errc::io, fmt::format("QEMU for {} exited at start: {}",
+                                                       req.spec->name, log_tail(q.log_path())));
+        if (fs::exists(q.qmp_socket)) {
+            auto c = co_await qmp::Client::connect(ex, q.qmp_socket, std::chrono::seconds(10));
+            if (c) {
+                q.qmp = *c;
+                break;
+            }
+        }
+        if (std::chrono::steady_clock::now() > deadline) {
+            co_await terminate_process(ex, q.pid, std::chrono::seconds(2));
+            co_return make_error(Errc::timeout, fmt::format("QEMU for {} did not open its QMP socket "
+                                                            "within 30 s: {}",
+                                                            req.spec->name, log_tail(q.log_path())));
+        }
+        timer.expires_after(std::chrono::milliseconds(20));
+        co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+
+    q.console = std::make_shared<ConsoleCapture>(ex, q.console_socket, req.vm_dir + "/console.log",
+                                                 fmt::format("r{}", req.generation));
+    q.console->start();
+    if (!req.incoming) {
+        // Give the console a moment to attach so the guest's first lines are kept.
+        for (int i = 0; i < 100 && !q.console->connected(); ++i) {
+            timer.expires_after(std::chrono::milliseconds(10));
+            co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+        }
+        auto cont = co_await q.qmp->execute("cont");
+        if (!cont) {
+            co_await destroy_qemu(ex, q);
+            co_return cont.error();
+        }
+    }
+    co_return q;
+}
+
+asio::awaitable<void> destroy_qemu(asio::any_io_executor ex, QemuInstance& q) {
+    if (q.qmp && q.qmp->connected())
+        co_await q.qmp->execute("quit", {}, std::chrono::seconds(3));
+    if (q.pid > 0 && !co_await wait_exit(ex, q.pid, std::chrono::seconds(3)))
+        co_await terminate_process(ex, q.pid, std::chrono::seconds(3));
+    if (q.console)
+        q.console->stop();
+    if (q.qmp)
+        q.qmp->close();
+    if (!q.run_dir.empty()) {
+        std::error_code ec;
+        fs::remove_all(q.run_dir, ec);
+    }
+}
+
+} // namespace ferry::engine

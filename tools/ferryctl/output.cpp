@@ -1,0 +1,113 @@
+#include "output.hpp"
+
+#include <fmt/format.h>
+
+#include <iostream>
+
+namespace ferryctl {
+
+using nlohmann::json;
+
+namespace {
+std::string str(const json& j, const char* key, const char* none = "-") {
+    auto it = j.find(key);
+    if (it == j.end() || it->is_null())
+        return none;
+    return it->is_string() ? it->get<std::string>() : it->dump();
+}
+std::string ms(const json& j, const char* key) {
+    auto it = j.find(key);
+    if (it == j.end() || it->is_null())
+        return "unknown";
+    return fmt::format("{} ms", it->get<std::int64_t>());
+}
+} // namespace
+
+std::string bytes(std::uint64_t n) {
+    const char* units[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    double v = static_cast<double>(n);
+    int u = 0;
+    while (v >= 1024 && u < 4) {
+        v /= 1024;
+        ++u;
+    }
+    return u == 0 ? fmt::format("{} B", n) : fmt::format("{:.1f} {}", v, units[u]);
+}
+
+std::string rate(std::uint64_t bps) { return bytes(bps) + "/s"; }
+
+std::string progress_line(const json& m) {
+    const auto& p = m.at("progress");
+    auto total = p.value("total_bytes", std::uint64_t{0});
+    auto remaining = p.value("remaining_bytes", std::uint64_t{0});
+    double pct = total ? 100.0 * static_cast<double>(total - std::min(total, remaining)) / static_cast<double>(total) : 0.0;
+    std::string phase = m.value("phase", "?");
+    if (phase != "Running")
+        return fmt::format("[{}]", phase);
+    return fmt::format("[{}] {:5.1f}%  {}  remaining {}  dirty {}  iteration {}{}", phase, pct,
+                       rate(p.value("transfer_rate_bps", std::uint64_t{0})), bytes(remaining),
+                       rate(p.value("dirty_rate_bps", std::uint64_t{0})), p.value("iteration", 0),
+                       p.value("throttle_percent", 0) > 0
+                           ? fmt::format("  throttle {}%", p.value("throttle_percent", 0))
+                           : std::string());
+}
+
+void print_migration(const json& m) {
+    std::cout << fmt::format("id:           {}\n", str(m, "id"));
+    std::cout << fmt::format("vm:           {}\n", str(m, "vm"));
+    std::cout << fmt::format("from -> to:   {} -> {}\n", str(m, "source_node"), str(m, "target_node"));
+    std::cout << fmt::format("phase:        {}\n", str(m, "phase"));
+    std::cout << fmt::format("mode:         {}\n", str(m, "mode"));
+    std::cout << fmt::format("created:      {}\n", str(m, "created_at"));
+    std::cout << fmt::format("started:      {}\n", str(m, "started_at"));
+    std::cout << fmt::format("ended:        {}\n", str(m, "ended_at"));
+    if (m.value("abort_requested", false))
+        std::cout << fmt::format("abort:        {}\n", str(m, "abort_status"));
+    if (!m.at("failure_reason").is_null())
+        std::cout << fmt::format("failure:      {}\n", str(m, "failure_reason"));
+    const auto& p = m.at("progress");
+    std::cout << fmt::format("transferred:  {} of {} ({} remaining)\n",
+                             bytes(p.value("transferred_bytes", std::uint64_t{0})),
+                             bytes(p.value("total_bytes", std::uint64_t{0})),
+                             bytes(p.value("remaining_bytes", std::uint64_t{0})));
+    std::cout << fmt::format("rates:        transfer {}, dirty {}\n",
+                             rate(p.value("transfer_rate_bps", std::uint64_t{0})),
+                             rate(p.value("dirty_rate_bps", std::uint64_t{0})));
+    std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
+    const auto& r = m.at("result");
+    if (m.value("phase", "") == "Succeeded") {
+        std::cout << fmt::format("total time:   {}\n", ms(r, "total_time_ms"));
+        std::cout << fmt::format("downtime:     {} (QEMU)\n", ms(r, "downtime_ms"));
+        std::cout << fmt::format("blackout:     {} (guest heartbeat)\n", ms(r, "guest_blackout_ms"));
+    }
+}
+
+void print_migration_table(const json& list) {
+    std::cout << fmt::format("{:<24} {:<16} {:<16} {:<10} {}\n", "ID", "VM", "PHASE", "MODE", "CREATED");
+    for (auto& m : list)
+        std::cout << fmt::format("{:<24} {:<16} {:<16} {:<10} {}\n", str(m, "id"), str(m, "vm"),
+                                 str(m, "phase"), str(m, "mode"), str(m, "created_at"));
+}
+
+void print_vm(const json& vm) {
+    std::cout << fmt::format("name:        {}\n", str(vm, "name"));
+    std::cout << fmt::format("node:        {}\n", str(vm, "node"));
+    std::cout << fmt::format("status:      {}\n", str(vm, "status"));
+    std::cout << fmt::format("pid:         {}\n", str(vm, "pid"));
+    std::cout << fmt::format("adopted:     {}\n", vm.value("adopted", false) ? "yes" : "no");
+    std::cout << fmt::format("qmp:         {}\n", str(vm, "qmp_socket"));
+    std::cout << fmt::format("console:     {}\n", str(vm, "console_log"));
+    std::cout << fmt::format("migration:   {}\n", str(vm, "migration"));
+    if (auto spec = vm.find("spec"); spec != vm.end() && !spec->is_null())
+        std::cout << fmt::format("memory/cpus: {} / {}\n", bytes(spec->value("memory", std::uint64_t{0})),
+                                 spec->value("cpus", 1));
+}
+
+void print_vm_table(const json& list) {
+    std::cout << fmt::format("{:<20} {:<12} {:<10} {:<8} {}\n", "NAME", "STATUS", "NODE", "PID", "MIGRATION");
+    for (auto& vm : list)
+        std::cout << fmt::format("{:<20} {:<12} {:<10} {:<8} {}\n", str(vm, "name"), str(vm, "status"),
+                                 str(vm, "node"), str(vm, "pid"), str(vm, "migration"));
+}
+
+} // namespace ferryctl
