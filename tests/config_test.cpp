@@ -1,0 +1,190 @@
+// Unit tests of src/config: quantities, ferryd.toml, VM specs.
+#include "config/node_config.hpp"
+#include "config/quantity.hpp"
+#include "config/vm_spec.hpp"
+#include "support.hpp"
+
+#include <gtest/gtest.h>
+
+using namespace ferry::config;
+
+TEST(Quantity, ParsesBinaryDecimalAndPlain) {
+    EXPECT_EQ(*parse_quantity("64Mi"), 64ULL << 20);
+    EXPECT_EQ(*parse_quantity("1Gi"), 1ULL << 30);
+    EXPECT_EQ(*parse_quantity("500M"), 500'000'000ULL);
+    EXPECT_EQ(*parse_quantity("4096"), 4096ULL);
+    EXPECT_EQ(*parse_quantity("1.5Gi"), 3ULL << 29);
+    EXPECT_EQ(*parse_quantity("2k"), 2000ULL);
+    EXPECT_EQ(*parse_quantity("0"), 0ULL);
+}
+
+TEST(Quantity, RejectsBadInputWithTheText) {
+    for (const char* bad : {"", "Mi", "64MB", "1..5Gi", "-5", "1.5", "0.3Ki", "99999999999999999999",
+                            "20000000Ti"}) {
+        auto r = parse_quantity(bad);
+        ASSERT_FALSE(r) << bad;
+        EXPECT_NE(r.error().message.find(std::string("\"") + bad + "\""), std::string::npos)
+            << r.error().message;
+    }
+}
+
+TEST(Quantity, FormatsExactBinaryForms) {
+    EXPECT_EQ(format_quantity(64ULL << 20), "64Mi");
+    EXPECT_EQ(format_quantity(1000), "1000");
+    EXPECT_EQ(format_quantity(0), "0");
+}
+
+TEST(NodeConfig, DefaultsFollowKubeVirt) {
+    auto c = parse_node_config("[node]\nname = \"a\"\n", "f.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->migration.parallel_migrations_per_cluster, 5);
+    EXPECT_EQ(c->migration.parallel_outbound_migrations_per_node, 2);
+    EXPECT_EQ(c->migration.bandwidth_per_migration, 64ULL << 20);
+    EXPECT_EQ(c->migration.completion_timeout_per_gib, 800);
+    EXPECT_EQ(c->migration.progress_timeout, 150);
+    EXPECT_FALSE(c->migration.allow_auto_converge);
+    EXPECT_FALSE(c->migration.allow_post_copy);
+    EXPECT_FALSE(c->migration.disable_tls);
+    EXPECT_EQ(c->node.control_socket, "/run/ferry/ferryd.sock");
+    EXPECT_EQ(c->node.log_level, "info");
+}
+
+TEST(NodeConfig, ReadsEverySection) {
+    auto c = parse_node_config(R"(
+[node]
+name = "node-a"
+state_dir = "/s"
+control_socket = "/c.sock"
+listen = "0.0.0.0:7410"
+max_migration_bandwidth = "1Gi"
+qemu = "/usr/bin/qemu-system-x86_64"
+log_level = "debug"
+[tls]
+ca = "ca.pem"
+cert = "a.pem"
+key = "a-key.pem"
+[migration]
+bandwidth_per_migration = 0
+allow_post_copy = true
+multifd_channels = 4
+[[peers]]
+name = "node-b"
+address = "10.0.0.2:7410"
+)", "ferryd.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->node.max_migration_bandwidth, 1ULL << 30);
+    EXPECT_EQ(c->migration.bandwidth_per_migration, 0ULL);
+    EXPECT_TRUE(c->migration.allow_post_copy);
+    EXPECT_EQ(c->migration.multifd_channels, 4);
+    ASSERT_EQ(c->peers.size(), 1U);
+    EXPECT_EQ(c->peers[0].address, "10.0.0.2:7410");
+    EXPECT_EQ(c->tls.key, "a-key.pem");
+}
+
+TEST(NodeConfig, ErrorsNameFileLineAndKey) {
+    auto c = parse_node_config(R"([node]
+name = "a"
+bogus = 1
+[migration]
+progress_timeout = "soon"
+bandwidth_per_migration = "64MB"
+)", "ferryd.toml");
+    ASSERT_FALSE(c);
+    auto msg = c.error().message;
+    EXPECT_NE(msg.find("ferryd.toml:3: unknown key 'node.bogus'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("ferryd.toml:5: key 'migration.progress_timeout': expected an integer, got a string"),
+              std::string::npos) << msg;
+    EXPECT_NE(msg.find("ferryd.toml:6: key 'migration.bandwidth_per_migration': bad quantity \"64MB\""),
+              std::string::npos) << msg;
+}
+
+TEST(NodeConfig, MissingNameAndSyntaxErrors) {
+    auto missing = parse_node_config("[node]\nstate_dir = \"/x\"\n", "f.toml");
+    ASSERT_FALSE(missing);
+    EXPECT_NE(missing.error().message.find("missing required key 'node.name'"), std::string::npos);
+    auto syntax = parse_node_config("[node\nname = 1\n", "f.toml");
+    ASSERT_FALSE(syntax);
+    EXPECT_EQ(syntax.error().message.rfind("f.toml:1:", 0), 0U) << syntax.error().message;
+    auto range = parse_node_config("[node]\nname=\"a\"\n[migration]\nparallel_migrations_per_cluster = 0\n", "f.toml");
+    ASSERT_FALSE(range);
+    EXPECT_NE(range.error().message.find("f.toml:4: key 'migration.parallel_migrations_per_cluster': 0 is out of range"),
+              std::string::npos) << range.error().message;
+}
+
+TEST(NodeConfig, LoadsFromFileAndReportsMissingFile) {
+    ferry::test::TempDir dir;
+    auto missing = load_node_config(dir / "nope.toml");
+    ASSERT_FALSE(missing);
+    EXPECT_NE(missing.error().message.find("nope.toml: no such file"), std::string::npos);
+    ferry::test::write_file(dir / "f.toml", "[node]\nname = \"x\"\nlog_level = \"loud\"\n");
+    auto bad = load_node_config(dir / "f.toml");
+    ASSERT_FALSE(bad);
+    EXPECT_NE(bad.error().message.find("f.toml:3: key 'node.log_level'"), std::string::npos) << bad.error().message;
+}
+
+TEST(VmSpec, ParsesTheDesignExample) {
+    auto s = parse_vm_spec(R"(
+name = "web-1"
+memory = "1Gi"
+cpus = 2
+cpu_model = "qemu64"
+kernel = "/path/bzImage"
+append = "console=ttyS0"
+labels = { app = "web" }
+node_selector = { zone = "a" }
+extra_args = ["-device", "virtio-rng-pci"]
+[[disks]]
+path = "/var/lib/images/web-1.raw"
+format = "raw"
+shared = true
+)", "vm.toml");
+    ASSERT_TRUE(s) << s.error().message;
+    EXPECT_EQ(s->memory, 1ULL << 30);
+    EXPECT_EQ(s->cpus, 2);
+    EXPECT_EQ(s->labels.at("app"), "web");
+    EXPECT_EQ(s->node_selector.at("zone"), "a");
+    ASSERT_EQ(s->disks.size(), 1U);
+    EXPECT_TRUE(s->disks[0].shared);
+    EXPECT_EQ(s->extra_args.size(), 2U);
+    // JSON round trip (VM records)
+    nlohmann::json j = *s;
+    auto back = j.get<VmSpec>();
+    EXPECT_EQ(back.memory, s->memory);
+    EXPECT_EQ(back.disks[0].path, s->disks[0].path);
+    EXPECT_EQ(*back.append, "console=ttyS0");
+}
+
+TEST(VmSpec, ErrorsNameLineAndKey) {
+    auto s = parse_vm_spec(R"(name = "Web_1"
+memory = "1000Ki"
+cpus = "two"
+[[disks]]
+format = "vmdk"
+colour = "red"
+)", "vm.toml");
+    ASSERT_FALSE(s);
+    auto msg = s.error().message;
+    EXPECT_NE(msg.find("vm.toml:1: key 'name': \"Web_1\" is not a valid VM name"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:2: key 'memory'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:3: key 'cpus': expected an integer"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("missing required key 'disks[0].path'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:5: key 'disks[0].format': \"vmdk\" is not raw or qcow2"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:6: unknown key 'disks[0].colour'"), std::string::npos) << msg;
+}
+
+TEST(VmSpec, RequiresNameAndMemory) {
+    auto s = parse_vm_spec("cpus = 1\n", "vm.toml");
+    ASSERT_FALSE(s);
+    EXPECT_NE(s.error().message.find("missing required key 'name'"), std::string::npos);
+    EXPECT_NE(s.error().message.find("missing required key 'memory'"), std::string::npos);
+}
+
+TEST(VmSpec, ValidNames) {
+    EXPECT_TRUE(valid_vm_name("web-1"));
+    EXPECT_TRUE(valid_vm_name("a"));
+    EXPECT_FALSE(valid_vm_name("-a"));
+    EXPECT_FALSE(valid_vm_name("a-"));
+    EXPECT_FALSE(valid_vm_name("A"));
+    EXPECT_FALSE(valid_vm_name("a/b"));
+    EXPECT_FALSE(valid_vm_name(std::string(64, 'a')));
+}
