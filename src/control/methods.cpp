@@ -59,6 +59,17 @@ asio::awaitable<Result<json>> vm_show(Engine* e, json params) {
     co_return co_await e->show_vm(*name);
 }
 
+asio::awaitable<Result<json>> vm_qmp(Engine* e, json params) {
+    auto name = need_string(params, "vm.qmp", "name");
+    auto command = need_string(params, "vm.qmp", "command");
+    if (!name)
+        co_return name.error();
+    if (!command)
+        co_return command.error();
+    json arguments = params.value("arguments", json::object());
+    co_return co_await e->qmp_command(*name, *command, std::move(arguments));
+}
+
 asio::awaitable<Result<json>> vm_list(Engine* e, json) { co_return ok(e->list_vms()); }
 
 asio::awaitable<Result<json>> vm_delete(Engine* e, json params) {
@@ -124,6 +135,7 @@ void add_engine_methods(Server& server, Engine& engine) {
         {"node.info", node_info},           {"vm.create", vm_create},
         {"vm.adopt", vm_adopt},             {"vm.show", vm_show},
         {"vm.list", vm_list},               {"vm.delete", vm_delete},
+        {"vm.qmp", vm_qmp},
         {"migration.create", migration_create}, {"migration.list", migration_list},
         {"migration.show", migration_show}, {"migration.abort", migration_abort},
     };

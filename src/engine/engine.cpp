@@ -321,6 +321,16 @@ asio::awaitable<Result<json>> Engine::show_vm(std::string name) {
     co_return ok(vm_json(*vm));
 }
 
+asio::awaitable<Result<json>> Engine::qmp_command(std::string name, std::string command, json arguments) {
+    auto it = vms_.find(name);
+    if (it == vms_.end())
+        co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
+    auto vm = it->second;
+    if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
+        co_return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", name, vm->status));
+    co_return co_await vm->qemu.qmp->execute(std::move(command), std::move(arguments), std::chrono::seconds(120));
+}
+
 json Engine::list_vms() const {
     json list = json::array();
     for (auto& [name, vm] : vms_)

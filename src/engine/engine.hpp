@@ -41,6 +41,11 @@ public:
     // Stops a VM ferry started; an adopted VM is only forgotten.
     boost::asio::awaitable<Result<void>> delete_vm(std::string name);
 
+    // Runs a QMP command on the VM's current QEMU (ferry holds QEMU's only
+    // QMP connection). For debugging and tests: commands that change the
+    // migration or run state behind ferry's back are the caller's risk.
+    boost::asio::awaitable<Result<json>> qmp_command(std::string name, std::string command, json arguments);
+
     // Validates and starts a migration in the background; returns its object.
     Result<json> migrate(const MigrateRequest& request);
     json list_migrations() const;

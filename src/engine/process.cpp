@@ -25,6 +25,9 @@ Result<int> spawn_process(const std::vector<std::string>& argv, const std::strin
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
     posix_spawn_file_actions_addopen(&actions, 1, log_path.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0640);
     posix_spawn_file_actions_adddup2(&actions, 1, 2);
+    // Nothing else of ferryd's leaks into QEMU: an inherited QMP or control
+    // socket would keep a peer from ever seeing ferryd go away.
+    posix_spawn_file_actions_addclosefrom_np(&actions, 3);
     posix_spawnattr_t attr;
     posix_spawnattr_init(&attr);
     posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
@@ -78,7 +81,9 @@ boost::asio::awaitable<void> terminate_process(boost::asio::any_io_executor ex, 
     if (!process_alive(pid))
         co_return;
     ::kill(pid, SIGTERM);
-    if (co_await wait_exit(ex, pid, grace))
+    // No co_await inside a condition: GCC 12 miscompiles it.
+    bool exited = co_await wait_exit(ex, pid, grace);
+    if (exited)
         co_return;
     ::kill(pid, SIGKILL);
     co_await wait_exit(ex, pid, std::chrono::seconds(10));

@@ -135,8 +135,12 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
 asio::awaitable<void> destroy_qemu(asio::any_io_executor ex, QemuInstance& q) {
     if (q.qmp && q.qmp->connected())
         co_await q.qmp->execute("quit", {}, std::chrono::seconds(3));
-    if (q.pid > 0 && !co_await wait_exit(ex, q.pid, std::chrono::seconds(3)))
-        co_await terminate_process(ex, q.pid, std::chrono::seconds(3));
+    if (q.pid > 0) {
+        // No co_await inside a condition: GCC 12 miscompiles it.
+        bool exited = co_await wait_exit(ex, q.pid, std::chrono::seconds(3));
+        if (!exited)
+            co_await terminate_process(ex, q.pid, std::chrono::seconds(3));
+    }
     if (q.console)
         q.console->stop();
     if (q.qmp)

@@ -150,6 +150,24 @@ int main(int argc, char** argv) {
         });
     });
 
+    std::string qmp_command, qmp_args;
+    auto* vm_qmp = vm->add_subcommand("qmp", "run a QMP command on the VM's QEMU (debugging)");
+    vm_qmp->add_option("name", name)->required();
+    vm_qmp->add_option("command", qmp_command)->required();
+    vm_qmp->add_option("--args", qmp_args, "arguments as a JSON object");
+    vm_qmp->callback([&] {
+        json args = json::object();
+        if (!qmp_args.empty()) {
+            args = json::parse(qmp_args, nullptr, false);
+            if (args.is_discarded() || !args.is_object()) {
+                rc = fail("--args: not a JSON object: " + qmp_args);
+                return;
+            }
+        }
+        auto r = call(g, "vm.qmp", {{"name", name}, {"command", qmp_command}, {"arguments", args}});
+        rc = show(g, r, [](const json& j) { std::cout << j.dump(2) << "\n"; });
+    });
+
     std::string target, bandwidth;
     std::int64_t max_downtime = 0;
     bool wait = false;

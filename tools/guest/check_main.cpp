@@ -1,48 +1,67 @@
-// ferry-guest-check: verifies the test guest's memory through its QMP socket.
+// ferry-guest-check: verifies the test guest's memory through ferryd
+// (ferryd holds the VM's QMP connection): pause, pmemsave, resume, check.
+#include "control/client.hpp"
 #include "verify.hpp"
 
 #include <CLI/CLI.hpp>
-#include <boost/asio/co_spawn.hpp>
-#include <boost/asio/io_context.hpp>
-#include <boost/asio/use_future.hpp>
 
+#include <cstdlib>
 #include <iostream>
 
-namespace {
-boost::asio::awaitable<ferry::Result<ferry::guest::VerifyReport>>
-check(boost::asio::any_io_executor ex, std::string qmp_path, std::uint32_t pages, std::string dump,
-      bool keep_stopped) {
-    auto c = co_await ferry::qmp::Client::connect(ex, qmp_path);
-    if (!c)
-        co_return c.error();
-    auto r = co_await ferry::guest::verify_live(**c, pages, dump, keep_stopped);
-    (*c)->close();
-    co_return r;
-}
-} // namespace
+using nlohmann::json;
 
 int main(int argc, char** argv) {
-    CLI::App app{"Verify the ferry test guest's memory (pauses the VM briefly)"};
-    std::string qmp_path, dump = "/tmp/ferry-guest-dump.bin", console;
+    CLI::App app{"Verify the ferry test guest's memory (pauses the VM for the dump)"};
+    std::string socket, vm, dump = "/tmp/ferry-guest-dump.bin", console;
+    const char* env_socket = std::getenv("FERRY_SOCKET");
+    socket = env_socket ? env_socket : "/run/ferry/ferryd.sock";
     std::uint32_t pages = 0;
-    bool keep_stopped = false;
-    app.add_option("--qmp", qmp_path, "QMP socket of the VM")->required();
-    app.add_option("--pages", pages, "working-set pages (see the guest banner)");
-    app.add_option("--console", console, "console log to read the page count from");
-    app.add_option("--dump", dump, "where to write the memory dump");
-    app.add_flag("--keep-stopped", keep_stopped, "leave the VM paused after the dump");
+    app.add_option("--socket", socket, "ferryd control socket");
+    app.add_option("--vm", vm, "VM name")->required();
+    app.add_option("--pages", pages, "working-set pages (default: from the guest's banner)");
+    app.add_option("--dump", dump, "where QEMU writes the memory dump");
     CLI11_PARSE(app, argc, argv);
-    if (pages == 0 && !console.empty())
-        pages = ferry::guest::pages_from_console(console);
-    if (pages == 0) {
-        std::cerr << "ferry-guest-check: give --pages, or --console with the guest's banner in it\n";
-        return 2;
+
+    auto client = ferry::control::Client::connect(socket);
+    if (!client) {
+        std::cerr << "ferry-guest-check: " << client.error().message << "\n";
+        return 1;
     }
-    boost::asio::io_context io;
-    auto fut = boost::asio::co_spawn(io, check(io.get_executor(), qmp_path, pages, dump, keep_stopped),
-                                     boost::asio::use_future);
-    io.run();
-    auto r = fut.get();
+    auto qmp = [&](const std::string& command, json args) {
+        return (*client)->call("vm.qmp", {{"name", vm}, {"command", command}, {"arguments", std::move(args)}});
+    };
+    if (pages == 0) {
+        auto info = (*client)->call("vm.show", {{"name", vm}});
+        if (!info) {
+            std::cerr << "ferry-guest-check: " << info.error().message << "\n";
+            return 1;
+        }
+        pages = ferry::guest::pages_from_console(info->value("console_log", ""));
+        if (pages == 0) {
+            std::cerr << "ferry-guest-check: no FERRY-GUEST banner in the console log of " << vm
+                      << "; give --pages\n";
+            return 2;
+        }
+    }
+    auto status = qmp("query-status", json::object());
+    bool was_running = status && status->value("running", false);
+    if (was_running && !qmp("stop", json::object())) {
+        std::cerr << "ferry-guest-check: cannot pause " << vm << "\n";
+        return 1;
+    }
+    auto saved = qmp("pmemsave", ferry::guest::dump_plan(pages, dump).pmemsave_args);
+    if (was_running) {
+        auto cont = qmp("cont", json::object());
+        if (!cont) {
+            std::cerr << "ferry-guest-check: cannot resume " << vm << ": " << cont.error().message << "\n";
+            return 1;
+        }
+    }
+    if (!saved) {
+        std::cerr << "ferry-guest-check: " << saved.error().message << "\n";
+        return 1;
+    }
+    auto r = ferry::guest::verify_dump(dump, pages);
     if (!r) {
         std::cerr << "memory check FAILED: " << r.error().message << "\n";
         return 1;

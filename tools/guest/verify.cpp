@@ -56,24 +56,28 @@ Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages) {
     return r;
 }
 
-boost::asio::awaitable<Result<VerifyReport>> verify_live(qmp::Client& qmp, std::uint32_t pages,
-                                                         std::string dump_path, bool keep_stopped) {
-    auto status = co_await qmp.execute("query-status");
+DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path) {
+    DumpPlan plan;
+    plan.pmemsave_args["val"] = FERRY_GUEST_WS_BASE;
+    plan.pmemsave_args["size"] = std::uint64_t(pages) * FERRY_GUEST_PAGE;
+    plan.pmemsave_args["filename"] = dump_path;
+    return plan;
+}
+
+boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint32_t pages,
+                                                         std::string dump_path) {
+    auto status = co_await exec("query-status", nlohmann::json::object());
     if (!status)
         co_return status.error();
     bool was_running = (*status).value("running", false);
     if (was_running) {
-        auto stopped = co_await qmp.execute("stop");
+        auto stopped = co_await exec("stop", nlohmann::json::object());
         if (!stopped)
             co_return stopped.error();
     }
-    qmp::json args;
-    args["val"] = FERRY_GUEST_WS_BASE;
-    args["size"] = std::uint64_t(pages) * FERRY_GUEST_PAGE;
-    args["filename"] = dump_path;
-    auto saved = co_await qmp.execute("pmemsave", std::move(args), std::chrono::seconds(120));
-    if (was_running && !keep_stopped) {
-        auto cont = co_await qmp.execute("cont");
+    auto saved = co_await exec("pmemsave", dump_plan(pages, dump_path).pmemsave_args);
+    if (was_running) {
+        auto cont = co_await exec("cont", nlohmann::json::object());
         if (!cont)
             co_return cont.error();
     }

@@ -1,9 +1,12 @@
 #pragma once
 // Host-side check of the test guest's memory (see guest.c for the layout).
 #include "common/error.hpp"
-#include "qmp/client.hpp"
+
+#include <boost/asio/awaitable.hpp>
+#include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 
 namespace ferry::guest {
@@ -19,11 +22,19 @@ struct VerifyReport {
 // Checks a raw dump of the working set. An error names the first bad page.
 Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages);
 
+// Runs one QMP command on the VM (through ferryd or a QMP client).
+using QmpExec = std::function<boost::asio::awaitable<Result<nlohmann::json>>(std::string, nlohmann::json)>;
+
+// The QMP commands of a check, in order: pause (if running), dump, resume.
+struct DumpPlan {
+    nlohmann::json pmemsave_args;
+};
+DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path);
+
 // Pauses the VM (if running), dumps the working set with pmemsave to
-// dump_path, resumes it unless keep_stopped, and checks the dump.
-boost::asio::awaitable<Result<VerifyReport>> verify_live(qmp::Client& qmp, std::uint32_t pages,
-                                                         std::string dump_path,
-                                                         bool keep_stopped = false);
+// dump_path, resumes it, and checks the dump.
+boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint32_t pages,
+                                                         std::string dump_path);
 
 // Reads ws_pages from the guest's banner in a console log; 0 if absent.
 std::uint32_t pages_from_console(const std::string& console_log_path);

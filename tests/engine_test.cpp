@@ -1,0 +1,427 @@
+// src/engine: unit tests of the pure parts, integration tests of migrations
+// of the test guest in real QEMU processes.
+#include "engine/engine.hpp"
+#include "engine/heartbeat.hpp"
+#include "engine/migration.hpp"
+#include "engine/process.hpp"
+#include "engine/qemu_args.hpp"
+#include "support.hpp"
+#include "verify.hpp"
+
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <csignal>
+#include <filesystem>
+#include <fmt/format.h>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using namespace ferry::engine;
+using ferry::test::run;
+using ferry::test::TempDir;
+
+// --- unit ------------------------------------------------------------------
+
+TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
+    ferry::config::VmSpec spec;
+    spec.name = "web-1";
+    spec.memory = 256ULL << 20;
+    spec.cpus = 2;
+    spec.kernel = "/k";
+    spec.append = "ws=8";
+    spec.disks.push_back({"/d.raw", "raw", true, true});
+    spec.extra_args = {"-device", "virtio-rng-pci"};
+    LaunchOptions o;
+    o.accel = "tcg";
+    o.qmp_socket = "/r/qmp.sock";
+    o.console_socket = "/r/console.sock";
+    o.start_paused = true;
+    auto src = qemu_args(spec, o);
+    auto has = [](const std::vector<std::string>& v, const std::string& a, const std::string& b) {
+        for (std::size_t i = 0; i + 1 < v.size(); ++i)
+            if (v[i] == a && v[i + 1] == b)
+                return true;
+        return false;
+    };
+    EXPECT_TRUE(has(src, "-m", "256M"));
+    EXPECT_TRUE(has(src, "-smp", "2"));
+    EXPECT_TRUE(has(src, "-machine", "pc,accel=tcg"));
+    EXPECT_TRUE(has(src, "-qmp", "unix:/r/qmp.sock,server=on,wait=off"));
+    EXPECT_TRUE(has(src, "-append", "ws=8"));
+    EXPECT_TRUE(has(src, "-drive", "file=/d.raw,format=raw,if=virtio,id=disk0,readonly=on"));
+    EXPECT_NE(std::find(src.begin(), src.end(), "-S"), src.end());
+    EXPECT_EQ(std::find(src.begin(), src.end(), "-incoming"), src.end());
+    EXPECT_EQ(src.back(), "virtio-rng-pci");
+
+    o.start_paused = false;
+    o.incoming = true;
+    auto dst = qemu_args(spec, o);
+    EXPECT_TRUE(has(dst, "-incoming", "defer"));
+    EXPECT_EQ(std::find(dst.begin(), dst.end(), "-S"), dst.end());
+}
+
+TEST(Heartbeat, ParsesLines) {
+    auto hb = parse_heartbeat("FERRY-HB 42 100 pass=3", 1000);
+    ASSERT_TRUE(hb);
+    EXPECT_EQ(hb->seq, 42U);
+    EXPECT_EQ(hb->interval_ms, 100U);
+    EXPECT_EQ(hb->host_ms, 1000);
+    EXPECT_FALSE(parse_heartbeat("FERRY-HB x 100", 0));
+    EXPECT_FALSE(parse_heartbeat("FERRY-HB 4 0", 0));
+    EXPECT_FALSE(parse_heartbeat("hello", 0));
+}
+
+TEST(Heartbeat, BlackoutIsTheGapLessGuestTime) {
+    std::vector<Heartbeat> src{{1000, 9, 100}, {1100, 10, 100}};
+    // The guest's clock stops while paused: seq 11 arrives 450 ms after seq 10.
+    std::vector<Heartbeat> dst{{1550, 11, 100}, {1650, 12, 100}};
+    EXPECT_EQ(*guest_blackout_ms(src, dst), 350);
+    // A destination heartbeat that repeats the source's sequence is skipped.
+    std::vector<Heartbeat> replay{{1300, 10, 100}, {1400, 11, 100}};
+    EXPECT_EQ(*guest_blackout_ms(src, replay), 200);
+    EXPECT_FALSE(guest_blackout_ms({}, dst));
+    EXPECT_FALSE(guest_blackout_ms(src, {}));
+    // Never negative.
+    std::vector<Heartbeat> early{{1150, 11, 100}};
+    EXPECT_EQ(*guest_blackout_ms(src, early), 0);
+}
+
+TEST(Progress, ReadsQueryMigrate) {
+    auto info = nlohmann::json::parse(R"({"expected-downtime": 300, "status": "active", "setup-time": 1,
+        "total-time": 188, "ram": {"total": 268967936, "dirty-sync-count": 3, "page-size": 4096,
+        "remaining": 1531904, "mbps": 800.0, "transferred": 68154515, "dirty-pages-rate": 2560}})");
+    auto p = progress_from_query_migrate(info);
+    EXPECT_EQ(p.qemu_status, "active");
+    EXPECT_EQ(p.total_bytes, 268967936U);
+    EXPECT_EQ(p.remaining_bytes, 1531904U);
+    EXPECT_EQ(p.transferred_bytes, 68154515U);
+    EXPECT_EQ(p.transfer_rate_bps, 100'000'000U); // 800 Mbit/s
+    EXPECT_EQ(p.dirty_rate_bps, 2560U * 4096U);
+    EXPECT_EQ(p.iteration, 3);
+    EXPECT_EQ(p.expected_downtime_ms, 300);
+}
+
+TEST(TimeoutWatch, ProgressTimeoutNeedsNoNewLow) {
+    TimeoutWatch w(10, 0, 1ULL << 30);
+    EXPECT_FALSE(w.observe(0ms, 1000));
+    EXPECT_FALSE(w.observe(5000ms, 900));   // new low
+    EXPECT_FALSE(w.observe(14000ms, 950));  // 9 s since the low
+    auto r = w.observe(15500ms, 920);       // 10.5 s since the low
+    ASSERT_TRUE(r);
+    EXPECT_NE(r->find("progress timeout"), std::string::npos);
+    EXPECT_NE(r->find("900"), std::string::npos) << *r;
+}
+
+TEST(TimeoutWatch, CompletionTimeoutScalesWithSize) {
+    TimeoutWatch w(0, 800, 1ULL << 29); // 0.5 GiB -> 400 s
+    EXPECT_EQ(w.completion_limit(), 400000ms);
+    EXPECT_FALSE(w.observe(399000ms, 10));
+    auto r = w.observe(401000ms, 5);
+    ASSERT_TRUE(r);
+    EXPECT_NE(r->find("completion timeout"), std::string::npos);
+    EXPECT_NE(r->find("800 s per GiB"), std::string::npos) << *r;
+    TimeoutWatch none(0, 0, 1ULL << 30);
+    EXPECT_FALSE(none.observe(100000000ms, 1));
+}
+
+TEST(MigrationObject, CarriesTheDesignFields) {
+    Migration m;
+    m.id = "x";
+    nlohmann::json j = m;
+    for (auto key : {"id", "vm", "source_node", "target_node", "phase", "mode", "method", "policy", "config",
+                     "created_at", "started_at", "ended_at", "abort_requested", "abort_status",
+                     "failure_reason", "progress", "result"})
+        EXPECT_TRUE(j.contains(key)) << key;
+    for (auto key : {"total_bytes", "transferred_bytes", "remaining_bytes", "transfer_rate_bps",
+                     "dirty_rate_bps", "iteration", "throttle_percent", "expected_downtime_ms"})
+        EXPECT_TRUE(j["progress"].contains(key)) << key;
+    for (auto key : {"total_time_ms", "downtime_ms", "guest_blackout_ms"})
+        EXPECT_TRUE(j["result"].contains(key)) << key;
+    auto back = j.get<Migration>();
+    EXPECT_EQ(back.id, "x");
+    EXPECT_EQ(back.phase, Phase::Pending);
+}
+
+// --- integration: real QEMU -------------------------------------------------
+
+namespace {
+
+class EngineIntegration : public ::testing::Test {
+protected:
+    void SetUp() override {
+        config_.node.name = "node-a";
+        config_.node.state_dir = dir_ / "state";
+        config_.node.accel = "tcg";
+        config_.migration.bandwidth_per_migration = 0;
+        config_.migration.progress_timeout = 0;
+    }
+    void TearDown() override {
+        if (engine_) {
+            for (auto& vm : engine_->list_vms())
+                run(io_, engine_->delete_vm(vm["name"]));
+            engine_->shutdown();
+            ferry::test::pump(io_, 50ms);
+        }
+    }
+    void start() {
+        engine_ = std::make_unique<Engine>(io_.get_executor(), config_);
+        auto r = run(io_, engine_->start());
+        ASSERT_TRUE(r) << r.error().message;
+    }
+    ferry::config::VmSpec spec(const std::string& append) {
+        ferry::config::VmSpec s;
+        s.name = "guest";
+        s.memory = 128ULL << 20;
+        s.kernel = ferry::test::guest_kernel();
+        s.append = append;
+        return s;
+    }
+    std::string console_log() { return config_.node.state_dir + "/vms/guest/console.log"; }
+    // Waits (running the engine) until the console log has text.
+    bool wait_console(const std::string& text, std::chrono::seconds timeout = 30s) {
+        auto deadline = std::chrono::steady_clock::now() + timeout;
+        while (std::chrono::steady_clock::now() < deadline) {
+            if (ferry::test::read_file(console_log()).find(text) != std::string::npos)
+                return true;
+            ferry::test::pump(io_, 50ms);
+        }
+        return false;
+    }
+    nlohmann::json create(const std::string& append) {
+        auto vm = run(io_, engine_->create_vm(spec(append)));
+        EXPECT_TRUE(vm) << vm.error().message;
+        EXPECT_TRUE(wait_console("FERRY-HB 2 ")) << ferry::test::read_file(console_log());
+        return vm ? *vm : nlohmann::json();
+    }
+    nlohmann::json migration(const std::string& id) { return *engine_->show_migration(id); }
+    nlohmann::json wait_final(const std::string& id, std::chrono::seconds timeout = 120s) {
+        auto deadline = std::chrono::steady_clock::now() + timeout;
+        for (;;) {
+            auto m = migration(id);
+            if (m["phase"] == "Succeeded" || m["phase"] == "Failed")
+                return m;
+            if (std::chrono::steady_clock::now() > deadline)
+                return m;
+            ferry::test::pump(io_, 50ms);
+        }
+    }
+    // Waits until the migration is Running and has moved some bytes.
+    bool wait_transferring(const std::string& id) {
+        for (int i = 0; i < 600; ++i) {
+            auto m = migration(id);
+            if (m["phase"] == "Running" && m["progress"]["transferred_bytes"].get<std::uint64_t>() > (1U << 20))
+                return true;
+            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                return false;
+            ferry::test::pump(io_, 50ms);
+        }
+        return false;
+    }
+    ferry::Result<ferry::guest::VerifyReport> verify() {
+        auto pages = ferry::guest::pages_from_console(console_log());
+        EXPECT_GT(pages, 0U);
+        Engine* e = engine_.get();
+        ferry::guest::QmpExec exec = [e](std::string cmd, nlohmann::json args) {
+            return e->qmp_command("guest", std::move(cmd), std::move(args));
+        };
+        return run(io_, ferry::guest::verify_live(exec, pages, dir_ / "dump.bin"));
+    }
+    std::string vm_status() { return (*run(io_, engine_->show_vm("guest")))["status"]; }
+
+    asio::io_context io_;
+    TempDir dir_;
+    ferry::config::NodeConfig config_;
+    std::unique_ptr<Engine> engine_;
+};
+
+} // namespace
+
+TEST_F(EngineIntegration, MigratesLiveAndGuestMemorySurvives) {
+    start();
+    auto vm = create("ws=32 rate=8 hb=50");
+    int old_pid = vm["pid"];
+    auto m = engine_->migrate({"guest", {}, {}, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    auto done = wait_final((*m)["id"]);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
+    EXPECT_EQ(done["mode"], "precopy");
+    EXPECT_GT(done["result"]["total_time_ms"].get<int>(), 0);
+    EXPECT_GE(done["result"]["downtime_ms"].get<int>(), 0);
+    EXPECT_FALSE(done["result"]["guest_blackout_ms"].is_null()) << done.dump(2);
+    EXPECT_GT(done["progress"]["transferred_bytes"].get<std::uint64_t>(), 32U << 20);
+
+    auto after = *run(io_, engine_->show_vm("guest"));
+    EXPECT_EQ(after["generation"], 2);
+    EXPECT_EQ(after["status"], "running");
+    EXPECT_NE(after["pid"].get<int>(), old_pid);
+    EXPECT_FALSE(process_alive(old_pid)) << "the source QEMU must be gone after the hand-off";
+    EXPECT_FALSE(std::filesystem::exists(config_.node.state_dir + "/vms/guest/r1"));
+
+    // The guest keeps running on the destination, and its memory is whole.
+    EXPECT_TRUE(wait_console("[r2] FERRY-HB"));
+    auto report = verify();
+    ASSERT_TRUE(report) << report.error().message;
+    EXPECT_GE(report->max_pass, 1U);
+    EXPECT_EQ(vm_status(), "running");
+}
+
+TEST_F(EngineIntegration, AbortMidMigrationLeavesSourceRunningAndIntact) {
+    start();
+    auto vm = create("ws=64 rate=2 hb=50");
+    int pid = vm["pid"];
+    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}}); // 64 MiB at 4 MiB/s: ~16 s
+    ASSERT_TRUE(m) << m.error().message;
+    std::string id = (*m)["id"];
+    ASSERT_TRUE(wait_transferring(id)) << migration(id).dump(2);
+    std::string target_dir = migration(id)["target_dir"];
+    EXPECT_FALSE(target_dir.empty());
+    auto aborted = engine_->abort_migration(id);
+    ASSERT_TRUE(aborted) << aborted.error().message;
+    auto done = wait_final(id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_EQ(done["abort_requested"], true);
+    EXPECT_EQ(done["abort_status"], "Succeeded");
+    EXPECT_NE(done["failure_reason"].get<std::string>().find("aborted"), std::string::npos);
+    EXPECT_FALSE(std::filesystem::exists(target_dir)) << "destination left behind";
+
+    auto after = *run(io_, engine_->show_vm("guest"));
+    EXPECT_EQ(after["pid"], pid);
+    EXPECT_EQ(after["generation"], 1);
+    EXPECT_EQ(vm_status(), "running");
+    auto report = verify();
+    ASSERT_TRUE(report) << report.error().message;
+    // Still alive afterwards: new heartbeats from the same QEMU.
+    auto before = ferry::test::read_file(console_log()).size();
+    ferry::test::pump(io_, 300ms);
+    EXPECT_GT(ferry::test::read_file(console_log()).size(), before);
+    // A finished migration cannot be aborted again.
+    EXPECT_FALSE(engine_->abort_migration(id));
+}
+
+TEST_F(EngineIntegration, KilledDestinationLeavesSourceRunningAndIntact) {
+    start();
+    auto vm = create("ws=64 rate=2 hb=50");
+    int pid = vm["pid"];
+    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    std::string id = (*m)["id"];
+    ASSERT_TRUE(wait_transferring(id)) << migration(id).dump(2);
+    int target_pid = migration(id)["target_pid"];
+    ASSERT_GT(target_pid, 0);
+    ASSERT_EQ(::kill(target_pid, SIGKILL), 0);
+    auto done = wait_final(id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_NE(done["failure_reason"].get<std::string>().find("destination QEMU exited"), std::string::npos)
+        << done["failure_reason"];
+    auto after = *run(io_, engine_->show_vm("guest"));
+    EXPECT_EQ(after["pid"], pid);
+    EXPECT_EQ(vm_status(), "running");
+    auto report = verify();
+    ASSERT_TRUE(report) << report.error().message;
+    // And it can still migrate afterwards.
+    auto again = engine_->migrate({"guest", {}, {}, {}});
+    ASSERT_TRUE(again) << again.error().message;
+    EXPECT_EQ(wait_final((*again)["id"])["phase"], "Succeeded");
+    ASSERT_TRUE(verify());
+}
+
+TEST_F(EngineIntegration, ProgressTimeoutAbortsAndKeepsTheSource) {
+    config_.migration.progress_timeout = 3;
+    start();
+    // Dirtying 32 MiB/s against 2 MiB/s of bandwidth can never converge.
+    create("ws=32 rate=32 hb=50");
+    auto m = engine_->migrate({"guest", {}, 2ULL << 20, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    auto done = wait_final((*m)["id"]);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_NE(done["failure_reason"].get<std::string>().find("progress timeout"), std::string::npos)
+        << done["failure_reason"];
+    EXPECT_EQ(vm_status(), "running");
+    ASSERT_TRUE(verify());
+}
+
+TEST_F(EngineIntegration, RejectsBadRequestsWithoutTouchingTheVm) {
+    start();
+    auto bad = spec("ws=8");
+    bad.kernel = dir_ / "no-such-kernel";
+    auto r = run(io_, engine_->create_vm(bad));
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("no-such-kernel"), std::string::npos) << r.error().message;
+    EXPECT_TRUE(engine_->list_vms().empty());
+
+    // QEMU refusing its arguments: the error carries QEMU's own words.
+    auto broken = spec("ws=8");
+    broken.extra_args = {"-no-such-option"};
+    auto q = run(io_, engine_->create_vm(broken));
+    ASSERT_FALSE(q);
+    EXPECT_NE(q.error().message.find("exited at start"), std::string::npos) << q.error().message;
+    EXPECT_NE(q.error().message.find("no-such-option"), std::string::npos) << q.error().message;
+
+    create("ws=8 rate=1 hb=50");
+    EXPECT_EQ(engine_->migrate({"nope", {}, {}, {}}).error().code, ferry::Errc::not_found);
+    auto unknown = engine_->migrate({"guest", std::string("node-z"), {}, {}});
+    ASSERT_FALSE(unknown);
+    EXPECT_NE(unknown.error().message.find("node-z"), std::string::npos);
+    auto first = engine_->migrate({"guest", {}, 1ULL << 20, {}});
+    ASSERT_TRUE(first);
+    auto twice = engine_->migrate({"guest", {}, {}, {}});
+    ASSERT_FALSE(twice);
+    EXPECT_EQ(twice.error().code, ferry::Errc::conflict);
+    auto del = run(io_, engine_->delete_vm("guest"));
+    EXPECT_FALSE(del) << "deleting a migrating VM must be refused";
+    ASSERT_TRUE(engine_->abort_migration((*first)["id"]));
+    EXPECT_EQ(wait_final((*first)["id"])["phase"], "Failed");
+    EXPECT_EQ(vm_status(), "running");
+}
+
+// --- the memory check itself must catch damage -----------------------------
+
+#include "layout.h"
+
+namespace {
+// Writes a dump of `pages` pages whose counters are given.
+void write_dump(const std::string& path, const std::vector<std::uint32_t>& counters) {
+    std::ofstream out(path, std::ios::binary);
+    std::vector<std::uint32_t> page(FERRY_GUEST_WORDS);
+    for (std::uint32_t p = 0; p < counters.size(); ++p) {
+        page[0] = counters[p];
+        for (std::uint32_t w = 1; w < FERRY_GUEST_WORDS; ++w)
+            page[w] = ferry_guest_pattern(p, w);
+        out.write(reinterpret_cast<const char*>(page.data()), FERRY_GUEST_PAGE);
+    }
+}
+} // namespace
+
+TEST(GuestVerify, AcceptsOneBoundary) {
+    TempDir dir;
+    write_dump(dir / "d", {5, 5, 5, 4, 4});
+    auto r = ferry::guest::verify_dump(dir / "d", 5);
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ(r->max_pass, 5U);
+    EXPECT_EQ(r->min_pass, 4U);
+    EXPECT_EQ(r->boundary, 3U);
+    write_dump(dir / "e", {7, 7, 7});
+    EXPECT_TRUE(ferry::guest::verify_dump(dir / "e", 3));
+}
+
+TEST(GuestVerify, CatchesStalePagesAndDamage) {
+    TempDir dir;
+    write_dump(dir / "stale", {5, 5, 4, 5, 4}); // page 2 missed a round
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "stale", 5));
+    write_dump(dir / "old", {5, 5, 3, 3}); // two passes behind
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "old", 4));
+    write_dump(dir / "two", {6, 5, 5, 4}); // two boundaries
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "two", 4));
+    write_dump(dir / "zero", {1, 1, 1});
+    {
+        std::fstream f(dir / "zero", std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp(FERRY_GUEST_PAGE + 100);
+        std::uint32_t zero = 0;
+        f.write(reinterpret_cast<const char*>(&zero), 4); // a lost page shows as zeros
+    }
+    auto r = ferry::guest::verify_dump(dir / "zero", 3);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("page 1"), std::string::npos) << r.error().message;
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "zero", 4)) << "a short dump must fail";
+}
