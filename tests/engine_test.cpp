@@ -61,6 +61,12 @@ TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
     EXPECT_EQ(std::find(dst.begin(), dst.end(), "-S"), dst.end());
 }
 
+TEST(QemuArgs, AutoAccelPicksKvmOnlyWhenUsable) {
+    EXPECT_EQ(resolve_accel("auto", true), "kvm");
+    EXPECT_EQ(resolve_accel("auto", false), "tcg");
+    EXPECT_EQ(resolve_accel("tcg", true), "tcg");
+}
+
 TEST(Heartbeat, ParsesLines) {
     auto hb = parse_heartbeat("FERRY-HB 42 100 pass=3", 1000);
     ASSERT_TRUE(hb);
@@ -219,6 +225,7 @@ protected:
         return false;
     }
     ferry::Result<ferry::guest::VerifyReport> verify() {
+        EXPECT_TRUE(ferry::guest::guest_ready(console_log()));
         auto pages = ferry::guest::pages_from_console(console_log());
         EXPECT_GT(pages, 0U);
         Engine* e = engine_.get();

@@ -46,6 +46,9 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
               fmt::format("key 'node.log_level': \"{}\" is not one of trace, debug, info, warn, "
                           "error, critical, off",
                           n.log_level));
+    if (n.accel != "auto" && n.accel != "kvm" && n.accel != "tcg")
+        p.add(t.get("accel")->source(),
+              fmt::format("key 'node.accel': \"{}\" is not auto, kvm or tcg", n.accel));
     if (!valid_mode(n.control_socket_mode))
         p.add(t.get("control_socket_mode")->source(),
               fmt::format("key 'node.control_socket_mode': \"{}\" is not an octal mode like \"0600\"",

@@ -32,7 +32,7 @@ struct NodeSection {
     std::string listen = "0.0.0.0:7410";
     std::uint64_t max_migration_bandwidth = 0;
     std::string qemu = "qemu-system-x86_64";
-    std::string accel = "kvm:tcg"; // QEMU -machine accel=
+    std::string accel = "auto"; // auto (kvm if /dev/kvm is usable, else tcg), kvm, tcg
     std::string log_level = "info";
 };
 

@@ -199,7 +199,9 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
         st.last_info = *info;
         st.m.progress = progress_from_query_migrate(*info);
         auto status = st.m.progress.qemu_status;
-        if (status == "completed")
+        // QEMU 7.2 announces "completed" a moment before it fills in
+        // total-time and downtime: wait for them (briefly).
+        if (status == "completed" && ((*info).value("total-time", 0) > 0 || Clock::now() > deadline - 115s))
             break;
         if (status == "failed" || status == "cancelled")
             co_return make_error(Errc::qemu, fmt::format("the switchover failed: {}",

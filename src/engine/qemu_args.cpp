@@ -2,7 +2,17 @@
 
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 namespace ferry::engine {
+
+std::string resolve_accel(const std::string& accel, bool kvm_ok) {
+    if (accel == "auto")
+        return kvm_ok ? "kvm" : "tcg";
+    return accel;
+}
+
+bool kvm_usable() { return ::access("/dev/kvm", R_OK | W_OK) == 0; }
 
 std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptions& o) {
     std::vector<std::string> a{

@@ -7,9 +7,14 @@
 
 namespace ferry::engine {
 
+// "auto" becomes kvm when /dev/kvm is usable, else tcg. (QEMU's own
+// "kvm:tcg" fallback runs TCG very slowly on QEMU 7.2, so ferry decides.)
+std::string resolve_accel(const std::string& accel, bool kvm_usable);
+bool kvm_usable();
+
 struct LaunchOptions {
     std::string qemu = "qemu-system-x86_64";
-    std::string accel = "kvm:tcg";
+    std::string accel = "tcg";
     std::string qmp_socket;
     std::string console_socket; // guest serial port (COM1), captured by ferry
     bool incoming = false;      // destination: -incoming defer

@@ -76,7 +76,7 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
 
     LaunchOptions opts;
     opts.qemu = req.node->qemu;
-    opts.accel = req.node->accel;
+    opts.accel = resolve_accel(req.node->accel, kvm_usable());
     opts.qmp_socket = q.qmp_socket;
     opts.console_socket = q.console_socket;
     opts.incoming = req.incoming;

@@ -12,7 +12,7 @@ using nlohmann::json;
 
 int main(int argc, char** argv) {
     CLI::App app{"Verify the ferry test guest's memory (pauses the VM for the dump)"};
-    std::string socket, vm, dump = "/tmp/ferry-guest-dump.bin", console;
+    std::string socket, vm, dump = "/tmp/ferry-guest-dump.bin";
     const char* env_socket = std::getenv("FERRY_SOCKET");
     socket = env_socket ? env_socket : "/run/ferry/ferryd.sock";
     std::uint32_t pages = 0;
@@ -30,13 +30,20 @@ int main(int argc, char** argv) {
     auto qmp = [&](const std::string& command, json args) {
         return (*client)->call("vm.qmp", {{"name", vm}, {"command", command}, {"arguments", std::move(args)}});
     };
+    auto info = (*client)->call("vm.show", {{"name", vm}});
+    if (!info) {
+        std::cerr << "ferry-guest-check: " << info.error().message << "\n";
+        return 1;
+    }
+    std::string console = info->value("console_log", "");
+    if (!ferry::guest::guest_ready(console)) {
+        std::cerr << "ferry-guest-check: the guest has not finished filling its working set yet (no "
+                     "FERRY-READY in "
+                  << console << ")\n";
+        return 1;
+    }
     if (pages == 0) {
-        auto info = (*client)->call("vm.show", {{"name", vm}});
-        if (!info) {
-            std::cerr << "ferry-guest-check: " << info.error().message << "\n";
-            return 1;
-        }
-        pages = ferry::guest::pages_from_console(info->value("console_log", ""));
+        pages = ferry::guest::pages_from_console(console);
         if (pages == 0) {
             std::cerr << "ferry-guest-check: no FERRY-GUEST banner in the console log of " << vm
                       << "; give --pages\n";

@@ -86,6 +86,15 @@ boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint
     co_return verify_dump(dump_path, pages);
 }
 
+bool guest_ready(const std::string& console_log_path) {
+    std::ifstream in(console_log_path);
+    std::string line;
+    while (std::getline(in, line))
+        if (line.find("FERRY-READY") != std::string::npos)
+            return true;
+    return false;
+}
+
 std::uint32_t pages_from_console(const std::string& console_log_path) {
     std::ifstream in(console_log_path);
     std::string line;
