@@ -103,7 +103,7 @@ void Engine::attach(const std::shared_ptr<Vm>& vm) {
     });
     client->on_close([weak, raw = client.get()](const Error& err) {
         auto v = weak.lock();
-        if (!v || v->qemu.qmp.get() != raw)
+        if (!v || v->qemu.qmp.get() != raw || v->status == "deleting")
             return;
         v->status = "stopped";
         engine_log()->warn("vm {}: lost QEMU: {}", v->record.name, err.message);
@@ -347,6 +347,7 @@ asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
         co_return make_error(Errc::conflict, fmt::format("VM {} is migrating ({}); abort it first",
                                                          name, *vm->migration_id));
     vms_.erase(it);
+    vm->status = "deleting";
     if (vm->record.adopted) {
         if (vm->qemu.qmp)
             vm->qemu.qmp->close();
@@ -443,7 +444,7 @@ Result<json> Engine::abort_migration(const std::string& id) {
         st.m.abort_status = "Aborting";
         persist(st.m);
         engine_log()->info("migration {}: abort requested", id);
-        st.wake.cancel();
+        st.wake_up();
     }
     return ok(json(st.m));
 }

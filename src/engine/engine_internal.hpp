@@ -15,6 +15,12 @@ struct Engine::MigrationState {
     bool source_was_running = true;
     std::size_t source_subscription = 0;
     boost::asio::steady_timer wake; // cut short by events and abort requests
+    bool woken = false;             // set with every wake-up, so none is lost while busy
+
+    void wake_up() {
+        woken = true;
+        wake.cancel();
+    }
     json last_info;                 // last query-migrate answer from the source
 };
 

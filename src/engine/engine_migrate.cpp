@@ -75,7 +75,7 @@ asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {
     std::weak_ptr<MigrationState> weak = migrations_[st.m.id];
     st.target.qmp->on_close([weak](const Error&) {
         if (auto s = weak.lock())
-            s->wake.cancel();
+            s->wake_up();
     });
     json caps_args{{"capabilities", capabilities()}};
     auto caps = co_await st.target.qmp->execute("migrate-set-capabilities", caps_args);
@@ -101,11 +101,11 @@ asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
     st.source_subscription = qmp->subscribe([weak](const qmp::Event& e) {
         auto s = weak.lock();
         if (s && (e.name == "MIGRATION" || e.name == "MIGRATION_PASS"))
-            s->wake.cancel();
+            s->wake_up();
     });
     qmp->on_close([weak](const Error&) {
         if (auto s = weak.lock())
-            s->wake.cancel();
+            s->wake_up();
     });
 
     json caps_args{{"capabilities", capabilities()}};
@@ -176,8 +176,13 @@ asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
                 co_return make_error(Errc::timeout, *reason);
             }
         }
-        st.wake.expires_after(poll_interval);
-        co_await st.wake.async_wait(asio::as_tuple(asio::use_awaitable));
+        // An event that came while we were busy must not wait out the poll
+        // interval: the guest may be paused in pre-switchover.
+        if (!st.woken) {
+            st.wake.expires_after(poll_interval);
+            co_await st.wake.async_wait(asio::as_tuple(asio::use_awaitable));
+        }
+        st.woken = false;
     }
 }
 

@@ -1,0 +1,179 @@
+#include "local.hpp"
+
+#include "engine/engine.hpp"
+#include "engine/heartbeat.hpp"
+#include "engine/vm.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
+
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+namespace ferry::bench {
+
+namespace asio = boost::asio;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
+    asio::steady_timer t(co_await asio::this_coro::executor);
+    t.expires_after(d);
+    co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+}
+
+// Waits until the guest has filled its working set and printed heartbeats.
+asio::awaitable<Result<void>> wait_guest(std::string console_log) {
+    for (int i = 0; i < 1200; ++i) {
+        std::ifstream in(console_log);
+        std::stringstream ss;
+        ss << in.rdbuf();
+        if (ss.str().find("FERRY-HB 3 ") != std::string::npos)
+            co_return Result<void>{};
+        co_await sleep_for(50ms);
+    }
+    co_return make_error(Errc::timeout, "the guest did not come up within 60 s");
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+json caps(bool pause) {
+    json c = json::array();
+    c.push_back({{"capability", "events"}, {"state", true}});
+    if (pause)
+        c.push_back({{"capability", "pause-before-switchover"}, {"state", true}});
+    return c;
+}
+
+} // namespace
+
+asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
+    auto ex = co_await asio::this_coro::executor;
+    std::string vm_dir = s.work_dir + "/direct";
+    std::filesystem::create_directories(vm_dir);
+    engine::LaunchRequest src_req{&s.node.node, &s.spec, vm_dir, 1, false};
+    auto src = co_await engine::launch_qemu(ex, src_req);
+    if (!src)
+        co_return src.error();
+    auto up = co_await wait_guest(vm_dir + "/console.log");
+    if (!up) {
+        co_await engine::destroy_qemu(ex, *src);
+        co_return up.error();
+    }
+    Sample out;
+    auto t0 = std::chrono::steady_clock::now();
+    engine::LaunchRequest dst_req{&s.node.node, &s.spec, vm_dir, 2, true};
+    auto dst = co_await engine::launch_qemu(ex, dst_req);
+    if (!dst) {
+        co_await engine::destroy_qemu(ex, *src);
+        co_return dst.error();
+    }
+    json c{{"capabilities", caps(false)}};
+    co_await dst->qmp->execute("migrate-set-capabilities", c);
+    json incoming{{"uri", "unix:" + dst->migrate_socket()}};
+    co_await dst->qmp->execute("migrate-incoming", incoming);
+    co_await src->qmp->execute("migrate-set-capabilities", c);
+    auto bw = s.node.migration.bandwidth_per_migration;
+    json params{{"max-bandwidth", bw == 0 ? (1ULL << 40) : bw}, {"downtime-limit", s.node.migration.max_downtime_ms}};
+    co_await src->qmp->execute("migrate-set-parameters", params);
+    json migrate{{"uri", "unix:" + dst->migrate_socket()}};
+    auto started = co_await src->qmp->execute("migrate", migrate);
+    Result<Sample> result = out;
+    if (!started)
+        result = started.error();
+    json info;
+    while (result) {
+        auto q = co_await src->qmp->execute("query-migrate");
+        if (!q) {
+            result = q.error();
+            break;
+        }
+        info = *q;
+        auto status = info.value("status", "");
+        if (status == "completed" && info.value("total-time", 0) > 0)
+            break;
+        if (status == "failed" || status == "cancelled") {
+            result = make_error(Errc::qemu, "direct migration " + status);
+            break;
+        }
+        co_await sleep_for(5ms);
+    }
+    while (result) {
+        auto st = co_await dst->qmp->execute("query-status");
+        if (st && (*st).value("running", false))
+            break;
+        co_await sleep_for(2ms);
+    }
+    if (result) {
+        out.wall_ms = ms_since(t0);
+        out.total_ms = info.value("total-time", 0);
+        out.downtime_ms = info.value("downtime", 0);
+        out.transferred_mib = info["ram"].value("transferred", 0.0) / (1 << 20);
+        auto src_beats = src->console->heartbeat_list();
+        for (int i = 0; i < 100; ++i) {
+            if (auto b = engine::guest_blackout_ms(src_beats, dst->console->heartbeat_list())) {
+                out.blackout_ms = static_cast<double>(*b);
+                break;
+            }
+            co_await sleep_for(20ms);
+        }
+        result = out;
+    }
+    co_await engine::destroy_qemu(ex, *src);
+    co_await engine::destroy_qemu(ex, *dst);
+    co_return result;
+}
+
+asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
+    auto ex = co_await asio::this_coro::executor;
+    s.node.node.state_dir = s.work_dir + "/ferry";
+    engine::Engine engine(ex, s.node);
+    auto started = co_await engine.start();
+    if (!started)
+        co_return started.error();
+    auto vm = co_await engine.create_vm(s.spec);
+    if (!vm)
+        co_return vm.error();
+    Result<Sample> result = Sample{};
+    auto up = co_await wait_guest((*vm)["console_log"]);
+    if (!up)
+        result = up.error();
+    if (result) {
+        auto t0 = std::chrono::steady_clock::now();
+        auto m = engine.migrate({s.spec.name, {}, {}, {}});
+        if (!m)
+            result = m.error();
+        while (result) {
+            auto shown = *engine.show_migration((*m)["id"]);
+            if (shown["phase"] == "Succeeded") {
+                Sample out;
+                out.wall_ms = ms_since(t0);
+                out.total_ms = shown["result"]["total_time_ms"].get<double>();
+                out.downtime_ms = shown["result"]["downtime_ms"].get<double>();
+                if (!shown["result"]["guest_blackout_ms"].is_null())
+                    out.blackout_ms = shown["result"]["guest_blackout_ms"].get<double>();
+                out.transferred_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
+                result = out;
+                break;
+            }
+            if (shown["phase"] == "Failed") {
+                result = make_error(Errc::internal, "ferry migration failed: " + shown["failure_reason"].get<std::string>());
+                break;
+            }
+            co_await sleep_for(2ms);
+        }
+    }
+    co_await engine.delete_vm(s.spec.name);
+    engine.shutdown();
+    co_return result;
+}
+
+} // namespace ferry::bench

@@ -1,0 +1,33 @@
+#pragma once
+// End-to-end benchmark of a same-node migration: ferry's engine against
+// QEMU's own path (plain `migrate` between two QEMUs), same VM, same host.
+#include "common/error.hpp"
+#include "config/node_config.hpp"
+#include "config/vm_spec.hpp"
+
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+
+#include <optional>
+#include <string>
+
+namespace ferry::bench {
+
+struct Sample {
+    double wall_ms = 0;     // request to destination running (includes starting it)
+    double total_ms = 0;    // QEMU total-time
+    double downtime_ms = 0; // QEMU downtime
+    std::optional<double> blackout_ms;
+    double transferred_mib = 0;
+};
+
+struct LocalSetup {
+    config::NodeConfig node;
+    config::VmSpec spec;
+    std::string work_dir;
+};
+
+boost::asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup setup);
+boost::asio::awaitable<Result<Sample>> run_ferry(LocalSetup setup);
+
+} // namespace ferry::bench

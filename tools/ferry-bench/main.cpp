@@ -1,0 +1,155 @@
+// ferry-bench: end-to-end benchmarks against real QEMU.
+//   ferry-bench local   same-node migration: ferry's engine vs QEMU's own path
+#include "common/log.hpp"
+#include "config/quantity.hpp"
+#include "local.hpp"
+
+#include <CLI/CLI.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/use_future.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <algorithm>
+#include <filesystem>
+#include <iostream>
+#include <numeric>
+#include <optional>
+
+using nlohmann::json;
+
+namespace {
+
+template <class F> ferry::Result<ferry::bench::Sample> run_one(F f, ferry::bench::LocalSetup setup) {
+    boost::asio::io_context io;
+    auto fut = boost::asio::co_spawn(io, f(std::move(setup)), boost::asio::use_future);
+    io.run();
+    return fut.get();
+}
+
+struct Stats {
+    double mean = 0, min = 0, max = 0;
+};
+
+Stats stats(const std::vector<double>& v) {
+    if (v.empty())
+        return {};
+    return {std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()),
+            *std::min_element(v.begin(), v.end()), *std::max_element(v.begin(), v.end())};
+}
+
+json column(const std::vector<ferry::bench::Sample>& samples) {
+    std::vector<double> wall, total, down, black, mib;
+    for (auto& s : samples) {
+        wall.push_back(s.wall_ms);
+        total.push_back(s.total_ms);
+        down.push_back(s.downtime_ms);
+        mib.push_back(s.transferred_mib);
+        if (s.blackout_ms)
+            black.push_back(*s.blackout_ms);
+    }
+    auto j = [](Stats s) { return json{{"mean", s.mean}, {"min", s.min}, {"max", s.max}}; };
+    return {{"runs", samples.size()},      {"wall_ms", j(stats(wall))},
+            {"total_ms", j(stats(total))}, {"downtime_ms", j(stats(down))},
+            {"blackout_ms", j(stats(black))}, {"transferred_mib", j(stats(mib))}};
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+    CLI::App app{"ferry-bench: end-to-end migration benchmarks against real QEMU"};
+    app.require_subcommand(1);
+    auto* local = app.add_subcommand("local", "same-node live migration: ferry's engine vs plain QEMU migrate");
+    int reps = 3;
+    std::string memory = "512Mi", bandwidth = "0", work = "/tmp/ferry-bench", accel = "tcg", qemu = "qemu-system-x86_64";
+    int ws = 256, rate = 8, hb = 50, downtime = 300;
+    bool json_out = false;
+    std::string kernel;
+    local->add_option("--reps", reps, "repetitions of each path")->check(CLI::PositiveNumber);
+    local->add_option("--memory", memory, "VM memory");
+    local->add_option("--ws", ws, "guest working set, MiB of non-zero memory");
+    local->add_option("--rate", rate, "guest dirty rate, MiB/s");
+    local->add_option("--hb", hb, "guest heartbeat interval, ms");
+    local->add_option("--bandwidth", bandwidth, "per-migration bandwidth (0 = unlimited)");
+    local->add_option("--max-downtime", downtime, "downtime limit, ms");
+    local->add_option("--accel", accel, "QEMU accelerator");
+    local->add_option("--qemu", qemu, "QEMU binary");
+    local->add_option("--kernel", kernel, "test guest kernel (default: next to this binary)");
+    local->add_option("--work-dir", work, "scratch directory (short path: Unix sockets)");
+    local->add_flag("--json", json_out, "print the report as JSON");
+    CLI11_PARSE(app, argc, argv);
+
+    ferry::set_log_level("warn");
+    auto mem = ferry::config::parse_quantity(memory);
+    auto bw = ferry::config::parse_quantity(bandwidth);
+    if (!mem || !bw) {
+        std::cerr << "ferry-bench: " << (!mem ? "--memory: " + mem.error().message : "--bandwidth: " + bw.error().message) << "\n";
+        return 2;
+    }
+    if (kernel.empty())
+        kernel = (std::filesystem::canonical("/proc/self/exe").parent_path() / "guest/ferry-guest.elf").string();
+
+    ferry::bench::LocalSetup setup;
+    setup.node.node.name = "bench";
+    setup.node.node.accel = accel;
+    setup.node.node.qemu = qemu;
+    setup.node.migration.bandwidth_per_migration = *bw;
+    setup.node.migration.max_downtime_ms = downtime;
+    setup.node.migration.progress_timeout = 0;
+    setup.spec.name = "bench";
+    setup.spec.memory = *mem;
+    setup.spec.kernel = kernel;
+    setup.spec.append = fmt::format("ws={} rate={} hb={}", ws, rate, hb);
+
+    std::vector<ferry::bench::Sample> direct, ferry_runs;
+    for (int i = 0; i < reps; ++i) {
+        // Alternate the two paths so drift on a shared machine hits both.
+        for (int path = 0; path < 2; ++path) {
+            std::filesystem::remove_all(work);
+            std::filesystem::create_directories(work);
+            setup.work_dir = work;
+            auto r = path == 0 ? run_one(ferry::bench::run_qemu_direct, setup) : run_one(ferry::bench::run_ferry, setup);
+            if (!r) {
+                std::cerr << "ferry-bench: " << (path == 0 ? "QEMU direct" : "ferry") << " run " << i + 1
+                          << " failed: " << r.error().message << "\n";
+                return 1;
+            }
+            (path == 0 ? direct : ferry_runs).push_back(*r);
+            if (!json_out)
+                std::cerr << fmt::format("  run {}/{} {:<12} wall {:7.0f} ms  qemu total {:6.0f} ms  downtime {:4.0f} ms  blackout {}\n",
+                                         i + 1, reps, path == 0 ? "qemu-direct" : "ferry", r->wall_ms, r->total_ms,
+                                         r->downtime_ms, r->blackout_ms ? fmt::format("{:.0f} ms", *r->blackout_ms) : "-");
+        }
+    }
+    std::filesystem::remove_all(work);
+
+    json report{{"scenario", "local"},
+                {"vm", {{"memory", *mem}, {"ws_mib", ws}, {"dirty_mib_s", rate}, {"accel", accel}}},
+                {"bandwidth", *bw},
+                {"qemu_direct", column(direct)},
+                {"ferry", column(ferry_runs)}};
+    auto ratio = [&](const char* key) {
+        double d = report["qemu_direct"][key]["mean"];
+        double f = report["ferry"][key]["mean"];
+        return d > 0 ? f / d : 0.0;
+    };
+    for (auto key : {"wall_ms", "total_ms", "downtime_ms", "blackout_ms"})
+        report["ratio_ferry_over_direct"][key] = ratio(key);
+    if (json_out) {
+        std::cout << report.dump(2) << "\n";
+        return 0;
+    }
+    std::cout << fmt::format("\nferry-bench local: {} VM, {} MiB working set dirtied at {} MiB/s, bandwidth {}, {} runs each\n",
+                             memory, ws, rate, *bw ? bandwidth + "/s" : std::string("unlimited"), reps);
+    std::cout << fmt::format("{:<22} {:>14} {:>14} {:>8}\n", "mean (min-max)", "qemu-direct", "ferry", "ratio");
+    for (auto key : {"wall_ms", "total_ms", "downtime_ms", "blackout_ms"}) {
+        auto& d = report["qemu_direct"][key];
+        auto& f = report["ferry"][key];
+        std::cout << fmt::format("{:<22} {:>6.0f} ({:.0f}-{:.0f}) {:>6.0f} ({:.0f}-{:.0f}) {:>8.2f}\n", key,
+                                 d["mean"].get<double>(), d["min"].get<double>(), d["max"].get<double>(),
+                                 f["mean"].get<double>(), f["min"].get<double>(), f["max"].get<double>(), ratio(key));
+    }
+    std::cout << "wall_ms: request to destination running, including starting the destination QEMU.\n";
+    return 0;
+}
