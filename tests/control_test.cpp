@@ -242,3 +242,48 @@ TEST_F(Ferryd, RestartKeepsVmsAndRecoversAnInterruptedMigration) {
     auto again = ctl("migrate demo --wait");
     EXPECT_EQ(again.status, 0) << again.out << again.err;
 }
+
+TEST_F(Ferryd, WaitExitsNonZeroWhenTheMigrationFails) {
+    start();
+    ctl_json("vm create --spec " + (dir_ / "vm.toml"));
+    wait_heartbeats();
+    // Follow a slow migration in the background, abort it from here.
+    std::string cmd = ferry::test::ferryctl_bin() + " --socket " + socket_ + " migrate demo --wait --bandwidth 1Mi";
+    FILE* follower = ::popen((cmd + " 2>&1").c_str(), "r");
+    ASSERT_NE(follower, nullptr);
+    std::string id;
+    for (int i = 0; i < 200 && id.empty(); ++i) {
+        auto list = ctl_json("migration list");
+        for (auto& m : list)
+            if (m["phase"] == "Running")
+                id = m["id"];
+        std::this_thread::sleep_for(50ms);
+    }
+    ASSERT_FALSE(id.empty());
+    auto abort = ctl("migration abort " + id);
+    EXPECT_EQ(abort.status, 0) << abort.err;
+    std::string out;
+    char buf[512];
+    while (std::fgets(buf, sizeof buf, follower))
+        out += buf;
+    int status = ::pclose(follower);
+    EXPECT_EQ(WEXITSTATUS(status), 1) << out;
+    EXPECT_NE(out.find("phase:        Failed"), std::string::npos) << out;
+    EXPECT_NE(out.find("aborted by request"), std::string::npos) << out;
+    EXPECT_EQ(ctl_json("vm show demo")["status"], "running");
+}
+
+TEST_F(Ferryd, ShowsALiveProgressLineOnATerminal) {
+    start();
+    ctl_json("vm create --spec " + (dir_ / "vm.toml"));
+    wait_heartbeats();
+    // script(1) gives ferryctl a pseudo-terminal.
+    auto o = sh("script -qec '" + ferry::test::ferryctl_bin() + " --socket " + socket_ +
+                    " migrate demo --wait --bandwidth 16Mi' /dev/null",
+                dir_);
+    EXPECT_EQ(o.status, 0) << o.out << o.err;
+    EXPECT_NE(o.out.find("\r\033[K[Running]"), std::string::npos) << o.out;
+    EXPECT_NE(o.out.find("% "), std::string::npos) << o.out;
+    EXPECT_NE(o.out.find("remaining"), std::string::npos) << o.out;
+    EXPECT_NE(o.out.find("phase:        Succeeded"), std::string::npos) << o.out;
+}

@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <csignal>
+#include <sys/wait.h>
 #include <filesystem>
 #include <fmt/format.h>
 
@@ -346,6 +347,56 @@ TEST_F(EngineIntegration, ProgressTimeoutAbortsAndKeepsTheSource) {
         << done["failure_reason"];
     EXPECT_EQ(vm_status(), "running");
     ASSERT_TRUE(verify());
+}
+
+TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
+    start();
+    // A QEMU some other stack started: its own QMP socket, no ferry console.
+    std::string qmp = dir_ / "adopted.qmp";
+    pid_t pid = ::fork();
+    if (pid == 0) {
+        ::execlp("qemu-system-x86_64", "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "128M",
+                 "-nodefaults", "-display", "none", "-kernel", ferry::test::guest_kernel().c_str(), "-append",
+                 "ws=16 rate=4 hb=50", "-serial", "null", "-qmp", ("unix:" + qmp + ",server=on,wait=off").c_str(),
+                 nullptr);
+        _exit(127);
+    }
+    for (int i = 0; i < 200 && !std::filesystem::exists(qmp); ++i)
+        ferry::test::pump(io_, 20ms);
+    ferry::test::pump(io_, 1000ms); // let the guest fill its working set
+
+    // Without a spec ferry can watch it but not migrate it.
+    auto bare = run(io_, engine_->adopt_vm("guest", qmp, std::nullopt));
+    ASSERT_TRUE(bare) << bare.error().message;
+    EXPECT_EQ((*bare)["adopted"], true);
+    EXPECT_EQ((*bare)["pid"], pid);
+    auto refused = engine_->migrate({"guest", {}, {}, {}});
+    ASSERT_FALSE(refused);
+    EXPECT_NE(refused.error().message.find("--spec"), std::string::npos) << refused.error().message;
+    ASSERT_TRUE(run(io_, engine_->delete_vm("guest")));
+    EXPECT_TRUE(process_alive(pid)) << "releasing an adopted VM must not stop it";
+
+    // With a spec describing it, ferry migrates it into a QEMU of its own.
+    auto adopted = run(io_, engine_->adopt_vm("guest", qmp, spec("ws=16 rate=4 hb=50")));
+    ASSERT_TRUE(adopted) << adopted.error().message;
+    auto m = engine_->migrate({"guest", {}, {}, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    auto done = wait_final((*m)["id"]);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
+    int status = 0;
+    for (int i = 0; i < 100 && ::waitpid(pid, &status, WNOHANG) == 0; ++i)
+        ferry::test::pump(io_, 50ms);
+    EXPECT_FALSE(process_alive(pid)) << "the adopted source QEMU must be quit after the hand-off";
+    auto vm = *run(io_, engine_->show_vm("guest"));
+    EXPECT_EQ(vm["adopted"], false);
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_TRUE(wait_console("[r1] FERRY-HB"));
+    Engine* e = engine_.get();
+    ferry::guest::QmpExec exec = [e](std::string cmd, nlohmann::json args) {
+        return e->qmp_command("guest", std::move(cmd), std::move(args));
+    };
+    auto report = run(io_, ferry::guest::verify_live(exec, 16 * 256, dir_ / "dump.bin"));
+    ASSERT_TRUE(report) << report.error().message;
 }
 
 TEST_F(EngineIntegration, RejectsBadRequestsWithoutTouchingTheVm) {

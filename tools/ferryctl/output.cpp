@@ -44,6 +44,11 @@ std::string progress_line(const json& m) {
     std::string phase = m.value("phase", "?");
     if (phase != "Running")
         return fmt::format("[{}]", phase);
+    std::string qemu = p.value("qemu_status", "");
+    if (qemu == "pre-switchover" || qemu == "device")
+        return fmt::format("[{}] switching over (guest paused)", phase);
+    if (qemu == "completed")
+        return fmt::format("[{}] handing off to the destination", phase);
     return fmt::format("[{}] {:5.1f}%  {}  remaining {}  dirty {}  iteration {}{}", phase, pct,
                        rate(p.value("transfer_rate_bps", std::uint64_t{0})), bytes(remaining),
                        rate(p.value("dirty_rate_bps", std::uint64_t{0})), p.value("iteration", 0),
