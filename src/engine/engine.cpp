@@ -103,7 +103,7 @@ void Engine::attach(const std::shared_ptr<Vm>& vm) {
     });
     client->on_close([weak, raw = client.get()](const Error& err) {
         auto v = weak.lock();
-        if (!v || v->qemu.qmp.get() != raw || v->status == "deleting")
+        if (!v || v->qemu.qmp.get() != raw || v->deleting)
             return;
         v->status = "stopped";
         engine_log()->warn("vm {}: lost QEMU: {}", v->record.name, err.message);
@@ -347,7 +347,7 @@ asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
         co_return make_error(Errc::conflict, fmt::format("VM {} is migrating ({}); abort it first",
                                                          name, *vm->migration_id));
     vms_.erase(it);
-    vm->status = "deleting";
+    vm->deleting = true;
     if (vm->record.adopted) {
         if (vm->qemu.qmp)
             vm->qemu.qmp->close();

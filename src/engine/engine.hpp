@@ -63,6 +63,7 @@ private:
         QemuInstance qemu;
         std::string status = "unknown"; // QEMU run state, or "stopped" when it is gone
         std::optional<std::string> migration_id;
+        bool deleting = false; // its QEMU is being stopped on purpose
     };
     struct MigrationState;
 

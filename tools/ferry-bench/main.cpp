@@ -29,14 +29,15 @@ template <class F> ferry::Result<ferry::bench::Sample> run_one(F f, ferry::bench
 }
 
 struct Stats {
-    double mean = 0, min = 0, max = 0;
+    double mean = 0, median = 0, min = 0, max = 0;
 };
 
-Stats stats(const std::vector<double>& v) {
+Stats stats(std::vector<double> v) {
     if (v.empty())
         return {};
-    return {std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()),
-            *std::min_element(v.begin(), v.end()), *std::max_element(v.begin(), v.end())};
+    std::sort(v.begin(), v.end());
+    double median = v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+    return {std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()), median, v.front(), v.back()};
 }
 
 json column(const std::vector<ferry::bench::Sample>& samples) {
@@ -49,7 +50,7 @@ json column(const std::vector<ferry::bench::Sample>& samples) {
         if (s.blackout_ms)
             black.push_back(*s.blackout_ms);
     }
-    auto j = [](Stats s) { return json{{"mean", s.mean}, {"min", s.min}, {"max", s.max}}; };
+    auto j = [](Stats s) { return json{{"mean", s.mean}, {"median", s.median}, {"min", s.min}, {"max", s.max}}; };
     return {{"runs", samples.size()},      {"wall_ms", j(stats(wall))},
             {"total_ms", j(stats(total))}, {"downtime_ms", j(stats(down))},
             {"blackout_ms", j(stats(black))}, {"transferred_mib", j(stats(mib))}};
@@ -130,8 +131,8 @@ int main(int argc, char** argv) {
                 {"qemu_direct", column(direct)},
                 {"ferry", column(ferry_runs)}};
     auto ratio = [&](const char* key) {
-        double d = report["qemu_direct"][key]["mean"];
-        double f = report["ferry"][key]["mean"];
+        double d = report["qemu_direct"][key]["median"];
+        double f = report["ferry"][key]["median"];
         return d > 0 ? f / d : 0.0;
     };
     for (auto key : {"wall_ms", "total_ms", "downtime_ms", "blackout_ms"})
@@ -142,13 +143,16 @@ int main(int argc, char** argv) {
     }
     std::cout << fmt::format("\nferry-bench local: {} VM, {} MiB working set dirtied at {} MiB/s, bandwidth {}, {} runs each\n",
                              memory, ws, rate, *bw ? bandwidth + "/s" : std::string("unlimited"), reps);
-    std::cout << fmt::format("{:<22} {:>14} {:>14} {:>8}\n", "mean (min-max)", "qemu-direct", "ferry", "ratio");
+    std::cout << fmt::format("{:<14} {:>24} {:>24} {:>14}\n", "", "qemu-direct", "ferry", "ratio");
+    std::cout << fmt::format("{:<14} {:>24} {:>24} {:>14}\n", "", "median mean (min-max)", "median mean (min-max)", "of medians");
     for (auto key : {"wall_ms", "total_ms", "downtime_ms", "blackout_ms"}) {
         auto& d = report["qemu_direct"][key];
         auto& f = report["ferry"][key];
-        std::cout << fmt::format("{:<22} {:>6.0f} ({:.0f}-{:.0f}) {:>6.0f} ({:.0f}-{:.0f}) {:>8.2f}\n", key,
-                                 d["mean"].get<double>(), d["min"].get<double>(), d["max"].get<double>(),
-                                 f["mean"].get<double>(), f["min"].get<double>(), f["max"].get<double>(), ratio(key));
+        auto cell = [](const json& c) {
+            return fmt::format("{:.0f} {:.0f} ({:.0f}-{:.0f})", c["median"].get<double>(), c["mean"].get<double>(),
+                               c["min"].get<double>(), c["max"].get<double>());
+        };
+        std::cout << fmt::format("{:<14} {:>24} {:>24} {:>14.2f}\n", key, cell(d), cell(f), ratio(key));
     }
     std::cout << "wall_ms: request to destination running, including starting the destination QEMU.\n";
     return 0;
