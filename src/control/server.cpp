@@ -135,7 +135,8 @@ asio::awaitable<json> Server::handle(const std::string& line) {
         log()->debug("{}: {}", name, result.error().message);
         co_return error_reply(id, result.error());
     }
-    co_return json{{"id", id}, {"result", std::move(*result)}};
+    json reply{{"id", id}, {"result", std::move(*result)}};
+    co_return reply;
 }
 
 } // namespace ferry::control

@@ -156,6 +156,8 @@ asio::awaitable<Result<void>> Engine::start() {
     for (auto& m : unfinished)
         co_await recover_migration(m);
 
+    if (auto r = start_peer_endpoint(); !r)
+        co_return r.error();
     asio::co_spawn(ex_, reap_loop(this), asio::detached);
     engine_log()->info("engine ready: {} VMs, {} migrations on record", vms_.size(), migrations_.size());
     co_return Result<void>{};
@@ -378,22 +380,24 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
                                       req.vm));
     if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
         return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", req.vm, vm->status));
+    const config::Peer* target_peer = nullptr;
     if (req.target_node && *req.target_node != config_.node.name) {
-        bool known = std::any_of(config_.peers.begin(), config_.peers.end(),
-                                 [&](auto& p) { return p.name == *req.target_node; });
-        return make_error(known ? Errc::conflict : Errc::not_found,
-                          known ? fmt::format("migration to peer node {} needs the peer transport, "
-                                              "which this ferryd does not have yet",
-                                              *req.target_node)
-                                : fmt::format("unknown target node {} (not this node, not in [[peers]])",
-                                              *req.target_node));
+        target_peer = peer(*req.target_node);
+        if (!target_peer)
+            return make_error(Errc::not_found, fmt::format("unknown target node {} (not this node, not in [[peers]])",
+                                                           *req.target_node));
+        if (!peer_server_)
+            return make_error(Errc::conflict,
+                              fmt::format("cross-node migration is off on {}: configure [tls] (ferryctl pki "
+                                          "init) or set [migration] disable_tls = true",
+                                          config_.node.name));
     }
     auto st = std::make_shared<MigrationState>(ex_);
     auto& m = st->m;
     m.id = fmt::format("{}-{}", req.vm, random_suffix());
     m.vm = req.vm;
     m.source_node = config_.node.name;
-    m.target_node = config_.node.name;
+    m.target_node = target_peer ? target_peer->name : config_.node.name;
     m.config = config_.migration;
     if (req.bandwidth)
         m.config.bandwidth_per_migration = *req.bandwidth;
@@ -405,7 +409,13 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
     migrations_[m.id] = st;
     persist(m);
     engine_log()->info("migration {}: {} from {} to {}", m.id, m.vm, m.source_node, m.target_node);
-    asio::co_spawn(ex_, run_migration(this, st), asio::detached);
+    if (target_peer) {
+        st->remote = true;
+        st->peer_address = target_peer->address;
+        asio::co_spawn(ex_, run_remote_migration(this, st), asio::detached);
+    } else {
+        asio::co_spawn(ex_, run_migration(this, st), asio::detached);
+    }
     return ok(json(m));
 }
 
@@ -452,6 +462,8 @@ Result<json> Engine::abort_migration(const std::string& id) {
 void Engine::shutdown() {
     stopping_ = true;
     reaper_.cancel();
+    if (peer_server_)
+        peer_server_->stop();
 }
 
 } // namespace ferry::engine

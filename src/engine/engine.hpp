@@ -5,6 +5,8 @@
 #include "config/vm_spec.hpp"
 #include "engine/migration.hpp"
 #include "engine/vm.hpp"
+#include "transport/peer_server.hpp"
+#include "transport/shaper.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -56,6 +58,9 @@ public:
     void shutdown();
 
     const config::NodeConfig& config() const { return config_; }
+    // The peer endpoint's port (0 when cross-node migration is off).
+    unsigned short peer_port() const { return peer_server_ ? peer_server_->port() : 0; }
+    std::uint64_t peer_refusals() const { return peer_server_ ? peer_server_->refused() : 0; }
 
 private:
     struct Vm {
@@ -66,6 +71,7 @@ private:
         bool deleting = false; // its QEMU is being stopped on purpose
     };
     struct MigrationState;
+    struct Incoming; // a migration arriving from a peer (engine_remote.cpp)
 
     std::string vm_dir(const std::string& name) const;
     std::string migration_path(const std::string& id) const;
@@ -82,11 +88,32 @@ private:
     boost::asio::awaitable<Result<void>> prepare_target(MigrationState& st);
     boost::asio::awaitable<Result<void>> start_source(MigrationState& st);
     boost::asio::awaitable<Result<void>> watch(MigrationState& st);
+    boost::asio::awaitable<void> cancel_source(MigrationState& st);
     boost::asio::awaitable<Result<void>> switch_over(MigrationState& st);
     boost::asio::awaitable<void> hand_off(MigrationState& st);
     boost::asio::awaitable<void> fail(MigrationState& st, const Error& error);
     boost::asio::awaitable<void> ensure_source_running(MigrationState& st);
     void set_phase(MigrationState& st, Phase phase);
+
+    // Cross-node migration (engine_remote.cpp): the source side...
+    Result<void> start_peer_endpoint();
+    const config::Peer* peer(const std::string& name) const;
+    static boost::asio::awaitable<void> run_remote_migration(Engine* self, std::shared_ptr<MigrationState> st);
+    boost::asio::awaitable<Result<void>> prepare_remote_target(MigrationState& st);
+    boost::asio::awaitable<Result<void>> start_remote_source(MigrationState& st);
+    static boost::asio::awaitable<void> accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st);
+    boost::asio::awaitable<Result<void>> keepalive(MigrationState& st);
+    boost::asio::awaitable<Result<void>> remote_hand_off(MigrationState& st);
+    boost::asio::awaitable<Result<nlohmann::json>> request(MigrationState& st, nlohmann::json message,
+                                                           std::chrono::milliseconds timeout);
+    // ...and the target side.
+    static boost::asio::awaitable<void> serve_peer(Engine* self, std::shared_ptr<transport::Channel> channel);
+    boost::asio::awaitable<nlohmann::json> handle_prepare(std::shared_ptr<Incoming>& in, const nlohmann::json& msg,
+                                                          std::shared_ptr<transport::Channel> channel);
+    boost::asio::awaitable<nlohmann::json> handle_finish(Incoming& in, const nlohmann::json& msg);
+    static boost::asio::awaitable<void> deliver(Engine* self, std::shared_ptr<Incoming> in, int index,
+                                                std::shared_ptr<transport::Channel> channel);
+    boost::asio::awaitable<void> drop_incoming(std::shared_ptr<Incoming> in, const std::string& why);
 
     boost::asio::any_io_executor ex_;
     config::NodeConfig config_;
@@ -94,6 +121,10 @@ private:
     std::map<std::string, std::shared_ptr<MigrationState>> migrations_;
     boost::asio::steady_timer reaper_;
     bool stopping_ = false;
+    std::shared_ptr<transport::TlsIdentity> tls_;
+    std::unique_ptr<transport::PeerServer> peer_server_;
+    transport::NodeShaper shaper_;
+    std::map<std::string, std::shared_ptr<Incoming>> incoming_;
 };
 
 } // namespace ferry::engine

@@ -22,6 +22,29 @@ struct Engine::MigrationState {
         wake.cancel();
     }
     json last_info;                 // last query-migrate answer from the source
+
+    // Cross-node only.
+    bool remote = false;
+    std::string peer_address;
+    std::shared_ptr<transport::Channel> control;
+    std::vector<std::string> tokens;
+    std::unique_ptr<boost::asio::local::stream_protocol::acceptor> tunnel_acceptor;
+    std::string tunnel_socket;
+    std::shared_ptr<transport::TokenBucket> bucket;
+    std::optional<Error> tunnel_error;
+    Clock::time_point last_ping;
+};
+
+struct Engine::Incoming {
+    explicit Incoming(boost::asio::any_io_executor ex) : order(ex) {}
+    Migration m;
+    config::VmSpec spec;
+    QemuInstance qemu;
+    std::string source_node;
+    int channels = 1;
+    int next_index = 0;              // data channels reach QEMU in this order
+    boost::asio::steady_timer order; // woken when next_index moves
+    bool finished = false;
 };
 
 inline std::shared_ptr<spdlog::logger> engine_log() {

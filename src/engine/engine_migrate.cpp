@@ -125,34 +125,43 @@ asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
     co_return Result<void>{};
 }
 
+asio::awaitable<void> Engine::cancel_source(MigrationState& st) {
+    auto qmp = st.vm->qemu.qmp;
+    co_await qmp->execute("migrate_cancel");
+    for (int i = 0; i < 100 && qmp->connected(); ++i) {
+        auto info = co_await qmp->execute("query-migrate");
+        auto s = info ? (*info).value("status", "") : "";
+        if (s == "cancelled" || s == "failed" || s == "completed" || s.empty())
+            break;
+        co_await sleep_for(ex_, 100ms);
+    }
+}
+
 asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
     auto qmp = st.vm->qemu.qmp;
     std::uint64_t data_bytes = st.vm->record.spec->memory;
     TimeoutWatch timeouts(st.m.config.progress_timeout, st.m.config.completion_timeout_per_gib, data_bytes);
 
-    auto cancel = [&]() -> asio::awaitable<void> {
-        co_await qmp->execute("migrate_cancel");
-        for (int i = 0; i < 100 && qmp->connected(); ++i) {
-            auto info = co_await qmp->execute("query-migrate");
-            auto s = info ? (*info).value("status", "") : "";
-            if (s == "cancelled" || s == "failed" || s == "completed" || s.empty())
-                break;
-            co_await sleep_for(ex_, 100ms);
-        }
-    };
-    auto target_gone = [&] { return !st.target.qmp->connected() || !process_alive(st.target.pid); };
+    auto target_gone = [&] { return !st.remote && (!st.target.qmp->connected() || !process_alive(st.target.pid)); };
 
     for (;;) {
         if (st.m.abort_requested) {
-            co_await cancel();
+            co_await cancel_source(st);
             co_return make_error(Errc::aborted, "aborted by request");
         }
         if (!qmp->connected())
             co_return make_error(Errc::disconnected, "lost the source QEMU's QMP connection");
         if (target_gone()) {
-            co_await cancel();
+            co_await cancel_source(st);
             co_return make_error(Errc::disconnected, fmt::format("the destination QEMU exited: {}",
                                                                  log_tail(st.target.log_path())));
+        }
+        if (st.remote) {
+            auto alive = co_await keepalive(st);
+            if (!alive) {
+                co_await cancel_source(st);
+                co_return alive.error();
+            }
         }
         auto info = co_await qmp->execute("query-migrate");
         if (info) {
@@ -172,7 +181,7 @@ asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
                 co_return make_error(Errc::aborted, "the migration was cancelled inside QEMU");
             auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - st.start);
             if (auto reason = timeouts.observe(elapsed, st.m.progress.remaining_bytes)) {
-                co_await cancel();
+                co_await cancel_source(st);
                 co_return make_error(Errc::timeout, *reason);
             }
         }
@@ -215,6 +224,8 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
             co_return make_error(Errc::timeout, "the switchover did not complete within 120 s");
         co_await sleep_for(ex_, 20ms);
     }
+    if (st.remote)
+        co_return Result<void>{}; // the target resumes it on "finish"
     // The destination resumes the guest by itself once the stream is complete.
     deadline = Clock::now() + 30s;
     for (;;) {

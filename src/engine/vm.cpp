@@ -80,7 +80,7 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
     opts.qmp_socket = q.qmp_socket;
     opts.console_socket = q.console_socket;
     opts.incoming = req.incoming;
-    opts.start_paused = !req.incoming;
+    opts.start_paused = !req.incoming || req.hold;
     auto argv = qemu_args(*req.spec, opts);
     log->info("vm {}: starting QEMU r{}{}", req.spec->name, req.generation, req.incoming ? " (incoming)" : "");
     log->debug("vm {}: {}", req.spec->name, fmt::join(argv, " "));
@@ -117,7 +117,7 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
     q.console = std::make_shared<ConsoleCapture>(ex, q.console_socket, req.vm_dir + "/console.log",
                                                  fmt::format("r{}", req.generation));
     q.console->start();
-    if (!req.incoming) {
+    if (!opts.incoming) {
         // Give the console a moment to attach so the guest's first lines are kept.
         for (int i = 0; i < 100 && !q.console->connected(); ++i) {
             timer.expires_after(std::chrono::milliseconds(10));

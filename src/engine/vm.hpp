@@ -50,6 +50,9 @@ struct LaunchRequest {
     std::string vm_dir;      // <state_dir>/vms/<name>
     int generation = 1;
     bool incoming = false;   // a migration destination (-incoming defer)
+    // A cross-node destination stays paused after the stream completes (-S)
+    // until the source says so, so the VM never runs on two nodes.
+    bool hold = false;
 };
 
 // Starts QEMU, connects QMP and the console capture; a source is started

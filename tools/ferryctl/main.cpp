@@ -1,6 +1,7 @@
 // ferryctl: talks to the local ferryd over its control socket.
 #include "config/quantity.hpp"
 #include "control/client.hpp"
+#include "transport/pki.hpp"
 #include "output.hpp"
 
 #include <CLI/CLI.hpp>
@@ -225,6 +226,28 @@ int main(int argc, char** argv) {
     auto* mig_wait = migration->add_subcommand("wait", "follow a migration to its end");
     mig_wait->add_option("id", id)->required();
     mig_wait->callback([&] { rc = wait_for(g, id); });
+
+    std::string pki_dir, pki_nodes;
+    auto* pki = app.add_subcommand("pki", "node certificates for the peer transport")->require_subcommand(1);
+    auto* pki_init = pki->add_subcommand("init", "create a cluster CA and one certificate per node");
+    pki_init->add_option("--dir", pki_dir, "where to write the files")->required();
+    pki_init->add_option("--nodes", pki_nodes, "node names, comma-separated (a,b,c)")->required();
+    pki_init->callback([&] {
+        std::vector<std::string> nodes;
+        std::stringstream ss(pki_nodes);
+        for (std::string n; std::getline(ss, n, ',');)
+            if (!n.empty())
+                nodes.push_back(n);
+        auto r = ferry::transport::init_pki(pki_dir, nodes);
+        if (!r) {
+            rc = fail(r.error().message);
+            return;
+        }
+        for (auto& f : r->written)
+            std::cout << "wrote " << f << "\n";
+        std::cout << "each node's ferryd.toml: [tls] ca = \"" << r->ca << "\", cert = \"" << pki_dir
+                  << "/<node>.pem\", key = \"" << pki_dir << "/<node>-key.pem\" (keep ca-key.pem offline)\n";
+    });
 
     CLI11_PARSE(app, argc, argv);
     return rc;

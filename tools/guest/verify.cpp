@@ -90,7 +90,9 @@ bool guest_ready(const std::string& console_log_path) {
     std::ifstream in(console_log_path);
     std::string line;
     while (std::getline(in, line))
-        if (line.find("FERRY-READY") != std::string::npos)
+        // Heartbeats start only after READY (a VM that arrived from another
+        // node has only those in its log here).
+        if (line.find("FERRY-READY") != std::string::npos || line.find("FERRY-HB ") != std::string::npos)
             return true;
     return false;
 }

@@ -36,7 +36,8 @@ DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path);
 boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint32_t pages,
                                                          std::string dump_path);
 
-// True once the guest printed FERRY-READY (its working set is filled).
+// True once the guest printed FERRY-READY or a heartbeat (its working set
+// is filled).
 bool guest_ready(const std::string& console_log_path);
 
 // Reads ws_pages from the guest's banner in a console log; 0 if absent.

@@ -1,0 +1,500 @@
+// Cross-node migration over ferry's peer transport. The source drives; the
+// target prepares a destination QEMU, admits the data channels in the order
+// QEMU opened them, and resumes the VM only when the source says "finish".
+#include "engine/engine.hpp"
+
+#include "engine/engine_internal.hpp"
+#include "engine/process.hpp"
+#include "transport/tunnel.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
+
+#include <filesystem>
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+using transport::Channel;
+
+namespace {
+
+constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
+constexpr auto keepalive_interval = 5s;
+constexpr auto peer_timeout = 30s; // a silent peer is dead after this
+constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
+
+json capabilities(const config::MigrationConfig& c) {
+    json caps = json::array();
+    for (auto name : {"events", "pause-before-switchover"})
+        caps.push_back({{"capability", name}, {"state", true}});
+    if (c.multifd_channels > 0)
+        caps.push_back({{"capability", "multifd"}, {"state", true}});
+    return caps;
+}
+
+asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
+    asio::steady_timer t(co_await asio::this_coro::executor);
+    t.expires_after(d);
+    co_await t.async_wait(nothrow);
+}
+
+json error_message(const std::string& why) { return {{"type", "error"}, {"message", why}}; }
+
+} // namespace
+
+const config::Peer* Engine::peer(const std::string& name) const {
+    for (auto& p : config_.peers)
+        if (p.name == name)
+            return &p;
+    return nullptr;
+}
+
+Result<void> Engine::start_peer_endpoint() {
+    if (config_.node.listen.empty())
+        return {};
+    if (!config_.migration.disable_tls) {
+        if (config_.tls.ca.empty() && config_.tls.cert.empty() && config_.tls.key.empty()) {
+            engine_log()->info("no [tls] configured: cross-node migration is off (ferryctl pki init makes "
+                               "the files; or set [migration] disable_tls = true)");
+            return {};
+        }
+        auto id = transport::TlsIdentity::load({config_.tls.ca, config_.tls.cert, config_.tls.key}, config_.node.name);
+        if (!id)
+            return id.error();
+        tls_ = *id;
+    }
+    std::set<std::string> names;
+    for (auto& p : config_.peers)
+        names.insert(p.name);
+    peer_server_ = std::make_unique<transport::PeerServer>(ex_, config_.node.listen, tls_, config_.node.name, names);
+    Engine* self = this;
+    peer_server_->on_control([self](std::shared_ptr<Channel> c) {
+        asio::co_spawn(self->ex_, serve_peer(self, std::move(c)), asio::detached);
+    });
+    peer_server_->on_data([self](transport::TokenGrant grant, std::shared_ptr<Channel> c) {
+        auto it = self->incoming_.find(grant.migration);
+        if (it == self->incoming_.end()) {
+            c->close();
+            return;
+        }
+        asio::co_spawn(self->ex_, deliver(self, it->second, grant.index, std::move(c)), asio::detached);
+    });
+    shaper_.set_cap(config_.node.max_migration_bandwidth);
+    return peer_server_->start();
+}
+
+// --- source side -------------------------------------------------------------
+
+asio::awaitable<Result<json>> Engine::request(MigrationState& st, json message, std::chrono::milliseconds timeout) {
+    if (!st.control)
+        co_return make_error(Errc::disconnected, "no control channel");
+    auto w = co_await st.control->write_frame(message);
+    if (!w)
+        co_return w.error().wrap(fmt::format("node {}", st.m.target_node));
+    auto reply = co_await st.control->read_frame(timeout);
+    if (!reply)
+        co_return reply.error().wrap(fmt::format("node {}", st.m.target_node));
+    if (reply->value("type", "") == "error")
+        co_return make_error(Errc::conflict, fmt::format("node {}: {}", st.m.target_node, reply->value("message", "?")));
+    co_return reply;
+}
+
+asio::awaitable<void> Engine::run_remote_migration(Engine* self, std::shared_ptr<MigrationState> st) {
+    st->start = Clock::now();
+    st->m.started_at = now_string();
+    self->set_phase(*st, Phase::Scheduling);
+    self->set_phase(*st, Phase::Scheduled);
+    auto r = co_await self->prepare_remote_target(*st);
+    if (r && st->m.abort_requested)
+        r = make_error(Errc::aborted, "aborted by request before the transfer started");
+    if (r)
+        r = co_await self->start_remote_source(*st);
+    if (r)
+        r = co_await self->watch(*st);
+    if (r)
+        r = co_await self->switch_over(*st);
+    if (r)
+        r = co_await self->remote_hand_off(*st);
+    if (st->bucket)
+        self->shaper_.remove(st->m.id);
+    if (st->tunnel_acceptor) {
+        boost::system::error_code ec;
+        st->tunnel_acceptor->close(ec);
+        fs::remove(st->tunnel_socket, ec);
+    }
+    if (!r) {
+        if (st->control && !st->switchover_started) {
+            json abort{{"type", "abort"}};
+            co_await st->control->write_frame(abort);
+        }
+        co_await self->fail(*st, r.error());
+    }
+    if (st->control)
+        st->control->close();
+}
+
+asio::awaitable<Result<void>> Engine::prepare_remote_target(MigrationState& st) {
+    set_phase(st, Phase::PreparingTarget);
+    auto c = co_await transport::open_control(ex_, st.peer_address, st.m.target_node, config_.node.name, tls_);
+    if (!c)
+        co_return c.error().wrap("preparing the destination");
+    st.control = *c;
+    json prepare{{"type", "prepare"},
+                 {"migration", st.m},
+                 {"spec", *st.vm->record.spec},
+                 {"channels", 1 + st.m.config.multifd_channels}};
+    auto ready = co_await request(st, prepare, 120s);
+    if (!ready)
+        co_return ready.error().wrap("preparing the destination");
+    if (ready->value("type", "") != "target_ready")
+        co_return make_error(Errc::protocol, fmt::format("node {} answered prepare with {}", st.m.target_node,
+                                                         ready->value("type", "?")));
+    st.tokens = (*ready)["tokens"].get<std::vector<std::string>>();
+    st.last_ping = Clock::now();
+    set_phase(st, Phase::TargetReady);
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> Engine::start_remote_source(MigrationState& st) {
+    set_phase(st, Phase::Running);
+    auto qmp = st.vm->qemu.qmp;
+    auto status = co_await qmp->execute("query-status");
+    if (!status)
+        co_return status.error().wrap("reading the source's state");
+    st.source_was_running = (*status).value("running", false);
+
+    std::weak_ptr<MigrationState> weak = migrations_[st.m.id];
+    st.source_subscription = qmp->subscribe([weak](const qmp::Event& e) {
+        auto s = weak.lock();
+        if (s && (e.name == "MIGRATION" || e.name == "MIGRATION_PASS"))
+            s->wake_up();
+    });
+
+    // QEMU sends to our socket; each connection it opens gets its own data
+    // channel, in order.
+    st.tunnel_socket = vm_dir(st.vm->record.name) + "/tunnel.sock";
+    std::error_code fec;
+    fs::remove(st.tunnel_socket, fec);
+    st.tunnel_acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(ex_);
+    boost::system::error_code ec;
+    st.tunnel_acceptor->open(asio::local::stream_protocol(), ec);
+    if (!ec)
+        st.tunnel_acceptor->bind(asio::local::stream_protocol::endpoint(st.tunnel_socket), ec);
+    if (!ec)
+        st.tunnel_acceptor->listen(16, ec);
+    if (ec)
+        co_return make_error(Errc::io, fmt::format("tunnel socket {}: {}", st.tunnel_socket, ec.message()));
+    st.bucket = shaper_.add(st.m.id, st.m.config.bandwidth_per_migration);
+    asio::co_spawn(ex_, accept_tunnels(this, migrations_[st.m.id]), asio::detached);
+
+    json caps_args{{"capabilities", capabilities(st.m.config)}};
+    auto caps = co_await qmp->execute("migrate-set-capabilities", caps_args);
+    if (!caps)
+        co_return caps.error().wrap("configuring the source");
+    // Shaping happens in ferry's channel, so QEMU itself is not limited.
+    json params{{"max-bandwidth", unlimited_bandwidth}, {"downtime-limit", st.m.config.max_downtime_ms}};
+    if (st.m.config.multifd_channels > 0)
+        params["multifd-channels"] = st.m.config.multifd_channels;
+    auto set = co_await qmp->execute("migrate-set-parameters", params);
+    if (!set)
+        co_return set.error().wrap("configuring the source");
+    json migrate_args{{"uri", "unix:" + st.tunnel_socket}};
+    auto started = co_await qmp->execute("migrate", migrate_args);
+    if (!started)
+        co_return started.error().wrap("starting the migration");
+    co_return Result<void>{};
+}
+
+asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st) {
+    for (std::size_t index = 0;; ++index) {
+        auto [ec, conn] = co_await st->tunnel_acceptor->async_accept(nothrow);
+        if (ec)
+            co_return;
+        if (index >= st->tokens.size()) {
+            st->tunnel_error = make_error(Errc::protocol, fmt::format("QEMU opened {} connections, the target expects {}",
+                                                                       index + 1, st->tokens.size()));
+            st->wake_up();
+            co_return;
+        }
+        // Opened one after the other, so the target sees QEMU's order.
+        auto data = co_await transport::open_data(self->ex_, st->peer_address, st->m.target_node, st->tokens[index], self->tls_);
+        if (!data) {
+            st->tunnel_error = data.error().wrap(fmt::format("data channel {}", index));
+            st->wake_up();
+            co_return;
+        }
+        asio::co_spawn(
+            self->ex_,
+            [](std::shared_ptr<MigrationState> s, asio::local::stream_protocol::socket q,
+               std::shared_ptr<Channel> c, std::size_t i) -> asio::awaitable<void> {
+                auto r = co_await transport::run_tunnel(std::move(q), std::move(c), s->bucket);
+                if (!r && !s->tunnel_error && !s->switchover_started) {
+                    s->tunnel_error = r.error().wrap(fmt::format("data channel {}", i));
+                    s->wake_up();
+                }
+            }(st, std::move(conn), *data, index),
+            asio::detached);
+    }
+}
+
+asio::awaitable<Result<void>> Engine::keepalive(MigrationState& st) {
+    if (st.tunnel_error)
+        co_return *st.tunnel_error;
+    if (Clock::now() - st.last_ping < keepalive_interval)
+        co_return Result<void>{};
+    st.last_ping = Clock::now();
+    json ping{{"type", "ping"}};
+    auto pong = co_await request(st, ping, peer_timeout);
+    if (!pong)
+        co_return pong.error().wrap(fmt::format("lost node {}", st.m.target_node));
+    if (pong->value("qemu", "running") != "running")
+        co_return make_error(Errc::disconnected, fmt::format("node {}: the destination QEMU {}", st.m.target_node,
+                                                             pong->value("qemu", "?")));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> Engine::remote_hand_off(MigrationState& st) {
+    auto vm = st.vm;
+    json finish{{"type", "finish"}, {"total_time_ms", st.last_info.value("total-time", 0)},
+                {"downtime_ms", st.last_info.value("downtime", 0)}};
+    if (vm->qemu.console) {
+        auto beats = vm->qemu.console->heartbeat_list();
+        if (!beats.empty())
+            finish["last_heartbeat"] = {{"host_ms", beats.back().host_ms}, {"seq", beats.back().seq},
+                                        {"interval_ms", beats.back().interval_ms}};
+    }
+    auto done = co_await request(st, finish, 60s);
+    if (!done) {
+        if (done.error().code == Errc::conflict) // the target answered: its QEMU did not resume
+            co_return done.error().wrap("handing the VM over");
+        // No answer: the target may or may not run the VM. Keep the source
+        // paused so it never runs twice.
+        st.source_was_running = false;
+        co_return make_error(Errc::disconnected,
+                             fmt::format("handing the VM over: {}; the outcome is unknown, so the source was "
+                                         "kept paused (check node {} before resuming it)",
+                                         done.error().message, st.m.target_node));
+    }
+    st.m.result.total_time_ms = st.last_info.value("total-time", std::int64_t{0});
+    st.m.result.downtime_ms = st.last_info.value("downtime", std::int64_t{0});
+    if (done->contains("guest_blackout_ms") && !(*done)["guest_blackout_ms"].is_null())
+        st.m.result.guest_blackout_ms = (*done)["guest_blackout_ms"].get<std::int64_t>();
+
+    // The VM lives on the target now: stop the source, forget it here.
+    vm->qemu.qmp->unsubscribe(st.source_subscription);
+    vm->deleting = true;
+    vms_.erase(vm->record.name);
+    co_await destroy_qemu(ex_, vm->qemu);
+    std::error_code ec;
+    fs::remove_all(vm_dir(vm->record.name), ec);
+    st.m.ended_at = now_string();
+    vm->migration_id.reset();
+    set_phase(st, Phase::Succeeded);
+    engine_log()->info("migration {}: {} now runs on {}", st.m.id, vm->record.name, st.m.target_node);
+    co_return Result<void>{};
+}
+
+// --- target side -------------------------------------------------------------
+
+asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> channel) {
+    std::shared_ptr<Incoming> in;
+    for (;;) {
+        auto msg = co_await channel->read_frame(peer_timeout);
+        if (!msg) {
+            if (in && !in->finished)
+                co_await self->drop_incoming(in, fmt::format("control channel from {} lost: {}", channel->peer_node,
+                                                             msg.error().message));
+            co_return;
+        }
+        auto type = msg->value("type", "");
+        json reply;
+        if (type == "prepare" && !in) {
+            reply = co_await self->handle_prepare(in, *msg, channel);
+        } else if (type == "ping") {
+            reply = {{"type", "pong"}};
+            if (in)
+                reply["qemu"] = in->qemu.qmp && in->qemu.qmp->connected() && process_alive(in->qemu.pid)
+                                    ? "running"
+                                    : fmt::format("exited: {}", log_tail(in->qemu.log_path()));
+        } else if (type == "finish" && in) {
+            reply = co_await self->handle_finish(*in, *msg);
+        } else if (type == "abort") {
+            if (in && !in->finished)
+                co_await self->drop_incoming(in, "aborted by the source");
+            json bye{{"type", "aborted"}};
+            co_await channel->write_frame(bye);
+            channel->close();
+            co_return;
+        } else {
+            reply = error_message(fmt::format("unexpected '{}'", type));
+        }
+        auto w = co_await channel->write_frame(reply);
+        if (!w || (in && in->finished)) {
+            if (in && !in->finished)
+                co_await self->drop_incoming(in, "control channel lost");
+            co_return;
+        }
+        if (reply.value("type", "") == "error" && type == "prepare")
+            co_return;
+    }
+}
+
+asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, const json& msg,
+                                             std::shared_ptr<Channel> channel) {
+    auto next = std::make_shared<Incoming>(ex_);
+    try {
+        next->m = msg.at("migration").get<Migration>();
+        next->spec = msg.at("spec").get<config::VmSpec>();
+        next->channels = msg.at("channels").get<int>();
+    } catch (const std::exception& e) {
+        co_return error_message(fmt::format("bad prepare: {}", e.what()));
+    }
+    next->source_node = channel->peer_node;
+    auto& name = next->spec.name;
+    if (next->channels < 1 || next->channels > 256)
+        co_return error_message(fmt::format("bad channel count {}", next->channels));
+    if (vms_.count(name))
+        co_return error_message(fmt::format("a VM named {} already exists on {}", name, config_.node.name));
+    for (auto& [id, other] : incoming_)
+        if (other->spec.name == name)
+            co_return error_message(fmt::format("VM {} is already arriving on {} ({})", name, config_.node.name, id));
+    if (next->spec.kernel && !fs::is_regular_file(*next->spec.kernel))
+        co_return error_message(fmt::format("kernel {} does not exist on {}", *next->spec.kernel, config_.node.name));
+    for (auto& d : next->spec.disks)
+        if (!fs::exists(d.path))
+            co_return error_message(fmt::format("disk {} does not exist on {} (disks must be on shared storage)",
+                                                 d.path, config_.node.name));
+    incoming_[next->m.id] = next; // reserve the name
+    std::error_code ec;
+    fs::create_directories(vm_dir(name), ec);
+    LaunchRequest req{&config_.node, &next->spec, vm_dir(name), 1, true, true};
+    auto q = co_await launch_qemu(ex_, req);
+    if (!q) {
+        incoming_.erase(next->m.id);
+        fs::remove_all(vm_dir(name), ec);
+        co_return error_message(fmt::format("starting the destination QEMU: {}", q.error().message));
+    }
+    next->qemu = std::move(*q);
+    json caps_args{{"capabilities", capabilities(next->m.config)}};
+    auto caps = co_await next->qemu.qmp->execute("migrate-set-capabilities", caps_args);
+    Result<json> set = ok(json::object());
+    if (caps && next->m.config.multifd_channels > 0) {
+        json params{{"multifd-channels", next->m.config.multifd_channels}};
+        set = co_await next->qemu.qmp->execute("migrate-set-parameters", params);
+    }
+    json incoming_args{{"uri", "unix:" + next->qemu.migrate_socket()}};
+    // No co_await inside a conditional expression: GCC 12 miscompiles it.
+    Result<json> listening = caps ? (set ? ok(json::object()) : Result<json>(set.error())) : Result<json>(caps.error());
+    if (listening)
+        listening = co_await next->qemu.qmp->execute("migrate-incoming", incoming_args);
+    if (!listening) {
+        co_await drop_incoming(next, listening.error().message);
+        co_return error_message(fmt::format("preparing the destination QEMU: {}", listening.error().message));
+    }
+    json tokens = json::array();
+    for (int i = 0; i < next->channels; ++i)
+        tokens.push_back(peer_server_->tokens().issue(next->m.id, i));
+    in = next;
+    engine_log()->info("migration {}: receiving {} from {}", in->m.id, name, in->source_node);
+    json ready{{"type", "target_ready"}, {"tokens", tokens}};
+    co_return ready;
+}
+
+asio::awaitable<void> Engine::deliver(Engine* self, std::shared_ptr<Incoming> in, int index,
+                                      std::shared_ptr<Channel> channel) {
+    // QEMU tells its channels apart partly by accept order: connect them to
+    // the destination in the order the source QEMU opened them.
+    auto deadline = Clock::now() + 30s;
+    while (in->next_index != index && Clock::now() < deadline && !in->finished) {
+        in->order.expires_after(5ms);
+        co_await in->order.async_wait(nothrow);
+    }
+    asio::local::stream_protocol::socket qemu(self->ex_);
+    auto [ec] = co_await qemu.async_connect(asio::local::stream_protocol::endpoint(in->qemu.migrate_socket()), nothrow);
+    in->next_index = std::max(in->next_index, index + 1);
+    if (ec) {
+        engine_log()->warn("migration {}: data channel {}: destination QEMU: {}", in->m.id, index, ec.message());
+        channel->close();
+        co_return;
+    }
+    auto r = co_await transport::run_tunnel(std::move(qemu), channel, nullptr);
+    if (!r)
+        engine_log()->debug("migration {}: data channel {} ended: {}", in->m.id, index, r.error().message);
+}
+
+asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
+    // The stream is complete on the source; wait until QEMU has loaded it.
+    auto deadline = Clock::now() + 60s;
+    std::string status;
+    for (;;) {
+        auto s = co_await in.qemu.qmp->execute("query-status");
+        status = s ? (*s).value("status", "") : s.error().message;
+        if (status == "paused" || status == "postmigrate" || status == "running")
+            break;
+        if (!s || Clock::now() > deadline)
+            co_return error_message(fmt::format("the destination did not load the VM (state {}): {}", status,
+                                                log_tail(in.qemu.log_path())));
+        co_await sleep_for(5ms);
+    }
+    auto cont = co_await in.qemu.qmp->execute("cont");
+    if (!cont)
+        co_return error_message(fmt::format("resuming the destination: {}", cont.error().message));
+    auto vm = std::make_shared<Vm>();
+    vm->record.name = in.spec.name;
+    vm->record.node = config_.node.name;
+    vm->record.spec = in.spec;
+    vm->record.created_at = now_string();
+    vm->qemu = std::move(in.qemu);
+    vm->record.pid = vm->qemu.pid;
+    vm->record.generation = vm->qemu.generation;
+    vm->record.run_dir = vm->qemu.run_dir;
+    vm->record.qmp_socket = vm->qemu.qmp_socket;
+    vm->status = "running";
+    vms_[vm->record.name] = vm;
+    attach(vm);
+    persist(*vm);
+    in.finished = true;
+    incoming_.erase(in.m.id);
+    peer_server_->tokens().revoke(in.m.id);
+
+    json reply{{"type", "finished"}, {"guest_blackout_ms", nullptr}};
+    if (auto hb = msg.find("last_heartbeat"); hb != msg.end()) {
+        std::vector<Heartbeat> src{{(*hb)["host_ms"].get<std::int64_t>(), (*hb)["seq"].get<std::uint64_t>(),
+                                    (*hb)["interval_ms"].get<std::uint32_t>()}};
+        auto until = Clock::now() + 3 * std::chrono::milliseconds(src[0].interval_ms) + 2s;
+        while (Clock::now() < until) {
+            if (auto b = guest_blackout_ms(src, vm->qemu.console->heartbeat_list())) {
+                reply["guest_blackout_ms"] = *b;
+                break;
+            }
+            co_await sleep_for(10ms);
+        }
+    }
+    Migration record = in.m;
+    record.phase = Phase::Succeeded;
+    record.ended_at = now_string();
+    persist(record);
+    engine_log()->info("migration {}: {} arrived from {} and runs here", in.m.id, in.spec.name, in.source_node);
+    co_return reply;
+}
+
+asio::awaitable<void> Engine::drop_incoming(std::shared_ptr<Incoming> in, const std::string& why) {
+    engine_log()->warn("migration {}: dropping the incoming {}: {}", in->m.id, in->spec.name, why);
+    in->finished = true;
+    if (peer_server_)
+        peer_server_->tokens().revoke(in->m.id);
+    incoming_.erase(in->m.id);
+    co_await destroy_qemu(ex_, in->qemu);
+    if (!vms_.count(in->spec.name)) {
+        std::error_code ec;
+        fs::remove_all(vm_dir(in->spec.name), ec);
+    }
+}
+
+} // namespace ferry::engine
