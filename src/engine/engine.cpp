@@ -223,7 +223,8 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
     }
     // The source QEMU may still be migrating on its own, or paused before
     // the switchover: cancel and resume it.
-    if (auto it = vms_.find(m.vm); it != vms_.end() && it->second->qemu.qmp) {
+    bool was_source = m.source_node == config_.node.name;
+    if (auto it = vms_.find(m.vm); was_source && it != vms_.end() && it->second->qemu.qmp) {
         auto& qmp = *it->second->qemu.qmp;
         co_await qmp.execute("migrate_cancel");
         auto status = co_await qmp.execute("query-status");
@@ -236,7 +237,8 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
         it->second->status = again ? (*again).value("status", "unknown") : "unknown";
     }
     m.phase = Phase::Failed;
-    m.failure_reason = "ferryd restarted during the migration; it was cancelled and the VM kept on the source";
+    m.failure_reason = was_source ? "ferryd restarted during the migration; it was cancelled and the VM kept on the source"
+                                  : "ferryd restarted while the VM was arriving; the destination was removed";
     m.ended_at = now_string();
     persist(m);
     migrations_[m.id]->m = m;
@@ -442,6 +444,8 @@ Result<json> Engine::abort_migration(const std::string& id) {
     if (it == migrations_.end())
         return make_error(Errc::not_found, fmt::format("no migration {}", id));
     auto& st = *it->second;
+    if (st.m.source_node != config_.node.name)
+        return make_error(Errc::conflict, fmt::format("migration {} is driven by node {}: abort it there", id, st.m.source_node));
     if (is_final(st.m.phase))
         return make_error(Errc::conflict, fmt::format("migration {} already ended ({})", id, to_string(st.m.phase)));
     if (st.switchover_started)

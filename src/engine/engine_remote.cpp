@@ -397,6 +397,15 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
         co_await drop_incoming(next, listening.error().message);
         co_return error_message(fmt::format("preparing the destination QEMU: {}", listening.error().message));
     }
+    // Our own record of the arrival: visible here, and cleaned up by a
+    // restarted ferryd if we die before the hand-off.
+    next->m.phase = Phase::Running;
+    next->m.target_pid = next->qemu.pid;
+    next->m.target_dir = next->qemu.run_dir;
+    auto record = std::make_shared<MigrationState>(ex_);
+    record->m = next->m;
+    migrations_[next->m.id] = record;
+    persist(next->m);
     json tokens = json::array();
     for (int i = 0; i < next->channels; ++i)
         tokens.push_back(peer_server_->tokens().issue(next->m.id, i));
@@ -476,10 +485,18 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
             co_await sleep_for(10ms);
         }
     }
-    Migration record = in.m;
-    record.phase = Phase::Succeeded;
-    record.ended_at = now_string();
-    persist(record);
+    if (auto it = migrations_.find(in.m.id); it != migrations_.end()) {
+        auto& record = it->second->m;
+        record.phase = Phase::Succeeded;
+        record.ended_at = now_string();
+        record.target_pid = -1;
+        record.target_dir.clear();
+        if (!reply["guest_blackout_ms"].is_null())
+            record.result.guest_blackout_ms = reply["guest_blackout_ms"].get<std::int64_t>();
+        record.result.total_time_ms = msg.value("total_time_ms", std::int64_t{0});
+        record.result.downtime_ms = msg.value("downtime_ms", std::int64_t{0});
+        persist(record);
+    }
     engine_log()->info("migration {}: {} arrived from {} and runs here", in.m.id, in.spec.name, in.source_node);
     co_return reply;
 }
@@ -490,6 +507,15 @@ asio::awaitable<void> Engine::drop_incoming(std::shared_ptr<Incoming> in, const 
     if (peer_server_)
         peer_server_->tokens().revoke(in->m.id);
     incoming_.erase(in->m.id);
+    if (auto it = migrations_.find(in->m.id); it != migrations_.end()) {
+        auto& record = it->second->m;
+        record.phase = Phase::Failed;
+        record.failure_reason = why;
+        record.ended_at = now_string();
+        record.target_pid = -1;
+        record.target_dir.clear();
+        persist(record);
+    }
     co_await destroy_qemu(ex_, in->qemu);
     if (!vms_.count(in->spec.name)) {
         std::error_code ec;

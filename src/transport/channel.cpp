@@ -147,7 +147,7 @@ Result<tcp::endpoint> parse_endpoint(const std::string& address) {
     } catch (...) {
         port = -1;
     }
-    if (port <= 0 || port > 65535)
+    if (port < 0 || port > 65535) // 0: any free port (listening)
         return make_error(Errc::invalid_argument, fmt::format("address '{}': bad port", address));
     return tcp::endpoint(ip, static_cast<unsigned short>(port));
 }

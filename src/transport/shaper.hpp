@@ -17,7 +17,11 @@ using ShaperClock = std::chrono::steady_clock;
 
 class TokenBucket {
 public:
-    explicit TokenBucket(std::uint64_t rate_bps = 0) { set_rate(rate_bps, ShaperClock::now()); }
+    // Starts full: the first burst goes out at once.
+    explicit TokenBucket(std::uint64_t rate_bps = 0) {
+        set_rate(rate_bps, ShaperClock::now());
+        tokens_ = burst_;
+    }
     // 0 = unlimited.
     void set_rate(std::uint64_t rate_bps, ShaperClock::time_point now);
     std::uint64_t rate() const { return rate_; }

@@ -1,0 +1,403 @@
+// src/transport: framing, tokens, shaping and PKI as units; the peer
+// endpoint's security against real TLS clients over loopback.
+#include "support.hpp"
+#include "transport/frame.hpp"
+#include "transport/peer_server.hpp"
+#include "transport/pki.hpp"
+#include "transport/shaper.hpp"
+#include "transport/tokens.hpp"
+#include "transport/tunnel.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
+#include <gtest/gtest.h>
+#include <openssl/ssl.h>
+
+#include <filesystem>
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+using namespace ferry::transport;
+using ferry::test::run;
+using ferry::test::TempDir;
+using nlohmann::json;
+
+// --- framing -----------------------------------------------------------------
+
+TEST(Frame, RoundTripsInPieces) {
+    auto bytes = encode_frame({{"type", "ping"}, {"n", 1}}) + encode_frame({{"type", "pong"}});
+    FrameDecoder d;
+    for (char c : bytes) {
+        d.feed(&c, 1); // one byte at a time
+    }
+    auto a = d.next();
+    ASSERT_TRUE(a && *a);
+    EXPECT_EQ((**a)["type"], "ping");
+    auto b = d.next();
+    ASSERT_TRUE(b && *b);
+    EXPECT_EQ((**b)["type"], "pong");
+    EXPECT_FALSE(d.next());
+}
+
+TEST(Frame, RejectsOversizeAndGarbage) {
+    FrameDecoder big;
+    std::string header = "\x7f\xff\xff\xff";
+    big.feed(header.data(), 4);
+    auto r = big.next();
+    ASSERT_TRUE(r);
+    EXPECT_FALSE(*r);
+    EXPECT_FALSE(*big.next()) << "a broken stream stays broken";
+
+    FrameDecoder garbage;
+    std::string g = std::string("\0\0\0\x05", 4) + "hello";
+    garbage.feed(g.data(), g.size());
+    auto gr = garbage.next();
+    ASSERT_TRUE(gr);
+    EXPECT_FALSE(*gr);
+
+    FrameDecoder typeless;
+    auto t = encode_frame({{"no_type", 1}});
+    typeless.feed(t.data(), t.size());
+    EXPECT_FALSE(*typeless.next());
+}
+
+// --- tokens ------------------------------------------------------------------
+
+TEST(Tokens, SingleUseAndRevocable) {
+    TokenRegistry reg;
+    auto t0 = reg.issue("m1", 0);
+    auto t1 = reg.issue("m1", 1);
+    auto other = reg.issue("m2", 0);
+    EXPECT_EQ(t0.size(), 64U);
+    EXPECT_NE(t0, t1);
+    auto g = reg.redeem(t1);
+    ASSERT_TRUE(g);
+    EXPECT_EQ(g->migration, "m1");
+    EXPECT_EQ(g->index, 1);
+    EXPECT_FALSE(reg.redeem(t1)) << "a token admits one channel only";
+    EXPECT_FALSE(reg.redeem("forged"));
+    reg.revoke("m1");
+    EXPECT_FALSE(reg.redeem(t0));
+    EXPECT_TRUE(reg.redeem(other));
+}
+
+// --- shaping -----------------------------------------------------------------
+
+TEST(TokenBucket, PacesToTheRate) {
+    auto t = ShaperClock::now();
+    TokenBucket b(1 << 20); // 1 MiB/s, burst 256 KiB
+    b.set_rate(1 << 20, t);
+    EXPECT_EQ(b.take(128 << 10, t).count(), 0) << "within the burst";
+    EXPECT_EQ(b.take(128 << 10, t).count(), 0);
+    // The next MiB must wait one second.
+    auto wait = b.take(1 << 20, t);
+    EXPECT_NEAR(std::chrono::duration<double>(wait).count(), 1.0, 0.01);
+    // Half a second later half of that debt is paid.
+    auto later = b.take(0, t + 500ms);
+    EXPECT_NEAR(std::chrono::duration<double>(later).count(), 0.5, 0.01);
+    TokenBucket unlimited(0);
+    EXPECT_EQ(unlimited.take(1ULL << 30, t).count(), 0);
+}
+
+TEST(NodeShaper, SharesTheCapFairlyAndAdjustsLive) {
+    NodeShaper s(100 << 20);
+    s.add("a", 0);
+    EXPECT_EQ(s.rate_of("a"), 100U << 20);
+    s.add("b", 0);
+    EXPECT_EQ(s.rate_of("a"), 50U << 20);
+    EXPECT_EQ(s.rate_of("b"), 50U << 20);
+    s.add("c", 10 << 20); // limited below its share: keeps its limit
+    EXPECT_EQ(s.rate_of("c"), 10U << 20);
+    EXPECT_EQ(s.rate_of("a"), 45U << 20);
+    s.remove("b");
+    EXPECT_EQ(s.rate_of("a"), 90U << 20);
+    NodeShaper uncapped(0);
+    uncapped.add("x", 64 << 20);
+    EXPECT_EQ(uncapped.rate_of("x"), 64U << 20);
+}
+
+// --- PKI ---------------------------------------------------------------------
+
+TEST(Pki, InitWritesACaAndNamedNodeCertificates) {
+    TempDir dir;
+    auto r = init_pki(dir / "pki", {"node-a", "node-b"});
+    ASSERT_TRUE(r) << r.error().message;
+    for (auto f : {"ca.pem", "ca-key.pem", "node-a.pem", "node-a-key.pem", "node-b.pem", "node-b-key.pem"})
+        EXPECT_TRUE(std::filesystem::exists(dir / ("pki/" + std::string(f)))) << f;
+    auto perms = std::filesystem::status(dir / "pki/node-a-key.pem").permissions();
+    EXPECT_EQ(perms & std::filesystem::perms::others_read, std::filesystem::perms::none);
+    auto id = TlsIdentity::load({dir / "pki/ca.pem", dir / "pki/node-a.pem", dir / "pki/node-a-key.pem"}, "node-a");
+    ASSERT_TRUE(id) << id.error().message;
+    auto wrong = TlsIdentity::load({dir / "pki/ca.pem", dir / "pki/node-a.pem", dir / "pki/node-a-key.pem"}, "node-b");
+    ASSERT_FALSE(wrong);
+    EXPECT_NE(wrong.error().message.find("names node 'node-a'"), std::string::npos) << wrong.error().message;
+    auto again = init_pki(dir / "pki", {"node-c"});
+    ASSERT_FALSE(again) << "an existing CA is never overwritten";
+    EXPECT_FALSE(init_pki(dir / "x", {"Bad_Name"}));
+}
+
+// --- the peer endpoint under attack -------------------------------------------
+
+namespace {
+
+struct Pki {
+    TempDir dir;
+    KeyPair ca = std::move(*make_ca("test CA"));
+    KeyPair other_ca = std::move(*make_ca("another CA"));
+    std::string file(const std::string& name, const std::string& pem) {
+        auto path = dir / name;
+        std::filesystem::remove(path);
+        write_pem(path, pem, 0600);
+        return path;
+    }
+    // Writes cert+key for node under CA `by`; returns the paths.
+    std::pair<std::string, std::string> node(const std::string& name, const KeyPair& by, Validity v = {}, const std::string& tag = "") {
+        auto kp = make_node_cert(by, name, v);
+        return {file(name + tag + ".pem", kp->cert_pem()), file(name + tag + "-key.pem", kp->key_pem())};
+    }
+};
+
+// A TLS client context from arbitrary files, without ferry's own checks.
+std::shared_ptr<asio::ssl::context> raw_client(const std::string& ca, const std::string& cert, const std::string& key) {
+    auto ctx = std::make_shared<asio::ssl::context>(asio::ssl::context::tls_client);
+    SSL_CTX_set_min_proto_version(ctx->native_handle(), TLS1_3_VERSION);
+    ctx->load_verify_file(ca);
+    if (!cert.empty()) {
+        ctx->use_certificate_chain_file(cert);
+        ctx->use_private_key_file(key, asio::ssl::context::pem);
+    }
+    ctx->set_verify_mode(asio::ssl::verify_none);
+    return ctx;
+}
+
+// Connects, handshakes (if ctx), sends raw bytes, returns the server's first frame (or the error).
+asio::awaitable<ferry::Result<json>> attempt(unsigned short port, std::shared_ptr<asio::ssl::context> ctx, std::string bytes) {
+    auto ex = co_await asio::this_coro::executor;
+    tcp::socket s(ex);
+    auto [cec] = co_await s.async_connect({asio::ip::make_address("127.0.0.1"), port}, asio::as_tuple(asio::use_awaitable));
+    if (cec)
+        co_return ferry::make_error(ferry::Errc::io, cec.message());
+    std::shared_ptr<Channel> ch;
+    if (ctx) {
+        auto stream = std::make_unique<TlsStream>(std::move(s), *ctx);
+        auto [hec] = co_await stream->async_handshake(asio::ssl::stream_base::client, asio::as_tuple(asio::use_awaitable));
+        if (hec)
+            co_return ferry::make_error(ferry::Errc::io, "handshake: " + hec.message());
+        ch = std::make_shared<Channel>(std::move(stream));
+    } else {
+        ch = std::make_shared<Channel>(std::move(s));
+    }
+    co_await ch->write_all(asio::buffer(bytes));
+    co_return co_await ch->read_frame(2s);
+}
+
+class PeerEndpoint : public ::testing::Test {
+protected:
+    void SetUp() override {
+        auto a = pki_.node("node-a", pki_.ca);
+        ca_ = pki_.file("ca.pem", pki_.ca.cert_pem());
+        auto id = TlsIdentity::load({ca_, a.first, a.second}, "node-a");
+        ASSERT_TRUE(id) << id.error().message;
+        server_ = std::make_unique<PeerServer>(io_.get_executor(), "127.0.0.1:0", *id, "node-a", std::set<std::string>{"node-b"});
+        server_->on_control([this](std::shared_ptr<Channel> c) { controls_.push_back(c->peer_node); });
+        server_->on_data([this](TokenGrant g, std::shared_ptr<Channel>) { data_.push_back(g.index); });
+        ASSERT_TRUE(server_->start());
+        b_ = pki_.node("node-b", pki_.ca);
+    }
+    ferry::Result<json> try_with(std::shared_ptr<asio::ssl::context> ctx, const std::string& bytes) {
+        return run(io_, attempt(server_->port(), ctx, bytes), 20s);
+    }
+    asio::io_context io_;
+    Pki pki_;
+    std::string ca_;
+    std::pair<std::string, std::string> b_;
+    std::unique_ptr<PeerServer> server_;
+    std::vector<std::string> controls_;
+    std::vector<int> data_;
+};
+
+} // namespace
+
+TEST_F(PeerEndpoint, AcceptsAConfiguredPeerWithItsOwnCertificate) {
+    auto r = try_with(raw_client(ca_, b_.first, b_.second), encode_frame(control_hello("node-b")));
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ((*r)["type"], "welcome");
+    ferry::test::pump(io_, 50ms);
+    ASSERT_EQ(controls_.size(), 1U);
+    EXPECT_EQ(controls_[0], "node-b");
+    EXPECT_EQ(server_->refused(), 0U);
+}
+
+TEST_F(PeerEndpoint, RefusesACertificateFromAnotherCa) {
+    auto foreign = pki_.node("node-b", pki_.other_ca, {}, "-foreign");
+    auto r = try_with(raw_client(ca_, foreign.first, foreign.second), encode_frame(control_hello("node-b")));
+    EXPECT_FALSE(r && (*r)["type"] == "welcome");
+    ferry::test::pump(io_, 100ms);
+    EXPECT_EQ(server_->refused(), 1U);
+    EXPECT_TRUE(controls_.empty());
+}
+
+TEST_F(PeerEndpoint, RefusesAnExpiredCertificate) {
+    auto expired = pki_.node("node-b", pki_.ca, {std::chrono::hours(-48), std::chrono::hours(-24)}, "-expired");
+    auto r = try_with(raw_client(ca_, expired.first, expired.second), encode_frame(control_hello("node-b")));
+    EXPECT_FALSE(r && (*r)["type"] == "welcome");
+    ferry::test::pump(io_, 100ms);
+    EXPECT_EQ(server_->refused(), 1U);
+    EXPECT_TRUE(controls_.empty());
+}
+
+TEST_F(PeerEndpoint, RefusesACertificateForAnotherNode) {
+    auto c = pki_.node("node-c", pki_.ca);
+    // node-c pretending to be node-b
+    auto r = try_with(raw_client(ca_, c.first, c.second), encode_frame(control_hello("node-b")));
+    ASSERT_TRUE(r);
+    EXPECT_EQ((*r)["type"], "error");
+    EXPECT_NE((*r)["message"].get<std::string>().find("certificate names 'node-c'"), std::string::npos);
+    // node-c as itself: not a configured peer
+    auto r2 = try_with(raw_client(ca_, c.first, c.second), encode_frame(control_hello("node-c")));
+    ASSERT_TRUE(r2);
+    EXPECT_NE((*r2)["message"].get<std::string>().find("not in [[peers]]"), std::string::npos);
+    EXPECT_EQ(server_->refused(), 2U);
+    EXPECT_TRUE(controls_.empty());
+}
+
+TEST_F(PeerEndpoint, RefusesAClientWithoutCertificate) {
+    auto r = try_with(raw_client(ca_, "", ""), encode_frame(control_hello("node-b")));
+    EXPECT_FALSE(r && (*r)["type"] == "welcome");
+    ferry::test::pump(io_, 100ms);
+    EXPECT_EQ(server_->refused(), 1U);
+}
+
+TEST_F(PeerEndpoint, RefusesPlaintextOnTheTlsPort) {
+    auto r = try_with(nullptr, encode_frame(control_hello("node-b")));
+    EXPECT_FALSE(r && (*r)["type"] == "welcome");
+    ferry::test::pump(io_, 100ms);
+    EXPECT_EQ(server_->refused(), 1U);
+}
+
+TEST_F(PeerEndpoint, AdmitsDataChannelsOnlyWithAFreshToken) {
+    auto token = server_->tokens().issue("m1", 3);
+    auto client = raw_client(ca_, b_.first, b_.second);
+    auto forged = try_with(client, encode_frame(data_hello(std::string(64, 'a'))));
+    ASSERT_TRUE(forged);
+    EXPECT_EQ((*forged)["type"], "error");
+    auto good = try_with(client, encode_frame(data_hello(token)));
+    ASSERT_TRUE(good) << good.error().message;
+    EXPECT_EQ((*good)["type"], "welcome");
+    auto reused = try_with(client, encode_frame(data_hello(token)));
+    ASSERT_TRUE(reused);
+    EXPECT_EQ((*reused)["type"], "error");
+    ferry::test::pump(io_, 50ms);
+    ASSERT_EQ(data_.size(), 1U);
+    EXPECT_EQ(data_[0], 3);
+    EXPECT_EQ(server_->refused(), 2U);
+}
+
+TEST_F(PeerEndpoint, SurvivesGarbageAndTruncatedFrames) {
+    auto client = raw_client(ca_, b_.first, b_.second);
+    EXPECT_FALSE(try_with(client, "GET / HTTP/1.1\r\n\r\n"));
+    EXPECT_FALSE(try_with(client, std::string("\0\0\0\x64{\"type\"", 12))); // promises 100 bytes, sends 8
+    auto versioned = try_with(client, encode_frame({{"type", "hello"}, {"version", 99}, {"kind", "control"}, {"node", "node-b"}}));
+    ASSERT_TRUE(versioned);
+    EXPECT_NE((*versioned)["message"].get<std::string>().find("version"), std::string::npos);
+    ferry::test::pump(io_, 100ms);
+    EXPECT_GE(server_->refused(), 3U);
+    // Still serving.
+    auto r = try_with(client, encode_frame(control_hello("node-b")));
+    ASSERT_TRUE(r);
+    EXPECT_EQ((*r)["type"], "welcome");
+}
+
+TEST_F(PeerEndpoint, DialRefusesAPeerWithTheWrongName) {
+    auto b_id = TlsIdentity::load({ca_, b_.first, b_.second}, "node-b");
+    ASSERT_TRUE(b_id);
+    auto addr = "127.0.0.1:" + std::to_string(server_->port());
+    auto wrong = run(io_, open_control(io_.get_executor(), addr, "node-x", "node-b", *b_id));
+    ASSERT_FALSE(wrong);
+    EXPECT_NE(wrong.error().message.find("TLS handshake with node-x"), std::string::npos) << wrong.error().message;
+    auto right = run(io_, open_control(io_.get_executor(), addr, "node-a", "node-b", *b_id));
+    ASSERT_TRUE(right) << right.error().message;
+}
+
+// --- a tunnel carries bytes both ways, shaped --------------------------------
+
+namespace {
+asio::awaitable<void> echo_server(asio::local::stream_protocol::acceptor& acc) {
+    auto [ec, s] = co_await acc.async_accept(asio::as_tuple(asio::use_awaitable));
+    if (ec)
+        co_return;
+    std::vector<char> buf(65536);
+    for (;;) {
+        auto [rec, n] = co_await s.async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+        if (rec)
+            co_return;
+        co_await asio::async_write(s, asio::buffer(buf.data(), n), asio::as_tuple(asio::use_awaitable));
+    }
+}
+} // namespace
+
+namespace {
+struct TunnelOutcome {
+    bool done = false;
+    ferry::Result<TunnelStats> result = ferry::make_error(ferry::Errc::internal, "not run");
+};
+
+asio::awaitable<void> tunnel_task(asio::local::stream_protocol::socket q, std::shared_ptr<Channel> c,
+                                  std::shared_ptr<TokenBucket> bucket, std::shared_ptr<TunnelOutcome> out) {
+    out->result = co_await run_tunnel(std::move(q), std::move(c), bucket);
+    out->done = true;
+}
+
+// Sends `data` through the peer end and reads the echo back.
+asio::awaitable<std::string> round_trip(std::shared_ptr<Channel> peer, std::string data) {
+    co_await peer->write_all(asio::buffer(data));
+    std::string back;
+    std::vector<char> buf(65536);
+    while (back.size() < data.size()) {
+        auto n = co_await peer->read_some(asio::buffer(buf));
+        if (!n)
+            break;
+        back.append(buf.data(), *n);
+    }
+    peer->close();
+    co_return back;
+}
+} // namespace
+
+TEST(Tunnel, CarriesBytesBothWaysShapedOnTheWayOut) {
+    asio::io_context io;
+    TempDir dir;
+    asio::local::stream_protocol::acceptor echo(io, asio::local::stream_protocol::endpoint(dir / "echo.sock"));
+    asio::co_spawn(io, echo_server(echo), asio::detached);
+    tcp::acceptor acc(io, {asio::ip::make_address("127.0.0.1"), 0});
+    tcp::socket client(io), server(io);
+    client.connect(acc.local_endpoint());
+    acc.accept(server);
+    asio::local::stream_protocol::socket qemu(io);
+    qemu.connect(asio::local::stream_protocol::endpoint(dir / "echo.sock"));
+
+    auto bucket = std::make_shared<TokenBucket>(2 << 20); // 2 MiB/s out of the tunnel
+    auto outcome = std::make_shared<TunnelOutcome>();
+    asio::co_spawn(io, tunnel_task(std::move(qemu), std::make_shared<Channel>(std::move(server)), bucket, outcome),
+                   asio::detached);
+    std::string data(1 << 20, '\0');
+    for (std::size_t i = 0; i < data.size(); ++i)
+        data[i] = static_cast<char>(i * 7 + (i >> 12));
+    auto t0 = std::chrono::steady_clock::now();
+    auto back = run(io, round_trip(std::make_shared<Channel>(std::move(client)), data));
+    auto elapsed = std::chrono::steady_clock::now() - t0;
+    EXPECT_EQ(back.size(), data.size());
+    EXPECT_TRUE(back == data) << "bytes changed in the tunnel";
+    // Shaping can only slow it down: 1 MiB less the 256 KiB burst at 2 MiB/s.
+    EXPECT_GE(elapsed, 350ms);
+    for (int i = 0; i < 100 && !outcome->done; ++i)
+        ferry::test::pump(io, 20ms);
+    ASSERT_TRUE(outcome->done) << "the tunnel must end when the peer closes";
+    ASSERT_TRUE(outcome->result) << outcome->result.error().message;
+    EXPECT_EQ(outcome->result->from_peer, data.size());
+    EXPECT_EQ(outcome->result->to_peer, data.size());
+}
