@@ -4,6 +4,8 @@
 #include "support.hpp"
 
 #include <gtest/gtest.h>
+#include <fmt/format.h>
+#include <boost/asio/ip/tcp.hpp>
 
 #include <csignal>
 #include <filesystem>
@@ -286,4 +288,236 @@ TEST_F(Ferryd, ShowsALiveProgressLineOnATerminal) {
     EXPECT_NE(o.out.find("% "), std::string::npos) << o.out;
     EXPECT_NE(o.out.find("remaining"), std::string::npos) << o.out;
     EXPECT_NE(o.out.find("phase:        Succeeded"), std::string::npos) << o.out;
+}
+
+// --- two nodes: ferryd processes talking over the peer transport -------------
+
+namespace {
+
+unsigned short free_port() {
+    asio::io_context io;
+    asio::ip::tcp::acceptor a(io, {asio::ip::make_address("127.0.0.1"), 0});
+    return a.local_endpoint().port();
+}
+
+class TwoNodes : public ::testing::Test {
+protected:
+    struct Node {
+        std::string name, socket, config;
+        pid_t pid = -1;
+        unsigned short port = 0;
+    };
+    void SetUp() override {
+        auto pki = sh(ferry::test::ferryctl_bin() + " pki init --dir " + (dir_ / "pki") + " --nodes node-a,node-b", dir_);
+        ASSERT_EQ(pki.status, 0) << pki.err;
+        nodes_[0] = {"node-a", dir_ / "a.sock", dir_ / "a.toml"};
+        nodes_[1] = {"node-b", dir_ / "b.sock", dir_ / "b.toml"};
+        for (auto& n : nodes_)
+            n.port = free_port();
+        ferry::test::write_file(dir_ / "vm.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=32 rate=4 hb=50"
+)");
+    }
+    void configure(const std::string& migration) {
+        for (int i = 0; i < 2; ++i) {
+            auto& n = nodes_[i];
+            auto& other = nodes_[1 - i];
+            std::string letter = n.name.substr(5);
+            ferry::test::write_file(n.config, fmt::format(R"([node]
+name = "{0}"
+state_dir = "{1}/state-{2}"
+control_socket = "{3}"
+listen = "127.0.0.1:{4}"
+accel = "tcg"
+log_level = "debug"
+[tls]
+ca = "{1}/pki/ca.pem"
+cert = "{1}/pki/{0}.pem"
+key = "{1}/pki/{0}-key.pem"
+[migration]
+{5}
+[[peers]]
+name = "{6}"
+address = "127.0.0.1:{7}"
+)", n.name, dir_.path(), letter, n.socket, n.port, migration, other.name, other.port));
+        }
+    }
+    void TearDown() override {
+        for (auto& n : nodes_) {
+            if (n.pid <= 0)
+                start(n);
+            ctl(n, "vm delete demo");
+            stop(n, SIGTERM);
+        }
+    }
+    void start(Node& n) {
+        std::filesystem::remove(n.socket);
+        n.pid = ::fork();
+        if (n.pid == 0) {
+            auto log = dir_ / (n.name + ".log");
+            std::freopen(log.c_str(), "a", stderr);
+            ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);
+            _exit(127);
+        }
+        for (int i = 0; i < 200 && !std::filesystem::exists(n.socket); ++i)
+            std::this_thread::sleep_for(20ms);
+        ASSERT_TRUE(std::filesystem::exists(n.socket)) << ferry::test::read_file(dir_ / (n.name + ".log"));
+    }
+    void stop(Node& n, int sig) {
+        if (n.pid <= 0)
+            return;
+        ::kill(n.pid, sig);
+        ::waitpid(n.pid, nullptr, 0);
+        n.pid = -1;
+    }
+    Output ctl(Node& n, const std::string& args) {
+        return sh(ferry::test::ferryctl_bin() + " --socket " + n.socket + " " + args, dir_);
+    }
+    json ctl_json(Node& n, const std::string& args) {
+        auto o = ctl(n, "--json " + args);
+        EXPECT_EQ(o.status, 0) << n.name << " " << args << ": " << o.err;
+        return json::parse(o.out, nullptr, false);
+    }
+    void create_on_a() {
+        ctl_json(a(), "vm create --spec " + (dir_ / "vm.toml"));
+        for (int i = 0; i < 300; ++i) {
+            if (ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-HB 2 ") != std::string::npos)
+                return;
+            std::this_thread::sleep_for(50ms);
+        }
+        FAIL() << "no heartbeat from the guest";
+    }
+    Output check_memory(Node& n) {
+        return sh(ferry::test::build_dir() + "/tools/guest/ferry-guest-check --socket " + n.socket +
+                      " --vm demo --pages 8192 --dump " + (dir_ / "dump.bin"),
+                  dir_);
+    }
+    std::string wait_running(Node& n, const std::string& id) {
+        for (int i = 0; i < 400; ++i) {
+            auto m = ctl_json(n, "migration show " + id);
+            if (m["phase"] == "Running" && m["progress"]["transferred_bytes"].get<std::uint64_t>() > (1U << 20))
+                return "Running";
+            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                return m["phase"];
+            std::this_thread::sleep_for(50ms);
+        }
+        return "timeout";
+    }
+    json wait_final(Node& n, const std::string& id) {
+        for (int i = 0; i < 1200; ++i) {
+            auto m = ctl_json(n, "migration show " + id);
+            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                return m;
+            std::this_thread::sleep_for(100ms);
+        }
+        return ctl_json(n, "migration show " + id);
+    }
+    bool qemu_alive(int pid) {
+        return pid > 0 && ::kill(pid, 0) == 0 &&
+               ferry::test::read_file("/proc/" + std::to_string(pid) + "/cmdline").find("qemu") != std::string::npos;
+    }
+    Node& a() { return nodes_[0]; }
+    Node& b() { return nodes_[1]; }
+
+    TempDir dir_;
+    Node nodes_[2];
+};
+
+} // namespace
+
+TEST_F(TwoNodes, MigratesAcrossNodesOverTlsAndBack) {
+    configure("bandwidth_per_migration = \"32Mi\"");
+    start(a());
+    start(b());
+    create_on_a();
+    auto t0 = std::chrono::steady_clock::now();
+    auto m = ctl(a(), "migrate demo --to node-b --wait --json");
+    auto elapsed = std::chrono::steady_clock::now() - t0;
+    ASSERT_EQ(m.status, 0) << m.out << m.err << ferry::test::read_file(dir_ / "node-b.log");
+    auto done = json::parse(m.out);
+    EXPECT_EQ(done["target_node"], "node-b");
+    EXPECT_GT(done["result"]["total_time_ms"].get<int>(), 0);
+    // Shaped in ferry's channel: 32 MiB of guest data at 32 MiB/s cannot take
+    // less than about a second (a lower bound only: noise only slows it).
+    EXPECT_GE(elapsed, 700ms);
+    EXPECT_TRUE(ctl_json(a(), "vm list").empty()) << "the VM record must leave the source";
+    auto on_b = ctl_json(b(), "vm show demo");
+    EXPECT_EQ(on_b["node"], "node-b");
+    EXPECT_EQ(on_b["status"], "running");
+    EXPECT_EQ(ctl_json(b(), "migration show " + done["id"].get<std::string>())["phase"], "Succeeded");
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+
+    auto back = ctl(b(), "migrate demo --to node-a --wait");
+    ASSERT_EQ(back.status, 0) << back.out << back.err;
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["status"], "running");
+    auto check_a = check_memory(a());
+    EXPECT_EQ(check_a.status, 0) << check_a.out << check_a.err;
+}
+
+TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {
+    configure("bandwidth_per_migration = 0\ndisable_tls = true\nmultifd_channels = 3");
+    start(a());
+    start(b());
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("PLAIN TCP"), std::string::npos)
+        << "plain TCP must be loudly logged";
+    create_on_a();
+    auto m = ctl(a(), "migrate demo --to node-b --wait");
+    ASSERT_EQ(m.status, 0) << m.out << m.err << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("\"multifd-bytes\": "), std::string::npos);
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+}
+
+TEST_F(TwoNodes, TargetKilledMidMigrationLeavesTheVmOnTheSource) {
+    configure("bandwidth_per_migration = \"2Mi\"");
+    start(a());
+    start(b());
+    create_on_a();
+    int pid = ctl_json(a(), "vm show demo")["pid"];
+    std::string id = ctl_json(a(), "migrate demo --to node-b")["id"];
+    ASSERT_EQ(wait_running(a(), id), "Running");
+    int target_qemu = ctl_json(b(), "migration show " + id)["target_pid"];
+    stop(b(), SIGKILL);
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_FALSE(done["failure_reason"].is_null());
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"], pid);
+    auto check = check_memory(a());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    // The target, restarted, removes the destination it had prepared.
+    start(b());
+    EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Failed");
+    EXPECT_FALSE(qemu_alive(target_qemu)) << "a leftover destination QEMU on the target";
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+}
+
+TEST_F(TwoNodes, SourceKilledMidMigrationLeavesTheVmOnTheSource) {
+    configure("bandwidth_per_migration = \"2Mi\"");
+    start(a());
+    start(b());
+    create_on_a();
+    int pid = ctl_json(a(), "vm show demo")["pid"];
+    std::string id = ctl_json(a(), "migrate demo --to node-b")["id"];
+    ASSERT_EQ(wait_running(a(), id), "Running");
+    int target_qemu = ctl_json(b(), "migration show " + id)["target_pid"];
+    stop(a(), SIGKILL);
+    // The target notices the lost control channel and drops the destination.
+    for (int i = 0; i < 100 && qemu_alive(target_qemu); ++i)
+        std::this_thread::sleep_for(100ms);
+    EXPECT_FALSE(qemu_alive(target_qemu));
+    EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Failed");
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    start(a());
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"], pid);
+    EXPECT_EQ(ctl_json(a(), "migration show " + id)["phase"], "Failed");
+    auto check = check_memory(a());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
 }
