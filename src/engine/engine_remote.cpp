@@ -262,7 +262,7 @@ asio::awaitable<Result<void>> Engine::keepalive(MigrationState& st) {
 asio::awaitable<Result<void>> Engine::remote_hand_off(MigrationState& st) {
     auto vm = st.vm;
     json finish{{"type", "finish"}, {"total_time_ms", st.last_info.value("total-time", 0)},
-                {"downtime_ms", st.last_info.value("downtime", 0)}};
+                {"downtime_ms", st.last_info.value("downtime", 0)}, {"resume", st.source_was_running}};
     if (vm->qemu.console) {
         auto beats = vm->qemu.console->heartbeat_list();
         if (!beats.empty())
@@ -451,9 +451,13 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
                                                 log_tail(in.qemu.log_path())));
         co_await sleep_for(5ms);
     }
-    auto cont = co_await in.qemu.qmp->execute("cont");
-    if (!cont)
-        co_return error_message(fmt::format("resuming the destination: {}", cont.error().message));
+    // A VM that was paused on the source stays paused here.
+    bool resume = msg.value("resume", true);
+    if (resume) {
+        auto cont = co_await in.qemu.qmp->execute("cont");
+        if (!cont)
+            co_return error_message(fmt::format("resuming the destination: {}", cont.error().message));
+    }
     auto vm = std::make_shared<Vm>();
     vm->record.name = in.spec.name;
     vm->record.node = config_.node.name;
@@ -464,7 +468,7 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
     vm->record.generation = vm->qemu.generation;
     vm->record.run_dir = vm->qemu.run_dir;
     vm->record.qmp_socket = vm->qemu.qmp_socket;
-    vm->status = "running";
+    vm->status = resume ? "running" : "paused";
     vms_[vm->record.name] = vm;
     attach(vm);
     persist(*vm);
@@ -473,7 +477,7 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
     peer_server_->tokens().revoke(in.m.id);
 
     json reply{{"type", "finished"}, {"guest_blackout_ms", nullptr}};
-    if (auto hb = msg.find("last_heartbeat"); hb != msg.end()) {
+    if (auto hb = msg.find("last_heartbeat"); resume && hb != msg.end()) {
         std::vector<Heartbeat> src{{(*hb)["host_ms"].get<std::int64_t>(), (*hb)["seq"].get<std::uint64_t>(),
                                     (*hb)["interval_ms"].get<std::uint32_t>()}};
         auto until = Clock::now() + 3 * std::chrono::milliseconds(src[0].interval_ms) + 2s;

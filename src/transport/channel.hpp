@@ -45,6 +45,7 @@ public:
 private:
     std::variant<tcp::socket, std::unique_ptr<TlsStream>> stream_;
     std::string pending_; // bytes read past the last frame
+    boost::system::error_code pending_error_;
 };
 
 // Dials a peer and authenticates it as expected_node (TLS), within timeout.

@@ -3,6 +3,7 @@
 #include "common/log.hpp"
 #include "config/quantity.hpp"
 #include "local.hpp"
+#include "transport.hpp"
 
 #include <CLI/CLI.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -15,7 +16,9 @@
 #include <filesystem>
 #include <iostream>
 #include <numeric>
+#include <map>
 #include <optional>
+#include <sstream>
 
 using nlohmann::json;
 
@@ -56,14 +59,88 @@ json column(const std::vector<ferry::bench::Sample>& samples) {
             {"blackout_ms", j(stats(black))}, {"transferred_mib", j(stats(mib))}};
 }
 
+double median(std::vector<double> v) {
+    if (v.empty())
+        return 0;
+    std::sort(v.begin(), v.end());
+    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
+}
+
+int run_transport_bench(const std::string& work, const std::string& ram, const std::string& paths_csv, int reps,
+                        int multifd, bool json_out) {
+    auto bytes = ferry::config::parse_quantity(ram);
+    if (!bytes) {
+        std::cerr << "ferry-bench: --ram: " << bytes.error().message << "\n";
+        return 2;
+    }
+    ferry::bench::TransportSetup setup;
+    setup.work_dir = work;
+    setup.build_dir = std::filesystem::canonical("/proc/self/exe").parent_path().parent_path().string();
+    setup.ram_bytes = *bytes;
+    setup.multifd = multifd;
+    std::filesystem::create_directories(work);
+    if (auto r = ferry::bench::make_ram_image(work + "/ram.img", *bytes); !r) {
+        std::cerr << "ferry-bench: " << r.error().message << "\n";
+        return 1;
+    }
+    std::vector<std::string> paths;
+    std::stringstream ss(paths_csv);
+    for (std::string p; std::getline(ss, p, ',');)
+        paths.push_back(p);
+    std::map<std::string, std::vector<ferry::bench::TransportSample>> samples;
+    for (int i = 0; i < reps; ++i) {
+        for (auto& p : paths) { // interleaved, so drift hits every path alike
+            auto r = ferry::bench::run_transport(setup, p);
+            if (!r) {
+                std::cerr << "ferry-bench: " << p << " run " << i + 1 << " failed: " << r.error().message << "\n";
+                return 1;
+            }
+            if (!json_out)
+                std::cerr << fmt::format("  run {}/{} {:<12} {:7.1f} MiB/s  ({:.0f} MiB in {:.0f} ms, downtime {:.0f} ms)\n",
+                                         i + 1, reps, p, r->mib_per_s, r->transferred_mib, r->total_ms, r->downtime_ms);
+            samples[p].push_back(*r);
+        }
+    }
+    json report{{"scenario", "transport"}, {"ram_bytes", *bytes}, {"multifd", multifd}, {"reps", reps}};
+    std::map<std::string, double> med;
+    for (auto& [p, list] : samples) {
+        std::vector<double> rates, downs;
+        for (auto& s : list) {
+            rates.push_back(s.mib_per_s);
+            downs.push_back(s.downtime_ms);
+        }
+        med[p] = median(rates);
+        report["paths"][p] = {{"mib_per_s_median", med[p]}, {"mib_per_s", rates}, {"downtime_ms_median", median(downs)}};
+    }
+    auto ratio = [&](const std::string& a, const std::string& b) {
+        return med.count(a) && med.count(b) && med[b] > 0 ? med[a] / med[b] : 0.0;
+    };
+    report["ratios"] = {{"ferry_tls_over_qemu_tls", ratio("ferry-tls", "qemu-tls")},
+                        {"ferry_tls_over_qemu_tcp", ratio("ferry-tls", "qemu-tcp")},
+                        {"ferry_plain_over_qemu_tcp", ratio("ferry-plain", "qemu-tcp")}};
+    if (json_out) {
+        std::cout << report.dump(2) << "\n";
+        return 0;
+    }
+    std::cout << fmt::format("\nferry-bench transport: {} of non-zero guest RAM, {} runs per path (median MiB/s)\n",
+                             ram, reps);
+    for (auto& p : paths)
+        std::cout << fmt::format("  {:<12} {:8.1f} MiB/s\n", p, med[p]);
+    std::cout << fmt::format("  ferry TLS / QEMU TLS    {:.2f}x   (aim >= 3)\n", ratio("ferry-tls", "qemu-tls"));
+    std::cout << fmt::format("  ferry TLS / QEMU TCP    {:.2f}x   (aim >= 0.8)\n", ratio("ferry-tls", "qemu-tcp"));
+    std::cout << fmt::format("  ferry plain / QEMU TCP  {:.2f}x\n", ratio("ferry-plain", "qemu-tcp"));
+    return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
     CLI::App app{"ferry-bench: end-to-end migration benchmarks against real QEMU"};
     app.require_subcommand(1);
+    std::string work = "/tmp/ferry-bench";
     auto* local = app.add_subcommand("local", "same-node live migration: ferry's engine vs plain QEMU migrate");
     int reps = 3;
-    std::string memory = "512Mi", bandwidth = "0", work = "/tmp/ferry-bench", accel = "tcg", qemu = "qemu-system-x86_64";
+    std::string memory = "512Mi", bandwidth = "0", accel = "tcg", qemu = "qemu-system-x86_64";
     int ws = 256, rate = 8, hb = 50, downtime = 300;
     bool json_out = false;
     std::string kernel;
@@ -79,9 +156,21 @@ int main(int argc, char** argv) {
     local->add_option("--kernel", kernel, "test guest kernel (default: next to this binary)");
     local->add_option("--work-dir", work, "scratch directory (short path: Unix sockets)");
     local->add_flag("--json", json_out, "print the report as JSON");
+    auto* xfer = app.add_subcommand("transport", "throughput: QEMU TCP, QEMU TLS, ferry TLS, ferry plaintext");
+    int xfer_reps = 3, xfer_multifd = 0;
+    std::string xfer_ram = "1Gi", xfer_paths = "qemu-tcp,qemu-tls,ferry-tls,ferry-plain";
+    bool xfer_json = false;
+    xfer->add_option("--reps", xfer_reps, "repetitions of each path")->check(CLI::PositiveNumber);
+    xfer->add_option("--ram", xfer_ram, "non-zero guest RAM to move (at least 1Gi for the report)");
+    xfer->add_option("--paths", xfer_paths, "comma-separated subset of the paths");
+    xfer->add_option("--multifd", xfer_multifd, "multifd channels on the ferry paths");
+    xfer->add_option("--work-dir", work, "scratch directory (short path)");
+    xfer->add_flag("--json", xfer_json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
 
     ferry::set_log_level("warn");
+    if (xfer->parsed())
+        return run_transport_bench(work, xfer_ram, xfer_paths, xfer_reps, xfer_multifd, xfer_json);
     auto mem = ferry::config::parse_quantity(memory);
     auto bw = ferry::config::parse_quantity(bandwidth);
     if (!mem || !bw) {

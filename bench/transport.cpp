@@ -1,0 +1,315 @@
+#include "transport.hpp"
+
+#include "control/client.hpp"
+#include "engine/process.hpp"
+#include "engine/vm.hpp"
+#include "transport/pki.hpp"
+
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+#include <fmt/format.h>
+
+#include <csignal>
+#include <filesystem>
+#include <fstream>
+#include <sys/wait.h>
+#include <thread>
+#include <unistd.h>
+#include <vector>
+
+namespace ferry::bench {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr const char* ram_addr = "0x10000000"; // 256 MiB: above the guest's own memory
+
+unsigned short free_port() {
+    asio::io_context io;
+    asio::ip::tcp::acceptor a(io, {asio::ip::make_address("127.0.0.1"), 0});
+    return a.local_endpoint().port();
+}
+
+std::string ram_image(const TransportSetup& s) { return s.work_dir + "/ram.img"; }
+
+config::VmSpec spec(const TransportSetup& s) {
+    config::VmSpec v;
+    v.name = "xfer";
+    v.memory = s.ram_bytes + (512ULL << 20);
+    v.kernel = s.build_dir + "/tools/guest/ferry-guest.elf";
+    v.append = "ws=1 rate=0 hb=100"; // idle: every byte moved is the RAM image
+    v.extra_args = {"-device", fmt::format("loader,file={},addr={},force-raw=on", ram_image(s), ram_addr)};
+    return v;
+}
+
+// QEMU's tls-creds-x509 wants a directory of fixed names.
+Result<void> qemu_tls_dir(const std::string& dir) {
+    if (fs::exists(dir + "/ca-cert.pem"))
+        return {};
+    fs::create_directories(dir);
+    auto ca = transport::make_ca("bench CA");
+    if (!ca)
+        return ca.error();
+    auto server = transport::make_node_cert(*ca, "node-b");
+    auto client = transport::make_node_cert(*ca, "node-a");
+    if (!server || !client)
+        return make_error(Errc::internal, "cannot make bench certificates");
+    for (auto& [name, pem, mode] : std::vector<std::tuple<std::string, std::string, unsigned>>{
+             {"ca-cert.pem", ca->cert_pem(), 0644},
+             {"server-cert.pem", server->cert_pem(), 0644},
+             {"server-key.pem", server->key_pem(), 0600},
+             {"client-cert.pem", client->cert_pem(), 0644},
+             {"client-key.pem", client->key_pem(), 0600}})
+        if (auto r = transport::write_pem(dir + "/" + name, pem, mode); !r)
+            return r;
+    return {};
+}
+
+asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
+    asio::steady_timer t(co_await asio::this_coro::executor);
+    t.expires_after(d);
+    co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+}
+
+TransportSample sample_from(const json& info) {
+    TransportSample s;
+    s.total_ms = info.value("total-time", 0.0);
+    s.downtime_ms = info.value("downtime", 0.0);
+    s.transferred_mib = info["ram"].value("transferred", 0.0) / (1 << 20);
+    s.mib_per_s = s.total_ms > 0 ? s.transferred_mib / (s.total_ms / 1000) : 0;
+    return s;
+}
+
+asio::awaitable<Result<TransportSample>> qemu_direct(TransportSetup s, bool tls) {
+    auto ex = co_await asio::this_coro::executor;
+    config::NodeSection node;
+    node.accel = "tcg";
+    auto vm = spec(s);
+    std::string tls_dir = s.work_dir + "/qemu-tls";
+    if (tls) {
+        if (auto r = qemu_tls_dir(tls_dir); !r)
+            co_return r.error();
+    }
+    auto src_spec = vm, dst_spec = vm;
+    if (tls) {
+        src_spec.extra_args.insert(src_spec.extra_args.end(),
+                                   {"-object", fmt::format("tls-creds-x509,id=tls0,dir={},endpoint=client", tls_dir)});
+        dst_spec.extra_args.insert(dst_spec.extra_args.end(),
+                                   {"-object", fmt::format("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", tls_dir)});
+    }
+    std::string dir = s.work_dir + "/direct";
+    fs::create_directories(dir);
+    // Named requests: a braced temporary inside co_await is destroyed twice by GCC 12.
+    engine::LaunchRequest src_req{&node, &src_spec, dir, 1, false};
+    engine::LaunchRequest dst_req{&node, &dst_spec, dir, 2, true};
+    auto src = co_await engine::launch_qemu(ex, src_req);
+    if (!src)
+        co_return src.error();
+    auto dst = co_await engine::launch_qemu(ex, dst_req);
+    if (!dst) {
+        co_await engine::destroy_qemu(ex, *src);
+        co_return dst.error();
+    }
+    co_await sleep_for(1500ms); // let the guest boot
+    // Paused, so the guest's vCPU does not compete with the transfer for the
+    // machine's cores: this measures the transport.
+    co_await src->qmp->execute("stop");
+    auto port = free_port();
+    std::string uri = fmt::format("tcp:127.0.0.1:{}", port);
+    json params{{"max-bandwidth", 1ULL << 40}};
+    if (tls)
+        params = {{"max-bandwidth", 1ULL << 40}, {"tls-creds", "tls0"}, {"tls-hostname", "node-b"}};
+    json dst_params = tls ? json{{"tls-creds", "tls0"}} : json::object();
+    Result<TransportSample> result = make_error(Errc::internal, "not run");
+    Result<json> set_dst = ok(json::object());
+    if (!dst_params.empty()) // no co_await inside a conditional expression (GCC 12)
+        set_dst = co_await dst->qmp->execute("migrate-set-parameters", dst_params);
+    json incoming{{"uri", uri}};
+    auto listening = co_await dst->qmp->execute("migrate-incoming", incoming);
+    auto set_src = co_await src->qmp->execute("migrate-set-parameters", params);
+    json migrate{{"uri", uri}};
+    auto started = co_await src->qmp->execute("migrate", migrate);
+    if (!set_dst || !listening || !set_src || !started) {
+        result = make_error(Errc::qemu, !set_dst ? set_dst.error().message : !listening ? listening.error().message
+                                        : !set_src ? set_src.error().message : started.error().message);
+    } else {
+        for (;;) {
+            auto q = co_await src->qmp->execute("query-migrate");
+            if (!q) {
+                result = q.error();
+                break;
+            }
+            auto st = (*q).value("status", "");
+            if (st == "completed" && (*q).value("total-time", 0) > 0) {
+                result = sample_from(*q);
+                break;
+            }
+            if (st == "failed" || st == "cancelled") {
+                result = make_error(Errc::qemu, (*q).value("error-desc", st));
+                break;
+            }
+            co_await sleep_for(20ms);
+        }
+    }
+    co_await engine::destroy_qemu(ex, *src);
+    co_await engine::destroy_qemu(ex, *dst);
+    co_return result;
+}
+
+struct Ferryd {
+    pid_t pid = -1;
+    std::string socket;
+};
+
+Result<Ferryd> start_ferryd(const std::string& bin, const std::string& config, const std::string& socket,
+                            const std::string& log) {
+    Ferryd f;
+    f.socket = socket;
+    fs::remove(socket);
+    f.pid = ::fork();
+    if (f.pid == 0) {
+        std::freopen(log.c_str(), "a", stderr);
+        ::execl(bin.c_str(), "ferryd", "--config", config.c_str(), "--log-level", "warn", nullptr);
+        _exit(127);
+    }
+    for (int i = 0; i < 250 && !fs::exists(socket); ++i)
+        std::this_thread::sleep_for(20ms);
+    if (!fs::exists(socket))
+        return make_error(Errc::io, "ferryd did not start: see " + log);
+    return f;
+}
+
+void stop_ferryd(Ferryd& f) {
+    if (f.pid > 0) {
+        ::kill(f.pid, SIGTERM);
+        ::waitpid(f.pid, nullptr, 0);
+    }
+}
+
+Result<TransportSample> ferry_path(const TransportSetup& s, bool tls) {
+    std::string dir = s.work_dir + (tls ? "/ferry-tls" : "/ferry-plain");
+    fs::remove_all(dir);
+    fs::create_directories(dir);
+    if (tls) {
+        auto pki = transport::init_pki(dir + "/pki", {"node-a", "node-b"});
+        if (!pki)
+            return pki.error();
+    }
+    unsigned short ports[2] = {free_port(), free_port()};
+    const char* names[2] = {"node-a", "node-b"};
+    Ferryd d[2];
+    for (int i = 0; i < 2; ++i) {
+        std::string cfg = fmt::format(R"([node]
+name = "{0}"
+state_dir = "{1}/s{2}"
+control_socket = "{1}/{2}.sock"
+listen = "127.0.0.1:{3}"
+accel = "tcg"
+[migration]
+bandwidth_per_migration = 0
+disable_tls = {4}
+multifd_channels = {5}
+[[peers]]
+name = "{6}"
+address = "127.0.0.1:{7}"
+)", names[i], dir, i, ports[i], tls ? "false" : "true", s.multifd, names[1 - i], ports[1 - i]);
+        if (tls)
+            cfg += fmt::format("[tls]\nca = \"{0}/pki/ca.pem\"\ncert = \"{0}/pki/{1}.pem\"\nkey = \"{0}/pki/{1}-key.pem\"\n", dir, names[i]);
+        std::ofstream(fmt::format("{}/{}.toml", dir, i)) << cfg;
+        auto f = start_ferryd(s.build_dir + "/tools/ferryd", fmt::format("{}/{}.toml", dir, i),
+                              fmt::format("{}/{}.sock", dir, i), fmt::format("{}/{}.log", dir, i));
+        if (!f) {
+            if (i == 1)
+                stop_ferryd(d[0]);
+            return f.error();
+        }
+        d[i] = *f;
+    }
+    Result<TransportSample> result = make_error(Errc::internal, "not run");
+    auto a = control::Client::connect(d[0].socket);
+    auto v = spec(s);
+    std::string toml = fmt::format("name = \"{}\"\nmemory = {}\nkernel = \"{}\"\nappend = \"{}\"\nextra_args = [\"{}\", \"{}\"]\n",
+                                   v.name, v.memory, *v.kernel, *v.append, v.extra_args[0], v.extra_args[1]);
+    auto created = a ? (*a)->call("vm.create", {{"spec", toml}, {"source", "bench"}}) : Result<json>(a.error());
+    if (!created) {
+        result = created.error();
+    } else {
+        std::this_thread::sleep_for(1500ms);
+        (*a)->call("vm.qmp", {{"name", "xfer"}, {"command", "stop"}});
+        auto m = (*a)->call("migration.create", {{"vm", "xfer"}, {"target_node", "node-b"}});
+        if (!m)
+            result = m.error();
+        while (m) {
+            auto shown = (*a)->call("migration.show", {{"id", (*m)["id"]}});
+            if (!shown) {
+                result = shown.error();
+                break;
+            }
+            auto phase = (*shown)["phase"];
+            if (phase == "Succeeded") {
+                TransportSample t;
+                t.total_ms = (*shown)["result"]["total_time_ms"].get<double>();
+                t.downtime_ms = (*shown)["result"]["downtime_ms"].get<double>();
+                t.transferred_mib = (*shown)["progress"]["transferred_bytes"].get<double>() / (1 << 20);
+                t.mib_per_s = t.total_ms > 0 ? t.transferred_mib / (t.total_ms / 1000) : 0;
+                result = t;
+                break;
+            }
+            if (phase == "Failed") {
+                result = make_error(Errc::internal, "ferry migration failed: " + (*shown)["failure_reason"].get<std::string>());
+                break;
+            }
+            std::this_thread::sleep_for(20ms);
+        }
+    }
+    for (int i = 1; i >= 0; --i) {
+        if (auto c = control::Client::connect(d[i].socket))
+            (*c)->call("vm.delete", {{"name", "xfer"}});
+        stop_ferryd(d[i]);
+    }
+    return result;
+}
+
+} // namespace
+
+Result<void> make_ram_image(const std::string& path, std::uint64_t bytes) {
+    if (fs::exists(path) && fs::file_size(path) == bytes)
+        return {};
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    std::vector<std::uint64_t> block(1 << 17); // 1 MiB
+    std::uint64_t x = 0x9E3779B97F4A7C15ULL;
+    for (std::uint64_t done = 0; done < bytes; done += block.size() * 8) {
+        for (auto& w : block) {
+            x ^= x << 13; // xorshift: cheap, incompressible enough, never a zero page
+            x ^= x >> 7;
+            x ^= x << 17;
+            w = x | 1;
+        }
+        out.write(reinterpret_cast<const char*>(block.data()), static_cast<std::streamsize>(block.size() * 8));
+    }
+    if (!out)
+        return make_error(Errc::io, "writing " + path);
+    return {};
+}
+
+Result<TransportSample> run_transport(const TransportSetup& s, const std::string& path) {
+    if (path == "ferry-tls" || path == "ferry-plain")
+        return ferry_path(s, path == "ferry-tls");
+    if (path != "qemu-tcp" && path != "qemu-tls")
+        return make_error(Errc::invalid_argument, "unknown path " + path);
+    asio::io_context io;
+    auto fut = asio::co_spawn(io, qemu_direct(s, path == "qemu-tls"), asio::use_future);
+    io.run();
+    return fut.get();
+}
+
+} // namespace ferry::bench

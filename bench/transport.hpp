@@ -1,0 +1,32 @@
+#pragma once
+// ferry-bench transport: the same VM (>= 1 GiB of non-zero RAM) migrated
+// between two QEMUs via QEMU's plain TCP, QEMU's native TLS, ferry over TLS
+// and ferry plaintext (two real ferryd processes), side by side.
+#include "common/error.hpp"
+
+#include <cstdint>
+#include <string>
+
+namespace ferry::bench {
+
+struct TransportSetup {
+    std::string work_dir;     // short path (Unix sockets)
+    std::string build_dir;    // for ferryd and the guest kernel
+    std::uint64_t ram_bytes = 1ULL << 30;
+    int multifd = 0;          // ferry paths: multifd_channels
+};
+
+struct TransportSample {
+    double mib_per_s = 0;   // RAM bytes transferred / QEMU total time
+    double total_ms = 0;
+    double downtime_ms = 0;
+    double transferred_mib = 0;
+};
+
+// path: "qemu-tcp", "qemu-tls", "ferry-tls", "ferry-plain"
+Result<TransportSample> run_transport(const TransportSetup& setup, const std::string& path);
+
+// Writes the RAM image (non-zero, not compressible) once.
+Result<void> make_ram_image(const std::string& path, std::uint64_t bytes);
+
+} // namespace ferry::bench
