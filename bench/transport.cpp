@@ -195,18 +195,29 @@ void stop_ferryd(Ferryd& f) {
     }
 }
 
-Result<TransportSample> ferry_path(const TransportSetup& s, bool tls) {
-    std::string dir = s.work_dir + (tls ? "/ferry-tls" : "/ferry-plain");
-    fs::remove_all(dir);
-    fs::create_directories(dir);
+// Two ferryd processes peered over loopback.
+struct Pair {
+    std::string dir;
+    Ferryd d[2];
+    ~Pair() {
+        for (int i = 1; i >= 0; --i)
+            stop_ferryd(d[i]);
+    }
+};
+
+Result<std::unique_ptr<Pair>> start_pair(const TransportSetup& s, const std::string& name, bool tls,
+                                         const std::string& migration, const std::string& node_extra) {
+    auto pair = std::make_unique<Pair>();
+    pair->dir = s.work_dir + "/" + name;
+    fs::remove_all(pair->dir);
+    fs::create_directories(pair->dir);
     if (tls) {
-        auto pki = transport::init_pki(dir + "/pki", {"node-a", "node-b"});
+        auto pki = transport::init_pki(pair->dir + "/pki", {"node-a", "node-b"});
         if (!pki)
             return pki.error();
     }
     unsigned short ports[2] = {free_port(), free_port()};
     const char* names[2] = {"node-a", "node-b"};
-    Ferryd d[2];
     for (int i = 0; i < 2; ++i) {
         std::string cfg = fmt::format(R"([node]
 name = "{0}"
@@ -214,69 +225,92 @@ state_dir = "{1}/s{2}"
 control_socket = "{1}/{2}.sock"
 listen = "127.0.0.1:{3}"
 accel = "tcg"
+{8}
 [migration]
-bandwidth_per_migration = 0
 disable_tls = {4}
-multifd_channels = {5}
+{5}
 [[peers]]
 name = "{6}"
 address = "127.0.0.1:{7}"
-)", names[i], dir, i, ports[i], tls ? "false" : "true", s.multifd, names[1 - i], ports[1 - i]);
+)", names[i], pair->dir, i, ports[i], tls ? "false" : "true", migration, names[1 - i], ports[1 - i], node_extra);
         if (tls)
-            cfg += fmt::format("[tls]\nca = \"{0}/pki/ca.pem\"\ncert = \"{0}/pki/{1}.pem\"\nkey = \"{0}/pki/{1}-key.pem\"\n", dir, names[i]);
-        std::ofstream(fmt::format("{}/{}.toml", dir, i)) << cfg;
-        auto f = start_ferryd(s.build_dir + "/tools/ferryd", fmt::format("{}/{}.toml", dir, i),
-                              fmt::format("{}/{}.sock", dir, i), fmt::format("{}/{}.log", dir, i));
-        if (!f) {
-            if (i == 1)
-                stop_ferryd(d[0]);
+            cfg += fmt::format("[tls]\nca = \"{0}/pki/ca.pem\"\ncert = \"{0}/pki/{1}.pem\"\nkey = \"{0}/pki/{1}-key.pem\"\n",
+                               pair->dir, names[i]);
+        std::ofstream(fmt::format("{}/{}.toml", pair->dir, i)) << cfg;
+        auto f = start_ferryd(s.build_dir + "/tools/ferryd", fmt::format("{}/{}.toml", pair->dir, i),
+                              fmt::format("{}/{}.sock", pair->dir, i), fmt::format("{}/{}.log", pair->dir, i));
+        if (!f)
             return f.error();
-        }
-        d[i] = *f;
+        pair->d[i] = *f;
     }
-    Result<TransportSample> result = make_error(Errc::internal, "not run");
-    auto a = control::Client::connect(d[0].socket);
+    return pair;
+}
+
+std::string vm_toml(const TransportSetup& s, const std::string& name) {
     auto v = spec(s);
-    std::string toml = fmt::format("name = \"{}\"\nmemory = {}\nkernel = \"{}\"\nappend = \"{}\"\nextra_args = [\"{}\", \"{}\"]\n",
-                                   v.name, v.memory, *v.kernel, *v.append, v.extra_args[0], v.extra_args[1]);
-    auto created = a ? (*a)->call("vm.create", {{"spec", toml}, {"source", "bench"}}) : Result<json>(a.error());
-    if (!created) {
-        result = created.error();
-    } else {
-        std::this_thread::sleep_for(1500ms);
-        (*a)->call("vm.qmp", {{"name", "xfer"}, {"command", "stop"}});
-        auto m = (*a)->call("migration.create", {{"vm", "xfer"}, {"target_node", "node-b"}});
+    return fmt::format("name = \"{}\"\nmemory = {}\nkernel = \"{}\"\nappend = \"{}\"\nextra_args = [\"{}\", \"{}\"]\n", name,
+                       v.memory, *v.kernel, *v.append, v.extra_args[0], v.extra_args[1]);
+}
+
+// Creates the VMs on node-a (paused: the transport is measured, not the
+// guest), migrates them all to node-b at once, and waits for the ends.
+Result<std::vector<TransportSample>> migrate_all(const TransportSetup& s, Pair& pair, const std::vector<std::string>& vms) {
+    auto a = control::Client::connect(pair.d[0].socket);
+    if (!a)
+        return a.error();
+    for (auto& name : vms) {
+        auto created = (*a)->call("vm.create", {{"spec", vm_toml(s, name)}, {"source", "bench"}});
+        if (!created)
+            return created.error();
+    }
+    std::this_thread::sleep_for(1500ms);
+    std::vector<std::string> ids;
+    for (auto& name : vms) {
+        (*a)->call("vm.qmp", {{"name", name}, {"command", "stop"}});
+        auto m = (*a)->call("migration.create", {{"vm", name}, {"target_node", "node-b"}});
         if (!m)
-            result = m.error();
-        while (m) {
-            auto shown = (*a)->call("migration.show", {{"id", (*m)["id"]}});
-            if (!shown) {
-                result = shown.error();
-                break;
-            }
+            return m.error();
+        ids.push_back((*m)["id"]);
+    }
+    std::vector<TransportSample> out(ids.size());
+    std::vector<bool> done(ids.size(), false);
+    for (std::size_t left = ids.size(); left > 0;) {
+        for (std::size_t i = 0; i < ids.size(); ++i) {
+            if (done[i])
+                continue;
+            auto shown = (*a)->call("migration.show", {{"id", ids[i]}});
+            if (!shown)
+                return shown.error();
             auto phase = (*shown)["phase"];
+            if (phase == "Failed")
+                return make_error(Errc::internal, "ferry migration failed: " + (*shown)["failure_reason"].get<std::string>());
             if (phase == "Succeeded") {
-                TransportSample t;
+                auto& t = out[i];
                 t.total_ms = (*shown)["result"]["total_time_ms"].get<double>();
                 t.downtime_ms = (*shown)["result"]["downtime_ms"].get<double>();
                 t.transferred_mib = (*shown)["progress"]["transferred_bytes"].get<double>() / (1 << 20);
                 t.mib_per_s = t.total_ms > 0 ? t.transferred_mib / (t.total_ms / 1000) : 0;
-                result = t;
-                break;
+                done[i] = true;
+                --left;
             }
-            if (phase == "Failed") {
-                result = make_error(Errc::internal, "ferry migration failed: " + (*shown)["failure_reason"].get<std::string>());
-                break;
-            }
-            std::this_thread::sleep_for(20ms);
         }
+        std::this_thread::sleep_for(20ms);
     }
-    for (int i = 1; i >= 0; --i) {
-        if (auto c = control::Client::connect(d[i].socket))
-            (*c)->call("vm.delete", {{"name", "xfer"}});
-        stop_ferryd(d[i]);
-    }
-    return result;
+    if (auto b = control::Client::connect(pair.d[1].socket))
+        for (auto& name : vms)
+            (*b)->call("vm.delete", {{"name", name}});
+    return out;
+}
+
+Result<TransportSample> ferry_path(const TransportSetup& s, bool tls) {
+    auto pair = start_pair(s, tls ? "ferry-tls" : "ferry-plain", tls,
+                           fmt::format("bandwidth_per_migration = 0\nmultifd_channels = {}", s.multifd), "");
+    if (!pair)
+        return pair.error();
+    auto r = migrate_all(s, **pair, {"xfer"});
+    if (!r)
+        return r.error();
+    return r->front();
 }
 
 } // namespace
@@ -299,6 +333,30 @@ Result<void> make_ram_image(const std::string& path, std::uint64_t bytes) {
     if (!out)
         return make_error(Errc::io, "writing " + path);
     return {};
+}
+
+Result<ShapingReport> run_shaping(const TransportSetup& s, std::uint64_t per_migration, std::uint64_t node_cap) {
+    ShapingReport report;
+    report.per_migration = per_migration;
+    report.node_cap = node_cap;
+    {
+        auto pair = start_pair(s, "shape-one", true, fmt::format("bandwidth_per_migration = {}", per_migration), "");
+        if (!pair)
+            return pair.error();
+        auto one = migrate_all(s, **pair, {"one"});
+        if (!one)
+            return one.error();
+        report.single = one->front();
+    }
+    auto pair = start_pair(s, "shape-two", true, "bandwidth_per_migration = 0",
+                           fmt::format("max_migration_bandwidth = {}", node_cap));
+    if (!pair)
+        return pair.error();
+    auto two = migrate_all(s, **pair, {"one", "two"});
+    if (!two)
+        return two.error();
+    report.concurrent = *two;
+    return report;
 }
 
 Result<TransportSample> run_transport(const TransportSetup& s, const std::string& path) {

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace ferry::bench {
 
@@ -25,6 +26,16 @@ struct TransportSample {
 
 // path: "qemu-tcp", "qemu-tls", "ferry-tls", "ferry-plain"
 Result<TransportSample> run_transport(const TransportSetup& setup, const std::string& path);
+
+// ferry-bench shaping: one migration under bandwidth_per_migration, then two
+// concurrent ones under a node cap ([node] max_migration_bandwidth).
+struct ShapingReport {
+    std::uint64_t per_migration = 0;
+    std::uint64_t node_cap = 0;
+    TransportSample single;
+    std::vector<TransportSample> concurrent;
+};
+Result<ShapingReport> run_shaping(const TransportSetup& setup, std::uint64_t per_migration, std::uint64_t node_cap);
 
 // Writes the RAM image (non-zero, not compressible) once.
 Result<void> make_ram_image(const std::string& path, std::uint64_t bytes);

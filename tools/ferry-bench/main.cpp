@@ -132,6 +132,52 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
     return 0;
 }
 
+int run_shaping_bench(const std::string& work, const std::string& rate, const std::string& cap, const std::string& ram,
+                      bool json_out) {
+    auto r = ferry::config::parse_quantity(rate);
+    auto c = ferry::config::parse_quantity(cap);
+    auto m = ferry::config::parse_quantity(ram);
+    if (!r || !c || !m) {
+        std::cerr << "ferry-bench: bad --rate, --cap or --ram\n";
+        return 2;
+    }
+    ferry::bench::TransportSetup setup;
+    setup.work_dir = work;
+    setup.build_dir = std::filesystem::canonical("/proc/self/exe").parent_path().parent_path().string();
+    setup.ram_bytes = *m;
+    std::filesystem::create_directories(work);
+    if (auto img = ferry::bench::make_ram_image(work + "/ram.img", *m); !img) {
+        std::cerr << "ferry-bench: " << img.error().message << "\n";
+        return 1;
+    }
+    auto report = ferry::bench::run_shaping(setup, *r, *c);
+    if (!report) {
+        std::cerr << "ferry-bench: " << report.error().message << "\n";
+        return 1;
+    }
+    double mib = 1 << 20;
+    json j{{"scenario", "shaping"},
+           {"single", {{"configured_mib_s", *r / mib}, {"achieved_mib_s", report->single.mib_per_s}}},
+           {"node_cap_mib_s", *c / mib}};
+    for (auto& t : report->concurrent)
+        j["concurrent_achieved_mib_s"].push_back(t.mib_per_s);
+    if (json_out) {
+        std::cout << j.dump(2) << "\n";
+        return 0;
+    }
+    std::cout << fmt::format("ferry-bench shaping ({} of guest RAM per VM, over TLS)\n", ram);
+    std::cout << fmt::format("  one migration, bandwidth_per_migration {:.1f} MiB/s: achieved {:.1f} MiB/s ({:.0f}%)\n",
+                             *r / mib, report->single.mib_per_s, 100 * report->single.mib_per_s / (*r / mib));
+    std::cout << fmt::format("  two migrations under a node cap of {:.1f} MiB/s:", *c / mib);
+    double sum = 0;
+    for (auto& t : report->concurrent) {
+        std::cout << fmt::format(" {:.1f}", t.mib_per_s);
+        sum += t.mib_per_s;
+    }
+    std::cout << fmt::format(" MiB/s (sum {:.1f}, fair share {:.1f} each)\n", sum, *c / mib / 2);
+    return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -166,9 +212,19 @@ int main(int argc, char** argv) {
     xfer->add_option("--multifd", xfer_multifd, "multifd channels on the ferry paths");
     xfer->add_option("--work-dir", work, "scratch directory (short path)");
     xfer->add_flag("--json", xfer_json, "print the report as JSON");
+    auto* shaping = app.add_subcommand("shaping", "achieved vs configured rate; a node cap split between two migrations");
+    std::string shape_rate = "32Mi", shape_cap = "48Mi", shape_ram = "256Mi";
+    bool shape_json = false;
+    shaping->add_option("--rate", shape_rate, "bandwidth_per_migration for the single migration");
+    shaping->add_option("--cap", shape_cap, "max_migration_bandwidth for the two concurrent ones");
+    shaping->add_option("--ram", shape_ram, "non-zero guest RAM per VM");
+    shaping->add_option("--work-dir", work, "scratch directory (short path)");
+    shaping->add_flag("--json", shape_json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
 
     ferry::set_log_level("warn");
+    if (shaping->parsed())
+        return run_shaping_bench(work, shape_rate, shape_cap, shape_ram, shape_json);
     if (xfer->parsed())
         return run_transport_bench(work, xfer_ram, xfer_paths, xfer_reps, xfer_multifd, xfer_json);
     auto mem = ferry::config::parse_quantity(memory);
