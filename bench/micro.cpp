@@ -6,6 +6,8 @@
 #include "engine/migration.hpp"
 #include "verify.hpp"
 #include "layout.h"
+#include "transport/frame.hpp"
+#include "transport/shaper.hpp"
 
 #include <benchmark/benchmark.h>
 
@@ -71,6 +73,51 @@ void BM_VerifyDump(benchmark::State& state) {
     std::remove(path.c_str());
 }
 BENCHMARK(BM_VerifyDump)->Unit(benchmark::kMillisecond);
+
+void BM_EncodeFrame(benchmark::State& state) {
+    nlohmann::json ping{{"type", "pong"}, {"qemu", "running"}};
+    for (auto _ : state)
+        benchmark::DoNotOptimize(ferry::transport::encode_frame(ping));
+}
+BENCHMARK(BM_EncodeFrame);
+
+void BM_DecodeFrames(benchmark::State& state) {
+    std::string stream;
+    for (int i = 0; i < 64; ++i)
+        stream += ferry::transport::encode_frame({{"type", "pong"}, {"qemu", "running"}, {"n", i}});
+    for (auto _ : state) {
+        ferry::transport::FrameDecoder d;
+        d.feed(stream.data(), stream.size());
+        int frames = 0;
+        while (auto f = d.next())
+            frames += *f ? 1 : 0;
+        benchmark::DoNotOptimize(frames);
+    }
+    state.SetItemsProcessed(state.iterations() * 64);
+}
+BENCHMARK(BM_DecodeFrames);
+
+// The shaper's cost per tunnel write (1 MiB buffers): tiny next to the copy.
+void BM_TokenBucketTake(benchmark::State& state) {
+    ferry::transport::TokenBucket b(64ULL << 20);
+    auto now = ferry::transport::ShaperClock::now();
+    for (auto _ : state) {
+        now += std::chrono::microseconds(100);
+        benchmark::DoNotOptimize(b.take(65536, now));
+    }
+}
+BENCHMARK(BM_TokenBucketTake);
+
+void BM_NodeShaperRebalance(benchmark::State& state) {
+    ferry::transport::NodeShaper s(1ULL << 30);
+    for (int i = 0; i < 8; ++i)
+        s.add("m" + std::to_string(i), i % 2 ? 0 : (64ULL << 20));
+    for (auto _ : state) {
+        s.add("x", 0);
+        s.remove("x");
+    }
+}
+BENCHMARK(BM_NodeShaperRebalance);
 
 } // namespace
 
