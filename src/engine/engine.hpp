@@ -87,6 +87,10 @@ private:
     static boost::asio::awaitable<void> run_migration(Engine* self, std::shared_ptr<MigrationState> st);
     boost::asio::awaitable<Result<void>> prepare_target(MigrationState& st);
     boost::asio::awaitable<Result<void>> start_source(MigrationState& st);
+    // Shared by both kinds: record the run state and follow QEMU's events;
+    // then capabilities, parameters (plus downtime-limit) and migrate.
+    boost::asio::awaitable<Result<void>> begin_source(MigrationState& st);
+    boost::asio::awaitable<Result<void>> send_migration(MigrationState& st, json params, std::string uri);
     boost::asio::awaitable<Result<void>> watch(MigrationState& st);
     boost::asio::awaitable<void> cancel_source(MigrationState& st);
     boost::asio::awaitable<Result<void>> switch_over(MigrationState& st);

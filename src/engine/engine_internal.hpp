@@ -47,6 +47,9 @@ struct Engine::Incoming {
     bool finished = false;
 };
 
+// QEMU 7.2 has no "unlimited" max-bandwidth: 1 TiB/s stands for it.
+constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
+
 inline std::shared_ptr<spdlog::logger> engine_log() {
     static auto l = logger("engine");
     return l;

@@ -16,15 +16,6 @@ using namespace std::chrono_literals;
 namespace {
 
 constexpr auto poll_interval = 500ms;
-// QEMU 7.2 has no "unlimited" max-bandwidth: 1 TiB/s stands for it.
-constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
-
-json capabilities() {
-    json caps = json::array();
-    for (auto name : {"events", "pause-before-switchover"})
-        caps.push_back({{"capability", name}, {"state", true}});
-    return caps;
-}
 
 asio::awaitable<void> sleep_for(asio::any_io_executor ex, std::chrono::milliseconds d) {
     asio::steady_timer t(ex);
@@ -77,7 +68,7 @@ asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {
         if (auto s = weak.lock())
             s->wake_up();
     });
-    json caps_args{{"capabilities", capabilities()}};
+    json caps_args{{"capabilities", migration_capabilities(false)}};
     auto caps = co_await st.target.qmp->execute("migrate-set-capabilities", caps_args);
     if (!caps)
         co_return caps.error().wrap("preparing the destination");
@@ -89,7 +80,7 @@ asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {
     co_return Result<void>{};
 }
 
-asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
+asio::awaitable<Result<void>> Engine::begin_source(MigrationState& st) {
     set_phase(st, Phase::Running);
     auto qmp = st.vm->qemu.qmp;
     auto status = co_await qmp->execute("query-status");
@@ -107,22 +98,33 @@ asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
         if (auto s = weak.lock())
             s->wake_up();
     });
+    co_return Result<void>{};
+}
 
-    json caps_args{{"capabilities", capabilities()}};
+asio::awaitable<Result<void>> Engine::send_migration(MigrationState& st, json params, std::string uri) {
+    auto qmp = st.vm->qemu.qmp;
+    json caps_args{{"capabilities", migration_capabilities(params.contains("multifd-channels"))}};
     auto caps = co_await qmp->execute("migrate-set-capabilities", caps_args);
     if (!caps)
         co_return caps.error().wrap("configuring the source");
-    auto bw = st.m.config.bandwidth_per_migration;
-    json params{{"max-bandwidth", bw == 0 ? unlimited_bandwidth : bw},
-                {"downtime-limit", st.m.config.max_downtime_ms}};
+    params["downtime-limit"] = st.m.config.max_downtime_ms;
     auto set = co_await qmp->execute("migrate-set-parameters", params);
     if (!set)
         co_return set.error().wrap("configuring the source");
-    json migrate_args{{"uri", "unix:" + st.target.migrate_socket()}};
+    json migrate_args{{"uri", uri}};
     auto started = co_await qmp->execute("migrate", migrate_args);
     if (!started)
         co_return started.error().wrap("starting the migration");
     co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
+    auto begun = co_await begin_source(st);
+    if (!begun)
+        co_return begun;
+    auto bw = st.m.config.bandwidth_per_migration;
+    json params{{"max-bandwidth", bw == 0 ? unlimited_bandwidth : bw}};
+    co_return co_await send_migration(st, params, "unix:" + st.target.migrate_socket());
 }
 
 asio::awaitable<void> Engine::cancel_source(MigrationState& st) {

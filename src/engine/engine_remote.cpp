@@ -27,16 +27,6 @@ namespace {
 constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
 constexpr auto keepalive_interval = 5s;
 constexpr auto peer_timeout = 30s; // a silent peer is dead after this
-constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
-
-json capabilities(const config::MigrationConfig& c) {
-    json caps = json::array();
-    for (auto name : {"events", "pause-before-switchover"})
-        caps.push_back({{"capability", name}, {"state", true}});
-    if (c.multifd_channels > 0)
-        caps.push_back({{"capability", "multifd"}, {"state", true}});
-    return caps;
-}
 
 asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
     asio::steady_timer t(co_await asio::this_coro::executor);
@@ -162,20 +152,9 @@ asio::awaitable<Result<void>> Engine::prepare_remote_target(MigrationState& st) 
 }
 
 asio::awaitable<Result<void>> Engine::start_remote_source(MigrationState& st) {
-    set_phase(st, Phase::Running);
-    auto qmp = st.vm->qemu.qmp;
-    auto status = co_await qmp->execute("query-status");
-    if (!status)
-        co_return status.error().wrap("reading the source's state");
-    st.source_was_running = (*status).value("running", false);
-
-    std::weak_ptr<MigrationState> weak = migrations_[st.m.id];
-    st.source_subscription = qmp->subscribe([weak](const qmp::Event& e) {
-        auto s = weak.lock();
-        if (s && (e.name == "MIGRATION" || e.name == "MIGRATION_PASS"))
-            s->wake_up();
-    });
-
+    auto begun = co_await begin_source(st);
+    if (!begun)
+        co_return begun;
     // QEMU sends to our socket; each connection it opens gets its own data
     // channel, in order.
     st.tunnel_socket = vm_dir(st.vm->record.name) + "/tunnel.sock";
@@ -193,22 +172,11 @@ asio::awaitable<Result<void>> Engine::start_remote_source(MigrationState& st) {
     st.bucket = shaper_.add(st.m.id, st.m.config.bandwidth_per_migration);
     asio::co_spawn(ex_, accept_tunnels(this, migrations_[st.m.id]), asio::detached);
 
-    json caps_args{{"capabilities", capabilities(st.m.config)}};
-    auto caps = co_await qmp->execute("migrate-set-capabilities", caps_args);
-    if (!caps)
-        co_return caps.error().wrap("configuring the source");
     // Shaping happens in ferry's channel, so QEMU itself is not limited.
-    json params{{"max-bandwidth", unlimited_bandwidth}, {"downtime-limit", st.m.config.max_downtime_ms}};
+    json params{{"max-bandwidth", unlimited_bandwidth}};
     if (st.m.config.multifd_channels > 0)
         params["multifd-channels"] = st.m.config.multifd_channels;
-    auto set = co_await qmp->execute("migrate-set-parameters", params);
-    if (!set)
-        co_return set.error().wrap("configuring the source");
-    json migrate_args{{"uri", "unix:" + st.tunnel_socket}};
-    auto started = co_await qmp->execute("migrate", migrate_args);
-    if (!started)
-        co_return started.error().wrap("starting the migration");
-    co_return Result<void>{};
+    co_return co_await send_migration(st, params, "unix:" + st.tunnel_socket);
 }
 
 asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st) {
@@ -381,7 +349,7 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
         co_return error_message(fmt::format("starting the destination QEMU: {}", q.error().message));
     }
     next->qemu = std::move(*q);
-    json caps_args{{"capabilities", capabilities(next->m.config)}};
+    json caps_args{{"capabilities", migration_capabilities(next->m.config.multifd_channels > 0)}};
     auto caps = co_await next->qemu.qmp->execute("migrate-set-capabilities", caps_args);
     Result<json> set = ok(json::object());
     if (caps && next->m.config.multifd_channels > 0) {

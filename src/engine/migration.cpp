@@ -127,6 +127,15 @@ void from_json(const json& j, Migration& m) {
     m.target_dir = j.value("target_dir", "");
 }
 
+json migration_capabilities(bool multifd) {
+    json caps = json::array();
+    for (auto name : {"events", "pause-before-switchover"})
+        caps.push_back({{"capability", name}, {"state", true}});
+    if (multifd)
+        caps.push_back({{"capability", "multifd"}, {"state", true}});
+    return caps;
+}
+
 Progress progress_from_query_migrate(const json& info) {
     Progress p;
     p.qemu_status = info.value("status", "");

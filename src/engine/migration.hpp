@@ -66,6 +66,10 @@ struct Migration {
 void to_json(json& j, const Migration& m);
 void from_json(const json& j, Migration& m);
 
+// The migration capabilities ferry sets on both QEMUs: events, the pause
+// before switchover the engine answers, and multifd when asked for.
+json migration_capabilities(bool multifd);
+
 // Reads query-migrate's answer into progress (rates in bytes per second).
 Progress progress_from_query_migrate(const json& info);
 
