@@ -201,6 +201,12 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
     auto qmp = st.vm->qemu.qmp;
     st.switchover_started = true;
     engine_log()->info("migration {}: switching over", st.m.id);
+    // The guest is paused now: like QEMU with its own max-bandwidth, lift the
+    // shaping so the last round does not stretch the downtime.
+    if (st.bucket) {
+        shaper_.remove(st.m.id);
+        st.bucket->set_rate(0, transport::ShaperClock::now());
+    }
     if (st.m.progress.qemu_status == "pre-switchover") {
         json continue_args{{"state", "pre-switchover"}};
         auto cont = co_await qmp->execute("migrate-continue", continue_args);
