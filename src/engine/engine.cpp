@@ -414,10 +414,8 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
     if (target_peer) {
         st->remote = true;
         st->peer_address = target_peer->address;
-        asio::co_spawn(ex_, run_remote_migration(this, st), asio::detached);
-    } else {
-        asio::co_spawn(ex_, run_migration(this, st), asio::detached);
     }
+    asio::co_spawn(ex_, run_migration(this, st), asio::detached);
     return ok(json(m));
 }
 

@@ -102,7 +102,7 @@ private:
     // Cross-node migration (engine_remote.cpp): the source side...
     Result<void> start_peer_endpoint();
     const config::Peer* peer(const std::string& name) const;
-    static boost::asio::awaitable<void> run_remote_migration(Engine* self, std::shared_ptr<MigrationState> st);
+    boost::asio::awaitable<void> release_remote(MigrationState& st, bool failed);
     boost::asio::awaitable<Result<void>> prepare_remote_target(MigrationState& st);
     boost::asio::awaitable<Result<void>> start_remote_source(MigrationState& st);
     static boost::asio::awaitable<void> accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st);

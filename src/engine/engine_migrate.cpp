@@ -31,26 +31,43 @@ void Engine::set_phase(MigrationState& st, Phase phase) {
     engine_log()->info("migration {}: {}", st.m.id, to_string(phase));
 }
 
+// One migration from start to end; a cross-node one swaps in the remote
+// steps. (if/else, not ?:, around co_await: GCC 12.)
 asio::awaitable<void> Engine::run_migration(Engine* self, std::shared_ptr<MigrationState> st) {
     st->start = Clock::now();
     st->m.started_at = now_string();
     self->set_phase(*st, Phase::Scheduling);
-    // One node: the target is this node, nothing to place yet.
+    // No scheduler yet: the target is the node asked for.
     self->set_phase(*st, Phase::Scheduled);
-    auto r = co_await self->prepare_target(*st);
+    Result<void> r;
+    if (st->remote)
+        r = co_await self->prepare_remote_target(*st);
+    else
+        r = co_await self->prepare_target(*st);
     if (r && st->m.abort_requested)
         r = make_error(Errc::aborted, "aborted by request before the transfer started");
-    if (r)
-        r = co_await self->start_source(*st);
+    if (r) {
+        if (st->remote)
+            r = co_await self->start_remote_source(*st);
+        else
+            r = co_await self->start_source(*st);
+    }
     if (r)
         r = co_await self->watch(*st);
     if (r)
         r = co_await self->switch_over(*st);
-    if (!r) {
-        co_await self->fail(*st, r.error());
-        co_return;
+    if (r) {
+        if (st->remote)
+            r = co_await self->remote_hand_off(*st);
+        else
+            co_await self->hand_off(*st);
     }
-    co_await self->hand_off(*st);
+    if (st->remote)
+        co_await self->release_remote(*st, !r);
+    if (!r)
+        co_await self->fail(*st, r.error());
+    if (st->control)
+        st->control->close();
 }
 
 asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {

@@ -95,38 +95,18 @@ asio::awaitable<Result<json>> Engine::request(MigrationState& st, json message, 
     co_return reply;
 }
 
-asio::awaitable<void> Engine::run_remote_migration(Engine* self, std::shared_ptr<MigrationState> st) {
-    st->start = Clock::now();
-    st->m.started_at = now_string();
-    self->set_phase(*st, Phase::Scheduling);
-    self->set_phase(*st, Phase::Scheduled);
-    auto r = co_await self->prepare_remote_target(*st);
-    if (r && st->m.abort_requested)
-        r = make_error(Errc::aborted, "aborted by request before the transfer started");
-    if (r)
-        r = co_await self->start_remote_source(*st);
-    if (r)
-        r = co_await self->watch(*st);
-    if (r)
-        r = co_await self->switch_over(*st);
-    if (r)
-        r = co_await self->remote_hand_off(*st);
-    if (st->bucket)
-        self->shaper_.remove(st->m.id);
-    if (st->tunnel_acceptor) {
+asio::awaitable<void> Engine::release_remote(MigrationState& st, bool failed) {
+    if (st.bucket)
+        shaper_.remove(st.m.id);
+    if (st.tunnel_acceptor) {
         boost::system::error_code ec;
-        st->tunnel_acceptor->close(ec);
-        fs::remove(st->tunnel_socket, ec);
+        st.tunnel_acceptor->close(ec);
+        fs::remove(st.tunnel_socket, ec);
     }
-    if (!r) {
-        if (st->control && !st->switchover_started) {
-            json abort{{"type", "abort"}};
-            co_await st->control->write_frame(abort);
-        }
-        co_await self->fail(*st, r.error());
+    if (failed && st.control && !st.switchover_started) {
+        json abort{{"type", "abort"}};
+        co_await st.control->write_frame(abort);
     }
-    if (st->control)
-        st->control->close();
 }
 
 asio::awaitable<Result<void>> Engine::prepare_remote_target(MigrationState& st) {
