@@ -45,6 +45,7 @@ TEST(NodeConfig, DefaultsFollowKubeVirt) {
     EXPECT_FALSE(c->migration.allow_auto_converge);
     EXPECT_FALSE(c->migration.allow_post_copy);
     EXPECT_FALSE(c->migration.disable_tls);
+    EXPECT_EQ(c->migration.peer_timeout, 30);
     EXPECT_EQ(c->node.control_socket, "/run/ferry/ferryd.sock");
     EXPECT_EQ(c->node.log_level, "info");
 }

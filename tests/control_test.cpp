@@ -521,3 +521,31 @@ TEST_F(TwoNodes, SourceKilledMidMigrationLeavesTheVmOnTheSource) {
     auto check = check_memory(a());
     EXPECT_EQ(check.status, 0) << check.out << check.err;
 }
+
+TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
+    configure("bandwidth_per_migration = \"2Mi\"\npeer_timeout = 3");
+    start(a());
+    start(b());
+    create_on_a();
+    int pid = ctl_json(a(), "vm show demo")["pid"];
+    std::string id = ctl_json(a(), "migrate demo --to node-b")["id"];
+    ASSERT_EQ(wait_running(a(), id), "Running");
+    int target_qemu = ctl_json(b(), "migration show " + id)["target_pid"];
+    // Frozen, not dead: its connections stay open but nothing answers.
+    ::kill(b().pid, SIGSTOP);
+    auto done = wait_final(a(), id);
+    ::kill(b().pid, SIGCONT);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_NE(done["failure_reason"].get<std::string>().find("lost node node-b"), std::string::npos)
+        << done["failure_reason"];
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"], pid);
+    // The target, thawed, finds the source gone and drops its destination.
+    for (int i = 0; i < 100 && qemu_alive(target_qemu); ++i)
+        std::this_thread::sleep_for(100ms);
+    EXPECT_FALSE(qemu_alive(target_qemu));
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    auto check = check_memory(a());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+}

@@ -70,6 +70,7 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     r.get("disable_tls", m.disable_tls);
     r.get("max_downtime_ms", m.max_downtime_ms, 1, 2'000'000);
     r.get("multifd_channels", m.multifd_channels, 0, 255);
+    r.get("peer_timeout", m.peer_timeout, 3, 3600);
     r.finish();
 }
 
@@ -147,6 +148,7 @@ void to_json(nlohmann::json& j, const MigrationConfig& c) {
         {"disable_tls", c.disable_tls},
         {"max_downtime_ms", c.max_downtime_ms},
         {"multifd_channels", c.multifd_channels},
+        {"peer_timeout", c.peer_timeout},
     };
 }
 

@@ -22,6 +22,7 @@ struct MigrationConfig {
     bool disable_tls = false;
     std::int64_t max_downtime_ms = 300;
     std::int64_t multifd_channels = 0;
+    std::int64_t peer_timeout = 30; // seconds of silence after which a peer is dead
 };
 
 struct NodeSection {

@@ -25,8 +25,14 @@ using transport::Channel;
 namespace {
 
 constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
-constexpr auto keepalive_interval = 5s;
-constexpr auto peer_timeout = 30s; // a silent peer is dead after this
+// A ping every peer_timeout / 6 (5 s by default); silence for peer_timeout
+// ([migration] peer_timeout, 30 s by default) means the peer is dead.
+std::chrono::milliseconds keepalive_interval(const config::MigrationConfig& c) {
+    return std::chrono::milliseconds(c.peer_timeout * 1000 / 6);
+}
+std::chrono::milliseconds peer_timeout(const config::MigrationConfig& c) {
+    return std::chrono::seconds(c.peer_timeout);
+}
 
 asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
     asio::steady_timer t(co_await asio::this_coro::executor);
@@ -194,11 +200,11 @@ asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<Migra
 asio::awaitable<Result<void>> Engine::keepalive(MigrationState& st) {
     if (st.tunnel_error)
         co_return *st.tunnel_error;
-    if (Clock::now() - st.last_ping < keepalive_interval)
+    if (Clock::now() - st.last_ping < keepalive_interval(st.m.config))
         co_return Result<void>{};
     st.last_ping = Clock::now();
     json ping{{"type", "ping"}};
-    auto pong = co_await request(st, ping, peer_timeout);
+    auto pong = co_await request(st, ping, peer_timeout(st.m.config));
     if (!pong)
         co_return pong.error().wrap(fmt::format("lost node {}", st.m.target_node));
     if (pong->value("qemu", "running") != "running")
@@ -253,7 +259,9 @@ asio::awaitable<Result<void>> Engine::remote_hand_off(MigrationState& st) {
 asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> channel) {
     std::shared_ptr<Incoming> in;
     for (;;) {
-        auto msg = co_await channel->read_frame(peer_timeout);
+        // Before a prepare, our own setting; after it, the source's.
+        auto timeout = peer_timeout(in ? in->m.config : self->config_.migration);
+        auto msg = co_await channel->read_frame(timeout);
         if (!msg) {
             if (in && !in->finished)
                 co_await self->drop_incoming(in, fmt::format("control channel from {} lost: {}", channel->peer_node,

@@ -100,6 +100,7 @@ void from_json(const json& j, Migration& m) {
         cfg.disable_tls = c->value("disable_tls", cfg.disable_tls);
         cfg.max_downtime_ms = c->value("max_downtime_ms", cfg.max_downtime_ms);
         cfg.multifd_channels = c->value("multifd_channels", cfg.multifd_channels);
+        cfg.peer_timeout = c->value("peer_timeout", cfg.peer_timeout);
     }
     m.created_at = j.value("created_at", "");
     m.started_at = get_opt<std::string>(j, "started_at");
