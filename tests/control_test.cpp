@@ -421,6 +421,40 @@ address = "127.0.0.1:{7}"
     Node& a() { return nodes_[0]; }
     Node& b() { return nodes_[1]; }
 
+    // Both nodes up, the guest on node-a, and a slow (2 MiB/s) migration to
+    // node-b under way: what the peer-failure tests break.
+    struct Slow {
+        int vm_pid = -1;
+        std::string id;
+        int target_qemu = -1;
+    };
+    Slow start_slow_migration(const std::string& extra_migration_config = "") {
+        configure("bandwidth_per_migration = \"2Mi\"\n" + extra_migration_config);
+        start(a());
+        start(b());
+        create_on_a();
+        Slow m;
+        m.vm_pid = ctl_json(a(), "vm show demo")["pid"];
+        m.id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+        EXPECT_EQ(wait_running(a(), m.id), "Running");
+        m.target_qemu = ctl_json(b(), "migration show " + m.id)["target_pid"];
+        return m;
+    }
+    // The VM still runs in its own QEMU on node-a, memory intact.
+    void expect_home_on_a(const Slow& m) {
+        auto vm = ctl_json(a(), "vm show demo");
+        EXPECT_EQ(vm["status"], "running");
+        EXPECT_EQ(vm["pid"], m.vm_pid);
+        auto check = check_memory(a());
+        EXPECT_EQ(check.status, 0) << check.out << check.err;
+    }
+    void expect_target_dropped(const Slow& m) {
+        for (int i = 0; i < 100 && qemu_alive(m.target_qemu); ++i)
+            std::this_thread::sleep_for(100ms);
+        EXPECT_FALSE(qemu_alive(m.target_qemu)) << "a leftover destination QEMU on the target";
+        EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    }
+
     TempDir dir_;
     Node nodes_[2];
 };
@@ -473,79 +507,39 @@ TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {
 }
 
 TEST_F(TwoNodes, TargetKilledMidMigrationLeavesTheVmOnTheSource) {
-    configure("bandwidth_per_migration = \"2Mi\"");
-    start(a());
-    start(b());
-    create_on_a();
-    int pid = ctl_json(a(), "vm show demo")["pid"];
-    std::string id = ctl_json(a(), "migrate demo --to node-b")["id"];
-    ASSERT_EQ(wait_running(a(), id), "Running");
-    int target_qemu = ctl_json(b(), "migration show " + id)["target_pid"];
+    auto m = start_slow_migration();
     stop(b(), SIGKILL);
-    auto done = wait_final(a(), id);
+    auto done = wait_final(a(), m.id);
     EXPECT_EQ(done["phase"], "Failed");
     EXPECT_FALSE(done["failure_reason"].is_null());
-    auto vm = ctl_json(a(), "vm show demo");
-    EXPECT_EQ(vm["status"], "running");
-    EXPECT_EQ(vm["pid"], pid);
-    auto check = check_memory(a());
-    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    expect_home_on_a(m);
     // The target, restarted, removes the destination it had prepared.
     start(b());
-    EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Failed");
-    EXPECT_FALSE(qemu_alive(target_qemu)) << "a leftover destination QEMU on the target";
-    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    EXPECT_EQ(ctl_json(b(), "migration show " + m.id)["phase"], "Failed");
+    expect_target_dropped(m);
 }
 
 TEST_F(TwoNodes, SourceKilledMidMigrationLeavesTheVmOnTheSource) {
-    configure("bandwidth_per_migration = \"2Mi\"");
-    start(a());
-    start(b());
-    create_on_a();
-    int pid = ctl_json(a(), "vm show demo")["pid"];
-    std::string id = ctl_json(a(), "migrate demo --to node-b")["id"];
-    ASSERT_EQ(wait_running(a(), id), "Running");
-    int target_qemu = ctl_json(b(), "migration show " + id)["target_pid"];
+    auto m = start_slow_migration();
     stop(a(), SIGKILL);
     // The target notices the lost control channel and drops the destination.
-    for (int i = 0; i < 100 && qemu_alive(target_qemu); ++i)
-        std::this_thread::sleep_for(100ms);
-    EXPECT_FALSE(qemu_alive(target_qemu));
-    EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Failed");
-    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    expect_target_dropped(m);
+    EXPECT_EQ(ctl_json(b(), "migration show " + m.id)["phase"], "Failed");
     start(a());
-    auto vm = ctl_json(a(), "vm show demo");
-    EXPECT_EQ(vm["status"], "running");
-    EXPECT_EQ(vm["pid"], pid);
-    EXPECT_EQ(ctl_json(a(), "migration show " + id)["phase"], "Failed");
-    auto check = check_memory(a());
-    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    EXPECT_EQ(ctl_json(a(), "migration show " + m.id)["phase"], "Failed");
+    expect_home_on_a(m);
 }
 
 TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
-    configure("bandwidth_per_migration = \"2Mi\"\npeer_timeout = 3");
-    start(a());
-    start(b());
-    create_on_a();
-    int pid = ctl_json(a(), "vm show demo")["pid"];
-    std::string id = ctl_json(a(), "migrate demo --to node-b")["id"];
-    ASSERT_EQ(wait_running(a(), id), "Running");
-    int target_qemu = ctl_json(b(), "migration show " + id)["target_pid"];
+    auto m = start_slow_migration("peer_timeout = 3");
     // Frozen, not dead: its connections stay open but nothing answers.
     ::kill(b().pid, SIGSTOP);
-    auto done = wait_final(a(), id);
+    auto done = wait_final(a(), m.id);
     ::kill(b().pid, SIGCONT);
     EXPECT_EQ(done["phase"], "Failed");
     EXPECT_NE(done["failure_reason"].get<std::string>().find("lost node node-b"), std::string::npos)
         << done["failure_reason"];
-    auto vm = ctl_json(a(), "vm show demo");
-    EXPECT_EQ(vm["status"], "running");
-    EXPECT_EQ(vm["pid"], pid);
+    expect_home_on_a(m);
     // The target, thawed, finds the source gone and drops its destination.
-    for (int i = 0; i < 100 && qemu_alive(target_qemu); ++i)
-        std::this_thread::sleep_for(100ms);
-    EXPECT_FALSE(qemu_alive(target_qemu));
-    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
-    auto check = check_memory(a());
-    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    expect_target_dropped(m);
 }
