@@ -20,9 +20,7 @@ public:
                    std::string tag);
     void start();
     void stop();
-    const std::deque<Heartbeat>& heartbeats() const { return heartbeats_; }
     std::vector<Heartbeat> heartbeat_list() const { return {heartbeats_.begin(), heartbeats_.end()}; }
-    const std::string& tag() const { return tag_; }
     bool connected() const { return connected_; }
 
 private:

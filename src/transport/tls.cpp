@@ -1,7 +1,6 @@
 #include "transport/tls.hpp"
 
 #include <fmt/format.h>
-#include <openssl/err.h>
 #include <openssl/pem.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -14,15 +13,6 @@ namespace ferry::transport {
 namespace ssl = boost::asio::ssl;
 
 namespace {
-
-std::string openssl_error() {
-    unsigned long code = ERR_get_error();
-    char buf[256] = "unknown error";
-    if (code)
-        ERR_error_string_n(code, buf, sizeof buf);
-    ERR_clear_error();
-    return buf;
-}
 
 X509* read_cert(const std::string& path) {
     FILE* f = std::fopen(path.c_str(), "r");
@@ -111,7 +101,6 @@ Result<std::shared_ptr<TlsIdentity>> TlsIdentity::load(const TlsFiles& files, co
     if (named != self)
         return make_error(Errc::invalid_argument,
                           fmt::format("[tls] cert {} names node '{}', but this node is '{}'", files.cert, named, self));
-    (void)openssl_error;
     return id;
 }
 

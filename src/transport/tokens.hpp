@@ -19,7 +19,6 @@ public:
     std::string issue(const std::string& migration, int index);
     std::optional<TokenGrant> redeem(const std::string& token);
     void revoke(const std::string& migration);
-    std::size_t outstanding() const { return grants_.size(); }
 
 private:
     std::map<std::string, TokenGrant> grants_;
