@@ -7,6 +7,8 @@
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
+#include <sys/socket.h>
+
 #include <vector>
 
 namespace ferry::transport {
@@ -96,12 +98,24 @@ asio::awaitable<void> inbound(std::shared_ptr<Shared> s) {
     }
 }
 
+// A Unix socket queues ~200 KiB by default: each side of the tunnel would
+// stall on the other every few hundred microseconds. Queue a few tunnel
+// buffers instead (SO_*BUFFORCE as root, else up to the sysctl limit).
+void widen_buffers(int fd) {
+    int size = 4 * static_cast<int>(tunnel_buffer);
+    if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+    if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0)
+        setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+}
+
 } // namespace
 
 asio::awaitable<Result<TunnelStats>> run_tunnel(unix_socket qemu, std::shared_ptr<Channel> channel,
                                                 std::shared_ptr<TokenBucket> bucket) {
     using namespace asio::experimental::awaitable_operators;
     auto s = std::make_shared<Shared>(std::move(qemu), std::move(channel));
+    widen_buffers(s->qemu.native_handle());
     // Both directions run together; a failure in one closes both ends,
     // which stops the other. The peer ending its direction leaves the other
     // open (the return path may still carry data) until QEMU closes.
