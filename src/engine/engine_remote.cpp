@@ -5,6 +5,7 @@
 
 #include "engine/engine_internal.hpp"
 #include "engine/process.hpp"
+#include "transport/data_plane.hpp"
 #include "transport/tunnel.hpp"
 
 #include <boost/asio/as_tuple.hpp>
@@ -68,7 +69,10 @@ Result<void> Engine::start_peer_endpoint() {
     std::set<std::string> names;
     for (auto& p : config_.peers)
         names.insert(p.name);
-    peer_server_ = std::make_unique<transport::PeerServer>(ex_, config_.node.listen, tls_, config_.node.name, names);
+    // Peer connections live on the data plane, so that data channels are
+    // tunnelled there; control channels are served from here.
+    peer_server_ = std::make_unique<transport::PeerServer>(ex_, config_.node.listen, tls_, config_.node.name, names,
+                                                           transport::data_plane());
     Engine* self = this;
     peer_server_->on_control([self](std::shared_ptr<Channel> c) {
         asio::co_spawn(self->ex_, serve_peer(self, std::move(c)), asio::detached);
@@ -84,6 +88,18 @@ Result<void> Engine::start_peer_endpoint() {
     shaper_.set_cap(config_.node.max_migration_bandwidth);
     return peer_server_->start();
 }
+
+namespace {
+// Runs a tunnel on the data plane (which owns both sockets) and resumes the
+// caller on its own executor with the outcome.
+asio::awaitable<Result<transport::TunnelStats>> tunnel_on_data_plane(asio::local::stream_protocol::socket qemu,
+                                                                      std::shared_ptr<Channel> channel,
+                                                                      std::shared_ptr<transport::TokenBucket> bucket) {
+    auto task = transport::run_tunnel(std::move(qemu), std::move(channel), std::move(bucket));
+    auto r = co_await asio::co_spawn(transport::data_plane(), std::move(task), asio::use_awaitable);
+    co_return r;
+}
+} // namespace
 
 // --- source side -------------------------------------------------------------
 
@@ -166,8 +182,9 @@ asio::awaitable<Result<void>> Engine::start_remote_source(MigrationState& st) {
 }
 
 asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st) {
+    auto data_ex = transport::data_plane();
     for (std::size_t index = 0;; ++index) {
-        auto [ec, conn] = co_await st->tunnel_acceptor->async_accept(nothrow);
+        auto [ec, conn] = co_await st->tunnel_acceptor->async_accept(data_ex, nothrow);
         if (ec)
             co_return;
         if (index >= st->tokens.size()) {
@@ -177,7 +194,7 @@ asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<Migra
             co_return;
         }
         // Opened one after the other, so the target sees QEMU's order.
-        auto data = co_await transport::open_data(self->ex_, st->peer_address, st->m.target_node, st->tokens[index], self->tls_);
+        auto data = co_await transport::open_data(data_ex, st->peer_address, st->m.target_node, st->tokens[index], self->tls_);
         if (!data) {
             st->tunnel_error = data.error().wrap(fmt::format("data channel {}", index));
             st->wake_up();
@@ -187,7 +204,7 @@ asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<Migra
             self->ex_,
             [](std::shared_ptr<MigrationState> s, asio::local::stream_protocol::socket q,
                std::shared_ptr<Channel> c, std::size_t i) -> asio::awaitable<void> {
-                auto r = co_await transport::run_tunnel(std::move(q), std::move(c), s->bucket);
+                auto r = co_await tunnel_on_data_plane(std::move(q), std::move(c), s->bucket);
                 if (!r && !s->tunnel_error && !s->switchover_started) {
                     s->tunnel_error = r.error().wrap(fmt::format("data channel {}", i));
                     s->wake_up();
@@ -371,7 +388,7 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
     co_return ready;
 }
 
-asio::awaitable<void> Engine::deliver(Engine* self, std::shared_ptr<Incoming> in, int index,
+asio::awaitable<void> Engine::deliver(Engine*, std::shared_ptr<Incoming> in, int index,
                                       std::shared_ptr<Channel> channel) {
     // QEMU tells its channels apart partly by accept order: connect them to
     // the destination in the order the source QEMU opened them.
@@ -380,7 +397,7 @@ asio::awaitable<void> Engine::deliver(Engine* self, std::shared_ptr<Incoming> in
         in->order.expires_after(5ms);
         co_await in->order.async_wait(nothrow);
     }
-    asio::local::stream_protocol::socket qemu(self->ex_);
+    asio::local::stream_protocol::socket qemu(transport::data_plane());
     auto [ec] = co_await qemu.async_connect(asio::local::stream_protocol::endpoint(in->qemu.migrate_socket()), nothrow);
     in->next_index = std::max(in->next_index, index + 1);
     if (ec) {
@@ -388,7 +405,7 @@ asio::awaitable<void> Engine::deliver(Engine* self, std::shared_ptr<Incoming> in
         channel->close();
         co_return;
     }
-    auto r = co_await transport::run_tunnel(std::move(qemu), channel, nullptr);
+    auto r = co_await tunnel_on_data_plane(std::move(qemu), channel, nullptr);
     if (!r)
         engine_log()->debug("migration {}: data channel {} ended: {}", in->m.id, index, r.error().message);
 }

@@ -7,6 +7,7 @@
 #include <boost/asio/ssl/error.hpp>
 #include <boost/asio/ssl/host_name_verification.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
@@ -24,9 +25,12 @@ Error io_error(const boost::system::error_code& ec, std::string_view what) {
 }
 
 // Cancels the socket's work when the deadline passes; tells whether it did.
+// The timer runs on the awaiting coroutine's executor, which may not be the
+// socket's (data channels live on the data plane), so the timer is only ever
+// touched from one thread.
 class Deadline {
 public:
-    Deadline(tcp::socket& socket, std::chrono::milliseconds timeout) : timer_(socket.get_executor()) {
+    Deadline(asio::any_io_executor ex, tcp::socket& socket, std::chrono::milliseconds timeout) : timer_(ex) {
         timer_.expires_after(timeout);
         timer_.async_wait([this, &socket](boost::system::error_code ec) {
             if (!ec) {
@@ -125,7 +129,8 @@ void Channel::close() {
 }
 
 asio::awaitable<Result<nlohmann::json>> Channel::read_frame(std::chrono::milliseconds timeout) {
-    Deadline deadline(socket(), timeout);
+    auto ex = co_await asio::this_coro::executor;
+    Deadline deadline(ex, socket(), timeout);
     FrameDecoder decoder;
     decoder.feed(pending_.data(), pending_.size());
     pending_.clear();
@@ -182,9 +187,10 @@ dial(asio::any_io_executor ex, const std::string& address, const std::string& ex
     auto ep = parse_endpoint(address);
     if (!ep)
         co_return ep.error();
+    auto self_ex = co_await asio::this_coro::executor;
     tcp::socket socket(ex);
     {
-        Deadline deadline(socket, timeout);
+        Deadline deadline(self_ex, socket, timeout);
         auto [ec] = co_await socket.async_connect(*ep, nothrow);
         if (deadline.expired())
             co_return make_error(Errc::timeout, fmt::format("connecting to {} ({}): no answer within {} ms",
@@ -199,7 +205,7 @@ dial(asio::any_io_executor ex, const std::string& address, const std::string& ex
     } else {
         auto stream = std::make_unique<TlsStream>(std::move(socket), tls->client());
         stream->set_verify_callback(asio::ssl::host_name_verification(expected_node));
-        Deadline deadline(stream->next_layer(), timeout);
+        Deadline deadline(self_ex, stream->next_layer(), timeout);
         auto [ec] = co_await stream->async_handshake(asio::ssl::stream_base::client, nothrow);
         if (deadline.expired())
             co_return make_error(Errc::timeout, fmt::format("TLS handshake with {} ({}): no answer within {} ms",

@@ -31,8 +31,8 @@ nlohmann::json data_hello(const std::string& token) {
 }
 
 PeerServer::PeerServer(asio::any_io_executor ex, std::string listen, std::shared_ptr<TlsIdentity> tls,
-                       std::string self, std::set<std::string> peers)
-    : ex_(ex), listen_(std::move(listen)), tls_(std::move(tls)), self_(std::move(self)),
+                       std::string self, std::set<std::string> peers, asio::any_io_executor sockets_ex)
+    : ex_(ex), sockets_ex_(sockets_ex ? sockets_ex : ex), listen_(std::move(listen)), tls_(std::move(tls)), self_(std::move(self)),
       peers_(std::move(peers)), acceptor_(ex) {}
 
 PeerServer::~PeerServer() {
@@ -78,7 +78,7 @@ void PeerServer::refuse(const std::string& from, const std::string& why) {
 asio::awaitable<void> PeerServer::accept_loop(PeerServer* self) {
     auto alive = self->alive_;
     for (;;) {
-        auto [ec, socket] = co_await self->acceptor_.async_accept(nothrow);
+        auto [ec, socket] = co_await self->acceptor_.async_accept(self->sockets_ex_, nothrow);
         if (!*alive || !self->acceptor_.is_open())
             co_return;
         if (ec)

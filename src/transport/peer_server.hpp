@@ -19,8 +19,11 @@ public:
     using ControlHandler = std::function<void(std::shared_ptr<Channel>)>;
     using DataHandler = std::function<void(TokenGrant, std::shared_ptr<Channel>)>;
 
+    // Handlers run on ex; accepted sockets live on sockets_ex (the data
+    // plane in ferryd, so data channels can be tunnelled there), or on ex
+    // when none is given.
     PeerServer(asio::any_io_executor ex, std::string listen, std::shared_ptr<TlsIdentity> tls,
-               std::string self, std::set<std::string> peers);
+               std::string self, std::set<std::string> peers, asio::any_io_executor sockets_ex = {});
     ~PeerServer();
 
     void on_control(ControlHandler h) { on_control_ = std::move(h); }
@@ -40,6 +43,7 @@ private:
     void refuse(const std::string& from, const std::string& why);
 
     asio::any_io_executor ex_;
+    asio::any_io_executor sockets_ex_;
     std::string listen_;
     std::shared_ptr<TlsIdentity> tls_;
     std::string self_;

@@ -10,6 +10,7 @@ double burst_for(std::uint64_t rate) { return std::max(rate * 0.05, 256.0 * 1024
 } // namespace
 
 void TokenBucket::set_rate(std::uint64_t rate_bps, ShaperClock::time_point now) {
+    std::lock_guard lock(mutex_);
     refill(now);
     rate_ = rate_bps;
     burst_ = burst_for(rate_bps);
@@ -30,6 +31,7 @@ void TokenBucket::refill(ShaperClock::time_point now) {
 }
 
 std::chrono::nanoseconds TokenBucket::take(std::size_t n, ShaperClock::time_point now) {
+    std::lock_guard lock(mutex_);
     if (rate_ == 0)
         return std::chrono::nanoseconds(0);
     refill(now);

@@ -8,6 +8,7 @@
 #include <chrono>
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 
@@ -15,6 +16,7 @@ namespace ferry::transport {
 
 using ShaperClock = std::chrono::steady_clock;
 
+// Thread-safe: the data plane takes, the control plane re-rates.
 class TokenBucket {
 public:
     // Starts full: the first burst goes out at once.
@@ -24,13 +26,17 @@ public:
     }
     // 0 = unlimited.
     void set_rate(std::uint64_t rate_bps, ShaperClock::time_point now);
-    std::uint64_t rate() const { return rate_; }
+    std::uint64_t rate() const {
+        std::lock_guard lock(mutex_);
+        return rate_;
+    }
     // Takes n bytes; returns how long the caller must wait before sending
     // them (zero when within the budget).
     std::chrono::nanoseconds take(std::size_t n, ShaperClock::time_point now);
 
 private:
     void refill(ShaperClock::time_point now);
+    mutable std::mutex mutex_;
     std::uint64_t rate_ = 0;
     double burst_ = 0;
     double tokens_ = 0; // may go negative: debt to wait out
