@@ -1,5 +1,6 @@
 // src/engine: unit tests of the pure parts, integration tests of migrations
 // of the test guest in real QEMU processes.
+#include "engine/convergence.hpp"
 #include "engine/engine.hpp"
 #include "engine/heartbeat.hpp"
 #include "engine/migration.hpp"
@@ -109,27 +110,173 @@ TEST(Progress, ReadsQueryMigrate) {
     EXPECT_EQ(p.expected_downtime_ms, 300);
 }
 
-TEST(TimeoutWatch, ProgressTimeoutNeedsNoNewLow) {
-    TimeoutWatch w(10, 0, 1ULL << 30);
-    EXPECT_FALSE(w.observe(0ms, 1000));
-    EXPECT_FALSE(w.observe(5000ms, 900));   // new low
-    EXPECT_FALSE(w.observe(14000ms, 950));  // 9 s since the low
-    auto r = w.observe(15500ms, 920);       // 10.5 s since the low
-    ASSERT_TRUE(r);
-    EXPECT_NE(r->find("progress timeout"), std::string::npos);
-    EXPECT_NE(r->find("900"), std::string::npos) << *r;
+namespace {
+constexpr std::uint64_t MiB = 1ULL << 20;
+
+// Feeds the model one sample a second: transfer at t MiB/s, the guest
+// dirtying d MiB/s, a round every `round` seconds, `remaining` left.
+struct Feed {
+    ConvergenceModel model;
+    std::int64_t second = 0;
+    std::uint64_t sent = 0;
+    void tick(std::uint64_t t, std::uint64_t d, std::uint64_t remaining, std::int64_t iteration) {
+        ++second;
+        sent += t * MiB;
+        model.observe({std::chrono::milliseconds(second * 1000), sent, remaining, d * MiB, iteration, 0});
+    }
+};
+
+ferry::config::MigrationConfig strategy_config() {
+    ferry::config::MigrationConfig c;
+    c.max_downtime_ms = 300;
+    c.progress_timeout = 0;
+    c.completion_timeout_per_gib = 0;
+    return c;
+}
+} // namespace
+
+TEST(ConvergenceModel, UnknownUntilTheFirstFullRound) {
+    Feed f;
+    f.tick(64, 0, 500 * MiB, 1);
+    f.tick(64, 0, 436 * MiB, 1);
+    auto p = f.model.predict(300);
+    EXPECT_FALSE(p.known);
+    EXPECT_EQ(p.transfer_rate_bps, 64 * MiB);
+    EXPECT_NEAR(p.time_left_ms, 436 * 1000 / 64, 2); // the rest of the first round
 }
 
-TEST(TimeoutWatch, CompletionTimeoutScalesWithSize) {
-    TimeoutWatch w(0, 800, 1ULL << 29); // 0.5 GiB -> 400 s
-    EXPECT_EQ(w.completion_limit(), 400000ms);
-    EXPECT_FALSE(w.observe(399000ms, 10));
-    auto r = w.observe(401000ms, 5);
-    ASSERT_TRUE(r);
-    EXPECT_NE(r->find("completion timeout"), std::string::npos);
-    EXPECT_NE(r->find("800 s per GiB"), std::string::npos) << *r;
-    TimeoutWatch none(0, 0, 1ULL << 30);
-    EXPECT_FALSE(none.observe(100000000ms, 1));
+TEST(ConvergenceModel, SlowDirtyingConvergesAndPredictsTimeLeft) {
+    Feed f;
+    for (int i = 0; i < 5; ++i)
+        f.tick(64, 16, 96 * MiB, 2 + i);
+    auto p = f.model.predict(300);
+    ASSERT_TRUE(p.known);
+    EXPECT_TRUE(p.converges);
+    EXPECT_EQ(p.dirty_rate_bps, 16 * MiB);
+    EXPECT_EQ(p.expected_downtime_ms, 1500); // 96 MiB at 64 MiB/s
+    EXPECT_EQ(p.time_left_ms, 2000);         // 96 / (64 - 16)
+}
+
+TEST(ConvergenceModel, FastDirtyingDoesNotConverge) {
+    Feed f;
+    for (int i = 0; i < 5; ++i)
+        f.tick(16, 40, 64 * MiB, 2 + i);
+    auto p = f.model.predict(300);
+    EXPECT_TRUE(p.known);
+    EXPECT_FALSE(p.converges);
+    EXPECT_EQ(p.time_left_ms, -1);
+    EXPECT_EQ(p.expected_downtime_ms, 4000);
+    // A limit that covers the whole rest converges at once.
+    EXPECT_TRUE(f.model.predict(4000).converges);
+}
+
+TEST(ConvergenceModel, TransferRateIsSmoothed) {
+    Feed f;
+    f.tick(100, 0, 1000 * MiB, 1);
+    f.tick(100, 0, 900 * MiB, 1);
+    f.tick(20, 0, 880 * MiB, 1); // one slow second
+    auto p = f.model.predict(300);
+    EXPECT_GT(p.transfer_rate_bps, 20 * MiB);
+    EXPECT_LT(p.transfer_rate_bps, 100 * MiB);
+}
+
+TEST(Strategy, RaisesDowntimeOnlyWhileNeededThenStops) {
+    Strategy s(strategy_config(), 1ULL << 30, false);
+    EXPECT_EQ(s.initial_downtime_ms(), 75); // a quarter of 300
+    Prediction converging{64 * MiB, 16 * MiB, true, true, 50, 2000};
+    auto d = s.step(5000ms, converging, 3, 10 * MiB);
+    EXPECT_FALSE(d.downtime_limit_ms) << "converging: nothing to do";
+
+    Prediction stuck{64 * MiB, 80 * MiB, true, false, 120, -1};
+    d = s.step(6000ms, stuck, 4, 8 * MiB);
+    ASSERT_TRUE(d.downtime_limit_ms);
+    EXPECT_EQ(*d.downtime_limit_ms, 150); // doubled (120 ms x 1.2 is less)
+    d = s.step(6500ms, stuck, 4, 8 * MiB);
+    EXPECT_FALSE(d.downtime_limit_ms) << "one change per round";
+    stuck.expected_downtime_ms = 1000;
+    d = s.step(8000ms, stuck, 5, 8 * MiB);
+    ASSERT_TRUE(d.downtime_limit_ms);
+    EXPECT_EQ(*d.downtime_limit_ms, 300); // capped at max_downtime_ms
+    d = s.step(9000ms, stuck, 6, 8 * MiB);
+    EXPECT_FALSE(d.downtime_limit_ms);
+    EXPECT_FALSE(d.throttle_percent) << "auto-converge not allowed";
+    EXPECT_FALSE(d.start_postcopy);
+}
+
+TEST(Strategy, ThrottlesFromTheMeasuredRatesAndStepsUp) {
+    auto c = strategy_config();
+    c.max_downtime_ms = 30; // already at the floor: no downtime steps
+    c.allow_auto_converge = true;
+    Strategy s(c, 1ULL << 30, false);
+    Prediction stuck{16 * MiB, 64 * MiB, true, false, 4000, -1};
+    auto d = s.step(5000ms, stuck, 3, 64 * MiB);
+    ASSERT_TRUE(d.throttle_percent);
+    // 64 MiB/s unthrottled, aim 8 MiB/s: 88%, but at most 40 points a step.
+    EXPECT_EQ(*d.throttle_percent, 40);
+    stuck.dirty_rate_bps = 38 * MiB; // 40% off: 64 -> 38
+    d = s.step(9000ms, stuck, 4, 64 * MiB);
+    ASSERT_TRUE(d.throttle_percent);
+    EXPECT_EQ(*d.throttle_percent, 80);
+    stuck.dirty_rate_bps = 13 * MiB;
+    d = s.step(12000ms, stuck, 5, 64 * MiB);
+    ASSERT_TRUE(d.throttle_percent);
+    EXPECT_EQ(*d.throttle_percent, 90); // 1 - 8/65 = 88% < 80 + 10
+    for (int i = 6; i < 10; ++i)
+        d = s.step(std::chrono::milliseconds(13000 + i * 1000), stuck, i, 64 * MiB);
+    EXPECT_EQ(s.throttle_percent(), Strategy::max_throttle);
+}
+
+TEST(Strategy, PostcopyAfterAFewRoundsWithoutConvergence) {
+    auto c = strategy_config();
+    c.max_downtime_ms = 30;
+    c.allow_post_copy = true;
+    Strategy s(c, 1ULL << 30, true);
+    Prediction stuck{16 * MiB, 64 * MiB, true, false, 4000, -1};
+    EXPECT_FALSE(s.step(5000ms, stuck, 3, 64 * MiB).start_postcopy);
+    EXPECT_FALSE(s.step(6000ms, stuck, 4, 64 * MiB).start_postcopy);
+    auto d = s.step(7000ms, stuck, 5, 64 * MiB);
+    EXPECT_TRUE(d.start_postcopy);
+    EXPECT_NE(d.why.find("post-copy"), std::string::npos);
+    // Once in post-copy no timeout or lever applies.
+    EXPECT_FALSE(s.step(1000000s, stuck, 6, 64 * MiB).fail);
+
+    Strategy no_multifd(c, 1ULL << 30, false); // post-copy impossible (multifd)
+    for (int i = 3; i < 10; ++i)
+        EXPECT_FALSE(no_multifd.step(std::chrono::milliseconds(i * 1000), stuck, i, 64 * MiB).start_postcopy);
+}
+
+TEST(Strategy, CompletionTimeoutFailsNamingTheRatesOrSwitchesToPostcopy) {
+    auto c = strategy_config();
+    c.completion_timeout_per_gib = 80; // 0.125 GiB -> 10 s
+    Strategy s(c, 128 * MiB, false);
+    Prediction stuck{8 * MiB, 32 * MiB, true, false, 4000, -1};
+    EXPECT_FALSE(s.step(9000ms, stuck, 6, 32 * MiB).fail);
+    auto d = s.step(10500ms, stuck, 7, 32 * MiB);
+    ASSERT_TRUE(d.fail);
+    EXPECT_NE(d.fail->find("completion timeout"), std::string::npos) << *d.fail;
+    EXPECT_NE(d.fail->find("dirty rate 32.0 MiB/s > transfer rate 8.0 MiB/s after 7 iterations"), std::string::npos)
+        << *d.fail;
+    EXPECT_NE(d.fail->find("auto-converge and post-copy not allowed"), std::string::npos) << *d.fail;
+
+    c.allow_post_copy = true;
+    Strategy pc(c, 128 * MiB, true);
+    d = pc.step(10500ms, stuck, 7, 32 * MiB);
+    EXPECT_FALSE(d.fail);
+    EXPECT_TRUE(d.start_postcopy);
+}
+
+TEST(Strategy, ProgressTimeoutNeedsNoNewLow) {
+    auto c = strategy_config();
+    c.progress_timeout = 10;
+    Strategy s(c, 1ULL << 30, false);
+    Prediction p{8 * MiB, 32 * MiB, true, false, 4000, -1};
+    EXPECT_FALSE(s.step(0ms, p, 1, 1000 * MiB).fail);
+    EXPECT_FALSE(s.step(5000ms, p, 2, 900 * MiB).fail);  // new low
+    EXPECT_FALSE(s.step(14000ms, p, 3, 950 * MiB).fail); // 9 s since the low
+    auto d = s.step(15500ms, p, 4, 920 * MiB);          // 10.5 s since the low
+    ASSERT_TRUE(d.fail);
+    EXPECT_NE(d.fail->find("progress timeout: remaining 900.0 MiB did not fall for 10.5 s"), std::string::npos)
+        << *d.fail;
 }
 
 TEST(MigrationObject, CarriesTheDesignFields) {

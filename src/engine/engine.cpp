@@ -446,6 +446,12 @@ Result<json> Engine::abort_migration(const std::string& id) {
         return make_error(Errc::conflict, fmt::format("migration {} is driven by node {}: abort it there", id, st.m.source_node));
     if (is_final(st.m.phase))
         return make_error(Errc::conflict, fmt::format("migration {} already ended ({})", id, to_string(st.m.phase)));
+    if (st.m.mode == "postcopy")
+        return make_error(Errc::conflict,
+                          fmt::format("migration {} is in post-copy: the VM already runs on {} and part of its "
+                                      "memory is still only on {}, so neither side can be abandoned; ferry "
+                                      "finishes it (and recovers the connection if it breaks)",
+                                      id, st.m.target_node, st.m.source_node));
     if (st.switchover_started)
         return make_error(Errc::conflict,
                           fmt::format("migration {} is switching over: the destination has the VM's "

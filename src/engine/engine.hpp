@@ -92,6 +92,9 @@ private:
     boost::asio::awaitable<Result<void>> begin_source(MigrationState& st);
     boost::asio::awaitable<Result<void>> send_migration(MigrationState& st, json params, std::string uri);
     boost::asio::awaitable<Result<void>> watch(MigrationState& st);
+    // Feeds the model, applies the strategy's decision (engine_converge.cpp).
+    boost::asio::awaitable<Result<void>> converge(MigrationState& st, std::chrono::milliseconds elapsed);
+    void release_throttle(MigrationState& st);
     boost::asio::awaitable<void> cancel_source(MigrationState& st);
     boost::asio::awaitable<Result<void>> switch_over(MigrationState& st);
     boost::asio::awaitable<void> hand_off(MigrationState& st);
@@ -110,11 +113,19 @@ private:
     boost::asio::awaitable<Result<void>> remote_hand_off(MigrationState& st);
     boost::asio::awaitable<Result<nlohmann::json>> request(MigrationState& st, nlohmann::json message,
                                                            std::chrono::milliseconds timeout);
+    // In post-copy the control channel may have to be dialled again.
+    boost::asio::awaitable<Result<nlohmann::json>> request_reconnecting(MigrationState& st, nlohmann::json message,
+                                                                        std::chrono::milliseconds timeout);
+    Result<void> listen_tunnels(MigrationState& st, const std::string& path);
+    boost::asio::awaitable<Result<void>> start_remote_postcopy(MigrationState& st);
+    boost::asio::awaitable<Result<void>> recover_postcopy(MigrationState& st);
     // ...and the target side.
     static boost::asio::awaitable<void> serve_peer(Engine* self, std::shared_ptr<transport::Channel> channel);
     boost::asio::awaitable<nlohmann::json> handle_prepare(std::shared_ptr<Incoming>& in, const nlohmann::json& msg,
                                                           std::shared_ptr<transport::Channel> channel);
     boost::asio::awaitable<nlohmann::json> handle_finish(Incoming& in, const nlohmann::json& msg);
+    boost::asio::awaitable<nlohmann::json> handle_start(Incoming& in);
+    boost::asio::awaitable<nlohmann::json> handle_recover(Incoming& in);
     static boost::asio::awaitable<void> deliver(Engine* self, std::shared_ptr<Incoming> in, int index,
                                                 std::shared_ptr<transport::Channel> channel);
     boost::asio::awaitable<void> drop_incoming(std::shared_ptr<Incoming> in, const std::string& why);

@@ -1,7 +1,9 @@
 #pragma once
 // Private to the engine's .cpp files.
 #include "common/log.hpp"
+#include "engine/convergence.hpp"
 #include "engine/engine.hpp"
+#include "engine/throttle.hpp"
 
 namespace ferry::engine {
 
@@ -23,6 +25,13 @@ struct Engine::MigrationState {
     }
     json last_info;                 // last query-migrate answer from the source
 
+    // Convergence (engine_converge.cpp).
+    ConvergenceModel model;
+    std::optional<Strategy> strategy;
+    std::unique_ptr<CpuThrottle> throttle;
+    bool postcopy_running = false; // the destination was told to run
+    int recoveries = 0;            // post-copy recoveries so far
+
     // Cross-node only.
     bool remote = false;
     std::string peer_address;
@@ -30,6 +39,7 @@ struct Engine::MigrationState {
     std::vector<std::string> tokens;
     std::unique_ptr<boost::asio::local::stream_protocol::acceptor> tunnel_acceptor;
     std::string tunnel_socket;
+    std::vector<std::unique_ptr<boost::asio::local::stream_protocol::acceptor>> retired_acceptors;
     std::shared_ptr<transport::TokenBucket> bucket;
     std::optional<Error> tunnel_error;
     Clock::time_point last_ping;
@@ -45,6 +55,9 @@ struct Engine::Incoming {
     int next_index = 0;              // data channels reach QEMU in this order
     boost::asio::steady_timer order; // woken when next_index moves
     bool finished = false;
+    bool postcopy = false;      // running here while pages still arrive: never drop it
+    std::string listen_socket;  // where QEMU listens (changes with each post-copy recovery)
+    int recoveries = 0;
 };
 
 // QEMU 7.2 has no "unlimited" max-bandwidth: 1 TiB/s stands for it.

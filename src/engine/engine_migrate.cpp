@@ -54,6 +54,7 @@ asio::awaitable<void> Engine::run_migration(Engine* self, std::shared_ptr<Migrat
     }
     if (r)
         r = co_await self->watch(*st);
+    self->release_throttle(*st); // however the pre-copy ended
     if (r)
         r = co_await self->switch_over(*st);
     if (r) {
@@ -85,7 +86,7 @@ asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {
         if (auto s = weak.lock())
             s->wake_up();
     });
-    json caps_args{{"capabilities", migration_capabilities(false)}};
+    json caps_args{{"capabilities", migration_capabilities(false, postcopy_enabled(st.m.config))}};
     auto caps = co_await st.target.qmp->execute("migrate-set-capabilities", caps_args);
     if (!caps)
         co_return caps.error().wrap("preparing the destination");
@@ -104,6 +105,8 @@ asio::awaitable<Result<void>> Engine::begin_source(MigrationState& st) {
     if (!status)
         co_return status.error().wrap("reading the source's state");
     st.source_was_running = (*status).value("running", false);
+    std::uint64_t data_bytes = st.vm->record.spec->memory; // + local disks once they are mirrored
+    st.strategy.emplace(st.m.config, data_bytes, postcopy_enabled(st.m.config));
 
     std::weak_ptr<MigrationState> weak = migrations_[st.m.id];
     st.source_subscription = qmp->subscribe([weak](const qmp::Event& e) {
@@ -120,11 +123,14 @@ asio::awaitable<Result<void>> Engine::begin_source(MigrationState& st) {
 
 asio::awaitable<Result<void>> Engine::send_migration(MigrationState& st, json params, std::string uri) {
     auto qmp = st.vm->qemu.qmp;
-    json caps_args{{"capabilities", migration_capabilities(params.contains("multifd-channels"))}};
+    json caps_args{{"capabilities", migration_capabilities(params.contains("multifd-channels"),
+                                                           postcopy_enabled(st.m.config))}};
     auto caps = co_await qmp->execute("migrate-set-capabilities", caps_args);
     if (!caps)
         co_return caps.error().wrap("configuring the source");
-    params["downtime-limit"] = st.m.config.max_downtime_ms;
+    // The strategy starts low and raises it only while it has to.
+    params["downtime-limit"] = st.strategy->initial_downtime_ms();
+    st.m.progress.downtime_limit_ms = st.strategy->initial_downtime_ms();
     auto set = co_await qmp->execute("migrate-set-parameters", params);
     if (!set)
         co_return set.error().wrap("configuring the source");
@@ -158,13 +164,10 @@ asio::awaitable<void> Engine::cancel_source(MigrationState& st) {
 
 asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
     auto qmp = st.vm->qemu.qmp;
-    std::uint64_t data_bytes = st.vm->record.spec->memory;
-    TimeoutWatch timeouts(st.m.config.progress_timeout, st.m.config.completion_timeout_per_gib, data_bytes);
-
     auto target_gone = [&] { return !st.remote && (!st.target.qmp->connected() || !process_alive(st.target.pid)); };
 
     for (;;) {
-        if (st.m.abort_requested) {
+        if (st.m.abort_requested && st.m.mode != "postcopy") {
             co_await cancel_source(st);
             co_return make_error(Errc::aborted, "aborted by request");
         }
@@ -198,10 +201,13 @@ asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
             }
             if (status == "cancelled")
                 co_return make_error(Errc::aborted, "the migration was cancelled inside QEMU");
+            if (status == "postcopy-active" || status == "postcopy-paused")
+                co_return Result<void>{}; // pause-before-switchover did not apply: switch_over follows it
             auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - st.start);
-            if (auto reason = timeouts.observe(elapsed, st.m.progress.remaining_bytes)) {
+            auto decided = co_await converge(st, elapsed);
+            if (!decided) {
                 co_await cancel_source(st);
-                co_return make_error(Errc::timeout, *reason);
+                co_return decided;
             }
         }
         // An event that came while we were busy must not wait out the poll
@@ -230,13 +236,17 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
         if (!cont)
             co_return cont.error().wrap("switching over");
     }
+    // Pre-copy's last round is short; post-copy lasts as long as the rest of
+    // the memory takes, and survives a broken connection (recovered below).
     auto deadline = Clock::now() + 120s;
     for (;;) {
         auto info = co_await qmp->execute("query-migrate");
         if (!info)
             co_return info.error().wrap("switching over");
         st.last_info = *info;
+        auto iteration = st.m.progress.iteration;
         st.m.progress = progress_from_query_migrate(*info);
+        st.m.progress.iteration = std::max(iteration, st.m.progress.iteration);
         auto status = st.m.progress.qemu_status;
         // QEMU 7.2 announces "completed" a moment before it fills in
         // total-time and downtime: wait for them (briefly).
@@ -245,6 +255,28 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
         if (status == "failed" || status == "cancelled")
             co_return make_error(Errc::qemu, fmt::format("the switchover failed: {}",
                                                          (*info).value("error-desc", status)));
+        if (st.m.mode == "postcopy") {
+            deadline = Clock::now() + 120s;
+            if (status == "postcopy-active" && st.remote && !st.postcopy_running) {
+                auto run = co_await start_remote_postcopy(st);
+                if (!run)
+                    engine_log()->warn("migration {}: starting the VM on {}: {} (retrying)", st.m.id,
+                                       st.m.target_node, run.error().message);
+            }
+            if (status == "postcopy-paused") {
+                if (!st.remote)
+                    co_return make_error(Errc::qemu, "post-copy paused on a same-node migration (QEMU lost its socket)");
+                auto recovered = co_await recover_postcopy(st);
+                if (!recovered) {
+                    engine_log()->warn("migration {}: post-copy recovery: {} (retrying in 2 s; the VM is kept on both "
+                                       "nodes until it completes)",
+                                       st.m.id, recovered.error().message);
+                    co_await sleep_for(ex_, 2s);
+                }
+            }
+            co_await sleep_for(ex_, 100ms);
+            continue;
+        }
         if (Clock::now() > deadline)
             co_return make_error(Errc::timeout, "the switchover did not complete within 120 s");
         co_await sleep_for(ex_, 20ms);

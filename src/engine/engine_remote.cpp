@@ -159,18 +159,9 @@ asio::awaitable<Result<void>> Engine::start_remote_source(MigrationState& st) {
         co_return begun;
     // QEMU sends to our socket; each connection it opens gets its own data
     // channel, in order.
-    st.tunnel_socket = vm_dir(st.vm->record.name) + "/tunnel.sock";
-    std::error_code fec;
-    fs::remove(st.tunnel_socket, fec);
-    st.tunnel_acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(ex_);
-    boost::system::error_code ec;
-    st.tunnel_acceptor->open(asio::local::stream_protocol(), ec);
-    if (!ec)
-        st.tunnel_acceptor->bind(asio::local::stream_protocol::endpoint(st.tunnel_socket), ec);
-    if (!ec)
-        st.tunnel_acceptor->listen(16, ec);
-    if (ec)
-        co_return make_error(Errc::io, fmt::format("tunnel socket {}: {}", st.tunnel_socket, ec.message()));
+    auto listening = listen_tunnels(st, vm_dir(st.vm->record.name) + "/tunnel.sock");
+    if (!listening)
+        co_return listening.error();
     st.bucket = shaper_.add(st.m.id, st.m.config.bandwidth_per_migration);
     asio::co_spawn(ex_, accept_tunnels(this, migrations_[st.m.id]), asio::detached);
 
@@ -179,6 +170,28 @@ asio::awaitable<Result<void>> Engine::start_remote_source(MigrationState& st) {
     if (st.m.config.multifd_channels > 0)
         params["multifd-channels"] = st.m.config.multifd_channels;
     co_return co_await send_migration(st, params, "unix:" + st.tunnel_socket);
+}
+
+Result<void> Engine::listen_tunnels(MigrationState& st, const std::string& path) {
+    boost::system::error_code ignored;
+    if (st.tunnel_acceptor) {
+        // Its accept loop still holds it until it sees the close.
+        st.tunnel_acceptor->close(ignored);
+        fs::remove(st.tunnel_socket, ignored);
+        st.retired_acceptors.push_back(std::move(st.tunnel_acceptor));
+    }
+    fs::remove(path, ignored);
+    st.tunnel_socket = path;
+    st.tunnel_acceptor = std::make_unique<asio::local::stream_protocol::acceptor>(ex_);
+    boost::system::error_code ec;
+    st.tunnel_acceptor->open(asio::local::stream_protocol(), ec);
+    if (!ec)
+        st.tunnel_acceptor->bind(asio::local::stream_protocol::endpoint(path), ec);
+    if (!ec)
+        st.tunnel_acceptor->listen(16, ec);
+    if (ec)
+        return make_error(Errc::io, fmt::format("tunnel socket {}: {}", path, ec.message()));
+    return {};
 }
 
 asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st) {
@@ -212,6 +225,71 @@ asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<Migra
             }(st, std::move(conn), *data, index),
             asio::detached);
     }
+}
+
+asio::awaitable<Result<json>> Engine::request_reconnecting(MigrationState& st, json message,
+                                                           std::chrono::milliseconds timeout) {
+    message["migration_id"] = st.m.id;
+    Result<json> reply = make_error(Errc::disconnected, "no control channel");
+    if (st.control)
+        reply = co_await request(st, message, timeout);
+    if (reply || reply.error().code == Errc::conflict) // answered (perhaps with an error)
+        co_return reply;
+    if (st.control)
+        st.control->close();
+    st.control.reset();
+    auto c = co_await transport::open_control(ex_, st.peer_address, st.m.target_node, config_.node.name, tls_);
+    if (!c)
+        co_return c.error().wrap(fmt::format("reconnecting to node {}", st.m.target_node));
+    st.control = *c;
+    engine_log()->info("migration {}: control channel to {} re-established", st.m.id, st.m.target_node);
+    co_return co_await request(st, message, timeout);
+}
+
+asio::awaitable<Result<void>> Engine::start_remote_postcopy(MigrationState& st) {
+    if (!st.source_was_running) { // a paused VM stays paused until "finish" says otherwise
+        st.postcopy_running = true;
+        co_return Result<void>{};
+    }
+    json start{{"type", "start"}};
+    auto started = co_await request_reconnecting(st, start, peer_timeout(st.m.config));
+    if (!started)
+        co_return started.error();
+    st.postcopy_running = true;
+    engine_log()->info("migration {}: post-copy: {} runs on {} while its memory follows", st.m.id, st.vm->record.name,
+                       st.m.target_node);
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> Engine::recover_postcopy(MigrationState& st) {
+    // Both QEMUs are paused in post-copy, each with half of the VM: get the
+    // target listening again, then resume the stream through new channels.
+    engine_log()->warn("migration {}: post-copy connection to {} lost; recovering", st.m.id, st.m.target_node);
+    json recover{{"type", "recover"}};
+    auto ready = co_await request_reconnecting(st, recover, peer_timeout(st.m.config));
+    if (!ready)
+        co_return ready.error();
+    st.tokens = (*ready)["tokens"].get<std::vector<std::string>>();
+    ++st.recoveries;
+    auto listening = listen_tunnels(st, fmt::format("{}/tunnel-r{}.sock", vm_dir(st.vm->record.name), st.recoveries));
+    if (!listening)
+        co_return listening.error();
+    asio::co_spawn(ex_, accept_tunnels(this, migrations_[st.m.id]), asio::detached);
+    json args{{"uri", "unix:" + st.tunnel_socket}, {"resume", true}};
+    auto resumed = co_await st.vm->qemu.qmp->execute("migrate", args);
+    if (!resumed)
+        co_return resumed.error().wrap("resuming the post-copy stream");
+    // Wait for QEMU to leave postcopy-paused, so the caller does not start
+    // another recovery on top of this one.
+    for (int i = 0; i < 100; ++i) {
+        auto info = co_await st.vm->qemu.qmp->execute("query-migrate");
+        auto status = info ? (*info).value("status", "") : "";
+        if (status != "postcopy-paused")
+            break;
+        co_await sleep_for(100ms);
+    }
+    engine_log()->info("migration {}: post-copy resumed (recovery {})", st.m.id, st.recoveries);
+    co_return Result<void>{};
 }
 
 asio::awaitable<Result<void>> Engine::keepalive(MigrationState& st) {
@@ -280,12 +358,26 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         auto timeout = peer_timeout(in ? in->m.config : self->config_.migration);
         auto msg = co_await channel->read_frame(timeout);
         if (!msg) {
-            if (in && !in->finished)
+            if (in && in->postcopy && !in->finished) {
+                // The VM runs here but part of its memory is still on the
+                // source: keep it (post-copy paused) for the source to recover.
+                engine_log()->warn("migration {}: control channel from {} lost during post-copy: {}; keeping {} for "
+                                   "the source to recover",
+                                   in->m.id, channel->peer_node, msg.error().message, in->spec.name);
+            } else if (in && !in->finished) {
                 co_await self->drop_incoming(in, fmt::format("control channel from {} lost: {}", channel->peer_node,
                                                              msg.error().message));
+            }
             co_return;
         }
         auto type = msg->value("type", "");
+        // A source that lost its control channel dials again and names the
+        // migration it is continuing.
+        if (!in && msg->contains("migration_id") && type != "prepare") {
+            auto it = self->incoming_.find(msg->value("migration_id", ""));
+            if (it != self->incoming_.end() && it->second->source_node == channel->peer_node)
+                in = it->second;
+        }
         json reply;
         if (type == "prepare" && !in) {
             reply = co_await self->handle_prepare(in, *msg, channel);
@@ -297,6 +389,10 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
                                     : fmt::format("exited: {}", log_tail(in->qemu.log_path()));
         } else if (type == "finish" && in) {
             reply = co_await self->handle_finish(*in, *msg);
+        } else if (type == "start" && in) {
+            reply = co_await self->handle_start(*in);
+        } else if (type == "recover" && in) {
+            reply = co_await self->handle_recover(*in);
         } else if (type == "abort") {
             if (in && !in->finished)
                 co_await self->drop_incoming(in, "aborted by the source");
@@ -309,7 +405,7 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         }
         auto w = co_await channel->write_frame(reply);
         if (!w || (in && in->finished)) {
-            if (in && !in->finished)
+            if (in && !in->finished && !in->postcopy)
                 co_await self->drop_incoming(in, "control channel lost");
             co_return;
         }
@@ -354,14 +450,16 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
         co_return error_message(fmt::format("starting the destination QEMU: {}", q.error().message));
     }
     next->qemu = std::move(*q);
-    json caps_args{{"capabilities", migration_capabilities(next->m.config.multifd_channels > 0)}};
+    json caps_args{{"capabilities", migration_capabilities(next->m.config.multifd_channels > 0,
+                                                           postcopy_enabled(next->m.config))}};
     auto caps = co_await next->qemu.qmp->execute("migrate-set-capabilities", caps_args);
     Result<json> set = ok(json::object());
     if (caps && next->m.config.multifd_channels > 0) {
         json params{{"multifd-channels", next->m.config.multifd_channels}};
         set = co_await next->qemu.qmp->execute("migrate-set-parameters", params);
     }
-    json incoming_args{{"uri", "unix:" + next->qemu.migrate_socket()}};
+    next->listen_socket = next->qemu.migrate_socket();
+    json incoming_args{{"uri", "unix:" + next->listen_socket}};
     // No co_await inside a conditional expression: GCC 12 miscompiles it.
     Result<json> listening = caps ? (set ? ok(json::object()) : Result<json>(set.error())) : Result<json>(caps.error());
     if (listening)
@@ -398,7 +496,7 @@ asio::awaitable<void> Engine::deliver(Engine*, std::shared_ptr<Incoming> in, int
         co_await in->order.async_wait(nothrow);
     }
     asio::local::stream_protocol::socket qemu(transport::data_plane());
-    auto [ec] = co_await qemu.async_connect(asio::local::stream_protocol::endpoint(in->qemu.migrate_socket()), nothrow);
+    auto [ec] = co_await qemu.async_connect(asio::local::stream_protocol::endpoint(in->listen_socket), nothrow);
     in->next_index = std::max(in->next_index, index + 1);
     if (ec) {
         engine_log()->warn("migration {}: data channel {}: destination QEMU: {}", in->m.id, index, ec.message());
@@ -475,6 +573,54 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
         persist(record);
     }
     engine_log()->info("migration {}: {} arrived from {} and runs here", in.m.id, in.spec.name, in.source_node);
+    co_return reply;
+}
+
+asio::awaitable<json> Engine::handle_start(Incoming& in) {
+    // Post-copy: the source has stopped and sent the device state; the VM
+    // runs here from now on and pulls missing pages from the source. (cont
+    // before QEMU has loaded the device state just marks it to start then.)
+    in.postcopy = true;
+    in.m.mode = "postcopy";
+    if (auto it = migrations_.find(in.m.id); it != migrations_.end()) {
+        it->second->m.mode = "postcopy";
+        persist(it->second->m);
+    }
+    auto cont = co_await in.qemu.qmp->execute("cont");
+    if (!cont)
+        co_return error_message(fmt::format("starting the VM in post-copy: {}", cont.error().message));
+    engine_log()->info("migration {}: {} runs here in post-copy", in.m.id, in.spec.name);
+    json reply{{"type", "started"}};
+    co_return reply;
+}
+
+asio::awaitable<json> Engine::handle_recover(Incoming& in) {
+    // QEMU notices the broken stream on its own; give it a moment.
+    std::string status;
+    for (int i = 0; i < 100; ++i) {
+        auto info = co_await in.qemu.qmp->execute("query-migrate");
+        status = info ? (*info).value("status", "") : info.error().message;
+        if (status == "postcopy-paused" || !info)
+            break;
+        co_await sleep_for(100ms);
+    }
+    if (status != "postcopy-paused")
+        co_return error_message(fmt::format("cannot recover: the destination's migration is '{}', not postcopy-paused",
+                                            status));
+    ++in.recoveries;
+    in.listen_socket = fmt::format("{}/migrate-r{}.sock", in.qemu.run_dir, in.recoveries);
+    std::error_code ec;
+    fs::remove(in.listen_socket, ec);
+    json args{{"uri", "unix:" + in.listen_socket}};
+    auto listening = co_await in.qemu.qmp->execute("migrate-recover", args);
+    if (!listening)
+        co_return error_message(fmt::format("migrate-recover: {}", listening.error().message));
+    peer_server_->tokens().revoke(in.m.id);
+    in.next_index = 0;
+    json tokens = json::array();
+    tokens.push_back(peer_server_->tokens().issue(in.m.id, 0)); // post-copy runs without multifd
+    engine_log()->info("migration {}: post-copy recovery {}: listening again", in.m.id, in.recoveries);
+    json reply{{"type", "recovering"}, {"tokens", tokens}};
     co_return reply;
 }
 

@@ -69,6 +69,9 @@ void to_json(json& j, const Migration& m) {
           {"iteration", p.iteration},
           {"throttle_percent", p.throttle_percent},
           {"expected_downtime_ms", p.expected_downtime_ms},
+          {"downtime_limit_ms", p.downtime_limit_ms},
+          {"converging", opt(p.converging)},
+          {"time_left_ms", p.time_left_ms},
           {"qemu_status", p.qemu_status}}},
         {"result",
          {{"total_time_ms", opt(m.result.total_time_ms)},
@@ -117,6 +120,10 @@ void from_json(const json& j, Migration& m) {
         m.progress.iteration = p->value("iteration", std::int64_t{0});
         m.progress.throttle_percent = p->value("throttle_percent", std::int64_t{0});
         m.progress.expected_downtime_ms = p->value("expected_downtime_ms", std::int64_t{0});
+        m.progress.downtime_limit_ms = p->value("downtime_limit_ms", std::int64_t{0});
+        m.progress.time_left_ms = p->value("time_left_ms", std::int64_t{-1});
+        if (auto c = p->find("converging"); c != p->end() && c->is_boolean())
+            m.progress.converging = c->get<bool>();
         m.progress.qemu_status = p->value("qemu_status", "");
     }
     if (auto r = j.find("result"); r != j.end()) {
@@ -128,12 +135,14 @@ void from_json(const json& j, Migration& m) {
     m.target_dir = j.value("target_dir", "");
 }
 
-json migration_capabilities(bool multifd) {
+json migration_capabilities(bool multifd, bool postcopy) {
     json caps = json::array();
     for (auto name : {"events", "pause-before-switchover"})
         caps.push_back({{"capability", name}, {"state", true}});
     if (multifd)
         caps.push_back({{"capability", "multifd"}, {"state", true}});
+    if (postcopy)
+        caps.push_back({{"capability", "postcopy-ram"}, {"state", true}});
     return caps;
 }
 
@@ -154,34 +163,6 @@ Progress progress_from_query_migrate(const json& info) {
         p.iteration = ram->value("dirty-sync-count", std::int64_t{0});
     }
     return p;
-}
-
-TimeoutWatch::TimeoutWatch(std::int64_t progress_timeout_s, std::int64_t completion_timeout_per_gib,
-                           std::uint64_t data_bytes)
-    : progress_limit_(std::chrono::seconds(progress_timeout_s)),
-      completion_limit_(static_cast<std::int64_t>(std::ceil(
-          static_cast<double>(completion_timeout_per_gib) * 1000.0 * static_cast<double>(data_bytes) /
-          static_cast<double>(1ULL << 30)))),
-      per_gib_(completion_timeout_per_gib), data_bytes_(data_bytes) {}
-
-std::optional<std::string> TimeoutWatch::observe(std::chrono::milliseconds elapsed,
-                                                 std::uint64_t remaining_bytes) {
-    if (!lowest_ || remaining_bytes < *lowest_) {
-        lowest_ = remaining_bytes;
-        lowest_at_ = elapsed;
-    }
-    if (per_gib_ > 0 && elapsed > completion_limit_)
-        return fmt::format("completion timeout: not finished after {:.1f} s (limit {} s per GiB x "
-                           "{:.2f} GiB = {:.1f} s); {} bytes still remaining",
-                           elapsed.count() / 1000.0, per_gib_,
-                           static_cast<double>(data_bytes_) / static_cast<double>(1ULL << 30),
-                           completion_limit_.count() / 1000.0, remaining_bytes);
-    if (progress_limit_.count() > 0 && elapsed - lowest_at_ > progress_limit_)
-        return fmt::format("progress timeout: remaining bytes did not fall below {} for {:.1f} s "
-                           "(limit {} s)",
-                           *lowest_, (elapsed - lowest_at_).count() / 1000.0,
-                           progress_limit_.count() / 1000);
-    return std::nullopt;
 }
 
 } // namespace ferry::engine

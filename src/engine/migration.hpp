@@ -29,7 +29,10 @@ struct Progress {
     std::uint64_t dirty_rate_bps = 0;    // bytes per second
     std::int64_t iteration = 0;          // dirty-sync rounds
     std::int64_t throttle_percent = 0;
-    std::int64_t expected_downtime_ms = 0;
+    std::int64_t expected_downtime_ms = 0; // ferry's model: if switched over now
+    std::int64_t downtime_limit_ms = 0;    // QEMU's downtime-limit, set by ferry's strategy
+    std::optional<bool> converging;        // the model's verdict (unset until the first full round)
+    std::int64_t time_left_ms = -1;        // the model's estimate; -1 = never at these rates
     std::string qemu_status; // QEMU's migration status ("active", ...)
 };
 
@@ -67,30 +70,12 @@ void to_json(json& j, const Migration& m);
 void from_json(const json& j, Migration& m);
 
 // The migration capabilities ferry sets on both QEMUs: events, the pause
-// before switchover the engine answers, and multifd when asked for.
-json migration_capabilities(bool multifd);
+// before switchover the engine answers, multifd and post-copy when asked for.
+json migration_capabilities(bool multifd, bool postcopy = false);
+// QEMU 7.2 cannot combine post-copy with multifd.
+inline bool postcopy_enabled(const config::MigrationConfig& c) { return c.allow_post_copy && c.multifd_channels == 0; }
 
 // Reads query-migrate's answer into progress (rates in bytes per second).
 Progress progress_from_query_migrate(const json& info);
-
-// Decides when a running migration has run out of time (KubeVirt meanings):
-// no new low in remaining bytes for progress_timeout, or longer than
-// completion_timeout_per_gib x data GiB in all. Zero disables a limit.
-class TimeoutWatch {
-public:
-    TimeoutWatch(std::int64_t progress_timeout_s, std::int64_t completion_timeout_per_gib,
-                 std::uint64_t data_bytes);
-    // A failure reason when a limit is passed, naming the numbers.
-    std::optional<std::string> observe(std::chrono::milliseconds elapsed, std::uint64_t remaining_bytes);
-    std::chrono::milliseconds completion_limit() const { return completion_limit_; }
-
-private:
-    std::chrono::milliseconds progress_limit_;
-    std::chrono::milliseconds completion_limit_;
-    std::int64_t per_gib_;
-    std::uint64_t data_bytes_;
-    std::optional<std::uint64_t> lowest_;
-    std::chrono::milliseconds lowest_at_{0};
-};
 
 } // namespace ferry::engine

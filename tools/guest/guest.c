@@ -202,8 +202,11 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
         } else {
             u64 elapsed_ms = (now - dirty_start) / per_ms;
             due = elapsed_ms * pages_per_ms_x1024 / 1024u;
-            if (due > dirtied + pages_per_ms_x1024 * 100u / 1024u + 256u) {
-                /* More than 100 ms behind (the VM was paused): do not burst. */
+            if (due > dirtied + pages_per_ms_x1024 * 2u / 1024u + 16u) {
+                /* More than 2 ms behind: the vCPU did not run (paused,
+                 * descheduled or throttled). The work of that time is lost,
+                 * as a CPU-bound workload's would be: no catch-up burst, so
+                 * the dirty rate follows the CPU time the guest gets. */
                 dirty_start = now;
                 dirtied = 0;
                 continue;

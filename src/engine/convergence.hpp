@@ -1,0 +1,94 @@
+#pragma once
+// Convergence: what a running pre-copy migration will do, and what ferry does
+// about it. Pure (no I/O): the engine feeds QEMU's figures in and applies the
+// decisions; the unit tests drive both with made-up numbers.
+//
+// The model. QEMU sends RAM in rounds; each round re-sends what the guest
+// dirtied during the previous one. With transfer rate T and dirty rate D the
+// rounds shrink by D/T when D < T (pre-copy converges) and stall near the
+// working set otherwise. Switching over now would take remaining / T of
+// downtime; QEMU switches by itself once that is under its downtime-limit.
+#include "config/node_config.hpp"
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+
+namespace ferry::engine {
+
+struct Sample {
+    std::chrono::milliseconds elapsed{0}; // since the migration started
+    std::uint64_t transferred = 0;        // bytes
+    std::uint64_t remaining = 0;          // bytes
+    std::uint64_t dirty_rate_bps = 0;     // QEMU's dirty-pages-rate x page size
+    std::int64_t iteration = 0;           // QEMU's dirty-sync-count
+    std::int64_t throttle_percent = 0;    // in force while this was measured
+};
+
+struct Prediction {
+    std::uint64_t transfer_rate_bps = 0; // smoothed
+    std::uint64_t dirty_rate_bps = 0;    // smoothed, as measured (throttled)
+    bool known = false;                  // false until the first full round
+    bool converges = false;              // pre-copy finishes within the downtime limit
+    std::int64_t expected_downtime_ms = 0; // if QEMU switched over now
+    std::int64_t time_left_ms = -1;        // -1: never, at this rate
+};
+
+class ConvergenceModel {
+public:
+    void observe(const Sample& s);
+    Prediction predict(std::int64_t downtime_limit_ms) const;
+    std::int64_t iteration() const { return last_.iteration; }
+
+private:
+    std::optional<Sample> prev_;
+    Sample last_;
+    double transfer_ = 0; // bytes/s, EWMA
+    double dirty_ = 0;    // bytes/s, EWMA per round
+    std::int64_t dirty_iteration_ = -1;
+};
+
+// What the engine should change now.
+struct Decision {
+    std::optional<std::int64_t> downtime_limit_ms;
+    std::optional<std::int64_t> throttle_percent;
+    bool start_postcopy = false;
+    std::optional<std::string> fail; // give up, with the reason
+    std::string why;                 // for the log
+};
+
+// The engine's strategy for one migration (DESIGN.md, convergence): raise
+// the downtime limit in steps while that alone can finish; then throttle the
+// vCPUs (allow_auto_converge); then post-copy (allow_post_copy); timeouts
+// last. Called about once a second with the latest prediction.
+class Strategy {
+public:
+    // data_bytes: guest RAM plus local disks, for the completion timeout.
+    Strategy(const config::MigrationConfig& cfg, std::uint64_t data_bytes, bool postcopy_possible);
+
+    std::int64_t initial_downtime_ms() const { return downtime_; }
+    Decision step(std::chrono::milliseconds elapsed, const Prediction& p, std::int64_t iteration,
+                  std::uint64_t remaining);
+    std::int64_t downtime_ms() const { return downtime_; }
+    std::int64_t throttle_percent() const { return throttle_; }
+
+    static constexpr std::int64_t max_throttle = 99;
+
+private:
+    std::string rates(const Prediction& p, std::int64_t iteration) const;
+    std::string help_allowed() const;
+
+    config::MigrationConfig cfg_;
+    std::uint64_t data_bytes_;
+    bool postcopy_possible_;
+    std::int64_t downtime_;
+    std::int64_t throttle_ = 0;
+    std::int64_t acted_iteration_ = 0;  // one change per round: wait to see its effect
+    std::int64_t stuck_since_ = -1;     // iteration when every lever was at its limit
+    bool postcopy_ = false;
+    std::optional<std::uint64_t> lowest_;
+    std::chrono::milliseconds lowest_at_{0};
+};
+
+} // namespace ferry::engine
