@@ -1,6 +1,7 @@
 // src/control: the request handling as a unit, then ferryd and ferryctl as
 // real processes driving real QEMU.
 #include "control/server.hpp"
+#include "proxy.hpp"
 #include "support.hpp"
 
 #include <gtest/gtest.h>
@@ -341,7 +342,8 @@ key = "{1}/pki/{0}-key.pem"
 [[peers]]
 name = "{6}"
 address = "127.0.0.1:{7}"
-)", n.name, dir_.path(), letter, n.socket, n.port, migration, other.name, other.port));
+)", n.name, dir_.path(), letter, n.socket, n.port, migration, other.name,
+                                                          i == 0 && b_via_ ? b_via_ : other.port));
         }
     }
     void TearDown() override {
@@ -455,8 +457,35 @@ address = "127.0.0.1:{7}"
         EXPECT_TRUE(ctl_json(b(), "vm list").empty());
     }
 
+    // A guest that dirties 48 MiB/s (per second of CPU time) over 32 MiB,
+    // three times what ferry's channel carries (16 MiB/s unless told).
+    void fast_dirtier(const std::string& migration) {
+        ferry::test::write_file(dir_ / "vm.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=32 rate=48 hb=50"
+)");
+        configure(migration);
+        start(a());
+        start(b());
+        create_on_a();
+    }
+    json migrate_and_wait() {
+        auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+        return wait_final(a(), id);
+    }
+    // The source QEMU's vCPU threads and whether any is in a throttle group.
+    bool vcpus_throttled(int qemu_pid) {
+        bool throttled = false;
+        for (auto& t : std::filesystem::directory_iterator("/proc/" + std::to_string(qemu_pid) + "/task"))
+            if (ferry::test::read_file(t.path() / "cgroup").find("ferry-throttle-demo") != std::string::npos)
+                throttled = true;
+        return throttled;
+    }
+
     TempDir dir_;
     Node nodes_[2];
+    unsigned short b_via_ = 0; // node-a reaches node-b through this port (a proxy)
 };
 
 } // namespace
@@ -542,4 +571,112 @@ TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
     expect_home_on_a(m);
     // The target, thawed, finds the source gone and drops its destination.
     expect_target_dropped(m);
+}
+
+// --- convergence: a guest dirtying 3x faster than the channel carries -------
+
+TEST_F(TwoNodes, WithoutHelpTheMigrationTimesOutNamingTheRates) {
+    fast_dirtier("bandwidth_per_migration = \"16Mi\"\ncompletion_timeout_per_gib = 80"); // 10 s for 128 MiB
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto done = migrate_and_wait();
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].get<std::string>();
+    EXPECT_NE(why.find("completion timeout"), std::string::npos) << why;
+    EXPECT_NE(why.find("> transfer rate"), std::string::npos) << why;
+    EXPECT_NE(why.find("auto-converge and post-copy not allowed"), std::string::npos) << why;
+    EXPECT_GT(done["progress"]["downtime_limit_ms"].get<int>(), 75) << "the strategy raised the downtime limit first";
+    EXPECT_EQ(done["progress"]["converging"], false);
+    expect_home_on_a({pid, done["id"].get<std::string>(), -1});
+}
+
+TEST_F(TwoNodes, AutoConvergeThrottlesTheVcpusUntilItConvergesAndReleasesThem) {
+    fast_dirtier("bandwidth_per_migration = \"16Mi\"\nallow_auto_converge = true");
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    bool seen_throttled = false;
+    json done;
+    for (int i = 0; i < 1200; ++i) {
+        seen_throttled = seen_throttled || vcpus_throttled(pid);
+        done = ctl_json(a(), "migration show " + id);
+        if (done["phase"] == "Succeeded" || done["phase"] == "Failed")
+            break;
+        std::this_thread::sleep_for(100ms);
+    }
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
+    EXPECT_GT(done["progress"]["throttle_percent"].get<int>(), 0);
+    EXPECT_TRUE(seen_throttled) << "the vCPU threads never were in ferry's throttle group";
+    EXPECT_FALSE(std::filesystem::exists("/sys/fs/cgroup/cpu/ferry-throttle-demo")) << "throttle group left behind";
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("unthrottled"), std::string::npos);
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+}
+
+TEST_F(TwoNodes, AFailedThrottledMigrationGivesTheVcpusBack) {
+    fast_dirtier("bandwidth_per_migration = \"16Mi\"\nallow_auto_converge = true\ncompletion_timeout_per_gib = 64");
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    bool seen_throttled = false;
+    for (int i = 0; i < 300 && !seen_throttled; ++i) {
+        seen_throttled = vcpus_throttled(pid);
+        std::this_thread::sleep_for(50ms);
+    }
+    auto done = wait_final(a(), id);
+    // Either it failed by the 8 s timeout, or it converged first; in both
+    // cases nothing may stay throttled.
+    if (done["phase"] == "Failed") {
+        EXPECT_NE(done["failure_reason"].get<std::string>().find("auto-converge at"), std::string::npos)
+            << done["failure_reason"];
+        EXPECT_FALSE(vcpus_throttled(pid)) << "the source's vCPUs are still throttled";
+        expect_home_on_a({pid, id, -1});
+    }
+    EXPECT_TRUE(seen_throttled);
+    EXPECT_FALSE(std::filesystem::exists("/sys/fs/cgroup/cpu/ferry-throttle-demo")) << "throttle group left behind";
+}
+
+TEST_F(TwoNodes, PostcopySwitchoverWhenPrecopyCannotConverge) {
+    fast_dirtier("bandwidth_per_migration = \"16Mi\"\nallow_post_copy = true");
+    auto done = migrate_and_wait();
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
+    EXPECT_EQ(done["mode"], "postcopy");
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("switching to post-copy"), std::string::npos);
+    EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
+    EXPECT_TRUE(ctl_json(a(), "vm list").empty());
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+}
+
+TEST_F(TwoNodes, PostcopyRecoversAfterTheLinkIsCutAndRestored) {
+    ferry::test::TcpProxy link(b().port);
+    b_via_ = link.port();
+    // 4 MiB/s and post-copy from the completion timeout (3 s for 128 MiB):
+    // the post-copy phase lasts long enough to cut it.
+    fast_dirtier("bandwidth_per_migration = \"4Mi\"\nallow_post_copy = true\ncompletion_timeout_per_gib = 24");
+    auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    json m;
+    for (int i = 0; i < 300; ++i) {
+        m = ctl_json(a(), "migration show " + id);
+        if (m["mode"] == "postcopy" || m["phase"] == "Failed" || m["phase"] == "Succeeded")
+            break;
+        std::this_thread::sleep_for(50ms);
+    }
+    ASSERT_EQ(m["mode"], "postcopy") << m.dump(2);
+    std::this_thread::sleep_for(300ms); // the destination runs
+    link.cut();
+    std::this_thread::sleep_for(3s);
+    // Both halves are kept; neither side gives up, and abort is refused.
+    auto target_pid = ctl_json(b(), "migration show " + id)["target_pid"].get<int>();
+    EXPECT_TRUE(qemu_alive(source_pid));
+    EXPECT_TRUE(qemu_alive(target_pid));
+    EXPECT_EQ(ctl_json(a(), "migration show " + id)["phase"], "Running");
+    auto abort = ctl(a(), "migration abort " + id);
+    EXPECT_NE(abort.status, 0);
+    EXPECT_NE(abort.err.find("post-copy"), std::string::npos) << abort.err;
+    link.restore();
+    auto done = wait_final(a(), id);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("post-copy resumed"), std::string::npos);
+    EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
 }

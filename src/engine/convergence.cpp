@@ -9,9 +9,10 @@ namespace ferry::engine {
 
 namespace {
 constexpr double mib = 1024.0 * 1024.0;
-// Rates closer than this to each other count as "not converging": the
-// rounds would shrink too slowly to finish in any useful time.
-constexpr double margin = 0.9;
+// Each round is D/T the size of the one before. Needing more rounds than
+// this to get under the downtime limit counts as not converging: the rounds
+// would shrink too slowly to finish in any useful time.
+constexpr double max_rounds = 6;
 
 double smooth(double old, double sample, double weight) { return old == 0 ? sample : old + weight * (sample - old); }
 } // namespace
@@ -50,7 +51,13 @@ Prediction ConvergenceModel::predict(std::int64_t downtime_limit_ms) const {
         p.time_left_ms = static_cast<std::int64_t>(remaining * 1000.0 / transfer_); // the first round
         return p;
     }
-    p.converges = fits || dirty_ < margin * transfer_;
+    if (fits) {
+        p.converges = true;
+    } else if (dirty_ < transfer_) {
+        double target = transfer_ * static_cast<double>(std::max<std::int64_t>(downtime_limit_ms, 1)) / 1000.0;
+        double rounds = std::log(target / remaining) / std::log(dirty_ / transfer_);
+        p.converges = dirty_ <= 0 || rounds <= max_rounds;
+    }
     if (fits)
         p.time_left_ms = p.expected_downtime_ms;
     else if (p.converges) // the rounds shrink geometrically: remaining / (T - D) in all

@@ -17,6 +17,18 @@ namespace {
 
 constexpr auto poll_interval = 500ms;
 
+// Takes QEMU's figures; ferry's own (the model's rates and verdict, the
+// downtime limit, the throttle) stay until converge() renews them.
+void update_progress(Progress& p, const json& info) {
+    auto kept = p;
+    p = progress_from_query_migrate(info);
+    p.iteration = std::max(kept.iteration, p.iteration);
+    p.throttle_percent = kept.throttle_percent;
+    p.downtime_limit_ms = kept.downtime_limit_ms;
+    p.converging = kept.converging;
+    p.time_left_ms = kept.time_left_ms;
+}
+
 asio::awaitable<void> sleep_for(asio::any_io_executor ex, std::chrono::milliseconds d) {
     asio::steady_timer t(ex);
     t.expires_after(d);
@@ -188,7 +200,7 @@ asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
         auto info = co_await qmp->execute("query-migrate");
         if (info) {
             st.last_info = *info;
-            st.m.progress = progress_from_query_migrate(*info);
+            update_progress(st.m.progress, *info);
             auto status = st.m.progress.qemu_status;
             if (status == "pre-switchover" || status == "completed")
                 co_return Result<void>{};
@@ -226,7 +238,9 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
     engine_log()->info("migration {}: switching over", st.m.id);
     // The guest is paused now: like QEMU with its own max-bandwidth, lift the
     // shaping so the last round does not stretch the downtime.
-    if (st.bucket) {
+    // Not in post-copy: the guest runs on, and the cap protects the network
+    // for the rest of the copy.
+    if (st.bucket && st.m.mode != "postcopy") {
         shaper_.remove(st.m.id);
         st.bucket->set_rate(0, transport::ShaperClock::now());
     }
@@ -244,9 +258,7 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
         if (!info)
             co_return info.error().wrap("switching over");
         st.last_info = *info;
-        auto iteration = st.m.progress.iteration;
-        st.m.progress = progress_from_query_migrate(*info);
-        st.m.progress.iteration = std::max(iteration, st.m.progress.iteration);
+        update_progress(st.m.progress, *info);
         auto status = st.m.progress.qemu_status;
         // QEMU 7.2 announces "completed" a moment before it fills in
         // total-time and downtime: wait for them (briefly).
