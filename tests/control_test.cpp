@@ -578,6 +578,11 @@ TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
 TEST_F(TwoNodes, WithoutHelpTheMigrationTimesOutNamingTheRates) {
     fast_dirtier("bandwidth_per_migration = \"16Mi\"\ncompletion_timeout_per_gib = 80"); // 10 s for 128 MiB
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    // Measured before migrating: faster than the channel (the whole 32 MiB
+    // working set within the second, sampled).
+    auto rate = ctl_json(a(), "vm dirty-rate demo --seconds 1");
+    EXPECT_GT(rate["dirty_rate_mib_s"].get<int>(), 16) << rate.dump();
+    EXPECT_EQ(rate["mode"], "page-sampling");
     auto done = migrate_and_wait();
     EXPECT_EQ(done["phase"], "Failed");
     auto why = done["failure_reason"].get<std::string>();

@@ -70,6 +70,14 @@ asio::awaitable<Result<json>> vm_qmp(Engine* e, json params) {
     co_return co_await e->qmp_command(*name, *command, std::move(arguments));
 }
 
+asio::awaitable<Result<json>> vm_dirty_rate(Engine* e, json params) {
+    auto name = need_string(params, "vm.dirty_rate", "name");
+    if (!name)
+        co_return name.error();
+    auto seconds = params.value("seconds", 1);
+    co_return co_await e->dirty_rate(*name, seconds);
+}
+
 asio::awaitable<Result<json>> vm_list(Engine* e, json) { co_return ok(e->list_vms()); }
 
 asio::awaitable<Result<json>> vm_delete(Engine* e, json params) {
@@ -136,6 +144,7 @@ void add_engine_methods(Server& server, Engine& engine) {
         {"vm.adopt", vm_adopt},             {"vm.show", vm_show},
         {"vm.list", vm_list},               {"vm.delete", vm_delete},
         {"vm.qmp", vm_qmp},
+        {"vm.dirty_rate", vm_dirty_rate},
         {"migration.create", migration_create}, {"migration.list", migration_list},
         {"migration.show", migration_show}, {"migration.abort", migration_abort},
     };

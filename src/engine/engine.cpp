@@ -1,4 +1,5 @@
 #include "engine/engine.hpp"
+#include "engine/throttle.hpp"
 
 #include "engine/engine_internal.hpp"
 #include "engine/process.hpp"
@@ -192,6 +193,8 @@ asio::awaitable<void> Engine::reattach(std::shared_ptr<Vm> vm) {
     }
     vm->qemu.qmp = *c;
     vm->qemu.pid = r.pid;
+    // A ferryd that died mid-migration may have left the vCPUs throttled.
+    CpuThrottle::release_stale(r.name, r.pid);
     vm->qemu.generation = r.generation;
     vm->qemu.run_dir = r.run_dir;
     vm->qemu.qmp_socket = r.qmp_socket;
@@ -210,6 +213,19 @@ asio::awaitable<void> Engine::reattach(std::shared_ptr<Vm> vm) {
 
 asio::awaitable<void> Engine::recover_migration(Migration m) {
     engine_log()->warn("migration {}: interrupted by a ferryd restart; cleaning up", m.id);
+    if (m.mode == "postcopy") {
+        // The VM ran on the target already: the source must never resume.
+        // (Surviving a ferryd restart in post-copy is not supported yet.)
+        m.phase = Phase::Failed;
+        m.failure_reason = fmt::format("ferryd restarted during post-copy; both QEMUs were left as they are (the "
+                                       "destination, pid {}, runs the VM; the source must not be resumed) for an "
+                                       "operator to finish",
+                                       m.target_pid);
+        m.ended_at = now_string();
+        persist(m);
+        migrations_[m.id]->m = m;
+        co_return;
+    }
     if (m.target_pid > 0 && process_alive(m.target_pid)) {
         // Only kill it if it still is the QEMU we started (pids get reused).
         std::ifstream cmdline(fmt::format("/proc/{}/cmdline", m.target_pid));
@@ -333,6 +349,42 @@ asio::awaitable<Result<json>> Engine::qmp_command(std::string name, std::string 
     if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
         co_return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", name, vm->status));
     co_return co_await vm->qemu.qmp->execute(std::move(command), std::move(arguments), std::chrono::seconds(120));
+}
+
+asio::awaitable<Result<json>> Engine::dirty_rate(std::string name, int seconds) {
+    if (seconds < 1 || seconds > 60)
+        co_return make_error(Errc::invalid_argument, fmt::format("seconds: {} is not between 1 and 60", seconds));
+    auto it = vms_.find(name);
+    if (it == vms_.end())
+        co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
+    auto vm = it->second;
+    if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
+        co_return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", name, vm->status));
+    auto qmp = vm->qemu.qmp;
+    json args{{"calc-time", seconds}, {"mode", "page-sampling"}};
+    auto started = co_await qmp->execute("calc-dirty-rate", args);
+    if (!started)
+        co_return started.error().wrap("calc-dirty-rate");
+    auto deadline = Clock::now() + std::chrono::seconds(seconds + 10);
+    for (;;) {
+        asio::steady_timer t(ex_);
+        t.expires_after(std::chrono::milliseconds(200));
+        co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+        auto r = co_await qmp->execute("query-dirty-rate");
+        if (!r)
+            co_return r.error().wrap("query-dirty-rate");
+        auto status = (*r).value("status", "");
+        if (status == "measured") {
+            json out{{"vm", name},
+                     {"dirty_rate_mib_s", (*r).value("dirty-rate", std::int64_t{0})},
+                     {"seconds", (*r).value("calc-time", seconds)},
+                     {"mode", (*r).value("mode", "page-sampling")},
+                     {"sample_pages", (*r).value("sample-pages", 0)}};
+            co_return ok(std::move(out));
+        }
+        if (Clock::now() > deadline)
+            co_return make_error(Errc::timeout, fmt::format("calc-dirty-rate still '{}' after {} s", status, seconds + 10));
+    }
 }
 
 json Engine::list_vms() const {

@@ -47,6 +47,9 @@ public:
     // QMP connection). For debugging and tests: commands that change the
     // migration or run state behind ferry's back are the caller's risk.
     boost::asio::awaitable<Result<json>> qmp_command(std::string name, std::string command, json arguments);
+    // Measures how fast the guest dirties memory (QMP calc-dirty-rate,
+    // page sampling) over `seconds`; before a migration, to predict it.
+    boost::asio::awaitable<Result<json>> dirty_rate(std::string name, int seconds);
 
     // Validates and starts a migration in the background; returns its object.
     Result<json> migrate(const MigrateRequest& request);

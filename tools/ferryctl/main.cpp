@@ -169,6 +169,19 @@ int main(int argc, char** argv) {
         rc = show(g, r, [](const json& j) { std::cout << j.dump(2) << "\n"; });
     });
 
+    int dirty_seconds = 1;
+    auto* vm_dirty = vm->add_subcommand("dirty-rate", "measure how fast the guest dirties its memory");
+    vm_dirty->add_option("name", name)->required();
+    vm_dirty->add_option("--seconds", dirty_seconds, "how long to measure (1-60)")->check(CLI::Range(1, 60));
+    vm_dirty->callback([&] {
+        auto r = call(g, "vm.dirty_rate", {{"name", name}, {"seconds", dirty_seconds}});
+        rc = show(g, r, [](const json& j) {
+            std::cout << fmt::format("{}: dirty rate {} MiB/s (measured over {} s, {} sampled pages per GiB)\n",
+                                     j.value("vm", ""), j.value("dirty_rate_mib_s", 0), j.value("seconds", 0),
+                                     j.value("sample_pages", 0));
+        });
+    });
+
     std::string target, bandwidth;
     std::int64_t max_downtime = 0;
     bool wait = false;

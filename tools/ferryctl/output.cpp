@@ -49,12 +49,29 @@ std::string progress_line(const json& m) {
         return fmt::format("[{}] switching over (guest paused)", phase);
     if (qemu == "completed")
         return fmt::format("[{}] handing off to the destination", phase);
-    return fmt::format("[{}] {:5.1f}%  {}  remaining {}  dirty {}  iteration {}{}", phase, pct,
+    if (qemu.rfind("postcopy", 0) == 0)
+        return fmt::format("[{}] post-copy ({}): the VM runs on {}  remaining {}  {}", phase, qemu,
+                           m.value("target_node", "?"), bytes(remaining),
+                           rate(p.value("transfer_rate_bps", std::uint64_t{0})));
+    return fmt::format("[{}] {:5.1f}%  {}  remaining {}  dirty {}  iteration {}  {}{}", phase, pct,
                        rate(p.value("transfer_rate_bps", std::uint64_t{0})), bytes(remaining),
-                       rate(p.value("dirty_rate_bps", std::uint64_t{0})), p.value("iteration", 0),
+                       rate(p.value("dirty_rate_bps", std::uint64_t{0})), p.value("iteration", 0), outlook(p),
                        p.value("throttle_percent", 0) > 0
                            ? fmt::format("  throttle {}%", p.value("throttle_percent", 0))
                            : std::string());
+}
+
+// The convergence model's verdict, in words.
+std::string outlook(const json& p) {
+    auto c = p.find("converging");
+    if (c == p.end() || c->is_null())
+        return "first pass";
+    auto left = p.value("time_left_ms", std::int64_t{-1});
+    if (c->get<bool>())
+        return fmt::format("converging, ~{:.0f} s left, downtime ~{} ms", static_cast<double>(std::max<std::int64_t>(left, 0)) / 1000.0,
+                           p.value("expected_downtime_ms", 0));
+    return fmt::format("NOT converging (would need {} ms downtime, limit {} ms)", p.value("expected_downtime_ms", 0),
+                       p.value("downtime_limit_ms", 0));
 }
 
 void print_migration(const json& m) {
@@ -79,6 +96,13 @@ void print_migration(const json& m) {
                              rate(p.value("transfer_rate_bps", std::uint64_t{0})),
                              rate(p.value("dirty_rate_bps", std::uint64_t{0})));
     std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
+    if (m.value("phase", "") == "Running")
+        std::cout << fmt::format("outlook:      {}\n", outlook(p));
+    std::cout << fmt::format("downtime:     limit {} ms (max {} ms)\n", p.value("downtime_limit_ms", 0),
+                             m.at("config").value("max_downtime_ms", 0));
+    if (p.value("throttle_percent", 0) > 0)
+        std::cout << fmt::format("throttle:     {}% of the vCPUs' time (ferry's auto-converge)\n",
+                                 p.value("throttle_percent", 0));
     const auto& r = m.at("result");
     if (m.value("phase", "") == "Succeeded") {
         std::cout << fmt::format("total time:   {}\n", ms(r, "total_time_ms"));

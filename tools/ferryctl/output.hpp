@@ -10,6 +10,7 @@ namespace ferryctl {
 std::string bytes(std::uint64_t n);     // "1.5 GiB"
 std::string rate(std::uint64_t bps);    // "120.0 MiB/s"
 std::string progress_line(const nlohmann::json& migration);
+std::string outlook(const nlohmann::json& progress); // the convergence model's verdict
 void print_migration(const nlohmann::json& migration);
 void print_migration_table(const nlohmann::json& list);
 void print_vm(const nlohmann::json& vm);
