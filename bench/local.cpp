@@ -10,6 +10,7 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -45,11 +46,13 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-json caps(bool pause) {
+json caps(bool pause, bool auto_converge = false) {
     json c = json::array();
     c.push_back({{"capability", "events"}, {"state", true}});
     if (pause)
         c.push_back({{"capability", "pause-before-switchover"}, {"state", true}});
+    if (auto_converge)
+        c.push_back({{"capability", "auto-converge"}, {"state", true}});
     return c;
 }
 
@@ -80,7 +83,8 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
     co_await dst->qmp->execute("migrate-set-capabilities", c);
     json incoming{{"uri", "unix:" + dst->migrate_socket()}};
     co_await dst->qmp->execute("migrate-incoming", incoming);
-    co_await src->qmp->execute("migrate-set-capabilities", c);
+    json src_caps{{"capabilities", caps(false, s.qemu_auto_converge)}};
+    co_await src->qmp->execute("migrate-set-capabilities", src_caps);
     auto bw = s.node.migration.bandwidth_per_migration;
     json params{{"max-bandwidth", bw == 0 ? (1ULL << 40) : bw}, {"downtime-limit", s.node.migration.max_downtime_ms}};
     co_await src->qmp->execute("migrate-set-parameters", params);
@@ -97,22 +101,32 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
             break;
         }
         info = *q;
+        out.throttle_percent = std::max(out.throttle_percent, info.value("cpu-throttle-percentage", 0));
         auto status = info.value("status", "");
         if (status == "completed" && info.value("total-time", 0) > 0)
             break;
+        if (s.time_limit.count() > 0 && ms_since(t0) > static_cast<double>(s.time_limit.count()) * 1000.0) {
+            co_await src->qmp->execute("migrate_cancel");
+            out.outcome = "timeout";
+            out.transferred_mib = info["ram"].value("transferred", 0.0) / (1 << 20);
+            break;
+        }
         if (status == "failed" || status == "cancelled") {
             result = make_error(Errc::qemu, "direct migration " + status);
             break;
         }
         co_await sleep_for(5ms);
     }
-    while (result) {
+    while (result && out.outcome == "succeeded") {
         auto st = co_await dst->qmp->execute("query-status");
         if (st && (*st).value("running", false))
             break;
         co_await sleep_for(2ms);
     }
-    if (result) {
+    if (result && out.outcome != "succeeded") {
+        out.wall_ms = ms_since(t0);
+        result = out;
+    } else if (result) {
         out.wall_ms = ms_since(t0);
         out.total_ms = info.value("total-time", 0);
         out.downtime_ms = info.value("downtime", 0);
@@ -166,6 +180,18 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
                 out.downtime_ms = shown["result"]["downtime_ms"].get<double>();
                 if (!shown["result"]["guest_blackout_ms"].is_null())
                     out.blackout_ms = shown["result"]["guest_blackout_ms"].get<double>();
+                out.transferred_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
+                out.mode = shown["mode"];
+                out.throttle_percent = shown["progress"]["throttle_percent"];
+                result = out;
+                break;
+            }
+            if (shown["phase"] == "Failed" && s.keep_failures) {
+                Sample out;
+                out.wall_ms = ms_since(t0);
+                out.outcome = "failed: " + shown["failure_reason"].get<std::string>();
+                out.mode = shown["mode"];
+                out.throttle_percent = shown["progress"]["throttle_percent"];
                 out.transferred_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
                 result = out;
                 break;

@@ -8,6 +8,7 @@
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 
+#include <chrono>
 #include <optional>
 #include <string>
 
@@ -19,12 +20,18 @@ struct Sample {
     double downtime_ms = 0; // QEMU downtime
     std::optional<double> blackout_ms;
     double transferred_mib = 0;
+    std::string outcome = "succeeded"; // or "failed: <reason>" / "timeout"
+    std::string mode = "precopy";
+    int throttle_percent = 0;          // the highest reached
 };
 
 struct LocalSetup {
     config::NodeConfig node;
     config::VmSpec spec;
     std::string work_dir;
+    bool qemu_auto_converge = false;   // direct path: QEMU's own auto-converge capability
+    std::chrono::seconds time_limit{0}; // direct path: cancel after this (0 = never)
+    bool keep_failures = false;        // a failed migration is a sample, not an error
 };
 
 boost::asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup setup);

@@ -2,6 +2,7 @@
 //   ferry-bench local   same-node migration: ferry's engine vs QEMU's own path
 #include "common/log.hpp"
 #include "config/quantity.hpp"
+#include "convergence.hpp"
 #include "local.hpp"
 #include "transport.hpp"
 
@@ -220,9 +221,27 @@ int main(int argc, char** argv) {
     shaping->add_option("--ram", shape_ram, "non-zero guest RAM per VM");
     shaping->add_option("--work-dir", work, "scratch directory (short path)");
     shaping->add_flag("--json", shape_json, "print the report as JSON");
+    auto* conv = app.add_subcommand("convergence", "dirty rate x bandwidth x strategy: ferry's strategies and QEMU's auto-converge");
+    ferry::bench::ConvergenceOptions conv_opts;
+    conv->add_option("--memory", conv_opts.memory, "VM memory");
+    conv->add_option("--ws", conv_opts.ws_mib, "guest working set, MiB");
+    conv->add_option("--rates", conv_opts.rates, "guest dirty rates, MiB/s, comma-separated");
+    conv->add_option("--bandwidths", conv_opts.bandwidths, "bandwidths, comma-separated (16Mi,...)");
+    conv->add_option("--strategies", conv_opts.strategies,
+                     "ferry-none, ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-none");
+    conv->add_option("--completion-timeout-per-gib", conv_opts.completion_timeout_per_gib,
+                     "seconds per GiB before a run gives up");
+    conv->add_option("--max-downtime", conv_opts.max_downtime_ms, "downtime limit, ms");
+    conv->add_option("--reps", conv_opts.reps, "repetitions of each cell")->check(CLI::PositiveNumber);
+    conv->add_option("--work-dir", conv_opts.work_dir, "scratch directory (short path)");
+    conv->add_flag("--json", conv_opts.json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
 
     ferry::set_log_level("warn");
+    if (conv->parsed()) {
+        conv_opts.kernel = (std::filesystem::canonical("/proc/self/exe").parent_path() / "guest/ferry-guest.elf").string();
+        return ferry::bench::run_convergence_bench(conv_opts);
+    }
     if (shaping->parsed())
         return run_shaping_bench(work, shape_rate, shape_cap, shape_ram, shape_json);
     if (xfer->parsed())
