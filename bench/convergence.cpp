@@ -10,6 +10,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <iostream>
 #include <sstream>
@@ -55,11 +56,11 @@ int run_convergence_bench(const ConvergenceOptions& o) {
         return 2;
     }
     static const std::vector<std::string> known{"ferry-none", "ferry-throttle", "ferry-postcopy", "qemu-autoconverge",
-                                                "qemu-none"};
+                                                "qemu-postcopy", "qemu-none"};
     for (auto& s : split(o.strategies))
         if (std::find(known.begin(), known.end(), s) == known.end()) {
             std::cerr << "ferry-bench: --strategies: unknown strategy '" << s << "' (known: ferry-none, "
-                      << "ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-none)\n";
+                      << "ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-postcopy, qemu-none)\n";
             return 2;
         }
     double gib = static_cast<double>(*mem) / (1 << 30);
@@ -89,6 +90,7 @@ int run_convergence_bench(const ConvergenceOptions& o) {
                     s.spec.kernel = o.kernel;
                     s.spec.append = fmt::format("ws={} rate={} hb=50", o.ws_mib, rate);
                     s.qemu_auto_converge = strategy == "qemu-autoconverge";
+                    s.qemu_postcopy_after_syncs = strategy == "qemu-postcopy" ? 4 : 0; // ferry's switches at about 5
                     s.time_limit = limit;
                     s.keep_failures = true;
                     std::filesystem::remove_all(o.work_dir);
@@ -120,7 +122,8 @@ int run_convergence_bench(const ConvergenceOptions& o) {
             }
         }
     }
-    std::filesystem::remove_all(o.work_dir);
+    if (!std::getenv("FERRY_BENCH_KEEP")) // keep the last run's logs to look at
+        std::filesystem::remove_all(o.work_dir);
     json report{{"scenario", "convergence"},
                 {"vm", {{"memory", *mem}, {"ws_mib", o.ws_mib}, {"accel", "tcg"}}},
                 {"completion_limit_s", limit.count()},

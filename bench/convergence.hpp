@@ -11,7 +11,7 @@ struct ConvergenceOptions {
     int ws_mib = 64;
     std::string rates = "32,64";      // guest dirty rates, MiB/s
     std::string bandwidths = "16Mi";  // per-migration bandwidths
-    std::string strategies = "ferry-none,ferry-throttle,ferry-postcopy,qemu-autoconverge";
+    std::string strategies = "ferry-none,ferry-throttle,ferry-postcopy,qemu-autoconverge,qemu-postcopy";
     int completion_timeout_per_gib = 160; // 40 s for 256 MiB
     int max_downtime_ms = 300;
     int reps = 1;

@@ -11,6 +11,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -46,13 +47,15 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-json caps(bool pause, bool auto_converge = false) {
+json caps(bool pause, bool auto_converge = false, bool postcopy = false) {
     json c = json::array();
     c.push_back({{"capability", "events"}, {"state", true}});
     if (pause)
         c.push_back({{"capability", "pause-before-switchover"}, {"state", true}});
     if (auto_converge)
         c.push_back({{"capability", "auto-converge"}, {"state", true}});
+    if (postcopy)
+        c.push_back({{"capability", "postcopy-ram"}, {"state", true}});
     return c;
 }
 
@@ -79,11 +82,12 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
         co_await engine::destroy_qemu(ex, *src);
         co_return dst.error();
     }
-    json c{{"capabilities", caps(false)}};
+    json c{{"capabilities", caps(false, false, s.qemu_postcopy_after_syncs > 0)}};
     co_await dst->qmp->execute("migrate-set-capabilities", c);
     json incoming{{"uri", "unix:" + dst->migrate_socket()}};
     co_await dst->qmp->execute("migrate-incoming", incoming);
-    json src_caps{{"capabilities", caps(false, s.qemu_auto_converge)}};
+    json src_caps{{"capabilities", caps(false, s.qemu_auto_converge, s.qemu_postcopy_after_syncs > 0)}};
+    bool postcopy_started = false;
     co_await src->qmp->execute("migrate-set-capabilities", src_caps);
     auto bw = s.node.migration.bandwidth_per_migration;
     json params{{"max-bandwidth", bw == 0 ? (1ULL << 40) : bw}, {"downtime-limit", s.node.migration.max_downtime_ms}};
@@ -105,6 +109,12 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
         auto status = info.value("status", "");
         if (status == "completed" && info.value("total-time", 0) > 0)
             break;
+        if (s.qemu_postcopy_after_syncs > 0 && !postcopy_started && status == "active" &&
+            info["ram"].value("dirty-sync-count", 0) > s.qemu_postcopy_after_syncs) {
+            co_await src->qmp->execute("migrate-start-postcopy");
+            postcopy_started = true;
+            out.mode = "postcopy";
+        }
         if (s.time_limit.count() > 0 && ms_since(t0) > static_cast<double>(s.time_limit.count()) * 1000.0) {
             co_await src->qmp->execute("migrate_cancel");
             out.outcome = "timeout";
@@ -202,6 +212,10 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
             }
             co_await sleep_for(2ms);
         }
+    }
+    if (std::getenv("FERRY_BENCH_KEEP")) { // the VM's console and logs, to look at
+        std::error_code ec;
+        std::filesystem::copy(s.node.node.state_dir + "/vms", s.work_dir + "/kept", std::filesystem::copy_options::recursive, ec);
     }
     co_await engine.delete_vm(s.spec.name);
     engine.shutdown();

@@ -30,6 +30,7 @@ struct LocalSetup {
     config::VmSpec spec;
     std::string work_dir;
     bool qemu_auto_converge = false;   // direct path: QEMU's own auto-converge capability
+    int qemu_postcopy_after_syncs = 0; // direct path: migrate-start-postcopy after this many rounds (0 = never)
     std::chrono::seconds time_limit{0}; // direct path: cancel after this (0 = never)
     bool keep_failures = false;        // a failed migration is a sample, not an error
 };

@@ -587,7 +587,8 @@ TEST_F(TwoNodes, WithoutHelpTheMigrationTimesOutNamingTheRates) {
     EXPECT_EQ(done["phase"], "Failed");
     auto why = done["failure_reason"].get<std::string>();
     EXPECT_NE(why.find("completion timeout"), std::string::npos) << why;
-    EXPECT_NE(why.find("> transfer rate"), std::string::npos) << why;
+    EXPECT_NE(why.find("dirty rate "), std::string::npos) << why;
+    EXPECT_NE(why.find(" transfer rate "), std::string::npos) << why;
     EXPECT_NE(why.find("auto-converge and post-copy not allowed"), std::string::npos) << why;
     EXPECT_GT(done["progress"]["downtime_limit_ms"].get<int>(), 75) << "the strategy raised the downtime limit first";
     EXPECT_EQ(done["progress"]["converging"], false);

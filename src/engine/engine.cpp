@@ -341,26 +341,30 @@ asio::awaitable<Result<json>> Engine::show_vm(std::string name) {
     co_return ok(vm_json(*vm));
 }
 
-asio::awaitable<Result<json>> Engine::qmp_command(std::string name, std::string command, json arguments) {
+Result<std::shared_ptr<qmp::Client>> Engine::running_qmp(const std::string& name) const {
     auto it = vms_.find(name);
     if (it == vms_.end())
-        co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
-    auto vm = it->second;
-    if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
-        co_return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", name, vm->status));
-    co_return co_await vm->qemu.qmp->execute(std::move(command), std::move(arguments), std::chrono::seconds(120));
+        return make_error(Errc::not_found, fmt::format("no VM named {}", name));
+    auto& vm = *it->second;
+    if (!vm.qemu.qmp || !vm.qemu.qmp->connected())
+        return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", name, vm.status));
+    return vm.qemu.qmp;
+}
+
+asio::awaitable<Result<json>> Engine::qmp_command(std::string name, std::string command, json arguments) {
+    auto qmp = running_qmp(name);
+    if (!qmp)
+        co_return qmp.error();
+    co_return co_await (*qmp)->execute(std::move(command), std::move(arguments), std::chrono::seconds(120));
 }
 
 asio::awaitable<Result<json>> Engine::dirty_rate(std::string name, int seconds) {
     if (seconds < 1 || seconds > 60)
         co_return make_error(Errc::invalid_argument, fmt::format("seconds: {} is not between 1 and 60", seconds));
-    auto it = vms_.find(name);
-    if (it == vms_.end())
-        co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
-    auto vm = it->second;
-    if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
-        co_return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", name, vm->status));
-    auto qmp = vm->qemu.qmp;
+    auto found = running_qmp(name);
+    if (!found)
+        co_return found.error();
+    auto qmp = *found;
     json args{{"calc-time", seconds}, {"mode", "page-sampling"}};
     auto started = co_await qmp->execute("calc-dirty-rate", args);
     if (!started)

@@ -81,6 +81,8 @@ private:
     void persist(const Vm& vm);
     void persist(const Migration& m);
     json vm_json(const Vm& vm) const;
+    // The QMP client of a VM whose QEMU runs, or why there is none.
+    Result<std::shared_ptr<qmp::Client>> running_qmp(const std::string& name) const;
     void attach(const std::shared_ptr<Vm>& vm); // subscribes to the QEMU's events and loss
     static boost::asio::awaitable<void> reap_loop(Engine* self);
     boost::asio::awaitable<void> reattach(std::shared_ptr<Vm> vm);

@@ -228,7 +228,7 @@ int main(int argc, char** argv) {
     conv->add_option("--rates", conv_opts.rates, "guest dirty rates, MiB/s, comma-separated");
     conv->add_option("--bandwidths", conv_opts.bandwidths, "bandwidths, comma-separated (16Mi,...)");
     conv->add_option("--strategies", conv_opts.strategies,
-                     "ferry-none, ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-none");
+                     "ferry-none, ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-postcopy, qemu-none");
     conv->add_option("--completion-timeout-per-gib", conv_opts.completion_timeout_per_gib,
                      "seconds per GiB before a run gives up");
     conv->add_option("--max-downtime", conv_opts.max_downtime_ms, "downtime limit, ms");
@@ -237,7 +237,7 @@ int main(int argc, char** argv) {
     conv->add_flag("--json", conv_opts.json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
 
-    ferry::set_log_level("warn");
+    ferry::set_log_level(std::getenv("FERRY_BENCH_LOG") ? std::getenv("FERRY_BENCH_LOG") : "warn");
     if (conv->parsed()) {
         conv_opts.kernel = (std::filesystem::canonical("/proc/self/exe").parent_path() / "guest/ferry-guest.elf").string();
         return ferry::bench::run_convergence_bench(conv_opts);
