@@ -14,7 +14,8 @@ namespace asio = boost::asio;
 asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::milliseconds elapsed) {
     auto& p = st.m.progress;
     auto throttle = st.throttle ? st.throttle->percent() : 0;
-    st.model.observe({elapsed, p.transferred_bytes, p.remaining_bytes, p.dirty_rate_bps, p.iteration, throttle});
+    auto qemu_dirty_rate = progress_from_query_migrate(st.last_info).dirty_rate_bps; // this round's, unsmoothed
+    st.model.observe({elapsed, p.transferred_bytes, p.remaining_bytes, qemu_dirty_rate, p.iteration, throttle});
     auto& strategy = *st.strategy;
     auto prediction = st.model.predict(strategy.downtime_ms());
     if (prediction.transfer_rate_bps > 0)

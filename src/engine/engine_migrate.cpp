@@ -27,6 +27,8 @@ void update_progress(Progress& p, const json& info) {
     p.downtime_limit_ms = kept.downtime_limit_ms;
     p.converging = kept.converging;
     p.time_left_ms = kept.time_left_ms;
+    if (kept.dirty_rate_bps > 0) // the model's smoothed rate; converge() reads QEMU's own from last_info
+        p.dirty_rate_bps = kept.dirty_rate_bps;
 }
 
 asio::awaitable<void> sleep_for(asio::any_io_executor ex, std::chrono::milliseconds d) {

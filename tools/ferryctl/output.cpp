@@ -98,7 +98,7 @@ void print_migration(const json& m) {
     std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
     if (m.value("phase", "") == "Running")
         std::cout << fmt::format("outlook:      {}\n", outlook(p));
-    std::cout << fmt::format("downtime:     limit {} ms (max {} ms)\n", p.value("downtime_limit_ms", 0),
+    std::cout << fmt::format("limit:        downtime {} ms (max {} ms)\n", p.value("downtime_limit_ms", 0),
                              m.at("config").value("max_downtime_ms", 0));
     if (p.value("throttle_percent", 0) > 0)
         std::cout << fmt::format("throttle:     {}% of the vCPUs' time (ferry's auto-converge)\n",
