@@ -686,3 +686,31 @@ TEST_F(TwoNodes, PostcopyRecoversAfterTheLinkIsCutAndRestored) {
     auto check = check_memory(b());
     EXPECT_EQ(check.status, 0) << check.out << check.err;
 }
+
+TEST_F(TwoNodes, ADestinationLostInPostcopyFailsAndNeverResumesTheSource) {
+    fast_dirtier("bandwidth_per_migration = \"4Mi\"\nallow_post_copy = true\ncompletion_timeout_per_gib = 24");
+    auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    json m;
+    for (int i = 0; i < 300; ++i) {
+        m = ctl_json(a(), "migration show " + id);
+        if (m["mode"] == "postcopy" || m["phase"] == "Failed" || m["phase"] == "Succeeded")
+            break;
+        std::this_thread::sleep_for(50ms);
+    }
+    ASSERT_EQ(m["mode"], "postcopy") << m.dump(2);
+    std::this_thread::sleep_for(300ms);
+    auto target_pid = ctl_json(b(), "migration show " + id)["target_pid"].get<int>();
+    ASSERT_TRUE(qemu_alive(target_pid));
+    ::kill(target_pid, SIGKILL); // the VM dies with it: post-copy cannot avoid that
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].get<std::string>();
+    EXPECT_NE(why.find("must not be resumed"), std::string::npos) << why;
+    // The source keeps its (stale) copy paused: resuming it would run the
+    // guest backwards in time.
+    ASSERT_TRUE(qemu_alive(source_pid));
+    auto status = ctl_json(a(), "vm qmp demo query-status");
+    EXPECT_EQ(status["running"], false) << status.dump();
+    EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Failed");
+}

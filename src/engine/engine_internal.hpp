@@ -60,6 +60,9 @@ struct Engine::Incoming {
     int recoveries = 0;
 };
 
+// What a target answers to a post-copy recovery when the VM died with its QEMU.
+constexpr std::string_view destination_gone = "the destination QEMU is gone";
+
 // QEMU 7.2 has no "unlimited" max-bandwidth: 1 TiB/s stands for it.
 constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
 

@@ -281,6 +281,16 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
                 if (!st.remote)
                     co_return make_error(Errc::qemu, "post-copy paused on a same-node migration (QEMU lost its socket)");
                 auto recovered = co_await recover_postcopy(st);
+                if (!recovered && recovered.error().message.find(destination_gone) != std::string::npos) {
+                    // Nothing left to recover into. The source's copy is older
+                    // than what the destination ran: never resume it.
+                    st.source_was_running = false;
+                    co_return make_error(Errc::disconnected,
+                                         fmt::format("post-copy to {} cannot finish, {}; the source QEMU is kept "
+                                                     "paused and must not be resumed (the guest ran on the "
+                                                     "destination since the switchover)",
+                                                     st.m.target_node, recovered.error().message));
+                }
                 if (!recovered) {
                     engine_log()->warn("migration {}: post-copy recovery: {} (retrying in 2 s; the VM is kept on both "
                                        "nodes until it completes)",
@@ -380,8 +390,18 @@ asio::awaitable<void> Engine::ensure_source_running(MigrationState& st) {
 
 asio::awaitable<void> Engine::fail(MigrationState& st, const Error& error) {
     engine_log()->warn("migration {}: failed: {}", st.m.id, error.message);
-    if (st.target.pid > 0 || st.target.qmp)
+    if (st.m.mode == "postcopy") {
+        // The guest ran on the destination: the source's copy is stale and
+        // must not run again, and a destination still alive keeps the VM.
+        st.source_was_running = false;
+        if (st.target.pid > 0 && process_alive(st.target.pid))
+            engine_log()->error("migration {}: post-copy failed; the destination QEMU (pid {}) is kept for an "
+                                "operator, the source stays paused",
+                                st.m.id, st.target.pid);
+        st.target = QemuInstance{};
+    } else if (st.target.pid > 0 || st.target.qmp) {
         co_await destroy_qemu(ex_, st.target);
+    }
     st.target = QemuInstance{};
     co_await ensure_source_running(st);
     if (st.vm->qemu.qmp)

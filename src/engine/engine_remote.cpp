@@ -404,6 +404,10 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
             reply = error_message(fmt::format("unexpected '{}'", type));
         }
         auto w = co_await channel->write_frame(reply);
+        if (type == "recover" && in && !in->finished && reply.value("message", "").find(destination_gone) == 0) {
+            co_await self->drop_incoming(in, reply.value("message", ""));
+            co_return;
+        }
         if (!w || (in && in->finished)) {
             if (in && !in->finished && !in->postcopy)
                 co_await self->drop_incoming(in, "control channel lost");
@@ -595,6 +599,8 @@ asio::awaitable<json> Engine::handle_start(Incoming& in) {
 }
 
 asio::awaitable<json> Engine::handle_recover(Incoming& in) {
+    if (!in.qemu.qmp || !in.qemu.qmp->connected() || !process_alive(in.qemu.pid))
+        co_return error_message(fmt::format("{}: {}", destination_gone, log_tail(in.qemu.log_path())));
     // QEMU notices the broken stream on its own; give it a moment.
     std::string status;
     for (int i = 0; i < 100; ++i) {
