@@ -483,6 +483,27 @@ append = "ws=32 rate=48 hb=50"
         return throttled;
     }
 
+    // 4 MiB/s and post-copy from the completion timeout (3 s for 128 MiB): a
+    // post-copy phase long enough to break. Returns {source QEMU pid,
+    // migration id} once the VM runs on node-b; an empty id on failure.
+    std::pair<int, std::string> start_slow_postcopy() {
+        fast_dirtier("bandwidth_per_migration = \"4Mi\"\nallow_post_copy = true\ncompletion_timeout_per_gib = 24");
+        auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+        auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+        json m;
+        for (int i = 0; i < 300; ++i) {
+            m = ctl_json(a(), "migration show " + id);
+            if (m["mode"] == "postcopy" || m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                break;
+            std::this_thread::sleep_for(50ms);
+        }
+        EXPECT_EQ(m["mode"], "postcopy") << m.dump(2);
+        if (m["mode"] != "postcopy")
+            return {source_pid, ""};
+        std::this_thread::sleep_for(300ms); // the destination runs
+        return {source_pid, id};
+    }
+
     TempDir dir_;
     Node nodes_[2];
     unsigned short b_via_ = 0; // node-a reaches node-b through this port (a proxy)
@@ -654,20 +675,8 @@ TEST_F(TwoNodes, PostcopySwitchoverWhenPrecopyCannotConverge) {
 TEST_F(TwoNodes, PostcopyRecoversAfterTheLinkIsCutAndRestored) {
     ferry::test::TcpProxy link(b().port);
     b_via_ = link.port();
-    // 4 MiB/s and post-copy from the completion timeout (3 s for 128 MiB):
-    // the post-copy phase lasts long enough to cut it.
-    fast_dirtier("bandwidth_per_migration = \"4Mi\"\nallow_post_copy = true\ncompletion_timeout_per_gib = 24");
-    auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
-    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    json m;
-    for (int i = 0; i < 300; ++i) {
-        m = ctl_json(a(), "migration show " + id);
-        if (m["mode"] == "postcopy" || m["phase"] == "Failed" || m["phase"] == "Succeeded")
-            break;
-        std::this_thread::sleep_for(50ms);
-    }
-    ASSERT_EQ(m["mode"], "postcopy") << m.dump(2);
-    std::this_thread::sleep_for(300ms); // the destination runs
+    auto [source_pid, id] = start_slow_postcopy();
+    ASSERT_FALSE(id.empty());
     link.cut();
     std::this_thread::sleep_for(3s);
     // Both halves are kept; neither side gives up, and abort is refused.
@@ -688,18 +697,8 @@ TEST_F(TwoNodes, PostcopyRecoversAfterTheLinkIsCutAndRestored) {
 }
 
 TEST_F(TwoNodes, ADestinationLostInPostcopyFailsAndNeverResumesTheSource) {
-    fast_dirtier("bandwidth_per_migration = \"4Mi\"\nallow_post_copy = true\ncompletion_timeout_per_gib = 24");
-    auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
-    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    json m;
-    for (int i = 0; i < 300; ++i) {
-        m = ctl_json(a(), "migration show " + id);
-        if (m["mode"] == "postcopy" || m["phase"] == "Failed" || m["phase"] == "Succeeded")
-            break;
-        std::this_thread::sleep_for(50ms);
-    }
-    ASSERT_EQ(m["mode"], "postcopy") << m.dump(2);
-    std::this_thread::sleep_for(300ms);
+    auto [source_pid, id] = start_slow_postcopy();
+    ASSERT_FALSE(id.empty());
     auto target_pid = ctl_json(b(), "migration show " + id)["target_pid"].get<int>();
     ASSERT_TRUE(qemu_alive(target_pid));
     ::kill(target_pid, SIGKILL); // the VM dies with it: post-copy cannot avoid that
