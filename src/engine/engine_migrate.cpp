@@ -271,6 +271,16 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
                                                          (*info).value("error-desc", status)));
         if (st.m.mode == "postcopy") {
             deadline = Clock::now() + 120s;
+            if (st.remote && st.control && status == "postcopy-active") {
+                // Keeps the target's control channel from timing out over a
+                // long post-copy; a dead channel is re-dialled when needed.
+                auto alive = co_await keepalive(st);
+                if (!alive) {
+                    engine_log()->debug("migration {}: post-copy keepalive: {}", st.m.id, alive.error().message);
+                    st.control->close();
+                    st.control.reset();
+                }
+            }
             if (status == "postcopy-active" && st.remote && !st.postcopy_running) {
                 auto run = co_await start_remote_postcopy(st);
                 if (!run)

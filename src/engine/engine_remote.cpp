@@ -318,7 +318,13 @@ asio::awaitable<Result<void>> Engine::remote_hand_off(MigrationState& st) {
             finish["last_heartbeat"] = {{"host_ms", beats.back().host_ms}, {"seq", beats.back().seq},
                                         {"interval_ms", beats.back().interval_ms}};
     }
-    auto done = co_await request(st, finish, 60s);
+    // In post-copy the control channel may have been re-dialled (or must be);
+    // the target answers a repeated finish for a VM it already runs.
+    Result<json> done = make_error(Errc::internal, "unset");
+    if (st.m.mode == "postcopy")
+        done = co_await request_reconnecting(st, finish, 60s);
+    else
+        done = co_await request(st, finish, 60s);
     if (!done) {
         if (done.error().code == Errc::conflict) // the target answered: its QEMU did not resume
             co_return done.error().wrap("handing the VM over");
@@ -373,13 +379,21 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         auto type = msg->value("type", "");
         // A source that lost its control channel dials again and names the
         // migration it is continuing.
+        bool already_finished = false;
         if (!in && msg->contains("migration_id") && type != "prepare") {
-            auto it = self->incoming_.find(msg->value("migration_id", ""));
+            auto id = msg->value("migration_id", "");
+            auto it = self->incoming_.find(id);
             if (it != self->incoming_.end() && it->second->source_node == channel->peer_node)
                 in = it->second;
+            auto done = self->migrations_.find(id);
+            already_finished = !in && done != self->migrations_.end() && done->second->m.phase == Phase::Succeeded &&
+                               done->second->m.source_node == channel->peer_node;
         }
         json reply;
-        if (type == "prepare" && !in) {
+        if (type == "finish" && already_finished) {
+            // The answer to an earlier finish was lost with the connection.
+            reply = {{"type", "finished"}, {"guest_blackout_ms", nullptr}};
+        } else if (type == "prepare" && !in) {
             reply = co_await self->handle_prepare(in, *msg, channel);
         } else if (type == "ping") {
             reply = {{"type", "pong"}};
