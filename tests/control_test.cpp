@@ -470,8 +470,8 @@ append = "ws=32 rate=48 hb=50"
         start(b());
         create_on_a();
     }
-    json migrate_and_wait() {
-        auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    json migrate_and_wait(const std::string& flags = "") {
+        auto id = ctl_json(a(), "migrate demo --to node-b" + flags)["id"].get<std::string>();
         return wait_final(a(), id);
     }
     // The source QEMU's vCPU threads and whether any is in a throttle group.
@@ -661,8 +661,10 @@ TEST_F(TwoNodes, AFailedThrottledMigrationGivesTheVcpusBack) {
 }
 
 TEST_F(TwoNodes, PostcopySwitchoverWhenPrecopyCannotConverge) {
-    fast_dirtier("bandwidth_per_migration = \"16Mi\"\nallow_post_copy = true");
-    auto done = migrate_and_wait();
+    // Allowed for this migration only (the node's default is off).
+    fast_dirtier("bandwidth_per_migration = \"16Mi\"");
+    auto done = migrate_and_wait(" --post-copy");
+    EXPECT_EQ(done["config"]["allow_post_copy"], true);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
     EXPECT_EQ(done["mode"], "postcopy");
     EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("switching to post-copy"), std::string::npos);

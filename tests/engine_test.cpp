@@ -397,7 +397,7 @@ TEST_F(EngineIntegration, MigratesLiveAndGuestMemorySurvives) {
     start();
     auto vm = create("ws=32 rate=8 hb=50");
     int old_pid = vm["pid"];
-    auto m = engine_->migrate({"guest", {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -426,7 +426,7 @@ TEST_F(EngineIntegration, AbortMidMigrationLeavesSourceRunningAndIntact) {
     start();
     auto vm = create("ws=64 rate=2 hb=50");
     int pid = vm["pid"];
-    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}}); // 64 MiB at 4 MiB/s: ~16 s
+    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}, {}, {}}); // 64 MiB at 4 MiB/s: ~16 s
     ASSERT_TRUE(m) << m.error().message;
     std::string id = (*m)["id"];
     ASSERT_TRUE(wait_transferring(id)) << migration(id).dump(2);
@@ -459,7 +459,7 @@ TEST_F(EngineIntegration, KilledDestinationLeavesSourceRunningAndIntact) {
     start();
     auto vm = create("ws=64 rate=2 hb=50");
     int pid = vm["pid"];
-    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}});
+    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     std::string id = (*m)["id"];
     ASSERT_TRUE(wait_transferring(id)) << migration(id).dump(2);
@@ -476,7 +476,7 @@ TEST_F(EngineIntegration, KilledDestinationLeavesSourceRunningAndIntact) {
     auto report = verify();
     ASSERT_TRUE(report) << report.error().message;
     // And it can still migrate afterwards.
-    auto again = engine_->migrate({"guest", {}, {}, {}});
+    auto again = engine_->migrate({"guest", {}, {}, {}, {}, {}});
     ASSERT_TRUE(again) << again.error().message;
     EXPECT_EQ(wait_final((*again)["id"])["phase"], "Succeeded");
     ASSERT_TRUE(verify());
@@ -487,7 +487,7 @@ TEST_F(EngineIntegration, ProgressTimeoutAbortsAndKeepsTheSource) {
     start();
     // Dirtying 32 MiB/s against 2 MiB/s of bandwidth can never converge.
     create("ws=32 rate=32 hb=50");
-    auto m = engine_->migrate({"guest", {}, 2ULL << 20, {}});
+    auto m = engine_->migrate({"guest", {}, 2ULL << 20, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     EXPECT_EQ(done["phase"], "Failed");
@@ -557,7 +557,7 @@ TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     ASSERT_TRUE(bare) << bare.error().message;
     EXPECT_EQ((*bare)["adopted"], true);
     EXPECT_EQ((*bare)["pid"], pid);
-    auto refused = engine_->migrate({"guest", {}, {}, {}});
+    auto refused = engine_->migrate({"guest", {}, {}, {}, {}, {}});
     ASSERT_FALSE(refused);
     EXPECT_NE(refused.error().message.find("--spec"), std::string::npos) << refused.error().message;
     ASSERT_TRUE(run(io_, engine_->delete_vm("guest")));
@@ -566,7 +566,7 @@ TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     // With a spec describing it, ferry migrates it into a QEMU of its own.
     auto adopted = run(io_, engine_->adopt_vm("guest", qmp, spec("ws=16 rate=4 hb=50")));
     ASSERT_TRUE(adopted) << adopted.error().message;
-    auto m = engine_->migrate({"guest", {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -604,13 +604,13 @@ TEST_F(EngineIntegration, RejectsBadRequestsWithoutTouchingTheVm) {
     EXPECT_NE(q.error().message.find("no-such-option"), std::string::npos) << q.error().message;
 
     create("ws=8 rate=1 hb=50");
-    EXPECT_EQ(engine_->migrate({"nope", {}, {}, {}}).error().code, ferry::Errc::not_found);
-    auto unknown = engine_->migrate({"guest", std::string("node-z"), {}, {}});
+    EXPECT_EQ(engine_->migrate({"nope", {}, {}, {}, {}, {}}).error().code, ferry::Errc::not_found);
+    auto unknown = engine_->migrate({"guest", std::string("node-z"), {}, {}, {}, {}});
     ASSERT_FALSE(unknown);
     EXPECT_NE(unknown.error().message.find("node-z"), std::string::npos);
-    auto first = engine_->migrate({"guest", {}, 1ULL << 20, {}});
+    auto first = engine_->migrate({"guest", {}, 1ULL << 20, {}, {}, {}});
     ASSERT_TRUE(first);
-    auto twice = engine_->migrate({"guest", {}, {}, {}});
+    auto twice = engine_->migrate({"guest", {}, {}, {}, {}, {}});
     ASSERT_FALSE(twice);
     EXPECT_EQ(twice.error().code, ferry::Errc::conflict);
     auto del = run(io_, engine_->delete_vm("guest"));

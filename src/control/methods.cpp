@@ -111,6 +111,15 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
             co_return make_error(Errc::invalid_argument, "migration.create: \"max_downtime_ms\" must be >= 1");
         req.max_downtime_ms = v;
     }
+    for (auto [key, field] : {std::pair{"allow_auto_converge", &req.allow_auto_converge},
+                              std::pair{"allow_post_copy", &req.allow_post_copy}}) {
+        auto f = params.find(key);
+        if (f == params.end() || f->is_null())
+            continue;
+        if (!f->is_boolean())
+            co_return make_error(Errc::invalid_argument, fmt::format("migration.create: \"{}\" must be true or false", key));
+        *field = f->get<bool>();
+    }
     co_return e->migrate(req);
 }
 

@@ -461,6 +461,10 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
         m.config.bandwidth_per_migration = *req.bandwidth;
     if (req.max_downtime_ms)
         m.config.max_downtime_ms = *req.max_downtime_ms;
+    if (req.allow_auto_converge)
+        m.config.allow_auto_converge = *req.allow_auto_converge;
+    if (req.allow_post_copy)
+        m.config.allow_post_copy = *req.allow_post_copy;
     m.created_at = now_string();
     st->vm = vm;
     vm->migration_id = m.id;

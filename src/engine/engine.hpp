@@ -24,6 +24,8 @@ struct MigrateRequest {
     std::optional<std::string> target_node; // default: this node
     std::optional<std::uint64_t> bandwidth;  // overrides bandwidth_per_migration
     std::optional<std::int64_t> max_downtime_ms;
+    std::optional<bool> allow_auto_converge; // override [migration] for this one
+    std::optional<bool> allow_post_copy;
 };
 
 class Engine {

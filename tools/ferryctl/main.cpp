@@ -185,12 +185,17 @@ int main(int argc, char** argv) {
     std::string target, bandwidth;
     std::int64_t max_downtime = 0;
     bool wait = false;
+    std::optional<bool> auto_converge, post_copy;
     auto* migrate = app.add_subcommand("migrate", "live-migrate a VM");
     migrate->add_option("name", name)->required();
     migrate->add_option("--to", target, "target node (default: this node, a new QEMU process)");
     migrate->add_option("--bandwidth", bandwidth, "per-migration bandwidth, e.g. 64Mi (0 = unlimited)");
     migrate->add_option("--max-downtime", max_downtime, "maximum downtime in ms")->check(CLI::PositiveNumber);
     migrate->add_flag("--wait", wait, "follow the migration to its end; exit non-zero unless it succeeds");
+    migrate->add_flag("--auto-converge,!--no-auto-converge", auto_converge,
+                      "let ferry throttle the vCPUs if pre-copy cannot converge (overrides allow_auto_converge)");
+    migrate->add_flag("--post-copy,!--no-post-copy", post_copy,
+                      "let ferry switch to post-copy if pre-copy cannot converge (overrides allow_post_copy)");
     migrate->callback([&] {
         json params{{"vm", name}};
         if (!target.empty())
@@ -205,6 +210,10 @@ int main(int argc, char** argv) {
         }
         if (max_downtime > 0)
             params["max_downtime_ms"] = max_downtime;
+        if (auto_converge)
+            params["allow_auto_converge"] = *auto_converge;
+        if (post_copy)
+            params["allow_post_copy"] = *post_copy;
         auto r = call(g, "migration.create", params);
         if (!r) {
             rc = fail(r.error().message);
