@@ -1,6 +1,7 @@
 // src/control: the request handling as a unit, then ferryd and ferryctl as
 // real processes driving real QEMU.
 #include "control/server.hpp"
+#include "output.hpp"
 #include "proxy.hpp"
 #include "support.hpp"
 
@@ -10,6 +11,7 @@
 
 #include <csignal>
 #include <filesystem>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <thread>
@@ -26,6 +28,31 @@ asio::awaitable<ferry::Result<json>> refuse(json) {
     co_return ferry::make_error(ferry::Errc::conflict, "not now");
 }
 } // namespace
+
+TEST(ProgressLine, ShowsTheConvergenceOutlook) {
+    json m{{"phase", "Running"}, {"target_node", "node-b"}, {"mode", "precopy"},
+           {"progress", {{"total_bytes", 100ULL << 20}, {"remaining_bytes", 40ULL << 20},
+                         {"transfer_rate_bps", 16ULL << 20}, {"dirty_rate_bps", 16ULL << 20},
+                         {"iteration", 1}, {"throttle_percent", 0}, {"converging", nullptr},
+                         {"expected_downtime_ms", 2500}, {"downtime_limit_ms", 75}, {"time_left_ms", 2500},
+                         {"qemu_status", "active"}}}};
+    EXPECT_NE(ferryctl::progress_line(m).find("first pass"), std::string::npos) << ferryctl::progress_line(m);
+    m["progress"]["converging"] = false;
+    m["progress"]["iteration"] = 6;
+    m["progress"]["throttle_percent"] = 40;
+    m["progress"]["downtime_limit_ms"] = 300;
+    auto line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("NOT converging (would need 2500 ms downtime, limit 300 ms)"), std::string::npos) << line;
+    EXPECT_NE(line.find("throttle 40%"), std::string::npos) << line;
+    m["progress"]["converging"] = true;
+    m["progress"]["time_left_ms"] = 3200;
+    m["progress"]["expected_downtime_ms"] = 40;
+    line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("converging, ~3 s left, downtime ~40 ms"), std::string::npos) << line;
+    m["progress"]["qemu_status"] = "postcopy-paused";
+    line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("post-copy (postcopy-paused): the VM runs on node-b"), std::string::npos) << line;
+}
 
 TEST(ControlServer, AnswersRequestsAndErrors) {
     asio::io_context io;
@@ -92,6 +119,7 @@ append = "ws=32 rate=8 hb=50"
     void start() {
         pid_ = ::fork();
         if (pid_ == 0) {
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL); // never outlive a crashed test (it would hold meson's pipe)
             auto log = dir_ / "ferryd.log";
             std::freopen(log.c_str(), "a", stderr);
             ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", (dir_ / "ferryd.toml").c_str(), nullptr);
@@ -358,6 +386,7 @@ address = "127.0.0.1:{7}"
         std::filesystem::remove(n.socket);
         n.pid = ::fork();
         if (n.pid == 0) {
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL); // never outlive a crashed test (it would hold meson's pipe)
             auto log = dir_ / (n.name + ".log");
             std::freopen(log.c_str(), "a", stderr);
             ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);

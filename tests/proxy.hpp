@@ -110,7 +110,8 @@ private:
             if (n <= 0)
                 break;
             for (ssize_t off = 0; off < n;) {
-                auto w = ::write(to, buf.data() + off, static_cast<std::size_t>(n - off));
+                // MSG_NOSIGNAL: a peer that closed must not SIGPIPE the test.
+                auto w = ::send(to, buf.data() + off, static_cast<std::size_t>(n - off), MSG_NOSIGNAL);
                 if (w <= 0) {
                     ::shutdown(from, SHUT_RDWR);
                     return;

@@ -185,17 +185,22 @@ int main(int argc, char** argv) {
     std::string target, bandwidth;
     std::int64_t max_downtime = 0;
     bool wait = false;
-    std::optional<bool> auto_converge, post_copy;
     auto* migrate = app.add_subcommand("migrate", "live-migrate a VM");
     migrate->add_option("name", name)->required();
     migrate->add_option("--to", target, "target node (default: this node, a new QEMU process)");
     migrate->add_option("--bandwidth", bandwidth, "per-migration bandwidth, e.g. 64Mi (0 = unlimited)");
     migrate->add_option("--max-downtime", max_downtime, "maximum downtime in ms")->check(CLI::PositiveNumber);
     migrate->add_flag("--wait", wait, "follow the migration to its end; exit non-zero unless it succeeds");
-    migrate->add_flag("--auto-converge,!--no-auto-converge", auto_converge,
-                      "let ferry throttle the vCPUs if pre-copy cannot converge (overrides allow_auto_converge)");
-    migrate->add_flag("--post-copy,!--no-post-copy", post_copy,
-                      "let ferry switch to post-copy if pre-copy cannot converge (overrides allow_post_copy)");
+    // Each overrides the node's [migration] setting only when given.
+    bool auto_converge = false, no_auto_converge = false, post_copy = false, no_post_copy = false;
+    auto* ac = migrate->add_flag("--auto-converge", auto_converge,
+                                 "let ferry throttle the vCPUs if pre-copy cannot converge (overrides allow_auto_converge)");
+    auto* no_ac = migrate->add_flag("--no-auto-converge", no_auto_converge, "never throttle this migration's vCPUs");
+    auto* pc = migrate->add_flag("--post-copy", post_copy,
+                                 "let ferry switch to post-copy if pre-copy cannot converge (overrides allow_post_copy)");
+    auto* no_pc = migrate->add_flag("--no-post-copy", no_post_copy, "never switch this migration to post-copy");
+    ac->excludes(no_ac);
+    pc->excludes(no_pc);
     migrate->callback([&] {
         json params{{"vm", name}};
         if (!target.empty())
@@ -210,10 +215,10 @@ int main(int argc, char** argv) {
         }
         if (max_downtime > 0)
             params["max_downtime_ms"] = max_downtime;
-        if (auto_converge)
-            params["allow_auto_converge"] = *auto_converge;
-        if (post_copy)
-            params["allow_post_copy"] = *post_copy;
+        if (auto_converge || no_auto_converge)
+            params["allow_auto_converge"] = auto_converge;
+        if (post_copy || no_post_copy)
+            params["allow_post_copy"] = post_copy;
         auto r = call(g, "migration.create", params);
         if (!r) {
             rc = fail(r.error().message);
