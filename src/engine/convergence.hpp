@@ -39,7 +39,6 @@ class ConvergenceModel {
 public:
     void observe(const Sample& s);
     Prediction predict(std::int64_t downtime_limit_ms) const;
-    std::int64_t iteration() const { return last_.iteration; }
 
 private:
     std::optional<Sample> prev_;

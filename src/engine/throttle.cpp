@@ -98,7 +98,12 @@ std::string join(const Mount& m, const std::string& path) {
 
 std::string group_name(const std::string& vm) { return "ferry-throttle-" + vm; }
 
-} // namespace
+// Where a thread sits in the cpu controller.
+struct CgroupPlace {
+    std::string root;
+    std::string path;
+    bool v2 = false;
+};
 
 Result<CgroupPlace> cpu_cgroup_of(pid_t pid, pid_t tid) {
     auto file = fmt::format("/proc/{}/task/{}/cgroup", pid, tid);
@@ -141,6 +146,8 @@ Result<CgroupPlace> cpu_cgroup_of(pid_t pid, pid_t tid) {
     }
     return make_error(Errc::not_found, fmt::format("{}: the thread is in no cpu cgroup", file));
 }
+
+} // namespace
 
 Result<std::unique_ptr<CpuThrottle>> CpuThrottle::create(const std::string& vm, pid_t pid, std::vector<pid_t> threads) {
     if (threads.empty())

@@ -48,13 +48,4 @@ private:
     bool released_ = false;
 };
 
-// Where a thread sits in the cpu controller: {hierarchy root, cgroup path,
-// v2}. Exposed for the tests.
-struct CgroupPlace {
-    std::string root;
-    std::string path;
-    bool v2 = false;
-};
-Result<CgroupPlace> cpu_cgroup_of(pid_t pid, pid_t tid);
-
 } // namespace ferry::engine

@@ -111,17 +111,6 @@ asio::awaitable<Result<void>> Channel::write_all(asio::const_buffer buffer) {
     co_return Result<void>{};
 }
 
-asio::awaitable<void> Channel::shutdown_send() {
-    // TLS has no half-close through Asio (async_shutdown waits for the peer's
-    // close_notify, which would collide with the read in flight): the tunnel
-    // closes both directions when either ends instead.
-    if (auto* s = std::get_if<tcp::socket>(&stream_)) {
-        boost::system::error_code ec;
-        s->shutdown(tcp::socket::shutdown_send, ec);
-    }
-    co_return;
-}
-
 void Channel::close() {
     boost::system::error_code ec;
     socket().shutdown(tcp::socket::shutdown_both, ec);

@@ -26,9 +26,6 @@ public:
 
     asio::awaitable<Result<std::size_t>> read_some(asio::mutable_buffer buffer);
     asio::awaitable<Result<void>> write_all(asio::const_buffer buffer);
-    // Stops sending so the peer reads end of stream (plain TCP only; TLS
-    // channels end whole).
-    asio::awaitable<void> shutdown_send();
     void close();
 
     // Framed control messages (frame.hpp), each with a deadline.
