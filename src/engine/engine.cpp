@@ -371,9 +371,7 @@ asio::awaitable<Result<json>> Engine::dirty_rate(std::string name, int seconds) 
         co_return started.error().wrap("calc-dirty-rate");
     auto deadline = Clock::now() + std::chrono::seconds(seconds + 10);
     for (;;) {
-        asio::steady_timer t(ex_);
-        t.expires_after(std::chrono::milliseconds(200));
-        co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
+        co_await sleep_for(std::chrono::milliseconds(200));
         auto r = co_await qmp->execute("query-dirty-rate");
         if (!r)
             co_return r.error().wrap("query-dirty-rate");

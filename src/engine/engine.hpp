@@ -100,7 +100,11 @@ private:
     boost::asio::awaitable<Result<void>> send_migration(MigrationState& st, json params, std::string uri);
     boost::asio::awaitable<Result<void>> watch(MigrationState& st);
     // Feeds the model, applies the strategy's decision (engine_converge.cpp).
-    boost::asio::awaitable<Result<void>> converge(MigrationState& st, std::chrono::milliseconds elapsed);
+    boost::asio::awaitable<Result<void>> converge(MigrationState& st, std::chrono::milliseconds elapsed,
+                                                  const Progress& qemu);
+    // One poll of a post-copy under way: start the VM on the target, keep the
+    // control channel alive, recover a broken stream.
+    boost::asio::awaitable<Result<void>> follow_postcopy(MigrationState& st, const std::string& status);
     void release_throttle(MigrationState& st);
     boost::asio::awaitable<void> cancel_source(MigrationState& st);
     boost::asio::awaitable<Result<void>> switch_over(MigrationState& st);
@@ -133,7 +137,7 @@ private:
     boost::asio::awaitable<nlohmann::json> handle_finish(Incoming& in, const nlohmann::json& msg);
     boost::asio::awaitable<nlohmann::json> handle_start(Incoming& in);
     boost::asio::awaitable<nlohmann::json> handle_recover(Incoming& in);
-    static boost::asio::awaitable<void> deliver(Engine* self, std::shared_ptr<Incoming> in, int index,
+    static boost::asio::awaitable<void> deliver(std::shared_ptr<Incoming> in, int index,
                                                 std::shared_ptr<transport::Channel> channel);
     boost::asio::awaitable<void> drop_incoming(std::shared_ptr<Incoming> in, const std::string& why);
 

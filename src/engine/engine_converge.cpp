@@ -11,11 +11,11 @@ namespace ferry::engine {
 
 namespace asio = boost::asio;
 
-asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::milliseconds elapsed) {
+asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::milliseconds elapsed,
+                                               const Progress& qemu) {
     auto& p = st.m.progress;
     auto throttle = st.throttle ? st.throttle->percent() : 0;
-    auto qemu_dirty_rate = progress_from_query_migrate(st.last_info).dirty_rate_bps; // this round's, unsmoothed
-    st.model.observe({elapsed, p.transferred_bytes, p.remaining_bytes, qemu_dirty_rate, p.iteration, throttle});
+    st.model.observe({elapsed, qemu.transferred_bytes, qemu.remaining_bytes, qemu.dirty_rate_bps, qemu.iteration, throttle});
     auto& strategy = *st.strategy;
     auto prediction = st.model.predict(strategy.downtime_ms());
     if (prediction.transfer_rate_bps > 0)

@@ -5,6 +5,12 @@
 #include "engine/engine.hpp"
 #include "engine/throttle.hpp"
 
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <functional>
+
 namespace ferry::engine {
 
 struct Engine::MigrationState {
@@ -55,7 +61,6 @@ struct Engine::Incoming {
     int next_index = 0;              // data channels reach QEMU in this order
     boost::asio::steady_timer order; // woken when next_index moves
     bool finished = false;
-    bool postcopy = false;      // running here while pages still arrive: never drop it
     std::string listen_socket;  // where QEMU listens (changes with each post-copy recovery)
     int recoveries = 0;
 };
@@ -65,6 +70,28 @@ constexpr std::string_view destination_gone = "the destination QEMU is gone";
 
 // QEMU 7.2 has no "unlimited" max-bandwidth: 1 TiB/s stands for it.
 constexpr std::uint64_t unlimited_bandwidth = 1ULL << 40;
+
+inline boost::asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
+    boost::asio::steady_timer t(co_await boost::asio::this_coro::executor);
+    t.expires_after(d);
+    co_await t.async_wait(boost::asio::as_tuple(boost::asio::use_awaitable));
+}
+
+// Polls query-migrate every 100 ms, up to `tries` times, until its status
+// satisfies done; returns the last status ("" once QMP fails).
+inline boost::asio::awaitable<std::string> wait_migration_status(qmp::Client& qmp,
+                                                                std::function<bool(const std::string&)> done,
+                                                                int tries = 100) {
+    std::string status;
+    for (int i = 0; i < tries; ++i) {
+        auto info = co_await qmp.execute("query-migrate");
+        status = info ? (*info).value("status", "") : "";
+        if (status.empty() || done(status))
+            break;
+        co_await sleep_for(std::chrono::milliseconds(100));
+    }
+    co_return status;
+}
 
 inline std::shared_ptr<spdlog::logger> engine_log() {
     static auto l = logger("engine");

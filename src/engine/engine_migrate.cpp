@@ -17,24 +17,19 @@ namespace {
 
 constexpr auto poll_interval = 500ms;
 
-// Takes QEMU's figures; ferry's own (the model's rates and verdict, the
-// downtime limit, the throttle) stay until converge() renews them.
-void update_progress(Progress& p, const json& info) {
+// Takes QEMU's figures (parsed once per poll); ferry's own (the model's
+// rates and verdict, the downtime limit, the throttle) stay until converge()
+// renews them from the same figures.
+void update_progress(Progress& p, const Progress& qemu) {
     auto kept = p;
-    p = progress_from_query_migrate(info);
+    p = qemu;
     p.iteration = std::max(kept.iteration, p.iteration);
     p.throttle_percent = kept.throttle_percent;
     p.downtime_limit_ms = kept.downtime_limit_ms;
     p.converging = kept.converging;
     p.time_left_ms = kept.time_left_ms;
-    if (kept.dirty_rate_bps > 0) // the model's smoothed rate; converge() reads QEMU's own from last_info
+    if (kept.dirty_rate_bps > 0) // the model's smoothed rate
         p.dirty_rate_bps = kept.dirty_rate_bps;
-}
-
-asio::awaitable<void> sleep_for(asio::any_io_executor ex, std::chrono::milliseconds d) {
-    asio::steady_timer t(ex);
-    t.expires_after(d);
-    co_await t.async_wait(asio::as_tuple(asio::use_awaitable));
 }
 
 } // namespace
@@ -167,13 +162,11 @@ asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
 asio::awaitable<void> Engine::cancel_source(MigrationState& st) {
     auto qmp = st.vm->qemu.qmp;
     co_await qmp->execute("migrate_cancel");
-    for (int i = 0; i < 100 && qmp->connected(); ++i) {
-        auto info = co_await qmp->execute("query-migrate");
-        auto s = info ? (*info).value("status", "") : "";
-        if (s == "cancelled" || s == "failed" || s == "completed" || s.empty())
-            break;
-        co_await sleep_for(ex_, 100ms);
-    }
+    // Named, not a temporary inside co_await: GCC 12.
+    std::function<bool(const std::string&)> ended = [](const std::string& s) {
+        return s == "cancelled" || s == "failed" || s == "completed";
+    };
+    co_await wait_migration_status(*qmp, ended);
 }
 
 asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
@@ -202,7 +195,8 @@ asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
         auto info = co_await qmp->execute("query-migrate");
         if (info) {
             st.last_info = *info;
-            update_progress(st.m.progress, *info);
+            auto qemu = progress_from_query_migrate(*info);
+            update_progress(st.m.progress, qemu);
             auto status = st.m.progress.qemu_status;
             if (status == "pre-switchover" || status == "completed")
                 co_return Result<void>{};
@@ -218,7 +212,7 @@ asio::awaitable<Result<void>> Engine::watch(MigrationState& st) {
             if (status == "postcopy-active" || status == "postcopy-paused")
                 co_return Result<void>{}; // pause-before-switchover did not apply: switch_over follows it
             auto elapsed = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - st.start);
-            auto decided = co_await converge(st, elapsed);
+            auto decided = co_await converge(st, elapsed, qemu);
             if (!decided) {
                 co_await cancel_source(st);
                 co_return decided;
@@ -253,67 +247,35 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
             co_return cont.error().wrap("switching over");
     }
     // Pre-copy's last round is short; post-copy lasts as long as the rest of
-    // the memory takes, and survives a broken connection (recovered below).
+    // the memory takes, and survives a broken connection (follow_postcopy).
     auto deadline = Clock::now() + 120s;
+    std::optional<Clock::time_point> completed_at;
     for (;;) {
         auto info = co_await qmp->execute("query-migrate");
         if (!info)
             co_return info.error().wrap("switching over");
         st.last_info = *info;
-        update_progress(st.m.progress, *info);
+        update_progress(st.m.progress, progress_from_query_migrate(*info));
         auto status = st.m.progress.qemu_status;
         // QEMU 7.2 announces "completed" a moment before it fills in
         // total-time and downtime: wait for them (briefly).
-        if (status == "completed" && ((*info).value("total-time", 0) > 0 || Clock::now() > deadline - 115s))
+        if (status == "completed" && !completed_at)
+            completed_at = Clock::now();
+        if (completed_at && ((*info).value("total-time", 0) > 0 || Clock::now() > *completed_at + 5s))
             break;
         if (status == "failed" || status == "cancelled")
             co_return make_error(Errc::qemu, fmt::format("the switchover failed: {}",
                                                          (*info).value("error-desc", status)));
         if (st.m.mode == "postcopy") {
-            deadline = Clock::now() + 120s;
-            if (st.remote && st.control && status == "postcopy-active") {
-                // Keeps the target's control channel from timing out over a
-                // long post-copy; a dead channel is re-dialled when needed.
-                auto alive = co_await keepalive(st);
-                if (!alive) {
-                    engine_log()->debug("migration {}: post-copy keepalive: {}", st.m.id, alive.error().message);
-                    st.control->close();
-                    st.control.reset();
-                }
-            }
-            if (status == "postcopy-active" && st.remote && !st.postcopy_running) {
-                auto run = co_await start_remote_postcopy(st);
-                if (!run)
-                    engine_log()->warn("migration {}: starting the VM on {}: {} (retrying)", st.m.id,
-                                       st.m.target_node, run.error().message);
-            }
-            if (status == "postcopy-paused") {
-                if (!st.remote)
-                    co_return make_error(Errc::qemu, "post-copy paused on a same-node migration (QEMU lost its socket)");
-                auto recovered = co_await recover_postcopy(st);
-                if (!recovered && recovered.error().message.find(destination_gone) != std::string::npos) {
-                    // Nothing left to recover into. The source's copy is older
-                    // than what the destination ran: never resume it.
-                    st.source_was_running = false;
-                    co_return make_error(Errc::disconnected,
-                                         fmt::format("post-copy to {} cannot finish, {}; the source QEMU is kept "
-                                                     "paused and must not be resumed (the guest ran on the "
-                                                     "destination since the switchover)",
-                                                     st.m.target_node, recovered.error().message));
-                }
-                if (!recovered) {
-                    engine_log()->warn("migration {}: post-copy recovery: {} (retrying in 2 s; the VM is kept on both "
-                                       "nodes until it completes)",
-                                       st.m.id, recovered.error().message);
-                    co_await sleep_for(ex_, 2s);
-                }
-            }
-            co_await sleep_for(ex_, 100ms);
+            auto followed = co_await follow_postcopy(st, status);
+            if (!followed)
+                co_return followed;
+            co_await sleep_for(100ms);
             continue;
         }
         if (Clock::now() > deadline)
             co_return make_error(Errc::timeout, "the switchover did not complete within 120 s");
-        co_await sleep_for(ex_, 20ms);
+        co_await sleep_for(20ms);
     }
     if (st.remote)
         co_return Result<void>{}; // the target resumes it on "finish"
@@ -327,8 +289,51 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
             co_return make_error(Errc::io, fmt::format("the destination did not resume the VM ({}): {}",
                                                        status ? (*status).value("status", "?") : status.error().message,
                                                        log_tail(st.target.log_path())));
-        co_await sleep_for(ex_, 10ms);
+        co_await sleep_for(10ms);
     }
+}
+
+asio::awaitable<Result<void>> Engine::follow_postcopy(MigrationState& st, const std::string& status) {
+    if (!st.remote) {
+        if (status == "postcopy-paused")
+            co_return make_error(Errc::qemu, "post-copy paused on a same-node migration (QEMU lost its socket)");
+        co_return Result<void>{};
+    }
+    if (status == "postcopy-active" && st.control) {
+        // Keeps the target's control channel from timing out over a long
+        // post-copy; a dead channel is re-dialled when needed.
+        auto alive = co_await keepalive(st);
+        if (!alive) {
+            engine_log()->debug("migration {}: post-copy keepalive: {}", st.m.id, alive.error().message);
+            st.control->close();
+            st.control.reset();
+        }
+    }
+    if (status == "postcopy-active" && !st.postcopy_running) {
+        auto run = co_await start_remote_postcopy(st);
+        if (!run)
+            engine_log()->warn("migration {}: starting the VM on {}: {} (retrying)", st.m.id, st.m.target_node,
+                               run.error().message);
+    }
+    if (status != "postcopy-paused")
+        co_return Result<void>{};
+    auto recovered = co_await recover_postcopy(st);
+    if (recovered)
+        co_return Result<void>{};
+    if (recovered.error().message.find(destination_gone) != std::string::npos) {
+        // Nothing left to recover into. The source's copy is older than what
+        // the destination ran: never resume it.
+        st.source_was_running = false;
+        co_return make_error(Errc::disconnected,
+                             fmt::format("post-copy to {} cannot finish, {}; the source QEMU is kept paused and must "
+                                         "not be resumed (the guest ran on the destination since the switchover)",
+                                         st.m.target_node, recovered.error().message));
+    }
+    engine_log()->warn("migration {}: post-copy recovery: {} (retrying in 2 s; the VM is kept on both nodes until it "
+                       "completes)",
+                       st.m.id, recovered.error().message);
+    co_await sleep_for(2s);
+    co_return Result<void>{};
 }
 
 asio::awaitable<void> Engine::hand_off(MigrationState& st) {
@@ -360,7 +365,7 @@ asio::awaitable<void> Engine::hand_off(MigrationState& st) {
                 st.m.result.guest_blackout_ms = *blackout;
                 break;
             }
-            co_await sleep_for(ex_, 10ms);
+            co_await sleep_for(10ms);
         }
     }
     st.m.target_pid = -1;
@@ -393,7 +398,7 @@ asio::awaitable<void> Engine::ensure_source_running(MigrationState& st) {
             if (!cont)
                 engine_log()->warn("migration {}: resuming the source: {}", st.m.id, cont.error().message);
         }
-        co_await sleep_for(ex_, 100ms);
+        co_await sleep_for(100ms);
     }
     engine_log()->error("migration {}: the source VM did not resume", st.m.id);
 }
@@ -408,7 +413,6 @@ asio::awaitable<void> Engine::fail(MigrationState& st, const Error& error) {
             engine_log()->error("migration {}: post-copy failed; the destination QEMU (pid {}) is kept for an "
                                 "operator, the source stays paused",
                                 st.m.id, st.target.pid);
-        st.target = QemuInstance{};
     } else if (st.target.pid > 0 || st.target.qmp) {
         co_await destroy_qemu(ex_, st.target);
     }

@@ -35,12 +35,6 @@ std::chrono::milliseconds peer_timeout(const config::MigrationConfig& c) {
     return std::chrono::seconds(c.peer_timeout);
 }
 
-asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
-    asio::steady_timer t(co_await asio::this_coro::executor);
-    t.expires_after(d);
-    co_await t.async_wait(nothrow);
-}
-
 json error_message(const std::string& why) { return {{"type", "error"}, {"message", why}}; }
 
 } // namespace
@@ -83,7 +77,7 @@ Result<void> Engine::start_peer_endpoint() {
             c->close();
             return;
         }
-        asio::co_spawn(self->ex_, deliver(self, it->second, grant.index, std::move(c)), asio::detached);
+        asio::co_spawn(self->ex_, deliver(it->second, grant.index, std::move(c)), asio::detached);
     });
     shaper_.set_cap(config_.node.max_migration_bandwidth);
     return peer_server_->start();
@@ -281,13 +275,8 @@ asio::awaitable<Result<void>> Engine::recover_postcopy(MigrationState& st) {
         co_return resumed.error().wrap("resuming the post-copy stream");
     // Wait for QEMU to leave postcopy-paused, so the caller does not start
     // another recovery on top of this one.
-    for (int i = 0; i < 100; ++i) {
-        auto info = co_await st.vm->qemu.qmp->execute("query-migrate");
-        auto status = info ? (*info).value("status", "") : "";
-        if (status != "postcopy-paused")
-            break;
-        co_await sleep_for(100ms);
-    }
+    std::function<bool(const std::string&)> left = [](const std::string& s) { return s != "postcopy-paused"; };
+    co_await wait_migration_status(*st.vm->qemu.qmp, left);
     engine_log()->info("migration {}: post-copy resumed (recovery {})", st.m.id, st.recoveries);
     co_return Result<void>{};
 }
@@ -364,7 +353,7 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         auto timeout = peer_timeout(in ? in->m.config : self->config_.migration);
         auto msg = co_await channel->read_frame(timeout);
         if (!msg) {
-            if (in && in->postcopy && !in->finished) {
+            if (in && in->m.mode == "postcopy" && !in->finished) {
                 // The VM runs here but part of its memory is still on the
                 // source: keep it (post-copy paused) for the source to recover.
                 engine_log()->warn("migration {}: control channel from {} lost during post-copy: {}; keeping {} for "
@@ -423,7 +412,7 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
             co_return;
         }
         if (!w || (in && in->finished)) {
-            if (in && !in->finished && !in->postcopy)
+            if (in && !in->finished && in->m.mode != "postcopy")
                 co_await self->drop_incoming(in, "control channel lost");
             co_return;
         }
@@ -504,7 +493,7 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
     co_return ready;
 }
 
-asio::awaitable<void> Engine::deliver(Engine*, std::shared_ptr<Incoming> in, int index,
+asio::awaitable<void> Engine::deliver(std::shared_ptr<Incoming> in, int index,
                                       std::shared_ptr<Channel> channel) {
     // QEMU tells its channels apart partly by accept order: connect them to
     // the destination in the order the source QEMU opened them.
@@ -598,8 +587,7 @@ asio::awaitable<json> Engine::handle_start(Incoming& in) {
     // Post-copy: the source has stopped and sent the device state; the VM
     // runs here from now on and pulls missing pages from the source. (cont
     // before QEMU has loaded the device state just marks it to start then.)
-    in.postcopy = true;
-    in.m.mode = "postcopy";
+    in.m.mode = "postcopy"; // from now on a lost control channel does not drop it
     if (auto it = migrations_.find(in.m.id); it != migrations_.end()) {
         it->second->m.mode = "postcopy";
         persist(it->second->m);
@@ -616,14 +604,8 @@ asio::awaitable<json> Engine::handle_recover(Incoming& in) {
     if (!in.qemu.qmp || !in.qemu.qmp->connected() || !process_alive(in.qemu.pid))
         co_return error_message(fmt::format("{}: {}", destination_gone, log_tail(in.qemu.log_path())));
     // QEMU notices the broken stream on its own; give it a moment.
-    std::string status;
-    for (int i = 0; i < 100; ++i) {
-        auto info = co_await in.qemu.qmp->execute("query-migrate");
-        status = info ? (*info).value("status", "") : info.error().message;
-        if (status == "postcopy-paused" || !info)
-            break;
-        co_await sleep_for(100ms);
-    }
+    std::function<bool(const std::string&)> paused = [](const std::string& s) { return s == "postcopy-paused"; };
+    auto status = co_await wait_migration_status(*in.qemu.qmp, paused);
     if (status != "postcopy-paused")
         co_return error_message(fmt::format("cannot recover: the destination's migration is '{}', not postcopy-paused",
                                             status));
