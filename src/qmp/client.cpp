@@ -1,5 +1,6 @@
 #include "qmp/client.hpp"
 
+#include "common/json.hpp"
 #include "common/log.hpp"
 
 #include <boost/asio/as_tuple.hpp>
@@ -24,12 +25,6 @@ std::shared_ptr<spdlog::logger> log() {
 }
 constexpr std::size_t max_line = 16 << 20; // a QMP reply larger than this is a broken peer
 } // namespace
-
-Error qemu_error(std::string_view command, const json& error) {
-    std::string cls = error.value("class", "GenericError");
-    std::string desc = error.value("desc", "(no description)");
-    return make_error(Errc::qemu, fmt::format("{}: {}: {}", command, cls, desc));
-}
 
 Client::Client(asio::any_io_executor ex, std::string path)
     : ex_(ex), socket_(ex), buffer_(max_line), path_(std::move(path)) {}
@@ -82,7 +77,7 @@ Client::connect_retry(asio::any_io_executor ex, std::string path, std::chrono::m
                                                     path, timeout.count(), last.message));
 }
 
-asio::awaitable<Result<json>> Client::read_message(std::chrono::milliseconds timeout) {
+asio::awaitable<Result<Message>> Client::read_message(std::chrono::milliseconds timeout) {
     asio::steady_timer timer(ex_);
     timer.expires_after(timeout);
     bool expired = false;
@@ -101,20 +96,16 @@ asio::awaitable<Result<json>> Client::read_message(std::chrono::milliseconds tim
         co_return make_error(Errc::disconnected, fmt::format("reading: {}", ec.message()));
     std::string line(asio::buffers_begin(buffer_.data()), asio::buffers_begin(buffer_.data()) + n);
     buffer_.consume(n);
-    auto parsed = json::parse(line, nullptr, false);
-    if (parsed.is_discarded() || !parsed.is_object())
-        co_return make_error(Errc::protocol, fmt::format("malformed JSON from QEMU: {}", line.substr(0, 200)));
-    co_return ok(std::move(parsed));
+    co_return decode_message(line);
 }
 
 asio::awaitable<Result<void>> Client::handshake(std::chrono::milliseconds timeout) {
     auto greeting = co_await read_message(timeout);
     if (!greeting)
         co_return greeting.error();
-    if (!greeting->contains("QMP"))
-        co_return make_error(Errc::protocol, fmt::format("expected a QMP greeting, got {}",
-                                                         greeting->dump().substr(0, 200)));
-    greeting_ = (*greeting)["QMP"];
+    if (greeting->kind != Message::Kind::greeting)
+        co_return make_error(Errc::protocol, "expected a QMP greeting first");
+    greeting_ = greeting->greeting;
     std::string cmd = R"({"execute":"qmp_capabilities","id":0})" "\n";
     auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(cmd), use_nothrow);
     if (ec)
@@ -124,11 +115,10 @@ asio::awaitable<Result<void>> Client::handshake(std::chrono::milliseconds timeou
     auto reply = co_await read_message(timeout);
     if (!reply)
         co_return reply.error();
-    if (reply->contains("error"))
-        co_return qemu_error("qmp_capabilities", (*reply)["error"]);
-    if (!reply->contains("return"))
-        co_return make_error(Errc::protocol, fmt::format("unexpected reply to qmp_capabilities: {}",
-                                                         reply->dump().substr(0, 200)));
+    if (reply->error)
+        co_return qemu_error("qmp_capabilities", *reply->error);
+    if (!reply->result)
+        co_return make_error(Errc::protocol, "unexpected reply to qmp_capabilities");
     co_return Result<void>{};
 }
 
@@ -156,8 +146,8 @@ asio::awaitable<Result<json>> Client::send_command(std::string command, json arg
     pending->timer.expires_after(timeout);
     pending_[id] = pending;
     pending_names_[id] = command;
-    log()->debug("-> {}", message.dump());
-    outgoing_.push_back(Outgoing{message.dump() + "\n", fd});
+    log()->debug("-> {}", dump_json(message));
+    outgoing_.push_back(Outgoing{dump_json(message) + "\n", fd});
     if (!writing_) {
         writing_ = true;
         asio::co_spawn(ex_, write_loop(self), asio::detached);
@@ -235,25 +225,20 @@ asio::awaitable<void> Client::read_loop(std::shared_ptr<Client> self) {
         std::string line(asio::buffers_begin(self->buffer_.data()),
                          asio::buffers_begin(self->buffer_.data()) + n);
         self->buffer_.consume(n);
-        auto parsed = json::parse(line, nullptr, false);
-        if (parsed.is_discarded() || !parsed.is_object()) {
-            self->fail_all(make_error(Errc::protocol, fmt::format("malformed JSON from QEMU ({}): {}",
-                                                                  self->path_, line.substr(0, 200))));
+        auto message = decode_message(line);
+        if (!message) {
+            self->fail_all(make_error(Errc::protocol, fmt::format("{} ({}): {}", message.error().message, self->path_,
+                                                                  line.substr(0, 200))));
             break;
         }
         log()->debug("<- {}", line.substr(0, line.size() - 1));
-        self->dispatch(std::move(parsed));
+        self->dispatch(std::move(*message));
     }
 }
 
-void Client::dispatch(json message) {
-    if (message.contains("event")) {
-        Event ev;
-        ev.name = message["event"].get<std::string>();
-        ev.data = message.value("data", json::object());
-        if (auto ts = message.find("timestamp"); ts != message.end() && ts->is_object())
-            ev.timestamp_us = ts->value("seconds", std::int64_t{0}) * 1'000'000 +
-                              ts->value("microseconds", std::int64_t{0});
+void Client::dispatch(Message message) {
+    if (message.kind == Message::Kind::event) {
+        auto& ev = message.event;
         // Copy: a handler may unsubscribe.
         auto subscribers = subscribers_;
         for (auto& [id, handler] : subscribers)
@@ -266,25 +251,20 @@ void Client::dispatch(json message) {
         }
         return;
     }
-    auto id_it = message.find("id");
-    if (id_it == message.end() || !id_it->is_number_unsigned()) {
-        log()->warn("QMP message without a usable id from {}: {}", path_, message.dump().substr(0, 200));
+    if (message.kind != Message::Kind::reply) {
+        log()->warn("QMP message without a usable id from {}", path_);
         return;
     }
-    auto id = id_it->get<std::uint64_t>();
-    auto it = pending_.find(id);
+    auto it = pending_.find(message.id);
     if (it == pending_.end()) {
-        log()->debug("late or unknown QMP reply id {} from {}", id, path_);
+        log()->debug("late or unknown QMP reply id {} from {}", message.id, path_);
         return;
     }
-    auto& name = pending_names_[id];
-    if (message.contains("return"))
-        it->second->result = ok(message["return"]);
-    else if (message.contains("error"))
-        it->second->result = Result<json>(qemu_error(name, message["error"]));
+    auto& name = pending_names_[message.id];
+    if (message.result)
+        it->second->result = ok(std::move(*message.result));
     else
-        it->second->result = Result<json>(make_error(
-            Errc::protocol, fmt::format("{}: reply has neither return nor error", name)));
+        it->second->result = Result<json>(qemu_error(name, *message.error));
     it->second->timer.cancel();
 }
 

@@ -6,6 +6,7 @@
 // fails every waiting command with Errc::disconnected and tells close
 // handlers. Not thread-safe: use it from one strand/io_context thread.
 #include "common/error.hpp"
+#include "qmp/message.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -27,12 +28,6 @@ namespace ferry::qmp {
 namespace asio = boost::asio;
 using json = nlohmann::json;
 using namespace std::chrono_literals;
-
-struct Event {
-    std::string name;
-    json data;                  // "data" member, {} when absent
-    std::int64_t timestamp_us = 0; // QEMU's wall-clock timestamp
-};
 
 class Client : public std::enable_shared_from_this<Client> {
 public:
@@ -96,13 +91,13 @@ private:
         int fd = -1;
     };
 
-    asio::awaitable<Result<json>> read_message(std::chrono::milliseconds timeout);
+    asio::awaitable<Result<Message>> read_message(std::chrono::milliseconds timeout);
     asio::awaitable<Result<void>> handshake(std::chrono::milliseconds timeout);
     asio::awaitable<Result<json>> send_command(std::string command, json arguments, int fd,
                                                std::chrono::milliseconds timeout);
     static asio::awaitable<void> read_loop(std::shared_ptr<Client> self);
     static asio::awaitable<void> write_loop(std::shared_ptr<Client> self);
-    void dispatch(json message);
+    void dispatch(Message message);
     void fail_all(const Error& e);
     Result<void> send_with_fd(const Outgoing& out, std::size_t& sent);
 
@@ -123,8 +118,5 @@ private:
     std::vector<std::shared_ptr<EventWaiter>> event_waiters_;
     std::vector<CloseHandler> close_handlers_;
 };
-
-// Formats a QMP error reply: "<command>: <class>: <desc>".
-Error qemu_error(std::string_view command, const json& error);
 
 } // namespace ferry::qmp
