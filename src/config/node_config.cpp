@@ -2,6 +2,10 @@
 
 #include "config/quantity.hpp"
 #include "config/reader.hpp"
+#include "config/vm_spec.hpp"
+
+#include <boost/asio/ip/address.hpp>
+#include <fmt/ranges.h>
 
 #include <fmt/format.h>
 
@@ -28,6 +32,20 @@ bool valid_mode(const std::string& mode) {
     return true;
 }
 
+// Longest path ferry puts under state_dir: "/vms/" + name + "/r<gen>/migrate-r<n>.sock".
+constexpr std::size_t run_path_overhead = 5 + 2 + 6 + 10 + 4 + 5 + 1;
+constexpr std::size_t max_socket_path = 107;
+
+void check_path(const toml::table& t, Problems& p, std::string_view key, const std::string& value) {
+    auto* n = t.get(key);
+    if (!n)
+        return;
+    if (value.empty())
+        p.add(n->source(), fmt::format("key 'node.{}': must not be empty", key));
+    else if (value.front() != '/')
+        p.add(n->source(), fmt::format("key 'node.{}': \"{}\" must be an absolute path", key, value));
+}
+
 void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     TableReader r(t, p, "node");
     if (r.require("name"))
@@ -35,6 +53,9 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("state_dir", n.state_dir);
     r.get("control_socket", n.control_socket);
     r.get("control_socket_mode", n.control_socket_mode);
+    r.get("insecure_control_socket", n.insecure_control_socket);
+    r.get("control_max_connections", n.control_max_connections, 1, 10000);
+    r.get("control_idle_timeout", n.control_idle_timeout, 1, 86400);
     r.get("listen", n.listen);
     r.get_quantity("max_migration_bandwidth", n.max_migration_bandwidth);
     r.get("qemu", n.qemu);
@@ -53,8 +74,35 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
         p.add(t.get("control_socket_mode")->source(),
               fmt::format("key 'node.control_socket_mode': \"{}\" is not an octal mode like \"0600\"",
                           n.control_socket_mode));
-    if (t.contains("name") && n.name.empty())
-        p.add(t.get("name")->source(), "key 'node.name': must not be empty");
+    else if ((std::stoul(n.control_socket_mode, nullptr, 8) & 022) && !n.insecure_control_socket)
+        p.add(t.get("control_socket_mode")->source(),
+              fmt::format("key 'node.control_socket_mode': \"{}\" lets other users write the control socket, "
+                          "and whoever can write it can run programs as ferryd's user (root); use \"0600\", or "
+                          "set insecure_control_socket = true if you mean it",
+                          n.control_socket_mode));
+    if (t.contains("name") && t.get("name")->is_string() && !valid_node_name(n.name))
+        p.add(t.get("name")->source(),
+              fmt::format("key 'node.name': \"{}\" is not a valid node name (1-63 characters of a-z, 0-9 and "
+                          "'-', starting and ending with a letter or digit)",
+                          n.name));
+    check_path(t, p, "state_dir", n.state_dir);
+    check_path(t, p, "control_socket", n.control_socket);
+    if (n.control_socket.size() > max_socket_path)
+        p.add(t.get("control_socket")->source(),
+              fmt::format("key 'node.control_socket': the path is {} bytes; a Unix socket path holds at most {}",
+                          n.control_socket.size(), max_socket_path));
+    if (max_vm_name_length(n.state_dir) < min_vm_name_room) {
+        auto* sd = t.get("state_dir");
+        auto message = fmt::format("key 'node.state_dir': \"{}\" is {} bytes; QEMU's sockets live under it and a "
+                                   "Unix socket path holds {} bytes, so it may be at most {} bytes long",
+                                   n.state_dir, n.state_dir.size(), max_socket_path,
+                                   max_socket_path - run_path_overhead - min_vm_name_room);
+        sd ? p.add(sd->source(), message) : p.add(message);
+    }
+    if (auto* l = t.get("listen"); l && l->is_string()) {
+        if (auto a = check_address(n.listen); !a)
+            p.add(l->source(), fmt::format("key 'node.listen': {}", a.error().message));
+    }
     r.finish();
 }
 
@@ -71,7 +119,34 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     r.get("max_downtime_ms", m.max_downtime_ms, 1, 2'000'000);
     r.get("multifd_channels", m.multifd_channels, 0, 255);
     r.get("peer_timeout", m.peer_timeout, 3, 3600);
+    r.get("finished_migrations_per_vm", m.finished_migrations_per_vm, 0, 10000);
     r.finish();
+}
+
+void check_peer(const toml::table& t, Problems& p, std::size_t i, const Peer& peer, const NodeConfig& c) {
+    if (auto* n = t.get("name"); n && n->is_string()) {
+        if (!valid_node_name(peer.name))
+            p.add(n->source(), fmt::format("key 'peers[{}].name': \"{}\" is not a valid node name", i, peer.name));
+        else if (peer.name == c.node.name)
+            p.add(n->source(), fmt::format("key 'peers[{}].name': \"{}\" is this node's own name", i, peer.name));
+        for (std::size_t k = 0; k < c.peers.size(); ++k)
+            if (c.peers[k].name == peer.name)
+                p.add(n->source(), fmt::format("key 'peers[{}].name': \"{}\" is already peers[{}]", i, peer.name, k));
+    }
+    if (auto* a = t.get("address"); a && a->is_string())
+        if (auto r = check_address(peer.address); !r)
+            p.add(a->source(), fmt::format("key 'peers[{}].address': {}", i, r.error().message));
+}
+
+// Line numbers of the keys that later checks (files, sockets) may name.
+void record_lines(const toml::table& root, NodeConfig& c) {
+    for (auto section : {"node", "tls", "migration"}) {
+        auto* t = root.get(section) ? root.get(section)->as_table() : nullptr;
+        if (!t)
+            continue;
+        for (auto&& [k, v] : *t)
+            c.lines[fmt::format("{}.{}", section, k.str())] = v.source().begin.line;
+    }
 }
 
 Result<NodeConfig> read(const toml::table& root, const std::string& name) {
@@ -89,6 +164,18 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         tr.get("cert", c.tls.cert);
         tr.get("key", c.tls.key);
         tr.finish();
+        std::vector<std::string> missing;
+        for (auto key : {"ca", "cert", "key"})
+            if (!t->contains(key))
+                missing.push_back(key);
+        if (!missing.empty() && missing.size() < 3)
+            p.add(t->source(), fmt::format("table 'tls': missing {}: ca, cert and key go together (ferryctl pki "
+                                           "init writes them)",
+                                           fmt::join(missing, ", ")));
+        auto* node = root.get("node");
+        if (missing.size() < 3 && node && node->is_table() && !node->as_table()->contains("listen"))
+            p.add(t->source(), "table 'tls' needs [node] listen: the address peers reach this node at (e.g. "
+                               "\"10.0.0.1:7410\")");
     }
     if (auto* t = subtable(r, "migration"))
         read_migration(*t, p, c.migration);
@@ -110,6 +197,7 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
                 if (pr.require("address"))
                     pr.get("address", peer.address);
                 pr.finish();
+                check_peer(*t, p, i, peer, c);
                 c.peers.push_back(peer);
             }
         }
@@ -117,10 +205,54 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
     r.finish();
     if (!p.empty())
         return p.error();
+    c.file = name;
+    record_lines(root, c);
     return c;
 }
 
 } // namespace
+
+bool valid_node_name(std::string_view name) { return valid_vm_name(name); }
+
+Result<void> check_address(std::string_view address) {
+    auto colon = address.rfind(':');
+    if (colon == std::string_view::npos)
+        return make_error(Errc::invalid_argument, fmt::format("\"{}\" has no port (host:port)", address));
+    auto host = std::string(address.substr(0, colon));
+    auto port = address.substr(colon + 1);
+    if (host.size() > 2 && host.front() == '[' && host.back() == ']')
+        host = host.substr(1, host.size() - 2);
+    else if (host.find(':') != std::string::npos)
+        return make_error(Errc::invalid_argument,
+                          fmt::format("\"{}\": write an IPv6 address in brackets, like [::1]:7410", address));
+    boost::system::error_code ec;
+    if (host != "localhost")
+        boost::asio::ip::make_address(host, ec);
+    if (host.empty() || ec)
+        return make_error(Errc::invalid_argument, fmt::format("\"{}\": '{}' is not an IP address", address, host));
+    unsigned long value = 0;
+    bool digits = !port.empty() && port.size() <= 5;
+    for (char ch : port) {
+        digits = digits && ch >= '0' && ch <= '9';
+        value = value * 10 + static_cast<unsigned long>(ch - '0');
+    }
+    if (!digits || value < 1 || value > 65535)
+        return make_error(Errc::invalid_argument,
+                          fmt::format("\"{}\": port '{}' is not a number from 1 to 65535", address, port));
+    return {};
+}
+
+std::size_t max_vm_name_length(const std::string& state_dir) {
+    auto used = state_dir.size() + run_path_overhead;
+    return used >= max_socket_path ? 0 : std::min<std::size_t>(63, max_socket_path - used);
+}
+
+std::string NodeConfig::where(const std::string& key) const {
+    auto it = lines.find(key);
+    if (it == lines.end())
+        return fmt::format("{}: key '{}'", file, key);
+    return fmt::format("{}:{}: key '{}'", file, it->second, key);
+}
 
 Result<NodeConfig> load_node_config(const std::string& path) {
     auto table = parse_toml_file(path);
@@ -149,6 +281,7 @@ void to_json(nlohmann::json& j, const MigrationConfig& c) {
         {"max_downtime_ms", c.max_downtime_ms},
         {"multifd_channels", c.multifd_channels},
         {"peer_timeout", c.peer_timeout},
+        {"finished_migrations_per_vm", c.finished_migrations_per_vm},
     };
 }
 

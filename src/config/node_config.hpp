@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,7 @@ struct MigrationConfig {
     std::int64_t max_downtime_ms = 300;
     std::int64_t multifd_channels = 0;
     std::int64_t peer_timeout = 30; // seconds of silence after which a peer is dead
+    std::int64_t finished_migrations_per_vm = 5; // records kept per VM once ended
 };
 
 struct NodeSection {
@@ -30,6 +32,9 @@ struct NodeSection {
     std::string state_dir = "/var/lib/ferry";
     std::string control_socket = "/run/ferry/ferryd.sock";
     std::string control_socket_mode = "0600";
+    bool insecure_control_socket = false; // allow group/other write on the socket
+    std::int64_t control_max_connections = 64;
+    std::int64_t control_idle_timeout = 60; // seconds without a whole request
     std::string listen = "0.0.0.0:7410";
     std::uint64_t max_migration_bandwidth = 0;
     std::string qemu = "qemu-system-x86_64";
@@ -53,7 +58,26 @@ struct NodeConfig {
     TlsSection tls;
     MigrationConfig migration;
     std::vector<Peer> peers;
+
+    std::string file;                         // where it was read from
+    std::map<std::string, std::int64_t> lines; // dotted key -> line, for keys that were set
+    // "file:line: key 'tls.cert'" (or "file: key 'tls.cert'" for a default),
+    // for errors found after parsing (files, addresses at start-up).
+    std::string where(const std::string& key) const;
 };
+
+// A node name: the rules of a VM name (1-63 of a-z, 0-9 and '-', starting
+// and ending with a letter or digit), so it fits a certificate and a path.
+bool valid_node_name(std::string_view name);
+
+// Checks "host:port": host an IP address ([v6] in brackets) or localhost,
+// port 1-65535. The error says what is wrong.
+Result<void> check_address(std::string_view address);
+
+// QEMU's sockets live under state_dir/vms/<vm>/r<N>/; a Unix socket path
+// holds 107 bytes. The longest VM name that fits under state_dir:
+std::size_t max_vm_name_length(const std::string& state_dir);
+constexpr std::size_t min_vm_name_room = 16; // state_dir must leave this much
 
 Result<NodeConfig> load_node_config(const std::string& path);
 Result<NodeConfig> parse_node_config(std::string_view text, const std::string& name);

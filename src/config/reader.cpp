@@ -4,7 +4,10 @@
 
 #include <fmt/format.h>
 
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
+#include <unistd.h>
 
 namespace ferry::config {
 
@@ -196,9 +199,17 @@ Result<toml::table> parse_toml_string(std::string_view text, const std::string& 
 }
 
 Result<toml::table> parse_toml_file(const std::string& path) {
+    namespace fs = std::filesystem;
     std::error_code ec;
-    if (!std::filesystem::is_regular_file(path, ec))
+    auto status = fs::status(path, ec);
+    if (!fs::exists(status))
         return make_error(Errc::not_found, fmt::format("{}: no such file", path));
+    if (fs::is_directory(status))
+        return make_error(Errc::invalid_argument, fmt::format("{}: is a directory, not a TOML file", path));
+    if (!fs::is_regular_file(status))
+        return make_error(Errc::invalid_argument, fmt::format("{}: not a regular file", path));
+    if (::access(path.c_str(), R_OK) != 0)
+        return make_error(Errc::io, fmt::format("{}: cannot read: {}", path, std::strerror(errno)));
     try {
         return toml::parse_file(path);
     } catch (const toml::parse_error& e) {

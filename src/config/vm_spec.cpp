@@ -35,6 +35,38 @@ void read_disk(const toml::table& t, Problems& p, std::size_t i, DiskSpec& d) {
     r.finish();
 }
 
+// Options ferry sets itself or that would take the QEMU process out of its
+// hands: a second -qmp, -daemonize (an untracked process), -incoming, ...
+constexpr std::string_view owned_options[] = {
+    "daemonize", "pidfile", "qmp", "qmp-pretty", "monitor", "mon", "incoming", "S", "serial",
+    "name", "machine", "M", "m", "smp", "cpu", "kernel", "initrd", "append", "nodefaults",
+    "no-user-config", "runas", "chroot", "D", "writeconfig", "readconfig", "preconfig", "loadvm",
+    "no-shutdown", "no-reboot", "drive", "hda", "hdb", "hdc", "hdd", "cdrom", "blockdev", "fda", "fdb"};
+
+std::string_view owned_option(std::string_view arg) {
+    if (arg.size() < 2 || arg[0] != '-')
+        return {};
+    arg.remove_prefix(arg[1] == '-' ? 2 : 1); // QEMU takes -opt and --opt alike
+    for (auto o : owned_options)
+        if (arg == o)
+            return o;
+    return {};
+}
+
+void check_extra_args(const toml::table& root, Problems& p, const std::vector<std::string>& args) {
+    auto* arr = root.get("extra_args") ? root.get("extra_args")->as_array() : nullptr;
+    for (std::size_t i = 0; i < args.size(); ++i) {
+        auto o = owned_option(args[i]);
+        if (o.empty())
+            continue;
+        auto* item = arr && i < arr->size() ? arr->get(i) : nullptr;
+        auto message = fmt::format("key 'extra_args[{}]': \"{}\" is not allowed: ferry sets -{} itself or must "
+                                   "own what it controls (use the spec's keys: memory, cpus, kernel, disks, ...)",
+                                   i, args[i], o);
+        item ? p.add(item->source(), message) : p.add(message);
+    }
+}
+
 Result<VmSpec> read(const toml::table& root, const std::string& file) {
     Problems p(file);
     VmSpec s;
@@ -64,6 +96,7 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
     r.get("labels", s.labels);
     r.get("node_selector", s.node_selector);
     r.get("extra_args", s.extra_args);
+    check_extra_args(root, p, s.extra_args);
     if (auto* n = r.node("disks")) {
         auto* arr = n->as_array();
         if (!arr) {
