@@ -1,57 +1,93 @@
 #include "control/client.hpp"
 
+#include "common/json.hpp"
+
 #include <boost/asio/read_until.hpp>
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
-#include <sys/socket.h>
+#include <sys/un.h>
 
 namespace ferry::control {
 
 namespace asio = boost::asio;
+using Clock = std::chrono::steady_clock;
 
-Result<std::unique_ptr<Client>> Client::connect(const std::string& path) {
+Errc errc_from_string(std::string_view name) {
+    for (int i = 0; i <= static_cast<int>(Errc::internal); ++i)
+        if (to_string(static_cast<Errc>(i)) == name)
+            return static_cast<Errc>(i);
+    return Errc::internal;
+}
+
+template <class Done> bool Client::run_until(Done done, Clock::time_point deadline) {
+    io_.restart();
+    while (!done()) {
+        auto now = Clock::now();
+        if (now >= deadline)
+            return false;
+        io_.run_one_for(deadline - now);
+    }
+    return true;
+}
+
+Result<std::unique_ptr<Client>> Client::connect(const std::string& path, std::chrono::milliseconds timeout) {
+    if (path.empty() || path.size() >= sizeof(sockaddr_un::sun_path))
+        return make_error(Errc::invalid_argument,
+                          fmt::format("socket path '{}' is {} bytes; a Unix socket path holds 1 to {}", path,
+                                      path.size(), sizeof(sockaddr_un::sun_path) - 1));
     std::unique_ptr<Client> c(new Client());
     c->path_ = path;
-    boost::system::error_code ec;
-    c->socket_.connect(asio::local::stream_protocol::endpoint(path), ec);
+    boost::system::error_code ec = asio::error::would_block;
+    c->socket_.async_connect(asio::local::stream_protocol::endpoint(path),
+                             [&](boost::system::error_code e) { ec = e; });
+    if (!c->run_until([&] { return ec != asio::error::would_block; }, Clock::now() + timeout))
+        return make_error(Errc::timeout, fmt::format("ferryd at {} did not accept the connection within {} s", path,
+                                                     std::chrono::duration_cast<std::chrono::seconds>(timeout).count()));
     if (ec)
-        return make_error(Errc::io, fmt::format("cannot reach ferryd at {}: {} (is ferryd running? "
+        return make_error(Errc::disconnected, fmt::format("cannot reach ferryd at {}: {} (is ferryd running? "
                                                 "--socket or FERRY_SOCKET picks another socket)",
                                                 path, ec.message()));
     return c;
 }
 
 Result<nlohmann::json> Client::call(const std::string& method, nlohmann::json params,
-                                    std::chrono::seconds timeout) {
-    timeval tv{static_cast<time_t>(timeout.count()), 0};
-    ::setsockopt(socket_.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+                                    std::chrono::milliseconds timeout) {
+    auto deadline = Clock::now() + timeout;
     auto id = next_id_++;
     nlohmann::json request{{"id", id}, {"method", method}, {"params", std::move(params)}};
-    std::string out = request.dump() + "\n";
-    boost::system::error_code ec;
-    asio::write(socket_, asio::buffer(out), ec);
-    if (ec)
-        return make_error(Errc::disconnected, fmt::format("sending to ferryd at {}: {}", path_, ec.message()));
-    auto n = asio::read_until(socket_, buf_, '\n', ec);
-    if (ec)
-        return make_error(ec == asio::error::would_block || ec == asio::error::try_again ? Errc::timeout
-                                                                                           : Errc::disconnected,
-                          fmt::format("waiting for ferryd at {}: {}", path_, ec.message()));
+    std::string out = dump_json(request) + "\n";
+    boost::system::error_code wec = asio::error::would_block, rec = asio::error::would_block;
+    std::size_t n = 0;
+    asio::async_write(socket_, asio::buffer(out), [&](boost::system::error_code e, std::size_t) { wec = e; });
+    asio::async_read_until(socket_, buf_, '\n', [&](boost::system::error_code e, std::size_t k) {
+        rec = e;
+        n = k;
+    });
+    bool done = run_until([&] { return rec != asio::error::would_block; }, deadline);
+    if (!done) {
+        boost::system::error_code ignored;
+        socket_.close(ignored); // the reply would be out of step now
+        run_until([&] { return rec != asio::error::would_block && wec != asio::error::would_block; },
+                  Clock::now() + std::chrono::seconds(1));
+        return make_error(Errc::timeout,
+                          fmt::format("ferryd at {} did not answer {} within {} s (is it stuck? its log may say why)",
+                                      path_, method, std::chrono::duration_cast<std::chrono::seconds>(timeout).count()));
+    }
+    if (rec)
+        return make_error(Errc::disconnected, fmt::format("waiting for ferryd at {}: {}", path_,
+                                                          rec == asio::error::eof ? "it closed the connection"
+                                                                                  : rec.message()));
     std::string line(asio::buffers_begin(buf_.data()), asio::buffers_begin(buf_.data()) + n);
     buf_.consume(n);
-    auto reply = nlohmann::json::parse(line, nullptr, false);
-    if (reply.is_discarded() || !reply.is_object())
-        return make_error(Errc::protocol, "ferryd sent a malformed reply");
-    if (auto err = reply.find("error"); err != reply.end()) {
-        auto code_name = err->value("code", "internal");
-        Errc code = Errc::internal;
-        for (int i = 0; i <= static_cast<int>(Errc::internal); ++i)
-            if (to_string(static_cast<Errc>(i)) == code_name)
-                code = static_cast<Errc>(i);
-        return make_error(code, err->value("message", "unknown error"));
+    auto reply = parse_json(line);
+    if (!reply || !reply->is_object())
+        return make_error(Errc::protocol, fmt::format("ferryd at {} sent a malformed reply", path_));
+    if (auto err = reply->find("error"); err != reply->end() && err->is_object()) {
+        auto code = err->value("code", "internal");
+        return make_error(errc_from_string(code), err->value("message", "unknown error"));
     }
-    return ok(reply.value("result", nlohmann::json(nullptr)));
+    return ok(reply->value("result", nlohmann::json(nullptr)));
 }
 
 } // namespace ferry::control

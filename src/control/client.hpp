@@ -1,5 +1,7 @@
 #pragma once
 // Blocking client for the control socket (used by ferryctl and tests).
+// Every call has a deadline: a ferryd that accepts and never answers is
+// reported, not waited on forever.
 #include "common/error.hpp"
 
 #include <boost/asio/io_context.hpp>
@@ -14,18 +16,24 @@ namespace ferry::control {
 
 class Client {
 public:
-    static Result<std::unique_ptr<Client>> connect(const std::string& path);
+    static Result<std::unique_ptr<Client>> connect(const std::string& path,
+                                                   std::chrono::milliseconds timeout = std::chrono::seconds(10));
     // One request; the reply's "result", or its error as an Error.
     Result<nlohmann::json> call(const std::string& method, nlohmann::json params = nlohmann::json::object(),
-                                std::chrono::seconds timeout = std::chrono::seconds(300));
+                                std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 private:
     Client() : socket_(io_) {}
+    // Runs the io_context until done() or the deadline; false on timeout.
+    template <class Done> bool run_until(Done done, std::chrono::steady_clock::time_point deadline);
     boost::asio::io_context io_;
     boost::asio::local::stream_protocol::socket socket_;
     boost::asio::streambuf buf_;
     std::string path_;
     std::uint64_t next_id_ = 1;
 };
+
+// Maps an error code's wire name back to Errc (internal when unknown).
+Errc errc_from_string(std::string_view name);
 
 } // namespace ferry::control

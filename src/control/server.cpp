@@ -1,5 +1,6 @@
 #include "control/server.hpp"
 
+#include "common/json.hpp"
 #include "common/log.hpp"
 
 #include <boost/asio/as_tuple.hpp>
@@ -11,62 +12,118 @@
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <filesystem>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 
 namespace ferry::control {
 
 namespace asio = boost::asio;
 using stream = asio::local::stream_protocol;
+using Clock = std::chrono::steady_clock;
 
 namespace {
-constexpr std::size_t max_request = 4 << 20;
 auto log() {
     static auto l = logger("control");
     return l;
 }
-} // namespace
 
-json error_reply(const json& id, const Error& e) {
-    return {{"id", id}, {"error", {{"code", to_string(e.code)}, {"message", e.message}}}};
+// Half the fd limit at most: the rest is for QEMU's sockets, consoles, peers.
+std::size_t connection_cap(std::size_t configured) {
+    rlimit rl{};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY)
+        return configured;
+    return std::max<std::size_t>(4, std::min<std::size_t>(configured, rl.rlim_cur / 2));
 }
 
-Server::Server(asio::any_io_executor ex, std::string path, unsigned mode)
-    : ex_(ex), path_(std::move(path)), mode_(mode), acceptor_(ex) {}
+std::string describe_peer(int fd) {
+    ucred cred{};
+    socklen_t len = sizeof(cred);
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0)
+        return "an unknown peer";
+    return fmt::format("uid {} gid {} pid {}", cred.uid, cred.gid, cred.pid);
+}
+
+bool out_of_descriptors(const boost::system::error_code& ec) {
+    return ec == asio::error::no_descriptors || ec.value() == ENFILE || ec == asio::error::no_buffer_space ||
+           ec == asio::error::no_memory;
+}
+} // namespace
+
+struct Server::Connection {
+    Connection(stream::socket s, std::uint64_t n) : socket(std::move(s)), idle_timer(socket.get_executor()), number(n) {}
+    stream::socket socket;
+    asio::steady_timer idle_timer;
+    std::uint64_t number;
+    std::string peer;
+    Clock::time_point idle_since = Clock::now();
+    bool busy = false; // a request is being handled
+};
+
+bool socket_in_use(const std::string& path) {
+    asio::io_context io;
+    stream::socket probe(io);
+    boost::system::error_code ec;
+    if (path.size() >= sizeof(sockaddr_un::sun_path))
+        return false;
+    probe.connect(stream::endpoint(path), ec);
+    return !ec;
+}
+
+Server::Server(asio::any_io_executor ex, std::string path, unsigned mode, ServerLimits limits)
+    : ex_(ex), path_(std::move(path)), mode_(mode), limits_(limits), max_connections_(connection_cap(limits.max_connections)),
+      acceptor_(ex), backoff_(ex) {}
 
 Server::~Server() { stop(); }
 
+void Server::add(std::string name, Method method, bool changes_state) {
+    methods_[std::move(name)] = Entry{std::move(method), changes_state};
+}
+
 Result<void> Server::start() {
     namespace fs = std::filesystem;
+    if (path_.empty() || path_.size() >= sizeof(sockaddr_un::sun_path))
+        return make_error(Errc::invalid_argument,
+                          fmt::format("control socket path '{}' must be 1 to {} bytes long", path_,
+                                      sizeof(sockaddr_un::sun_path) - 1));
     std::error_code ec;
     auto dir = fs::path(path_).parent_path();
     if (!dir.empty())
         fs::create_directories(dir, ec);
-    if (fs::exists(path_)) {
+    if (fs::exists(path_, ec) || fs::is_symlink(path_, ec)) {
         // A live ferryd answers on it; a stale socket file is replaced.
-        stream::socket probe(ex_);
-        boost::system::error_code pec;
-        probe.connect(stream::endpoint(path_), pec);
-        if (!pec)
+        if (socket_in_use(path_))
             return make_error(Errc::already_exists,
                               fmt::format("control socket {} is in use by another ferryd", path_));
         fs::remove(path_, ec);
     }
     boost::system::error_code bec;
     acceptor_.open(stream(), bec);
+    // No moment in which the socket exists with wider permissions than asked.
+    mode_t old_mask = ::umask(0777 & ~mode_);
     if (!bec)
         acceptor_.bind(stream::endpoint(path_), bec);
+    ::umask(old_mask);
     if (!bec)
         acceptor_.listen(asio::socket_base::max_listen_connections, bec);
     if (bec)
         return make_error(Errc::io, fmt::format("control socket {}: {}", path_, bec.message()));
     ::chmod(path_.c_str(), mode_);
     asio::co_spawn(ex_, accept_loop(this), asio::detached);
-    log()->info("control socket {} (mode {:o})", path_, mode_);
+    log()->info("control socket {} (mode {:04o}, at most {} connections, idle ones closed after {} s)", path_, mode_,
+                max_connections_, limits_.idle_timeout.count());
     return {};
 }
 
 void Server::stop() {
+    backoff_.cancel();
+    for (auto& c : connections_) {
+        boost::system::error_code ec;
+        c->socket.close(ec);
+        c->idle_timer.cancel();
+    }
     if (!acceptor_.is_open())
         return;
     boost::system::error_code ec;
@@ -75,64 +132,132 @@ void Server::stop() {
     std::filesystem::remove(path_, fec);
 }
 
+bool Server::evict_idle() {
+    std::shared_ptr<Connection> oldest;
+    for (auto& c : connections_)
+        if (!c->busy && c->socket.is_open() && (!oldest || c->idle_since < oldest->idle_since))
+            oldest = c;
+    if (!oldest)
+        return false;
+    log()->debug("closing idle connection {} ({}) to make room", oldest->number, oldest->peer);
+    boost::system::error_code ec;
+    oldest->socket.close(ec);
+    connections_.erase(oldest); // its fd is free now; serve() finds the socket closed
+    return true;
+}
+
+void Server::throttled_accept_warning(const boost::system::error_code& ec) {
+    auto now = Clock::now();
+    if (now - last_warning_ < std::chrono::seconds(10)) {
+        ++suppressed_warnings_;
+        return;
+    }
+    log()->warn("accept on {}: {}{}; backing off and closing idle connections", path_, ec.message(),
+                suppressed_warnings_ ? fmt::format(" ({} more since the last warning)", suppressed_warnings_) : "");
+    last_warning_ = now;
+    suppressed_warnings_ = 0;
+}
+
 asio::awaitable<void> Server::accept_loop(Server* self) {
+    auto backoff = std::chrono::milliseconds(10);
     for (;;) {
         auto [ec, socket] = co_await self->acceptor_.async_accept(asio::as_tuple(asio::use_awaitable));
+        if (ec == asio::error::operation_aborted || !self->acceptor_.is_open())
+            co_return;
         if (ec) {
-            if (ec == asio::error::operation_aborted || !self->acceptor_.is_open())
+            self->throttled_accept_warning(ec);
+            // Out of fds: an idle connection gives one back at once; else
+            // wait (doubling, up to a second) instead of spinning.
+            if (out_of_descriptors(ec) && self->evict_idle())
+                continue;
+            self->backoff_.expires_after(backoff);
+            auto [wec] = co_await self->backoff_.async_wait(asio::as_tuple(asio::use_awaitable));
+            if (wec || !self->acceptor_.is_open())
                 co_return;
-            log()->warn("accept: {}", ec.message());
+            backoff = std::min<std::chrono::milliseconds>(backoff * 2, std::chrono::seconds(1));
             continue;
         }
-        asio::co_spawn(self->ex_, serve(self, std::move(socket)), asio::detached);
+        backoff = std::chrono::milliseconds(10);
+        if (self->connections_.size() >= self->max_connections_ && !self->evict_idle()) {
+            // Every connection is busy with a request: refuse this one.
+            auto reply = error_reply(nullptr, make_error(Errc::conflict,
+                                                         fmt::format("ferryd is busy with {} connections, the most "
+                                                                     "it serves at once; try again",
+                                                                     self->connections_.size())));
+            std::string out = dump_json(reply) + "\n";
+            boost::system::error_code wec;
+            socket.non_blocking(true, wec);
+            asio::write(socket, asio::buffer(out), wec);
+            continue;
+        }
+        auto conn = std::make_shared<Connection>(std::move(socket), self->next_connection_++);
+        conn->peer = describe_peer(conn->socket.native_handle());
+        self->connections_.insert(conn);
+        asio::co_spawn(self->ex_, serve(self, conn), asio::detached);
     }
 }
 
-asio::awaitable<void> Server::serve(Server* self, stream::socket socket) {
-    asio::streambuf buf(max_request);
+asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> conn) {
+    asio::streambuf buf(max_request_bytes + 1);
     for (;;) {
-        auto [ec, n] = co_await asio::async_read_until(socket, buf, '\n', asio::as_tuple(asio::use_awaitable));
+        conn->busy = false;
+        conn->idle_since = Clock::now();
+        // Closing the socket ends the read below.
+        conn->idle_timer.expires_after(self->limits_.idle_timeout);
+        conn->idle_timer.async_wait([weak = std::weak_ptr<Connection>(conn)](boost::system::error_code ec) {
+            auto c = weak.lock();
+            if (ec || !c)
+                return;
+            boost::system::error_code ignored;
+            c->socket.close(ignored);
+        });
+        auto [ec, n] = co_await asio::async_read_until(conn->socket, buf, '\n', asio::as_tuple(asio::use_awaitable));
+        conn->idle_timer.cancel();
         if (ec) {
-            if (ec == asio::error::not_found) {
-                auto reply = error_reply(nullptr, make_error(Errc::invalid_argument, "request larger than 4 MiB"));
-                std::string out = reply.dump() + "\n";
-                co_await asio::async_write(socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
+            if (ec == asio::error::not_found && conn->socket.is_open()) {
+                auto reply = error_reply(nullptr, make_error(Errc::protocol,
+                                                             fmt::format("request larger than {} KiB",
+                                                                         max_request_bytes >> 10)));
+                std::string out = dump_json(reply) + "\n";
+                co_await asio::async_write(conn->socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
             }
-            co_return;
+            break;
         }
+        conn->busy = true;
         std::string line(asio::buffers_begin(buf.data()), asio::buffers_begin(buf.data()) + n);
         buf.consume(n);
-        auto reply = co_await self->handle(line);
-        std::string out = reply.dump() + "\n";
-        auto [wec, wn] = co_await asio::async_write(socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
+        auto reply = co_await self->handle(line, conn->peer);
+        std::string out = dump_json(reply) + "\n";
+        auto [wec, wn] = co_await asio::async_write(conn->socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
         if (wec)
-            co_return;
+            break;
     }
+    boost::system::error_code ignored;
+    conn->socket.close(ignored);
+    self->connections_.erase(conn);
 }
 
-asio::awaitable<json> Server::handle(const std::string& line) {
-    auto request = json::parse(line, nullptr, false);
-    if (request.is_discarded() || !request.is_object())
-        co_return error_reply(nullptr, make_error(Errc::invalid_argument, "request is not a JSON object"));
-    json id = request.value("id", json(nullptr));
-    auto method_it = request.find("method");
-    if (method_it == request.end() || !method_it->is_string())
-        co_return error_reply(id, make_error(Errc::invalid_argument, "request has no \"method\" string"));
-    std::string name = *method_it;
-    auto it = methods_.find(name);
+asio::awaitable<json> Server::handle(const std::string& line, const std::string& caller) {
+    json id;
+    auto request = parse_request(line, id);
+    if (!request)
+        co_return error_reply(id, request.error());
+    auto it = methods_.find(request->method);
     if (it == methods_.end())
-        co_return error_reply(id, make_error(Errc::not_found, fmt::format("unknown method \"{}\"", name)));
-    json params = request.value("params", json::object());
-    if (!params.is_object())
-        co_return error_reply(id, make_error(Errc::invalid_argument, "\"params\" must be an object"));
+        co_return error_reply(id, make_error(Errc::not_found, fmt::format("unknown method \"{}\"", request->method)));
+    if (it->second.changes_state)
+        log()->info("{} requested by {}", request->method, caller);
     Result<json> result = make_error(Errc::internal, "not run");
     try {
-        result = co_await it->second(std::move(params));
+        result = co_await it->second.method(std::move(request->params));
     } catch (const json::exception& e) {
-        result = make_error(Errc::invalid_argument, fmt::format("{}: bad parameters: {}", name, e.what()));
+        // A method read a parameter without checking its type: a bug, but
+        // the caller still gets an answer and ferryd keeps running.
+        log()->error("{}: unchecked parameter: {}", request->method, e.what());
+        result = make_error(Errc::invalid_argument, fmt::format("{}: a parameter has the wrong type", request->method));
     }
     if (!result) {
-        log()->debug("{}: {}", name, result.error().message);
+        log()->debug("{}: {}", request->method, result.error().message);
         co_return error_reply(id, result.error());
     }
     json reply{{"id", id}, {"result", std::move(*result)}};

@@ -1,49 +1,80 @@
 #pragma once
 // The control socket: JSON lines over a Unix socket (docs/control-protocol.md).
+//
+// Bounded: at most `max_connections` at once (fewer when the fd limit is low),
+// each holding at most one request line (max_request_bytes) and its parsed
+// value; a connection that sends no whole request within `idle_timeout` is
+// closed, and when the cap or the fd limit is reached the longest-idle
+// connection makes room for the new one.
 #include "common/error.hpp"
+#include "control/protocol.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <nlohmann/json.hpp>
 
+#include <chrono>
 #include <functional>
 #include <map>
 #include <memory>
+#include <set>
 #include <string>
 
 namespace ferry::control {
 
-using json = nlohmann::json;
 using Method = std::function<boost::asio::awaitable<Result<json>>(json params)>;
+
+struct ServerLimits {
+    std::size_t max_connections = 64;
+    std::chrono::seconds idle_timeout{60};
+};
 
 class Server {
 public:
-    Server(boost::asio::any_io_executor ex, std::string path, unsigned mode);
+    Server(boost::asio::any_io_executor ex, std::string path, unsigned mode, ServerLimits limits = {});
     ~Server();
 
-    void add(std::string name, Method method) { methods_[std::move(name)] = std::move(method); }
+    // A method that changes state is logged with the caller's uid and pid.
+    void add(std::string name, Method method, bool changes_state = false);
 
     // Binds the socket (replacing a stale one, refusing a live one) and
     // starts accepting.
     Result<void> start();
     void stop();
+    std::size_t connections() const { return connections_.size(); }
+    std::size_t max_connections() const { return max_connections_; }
 
     // Handles one request line; public for tests.
-    boost::asio::awaitable<json> handle(const std::string& line);
+    boost::asio::awaitable<json> handle(const std::string& line, const std::string& caller = "test");
 
 private:
+    struct Connection;
+    struct Entry {
+        Method method;
+        bool changes_state = false;
+    };
     static boost::asio::awaitable<void> accept_loop(Server* self);
-    static boost::asio::awaitable<void> serve(Server* self, boost::asio::local::stream_protocol::socket socket);
+    static boost::asio::awaitable<void> serve(Server* self, std::shared_ptr<Connection> conn);
+    bool evict_idle(); // closes the longest-idle connection; false if none is idle
+    void throttled_accept_warning(const boost::system::error_code& ec);
 
     boost::asio::any_io_executor ex_;
     std::string path_;
     unsigned mode_;
+    ServerLimits limits_;
+    std::size_t max_connections_;
     boost::asio::local::stream_protocol::acceptor acceptor_;
-    std::map<std::string, Method> methods_;
+    boost::asio::steady_timer backoff_;
+    std::map<std::string, Entry> methods_;
+    std::set<std::shared_ptr<Connection>> connections_;
+    std::uint64_t next_connection_ = 1;
+    std::chrono::steady_clock::time_point last_warning_{};
+    std::uint64_t suppressed_warnings_ = 0;
 };
 
-// Error codes on the wire are the names of ferry::Errc.
-json error_reply(const json& id, const Error& e);
+// Whether a live ferryd answers on the socket at path (a stale file does not).
+bool socket_in_use(const std::string& path);
 
 } // namespace ferry::control
