@@ -1,11 +1,13 @@
 #include "transport/frame.hpp"
 
+#include "common/json.hpp"
+
 #include <fmt/format.h>
 
 namespace ferry::transport {
 
 std::string encode_frame(const nlohmann::json& message) {
-    std::string body = message.dump();
+    std::string body = dump_json(message);
     auto n = static_cast<std::uint32_t>(body.size());
     std::string out;
     out.reserve(4 + body.size());
@@ -30,13 +32,14 @@ std::optional<Result<nlohmann::json>> FrameDecoder::next() {
     }
     if (buffer_.size() < 4 + n)
         return std::nullopt;
-    auto j = nlohmann::json::parse(buffer_.begin() + 4, buffer_.begin() + 4 + n, nullptr, false);
+    auto j = parse_json(std::string_view(buffer_).substr(4, n), JsonLimits{32});
     buffer_.erase(0, 4 + n);
-    if (j.is_discarded() || !j.is_object() || !j.contains("type") || !j["type"].is_string()) {
+    if (!j || !j->is_object() || !j->contains("type") || !(*j)["type"].is_string()) {
         poisoned_ = true;
-        return Result<nlohmann::json>(make_error(Errc::protocol, "frame is not a JSON object with a \"type\""));
+        return Result<nlohmann::json>(make_error(
+            Errc::protocol, j ? "frame is not a JSON object with a \"type\"" : "frame: " + j.error().message));
     }
-    return ok(std::move(j));
+    return ok(std::move(*j));
 }
 
 } // namespace ferry::transport

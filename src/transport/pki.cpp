@@ -1,6 +1,6 @@
 #include "transport/pki.hpp"
 
-#include "config/vm_spec.hpp"
+#include "config/node_config.hpp"
 
 #include <fmt/format.h>
 #include <openssl/bio.h>
@@ -112,7 +112,7 @@ Result<KeyPair> make_ca(const std::string& common_name, Validity validity) {
 }
 
 Result<KeyPair> make_node_cert(const KeyPair& ca, const std::string& node, Validity validity) {
-    if (!config::valid_vm_name(node))
+    if (!config::valid_node_name(node))
         return make_error(Errc::invalid_argument,
                           fmt::format("'{}' is not a valid node name (a-z, 0-9, '-', up to 63)", node));
     return make_cert(node, &ca, validity,
@@ -134,25 +134,104 @@ Result<void> write_pem(const std::string& path, const std::string& pem, unsigned
     return {};
 }
 
-Result<PkiFiles> init_pki(const std::string& dir, const std::vector<std::string>& nodes) {
+namespace {
+
+// Every name is checked, and every file that would be written is free,
+// before anything is written: a refused request leaves the directory as it was.
+Result<void> check_new_nodes(const std::string& dir, const std::vector<std::string>& nodes) {
     namespace fs = std::filesystem;
     if (nodes.empty())
         return make_error(Errc::invalid_argument, "--nodes: name at least one node");
+    for (std::size_t i = 0; i < nodes.size(); ++i) {
+        auto& n = nodes[i];
+        if (!config::valid_node_name(n))
+            return make_error(Errc::invalid_argument,
+                              fmt::format("--nodes: '{}' is not a valid node name (1-63 characters of a-z, 0-9 "
+                                          "and '-', starting and ending with a letter or digit)",
+                                          n));
+        for (std::size_t k = 0; k < i; ++k)
+            if (nodes[k] == n)
+                return make_error(Errc::invalid_argument, fmt::format("--nodes: '{}' is named twice", n));
+        for (auto suffix : {".pem", "-key.pem"}) {
+            std::error_code ec;
+            auto path = fmt::format("{}/{}{}", dir, n, suffix);
+            if (fs::exists(path, ec) || fs::is_symlink(path, ec))
+                return make_error(Errc::already_exists, fmt::format("{} exists: node {} has a certificate already", path, n));
+        }
+    }
+    return {};
+}
+
+Result<void> issue(const KeyPair& ca, const std::string& dir, const std::vector<std::string>& nodes, PkiFiles& files) {
+    for (auto& n : nodes) {
+        auto kp = make_node_cert(ca, n);
+        if (!kp)
+            return kp.error();
+        if (auto r = write_pem(dir + "/" + n + "-key.pem", kp->key_pem(), 0600); !r)
+            return r.error();
+        files.written.push_back(dir + "/" + n + "-key.pem");
+        if (auto r = write_pem(dir + "/" + n + ".pem", kp->cert_pem(), 0644); !r)
+            return r.error();
+        files.written.push_back(dir + "/" + n + ".pem");
+    }
+    return {};
+}
+
+Result<std::string> slurp(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return make_error(errno == ENOENT ? Errc::not_found : Errc::io, fmt::format("{}: {}", path, std::strerror(errno)));
+    std::string out;
+    char buf[4096];
+    for (ssize_t n; (n = ::read(fd, buf, sizeof buf)) > 0;)
+        out.append(buf, static_cast<std::size_t>(n));
+    ::close(fd);
+    return out;
+}
+
+// The CA as init_pki wrote it: ca.pem and ca-key.pem, matching.
+Result<KeyPair> load_ca(const std::string& dir) {
+    auto cert_pem = slurp(dir + "/ca.pem");
+    if (!cert_pem)
+        return cert_pem.error().wrap("the CA certificate");
+    auto key_pem = slurp(dir + "/ca-key.pem");
+    if (!key_pem)
+        return key_pem.error().wrap("the CA key (ca-key.pem is needed to add nodes)");
+    KeyPair ca;
+    BIO* bio = BIO_new_mem_buf(cert_pem->data(), static_cast<int>(cert_pem->size()));
+    ca.cert.reset(PEM_read_bio_X509(bio, nullptr, nullptr, nullptr));
+    BIO_free(bio);
+    if (!ca.cert)
+        return make_error(Errc::invalid_argument, fmt::format("{}/ca.pem is not a PEM certificate", dir));
+    bio = BIO_new_mem_buf(key_pem->data(), static_cast<int>(key_pem->size()));
+    ca.key.reset(PEM_read_bio_PrivateKey(bio, nullptr, nullptr, nullptr));
+    BIO_free(bio);
+    if (!ca.key)
+        return make_error(Errc::invalid_argument, fmt::format("{}/ca-key.pem is not a PEM private key", dir));
+    if (X509_check_private_key(static_cast<X509*>(ca.cert.get()), static_cast<EVP_PKEY*>(ca.key.get())) != 1) {
+        ERR_clear_error();
+        return make_error(Errc::invalid_argument, fmt::format("{}/ca-key.pem does not belong to {}/ca.pem", dir, dir));
+    }
+    return ca;
+}
+
+} // namespace
+
+Result<PkiFiles> init_pki(const std::string& dir, const std::vector<std::string>& nodes) {
+    namespace fs = std::filesystem;
+    PkiFiles files;
+    files.ca = dir + "/ca.pem";
     std::error_code ec;
+    if (fs::exists(files.ca, ec) || fs::exists(dir + "/ca-key.pem", ec))
+        return make_error(Errc::already_exists,
+                          fmt::format("{} has a CA already: ferry never overwrites one (pki add issues "
+                                      "certificates for more nodes from it)",
+                                      dir));
+    if (auto r = check_new_nodes(dir, nodes); !r)
+        return r.error();
     fs::create_directories(dir, ec);
     if (ec)
         return make_error(Errc::io, fmt::format("{}: {}", dir, ec.message()));
-    PkiFiles files;
-    files.ca = dir + "/ca.pem";
-    if (fs::exists(files.ca))
-        return make_error(Errc::already_exists,
-                          fmt::format("{} exists: ferry does not overwrite a CA (use another --dir)", files.ca));
-    for (auto& n : nodes) {
-        if (!config::valid_vm_name(n))
-            return make_error(Errc::invalid_argument, fmt::format("--nodes: '{}' is not a valid node name", n));
-        if (fs::exists(dir + "/" + n + ".pem"))
-            return make_error(Errc::already_exists, fmt::format("{}/{}.pem exists", dir, n));
-    }
     auto ca = make_ca("ferry cluster CA");
     if (!ca)
         return ca.error();
@@ -161,17 +240,21 @@ Result<PkiFiles> init_pki(const std::string& dir, const std::vector<std::string>
     if (auto r = write_pem(files.ca, ca->cert_pem(), 0644); !r)
         return r.error();
     files.written = {dir + "/ca-key.pem", files.ca};
-    for (auto& n : nodes) {
-        auto kp = make_node_cert(*ca, n);
-        if (!kp)
-            return kp.error();
-        if (auto r = write_pem(dir + "/" + n + "-key.pem", kp->key_pem(), 0600); !r)
-            return r.error();
-        if (auto r = write_pem(dir + "/" + n + ".pem", kp->cert_pem(), 0644); !r)
-            return r.error();
-        files.written.push_back(dir + "/" + n + "-key.pem");
-        files.written.push_back(dir + "/" + n + ".pem");
-    }
+    if (auto r = issue(*ca, dir, nodes, files); !r)
+        return r.error();
+    return files;
+}
+
+Result<PkiFiles> add_pki_nodes(const std::string& dir, const std::vector<std::string>& nodes) {
+    auto ca = load_ca(dir);
+    if (!ca)
+        return ca.error();
+    if (auto r = check_new_nodes(dir, nodes); !r)
+        return r.error();
+    PkiFiles files;
+    files.ca = dir + "/ca.pem";
+    if (auto r = issue(*ca, dir, nodes, files); !r)
+        return r.error();
     return files;
 }
 

@@ -39,7 +39,10 @@ struct PkiFiles {
     std::string ca;
     std::vector<std::string> written;
 };
+// Validates every name and file first: a refused request writes nothing.
 Result<PkiFiles> init_pki(const std::string& dir, const std::vector<std::string>& nodes);
+// Issues certificates for more nodes from the CA in dir (ca.pem, ca-key.pem).
+Result<PkiFiles> add_pki_nodes(const std::string& dir, const std::vector<std::string>& nodes);
 
 Result<void> write_pem(const std::string& path, const std::string& pem, unsigned mode);
 
