@@ -12,7 +12,10 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include <fcntl.h>
 #include <fstream>
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace ferry::engine {
 
@@ -28,7 +31,16 @@ ConsoleCapture::ConsoleCapture(asio::any_io_executor ex, std::string socket_path
     : socket_(ex), socket_path_(std::move(socket_path)), log_path_(std::move(log_path)),
       tag_(std::move(tag)) {}
 
-void ConsoleCapture::start() { asio::co_spawn(socket_.get_executor(), run(shared_from_this()), asio::detached); }
+void ConsoleCapture::start() {
+    // The guest's console may print secrets: only ferryd's user reads it
+    // (also for a log an older ferryd created world-readable).
+    int fd = ::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd >= 0) {
+        ::fchmod(fd, 0600);
+        ::close(fd);
+    }
+    asio::co_spawn(socket_.get_executor(), run(shared_from_this()), asio::detached);
+}
 
 void ConsoleCapture::stop() {
     stopped_ = true;

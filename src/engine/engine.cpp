@@ -15,6 +15,8 @@
 #include <filesystem>
 #include <fstream>
 #include <random>
+#include <set>
+#include <unistd.h>
 
 namespace ferry::engine {
 
@@ -39,6 +41,28 @@ Result<void> check_spec_files(const config::VmSpec& spec) {
             return make_error(Errc::invalid_argument,
                               fmt::format("spec key 'disks[{}].path': {} does not exist", i, spec.disks[i].path));
     return {};
+}
+
+// The spec of an adopted VM launches its migration destinations: what QEMU
+// can tell (memory, vCPUs) must match, or the migration fails later with a
+// cause nobody sees.
+asio::awaitable<Result<void>> check_adopted(qmp::Client& qmp, const config::VmSpec& spec) {
+    auto memory = co_await qmp.execute("query-memory-size-summary");
+    if (!memory)
+        co_return memory.error();
+    auto base = (*memory).value("base-memory", std::uint64_t{0});
+    if (base != spec.memory)
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("the spec says memory = {} MiB, the running QEMU has {} MiB", spec.memory >> 20,
+                                         base >> 20));
+    auto cpus = co_await qmp.execute("query-cpus-fast");
+    if (!cpus)
+        co_return cpus.error();
+    if (!cpus->is_array() || static_cast<std::int64_t>(cpus->size()) != spec.cpus)
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("the spec says cpus = {}, the running QEMU has {}", spec.cpus,
+                                         cpus->is_array() ? cpus->size() : 0));
+    co_return Result<void>{};
 }
 
 std::string random_suffix() {
@@ -69,6 +93,66 @@ void Engine::persist(const Vm& vm) {
 void Engine::persist(const Migration& m) {
     if (auto r = write_json_file(migration_path(m.id), m); !r)
         engine_log()->error("migration {}: cannot save record: {}", m.id, r.error().message);
+    if (is_final(m.phase))
+        prune_finished(m.vm);
+}
+
+void Engine::prune_finished(const std::string& vm) {
+    std::vector<const Migration*> ended;
+    for (auto& [id, st] : migrations_)
+        if (st->m.vm == vm && is_final(st->m.phase))
+            ended.push_back(&st->m);
+    auto keep = static_cast<std::size_t>(std::max<std::int64_t>(1, config_.migration.finished_migrations_per_vm));
+    if (ended.size() <= keep)
+        return;
+    std::sort(ended.begin(), ended.end(), [](auto* a, auto* b) {
+        return a->ended_at.value_or(a->created_at) < b->ended_at.value_or(b->created_at);
+    });
+    std::vector<std::string> drop;
+    for (std::size_t i = 0; i + keep < ended.size(); ++i)
+        drop.push_back(ended[i]->id);
+    for (auto& id : drop) {
+        std::error_code ec;
+        fs::remove(migration_path(id), ec);
+        migrations_.erase(id);
+        engine_log()->debug("migration {}: record removed (keeping the newest {} of {})", id, keep, vm);
+    }
+}
+
+Result<void> Engine::preflight(const config::NodeConfig& c) {
+    auto& tls = c.tls;
+    if (!c.migration.disable_tls && !tls.ca.empty()) {
+        for (auto [key, path] : {std::pair{"tls.ca", &tls.ca}, std::pair{"tls.cert", &tls.cert},
+                                 std::pair{"tls.key", &tls.key}}) {
+            std::error_code ec;
+            if (!fs::is_regular_file(*path, ec))
+                return make_error(Errc::invalid_argument,
+                                  fmt::format("{}: {} {}", c.where(key), *path,
+                                              fs::exists(*path, ec) ? "is not a regular file" : "does not exist"));
+        }
+        auto id = transport::TlsIdentity::load({tls.ca, tls.cert, tls.key}, c.node.name);
+        if (!id)
+            return make_error(Errc::invalid_argument, fmt::format("{}: {}", c.where("tls.cert"), id.error().message));
+    }
+    // The QEMU binary: a path, or a name looked up in PATH.
+    auto& qemu = c.node.qemu;
+    bool found = false;
+    if (qemu.find('/') != std::string::npos) {
+        found = ::access(qemu.c_str(), X_OK) == 0;
+    } else if (const char* path = std::getenv("PATH")) {
+        std::string_view dirs = path;
+        while (!found && !dirs.empty()) {
+            auto colon = dirs.find(':');
+            auto dir = dirs.substr(0, colon);
+            found = ::access(fmt::format("{}/{}", dir, qemu).c_str(), X_OK) == 0;
+            dirs = colon == std::string_view::npos ? std::string_view{} : dirs.substr(colon + 1);
+        }
+    }
+    if (!found)
+        return make_error(Errc::invalid_argument,
+                          fmt::format("{}: {} is not an executable{}", c.where("node.qemu"), qemu,
+                                      qemu.find('/') == std::string::npos ? " in PATH" : ""));
+    return {};
 }
 
 json Engine::vm_json(const Vm& vm) const {
@@ -113,11 +197,15 @@ void Engine::attach(const std::shared_ptr<Vm>& vm) {
 
 asio::awaitable<Result<void>> Engine::start() {
     std::error_code ec;
+    if (auto r = preflight(config_); !r)
+        co_return r.error();
     for (auto dir : {config_.node.state_dir + "/vms", config_.node.state_dir + "/migrations"}) {
         fs::create_directories(dir, ec);
         if (ec)
             co_return make_error(Errc::io, fmt::format("creating {}: {}", dir, ec.message()));
     }
+    // Records, console logs and QEMU's sockets: for ferryd's user only.
+    fs::permissions(config_.node.state_dir, fs::perms::owner_all, ec);
     for (auto& entry : fs::directory_iterator(config_.node.state_dir + "/vms", ec)) {
         auto rec = read_json_file(entry.path().string() + "/vm.json");
         if (!rec) {
@@ -156,6 +244,11 @@ asio::awaitable<Result<void>> Engine::start() {
     }
     for (auto& m : unfinished)
         co_await recover_migration(m);
+    std::set<std::string> with_records;
+    for (auto& [id, st] : migrations_)
+        with_records.insert(st->m.vm);
+    for (auto& vm : with_records)
+        prune_finished(vm);
 
     if (auto r = start_peer_endpoint(); !r)
         co_return r.error();
@@ -263,6 +356,11 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
 asio::awaitable<Result<json>> Engine::create_vm(config::VmSpec spec) {
     if (vms_.count(spec.name))
         co_return make_error(Errc::already_exists, fmt::format("VM {} already exists", spec.name));
+    if (auto max = config::max_vm_name_length(config_.node.state_dir); spec.name.size() > max)
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("VM name {} is {} characters; under state_dir {} QEMU's socket paths "
+                                         "leave room for at most {}",
+                                         spec.name, spec.name.size(), config_.node.state_dir, max));
     if (auto r = check_spec_files(spec); !r)
         co_return r.error();
     auto vm = std::make_shared<Vm>();
@@ -307,6 +405,13 @@ asio::awaitable<Result<json>> Engine::adopt_vm(std::string name, std::string qmp
     auto status = co_await (*c)->execute("query-status");
     if (!status)
         co_return status.error().wrap(fmt::format("adopting {}", name));
+    if (spec) {
+        auto matches = co_await check_adopted(**c, *spec);
+        if (!matches) {
+            (*c)->close();
+            co_return matches.error().wrap(fmt::format("adopting {}", name));
+        }
+    }
     auto vm = std::make_shared<Vm>();
     vm->record.name = name;
     vm->record.node = config_.node.name;

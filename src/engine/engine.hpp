@@ -33,8 +33,14 @@ public:
     Engine(boost::asio::any_io_executor ex, config::NodeConfig config);
     ~Engine();
 
+    // Every check start() makes that does not change anything: the TLS
+    // files, the QEMU binary. `ferryd --check-config` runs it too. Errors
+    // name the file, line and key.
+    static Result<void> preflight(const config::NodeConfig& config);
+
     // Creates the state directories, loads the records, re-attaches to QEMU
     // processes that still run and cleans up after interrupted migrations.
+    // The caller holds the state_dir lock (StateLock).
     boost::asio::awaitable<Result<void>> start();
 
     boost::asio::awaitable<Result<json>> create_vm(config::VmSpec spec);
@@ -82,6 +88,8 @@ private:
     std::string migration_path(const std::string& id) const;
     void persist(const Vm& vm);
     void persist(const Migration& m);
+    // Keeps the newest finished_migrations_per_vm ended records of a VM.
+    void prune_finished(const std::string& vm);
     json vm_json(const Vm& vm) const;
     // The QMP client of a VM whose QEMU runs, or why there is none.
     Result<std::shared_ptr<qmp::Client>> running_qmp(const std::string& name) const;

@@ -279,11 +279,14 @@ asio::awaitable<Result<void>> Engine::switch_over(MigrationState& st) {
     }
     if (st.remote)
         co_return Result<void>{}; // the target resumes it on "finish"
-    // The destination resumes the guest by itself once the stream is complete.
+    // The destination resumes the guest by itself once the stream is complete;
+    // a guest that was paused on the source stays paused there.
     deadline = Clock::now() + 30s;
     for (;;) {
         auto status = co_await st.target.qmp->execute("query-status");
         if (status && (*status).value("running", false))
+            co_return Result<void>{};
+        if (status && !st.source_was_running && (*status).value("status", "") == "paused")
             co_return Result<void>{};
         if (!st.target.qmp->connected() || Clock::now() > deadline)
             co_return make_error(Errc::io, fmt::format("the destination did not resume the VM ({}): {}",
@@ -348,7 +351,7 @@ asio::awaitable<void> Engine::hand_off(MigrationState& st) {
     vm->record.run_dir = vm->qemu.run_dir;
     vm->record.qmp_socket = vm->qemu.qmp_socket;
     vm->record.adopted = false; // ferry started the new QEMU, so it owns it
-    vm->status = "running";
+    vm->status = st.source_was_running ? "running" : "paused";
     attach(vm);
     persist(*vm);
     co_await destroy_qemu(ex_, old); // the source QEMU only goes once the destination runs

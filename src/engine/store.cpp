@@ -1,5 +1,7 @@
 #include "engine/store.hpp"
 
+#include "common/json.hpp"
+
 #include <fmt/format.h>
 
 #include <cerrno>
@@ -14,7 +16,7 @@ namespace ferry::engine {
 
 Result<void> write_json_file(const std::string& path, const nlohmann::json& value) {
     std::string tmp = path + ".tmp";
-    std::string text = value.dump(2) + "\n";
+    std::string text = dump_json(value, 2) + "\n";
     int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     if (fd < 0)
         return make_error(Errc::io, fmt::format("writing {}: {}", tmp, std::strerror(errno)));

@@ -83,7 +83,10 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
     opts.start_paused = !req.incoming || req.hold;
     auto argv = qemu_args(*req.spec, opts);
     log->info("vm {}: starting QEMU r{}{}", req.spec->name, req.generation, req.incoming ? " (incoming)" : "");
-    log->debug("vm {}: {}", req.spec->name, fmt::join(argv, " "));
+    // extra_args may carry secrets (-object secret,data=...): never logged.
+    log->debug("vm {}: {} (and {} extra_args, not logged)", req.spec->name,
+               fmt::join(argv.begin(), argv.end() - static_cast<std::ptrdiff_t>(req.spec->extra_args.size()), " "),
+               req.spec->extra_args.size());
     auto pid = spawn_process(argv, q.log_path());
     if (!pid)
         co_return pid.error();
