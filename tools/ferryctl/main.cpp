@@ -1,13 +1,19 @@
 // ferryctl: talks to the local ferryd over its control socket.
 #include "config/quantity.hpp"
+#include "common/json.hpp"
 #include "control/client.hpp"
 #include "transport/pki.hpp"
 #include "output.hpp"
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <optional>
 #include <fstream>
 #include <iostream>
 #include <sstream>
@@ -18,54 +24,115 @@ using nlohmann::json;
 
 namespace {
 
+// Exit codes (docs/control-protocol.md, "ferryctl exit codes").
+enum Exit {
+    exit_ok = 0,
+    exit_failed = 1,        // a migration --wait followed did not succeed; other errors
+    exit_usage = 2,         // bad command line
+    exit_invalid = 3,       // invalid_argument
+    exit_not_found = 4,     // not_found
+    exit_exists = 5,        // already_exists
+    exit_conflict = 6,      // conflict: not allowed now
+    exit_unreachable = 7,   // ferryd not running, or the connection dropped
+    exit_timeout = 8,       // no answer in time
+};
+
+int exit_code(ferry::Errc code) {
+    switch (code) {
+    case ferry::Errc::invalid_argument: return exit_invalid;
+    case ferry::Errc::not_found: return exit_not_found;
+    case ferry::Errc::already_exists: return exit_exists;
+    case ferry::Errc::conflict: return exit_conflict;
+    case ferry::Errc::disconnected: return exit_unreachable;
+    case ferry::Errc::timeout: return exit_timeout;
+    default: return exit_failed;
+    }
+}
+
 struct Globals {
     std::string socket;
     bool json_output = false;
+    int timeout = 60; // seconds for one request
 };
 
-int fail(const std::string& message) {
-    std::cerr << "ferryctl: " << message << "\n";
-    return 1;
+// Prints an error as JSON on stdout (--json) or as text on stderr.
+int fail(const Globals& g, const ferry::Error& e, int code = -1) {
+    if (code < 0)
+        code = exit_code(e.code);
+    if (g.json_output)
+        std::cout << ferry::dump_json(json{{"error", {{"code", to_string(e.code)}, {"message", e.message}}}}, 2)
+                  << "\n";
+    else
+        std::cerr << "ferryctl: " << e.message << "\n";
+    return code;
 }
 
+int usage(const Globals& g, const std::string& message) {
+    return fail(g, ferry::make_error(ferry::Errc::invalid_argument, message), exit_usage);
+}
+
+// A spec file as text: it travels inside JSON, so it must be UTF-8.
 ferry::Result<std::string> read_file(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec))
+        return ferry::make_error(ferry::Errc::invalid_argument, fmt::format("{}: is a directory, not a file", path));
     std::ifstream in(path);
     if (!in)
-        return ferry::make_error(ferry::Errc::not_found, fmt::format("{}: cannot open", path));
+        return ferry::make_error(ferry::Errc::not_found, fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
     std::stringstream ss;
     ss << in.rdbuf();
-    return ss.str();
+    auto text = ss.str();
+    if (auto bad = ferry::invalid_utf8_at(text))
+        return ferry::make_error(ferry::Errc::invalid_argument,
+                                 fmt::format("{}: not valid UTF-8 (byte {})", path, *bad));
+    return text;
 }
 
-ferry::Result<json> call(const Globals& g, const std::string& method, json params) {
-    auto c = ferry::control::Client::connect(g.socket);
+std::chrono::seconds request_timeout(const Globals& g) { return std::chrono::seconds(g.timeout); }
+
+ferry::Result<json> call(const Globals& g, const std::string& method, json params,
+                         std::chrono::seconds extra = std::chrono::seconds(0)) {
+    auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
     if (!c)
         return c.error();
-    return (*c)->call(method, std::move(params));
+    return (*c)->call(method, std::move(params), request_timeout(g) + extra);
 }
 
 // Prints a result as JSON or with the given printer; returns the exit code.
 template <class Printer> int show(const Globals& g, const ferry::Result<json>& r, Printer printer) {
     if (!r)
-        return fail(r.error().message);
+        return fail(g, r.error());
     if (g.json_output)
-        std::cout << r->dump(2) << "\n";
+        std::cout << ferry::dump_json(*r, 2) << "\n";
     else
         printer(*r);
-    return 0;
+    return exit_ok;
 }
 
 int wait_for(const Globals& g, std::string id) {
     bool tty = ::isatty(STDOUT_FILENO) && !g.json_output;
     std::string last_phase;
     auto last_line = std::chrono::steady_clock::now();
-    auto client = ferry::control::Client::connect(g.socket);
-    if (!client)
-        return fail(client.error().message);
+    std::unique_ptr<ferry::control::Client> client;
     for (;;) {
-        auto r = (*client)->call("migration.show", {{"id", id}}, std::chrono::seconds(30));
+        if (!client) {
+            auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
+            if (!c)
+                return fail(g, c.error());
+            client = std::move(*c);
+        }
+        auto r = client->call("migration.show", {{"id", id}}, request_timeout(g));
+        if (!r && r.error().code == ferry::Errc::disconnected) {
+            // ferryd closes idle connections when it is busy: dial again once.
+            client.reset();
+            auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
+            if (!c)
+                return fail(g, c.error());
+            client = std::move(*c);
+            r = client->call("migration.show", {{"id", id}}, request_timeout(g));
+        }
         if (!r)
-            return fail(r.error().message);
+            return fail(g, r.error());
         auto& m = *r;
         std::string phase = m.value("phase", "");
         bool final = phase == "Succeeded" || phase == "Failed";
@@ -81,29 +148,72 @@ int wait_for(const Globals& g, std::string id) {
         last_phase = phase;
         if (final) {
             if (g.json_output)
-                std::cout << m.dump(2) << "\n";
+                std::cout << ferry::dump_json(m, 2) << "\n";
             else
                 ferryctl::print_migration(m);
-            return phase == "Succeeded" ? 0 : 1;
+            return phase == "Succeeded" ? exit_ok : exit_failed;
         }
         std::this_thread::sleep_for(std::chrono::milliseconds(tty ? 250 : 500));
     }
 }
 
+std::vector<std::string> split_names(const std::string& list) {
+    std::vector<std::string> names;
+    std::stringstream ss(list);
+    for (std::string n; std::getline(ss, n, ',');)
+        names.push_back(n);
+    return names;
+}
+
+// The first word on the command line that is not an option or its value.
+std::optional<std::string> first_word(int argc, char** argv) {
+    for (int i = 1; i < argc; ++i) {
+        std::string_view a = argv[i];
+        if (a == "--socket" || a == "--timeout")
+            ++i;
+        else if (!a.starts_with("-"))
+            return std::string(a);
+    }
+    return std::nullopt;
+}
+
+// A group verb (vm, migration, pki) given no command, or an unknown one.
+std::optional<std::string> group_problem(CLI::App* group, int argc, char** argv) {
+    if (!group->parsed() || !group->get_subcommands().empty())
+        return std::nullopt;
+    std::vector<std::string> names;
+    for (auto* sub : group->get_subcommands({}))
+        names.push_back(sub->get_name());
+    // The word after the group's name, if any, is the unknown command.
+    std::optional<std::string> word;
+    for (int i = 1; i + 1 < argc && !word; ++i)
+        if (argv[i] == group->get_name())
+            for (int k = i + 1; k < argc && !word; ++k)
+                if (argv[k][0] != '-')
+                    word = argv[k];
+    if (!word)
+        return fmt::format("{}: name a command: {}", group->get_name(), fmt::join(names, ", "));
+    return fmt::format("{}: unknown command '{}' (one of: {})", group->get_name(), *word, fmt::join(names, ", "));
+}
+
 } // namespace
 
-int main(int argc, char** argv) {
+static int ferryctl_main(int argc, char** argv) {
     CLI::App app{"ferryctl: control a ferryd node"};
     app.require_subcommand(1);
     app.fallthrough(); // --json and --socket also work after the verb
+    app.set_version_flag("--version", "ferryctl " FERRY_VERSION);
     Globals g;
     const char* env_socket = std::getenv("FERRY_SOCKET");
     g.socket = env_socket ? env_socket : "/run/ferry/ferryd.sock";
     app.add_option("--socket", g.socket, "ferryd control socket (default $FERRY_SOCKET or /run/ferry/ferryd.sock)");
-    app.add_flag("--json", g.json_output, "print JSON objects");
+    app.add_flag("--json", g.json_output, "print JSON objects (errors too: {\"error\": {code, message}})");
+    app.add_option("--timeout", g.timeout, "seconds to wait for ferryd's answer to one request (default 60)")
+        ->check(CLI::Range(1, 86400));
 
     int rc = 0;
-    auto* vm = app.add_subcommand("vm", "manage VMs")->require_subcommand(1);
+    // Groups take at most one command; group_problem() explains a missing or unknown one.
+    auto* vm = app.add_subcommand("vm", "manage VMs")->require_subcommand(0, 1)->allow_extras();
 
     std::string spec_path, name, qmp_path;
     auto* vm_create = vm->add_subcommand("create", "launch a VM from a spec file");
@@ -111,7 +221,7 @@ int main(int argc, char** argv) {
     vm_create->callback([&] {
         auto text = read_file(spec_path);
         if (!text) {
-            rc = fail(text.error().message);
+            rc = fail(g, text.error());
             return;
         }
         rc = show(g, call(g, "vm.create", {{"spec", *text}, {"source", spec_path}}), ferryctl::print_vm);
@@ -134,7 +244,7 @@ int main(int argc, char** argv) {
         if (!spec_path.empty()) {
             auto text = read_file(spec_path);
             if (!text) {
-                rc = fail(text.error().message);
+                rc = fail(g, text.error());
                 return;
             }
             params["spec"] = *text;
@@ -161,12 +271,12 @@ int main(int argc, char** argv) {
         if (!qmp_args.empty()) {
             args = json::parse(qmp_args, nullptr, false);
             if (args.is_discarded() || !args.is_object()) {
-                rc = fail("--args: not a JSON object: " + qmp_args);
+                rc = usage(g, "--args: not a JSON object: " + qmp_args);
                 return;
             }
         }
         auto r = call(g, "vm.qmp", {{"name", name}, {"command", qmp_command}, {"arguments", args}});
-        rc = show(g, r, [](const json& j) { std::cout << j.dump(2) << "\n"; });
+        rc = show(g, r, [](const json& j) { std::cout << ferry::dump_json(j, 2) << "\n"; });
     });
 
     int dirty_seconds = 1;
@@ -174,7 +284,8 @@ int main(int argc, char** argv) {
     vm_dirty->add_option("name", name)->required();
     vm_dirty->add_option("--seconds", dirty_seconds, "how long to measure (1-60)")->check(CLI::Range(1, 60));
     vm_dirty->callback([&] {
-        auto r = call(g, "vm.dirty_rate", {{"name", name}, {"seconds", dirty_seconds}});
+        auto r = call(g, "vm.dirty_rate", {{"name", name}, {"seconds", dirty_seconds}},
+                      std::chrono::seconds(dirty_seconds + 10));
         rc = show(g, r, [](const json& j) {
             std::cout << fmt::format("{}: dirty rate {} MiB/s (measured over {} s, {} sampled pages per GiB)\n",
                                      j.value("vm", ""), j.value("dirty_rate_mib_s", 0), j.value("seconds", 0),
@@ -189,7 +300,19 @@ int main(int argc, char** argv) {
     migrate->add_option("name", name)->required();
     migrate->add_option("--to", target, "target node (default: this node, a new QEMU process)");
     migrate->add_option("--bandwidth", bandwidth, "per-migration bandwidth, e.g. 64Mi (0 = unlimited)");
-    migrate->add_option("--max-downtime", max_downtime, "maximum downtime in ms")->check(CLI::PositiveNumber);
+    migrate->add_option("--max-downtime", max_downtime, "maximum downtime in ms (1-3600000)")
+        ->check(CLI::Validator(
+            [](std::string& v) -> std::string {
+                try {
+                    std::size_t used = 0;
+                    auto n = std::stoll(v, &used);
+                    if (used == v.size() && n >= 1 && n <= 3'600'000)
+                        return "";
+                } catch (...) {
+                }
+                return "must be a whole number of milliseconds from 1 to 3600000, not '" + v + "'";
+            },
+            "MS"));
     migrate->add_flag("--wait", wait, "follow the migration to its end; exit non-zero unless it succeeds");
     // Each overrides the node's [migration] setting only when given.
     bool auto_converge = false, no_auto_converge = false, post_copy = false, no_post_copy = false;
@@ -208,7 +331,7 @@ int main(int argc, char** argv) {
         if (!bandwidth.empty()) {
             auto q = ferry::config::parse_quantity(bandwidth);
             if (!q) {
-                rc = fail("--bandwidth: " + q.error().message);
+                rc = usage(g, "--bandwidth: " + q.error().message);
                 return;
             }
             params["bandwidth"] = *q;
@@ -221,7 +344,7 @@ int main(int argc, char** argv) {
             params["allow_post_copy"] = post_copy;
         auto r = call(g, "migration.create", params);
         if (!r) {
-            rc = fail(r.error().message);
+            rc = fail(g, r.error());
             return;
         }
         if (!wait) {
@@ -236,7 +359,8 @@ int main(int argc, char** argv) {
     });
 
     std::string id;
-    auto* migration = app.add_subcommand("migration", "inspect and abort migrations")->require_subcommand(1);
+    auto* migration =
+        app.add_subcommand("migration", "inspect and abort migrations")->require_subcommand(0, 1)->allow_extras();
     migration->add_subcommand("list", "list migrations")->callback([&] {
         rc = show(g, call(g, "migration.list", json::object()), ferryctl::print_migration_table);
     });
@@ -255,27 +379,63 @@ int main(int argc, char** argv) {
     mig_wait->callback([&] { rc = wait_for(g, id); });
 
     std::string pki_dir, pki_nodes;
-    auto* pki = app.add_subcommand("pki", "node certificates for the peer transport")->require_subcommand(1);
-    auto* pki_init = pki->add_subcommand("init", "create a cluster CA and one certificate per node");
-    pki_init->add_option("--dir", pki_dir, "where to write the files")->required();
-    pki_init->add_option("--nodes", pki_nodes, "node names, comma-separated (a,b,c)")->required();
-    pki_init->callback([&] {
-        std::vector<std::string> nodes;
-        std::stringstream ss(pki_nodes);
-        for (std::string n; std::getline(ss, n, ',');)
-            if (!n.empty())
-                nodes.push_back(n);
-        auto r = ferry::transport::init_pki(pki_dir, nodes);
-        if (!r) {
-            rc = fail(r.error().message);
-            return;
+    auto* pki = app.add_subcommand("pki", "node certificates for the peer transport")->require_subcommand(0, 1)->allow_extras();
+    auto pki_result = [&](const ferry::Result<ferry::transport::PkiFiles>& r) -> int {
+        if (!r)
+            return fail(g, r.error());
+        if (g.json_output) {
+            std::cout << ferry::dump_json(json{{"ca", r->ca}, {"dir", pki_dir}, {"written", r->written}}, 2) << "\n";
+            return exit_ok;
         }
         for (auto& f : r->written)
             std::cout << "wrote " << f << "\n";
         std::cout << "each node's ferryd.toml: [tls] ca = \"" << r->ca << "\", cert = \"" << pki_dir
                   << "/<node>.pem\", key = \"" << pki_dir << "/<node>-key.pem\" (keep ca-key.pem offline)\n";
-    });
+        return exit_ok;
+    };
+    auto* pki_init = pki->add_subcommand("init", "create a cluster CA and one certificate per node");
+    pki_init->add_option("--dir", pki_dir, "where to write the files")->required();
+    pki_init->add_option("--nodes", pki_nodes, "node names, comma-separated (a,b,c)")->required();
+    pki_init->callback([&] { rc = pki_result(ferry::transport::init_pki(pki_dir, split_names(pki_nodes))); });
+    auto* pki_add = pki->add_subcommand("add", "issue certificates for more nodes from an existing CA");
+    pki_add->add_option("--dir", pki_dir, "the directory pki init wrote (needs ca.pem and ca-key.pem)")->required();
+    pki_add->add_option("--nodes", pki_nodes, "node names, comma-separated (a,b,c)")->required();
+    pki_add->callback([&] { rc = pki_result(ferry::transport::add_pki_nodes(pki_dir, split_names(pki_nodes))); });
 
-    CLI11_PARSE(app, argc, argv);
+    // Callbacks run inside parse(); a group's problem is known only after it.
+    try {
+        app.parse(argc, argv);
+    } catch (const CLI::CallForHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForAllHelp& e) {
+        return app.exit(e);
+    } catch (const CLI::CallForVersion& e) {
+        return app.exit(e);
+    } catch (const CLI::ParseError& e) {
+        for (auto* group : {vm, migration, pki})
+            if (auto problem = group_problem(group, argc, argv))
+                return usage(g, *problem + " (--help lists them)");
+        if (app.get_subcommands().empty())
+            if (auto verb = first_word(argc, argv)) {
+                std::vector<std::string> names;
+                for (auto* sub : app.get_subcommands({}))
+                    names.push_back(sub->get_name());
+                return usage(g, fmt::format("unknown command '{}' (one of: {})", *verb, fmt::join(names, ", ")));
+            }
+        return usage(g, e.what());
+    }
+    for (auto* group : {vm, migration, pki})
+        if (auto problem = group_problem(group, argc, argv))
+            return usage(g, *problem + " (--help lists them)");
     return rc;
+}
+
+int main(int argc, char** argv) {
+    // Never a core dump for a user's mistake: whatever escaped is reported.
+    try {
+        return ferryctl_main(argc, argv);
+    } catch (const std::exception& e) {
+        std::cerr << "ferryctl: internal error: " << e.what() << "\n";
+        return exit_failed;
+    }
 }

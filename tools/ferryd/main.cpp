@@ -1,4 +1,5 @@
 // ferryd: the per-node daemon. Thin: config, logging, engine, control socket.
+#include "common/lock_file.hpp"
 #include "common/log.hpp"
 #include "config/node_config.hpp"
 #include "control/methods.hpp"
@@ -9,10 +10,13 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
-#include <boost/asio/use_future.hpp>
 
 #include <csignal>
+#include <filesystem>
 #include <iostream>
+#include <optional>
+#include <sys/resource.h>
+#include <sys/stat.h>
 
 namespace asio = boost::asio;
 
@@ -25,18 +29,59 @@ asio::awaitable<ferry::Result<void>> start(ferry::engine::Engine* engine, ferry:
     co_return server->start();
 }
 
+// Every check a start makes before it changes anything.
+ferry::Result<ferry::config::NodeConfig> load_checked(const std::string& path) {
+    auto cfg = ferry::config::load_node_config(path);
+    if (!cfg)
+        return cfg.error();
+    if (auto r = ferry::engine::Engine::preflight(*cfg); !r)
+        return r.error();
+    return cfg;
+}
+
+// Before anything reads or changes the state: one ferryd per state_dir, and
+// none on a control socket that another ferryd answers on.
+ferry::Result<ferry::LockFile> claim(const ferry::config::NodeConfig& cfg) {
+    namespace fs = std::filesystem;
+    std::error_code ec;
+    fs::create_directories(cfg.node.state_dir, ec);
+    if (ec)
+        return ferry::make_error(ferry::Errc::io,
+                                 fmt::format("creating state_dir {}: {}", cfg.node.state_dir, ec.message()));
+    ::chmod(cfg.node.state_dir.c_str(), 0700);
+    auto lock = ferry::LockFile::acquire(cfg.node.state_dir + "/ferryd.lock");
+    if (!lock)
+        return lock.error().wrap(fmt::format("state_dir {} is in use by another ferryd", cfg.node.state_dir));
+    if (ferry::control::socket_in_use(cfg.node.control_socket))
+        return ferry::make_error(ferry::Errc::already_exists,
+                                 fmt::format("control socket {} is in use by another ferryd (with another "
+                                             "state_dir); give this one its own [node] control_socket",
+                                             cfg.node.control_socket));
+    return lock;
+}
+
+// A daemon with many clients and VMs needs more than the default 1024 fds.
+void raise_fd_limit() {
+    rlimit rl{};
+    if (::getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        ::setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
     CLI::App app{"ferryd: live migration of QEMU VMs"};
+    app.set_version_flag("--version", "ferryd " FERRY_VERSION);
     std::string config_path, check_path, log_level;
     app.add_option("--config,-c", config_path, "ferryd.toml")->default_val("/etc/ferry/ferryd.toml");
-    app.add_option("--check-config", check_path, "validate a ferryd.toml and exit");
+    app.add_option("--check-config", check_path, "validate a ferryd.toml as a start would, and exit");
     app.add_option("--log-level", log_level, "override [node] log_level");
     CLI11_PARSE(app, argc, argv);
 
     if (!check_path.empty()) {
-        auto cfg = ferry::config::load_node_config(check_path);
+        auto cfg = load_checked(check_path);
         if (!cfg) {
             std::cerr << cfg.error().message << "\n";
             return 1;
@@ -45,7 +90,7 @@ int main(int argc, char** argv) {
         return 0;
     }
 
-    auto cfg = ferry::config::load_node_config(config_path);
+    auto cfg = load_checked(config_path);
     if (!cfg) {
         std::cerr << "ferryd: " << cfg.error().message << "\n";
         return 1;
@@ -55,12 +100,21 @@ int main(int argc, char** argv) {
         return 2;
     }
     ::signal(SIGPIPE, SIG_IGN);
+    ::umask(077); // records, logs and sockets are ferryd's user's alone
+    raise_fd_limit();
     auto log = ferry::logger("ferryd");
+    auto lock = claim(*cfg);
+    if (!lock) {
+        std::cerr << "ferryd: " << lock.error().message << "\n";
+        return 1;
+    }
 
     asio::io_context io;
     ferry::engine::Engine engine(io.get_executor(), *cfg);
+    ferry::control::ServerLimits limits{static_cast<std::size_t>(cfg->node.control_max_connections),
+                                        std::chrono::seconds(cfg->node.control_idle_timeout)};
     ferry::control::Server server(io.get_executor(), cfg->node.control_socket,
-                                  static_cast<unsigned>(std::stoul(cfg->node.control_socket_mode, nullptr, 8)));
+                                  static_cast<unsigned>(std::stoul(cfg->node.control_socket_mode, nullptr, 8)), limits);
     ferry::control::add_engine_methods(server, engine);
 
     int exit_code = 0;
@@ -73,7 +127,7 @@ int main(int argc, char** argv) {
             io.stop();
             return;
         }
-        log->info("node {} ready", cfg->node.name);
+        log->info("node {} ready (ferryd {})", cfg->node.name, FERRY_VERSION);
     });
 
     asio::signal_set signals(io, SIGINT, SIGTERM);
@@ -85,6 +139,21 @@ int main(int argc, char** argv) {
         engine.shutdown();
         io.stop();
     });
+    // SIGHUP: no reload yet; say so instead of dying (its default action).
+    asio::signal_set hangup(io, SIGHUP);
+    std::function<void(boost::system::error_code, int)> on_hangup = [&](boost::system::error_code ec, int) {
+        if (ec)
+            return;
+        auto fresh = load_checked(config_path);
+        if (fresh)
+            log->warn("SIGHUP: {} is valid, but ferryd does not re-read its configuration while running; restart "
+                      "ferryd to apply it (VMs keep running across a restart)",
+                      config_path);
+        else
+            log->warn("SIGHUP: ignored; {} would not load: {}", config_path, fresh.error().message);
+        hangup.async_wait(on_hangup);
+    };
+    hangup.async_wait(on_hangup);
     io.run();
     return exit_code;
 }
