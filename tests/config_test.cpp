@@ -189,3 +189,109 @@ TEST(VmSpec, ValidNames) {
     EXPECT_FALSE(valid_vm_name("a/b"));
     EXPECT_FALSE(valid_vm_name(std::string(64, 'a')));
 }
+
+namespace {
+// The problems a ferryd.toml yields (all of them, one per line), or "".
+std::string problems(const std::string& text) {
+    auto c = parse_node_config(text, "n.toml");
+    return c ? std::string() : c.error().message;
+}
+} // namespace
+
+TEST(NodeConfig, RefusesPeersThatCannotWork) {
+    auto p = problems(R"([node]
+name = "node-a"
+listen = "127.0.0.1:7410"
+[[peers]]
+name = "node-b"
+address = "10.0.0.2:7410"
+[[peers]]
+name = "node-b"
+address = "10.0.0.3:7410"
+[[peers]]
+name = "node-a"
+address = "10.0.0.4"
+[[peers]]
+name = "node-c"
+address = "10.0.0.5:0"
+)");
+    EXPECT_NE(p.find("n.toml:8: key 'peers[1].name': \"node-b\" is already peers[0]"), std::string::npos) << p;
+    EXPECT_NE(p.find("n.toml:11: key 'peers[2].name': \"node-a\" is this node's own name"), std::string::npos) << p;
+    EXPECT_NE(p.find("n.toml:12: key 'peers[2].address': \"10.0.0.4\" has no port"), std::string::npos) << p;
+    EXPECT_NE(p.find("n.toml:15: key 'peers[3].address': \"10.0.0.5:0\": port '0' is not a number from 1 to 65535"),
+              std::string::npos)
+        << p;
+    EXPECT_NE(problems("[node]\nname = \"a\"\n[[peers]]\nname = \"b\"\naddress = \"fd00::1:7410\"\n").find("in brackets"),
+              std::string::npos);
+    EXPECT_EQ(problems("[node]\nname = \"a\"\n[[peers]]\nname = \"b\"\naddress = \"[fd00::1]:7410\"\n"), "");
+}
+
+TEST(NodeConfig, RefusesNodeNamesNoCertificateCanCarry) {
+    for (std::string bad : std::vector<std::string>{"Node A/../x", std::string("a\0b", 3), "a\u202eb", "node_a", "-a", ""}) {
+        std::string escaped;
+        for (char c : bad)
+            escaped += c == '\0' ? std::string("\\u0000") : std::string(1, c);
+        auto p = problems("[node]\nname = \"" + escaped + "\"\n");
+        EXPECT_NE(p.find("key 'node.name'"), std::string::npos) << "'" << escaped << "': " << p;
+    }
+    EXPECT_NE(problems("[node]\nname = \"a\"\n[[peers]]\nname = \"B\"\naddress = \"1.2.3.4:1\"\n")
+                  .find("'peers[0].name': \"B\" is not a valid node name"),
+              std::string::npos);
+}
+
+TEST(NodeConfig, RefusesPathsThatCannotWork) {
+    EXPECT_NE(problems("[node]\nname = \"a\"\ncontrol_socket = \"\"\n").find("n.toml:3: key 'node.control_socket': must not be empty"),
+              std::string::npos);
+    EXPECT_NE(problems("[node]\nname = \"a\"\nstate_dir = \"var/ferry\"\n").find("n.toml:3: key 'node.state_dir': \"var/ferry\" must be an absolute path"),
+              std::string::npos);
+    auto long_dir = "/" + std::string(80, 'd');
+    auto p = problems("[node]\nname = \"a\"\nstate_dir = \"" + long_dir + "\"\n");
+    EXPECT_NE(p.find("n.toml:3: key 'node.state_dir'"), std::string::npos) << p;
+    EXPECT_NE(p.find("may be at most"), std::string::npos) << p;
+    EXPECT_NE(problems("[node]\nname = \"a\"\ncontrol_socket = \"/" + std::string(120, 's') + "\"\n").find("holds at most 107"),
+              std::string::npos);
+    EXPECT_EQ(max_vm_name_length("/var/lib/ferry"), 60U);
+}
+
+TEST(NodeConfig, TlsNeedsAllThreeFilesAndAListenAddress) {
+    auto partial = problems("[node]\nname = \"a\"\nlisten = \"127.0.0.1:7410\"\n[tls]\nca = \"/p/ca.pem\"\n");
+    EXPECT_NE(partial.find("n.toml:4: table 'tls': missing cert, key"), std::string::npos) << partial;
+    auto no_listen = problems("[node]\nname = \"a\"\n[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n");
+    EXPECT_NE(no_listen.find("table 'tls' needs [node] listen"), std::string::npos) << no_listen;
+    auto bad_listen = problems("[node]\nname = \"a\"\nlisten = \"0.0.0.0:99999\"\n");
+    EXPECT_NE(bad_listen.find("n.toml:3: key 'node.listen'"), std::string::npos) << bad_listen;
+    auto c = parse_node_config("[node]\nname = \"a\"\nlisten = \"127.0.0.1:7410\"\n[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n",
+                               "n.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->where("tls.cert"), "n.toml:6: key 'tls.cert'");
+    EXPECT_EQ(c->where("node.qemu"), "n.toml: key 'node.qemu'");
+}
+
+TEST(NodeConfig, ControlSocketWritableByOthersNeedsConsent) {
+    for (auto mode : {"0666", "0660", "0602"}) {
+        auto p = problems(std::string("[node]\nname = \"a\"\ncontrol_socket_mode = \"") + mode + "\"\n");
+        EXPECT_NE(p.find("lets other users write the control socket"), std::string::npos) << mode << ": " << p;
+    }
+    EXPECT_EQ(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0640\"\n"), "");
+    EXPECT_EQ(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0660\"\ninsecure_control_socket = true\n"), "");
+}
+
+TEST(NodeConfig, ADirectoryIsNotAConfigFile) {
+    ferry::test::TempDir dir;
+    auto c = load_node_config(dir.path());
+    ASSERT_FALSE(c);
+    EXPECT_NE(c.error().message.find("is a directory"), std::string::npos) << c.error().message;
+}
+
+TEST(VmSpec, RefusesQemuOptionsFerryOwns) {
+    for (std::string opt : {"-daemonize", "--daemonize", "-pidfile", "-qmp", "-incoming", "-S", "-m", "-monitor",
+                            "-serial", "-runas", "-chroot", "-drive"}) {
+        auto s = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nextra_args = [\"-device\", \"x\", \"" + opt + "\"]\n",
+                               "s.toml");
+        ASSERT_FALSE(s) << opt;
+        EXPECT_NE(s.error().message.find("s.toml:3: key 'extra_args[2]': \"" + opt + "\" is not allowed"),
+                  std::string::npos)
+            << s.error().message;
+    }
+    EXPECT_TRUE(parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nextra_args = [\"-device\", \"virtio-rng-pci\"]\n", "s"));
+}

@@ -2,6 +2,7 @@
 // real processes driving real QEMU.
 #include "control/server.hpp"
 #include "output.hpp"
+#include "ferryd_fixture.hpp"
 #include "proxy.hpp"
 #include "support.hpp"
 
@@ -71,94 +72,41 @@ TEST(ControlServer, AnswersRequestsAndErrors) {
     EXPECT_EQ(err["error"]["message"], "not now");
 
     EXPECT_EQ(ask(R"({"id": 9, "method": "nope"})")["error"]["code"], "not_found");
-    EXPECT_EQ(ask("not json")["error"]["code"], "invalid_argument");
-    EXPECT_EQ(ask(R"({"id": 1})")["error"]["code"], "invalid_argument");
-    EXPECT_EQ(ask(R"({"id": 1, "method": "echo", "params": [1]})")["error"]["code"], "invalid_argument");
+    // What cannot be read as a request is a protocol error, as documented.
+    auto garbage = ask("not json");
+    EXPECT_EQ(garbage["error"]["code"], "protocol");
+    EXPECT_NE(garbage["error"]["message"].get<std::string>().find("not valid JSON"), std::string::npos) << garbage;
+    auto no_method = ask(R"({"id": 1})");
+    EXPECT_EQ(no_method["error"]["code"], "protocol");
+    EXPECT_EQ(no_method["id"], 1);
+    EXPECT_EQ(ask(R"({"id": 1, "method": "echo", "params": [1]})")["error"]["code"], "protocol");
+    // Nesting and size are bounded before anything is allocated for them.
+    auto deep = ask(R"({"id":2,"method":"echo","params":{"x":)" + std::string(70000, '[') + std::string(70000, ']') + "}}");
+    EXPECT_EQ(deep["error"]["code"], "protocol");
+    EXPECT_NE(deep["error"]["message"].get<std::string>().find("nested deeper than 32 levels"), std::string::npos);
+    std::string wide = R"({"id":2,"method":"echo","params":{"x":[0)";
+    for (int i = 0; i < 5000; ++i)
+        wide += ",0";
+    EXPECT_EQ(ask(wide + "]}}")["error"]["code"], "protocol") << "more than 4096 values";
+    EXPECT_EQ(ask(std::string(300 << 10, ' ') + "{}")["error"]["code"], "protocol") << "over 256 KiB";
+}
+
+TEST(ControlParams, NameTheParameterAndWhatItShouldBe) {
+    using ferry::control::Params;
+    json params{{"vm", 5}, {"seconds", 99}, {"flag", "yes"}, {"bw", "lots"}, {"ok", "64Mi"}, {"args", {1}}};
+    Params p("m", params);
+    EXPECT_EQ(p.string("vm").error().message, "m: parameter \"vm\" must be a string, not a number");
+    EXPECT_EQ(p.string("missing").error().message, "m: missing string parameter \"missing\"");
+    EXPECT_EQ(p.optional_int("seconds", 1, 60).error().message,
+              "m: parameter \"seconds\" must be an integer from 1 to 60, not 99");
+    EXPECT_EQ(p.optional_bool("flag").error().message, "m: parameter \"flag\" must be true or false, not a string");
+    EXPECT_NE(p.optional_quantity("bw").error().message.find("m: parameter \"bw\""), std::string::npos);
+    EXPECT_EQ(**p.optional_quantity("ok"), 64ULL << 20);
+    EXPECT_FALSE(p.optional_object("args"));
+    EXPECT_FALSE(*p.optional_int("absent", 1, 2));
 }
 
 // --- end to end: ferryd + ferryctl + QEMU -----------------------------------
-
-namespace {
-
-struct Output {
-    int status = -1;
-    std::string out;
-    std::string err;
-};
-
-Output sh(const std::string& command, const TempDir& dir) {
-    auto out = dir / "cmd.out";
-    auto err = dir / "cmd.err";
-    int rc = std::system((command + " >" + out + " 2>" + err + " </dev/null").c_str());
-    return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, ferry::test::read_file(out), ferry::test::read_file(err)};
-}
-
-class Ferryd : public ::testing::Test {
-protected:
-    void SetUp() override {
-        socket_ = dir_ / "ferryd.sock";
-        ferry::test::write_file(dir_ / "ferryd.toml", R"([node]
-name = "node-a"
-state_dir = ")" + dir_.path() + R"(/state"
-control_socket = ")" + socket_ + R"("
-accel = "tcg"
-log_level = "debug"
-[migration]
-bandwidth_per_migration = 0
-)");
-        ferry::test::write_file(dir_ / "vm.toml", R"(name = "demo"
-memory = "128Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=32 rate=8 hb=50"
-)");
-    }
-    void TearDown() override {
-        ctl("vm delete demo");
-        stop();
-    }
-    void start() {
-        pid_ = ::fork();
-        if (pid_ == 0) {
-            ::prctl(PR_SET_PDEATHSIG, SIGKILL); // never outlive a crashed test (it would hold meson's pipe)
-            auto log = dir_ / "ferryd.log";
-            std::freopen(log.c_str(), "a", stderr);
-            ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", (dir_ / "ferryd.toml").c_str(), nullptr);
-            _exit(127);
-        }
-        for (int i = 0; i < 200 && !std::filesystem::exists(socket_); ++i)
-            std::this_thread::sleep_for(20ms);
-        ASSERT_TRUE(std::filesystem::exists(socket_)) << ferry::test::read_file(dir_ / "ferryd.log");
-    }
-    void stop() {
-        if (pid_ <= 0)
-            return;
-        ::kill(pid_, SIGTERM);
-        ::waitpid(pid_, nullptr, 0);
-        pid_ = -1;
-    }
-    Output ctl(const std::string& args) {
-        return sh(ferry::test::ferryctl_bin() + " --socket " + socket_ + " " + args, dir_);
-    }
-    json ctl_json(const std::string& args) {
-        auto o = ctl("--json " + args);
-        EXPECT_EQ(o.status, 0) << args << ": " << o.err;
-        return json::parse(o.out, nullptr, false);
-    }
-    void wait_heartbeats() {
-        for (int i = 0; i < 300; ++i) {
-            if (ferry::test::read_file(dir_ / "state/vms/demo/console.log").find("FERRY-HB 2 ") != std::string::npos)
-                return;
-            std::this_thread::sleep_for(50ms);
-        }
-        FAIL() << "no heartbeat from the guest";
-    }
-
-    TempDir dir_;
-    std::string socket_;
-    pid_t pid_ = -1;
-};
-
-} // namespace
 
 TEST_F(Ferryd, CheckConfigNamesFileLineAndKey) {
     ferry::test::write_file(dir_ / "bad.toml", "[node]\nname = \"a\"\n[migration]\nallow_post_copy = \"yes\"\n");
@@ -215,21 +163,21 @@ TEST_F(Ferryd, ClearErrorsForBadInput) {
     start();
     ferry::test::write_file(dir_ / "bad-vm.toml", "name = \"demo\"\nmemory = \"lots\"\n");
     auto bad = ctl("vm create --spec " + (dir_ / "bad-vm.toml"));
-    EXPECT_EQ(bad.status, 1);
+    EXPECT_EQ(bad.status, 3); // invalid_argument
     EXPECT_NE(bad.err.find("bad-vm.toml:2: key 'memory': bad quantity \"lots\""), std::string::npos) << bad.err;
     auto missing = ctl("vm create --spec " + (dir_ / "nope.toml"));
-    EXPECT_EQ(missing.status, 1);
+    EXPECT_EQ(missing.status, 4); // not_found
     EXPECT_NE(missing.err.find("nope.toml"), std::string::npos);
     auto no_vm = ctl("migrate ghost");
-    EXPECT_EQ(no_vm.status, 1);
+    EXPECT_EQ(no_vm.status, 4);
     EXPECT_NE(no_vm.err.find("no VM named ghost"), std::string::npos) << no_vm.err;
     auto bw = ctl("migrate ghost --bandwidth 5XB");
-    EXPECT_EQ(bw.status, 1);
+    EXPECT_EQ(bw.status, 2); // usage
     EXPECT_NE(bw.err.find("--bandwidth"), std::string::npos) << bw.err;
     auto usage = ctl("migrate");
-    EXPECT_NE(usage.status, 0);
+    EXPECT_EQ(usage.status, 2);
     auto no_daemon = sh(ferry::test::ferryctl_bin() + " --socket " + (dir_ / "none.sock") + " vm list", dir_);
-    EXPECT_EQ(no_daemon.status, 1);
+    EXPECT_EQ(no_daemon.status, 7); // ferryd unreachable
     EXPECT_NE(no_daemon.err.find("cannot reach ferryd"), std::string::npos) << no_daemon.err;
 }
 

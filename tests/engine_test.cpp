@@ -563,6 +563,21 @@ TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     ASSERT_TRUE(run(io_, engine_->delete_vm("guest")));
     EXPECT_TRUE(process_alive(pid)) << "releasing an adopted VM must not stop it";
 
+    // A spec that does not describe it is refused, naming what differs.
+    auto wrong_memory = spec("ws=16 rate=4 hb=50");
+    wrong_memory.memory = 256ULL << 20;
+    auto mismatch = run(io_, engine_->adopt_vm("guest", qmp, wrong_memory));
+    ASSERT_FALSE(mismatch);
+    EXPECT_NE(mismatch.error().message.find("memory = 256 MiB, the running QEMU has 128 MiB"), std::string::npos)
+        << mismatch.error().message;
+    auto wrong_cpus = spec("ws=16 rate=4 hb=50");
+    wrong_cpus.cpus = 2;
+    mismatch = run(io_, engine_->adopt_vm("guest", qmp, wrong_cpus));
+    ASSERT_FALSE(mismatch);
+    EXPECT_NE(mismatch.error().message.find("cpus = 2, the running QEMU has 1"), std::string::npos)
+        << mismatch.error().message;
+    EXPECT_FALSE(run(io_, engine_->show_vm("guest"))) << "a refused adoption must not leave a record";
+
     // With a spec describing it, ferry migrates it into a QEMU of its own.
     auto adopted = run(io_, engine_->adopt_vm("guest", qmp, spec("ws=16 rate=4 hb=50")));
     ASSERT_TRUE(adopted) << adopted.error().message;

@@ -63,6 +63,17 @@ TEST(Frame, RejectsOversizeAndGarbage) {
     auto t = encode_frame({{"no_type", 1}});
     typeless.feed(t.data(), t.size());
     EXPECT_FALSE(*typeless.next());
+
+    // Nesting is bounded before the parser recurses.
+    FrameDecoder deep;
+    std::string body = std::string(5000, '[') + std::string(5000, ']');
+    std::string frame = {0, 0, static_cast<char>(body.size() >> 8), static_cast<char>(body.size() & 0xff)};
+    frame += body;
+    deep.feed(frame.data(), frame.size());
+    auto d = deep.next();
+    ASSERT_TRUE(d);
+    ASSERT_FALSE(*d);
+    EXPECT_NE(d->error().message.find("nested deeper than 32"), std::string::npos) << d->error().message;
 }
 
 // --- tokens ------------------------------------------------------------------
@@ -137,7 +148,42 @@ TEST(Pki, InitWritesACaAndNamedNodeCertificates) {
     EXPECT_NE(wrong.error().message.find("names node 'node-a'"), std::string::npos) << wrong.error().message;
     auto again = init_pki(dir / "pki", {"node-c"});
     ASSERT_FALSE(again) << "an existing CA is never overwritten";
+    EXPECT_NE(again.error().message.find("pki add"), std::string::npos) << again.error().message;
     EXPECT_FALSE(init_pki(dir / "x", {"Bad_Name"}));
+}
+
+TEST(Pki, ARefusedInitWritesNothing) {
+    TempDir dir;
+    auto twice = init_pki(dir / "pki", {"node-a", "node-a"});
+    ASSERT_FALSE(twice);
+    EXPECT_NE(twice.error().message.find("'node-a' is named twice"), std::string::npos) << twice.error().message;
+    EXPECT_FALSE(std::filesystem::exists(dir / "pki")) << "nothing may be written before every name is checked";
+    for (std::string bad : std::vector<std::string>{"Node A/../x", std::string("a\0b", 3), "a\u202eb"}) {
+        auto r = init_pki(dir / "pki", {"node-a", bad});
+        ASSERT_FALSE(r) << bad;
+        EXPECT_FALSE(std::filesystem::exists(dir / "pki/ca.pem"));
+    }
+    // Once refused, the same directory still works.
+    EXPECT_TRUE(init_pki(dir / "pki", {"node-a", "node-b"}));
+}
+
+TEST(Pki, AddIssuesMoreNodesFromTheExistingCa) {
+    TempDir dir;
+    ASSERT_TRUE(init_pki(dir / "pki", {"node-a"}));
+    auto ca_before = ferry::test::read_file(dir / "pki/ca.pem");
+    auto added = add_pki_nodes(dir / "pki", {"node-b", "node-c"});
+    ASSERT_TRUE(added) << added.error().message;
+    EXPECT_EQ(added->written.size(), 4U);
+    EXPECT_EQ(ferry::test::read_file(dir / "pki/ca.pem"), ca_before) << "the CA stays as it was";
+    auto id = TlsIdentity::load({dir / "pki/ca.pem", dir / "pki/node-c.pem", dir / "pki/node-c-key.pem"}, "node-c");
+    EXPECT_TRUE(id) << id.error().message;
+    auto existing = add_pki_nodes(dir / "pki", {"node-d", "node-a"});
+    ASSERT_FALSE(existing);
+    EXPECT_NE(existing.error().message.find("node-a.pem exists"), std::string::npos) << existing.error().message;
+    EXPECT_FALSE(std::filesystem::exists(dir / "pki/node-d.pem")) << "a refused add writes nothing";
+    auto no_ca = add_pki_nodes(dir / "elsewhere", {"node-e"});
+    ASSERT_FALSE(no_ca);
+    EXPECT_NE(no_ca.error().message.find("CA certificate"), std::string::npos) << no_ca.error().message;
 }
 
 // --- the peer endpoint under attack -------------------------------------------
