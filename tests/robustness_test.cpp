@@ -101,6 +101,11 @@ TEST_F(Robustness, DeeplyNestedRequestGetsAnErrorNotACrash) {
     auto reply = reply_of(c.line());
     EXPECT_EQ(reply["error"]["code"], "protocol") << reply;
     EXPECT_NE(reply["error"]["message"].get<std::string>().find("nested deeper than 32"), std::string::npos) << reply;
+    // Found by fuzzing: a number too large for a double.
+    ASSERT_TRUE(c.send("{\"id\":1e999,\"method\":\"node.info\"}\n"));
+    reply = reply_of(c.line());
+    EXPECT_EQ(reply["error"]["code"], "protocol") << reply;
+    EXPECT_NE(reply["error"]["message"].get<std::string>().find("number overflow"), std::string::npos) << reply;
     EXPECT_TRUE(alive(pid_));
     EXPECT_EQ(ctl("vm list").status, 0);
 }

@@ -53,12 +53,13 @@ Result<nlohmann::json> parse_json(std::string_view text, JsonLimits limits) {
         return shape.error();
     try {
         return ok(nlohmann::json::parse(text));
-    } catch (const nlohmann::json::parse_error& e) {
-        // e.what() is "[json.exception.parse_error.101] parse error at line 1, column 2: ..."
+    } catch (const nlohmann::json::exception& e) {
+        // A syntax error (parse_error) or a number too large for a double
+        // (out_of_range); e.what() starts with "[json.exception.<kind>.<n>] ".
         std::string what = e.what();
-        auto at = what.find("parse error");
+        auto text = what.find("] ");
         return make_error(Errc::protocol,
-                          fmt::format("not valid JSON: {}", at == std::string::npos ? what : what.substr(at)));
+                          fmt::format("not valid JSON: {}", text == std::string::npos ? what : what.substr(text + 2)));
     }
 }
 
