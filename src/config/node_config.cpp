@@ -99,7 +99,7 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
                                    max_socket_path - run_path_overhead - min_vm_name_room);
         sd ? p.add(sd->source(), message) : p.add(message);
     }
-    if (auto* l = t.get("listen"); l && l->is_string()) {
+    if (auto* l = t.get("listen"); l && l->is_string() && !n.listen.empty()) { // "" turns it off
         if (auto a = check_address(n.listen); !a)
             p.add(l->source(), fmt::format("key 'node.listen': {}", a.error().message));
     }
