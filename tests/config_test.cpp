@@ -295,3 +295,9 @@ TEST(VmSpec, RefusesQemuOptionsFerryOwns) {
     }
     EXPECT_TRUE(parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nextra_args = [\"-device\", \"virtio-rng-pci\"]\n", "s"));
 }
+
+TEST(NodeConfig, AnEmptyListenTurnsThePeerEndpointOff) {
+    auto c = parse_node_config("[node]\nname = \"a\"\nlisten = \"\"\n", "n.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->node.listen, "");
+}

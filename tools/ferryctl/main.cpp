@@ -275,7 +275,9 @@ static int ferryctl_main(int argc, char** argv) {
                 return;
             }
         }
-        auto r = call(g, "vm.qmp", {{"name", name}, {"command", qmp_command}, {"arguments", args}});
+        // ferryd gives QEMU up to 120 s for one command.
+        auto r = call(g, "vm.qmp", {{"name", name}, {"command", qmp_command}, {"arguments", args}},
+                      std::chrono::seconds(120));
         rc = show(g, r, [](const json& j) { std::cout << ferry::dump_json(j, 2) << "\n"; });
     });
 
