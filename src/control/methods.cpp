@@ -93,6 +93,14 @@ asio::awaitable<Result<json>> vm_delete(Engine* e, json params) {
     co_return ok(json{{"deleted", *name}});
 }
 
+// Stores an optional parameter that was read without error.
+template <class T> Result<void> into(Result<std::optional<T>> read, std::optional<T>& field) {
+    if (!read)
+        return read.error();
+    field = *read;
+    return {};
+}
+
 Result<engine::MigrateRequest> migrate_request(const json& params) {
     Params p("migration.create", params);
     engine::MigrateRequest req;
@@ -100,26 +108,13 @@ Result<engine::MigrateRequest> migrate_request(const json& params) {
     if (!vm)
         return vm.error();
     req.vm = *vm;
-    auto target = p.optional_string("target_node");
-    if (!target)
-        return target.error();
-    req.target_node = *target;
-    auto bandwidth = p.optional_quantity("bandwidth");
-    if (!bandwidth)
-        return bandwidth.error();
-    req.bandwidth = *bandwidth;
-    auto downtime = p.optional_int("max_downtime_ms", 1, 3'600'000);
-    if (!downtime)
-        return downtime.error();
-    req.max_downtime_ms = *downtime;
-    auto auto_converge = p.optional_bool("allow_auto_converge");
-    if (!auto_converge)
-        return auto_converge.error();
-    req.allow_auto_converge = *auto_converge;
-    auto post_copy = p.optional_bool("allow_post_copy");
-    if (!post_copy)
-        return post_copy.error();
-    req.allow_post_copy = *post_copy;
+    for (auto r : {into(p.optional_string("target_node"), req.target_node),
+                   into(p.optional_quantity("bandwidth"), req.bandwidth),
+                   into(p.optional_int("max_downtime_ms", 1, 3'600'000), req.max_downtime_ms),
+                   into(p.optional_bool("allow_auto_converge"), req.allow_auto_converge),
+                   into(p.optional_bool("allow_post_copy"), req.allow_post_copy)})
+        if (!r)
+            return r.error();
     return req;
 }
 
