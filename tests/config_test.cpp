@@ -301,3 +301,21 @@ TEST(NodeConfig, AnEmptyListenTurnsThePeerEndpointOff) {
     ASSERT_TRUE(c) << c.error().message;
     EXPECT_EQ(c->node.listen, "");
 }
+
+TEST(VmSpec, ASpecFromJsonGetsTheSameChecks) {
+    auto s = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\n", "s");
+    ASSERT_TRUE(s);
+    EXPECT_TRUE(validate_vm_spec(*s));
+    auto daemon = *s;
+    daemon.extra_args = {"-device", "x", "--daemonize"};
+    auto r = validate_vm_spec(daemon);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("extra_args[2] \"--daemonize\" is not allowed"), std::string::npos)
+        << r.error().message;
+    auto bad_name = *s;
+    bad_name.name = "../x";
+    EXPECT_FALSE(validate_vm_spec(bad_name));
+    auto bad_memory = *s;
+    bad_memory.memory = 12345;
+    EXPECT_FALSE(validate_vm_spec(bad_memory));
+}

@@ -138,6 +138,27 @@ Result<VmSpec> parse_vm_spec(std::string_view text, const std::string& name) {
     return read(*table, name);
 }
 
+Result<void> validate_vm_spec(const VmSpec& s) {
+    auto bad = [&](std::string what) {
+        return make_error(Errc::invalid_argument, fmt::format("VM spec {}: {}", s.name, what));
+    };
+    if (!valid_vm_name(s.name))
+        return bad("the name is not a valid VM name");
+    if (s.memory % (1 << 20) != 0 || s.memory < (16ULL << 20))
+        return bad(fmt::format("memory {} is not a whole number of MiB of at least 16Mi", s.memory));
+    if (s.cpus < 1 || s.cpus > 255)
+        return bad(fmt::format("cpus {} is out of range [1, 255]", s.cpus));
+    for (std::size_t i = 0; i < s.extra_args.size(); ++i)
+        if (auto o = owned_option(s.extra_args[i]); !o.empty())
+            return bad(fmt::format("extra_args[{}] \"{}\" is not allowed", i, s.extra_args[i]));
+    for (std::size_t i = 0; i < s.disks.size(); ++i) {
+        auto& d = s.disks[i];
+        if ((d.format != "raw" && d.format != "qcow2") || d.path.empty() || d.path.find(',') != std::string::npos)
+            return bad(fmt::format("disks[{}] is not a raw or qcow2 disk with a path free of commas", i));
+    }
+    return {};
+}
+
 void to_json(nlohmann::json& j, const DiskSpec& d) {
     j = {{"path", d.path}, {"format", d.format}, {"shared", d.shared}, {"readonly", d.readonly}};
 }

@@ -37,6 +37,10 @@ struct VmSpec {
 Result<VmSpec> load_vm_spec(const std::string& path);
 Result<VmSpec> parse_vm_spec(std::string_view text, const std::string& name);
 
+// The checks of parse_vm_spec for a spec that arrived as JSON (from a peer
+// node, or a record): name, memory, cpus, extra_args, disks.
+Result<void> validate_vm_spec(const VmSpec& spec);
+
 // A valid VM name: 1-63 of [a-z0-9-], starting and ending alphanumeric.
 bool valid_vm_name(std::string_view name);
 

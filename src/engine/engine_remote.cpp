@@ -431,6 +431,10 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
     } catch (const std::exception& e) {
         co_return error_message(fmt::format("bad prepare: {}", e.what()));
     }
+    // A peer is authenticated, not infallible: its spec gets the checks a
+    // local one gets before any QEMU starts from it.
+    if (auto valid = config::validate_vm_spec(next->spec); !valid)
+        co_return error_message(fmt::format("bad prepare: {}", valid.error().message));
     next->source_node = channel->peer_node;
     auto& name = next->spec.name;
     if (next->channels < 1 || next->channels > 256)
