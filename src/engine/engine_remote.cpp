@@ -39,6 +39,17 @@ json error_message(const std::string& why) { return {{"type", "error"}, {"messag
 
 } // namespace
 
+namespace {
+// The data-channel tokens a target hands out (target_ready, recovering).
+Result<std::vector<std::string>> tokens_of(const json& reply, const std::string& node) {
+    auto tokens = reply.find("tokens");
+    if (tokens == reply.end() || !tokens->is_array() ||
+        !std::all_of(tokens->begin(), tokens->end(), [](const json& t) { return t.is_string(); }))
+        return make_error(Errc::protocol, fmt::format("node {} answered without data-channel tokens", node));
+    return tokens->get<std::vector<std::string>>();
+}
+} // namespace
+
 const config::Peer* Engine::peer(const std::string& name) const {
     for (auto& p : config_.peers)
         if (p.name == name)
@@ -141,7 +152,10 @@ asio::awaitable<Result<void>> Engine::prepare_remote_target(MigrationState& st) 
     if (ready->value("type", "") != "target_ready")
         co_return make_error(Errc::protocol, fmt::format("node {} answered prepare with {}", st.m.target_node,
                                                          ready->value("type", "?")));
-    st.tokens = (*ready)["tokens"].get<std::vector<std::string>>();
+    auto tokens = tokens_of(*ready, st.m.target_node);
+    if (!tokens)
+        co_return tokens.error();
+    st.tokens = std::move(*tokens);
     st.last_ping = Clock::now();
     set_phase(st, Phase::TargetReady);
     co_return Result<void>{};
@@ -263,7 +277,10 @@ asio::awaitable<Result<void>> Engine::recover_postcopy(MigrationState& st) {
     auto ready = co_await request_reconnecting(st, recover, peer_timeout(st.m.config));
     if (!ready)
         co_return ready.error();
-    st.tokens = (*ready)["tokens"].get<std::vector<std::string>>();
+    auto tokens = tokens_of(*ready, st.m.target_node);
+    if (!tokens)
+        co_return tokens.error();
+    st.tokens = std::move(*tokens);
     ++st.recoveries;
     auto listening = listen_tunnels(st, fmt::format("{}/tunnel-r{}.sock", vm_dir(st.vm->record.name), st.recoveries));
     if (!listening)
@@ -327,7 +344,7 @@ asio::awaitable<Result<void>> Engine::remote_hand_off(MigrationState& st) {
     }
     st.m.result.total_time_ms = st.last_info.value("total-time", std::int64_t{0});
     st.m.result.downtime_ms = st.last_info.value("downtime", std::int64_t{0});
-    if (done->contains("guest_blackout_ms") && !(*done)["guest_blackout_ms"].is_null())
+    if (done->contains("guest_blackout_ms") && (*done)["guest_blackout_ms"].is_number_integer())
         st.m.result.guest_blackout_ms = (*done)["guest_blackout_ms"].get<std::int64_t>();
 
     // The VM lives on the target now: stop the source, forget it here.
@@ -369,8 +386,8 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         // A source that lost its control channel dials again and names the
         // migration it is continuing.
         bool already_finished = false;
-        if (!in && msg->contains("migration_id") && type != "prepare") {
-            auto id = msg->value("migration_id", "");
+        if (auto mid = msg->find("migration_id"); !in && mid != msg->end() && mid->is_string() && type != "prepare") {
+            auto id = mid->get<std::string>();
             auto it = self->incoming_.find(id);
             if (it != self->incoming_.end() && it->second->source_node == channel->peer_node)
                 in = it->second;
@@ -559,7 +576,9 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
     peer_server_->tokens().revoke(in.m.id);
 
     json reply{{"type", "finished"}, {"guest_blackout_ms", nullptr}};
-    if (auto hb = msg.find("last_heartbeat"); resume && hb != msg.end()) {
+    auto hb = msg.find("last_heartbeat");
+    auto integer = [&](const char* key) { return hb->is_object() && hb->contains(key) && (*hb)[key].is_number_unsigned(); };
+    if (resume && hb != msg.end() && integer("host_ms") && integer("seq") && integer("interval_ms")) {
         std::vector<Heartbeat> src{{(*hb)["host_ms"].get<std::int64_t>(), (*hb)["seq"].get<std::uint64_t>(),
                                     (*hb)["interval_ms"].get<std::uint32_t>()}};
         auto until = Clock::now() + 3 * std::chrono::milliseconds(src[0].interval_ms) + 2s;
