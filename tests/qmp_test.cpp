@@ -406,3 +406,23 @@ TEST_F(RealQemu, QemuExitFailsPendingCommand) {
     ASSERT_FALSE(after);
     EXPECT_EQ(after.error().code, Errc::disconnected);
 }
+
+TEST(QmpMessage, DecodesWithoutThrowingOnOddShapes) {
+    using ferry::qmp::decode_message;
+    using Kind = ferry::qmp::Message::Kind;
+    auto ev = decode_message(R"({"event":"STOP","timestamp":{"seconds":1700000000,"microseconds":5}})");
+    ASSERT_TRUE(ev);
+    EXPECT_EQ(ev->kind, Kind::event);
+    EXPECT_EQ(ev->event.timestamp_us, 1700000000LL * 1000000 + 5);
+    // Found by fuzzing: a timestamp past what microseconds hold overflowed.
+    auto far = decode_message(R"({"event":"STOP","timestamp":{"seconds":170060000023455}})");
+    ASSERT_TRUE(far);
+    EXPECT_EQ(far->event.timestamp_us, 0);
+    auto odd = decode_message(R"({"id":1,"error":"boom"})");
+    ASSERT_TRUE(odd);
+    EXPECT_EQ(ferry::qmp::qemu_error("x", *odd->error).message, "x: \"boom\"");
+    EXPECT_FALSE(decode_message(R"({"event":5})"));
+    auto unmatched = decode_message(R"({"return":{},"id":"a"})");
+    ASSERT_TRUE(unmatched);
+    EXPECT_EQ(unmatched->kind, Kind::unmatched);
+}

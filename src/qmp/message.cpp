@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include <limits>
+
 namespace ferry::qmp {
 
 namespace {
@@ -12,6 +14,8 @@ std::string string_member(const json& j, const char* key, const char* fallback) 
     auto it = j.find(key);
     return it != j.end() && it->is_string() ? it->get<std::string>() : fallback;
 }
+
+constexpr std::int64_t max_timestamp_seconds = std::numeric_limits<std::int64_t>::max() / 1'000'000 - 1;
 
 std::int64_t int_member(const json& j, const char* key) {
     auto it = j.find(key);
@@ -48,8 +52,12 @@ Result<Message> decode_message(std::string_view line) {
         m.event.name = ev->get<std::string>();
         auto data = j.find("data");
         m.event.data = data != j.end() ? *data : json::object();
-        if (auto ts = j.find("timestamp"); ts != j.end() && ts->is_object())
-            m.event.timestamp_us = int_member(*ts, "seconds") * 1'000'000 + int_member(*ts, "microseconds");
+        if (auto ts = j.find("timestamp"); ts != j.end() && ts->is_object()) {
+            // QEMU's wall clock; one that does not fit in microseconds is dropped.
+            std::int64_t seconds = int_member(*ts, "seconds"), micros = int_member(*ts, "microseconds");
+            if (seconds >= 0 && seconds < max_timestamp_seconds && micros >= 0 && micros < 1'000'000)
+                m.event.timestamp_us = seconds * 1'000'000 + micros;
+        }
         return m;
     }
     if (auto r = j.find("return"); r != j.end())
