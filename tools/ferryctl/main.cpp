@@ -186,11 +186,9 @@ std::optional<std::string> group_problem(CLI::App* group, int argc, char** argv)
         names.push_back(sub->get_name());
     // The word after the group's name, if any, is the unknown command.
     std::optional<std::string> word;
-    for (int i = 1; i + 1 < argc && !word; ++i)
+    for (int i = 1; i < argc && !word; ++i)
         if (argv[i] == group->get_name())
-            for (int k = i + 1; k < argc && !word; ++k)
-                if (argv[k][0] != '-')
-                    word = argv[k];
+            word = first_word(argc - i, argv + i);
     if (!word)
         return fmt::format("{}: name a command: {}", group->get_name(), fmt::join(names, ", "));
     return fmt::format("{}: unknown command '{}' (one of: {})", group->get_name(), *word, fmt::join(names, ", "));
