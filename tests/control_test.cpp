@@ -104,6 +104,12 @@ TEST(ControlParams, NameTheParameterAndWhatItShouldBe) {
     EXPECT_EQ(**p.optional_quantity("ok"), 64ULL << 20);
     EXPECT_FALSE(p.optional_object("args"));
     EXPECT_FALSE(*p.optional_int("absent", 1, 2));
+    json zero{{"ms", 0}, {"huge", 18446744073709551615ULL}, {"negative", -5}};
+    Params z("m", zero);
+    EXPECT_FALSE(z.optional_int("ms", 1, 10)) << "0 is below the minimum";
+    EXPECT_FALSE(z.optional_int("huge", 1, 10));
+    EXPECT_FALSE(z.optional_int("negative", 1, 10));
+    EXPECT_EQ(**z.optional_int("ms", 0, 10), 0);
 }
 
 // --- end to end: ferryd + ferryctl + QEMU -----------------------------------

@@ -138,6 +138,25 @@ TEST_F(Robustness, IdleConnectionsAreClosed) {
     EXPECT_EQ(ctl("vm list").status, 0);
 }
 
+// Clients that send requests and never read the replies cannot hold the
+// slots: a stuck reply write counts as idle.
+TEST_F(Robustness, ClientsThatNeverReadTheirRepliesCannotLockOthersOut) {
+    write_config("control_max_connections = 4\ncontrol_idle_timeout = 30");
+    start();
+    std::string flood;
+    for (int i = 0; i < 4000; ++i)
+        flood += R"({"id":1,"method":"node.info"})" "\n";
+    std::vector<RawClient> stuck;
+    for (int i = 0; i < 6; ++i) {
+        stuck.emplace_back(socket_);
+        ASSERT_TRUE(stuck.back().send(flood));
+    }
+    std::this_thread::sleep_for(1s);
+    auto listed = ctl("--timeout 10 vm list");
+    EXPECT_EQ(listed.status, 0) << listed.err;
+    EXPECT_TRUE(alive(pid_));
+}
+
 // 3. A second ferryd on the same state_dir or socket is refused before it
 // touches anything; the first one's VM keeps running.
 TEST_F(Robustness, ASecondFerrydIsRefusedBeforeItTouchesAnything) {

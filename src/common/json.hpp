@@ -1,7 +1,7 @@
 #pragma once
-// Parsing JSON that another process or a user wrote: bounded in nesting depth
-// and in the number of values before anything is allocated, with an error
-// that says where the text went wrong.
+// Parsing JSON that another process or a user wrote: its nesting depth (and,
+// where asked, its number of values) is checked in one pass over the text
+// before the parser allocates anything; the error says where it went wrong.
 #include "common/error.hpp"
 
 #include <nlohmann/json.hpp>
@@ -14,8 +14,10 @@
 namespace ferry {
 
 struct JsonLimits {
-    std::size_t max_depth = 64;                                     // nested arrays/objects
-    std::size_t max_values = std::numeric_limits<std::size_t>::max(); // arrays, objects and members
+    std::size_t max_depth = 64; // nested arrays/objects
+    // Arrays and objects plus separators (commas): roughly the values a text
+    // holds. Unlimited by default: the text's own size bounds it then.
+    std::size_t max_values = std::numeric_limits<std::size_t>::max();
 };
 
 // Errc::protocol with the byte offset on a syntax error or a limit exceeded.

@@ -119,7 +119,7 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     r.get("max_downtime_ms", m.max_downtime_ms, 1, 2'000'000);
     r.get("multifd_channels", m.multifd_channels, 0, 255);
     r.get("peer_timeout", m.peer_timeout, 3, 3600);
-    r.get("finished_migrations_per_vm", m.finished_migrations_per_vm, 0, 10000);
+    r.get("finished_migrations_per_vm", m.finished_migrations_per_vm, 1, 10000);
     r.finish();
 }
 

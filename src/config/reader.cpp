@@ -202,6 +202,8 @@ Result<toml::table> parse_toml_file(const std::string& path) {
     namespace fs = std::filesystem;
     std::error_code ec;
     auto status = fs::status(path, ec);
+    if (ec && ec != std::errc::no_such_file_or_directory)
+        return make_error(Errc::io, fmt::format("{}: {}", path, ec.message()));
     if (!fs::exists(status))
         return make_error(Errc::not_found, fmt::format("{}: no such file", path));
     if (fs::is_directory(status))

@@ -44,10 +44,14 @@ Result<std::unique_ptr<Client>> Client::connect(const std::string& path, std::ch
     if (!c->run_until([&] { return ec != asio::error::would_block; }, Clock::now() + timeout))
         return make_error(Errc::timeout, fmt::format("ferryd at {} did not accept the connection within {} s", path,
                                                      std::chrono::duration_cast<std::chrono::seconds>(timeout).count()));
+    if (ec == asio::error::access_denied)
+        return make_error(Errc::io, fmt::format("cannot use ferryd's socket {}: {} (its control_socket_mode "
+                                                "decides who may)",
+                                                path, ec.message()));
     if (ec)
         return make_error(Errc::disconnected, fmt::format("cannot reach ferryd at {}: {} (is ferryd running? "
-                                                "--socket or FERRY_SOCKET picks another socket)",
-                                                path, ec.message()));
+                                                          "--socket or FERRY_SOCKET picks another socket)",
+                                                          path, ec.message()));
     return c;
 }
 
@@ -65,6 +69,14 @@ Result<nlohmann::json> Client::call(const std::string& method, nlohmann::json pa
         n = k;
     });
     bool done = run_until([&] { return rec != asio::error::would_block; }, deadline);
+    if (done && wec == asio::error::would_block) {
+        // ferryd answered before taking the whole request (a refusal): the
+        // connection is out of step, and the write's handler must run
+        // before its buffer goes away.
+        boost::system::error_code ignored;
+        socket_.close(ignored);
+        run_until([&] { return wec != asio::error::would_block; }, Clock::now() + std::chrono::seconds(1));
+    }
     if (!done) {
         boost::system::error_code ignored;
         socket_.close(ignored); // the reply would be out of step now
@@ -80,12 +92,17 @@ Result<nlohmann::json> Client::call(const std::string& method, nlohmann::json pa
                                                                                   : rec.message()));
     std::string line(asio::buffers_begin(buf_.data()), asio::buffers_begin(buf_.data()) + n);
     buf_.consume(n);
-    auto reply = parse_json(line);
+    // ferryd's replies wrap QEMU's, which may nest deeply (backing chains).
+    auto reply = parse_json(line, JsonLimits{1024});
     if (!reply || !reply->is_object())
         return make_error(Errc::protocol, fmt::format("ferryd at {} sent a malformed reply", path_));
     if (auto err = reply->find("error"); err != reply->end() && err->is_object()) {
-        auto code = err->value("code", "internal");
-        return make_error(errc_from_string(code), err->value("message", "unknown error"));
+        auto code = err->find("code");
+        auto message = err->find("message");
+        return make_error(code != err->end() && code->is_string() ? errc_from_string(code->get<std::string>())
+                                                                   : Errc::internal,
+                          message != err->end() && message->is_string() ? message->get<std::string>()
+                                                                         : std::string("unknown error"));
     }
     return ok(reply->value("result", nlohmann::json(nullptr)));
 }

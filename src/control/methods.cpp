@@ -90,7 +90,8 @@ asio::awaitable<Result<json>> vm_delete(Engine* e, json params) {
     auto r = co_await e->delete_vm(*name);
     if (!r)
         co_return r.error();
-    co_return ok(json{{"deleted", *name}});
+    json deleted{{"deleted", *name}};
+    co_return ok(std::move(deleted));
 }
 
 // Stores an optional parameter that was read without error.
@@ -143,7 +144,8 @@ asio::awaitable<Result<json>> migration_abort(Engine* e, json params) {
 
 asio::awaitable<Result<json>> node_info(Engine* e, json) {
     auto& n = e->config().node;
-    co_return ok(json{{"name", n.name}, {"state_dir", n.state_dir}, {"qemu", n.qemu}, {"version", FERRY_VERSION}});
+    json info{{"name", n.name}, {"state_dir", n.state_dir}, {"qemu", n.qemu}, {"version", FERRY_VERSION}};
+    co_return ok(std::move(info));
 }
 
 } // namespace

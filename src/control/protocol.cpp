@@ -81,8 +81,8 @@ Result<std::optional<std::int64_t>> Params::optional_int(const char* key, std::i
     auto range = fmt::format("an integer from {} to {}", min, max);
     if (!v->is_number_integer())
         return wrong(key, range, *v);
-    if (v->is_number_unsigned() ? v->get<std::uint64_t>() > static_cast<std::uint64_t>(max)
-                                : v->get<std::int64_t>() < min || v->get<std::int64_t>() > max)
+    bool too_big = v->is_number_unsigned() && v->get<std::uint64_t>() > static_cast<std::uint64_t>(max);
+    if (too_big || v->get<std::int64_t>() < min || v->get<std::int64_t>() > max)
         return make_error(Errc::invalid_argument,
                           fmt::format("{}: parameter \"{}\" must be {}, not {}", method_, key, range, v->dump()));
     return std::optional<std::int64_t>(v->get<std::int64_t>());

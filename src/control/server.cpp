@@ -13,10 +13,14 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 namespace ferry::control {
 
@@ -59,17 +63,25 @@ struct Server::Connection {
     std::uint64_t number;
     std::string peer;
     Clock::time_point idle_since = Clock::now();
+    std::uint64_t deadline_generation = 0;
     bool busy = false; // a request is being handled
 };
 
 bool socket_in_use(const std::string& path) {
-    asio::io_context io;
-    stream::socket probe(io);
-    boost::system::error_code ec;
-    if (path.size() >= sizeof(sockaddr_un::sun_path))
+    if (path.empty() || path.size() >= sizeof(sockaddr_un::sun_path))
         return false;
-    probe.connect(stream::endpoint(path), ec);
-    return !ec;
+    // Non-blocking: a listener whose backlog is full answers EAGAIN, which
+    // also means someone listens.
+    int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return false;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::memcpy(addr.sun_path, path.data(), path.size());
+    int rc = ::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr);
+    bool live = rc == 0 || errno == EAGAIN || errno == EINPROGRESS;
+    ::close(fd);
+    return live;
 }
 
 Server::Server(asio::any_io_executor ex, std::string path, unsigned mode, ServerLimits limits)
@@ -89,14 +101,23 @@ Result<void> Server::start() {
                           fmt::format("control socket path '{}' must be 1 to {} bytes long", path_,
                                       sizeof(sockaddr_un::sun_path) - 1));
     std::error_code ec;
+    // A directory ferryd creates is 0755 whatever its umask: the socket's
+    // own mode decides who gets in.
     auto dir = fs::path(path_).parent_path();
-    if (!dir.empty())
-        fs::create_directories(dir, ec);
+    if (!dir.empty() && !fs::exists(dir, ec) && fs::create_directories(dir, ec))
+        fs::permissions(dir, fs::perms::owner_all | fs::perms::group_read | fs::perms::group_exec |
+                                 fs::perms::others_read | fs::perms::others_exec, ec);
     if (fs::exists(path_, ec) || fs::is_symlink(path_, ec)) {
-        // A live ferryd answers on it; a stale socket file is replaced.
+        // A live ferryd answers on it; a stale socket is replaced, anything
+        // else is not ferry's to delete.
         if (socket_in_use(path_))
             return make_error(Errc::already_exists,
                               fmt::format("control socket {} is in use by another ferryd", path_));
+        if (!fs::is_socket(fs::symlink_status(path_, ec)))
+            return make_error(Errc::already_exists,
+                              fmt::format("control socket {} exists and is not a socket; remove it or pick another "
+                                          "path",
+                                          path_));
         fs::remove(path_, ec);
     }
     boost::system::error_code bec;
@@ -197,28 +218,55 @@ asio::awaitable<void> Server::accept_loop(Server* self) {
     }
 }
 
+// Closes the connection unless the current wait ends first. A generation
+// number tells this deadline from an earlier one whose handler was already
+// queued when it was cancelled.
+void Server::arm_deadline(const std::shared_ptr<Connection>& conn) {
+    auto generation = ++conn->deadline_generation;
+    conn->idle_timer.expires_after(limits_.idle_timeout);
+    conn->idle_timer.async_wait([weak = std::weak_ptr<Connection>(conn), generation](boost::system::error_code ec) {
+        auto c = weak.lock();
+        if (ec || !c || c->deadline_generation != generation)
+            return;
+        boost::system::error_code ignored;
+        c->socket.close(ignored);
+    });
+}
+
+void Server::disarm_deadline(Connection& conn) {
+    ++conn.deadline_generation;
+    conn.idle_timer.cancel();
+}
+
 asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> conn) {
-    asio::streambuf buf(max_request_bytes + 1);
+    // However serve() ends, the connection is closed and its slot freed.
+    struct Release {
+        Server* server;
+        std::shared_ptr<Connection> conn;
+        ~Release() {
+            boost::system::error_code ignored;
+            conn->socket.close(ignored);
+            server->connections_.erase(conn);
+        }
+    } release{self, conn};
+    asio::streambuf buf(max_request_bytes); // one line, its newline included
     for (;;) {
         conn->busy = false;
         conn->idle_since = Clock::now();
-        // Closing the socket ends the read below.
-        conn->idle_timer.expires_after(self->limits_.idle_timeout);
-        conn->idle_timer.async_wait([weak = std::weak_ptr<Connection>(conn)](boost::system::error_code ec) {
-            auto c = weak.lock();
-            if (ec || !c)
-                return;
-            boost::system::error_code ignored;
-            c->socket.close(ignored);
-        });
+        self->arm_deadline(conn);
         auto [ec, n] = co_await asio::async_read_until(conn->socket, buf, '\n', asio::as_tuple(asio::use_awaitable));
-        conn->idle_timer.cancel();
+        self->disarm_deadline(*conn);
+        // Closed meanwhile (evicted, or the deadline passed just as the line
+        // came): the request is not run, so nothing happens unanswered.
+        if (!conn->socket.is_open())
+            break;
         if (ec) {
-            if (ec == asio::error::not_found && conn->socket.is_open()) {
+            if (ec == asio::error::not_found) {
                 auto reply = error_reply(nullptr, make_error(Errc::protocol,
                                                              fmt::format("request larger than {} KiB",
                                                                          max_request_bytes >> 10)));
                 std::string out = dump_json(reply) + "\n";
+                self->arm_deadline(conn);
                 co_await asio::async_write(conn->socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
             }
             break;
@@ -226,18 +274,20 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
         conn->busy = true;
         std::string line(asio::buffers_begin(buf.data()), asio::buffers_begin(buf.data()) + n);
         buf.consume(n);
-        auto reply = co_await self->handle(line, conn->peer);
+        auto reply = co_await self->handle(std::move(line), conn->peer);
         std::string out = dump_json(reply) + "\n";
+        // A client that does not read its reply gets as long as an idle one,
+        // and may be evicted meanwhile: it cannot hold a slot forever.
+        conn->busy = false;
+        self->arm_deadline(conn);
         auto [wec, wn] = co_await asio::async_write(conn->socket, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
-        if (wec)
+        self->disarm_deadline(*conn);
+        if (wec || !conn->socket.is_open())
             break;
     }
-    boost::system::error_code ignored;
-    conn->socket.close(ignored);
-    self->connections_.erase(conn);
 }
 
-asio::awaitable<json> Server::handle(const std::string& line, const std::string& caller) {
+asio::awaitable<json> Server::handle(std::string line, std::string caller) {
     json id;
     auto request = parse_request(line, id);
     if (!request)
@@ -250,11 +300,11 @@ asio::awaitable<json> Server::handle(const std::string& line, const std::string&
     Result<json> result = make_error(Errc::internal, "not run");
     try {
         result = co_await it->second.method(std::move(request->params));
-    } catch (const json::exception& e) {
-        // A method read a parameter without checking its type: a bug, but
-        // the caller still gets an answer and ferryd keeps running.
-        log()->error("{}: unchecked parameter: {}", request->method, e.what());
-        result = make_error(Errc::invalid_argument, fmt::format("{}: a parameter has the wrong type", request->method));
+    } catch (const std::exception& e) {
+        // A bug (parameters are read through Params): the caller still gets
+        // an answer and ferryd keeps running.
+        log()->error("{}: {}", request->method, e.what());
+        result = make_error(Errc::internal, fmt::format("{}: internal error: {}", request->method, e.what()));
     }
     if (!result) {
         log()->debug("{}: {}", request->method, result.error().message);

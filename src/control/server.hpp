@@ -2,10 +2,10 @@
 // The control socket: JSON lines over a Unix socket (docs/control-protocol.md).
 //
 // Bounded: at most `max_connections` at once (fewer when the fd limit is low),
-// each holding at most one request line (max_request_bytes) and its parsed
-// value; a connection that sends no whole request within `idle_timeout` is
-// closed, and when the cap or the fd limit is reached the longest-idle
-// connection makes room for the new one.
+// each holding at most one request line (max_request_bytes), its parsed
+// value and its reply; a connection that sends no whole request, or does not
+// take its reply, within `idle_timeout` is closed, and when the cap or the fd
+// limit is reached the longest-idle connection makes room for the new one.
 #include "common/error.hpp"
 #include "control/protocol.hpp"
 
@@ -47,7 +47,7 @@ public:
     std::size_t max_connections() const { return max_connections_; }
 
     // Handles one request line; public for tests.
-    boost::asio::awaitable<json> handle(const std::string& line, const std::string& caller = "test");
+    boost::asio::awaitable<json> handle(std::string line, std::string caller = "test");
 
 private:
     struct Connection;
@@ -58,6 +58,8 @@ private:
     static boost::asio::awaitable<void> accept_loop(Server* self);
     static boost::asio::awaitable<void> serve(Server* self, std::shared_ptr<Connection> conn);
     bool evict_idle(); // closes the longest-idle connection; false if none is idle
+    void arm_deadline(const std::shared_ptr<Connection>& conn);
+    static void disarm_deadline(Connection& conn);
     void throttled_accept_warning(const boost::system::error_code& ec);
 
     boost::asio::any_io_executor ex_;

@@ -102,7 +102,7 @@ void Engine::prune_finished(const std::string& vm) {
     for (auto& [id, st] : migrations_)
         if (st->m.vm == vm && is_final(st->m.phase))
             ended.push_back(&st->m);
-    auto keep = static_cast<std::size_t>(std::max<std::int64_t>(1, config_.migration.finished_migrations_per_vm));
+    auto keep = static_cast<std::size_t>(config_.migration.finished_migrations_per_vm);
     if (ended.size() <= keep)
         return;
     std::sort(ended.begin(), ended.end(), [](auto* a, auto* b) {
@@ -394,28 +394,43 @@ asio::awaitable<Result<json>> Engine::adopt_vm(std::string name, std::string qmp
                                                std::optional<config::VmSpec> spec) {
     if (!config::valid_vm_name(name))
         co_return make_error(Errc::invalid_argument, fmt::format("'{}' is not a valid VM name", name));
+    if (auto max = config::max_vm_name_length(config_.node.state_dir); name.size() > max)
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("VM name {} is {} characters; under state_dir {} QEMU's socket paths "
+                                         "leave room for at most {}",
+                                         name, name.size(), config_.node.state_dir, max));
     if (vms_.count(name))
         co_return make_error(Errc::already_exists, fmt::format("VM {} already exists", name));
     if (spec && spec->name != name)
         co_return make_error(Errc::invalid_argument,
                              fmt::format("the spec names VM {}, not {}", spec->name, name));
-    auto c = co_await qmp::Client::connect(ex_, qmp_socket, std::chrono::seconds(5));
-    if (!c)
-        co_return c.error().wrap(fmt::format("adopting {}", name));
-    auto status = co_await (*c)->execute("query-status");
-    if (!status)
-        co_return status.error().wrap(fmt::format("adopting {}", name));
-    if (spec) {
-        auto matches = co_await check_adopted(**c, *spec);
-        if (!matches) {
-            (*c)->close();
-            co_return matches.error().wrap(fmt::format("adopting {}", name));
-        }
-    }
     auto vm = std::make_shared<Vm>();
     vm->record.name = name;
     vm->record.node = config_.node.name;
-    vm->record.adopted = true;
+    vm->record.adopted = true; // a delete meanwhile must not stop its QEMU
+    vm->status = "adopting";
+    vms_[name] = vm; // reserve the name across the QMP round trips
+    auto c = co_await qmp::Client::connect(ex_, qmp_socket, std::chrono::seconds(5));
+    Result<void> checked;
+    json status;
+    if (c) {
+        auto s = co_await (*c)->execute("query-status");
+        if (s)
+            status = std::move(*s);
+        else
+            checked = s.error();
+    }
+    if (c && checked && spec)
+        checked = co_await check_adopted(**c, *spec);
+    if (c && checked && vms_[name] != vm)
+        checked = make_error(Errc::conflict, fmt::format("VM {} was deleted while being adopted", name));
+    if (!c || !checked) {
+        if (c)
+            (*c)->close(); // QEMU serves one QMP client: let the next attempt in
+        if (auto it = vms_.find(name); it != vms_.end() && it->second == vm)
+            vms_.erase(it);
+        co_return (c ? checked.error() : c.error()).wrap(fmt::format("adopting {}", name));
+    }
     vm->record.created_at = now_string();
     vm->record.spec = spec;
     vm->record.qmp_socket = qmp_socket;
@@ -423,10 +438,9 @@ asio::awaitable<Result<json>> Engine::adopt_vm(std::string name, std::string qmp
     vm->qemu.qmp = *c;
     vm->qemu.pid = vm->record.pid;
     vm->qemu.qmp_socket = qmp_socket;
-    vm->status = (*status).value("status", "unknown");
+    vm->status = status.value("status", "unknown");
     std::error_code ec;
     fs::create_directories(vm_dir(name), ec);
-    vms_[name] = vm;
     attach(vm);
     persist(*vm);
     engine_log()->info("vm {}: adopted QEMU pid {} at {}", name, vm->record.pid, qmp_socket);

@@ -452,6 +452,18 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
     // local one gets before any QEMU starts from it.
     if (auto valid = config::validate_vm_spec(next->spec); !valid)
         co_return error_message(fmt::format("bad prepare: {}", valid.error().message));
+    // The id names a file under state_dir: "<vm>-<suffix>", nothing else.
+    auto& id = next->m.id;
+    bool id_ok = id.size() > next->spec.name.size() + 1 && id.rfind(next->spec.name + "-", 0) == 0 &&
+                 config::valid_vm_name(id.substr(next->spec.name.size() + 1)) && id.size() <= 100;
+    if (next->m.vm != next->spec.name || !id_ok)
+        co_return error_message(fmt::format("bad prepare: migration '{}' of VM '{}' does not match spec {}", id,
+                                            next->m.vm, next->spec.name));
+    if (migrations_.count(id))
+        co_return error_message(fmt::format("bad prepare: migration {} is known here already", id));
+    if (next->spec.name.size() > config::max_vm_name_length(config_.node.state_dir))
+        co_return error_message(fmt::format("VM name {} is too long for {}'s state_dir", next->spec.name,
+                                            config_.node.name));
     next->source_node = channel->peer_node;
     auto& name = next->spec.name;
     if (next->channels < 1 || next->channels > 256)
@@ -577,8 +589,13 @@ asio::awaitable<json> Engine::handle_finish(Incoming& in, const json& msg) {
 
     json reply{{"type", "finished"}, {"guest_blackout_ms", nullptr}};
     auto hb = msg.find("last_heartbeat");
-    auto integer = [&](const char* key) { return hb->is_object() && hb->contains(key) && (*hb)[key].is_number_unsigned(); };
-    if (resume && hb != msg.end() && integer("host_ms") && integer("seq") && integer("interval_ms")) {
+    // Numbers from the peer, bounded before they size a wait.
+    auto number = [&](const char* key, std::uint64_t max) {
+        return hb->is_object() && hb->contains(key) && (*hb)[key].is_number_unsigned() &&
+               (*hb)[key].get<std::uint64_t>() <= max;
+    };
+    if (resume && hb != msg.end() && number("host_ms", std::uint64_t{1} << 62) && number("seq", std::uint64_t{1} << 62) &&
+        number("interval_ms", 10'000)) {
         std::vector<Heartbeat> src{{(*hb)["host_ms"].get<std::int64_t>(), (*hb)["seq"].get<std::uint64_t>(),
                                     (*hb)["interval_ms"].get<std::uint32_t>()}};
         auto until = Clock::now() + 3 * std::chrono::milliseconds(src[0].interval_ms) + 2s;

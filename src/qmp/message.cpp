@@ -32,8 +32,9 @@ Error qemu_error(std::string_view command, const json& error) {
 }
 
 Result<Message> decode_message(std::string_view line) {
-    // QEMU's answers (query-qmp-schema) are big but never deeply nested.
-    auto parsed = parse_json(line, JsonLimits{64});
+    // QEMU's answers are big (query-qmp-schema) and may nest a level per
+    // backing image (query-named-block-nodes); the bound only stops abuse.
+    auto parsed = parse_json(line, JsonLimits{1000});
     if (!parsed)
         return parsed.error().wrap("from QEMU");
     if (!parsed->is_object())

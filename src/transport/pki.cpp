@@ -162,9 +162,18 @@ Result<void> check_new_nodes(const std::string& dir, const std::vector<std::stri
     return {};
 }
 
+// A node certificate never outlives its CA.
+Validity within_ca(const KeyPair& ca) {
+    Validity v;
+    int days = 0, seconds = 0;
+    if (ASN1_TIME_diff(&days, &seconds, nullptr, X509_get0_notAfter(static_cast<X509*>(ca.cert.get()))) == 1)
+        v.not_after = std::min(v.not_after, std::chrono::seconds(std::int64_t{days} * 86400 + seconds));
+    return v;
+}
+
 Result<void> issue(const KeyPair& ca, const std::string& dir, const std::vector<std::string>& nodes, PkiFiles& files) {
     for (auto& n : nodes) {
-        auto kp = make_node_cert(ca, n);
+        auto kp = make_node_cert(ca, n, within_ca(ca));
         if (!kp)
             return kp.error();
         if (auto r = write_pem(dir + "/" + n + "-key.pem", kp->key_pem(), 0600); !r)
@@ -204,7 +213,9 @@ Result<KeyPair> load_ca(const std::string& dir) {
     if (!ca.cert)
         return make_error(Errc::invalid_argument, fmt::format("{}/ca.pem is not a PEM certificate", dir));
     bio = BIO_new_mem_buf(key_pem->data(), static_cast<int>(key_pem->size()));
-    ca.key.reset(PEM_read_bio_PrivateKey(bio, nullptr, nullptr, nullptr));
+    // No passphrase prompt on the terminal: an encrypted key is an error.
+    pem_password_cb* no_passphrase = [](char*, int, int, void*) { return 0; };
+    ca.key.reset(PEM_read_bio_PrivateKey(bio, nullptr, no_passphrase, nullptr));
     BIO_free(bio);
     if (!ca.key)
         return make_error(Errc::invalid_argument, fmt::format("{}/ca-key.pem is not a PEM private key", dir));

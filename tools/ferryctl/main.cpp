@@ -78,7 +78,8 @@ ferry::Result<std::string> read_file(const std::string& path) {
         return ferry::make_error(ferry::Errc::invalid_argument, fmt::format("{}: is a directory, not a file", path));
     std::ifstream in(path);
     if (!in)
-        return ferry::make_error(ferry::Errc::not_found, fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
+        return ferry::make_error(errno == ENOENT ? ferry::Errc::not_found : ferry::Errc::io,
+                                 fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
     std::stringstream ss;
     ss << in.rdbuf();
     auto text = ss.str();

@@ -50,8 +50,10 @@ ferry::Result<ferry::LockFile> claim(const ferry::config::NodeConfig& cfg) {
                                  fmt::format("creating state_dir {}: {}", cfg.node.state_dir, ec.message()));
     ::chmod(cfg.node.state_dir.c_str(), 0700);
     auto lock = ferry::LockFile::acquire(cfg.node.state_dir + "/ferryd.lock");
-    if (!lock)
+    if (!lock && lock.error().code == ferry::Errc::already_exists)
         return lock.error().wrap(fmt::format("state_dir {} is in use by another ferryd", cfg.node.state_dir));
+    if (!lock)
+        return lock.error().wrap(fmt::format("cannot lock state_dir {}", cfg.node.state_dir));
     if (ferry::control::socket_in_use(cfg.node.control_socket))
         return ferry::make_error(ferry::Errc::already_exists,
                                  fmt::format("control socket {} is in use by another ferryd (with another "
