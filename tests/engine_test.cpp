@@ -12,6 +12,8 @@
 
 #include <gtest/gtest.h>
 
+#include <regex>
+
 #include <algorithm>
 #include <csignal>
 #include <sys/wait.h>
@@ -181,103 +183,224 @@ TEST(ConvergenceModel, TransferRateIsSmoothed) {
     EXPECT_LT(p.transfer_rate_bps, 100 * MiB);
 }
 
-TEST(Strategy, RaisesDowntimeOnlyWhileNeededThenStops) {
+TEST(ConvergenceModel, ScalesTheDirtyRateByTheThrottleInForce) {
+    Feed f;
+    f.tick(16, 12, 64 * MiB, 2);
+    EXPECT_EQ(f.model.predict(300).unthrottled_dirty_rate_bps, 12 * MiB);
+    // A pass at 50% throttle measures 6 MiB/s: the guest's own rate is unchanged.
+    f.second++;
+    f.model.observe({std::chrono::milliseconds(f.second * 1000), f.sent += 16 * MiB, 32 * MiB, 6 * MiB, 3, 50});
+    auto p = f.model.predict(300);
+    EXPECT_EQ(p.unthrottled_dirty_rate_bps, 12 * MiB);
+    EXPECT_EQ(p.dirty_rate_bps, 6 * MiB);
+}
+
+namespace {
+// What the model would say: transfer t, dirty d (at throttle `throttle`).
+Prediction predicted(std::uint64_t t, std::uint64_t d, bool converges, std::int64_t downtime_ms,
+                     std::int64_t throttle = 0) {
+    Prediction p;
+    p.transfer_rate_bps = t * MiB;
+    p.dirty_rate_bps = d * MiB;
+    p.unthrottled_dirty_rate_bps = static_cast<std::uint64_t>(static_cast<double>(d * MiB) * 100.0 / static_cast<double>(100 - throttle));
+    p.known = true;
+    p.converges = converges;
+    p.expected_downtime_ms = downtime_ms;
+    p.time_left_ms = converges ? downtime_ms : -1;
+    return p;
+}
+
+Sample at(std::int64_t ms, std::int64_t pass, std::uint64_t remaining, std::uint64_t transferred = 0) {
+    return {std::chrono::milliseconds(ms), transferred == 0 ? static_cast<std::uint64_t>(ms) * 16 * 1024 : transferred,
+            remaining, 0, pass, 0};
+}
+} // namespace
+
+TEST(Strategy, RaisesTheDowntimeLimitOnlyWhenThatCanFinish) {
     Strategy s(strategy_config(), 1ULL << 30, false);
     EXPECT_EQ(s.initial_downtime_ms(), 75); // a quarter of 300
-    Prediction converging{64 * MiB, 16 * MiB, true, true, 50, 2000};
-    auto d = s.step(5000ms, converging, 3, 10 * MiB);
+    auto converging = predicted(64, 16, true, 50);
+    auto d = s.step(at(5000, 2, 10 * MiB), converging, converging);
     EXPECT_FALSE(d.downtime_limit_ms) << "converging: nothing to do";
 
-    Prediction stuck{64 * MiB, 80 * MiB, true, false, 120, -1};
-    d = s.step(6000ms, stuck, 4, 8 * MiB);
+    // Converges within the maximum: raise it, as far as needed.
+    auto slow = predicted(64, 40, false, 120);
+    auto slow_at_max = predicted(64, 40, true, 120);
+    d = s.step(at(6000, 3, 8 * MiB), slow, slow_at_max);
     ASSERT_TRUE(d.downtime_limit_ms);
     EXPECT_EQ(*d.downtime_limit_ms, 150); // doubled (120 ms x 1.2 is less)
-    d = s.step(6500ms, stuck, 4, 8 * MiB);
-    EXPECT_FALSE(d.downtime_limit_ms) << "one change per round";
-    stuck.expected_downtime_ms = 1000;
-    d = s.step(8000ms, stuck, 5, 8 * MiB);
+    d = s.step(at(6500, 3, 7 * MiB), slow, slow_at_max);
+    EXPECT_FALSE(d.downtime_limit_ms) << "one change per dirty sync";
+    slow.expected_downtime_ms = 1000;
+    d = s.step(at(8000, 4, 8 * MiB), slow, slow_at_max);
     ASSERT_TRUE(d.downtime_limit_ms);
     EXPECT_EQ(*d.downtime_limit_ms, 300); // capped at max_downtime_ms
-    d = s.step(9000ms, stuck, 6, 8 * MiB);
+    d = s.step(at(9000, 5, 8 * MiB), slow, slow_at_max);
     EXPECT_FALSE(d.downtime_limit_ms);
     EXPECT_FALSE(d.throttle_percent) << "auto-converge not allowed";
     EXPECT_FALSE(d.start_postcopy);
 }
 
-TEST(Strategy, ThrottlesFromTheMeasuredRatesAndStepsUp) {
+TEST(Strategy, ThrottleIsSizedFromTheMeasuredRatesAtTheFirstSync) {
     auto c = strategy_config();
-    c.max_downtime_ms = 30; // already at the floor: no downtime steps
     c.allow_auto_converge = true;
     Strategy s(c, 1ULL << 30, false);
-    Prediction stuck{16 * MiB, 64 * MiB, true, false, 4000, -1};
-    auto d = s.step(5000ms, stuck, 3, 64 * MiB);
+    EXPECT_FALSE(s.step(at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).throttle_percent) << "first pass";
+    // 12 MiB/s against 16: raising the limit cannot help, so throttle at once,
+    // to half the transfer rate (1 - 8/12 = 34%), and take the maximum pause.
+    auto stuck = predicted(16, 12, false, 4000);
+    auto d = s.step(at(4000, 2, 64 * MiB), stuck, stuck);
     ASSERT_TRUE(d.throttle_percent);
-    // 64 MiB/s unthrottled, aim 8 MiB/s: 88%, but at most 40 points a step.
-    EXPECT_EQ(*d.throttle_percent, 40);
-    stuck.dirty_rate_bps = 38 * MiB; // 40% off: 64 -> 38
-    d = s.step(9000ms, stuck, 4, 64 * MiB);
-    ASSERT_TRUE(d.throttle_percent);
-    EXPECT_EQ(*d.throttle_percent, 80);
-    stuck.dirty_rate_bps = 13 * MiB;
-    d = s.step(12000ms, stuck, 5, 64 * MiB);
-    ASSERT_TRUE(d.throttle_percent);
-    EXPECT_EQ(*d.throttle_percent, 90); // 1 - 8/65 = 88% < 80 + 10
-    for (int i = 6; i < 10; ++i)
-        d = s.step(std::chrono::milliseconds(13000 + i * 1000), stuck, i, 64 * MiB);
-    EXPECT_EQ(s.throttle_percent(), Strategy::max_throttle);
+    EXPECT_EQ(*d.throttle_percent, 34);
+    ASSERT_TRUE(d.downtime_limit_ms);
+    EXPECT_EQ(*d.downtime_limit_ms, 300);
+    EXPECT_NE(d.why.find("throttling the vCPUs to 34%, downtime limit raised to 300 ms"), std::string::npos) << d.why;
+    EXPECT_FALSE(s.step(at(5000, 2, 50 * MiB), stuck, stuck).throttle_percent) << "wait for the next sync";
 }
 
-TEST(Strategy, PostcopyAfterAFewRoundsWithoutConvergence) {
+TEST(Strategy, ASaturatedDirtyRateIsAFloorSoTheThrottleDoublesItsGuess) {
     auto c = strategy_config();
-    c.max_downtime_ms = 30;
+    c.allow_auto_converge = true;
+    Strategy s(c, 1ULL << 30, false);
+    // Measured at the transfer rate: the pass re-sent the whole working set,
+    // the guest may dirty far more. Assume 2 x 15: 1 - 8/30 = 74%.
+    auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 15, false, 4000), predicted(16, 15, false, 4000));
+    ASSERT_TRUE(d.throttle_percent);
+    EXPECT_EQ(*d.throttle_percent, 74);
+    // Still saturated at 74%: 15 / 0.26 x 2 = 115 MiB/s unthrottled -> 94%.
+    auto still = predicted(16, 15, false, 4000, 74);
+    d = s.step(at(8000, 3, 64 * MiB), still, still);
+    ASSERT_TRUE(d.throttle_percent);
+    EXPECT_EQ(*d.throttle_percent, 94);
+    // Beyond what the throttle can do, and nothing else allowed: the maximum.
+    auto hopeless = predicted(16, 15, false, 4000, 94);
+    d = s.step(at(12000, 4, 64 * MiB), hopeless, hopeless);
+    ASSERT_TRUE(d.throttle_percent);
+    EXPECT_EQ(*d.throttle_percent, Strategy::max_throttle);
+}
+
+TEST(Strategy, PostcopyAtTheFirstSyncWhenPreCopyCannotFinish) {
+    auto c = strategy_config();
     c.allow_post_copy = true;
     Strategy s(c, 1ULL << 30, true);
-    Prediction stuck{16 * MiB, 64 * MiB, true, false, 4000, -1};
-    EXPECT_FALSE(s.step(5000ms, stuck, 3, 64 * MiB).start_postcopy);
-    EXPECT_FALSE(s.step(6000ms, stuck, 4, 64 * MiB).start_postcopy);
-    auto d = s.step(7000ms, stuck, 5, 64 * MiB);
+    EXPECT_FALSE(s.step(at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).start_postcopy) << "first pass";
+    auto stuck = predicted(16, 13, false, 4000);
+    auto d = s.step(at(4000, 2, 64 * MiB), stuck, stuck);
     EXPECT_TRUE(d.start_postcopy);
-    EXPECT_NE(d.why.find("post-copy"), std::string::npos);
+    EXPECT_NE(d.why.find("pre-copy will not converge; switching to post-copy"), std::string::npos) << d.why;
     // Once in post-copy no timeout or lever applies.
-    EXPECT_FALSE(s.step(1000000s, stuck, 6, 64 * MiB).fail);
+    EXPECT_FALSE(s.step(at(100000000, 9, 64 * MiB, 1), stuck, stuck).fail);
+
+    // Where the maximum pause can finish, that comes first.
+    Strategy raise(c, 1ULL << 30, true);
+    d = raise.step(at(4000, 2, 64 * MiB), predicted(64, 40, false, 120), predicted(64, 40, true, 120));
+    EXPECT_FALSE(d.start_postcopy);
+    EXPECT_TRUE(d.downtime_limit_ms);
 
     Strategy no_multifd(c, 1ULL << 30, false); // post-copy impossible (multifd)
-    for (int i = 3; i < 10; ++i)
-        EXPECT_FALSE(no_multifd.step(std::chrono::milliseconds(i * 1000), stuck, i, 64 * MiB).start_postcopy);
+    for (int i = 2; i < 10; ++i)
+        EXPECT_FALSE(no_multifd.step(at(i * 4000, i, 64 * MiB), stuck, stuck).start_postcopy);
+}
+
+TEST(Strategy, ThrottleFirstThenPostcopyWhenBothAreAllowed) {
+    auto c = strategy_config();
+    c.allow_post_copy = true;
+    c.allow_auto_converge = true;
+    Strategy s(c, 1ULL << 30, true);
+    auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 12, false, 4000), predicted(16, 12, false, 4000));
+    EXPECT_EQ(d.throttle_percent, 34);
+    EXPECT_FALSE(d.start_postcopy);
+    // More than any throttle can tame: post-copy at once.
+    Strategy t(c, 1ULL << 30, true);
+    auto wild = predicted(16, 15, false, 4000, 98);
+    for (int i = 2; i < 4 && !d.start_postcopy; ++i)
+        d = t.step(at(i * 4000, i, 64 * MiB), wild, wild);
+    EXPECT_TRUE(d.start_postcopy) << d.why;
+    EXPECT_NE(d.why.find("a throttle over 99% would be needed"), std::string::npos) << d.why;
 }
 
 TEST(Strategy, CompletionTimeoutFailsNamingTheRatesOrSwitchesToPostcopy) {
     auto c = strategy_config();
     c.completion_timeout_per_gib = 80; // 0.125 GiB -> 10 s
     Strategy s(c, 128 * MiB, false);
-    Prediction stuck{8 * MiB, 32 * MiB, true, false, 4000, -1};
-    EXPECT_FALSE(s.step(9000ms, stuck, 6, 32 * MiB).fail);
-    auto d = s.step(10500ms, stuck, 7, 32 * MiB);
+    auto stuck = predicted(8, 32, false, 4000);
+    EXPECT_FALSE(s.step(at(9000, 7, 32 * MiB), stuck, stuck).fail);
+    auto d = s.step(at(10500, 7, 30 * MiB), stuck, stuck);
     ASSERT_TRUE(d.fail);
     EXPECT_NE(d.fail->find("completion timeout"), std::string::npos) << *d.fail;
     EXPECT_NE(d.fail->find("dirty rate 32.0 MiB/s > transfer rate 8.0 MiB/s after 7 iterations"), std::string::npos)
         << *d.fail;
     EXPECT_NE(d.fail->find("auto-converge and post-copy not allowed"), std::string::npos) << *d.fail;
 
+    // Post-copy allowed: a timeout during the first pass switches too.
     c.allow_post_copy = true;
     Strategy pc(c, 128 * MiB, true);
-    d = pc.step(10500ms, stuck, 7, 32 * MiB);
+    d = pc.step(at(10500, 1, 32 * MiB), Prediction{}, Prediction{});
     EXPECT_FALSE(d.fail);
     EXPECT_TRUE(d.start_postcopy);
+    EXPECT_NE(d.why.find("completion timeout"), std::string::npos) << d.why;
 }
 
-TEST(Strategy, ProgressTimeoutNeedsNoNewLow) {
+TEST(Strategy, ProgressIsTheDirtySetAtEachSyncNotRemainingTouchingZero) {
     auto c = strategy_config();
     c.progress_timeout = 10;
     Strategy s(c, 1ULL << 30, false);
-    Prediction p{8 * MiB, 32 * MiB, true, false, 4000, -1};
-    EXPECT_FALSE(s.step(0ms, p, 1, 1000 * MiB).fail);
-    EXPECT_FALSE(s.step(5000ms, p, 2, 900 * MiB).fail);  // new low
-    EXPECT_FALSE(s.step(14000ms, p, 3, 950 * MiB).fail); // 9 s since the low
-    auto d = s.step(15500ms, p, 4, 920 * MiB);          // 10.5 s since the low
+    Prediction p = predicted(16, 15, false, 4000);
+    p.known = false;
+    // A long first pass is progress, however long; `remaining` touching zero
+    // at its end means nothing.
+    EXPECT_FALSE(s.step(at(0, 1, 512 * MiB), p, p).fail);
+    EXPECT_FALSE(s.step(at(20000, 1, 0), p, p).fail);
+    EXPECT_FALSE(s.step(at(30000, 2, 64 * MiB), p, p).fail); // new low: pass 2, 64 MiB
+    EXPECT_FALSE(s.step(at(33000, 2, 0), p, p).fail);
+    EXPECT_FALSE(s.step(at(34000, 3, 62 * MiB), p, p).fail); // a wobble, not a new low
+    EXPECT_FALSE(s.step(at(38000, 4, 64 * MiB), p, p).fail);
+    auto d = s.step(at(40500, 4, 1 * MiB), p, p); // 10.5 s since pass 2
     ASSERT_TRUE(d.fail);
-    EXPECT_NE(d.fail->find("progress timeout: remaining 900.0 MiB did not fall for 10.5 s"), std::string::npos)
+    EXPECT_NE(d.fail->find("progress timeout: the dirty set did not shrink for 10.5 s (limit 10 s): the smallest "
+                           "pass was 64.0 MiB (pass 2), 2 since, the last 64.0 MiB"),
+              std::string::npos)
         << *d.fail;
+
+    // Passes that keep shrinking are progress.
+    Strategy shrinking(c, 1ULL << 30, false);
+    std::uint64_t pass = 64 * MiB;
+    for (int i = 2; i < 12; ++i, pass = pass * 8 / 10)
+        EXPECT_FALSE(shrinking.step(at(i * 6000, i, pass), p, p).fail) << i;
+
+    // With post-copy allowed, the same stall switches instead of failing.
+    c.allow_post_copy = true;
+    Strategy pc(c, 1ULL << 30, true);
+    for (auto& sample : {at(0, 1, 512 * MiB), at(30000, 2, 64 * MiB), at(34000, 3, 64 * MiB)})
+        EXPECT_FALSE(pc.step(sample, p, p).start_postcopy);
+    d = pc.step(at(40500, 3, 10 * MiB), p, p);
+    EXPECT_FALSE(d.fail);
+    EXPECT_TRUE(d.start_postcopy);
+    EXPECT_NE(d.why.find("the dirty set did not shrink"), std::string::npos) << d.why;
+}
+
+TEST(Strategy, NoPassBeforeQemuReportsOne) {
+    auto c = strategy_config();
+    c.progress_timeout = 3;
+    Strategy s(c, 1ULL << 30, false);
+    Prediction p;
+    // "setup": no RAM figures yet (pass 0, nothing remaining).
+    EXPECT_FALSE(s.step(at(0, 0, 0, 1), p, p).fail);
+    EXPECT_FALSE(s.step(at(500, 1, 120 * MiB, 4 * MiB), p, p).fail);
+    EXPECT_FALSE(s.step(at(4000, 1, 100 * MiB, 30 * MiB), p, p).fail) << "the first pass is not a stall";
+}
+
+TEST(Strategy, ProgressTimeoutWhenNothingIsSent) {
+    auto c = strategy_config();
+    c.progress_timeout = 10;
+    Strategy s(c, 1ULL << 30, false);
+    Prediction p;
+    EXPECT_FALSE(s.step(at(0, 1, 512 * MiB, 100), p, p).fail);
+    EXPECT_FALSE(s.step(at(5000, 1, 500 * MiB, 5000), p, p).fail);
+    EXPECT_FALSE(s.step(at(14000, 1, 500 * MiB, 5000), p, p).fail);
+    auto d = s.step(at(15500, 1, 500 * MiB, 5000), p, p);
+    ASSERT_TRUE(d.fail);
+    EXPECT_NE(d.fail->find("progress timeout: nothing sent for 10.5 s (limit 10 s)"), std::string::npos) << *d.fail;
 }
 
 TEST(MigrationObject, CarriesTheDesignFields) {
@@ -485,14 +608,21 @@ TEST_F(EngineIntegration, KilledDestinationLeavesSourceRunningAndIntact) {
 TEST_F(EngineIntegration, ProgressTimeoutAbortsAndKeepsTheSource) {
     config_.migration.progress_timeout = 3;
     start();
-    // Dirtying 32 MiB/s against 2 MiB/s of bandwidth can never converge.
-    create("ws=32 rate=32 hb=50");
-    auto m = engine_->migrate({"guest", {}, 2ULL << 20, {}, {}, {}});
+    // Dirtying 64 MiB/s against 8 MiB/s of bandwidth can never converge:
+    // every pass re-sends the whole 32 MiB working set.
+    create("ws=32 rate=64 hb=50");
+    auto m = engine_->migrate({"guest", {}, 8ULL << 20, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     EXPECT_EQ(done["phase"], "Failed");
-    EXPECT_NE(done["failure_reason"].get<std::string>().find("progress timeout"), std::string::npos)
+    EXPECT_NE(done["failure_reason"].get<std::string>().find("progress timeout: the dirty set did not shrink"),
+              std::string::npos)
         << done["failure_reason"];
+    // The smallest pass is the working set (32 MiB), re-sent whole each time.
+    std::smatch smallest;
+    auto why = done["failure_reason"].get<std::string>();
+    ASSERT_TRUE(std::regex_search(why, smallest, std::regex("the smallest pass was ([0-9.]+) MiB"))) << why;
+    EXPECT_GT(std::stod(smallest[1]), 24.0) << why;
     EXPECT_EQ(vm_status(), "running");
     ASSERT_TRUE(verify());
 }

@@ -28,10 +28,13 @@ void ConvergenceModel::observe(const Sample& s) {
         prev_ = s;
     }
     // QEMU measures the dirty rate once per round (at each dirty sync), from
-    // the second sync on; a throttle change makes older rounds stale, so the
-    // newest counts most.
+    // the second sync on. The guest dirties in proportion to the CPU time it
+    // gets, so each measurement is scaled back to what the guest would dirty
+    // unthrottled (the engine changes the throttle right after a sync, so a
+    // round runs under one throttle); the newest counts most.
     if (s.iteration >= 2 && s.iteration != dirty_iteration_) {
-        dirty_ = smooth(dirty_, static_cast<double>(s.dirty_rate_bps), 0.7);
+        double kept = 1.0 - static_cast<double>(std::clamp<std::int64_t>(s.throttle_percent, 0, 99)) / 100.0;
+        unthrottled_ = smooth(unthrottled_, static_cast<double>(s.dirty_rate_bps) / kept, 0.7);
         dirty_iteration_ = s.iteration;
     }
     last_ = s;
@@ -39,8 +42,11 @@ void ConvergenceModel::observe(const Sample& s) {
 
 Prediction ConvergenceModel::predict(std::int64_t downtime_limit_ms) const {
     Prediction p;
+    double kept = 1.0 - static_cast<double>(std::clamp<std::int64_t>(last_.throttle_percent, 0, 99)) / 100.0;
+    double dirty = unthrottled_ * kept;
     p.transfer_rate_bps = static_cast<std::uint64_t>(transfer_);
-    p.dirty_rate_bps = static_cast<std::uint64_t>(dirty_);
+    p.dirty_rate_bps = static_cast<std::uint64_t>(dirty);
+    p.unthrottled_dirty_rate_bps = static_cast<std::uint64_t>(unthrottled_);
     if (transfer_ <= 0)
         return p;
     double remaining = static_cast<double>(last_.remaining);
@@ -53,15 +59,15 @@ Prediction ConvergenceModel::predict(std::int64_t downtime_limit_ms) const {
     }
     if (fits) {
         p.converges = true;
-    } else if (dirty_ < transfer_) {
+    } else if (dirty < transfer_) {
         double target = transfer_ * static_cast<double>(std::max<std::int64_t>(downtime_limit_ms, 1)) / 1000.0;
-        double rounds = std::log(target / remaining) / std::log(dirty_ / transfer_);
-        p.converges = dirty_ <= 0 || rounds <= max_rounds;
+        double rounds = std::log(target / remaining) / std::log(dirty / transfer_);
+        p.converges = dirty <= 0 || rounds <= max_rounds;
     }
     if (fits)
         p.time_left_ms = p.expected_downtime_ms;
     else if (p.converges) // the rounds shrink geometrically: remaining / (T - D) in all
-        p.time_left_ms = static_cast<std::int64_t>(remaining * 1000.0 / (transfer_ - dirty_));
+        p.time_left_ms = static_cast<std::int64_t>(remaining * 1000.0 / (transfer_ - dirty));
     return p;
 }
 
@@ -94,73 +100,139 @@ std::string Strategy::help_allowed() const {
     return ac + "; " + pc;
 }
 
-Decision Strategy::step(std::chrono::milliseconds elapsed, const Prediction& p, std::int64_t iteration,
-                        std::uint64_t remaining) {
+void Strategy::track(const Sample& s) {
+    if (s.transferred > transferred_ || pass_ < 0) {
+        transferred_ = s.transferred;
+        moved_at_ = s.elapsed;
+    }
+    // The first figures after a dirty sync (the engine polls at once on
+    // MIGRATION_PASS) give the size of the pass that sync began. (Before the
+    // first sync QEMU reports no RAM figures at all.)
+    if (s.iteration < 1 || s.iteration == pass_)
+        return;
+    pass_ = s.iteration;
+    last_pass_bytes_ = s.remaining;
+    // A new low must be clearly lower: a dirty set that only wobbles is not
+    // progress, a shrinking one shows within a round or two.
+    if (!lowest_pass_bytes_ || static_cast<double>(s.remaining) < 0.9 * static_cast<double>(*lowest_pass_bytes_)) {
+        lowest_pass_bytes_ = s.remaining;
+        lowest_pass_ = s.iteration;
+        lowest_pass_at_ = s.elapsed;
+        passes_since_lowest_ = 0;
+    } else {
+        ++passes_since_lowest_;
+    }
+}
+
+std::optional<std::string> Strategy::no_progress(const Sample& s) const {
+    if (cfg_.progress_timeout <= 0)
+        return std::nullopt;
+    auto limit = std::chrono::seconds(cfg_.progress_timeout);
+    if (s.elapsed - moved_at_ > limit)
+        return fmt::format("progress timeout: nothing sent for {:.1f} s (limit {} s)",
+                           (s.elapsed - moved_at_).count() / 1000.0, cfg_.progress_timeout);
+    // A pass that is still being sent has not had its chance: it takes at
+    // least one pass that is no smaller after the lowest.
+    if (passes_since_lowest_ > 0 && s.elapsed - lowest_pass_at_ > limit)
+        return fmt::format("progress timeout: the dirty set did not shrink for {:.1f} s (limit {} s): the smallest "
+                           "pass was {:.1f} MiB (pass {}), {} since, the last {:.1f} MiB",
+                           (s.elapsed - lowest_pass_at_).count() / 1000.0, cfg_.progress_timeout,
+                           static_cast<double>(*lowest_pass_bytes_) / mib, lowest_pass_, passes_since_lowest_,
+                           static_cast<double>(last_pass_bytes_) / mib);
+    return std::nullopt;
+}
+
+// The throttle that brings the dirty rate under half the transfer rate, or
+// nullopt when even the maximum cannot.
+std::optional<std::int64_t> Strategy::throttle_needed(const Prediction& p) const {
+    double unthrottled = static_cast<double>(p.unthrottled_dirty_rate_bps);
+    // A dirty rate measured per pass cannot exceed what the pass re-sent:
+    // near the transfer rate it is a floor, the guest may dirty far more.
+    // Assume twice as much, so that two steps reach any rate the throttle
+    // can tame, instead of creeping up one pass at a time.
+    if (static_cast<double>(p.dirty_rate_bps) >= 0.8 * static_cast<double>(p.transfer_rate_bps))
+        unthrottled *= 2;
+    double target = 0.5 * static_cast<double>(p.transfer_rate_bps);
+    if (unthrottled <= target)
+        return throttle_ + 10; // measured under the aim, yet not converging: a nudge
+    auto need = static_cast<std::int64_t>(std::ceil(100.0 * (1.0 - target / unthrottled)));
+    if (need > max_throttle)
+        return std::nullopt;
+    return std::max(need, throttle_ + 10);
+}
+
+Decision Strategy::to_postcopy(std::string why) {
+    Decision d;
+    postcopy_ = d.start_postcopy = true;
+    d.why = std::move(why);
+    return d;
+}
+
+Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& at_max) {
     Decision d;
     if (postcopy_)
         return d; // the rest is post-copy's: no timeouts, no levers
+    track(s);
     bool can_postcopy = cfg_.allow_post_copy && postcopy_possible_;
 
-    // Timeouts (KubeVirt's meanings).
-    if (!lowest_ || remaining < *lowest_) {
-        lowest_ = remaining;
-        lowest_at_ = elapsed;
-    }
+    // Timeouts (KubeVirt's meanings), which post-copy pre-empts.
     double gib = static_cast<double>(data_bytes_) / (1024.0 * mib);
     auto completion_limit = std::chrono::milliseconds(
         static_cast<std::int64_t>(std::ceil(static_cast<double>(cfg_.completion_timeout_per_gib) * 1000.0 * gib)));
-    if (cfg_.completion_timeout_per_gib > 0 && elapsed > completion_limit) {
-        auto what = fmt::format("completion timeout: not finished after {:.1f} s (limit {} s per GiB x {:.2f} GiB = "
-                                "{:.1f} s)",
-                                elapsed.count() / 1000.0, cfg_.completion_timeout_per_gib, gib,
-                                completion_limit.count() / 1000.0);
-        if (can_postcopy) {
-            postcopy_ = d.start_postcopy = true;
-            d.why = what + "; switching to post-copy";
-            return d;
-        }
-        d.fail = fmt::format("{}; {}; {}", what, rates(p, iteration), help_allowed());
-        return d;
-    }
-    if (cfg_.progress_timeout > 0 && elapsed - lowest_at_ > std::chrono::seconds(cfg_.progress_timeout)) {
-        d.fail = fmt::format("progress timeout: remaining {:.1f} MiB did not fall for {:.1f} s (limit {} s); {}; {}",
-                             static_cast<double>(*lowest_) / mib, (elapsed - lowest_at_).count() / 1000.0,
-                             cfg_.progress_timeout, rates(p, iteration), help_allowed());
+    std::optional<std::string> timeout;
+    if (cfg_.completion_timeout_per_gib > 0 && s.elapsed > completion_limit)
+        timeout = fmt::format("completion timeout: not finished after {:.1f} s (limit {} s per GiB x {:.2f} GiB = "
+                              "{:.1f} s)",
+                              s.elapsed.count() / 1000.0, cfg_.completion_timeout_per_gib, gib,
+                              completion_limit.count() / 1000.0);
+    else
+        timeout = no_progress(s);
+    if (timeout) {
+        if (can_postcopy)
+            return to_postcopy(*timeout + "; switching to post-copy");
+        d.fail = fmt::format("{}; {}; {}", *timeout, rates(p, s.iteration), help_allowed());
         return d;
     }
 
-    // One lever per round: the next round shows what the last change did.
-    if (!p.known || p.converges || iteration <= acted_iteration_)
+    // The levers, once the first pass has measured the dirty rate, one
+    // change per sync.
+    if (!p.known || p.converges || s.iteration <= acted_iteration_)
         return d;
-    if (downtime_ < cfg_.max_downtime_ms) {
+    acted_iteration_ = s.iteration;
+    if (downtime_ < cfg_.max_downtime_ms && at_max.converges) {
         auto needed = static_cast<std::int64_t>(static_cast<double>(p.expected_downtime_ms) * 1.2);
         downtime_ = std::min(cfg_.max_downtime_ms, std::max(downtime_ * 2, needed));
-        acted_iteration_ = iteration;
         d.downtime_limit_ms = downtime_;
-        d.why = fmt::format("{}: downtime limit raised to {} ms", rates(p, iteration), downtime_);
+        d.why = fmt::format("{}: downtime limit raised to {} ms", rates(p, s.iteration), downtime_);
         return d;
     }
-    if (cfg_.allow_auto_converge && throttle_ < max_throttle && p.dirty_rate_bps > 0) {
-        // The dirty rate scales with the CPU time the guest gets: unthrottled
-        // it would be D / (1 - t). Aim for half the transfer rate.
-        double unthrottled = static_cast<double>(p.dirty_rate_bps) / (1.0 - static_cast<double>(throttle_) / 100.0);
-        double target = 0.5 * static_cast<double>(p.transfer_rate_bps);
-        auto need = static_cast<std::int64_t>(std::ceil(100.0 * (1.0 - target / unthrottled)));
-        auto next = std::max(throttle_ + 10, std::min(need, throttle_ + 40));
-        throttle_ = std::min(max_throttle, next);
-        acted_iteration_ = iteration;
+    // The downtime limit alone cannot finish. What the user allows for it
+    // shortens the end, whichever lever comes next.
+    std::string also;
+    if (downtime_ < cfg_.max_downtime_ms) {
+        downtime_ = cfg_.max_downtime_ms;
+        d.downtime_limit_ms = downtime_;
+        also = fmt::format(", downtime limit raised to {} ms", downtime_);
+    }
+    auto throttle = cfg_.allow_auto_converge && throttle_ < max_throttle ? throttle_needed(p) : std::nullopt;
+    if (cfg_.allow_auto_converge && throttle_ < max_throttle && (throttle || !can_postcopy)) {
+        throttle_ = std::min(max_throttle, throttle.value_or(max_throttle));
         d.throttle_percent = throttle_;
-        d.why = fmt::format("{}: throttling the vCPUs to {}%", rates(p, iteration), throttle_);
+        d.why = fmt::format("{}: throttling the vCPUs to {}%{}", rates(p, s.iteration), throttle_, also);
         return d;
     }
     if (can_postcopy) {
-        if (stuck_since_ < 0)
-            stuck_since_ = iteration;
-        if (iteration - stuck_since_ >= 2) {
-            postcopy_ = d.start_postcopy = true;
-            d.why = fmt::format("{}: pre-copy will not converge; switching to post-copy", rates(p, iteration));
-        }
+        auto why = fmt::format("{}: pre-copy will not converge{}; switching to post-copy", rates(p, s.iteration),
+                               cfg_.allow_auto_converge && throttle_ < max_throttle
+                                   ? " (a throttle over 99% would be needed)"
+                                   : "");
+        auto pc = to_postcopy(why);
+        pc.downtime_limit_ms = d.downtime_limit_ms;
+        return pc;
     }
+    if (d.downtime_limit_ms)
+        d.why = fmt::format("{}: downtime limit raised to {} ms; pre-copy will not converge, no other lever allowed",
+                            rates(p, s.iteration), downtime_);
     return d;
 }
 

@@ -28,7 +28,8 @@ struct Sample {
 
 struct Prediction {
     std::uint64_t transfer_rate_bps = 0; // smoothed
-    std::uint64_t dirty_rate_bps = 0;    // smoothed, as measured (throttled)
+    std::uint64_t dirty_rate_bps = 0;    // smoothed, at the throttle now in force
+    std::uint64_t unthrottled_dirty_rate_bps = 0; // what the guest would dirty unthrottled
     bool known = false;                  // false until the first full round
     bool converges = false;              // pre-copy finishes within the downtime limit
     std::int64_t expected_downtime_ms = 0; // if QEMU switched over now
@@ -43,8 +44,8 @@ public:
 private:
     std::optional<Sample> prev_;
     Sample last_;
-    double transfer_ = 0; // bytes/s, EWMA
-    double dirty_ = 0;    // bytes/s, EWMA per round
+    double transfer_ = 0;    // bytes/s, EWMA
+    double unthrottled_ = 0; // bytes/s, EWMA per round of the measured rate / (1 - throttle)
     std::int64_t dirty_iteration_ = -1;
 };
 
@@ -57,37 +58,57 @@ struct Decision {
     std::string why;                 // for the log
 };
 
-// The engine's strategy for one migration (DESIGN.md, convergence): raise
-// the downtime limit in steps while that alone can finish; then throttle the
-// vCPUs (allow_auto_converge); then post-copy (allow_post_copy); timeouts
-// last. Called about once a second with the latest prediction.
+// The engine's strategy for one migration (DESIGN.md, convergence). Called
+// about once a second, and at once after each of QEMU's dirty syncs (the
+// MIGRATION_PASS event), when a new dirty rate has been measured:
+// - once the first pass has measured the dirty rate, it picks the lever that
+//   can finish: the downtime limit when raising it (up to max_downtime_ms)
+//   makes pre-copy converge; otherwise a vCPU throttle sized from the
+//   measured rates (allow_auto_converge); otherwise post-copy
+//   (allow_post_copy). One change per dirty sync: the next sync measures it.
+// - progress is the dirty set at each sync (the size of each pass), not
+//   QEMU's `remaining`, which touches zero at the end of every pass;
+// - with post-copy possible, no timeout fails the migration: it switches to
+//   post-copy instead.
 class Strategy {
 public:
     // data_bytes: guest RAM plus local disks, for the completion timeout.
     Strategy(const config::MigrationConfig& cfg, std::uint64_t data_bytes, bool postcopy_possible);
 
     std::int64_t initial_downtime_ms() const { return downtime_; }
-    Decision step(std::chrono::milliseconds elapsed, const Prediction& p, std::int64_t iteration,
-                  std::uint64_t remaining);
+    // s: QEMU's latest figures; now: the model's prediction at the current
+    // downtime limit; at_max: at max_downtime_ms.
+    Decision step(const Sample& s, const Prediction& now, const Prediction& at_max);
     std::int64_t downtime_ms() const { return downtime_; }
     std::int64_t throttle_percent() const { return throttle_; }
 
     static constexpr std::int64_t max_throttle = 99;
 
 private:
+    void track(const Sample& s);
+    std::optional<std::string> no_progress(const Sample& s) const;
+    std::optional<std::int64_t> throttle_needed(const Prediction& p) const;
     std::string rates(const Prediction& p, std::int64_t iteration) const;
     std::string help_allowed() const;
+    Decision to_postcopy(std::string why);
 
     config::MigrationConfig cfg_;
     std::uint64_t data_bytes_;
     bool postcopy_possible_;
     std::int64_t downtime_;
     std::int64_t throttle_ = 0;
-    std::int64_t acted_iteration_ = 0;  // one change per round: wait to see its effect
-    std::int64_t stuck_since_ = -1;     // iteration when every lever was at its limit
+    std::int64_t acted_iteration_ = 0; // one change per dirty sync: the next one measures it
     bool postcopy_ = false;
-    std::optional<std::uint64_t> lowest_;
-    std::chrono::milliseconds lowest_at_{0};
+
+    // Progress: the dirty set at each sync, and bytes moving at all.
+    std::int64_t pass_ = -1;              // QEMU's dirty-sync-count last seen
+    std::uint64_t last_pass_bytes_ = 0;   // the dirty set at that sync
+    std::optional<std::uint64_t> lowest_pass_bytes_;
+    std::int64_t lowest_pass_ = 0;
+    std::chrono::milliseconds lowest_pass_at_{0};
+    int passes_since_lowest_ = 0;
+    std::uint64_t transferred_ = 0;
+    std::chrono::milliseconds moved_at_{0};
 };
 
 } // namespace ferry::engine

@@ -15,7 +15,8 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
                                                const Progress& qemu) {
     auto& p = st.m.progress;
     auto throttle = st.throttle ? st.throttle->percent() : 0;
-    st.model.observe({elapsed, qemu.transferred_bytes, qemu.remaining_bytes, qemu.dirty_rate_bps, qemu.iteration, throttle});
+    Sample sample{elapsed, qemu.transferred_bytes, qemu.remaining_bytes, qemu.dirty_rate_bps, qemu.iteration, throttle};
+    st.model.observe(sample);
     auto& strategy = *st.strategy;
     auto prediction = st.model.predict(strategy.downtime_ms());
     if (prediction.transfer_rate_bps > 0)
@@ -29,7 +30,7 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
     if (st.m.abort_requested)
         co_return Result<void>{};
 
-    auto d = strategy.step(elapsed, prediction, p.iteration, p.remaining_bytes);
+    auto d = strategy.step(sample, prediction, st.model.predict(st.m.config.max_downtime_ms));
     auto qmp = st.vm->qemu.qmp;
     if (d.fail)
         co_return make_error(Errc::timeout, *d.fail);
@@ -39,7 +40,6 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
         if (!set)
             co_return set.error().wrap("raising the downtime limit");
         p.downtime_limit_ms = *d.downtime_limit_ms;
-        engine_log()->info("migration {}: {}", st.m.id, d.why);
     }
     if (d.throttle_percent) {
         if (!st.throttle) {
@@ -58,7 +58,6 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
         if (!set)
             co_return set.error();
         p.throttle_percent = *d.throttle_percent;
-        engine_log()->info("migration {}: {}", st.m.id, d.why);
     }
     if (d.start_postcopy) {
         auto started = co_await qmp->execute("migrate-start-postcopy");
@@ -66,8 +65,9 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
             co_return started.error().wrap("switching to post-copy");
         st.m.mode = "postcopy";
         persist(st.m);
-        engine_log()->info("migration {}: {}", st.m.id, d.why);
     }
+    if (!d.why.empty())
+        engine_log()->info("migration {}: {}", st.m.id, d.why);
     co_return Result<void>{};
 }
 
