@@ -55,12 +55,14 @@ int run_convergence_bench(const ConvergenceOptions& o) {
         std::cerr << "ferry-bench: --memory: " << mem.error().message << "\n";
         return 2;
     }
-    static const std::vector<std::string> known{"ferry-none", "ferry-throttle", "ferry-postcopy", "qemu-autoconverge",
-                                                "qemu-postcopy", "qemu-none"};
+    static const std::vector<std::string> known{"ferry-none",        "ferry-throttle", "ferry-postcopy",
+                                                "ferry-postcopy-nopreempt", "qemu-autoconverge", "qemu-postcopy",
+                                                "qemu-none"};
     for (auto& s : split(o.strategies))
         if (std::find(known.begin(), known.end(), s) == known.end()) {
             std::cerr << "ferry-bench: --strategies: unknown strategy '" << s << "' (known: ferry-none, "
-                      << "ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-postcopy, qemu-none)\n";
+                      << "ferry-throttle, ferry-postcopy, ferry-postcopy-nopreempt, qemu-autoconverge, qemu-postcopy, "
+                         "qemu-none)\n";
             return 2;
         }
     double gib = static_cast<double>(*mem) / (1 << 30);
@@ -84,7 +86,8 @@ int run_convergence_bench(const ConvergenceOptions& o) {
                     s.node.migration.progress_timeout = 0;
                     s.node.migration.completion_timeout_per_gib = o.completion_timeout_per_gib;
                     s.node.migration.allow_auto_converge = strategy == "ferry-throttle";
-                    s.node.migration.allow_post_copy = strategy == "ferry-postcopy";
+                    s.node.migration.allow_post_copy = strategy.rfind("ferry-postcopy", 0) == 0;
+                    s.node.migration.postcopy_preempt = strategy == "ferry-postcopy";
                     s.spec.name = "bench";
                     s.spec.memory = *mem;
                     s.spec.kernel = o.kernel;
@@ -103,6 +106,9 @@ int run_convergence_bench(const ConvergenceOptions& o) {
                         return 1;
                     }
                     bool ok = r->outcome == "succeeded";
+                    // The aim: the first pass plus the working set once more,
+                    // at the bandwidth.
+                    double aim_ms = (r->first_pass_mib + o.ws_mib) * (1 << 20) / static_cast<double>(*bw) * 1000.0;
                     json row{{"dirty_mib_s", std::stoi(rate)},
                              {"bandwidth", *bw},
                              {"strategy", strategy},
@@ -113,6 +119,9 @@ int run_convergence_bench(const ConvergenceOptions& o) {
                              {"downtime_ms", ok ? json(r->downtime_ms) : json(nullptr)},
                              {"blackout_ms", ok && r->blackout_ms ? json(*r->blackout_ms) : json(nullptr)},
                              {"sent_mib", r->transferred_mib},
+                             {"first_pass_mib", r->first_pass_mib},
+                             {"aim_ms", r->first_pass_mib > 0 ? json(aim_ms) : json(nullptr)},
+                             {"total_over_aim", ok && r->first_pass_mib > 0 ? json(r->total_ms / aim_ms) : json(nullptr)},
                              {"max_throttle_percent", r->throttle_percent}};
                     rows.push_back(row);
                     if (!o.json)
@@ -137,17 +146,21 @@ int run_convergence_bench(const ConvergenceOptions& o) {
     std::cout << fmt::format("\nferry-bench convergence: {} VM, {} MiB working set, same node, completion limit {} s, "
                              "max downtime {} ms\n",
                              o.memory, o.ws_mib, limit.count(), o.max_downtime_ms);
-    std::cout << fmt::format("{:>6} {:>9} {:<18} {:<18} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9}\n", "dirty", "bandwidth",
-                             "strategy", "outcome", "total ms", "wall ms", "downtime", "blackout", "sent MiB",
-                             "throttle");
+    std::cout << fmt::format("{:>6} {:>9} {:<18} {:<18} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7}\n", "dirty",
+                             "bandwidth", "strategy", "outcome", "total ms", "wall ms", "downtime", "blackout",
+                             "sent MiB", "throttle", "x aim");
+    auto ratio = [](const json& v) { return v.is_null() ? std::string("-") : fmt::format("{:.2f}", v.get<double>()); };
     for (auto& r : rows)
-        std::cout << fmt::format("{:>6} {:>9} {:<18} {:<18} {:>9} {:>9.0f} {:>9} {:>9} {:>8.0f} {:>8}%\n",
+        std::cout << fmt::format("{:>6} {:>9} {:<18} {:<18} {:>9} {:>9.0f} {:>9} {:>9} {:>8.0f} {:>8}% {:>7}\n",
                                  fmt::format("{}M", r["dirty_mib_s"].get<int>()),
                                  fmt::format("{}M", r["bandwidth"].get<std::uint64_t>() >> 20), r["strategy"].get<std::string>(),
                                  short_outcome(r["outcome"]) + (r["mode"] == "postcopy" ? "*" : ""), num(r["total_ms"]),
                                  r["wall_ms"].get<double>(), num(r["downtime_ms"]), num(r["blackout_ms"]),
-                                 r["sent_mib"].get<double>(), r["max_throttle_percent"].get<int>());
-    std::cout << "* post-copy. dirty: the guest's rate per second of CPU time; wall: request to end.\n";
+                                 r["sent_mib"].get<double>(), r["max_throttle_percent"].get<int>(),
+                                 ratio(r["total_over_aim"]));
+    std::cout << "* post-copy. dirty: the guest's rate per second of CPU time; wall: request to end.\n"
+                 "x aim: total time over (first-pass bytes + working set) / bandwidth; the aims are 1.3 for post-copy, "
+                 "2 for auto-converge.\n";
     return 0;
 }
 

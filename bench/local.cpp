@@ -90,7 +90,9 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
     bool postcopy_started = false;
     co_await src->qmp->execute("migrate-set-capabilities", src_caps);
     auto bw = s.node.migration.bandwidth_per_migration;
-    json params{{"max-bandwidth", bw == 0 ? (1ULL << 40) : bw}, {"downtime-limit", s.node.migration.max_downtime_ms}};
+    json params{{"max-bandwidth", bw == 0 ? (1ULL << 40) : bw},
+                {"max-postcopy-bandwidth", bw},
+                {"downtime-limit", s.node.migration.max_downtime_ms}};
     co_await src->qmp->execute("migrate-set-parameters", params);
     json migrate{{"uri", "unix:" + dst->migrate_socket()}};
     auto started = co_await src->qmp->execute("migrate", migrate);
@@ -105,6 +107,8 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
             break;
         }
         info = *q;
+        if (out.first_pass_mib == 0 && info.contains("ram") && info["ram"].value("dirty-sync-count", 0) >= 2)
+            out.first_pass_mib = info["ram"].value("transferred", 0.0) / (1 << 20);
         out.throttle_percent = std::max(out.throttle_percent, info.value("cpu-throttle-percentage", 0));
         auto status = info.value("status", "");
         if (status == "completed" && info.value("total-time", 0) > 0)
@@ -179,10 +183,13 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
         // destination), like the direct path; Succeeded comes later, once the
         // guest's blackout has been measured.
         std::optional<double> handed_off;
+        double first_pass_mib = 0;
         while (result) {
             if (!handed_off && engine.list_vms()[0]["generation"].get<int>() > 1)
                 handed_off = ms_since(t0);
             auto shown = *engine.show_migration((*m)["id"]);
+            if (first_pass_mib == 0 && shown["progress"]["iteration"].get<int>() >= 2)
+                first_pass_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
             if (shown["phase"] == "Succeeded") {
                 Sample out;
                 out.wall_ms = handed_off.value_or(ms_since(t0));
@@ -193,6 +200,7 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
                 out.transferred_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
                 out.mode = shown["mode"];
                 out.throttle_percent = shown["progress"]["throttle_percent"];
+                out.first_pass_mib = first_pass_mib;
                 result = out;
                 break;
             }

@@ -20,6 +20,7 @@ struct Sample {
     double downtime_ms = 0; // QEMU downtime
     std::optional<double> blackout_ms;
     double transferred_mib = 0;
+    double first_pass_mib = 0;          // sent by the end of the first pass (the second dirty sync)
     std::string outcome = "succeeded"; // or "failed: <reason>" / "timeout"
     std::string mode = "precopy";
     int throttle_percent = 0;          // the highest reached

@@ -656,6 +656,8 @@ TEST_F(TwoNodes, PostcopySwitchoverWhenPrecopyCannotConverge) {
     // Decided at the first dirty sync, from the rates the first pass measured.
     EXPECT_NE(log.find("after 2 iterations (switching over would take"), std::string::npos) << log;
     EXPECT_NE(log.find("pre-copy will not converge; switching to post-copy"), std::string::npos) << log;
+    // QEMU's preempt channel went through a data channel of its own.
+    EXPECT_NE(log.find("data channel 1 carries post-copy's urgent pages (preempt)"), std::string::npos) << log;
     EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
     EXPECT_TRUE(ctl_json(a(), "vm list").empty());
     auto check = check_memory(b());

@@ -627,6 +627,32 @@ TEST_F(EngineIntegration, ProgressTimeoutAbortsAndKeepsTheSource) {
     ASSERT_TRUE(verify());
 }
 
+TEST_F(EngineIntegration, PostcopyWithThePreemptChannelSameNode) {
+    config_.migration.allow_post_copy = true; // postcopy_preempt is on by default
+    config_.migration.bandwidth_per_migration = 8ULL << 20;
+    config_.migration.progress_timeout = 2; // shorter than a pass: post-copy comes first
+    start();
+    create("ws=32 rate=64 hb=50");
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    auto done = wait_final((*m)["id"]);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
+    EXPECT_EQ(done["mode"], "postcopy");
+    EXPECT_EQ(done["config"]["postcopy_preempt"], true);
+    // The QEMU that now runs the VM (the destination) had the capability.
+    auto caps = run(io_, engine_->qmp_command("guest", "query-migrate-capabilities", nlohmann::json::object()));
+    ASSERT_TRUE(caps) << caps.error().message;
+    bool preempt = false;
+    for (auto& c : *caps)
+        if (c["capability"] == "postcopy-preempt")
+            preempt = c["state"].get<bool>();
+    EXPECT_TRUE(preempt) << caps->dump();
+    EXPECT_TRUE(wait_console("[r2] FERRY-HB"));
+    EXPECT_EQ(vm_status(), "running");
+    auto report = verify();
+    ASSERT_TRUE(report) << report.error().message;
+}
+
 TEST_F(EngineIntegration, ThrottlingTheVcpusLowersTheDirtyRateAndReleasingRestoresIt) {
     start();
     // 96 MiB working set dirtied at 32 MiB/s: a 2 s sample sees the rate,

@@ -115,6 +115,7 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     r.get("progress_timeout", m.progress_timeout, 0, 1'000'000);
     r.get("allow_auto_converge", m.allow_auto_converge);
     r.get("allow_post_copy", m.allow_post_copy);
+    r.get("postcopy_preempt", m.postcopy_preempt);
     r.get("disable_tls", m.disable_tls);
     r.get("max_downtime_ms", m.max_downtime_ms, 1, 2'000'000);
     r.get("multifd_channels", m.multifd_channels, 0, 255);
@@ -277,6 +278,7 @@ void to_json(nlohmann::json& j, const MigrationConfig& c) {
         {"progress_timeout", c.progress_timeout},
         {"allow_auto_converge", c.allow_auto_converge},
         {"allow_post_copy", c.allow_post_copy},
+        {"postcopy_preempt", c.postcopy_preempt},
         {"disable_tls", c.disable_tls},
         {"max_downtime_ms", c.max_downtime_ms},
         {"multifd_channels", c.multifd_channels},

@@ -20,6 +20,7 @@ struct MigrationConfig {
     std::int64_t progress_timeout = 150;                 // seconds, 0 = none
     bool allow_auto_converge = false;
     bool allow_post_copy = false;
+    bool postcopy_preempt = true; // post-copy's urgent pages on a channel of their own
     bool disable_tls = false;
     std::int64_t max_downtime_ms = 300;
     std::int64_t multifd_channels = 0;

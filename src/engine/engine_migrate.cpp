@@ -95,7 +95,8 @@ asio::awaitable<Result<void>> Engine::prepare_target(MigrationState& st) {
         if (auto s = weak.lock())
             s->wake_up();
     });
-    json caps_args{{"capabilities", migration_capabilities(false, postcopy_enabled(st.m.config))}};
+    json caps_args{{"capabilities", migration_capabilities(false, postcopy_enabled(st.m.config),
+                                                           preempt_enabled(st.m.config))}};
     auto caps = co_await st.target.qmp->execute("migrate-set-capabilities", caps_args);
     if (!caps)
         co_return caps.error().wrap("preparing the destination");
@@ -133,7 +134,8 @@ asio::awaitable<Result<void>> Engine::begin_source(MigrationState& st) {
 asio::awaitable<Result<void>> Engine::send_migration(MigrationState& st, json params, std::string uri) {
     auto qmp = st.vm->qemu.qmp;
     json caps_args{{"capabilities", migration_capabilities(params.contains("multifd-channels"),
-                                                           postcopy_enabled(st.m.config))}};
+                                                           postcopy_enabled(st.m.config),
+                                                           preempt_enabled(st.m.config))}};
     auto caps = co_await qmp->execute("migrate-set-capabilities", caps_args);
     if (!caps)
         co_return caps.error().wrap("configuring the source");
@@ -155,7 +157,9 @@ asio::awaitable<Result<void>> Engine::start_source(MigrationState& st) {
     if (!begun)
         co_return begun;
     auto bw = st.m.config.bandwidth_per_migration;
-    json params{{"max-bandwidth", bw == 0 ? unlimited_bandwidth : bw}};
+    // Same node: QEMU shapes. Post-copy has a limit of its own (unlimited
+    // unless set), and the cap holds there too.
+    json params{{"max-bandwidth", bw == 0 ? unlimited_bandwidth : bw}, {"max-postcopy-bandwidth", bw}};
     co_return co_await send_migration(st, params, "unix:" + st.target.migrate_socket());
 }
 

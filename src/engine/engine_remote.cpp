@@ -145,7 +145,7 @@ asio::awaitable<Result<void>> Engine::prepare_remote_target(MigrationState& st) 
     json prepare{{"type", "prepare"},
                  {"migration", st.m},
                  {"spec", *st.vm->record.spec},
-                 {"channels", 1 + st.m.config.multifd_channels}};
+                 {"channels", migration_channels(st.m.config)}};
     auto ready = co_await request(st, prepare, 120s);
     if (!ready)
         co_return ready.error().wrap("preparing the destination");
@@ -225,7 +225,15 @@ asio::awaitable<void> Engine::accept_tunnels(Engine* self, std::shared_ptr<Migra
             self->ex_,
             [](std::shared_ptr<MigrationState> s, asio::local::stream_protocol::socket q,
                std::shared_ptr<Channel> c, std::size_t i) -> asio::awaitable<void> {
-                auto r = co_await tunnel_on_data_plane(std::move(q), std::move(c), s->bucket);
+                // The preempt channel (the second, without multifd) carries
+                // only the pages the running guest waits for: unshaped, so
+                // they never wait for the bulk stream's tokens.
+                bool urgent = preempt_enabled(s->m.config) && i == 1;
+                auto bucket = urgent ? nullptr : s->bucket;
+                if (urgent)
+                    engine_log()->info("migration {}: data channel {} carries post-copy's urgent pages (preempt)",
+                                       s->m.id, i);
+                auto r = co_await tunnel_on_data_plane(std::move(q), std::move(c), bucket);
                 if (!r && !s->tunnel_error && !s->switchover_started) {
                     s->tunnel_error = r.error().wrap(fmt::format("data channel {}", i));
                     s->wake_up();
@@ -466,8 +474,9 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
                                             config_.node.name));
     next->source_node = channel->peer_node;
     auto& name = next->spec.name;
-    if (next->channels < 1 || next->channels > 256)
-        co_return error_message(fmt::format("bad channel count {}", next->channels));
+    if (next->channels != migration_channels(next->m.config))
+        co_return error_message(fmt::format("bad prepare: {} data channels for a migration that opens {}",
+                                            next->channels, migration_channels(next->m.config)));
     if (vms_.count(name))
         co_return error_message(fmt::format("a VM named {} already exists on {}", name, config_.node.name));
     for (auto& [id, other] : incoming_)
@@ -491,7 +500,8 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
     }
     next->qemu = std::move(*q);
     json caps_args{{"capabilities", migration_capabilities(next->m.config.multifd_channels > 0,
-                                                           postcopy_enabled(next->m.config))}};
+                                                           postcopy_enabled(next->m.config),
+                                                           preempt_enabled(next->m.config))}};
     auto caps = co_await next->qemu.qmp->execute("migrate-set-capabilities", caps_args);
     Result<json> set = ok(json::object());
     if (caps && next->m.config.multifd_channels > 0) {
@@ -660,7 +670,8 @@ asio::awaitable<json> Engine::handle_recover(Incoming& in) {
     peer_server_->tokens().revoke(in.m.id);
     in.next_index = 0;
     json tokens = json::array();
-    tokens.push_back(peer_server_->tokens().issue(in.m.id, 0)); // post-copy runs without multifd
+    for (int i = 0; i < migration_channels(in.m.config); ++i) // the main channel, and preempt's
+        tokens.push_back(peer_server_->tokens().issue(in.m.id, i));
     engine_log()->info("migration {}: post-copy recovery {}: listening again", in.m.id, in.recoveries);
     json reply{{"type", "recovering"}, {"tokens", tokens}};
     co_return reply;

@@ -100,6 +100,8 @@ void from_json(const json& j, Migration& m) {
         cfg.progress_timeout = c->value("progress_timeout", cfg.progress_timeout);
         cfg.allow_auto_converge = c->value("allow_auto_converge", cfg.allow_auto_converge);
         cfg.allow_post_copy = c->value("allow_post_copy", cfg.allow_post_copy);
+        // Absent from a record written before it existed: that migration had no preempt channel.
+        cfg.postcopy_preempt = c->value("postcopy_preempt", false);
         cfg.disable_tls = c->value("disable_tls", cfg.disable_tls);
         cfg.max_downtime_ms = c->value("max_downtime_ms", cfg.max_downtime_ms);
         cfg.multifd_channels = c->value("multifd_channels", cfg.multifd_channels);
@@ -135,7 +137,7 @@ void from_json(const json& j, Migration& m) {
     m.target_dir = j.value("target_dir", "");
 }
 
-json migration_capabilities(bool multifd, bool postcopy) {
+json migration_capabilities(bool multifd, bool postcopy, bool preempt) {
     json caps = json::array();
     for (auto name : {"events", "pause-before-switchover"})
         caps.push_back({{"capability", name}, {"state", true}});
@@ -143,6 +145,8 @@ json migration_capabilities(bool multifd, bool postcopy) {
         caps.push_back({{"capability", "multifd"}, {"state", true}});
     if (postcopy)
         caps.push_back({{"capability", "postcopy-ram"}, {"state", true}});
+    if (postcopy && preempt)
+        caps.push_back({{"capability", "postcopy-preempt"}, {"state", true}});
     return caps;
 }
 

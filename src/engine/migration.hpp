@@ -71,9 +71,17 @@ void from_json(const json& j, Migration& m);
 
 // The migration capabilities ferry sets on both QEMUs: events, the pause
 // before switchover the engine answers, multifd and post-copy when asked for.
-json migration_capabilities(bool multifd, bool postcopy = false);
+json migration_capabilities(bool multifd, bool postcopy = false, bool preempt = false);
 // QEMU 7.2 cannot combine post-copy with multifd.
 inline bool postcopy_enabled(const config::MigrationConfig& c) { return c.allow_post_copy && c.multifd_channels == 0; }
+// Post-copy's preempt channel: the source QEMU opens a second connection at
+// the start of the migration (after the main one) for the pages the running
+// guest waits for, so they do not queue behind the bulk stream.
+inline bool preempt_enabled(const config::MigrationConfig& c) { return postcopy_enabled(c) && c.postcopy_preempt; }
+// The connections the source QEMU opens: the main one, multifd's, preempt's.
+inline int migration_channels(const config::MigrationConfig& c) {
+    return 1 + static_cast<int>(c.multifd_channels) + (preempt_enabled(c) ? 1 : 0);
+}
 
 // Reads query-migrate's answer into progress (rates in bytes per second).
 Progress progress_from_query_migrate(const json& info);

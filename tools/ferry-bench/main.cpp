@@ -228,7 +228,7 @@ int main(int argc, char** argv) {
     conv->add_option("--rates", conv_opts.rates, "guest dirty rates, MiB/s, comma-separated");
     conv->add_option("--bandwidths", conv_opts.bandwidths, "bandwidths, comma-separated (16Mi,...)");
     conv->add_option("--strategies", conv_opts.strategies,
-                     "ferry-none, ferry-throttle, ferry-postcopy, qemu-autoconverge, qemu-postcopy, qemu-none");
+                     "ferry-none, ferry-throttle, ferry-postcopy, ferry-postcopy-nopreempt, qemu-autoconverge, qemu-postcopy, qemu-none");
     conv->add_option("--completion-timeout-per-gib", conv_opts.completion_timeout_per_gib,
                      "seconds per GiB before a run gives up");
     conv->add_option("--max-downtime", conv_opts.max_downtime_ms, "downtime limit, ms");
