@@ -246,15 +246,16 @@ TEST(Strategy, ThrottleIsSizedFromTheMeasuredRatesAtTheFirstSync) {
     c.allow_auto_converge = true;
     Strategy s(c, 1ULL << 30, false);
     EXPECT_FALSE(s.step(at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).throttle_percent) << "first pass";
-    // 12 MiB/s against 16: raising the limit cannot help, so throttle at once,
-    // to half the transfer rate (1 - 8/12 = 34%), and take the maximum pause.
-    auto stuck = predicted(16, 12, false, 4000);
+    // 9 MiB/s against 16 (too many rounds to converge): raising the limit
+    // cannot help, so throttle at once, to half the transfer rate
+    // (1 - 8/9 = 12%), and take the maximum pause.
+    auto stuck = predicted(16, 9, false, 4000);
     auto d = s.step(at(4000, 2, 64 * MiB), stuck, stuck);
     ASSERT_TRUE(d.throttle_percent);
-    EXPECT_EQ(*d.throttle_percent, 34);
+    EXPECT_EQ(*d.throttle_percent, 12);
     ASSERT_TRUE(d.downtime_limit_ms);
     EXPECT_EQ(*d.downtime_limit_ms, 300);
-    EXPECT_NE(d.why.find("throttling the vCPUs to 34%, downtime limit raised to 300 ms"), std::string::npos) << d.why;
+    EXPECT_NE(d.why.find("throttling the vCPUs to 12%, downtime limit raised to 300 ms"), std::string::npos) << d.why;
     EXPECT_FALSE(s.step(at(5000, 2, 50 * MiB), stuck, stuck).throttle_percent) << "wait for the next sync";
 }
 
@@ -262,8 +263,8 @@ TEST(Strategy, ASaturatedDirtyRateIsAFloorSoTheThrottleDoublesItsGuess) {
     auto c = strategy_config();
     c.allow_auto_converge = true;
     Strategy s(c, 1ULL << 30, false);
-    // Measured at the transfer rate: the pass re-sent the whole working set,
-    // the guest may dirty far more. Assume 2 x 15: 1 - 8/30 = 74%.
+    // Measured near the transfer rate: the pass re-sent the whole working
+    // set, the guest may dirty far more. Assume 2 x 15: 1 - 8/30 = 74%.
     auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 15, false, 4000), predicted(16, 15, false, 4000));
     ASSERT_TRUE(d.throttle_percent);
     EXPECT_EQ(*d.throttle_percent, 74);
@@ -307,8 +308,8 @@ TEST(Strategy, ThrottleFirstThenPostcopyWhenBothAreAllowed) {
     c.allow_post_copy = true;
     c.allow_auto_converge = true;
     Strategy s(c, 1ULL << 30, true);
-    auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 12, false, 4000), predicted(16, 12, false, 4000));
-    EXPECT_EQ(d.throttle_percent, 34);
+    auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 9, false, 4000), predicted(16, 9, false, 4000));
+    EXPECT_EQ(d.throttle_percent, 12);
     EXPECT_FALSE(d.start_postcopy);
     // More than any throttle can tame: post-copy at once.
     Strategy t(c, 1ULL << 30, true);
