@@ -46,15 +46,36 @@ config::VmSpec spec(const TransportSetup& s) {
     v.name = "xfer";
     v.memory = s.ram_bytes + (512ULL << 20);
     v.kernel = s.build_dir + "/tools/guest/ferry-guest.elf";
-    v.append = "ws=1 rate=0 hb=100"; // idle: every byte moved is the RAM image
+    // Idle (halted after boot): every byte moved is the RAM image, and the
+    // vCPU takes no CPU from the transfer, running or paused.
+    v.append = "ws=1 rate=0 halt=1";
     v.extra_args = {"-device", fmt::format("loader,file={},addr={},force-raw=on", ram_image(s), ram_addr)};
     return v;
 }
 
+// RSA-2048 certificates made with the openssl tool, the way QEMU's
+// documentation has a user make them.
+Result<void> openssl_tls_dir(const std::string& dir) {
+    fs::create_directories(dir);
+    auto cmd = fmt::format(R"((set -e; cd '{}'
+openssl req -x509 -newkey rsa:2048 -nodes -days 30 -subj "/CN=bench CA" -keyout ca-key.pem -out ca-cert.pem
+for who in server:node-b client:node-a; do
+  f=${{who%%:*}}; cn=${{who#*:}}
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$cn" -keyout $f-key.pem -out $f.csr
+  printf 'subjectAltName=DNS:%s\nextendedKeyUsage=serverAuth,clientAuth\n' $cn > $f.ext
+  openssl x509 -req -days 30 -in $f.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -extfile $f.ext -out $f-cert.pem
+done) >/dev/null 2>&1)", dir);
+    if (std::system(cmd.c_str()) != 0)
+        return make_error(Errc::internal, "openssl could not make the bench's RSA certificates in " + dir);
+    return {};
+}
+
 // QEMU's tls-creds-x509 wants a directory of fixed names.
-Result<void> qemu_tls_dir(const std::string& dir) {
+Result<void> qemu_tls_dir(const std::string& dir, const std::string& certs) {
     if (fs::exists(dir + "/ca-cert.pem"))
         return {};
+    if (certs == "rsa")
+        return openssl_tls_dir(dir);
     fs::create_directories(dir);
     auto ca = transport::make_ca("bench CA");
     if (!ca)
@@ -94,15 +115,15 @@ asio::awaitable<Result<TransportSample>> qemu_direct(TransportSetup s, bool tls)
     config::NodeSection node;
     node.accel = "tcg";
     auto vm = spec(s);
-    std::string tls_dir = s.work_dir + "/qemu-tls";
+    std::string tls_dir = s.work_dir + "/qemu-tls-" + s.qemu_certs;
     if (tls) {
-        if (auto r = qemu_tls_dir(tls_dir); !r)
+        if (auto r = qemu_tls_dir(tls_dir, s.qemu_certs); !r)
             co_return r.error();
     }
     auto src_spec = vm, dst_spec = vm;
     if (tls) {
         src_spec.extra_args.insert(src_spec.extra_args.end(),
-                                   {"-object", fmt::format("tls-creds-x509,id=tls0,dir={},endpoint=client", tls_dir)});
+                                   {"-object", fmt::format("tls-creds-x509,id=tls0,dir={},endpoint=client,verify-peer=on", tls_dir)});
         dst_spec.extra_args.insert(dst_spec.extra_args.end(),
                                    {"-object", fmt::format("tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on", tls_dir)});
     }
@@ -120,9 +141,8 @@ asio::awaitable<Result<TransportSample>> qemu_direct(TransportSetup s, bool tls)
         co_return dst.error();
     }
     co_await sleep_for(1500ms); // let the guest boot
-    // Paused, so the guest's vCPU does not compete with the transfer for the
-    // machine's cores: this measures the transport.
-    co_await src->qmp->execute("stop");
+    if (!s.guest_running)
+        co_await src->qmp->execute("stop");
     auto port = free_port();
     std::string uri = fmt::format("tcp:127.0.0.1:{}", port);
     json params{{"max-bandwidth", 1ULL << 40}};
@@ -252,8 +272,8 @@ std::string vm_toml(const TransportSetup& s, const std::string& name) {
                        v.memory, *v.kernel, *v.append, v.extra_args[0], v.extra_args[1]);
 }
 
-// Creates the VMs on node-a (paused: the transport is measured, not the
-// guest), migrates them all to node-b at once, and waits for the ends.
+// Creates the VMs on node-a (running, or paused with --guest paused),
+// migrates them all to node-b at once, and waits for the ends.
 Result<std::vector<TransportSample>> migrate_all(const TransportSetup& s, Pair& pair, const std::vector<std::string>& vms) {
     auto a = control::Client::connect(pair.d[0].socket);
     if (!a)
@@ -266,7 +286,8 @@ Result<std::vector<TransportSample>> migrate_all(const TransportSetup& s, Pair& 
     std::this_thread::sleep_for(1500ms);
     std::vector<std::string> ids;
     for (auto& name : vms) {
-        (*a)->call("vm.qmp", {{"name", name}, {"command", "stop"}});
+        if (!s.guest_running)
+            (*a)->call("vm.qmp", {{"name", name}, {"command", "stop"}});
         auto m = (*a)->call("migration.create", {{"vm", name}, {"target_node", "node-b"}});
         if (!m)
             return m.error();

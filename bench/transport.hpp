@@ -15,6 +15,8 @@ struct TransportSetup {
     std::string build_dir;    // for ferryd and the guest kernel
     std::uint64_t ram_bytes = 1ULL << 30;
     int multifd = 0;          // ferry paths: multifd_channels
+    bool guest_running = true; // every path: leave the guest running (as a user would) or pause it first
+    std::string qemu_certs = "rsa"; // QEMU TLS path: "rsa" (RSA-2048 from `openssl req`), "p256" (ferry's own)
 };
 
 struct TransportSample {

@@ -68,7 +68,7 @@ double median(std::vector<double> v) {
 }
 
 int run_transport_bench(const std::string& work, const std::string& ram, const std::string& paths_csv, int reps,
-                        int multifd, bool json_out) {
+                        int multifd, const std::string& guest, const std::string& certs, bool json_out) {
     auto bytes = ferry::config::parse_quantity(ram);
     if (!bytes) {
         std::cerr << "ferry-bench: --ram: " << bytes.error().message << "\n";
@@ -79,6 +79,8 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
     setup.build_dir = std::filesystem::canonical("/proc/self/exe").parent_path().parent_path().string();
     setup.ram_bytes = *bytes;
     setup.multifd = multifd;
+    setup.guest_running = guest == "running";
+    setup.qemu_certs = certs;
     std::filesystem::create_directories(work);
     if (auto r = ferry::bench::make_ram_image(work + "/ram.img", *bytes); !r) {
         std::cerr << "ferry-bench: " << r.error().message << "\n";
@@ -102,7 +104,8 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
             samples[p].push_back(*r);
         }
     }
-    json report{{"scenario", "transport"}, {"ram_bytes", *bytes}, {"multifd", multifd}, {"reps", reps}};
+    json report{{"scenario", "transport"}, {"ram_bytes", *bytes}, {"multifd", multifd}, {"reps", reps},
+                {"guest", guest}, {"qemu_certs", certs}};
     std::map<std::string, double> med;
     for (auto& [p, list] : samples) {
         std::vector<double> rates, downs;
@@ -123,8 +126,9 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
         std::cout << report.dump(2) << "\n";
         return 0;
     }
-    std::cout << fmt::format("\nferry-bench transport: {} of non-zero guest RAM, {} runs per path (median MiB/s)\n",
-                             ram, reps);
+    std::cout << fmt::format("\nferry-bench transport: {} of non-zero guest RAM, guest {}, QEMU TLS with {} certificates, "
+                             "{} runs per path (median MiB/s)\n",
+                             ram, guest, certs == "rsa" ? "RSA-2048" : "P-256", reps);
     for (auto& p : paths)
         std::cout << fmt::format("  {:<12} {:8.1f} MiB/s\n", p, med[p]);
     std::cout << fmt::format("  ferry TLS / QEMU TLS    {:.2f}x   (aim >= 3)\n", ratio("ferry-tls", "qemu-tls"));
@@ -211,6 +215,13 @@ int main(int argc, char** argv) {
     xfer->add_option("--ram", xfer_ram, "non-zero guest RAM to move (at least 1Gi for the report)");
     xfer->add_option("--paths", xfer_paths, "comma-separated subset of the paths");
     xfer->add_option("--multifd", xfer_multifd, "multifd channels on the ferry paths");
+    std::string xfer_guest = "running", xfer_certs = "rsa";
+    xfer->add_option("--guest", xfer_guest, "running (as a user migrates it) or paused before the migration, every path")
+        ->check(CLI::IsMember({"running", "paused"}));
+    xfer->add_option("--qemu-certs", xfer_certs,
+                     "QEMU TLS path's certificates: rsa (RSA-2048 from openssl req, as QEMU's docs make them) or p256 "
+                     "(ferry's own kind)")
+        ->check(CLI::IsMember({"rsa", "p256"}));
     xfer->add_option("--work-dir", work, "scratch directory (short path)");
     xfer->add_flag("--json", xfer_json, "print the report as JSON");
     auto* shaping = app.add_subcommand("shaping", "achieved vs configured rate; a node cap split between two migrations");
@@ -245,7 +256,8 @@ int main(int argc, char** argv) {
     if (shaping->parsed())
         return run_shaping_bench(work, shape_rate, shape_cap, shape_ram, shape_json);
     if (xfer->parsed())
-        return run_transport_bench(work, xfer_ram, xfer_paths, xfer_reps, xfer_multifd, xfer_json);
+        return run_transport_bench(work, xfer_ram, xfer_paths, xfer_reps, xfer_multifd, xfer_guest, xfer_certs,
+                                   xfer_json);
     auto mem = ferry::config::parse_quantity(memory);
     auto bw = ferry::config::parse_quantity(bandwidth);
     if (!mem || !bw) {

@@ -5,6 +5,7 @@
  *   ws=<MiB>      working set size (default 64)
  *   rate=<MiB/s>  how fast pages are dirtied; 0 = idle, max = as fast as possible (default 8)
  *   hb=<ms>       heartbeat interval (default 100)
+ *   halt=1        after FERRY-READY, halt the vCPU for good: an idle VM
  *
  * Serial (COM1) output:
  *   FERRY-GUEST ws_base=0x1000000 ws_pages=<n> rate=<r> hb=<ms> tsc_khz=<k>
@@ -114,7 +115,7 @@ struct multiboot_info {
 #define RATE_MAX 0xFFFFFFFFu
 
 void guest_main(u32 magic, struct multiboot_info* mbi) {
-    u32 ws_mib = 64, rate = 8, hb_ms = 100;
+    u32 ws_mib = 64, rate = 8, hb_ms = 100, halt = 0;
     serial_init();
     if (magic == 0x2BADB002u && (mbi->flags & 4) && mbi->cmdline) {
         const char* p = (const char*)mbi->cmdline;
@@ -128,6 +129,8 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
                 rate = parse_u32(v);
             else if (streq_prefix(p, "hb=", &v))
                 hb_ms = parse_u32(v);
+            else if (streq_prefix(p, "halt=", &v))
+                halt = parse_u32(v);
             while (*p && *p != ' ')
                 ++p;
             while (*p == ' ')
@@ -169,6 +172,12 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
             w[i] = ferry_guest_pattern(pg, i);
     }
     puts_serial("FERRY-READY\n");
+    if (halt) {
+        /* An idle VM: no heartbeats, no dirtying, the vCPU halted for good
+         * (interrupts off, so nothing wakes it) and using no host CPU. */
+        for (;;)
+            __asm__ volatile("cli; hlt");
+    }
 
     u64 hb_ticks = per_ms * hb_ms;
     u64 start = rdtsc();
