@@ -1,6 +1,7 @@
 #include "transport.hpp"
 
 #include "control/client.hpp"
+#include "engine/heartbeat.hpp"
 #include "engine/process.hpp"
 #include "engine/vm.hpp"
 #include "transport/pki.hpp"
@@ -17,6 +18,7 @@
 #include <csignal>
 #include <filesystem>
 #include <fstream>
+#include <sstream>
 #include <sys/wait.h>
 #include <thread>
 #include <unistd.h>
@@ -335,6 +337,93 @@ Result<TransportSample> ferry_path(const TransportSetup& s, bool tls) {
 }
 
 } // namespace
+
+namespace {
+// Heartbeats from a console log ("<ISO time> [rN] FERRY-HB seq interval ...").
+std::vector<engine::Heartbeat> heartbeats_in(const std::string& path) {
+    std::vector<engine::Heartbeat> out;
+    std::ifstream in(path);
+    for (std::string line; std::getline(in, line);) {
+        auto hb = line.find("FERRY-HB ");
+        if (hb == std::string::npos || line.size() < 24)
+            continue;
+        // Only the time of day matters for gaps: HH:MM:SS.mmm at [11, 23).
+        std::int64_t ms = 0;
+        try {
+            ms = ((std::stoll(line.substr(11, 2)) * 60 + std::stoll(line.substr(14, 2))) * 60 +
+                  std::stoll(line.substr(17, 2))) * 1000 + std::stoll(line.substr(20, 3));
+        } catch (...) {
+            continue;
+        }
+        if (auto b = engine::parse_heartbeat(line.substr(hb), ms))
+            out.push_back(*b);
+    }
+    return out;
+}
+} // namespace
+
+Result<PostcopySample> run_postcopy(const TransportSetup& s, bool preempt, std::uint64_t bandwidth,
+                                    const std::string& memory, int ws_mib, int rate) {
+    PostcopySample out;
+    out.preempt = preempt;
+    auto pair = start_pair(s, preempt ? "pc-preempt" : "pc-plain", true,
+                           fmt::format("bandwidth_per_migration = {}\nallow_post_copy = true\npostcopy_preempt = {}",
+                                       bandwidth, preempt ? "true" : "false"),
+                           "");
+    if (!pair)
+        return pair.error();
+    auto a = control::Client::connect((*pair)->d[0].socket);
+    if (!a)
+        return a.error();
+    auto spec = fmt::format("name = \"pc\"\nmemory = \"{}\"\nkernel = \"{}\"\nappend = \"ws={} rate={} hb=20\"\n", memory,
+                            s.build_dir + "/tools/guest/ferry-guest.elf", ws_mib, rate);
+    auto created = (*a)->call("vm.create", {{"spec", spec}, {"source", "bench"}});
+    if (!created)
+        return created.error();
+    auto src_console = (*created)["console_log"].get<std::string>();
+    for (int i = 0; i < 600; ++i) { // the working set filled and dirtying
+        std::ifstream in(src_console);
+        std::stringstream ss;
+        ss << in.rdbuf();
+        if (ss.str().find("FERRY-HB 20 ") != std::string::npos)
+            break;
+        std::this_thread::sleep_for(50ms);
+    }
+    auto m = (*a)->call("migration.create", {{"vm", "pc"}, {"target_node", "node-b"}});
+    if (!m)
+        return m.error();
+    json shown;
+    for (;;) {
+        auto r = (*a)->call("migration.show", {{"id", (*m)["id"]}});
+        if (!r)
+            return r.error();
+        shown = *r;
+        if (shown["phase"] == "Failed")
+            return make_error(Errc::internal, "post-copy migration failed: " + shown["failure_reason"].get<std::string>());
+        if (shown["phase"] == "Succeeded")
+            break;
+        std::this_thread::sleep_for(20ms);
+    }
+    if (shown["mode"] != "postcopy")
+        return make_error(Errc::internal, "the migration converged without post-copy: make the guest dirty faster");
+    out.total_ms = shown["result"]["total_time_ms"].get<double>();
+    if (!shown["result"]["guest_blackout_ms"].is_null())
+        out.blackout_ms = shown["result"]["guest_blackout_ms"].get<double>();
+    // On the destination, every gap between heartbeats beyond the interval is
+    // time the guest stood still, waiting for pages.
+    auto beats = heartbeats_in((*pair)->dir + "/s1/vms/pc/console.log");
+    for (std::size_t i = 1; i < beats.size(); ++i) {
+        auto gap = static_cast<double>(beats[i].host_ms - beats[i - 1].host_ms) -
+                   static_cast<double>(beats[i].interval_ms) * static_cast<double>(beats[i].seq - beats[i - 1].seq);
+        if (gap > 0) {
+            out.worst_stall_ms = std::max(out.worst_stall_ms, gap);
+            out.stalled_ms += gap;
+        }
+    }
+    if (auto b = control::Client::connect((*pair)->d[1].socket))
+        (*b)->call("vm.delete", {{"name", "pc"}});
+    return out;
+}
 
 Result<void> make_ram_image(const std::string& path, std::uint64_t bytes) {
     if (fs::exists(path) && fs::file_size(path) == bytes)

@@ -5,6 +5,7 @@
 #include "common/error.hpp"
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -38,6 +39,18 @@ struct ShapingReport {
     std::vector<TransportSample> concurrent;
 };
 Result<ShapingReport> run_shaping(const TransportSetup& setup, std::uint64_t per_migration, std::uint64_t node_cap);
+
+// ferry-bench postcopy: a guest that outruns the link, migrated between two
+// ferryd over TLS with post-copy, with and without the preempt channel.
+struct PostcopySample {
+    bool preempt = false;
+    double total_ms = 0;                 // QEMU total-time
+    std::optional<double> blackout_ms;   // at the switchover
+    double worst_stall_ms = 0;           // the longest the guest stood still on the destination afterwards
+    double stalled_ms = 0;               // all of that time together
+};
+Result<PostcopySample> run_postcopy(const TransportSetup& setup, bool preempt, std::uint64_t bandwidth,
+                                    const std::string& memory, int ws_mib, int rate);
 
 // Writes the RAM image (non-zero, not compressible) once.
 Result<void> make_ram_image(const std::string& path, std::uint64_t bytes);

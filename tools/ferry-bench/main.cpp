@@ -137,6 +137,69 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
     return 0;
 }
 
+int run_postcopy_bench(const std::string& work, int reps, const std::string& bandwidth, const std::string& memory,
+                       int ws, int rate, bool json_out) {
+    auto bw = ferry::config::parse_quantity(bandwidth);
+    if (!bw || *bw == 0) {
+        std::cerr << "ferry-bench: --bandwidth: not a non-zero quantity\n";
+        return 2;
+    }
+    ferry::bench::TransportSetup setup;
+    setup.work_dir = work;
+    setup.build_dir = std::filesystem::canonical("/proc/self/exe").parent_path().parent_path().string();
+    std::map<bool, std::vector<ferry::bench::PostcopySample>> samples;
+    for (int i = 0; i < reps; ++i) {
+        for (bool preempt : {true, false}) { // interleaved
+            auto r = ferry::bench::run_postcopy(setup, preempt, *bw, memory, ws, rate);
+            if (!r) {
+                std::cerr << "ferry-bench: postcopy (preempt " << (preempt ? "on" : "off") << ") run " << i + 1
+                          << " failed: " << r.error().message << "\n";
+                return 1;
+            }
+            if (!json_out)
+                std::cerr << fmt::format("  run {}/{} preempt {:<3} total {:.0f} ms, blackout {} ms, worst stall {:.0f} ms, "
+                                         "stalled {:.0f} ms\n",
+                                         i + 1, reps, preempt ? "on" : "off", r->total_ms,
+                                         r->blackout_ms ? fmt::format("{:.0f}", *r->blackout_ms) : "-", r->worst_stall_ms,
+                                         r->stalled_ms);
+            samples[preempt].push_back(*r);
+        }
+    }
+    json report{{"scenario", "postcopy"}, {"bandwidth", *bw}, {"memory", memory}, {"ws_mib", ws}, {"rate", rate}, {"reps", reps}};
+    for (auto& [preempt, list] : samples) {
+        std::vector<double> total, black, worst, stalled;
+        for (auto& s : list) {
+            total.push_back(s.total_ms);
+            if (s.blackout_ms)
+                black.push_back(*s.blackout_ms);
+            worst.push_back(s.worst_stall_ms);
+            stalled.push_back(s.stalled_ms);
+        }
+        report[preempt ? "preempt" : "no_preempt"] = {{"total_ms_median", median(total)},
+                                                      {"blackout_ms_median", median(black)},
+                                                      {"worst_stall_ms_median", median(worst)},
+                                                      {"stalled_ms_median", median(stalled)}};
+    }
+    if (json_out) {
+        std::cout << report.dump(2) << "\n";
+        return 0;
+    }
+    std::cout << fmt::format("\nferry-bench postcopy: two ferryd over TLS, {} VM, {} MiB dirtied at {} MiB/s, {}/s, "
+                             "{} runs each (medians)\n",
+                             memory, ws, rate, bandwidth, reps);
+    std::cout << fmt::format("  {:<12} {:>9} {:>9} {:>12} {:>11}\n", "preempt", "total ms", "blackout", "worst stall",
+                             "stalled ms");
+    for (const char* k : {"preempt", "no_preempt"}) {
+        auto& r = report[k];
+        std::cout << fmt::format("  {:<12} {:>9.0f} {:>9.0f} {:>12.0f} {:>11.0f}\n", std::string(k) == "preempt" ? "on" : "off",
+                                 r["total_ms_median"].get<double>(), r["blackout_ms_median"].get<double>(),
+                                 r["worst_stall_ms_median"].get<double>(), r["stalled_ms_median"].get<double>());
+    }
+    std::cout << "worst stall / stalled: on the destination, heartbeat gaps beyond the interval after the switchover "
+                 "(the guest waiting for pages).\n";
+    return 0;
+}
+
 int run_shaping_bench(const std::string& work, const std::string& rate, const std::string& cap, const std::string& ram,
                       bool json_out) {
     auto r = ferry::config::parse_quantity(rate);
@@ -246,6 +309,17 @@ int main(int argc, char** argv) {
     conv->add_option("--reps", conv_opts.reps, "repetitions of each cell")->check(CLI::PositiveNumber);
     conv->add_option("--work-dir", conv_opts.work_dir, "scratch directory (short path)");
     conv->add_flag("--json", conv_opts.json, "print the report as JSON");
+    auto* pc = app.add_subcommand("postcopy", "cross-node post-copy (two ferryd over TLS): with and without the preempt channel");
+    int pc_reps = 3, pc_ws = 64, pc_rate = 64;
+    std::string pc_bw = "16Mi", pc_memory = "512Mi";
+    bool pc_json = false;
+    pc->add_option("--reps", pc_reps, "repetitions of each")->check(CLI::PositiveNumber);
+    pc->add_option("--bandwidth", pc_bw, "bandwidth_per_migration");
+    pc->add_option("--memory", pc_memory, "VM memory");
+    pc->add_option("--ws", pc_ws, "guest working set, MiB");
+    pc->add_option("--rate", pc_rate, "guest dirty rate, MiB/s");
+    pc->add_option("--work-dir", work, "scratch directory (short path)");
+    pc->add_flag("--json", pc_json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
 
     ferry::set_log_level(std::getenv("FERRY_BENCH_LOG") ? std::getenv("FERRY_BENCH_LOG") : "warn");
@@ -253,6 +327,8 @@ int main(int argc, char** argv) {
         conv_opts.kernel = (std::filesystem::canonical("/proc/self/exe").parent_path() / "guest/ferry-guest.elf").string();
         return ferry::bench::run_convergence_bench(conv_opts);
     }
+    if (pc->parsed())
+        return run_postcopy_bench(work, pc_reps, pc_bw, pc_memory, pc_ws, pc_rate, pc_json);
     if (shaping->parsed())
         return run_shaping_bench(work, shape_rate, shape_cap, shape_ram, shape_json);
     if (xfer->parsed())
