@@ -363,7 +363,7 @@ std::vector<engine::Heartbeat> heartbeats_in(const std::string& path) {
 } // namespace
 
 Result<PostcopySample> run_postcopy(const TransportSetup& s, bool preempt, std::uint64_t bandwidth,
-                                    const std::string& memory, int ws_mib, int rate) {
+                                    const std::string& memory, int ws_mib, int rate, int stride) {
     PostcopySample out;
     out.preempt = preempt;
     auto pair = start_pair(s, preempt ? "pc-preempt" : "pc-plain", true,
@@ -375,8 +375,8 @@ Result<PostcopySample> run_postcopy(const TransportSetup& s, bool preempt, std::
     auto a = control::Client::connect((*pair)->d[0].socket);
     if (!a)
         return a.error();
-    auto spec = fmt::format("name = \"pc\"\nmemory = \"{}\"\nkernel = \"{}\"\nappend = \"ws={} rate={} hb=20\"\n", memory,
-                            s.build_dir + "/tools/guest/ferry-guest.elf", ws_mib, rate);
+    auto spec = fmt::format("name = \"pc\"\nmemory = \"{}\"\nkernel = \"{}\"\nappend = \"ws={} rate={} hb=20 stride={}\"\n",
+                            memory, s.build_dir + "/tools/guest/ferry-guest.elf", ws_mib, rate, stride);
     auto created = (*a)->call("vm.create", {{"spec", spec}, {"source", "bench"}});
     if (!created)
         return created.error();

@@ -50,7 +50,7 @@ struct PostcopySample {
     double stalled_ms = 0;               // all of that time together
 };
 Result<PostcopySample> run_postcopy(const TransportSetup& setup, bool preempt, std::uint64_t bandwidth,
-                                    const std::string& memory, int ws_mib, int rate);
+                                    const std::string& memory, int ws_mib, int rate, int stride);
 
 // Writes the RAM image (non-zero, not compressible) once.
 Result<void> make_ram_image(const std::string& path, std::uint64_t bytes);

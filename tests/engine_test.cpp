@@ -505,7 +505,8 @@ protected:
         ferry::guest::QmpExec exec = [e](std::string cmd, nlohmann::json args) {
             return e->qmp_command("guest", std::move(cmd), std::move(args));
         };
-        return run(io_, ferry::guest::verify_live(exec, pages, dir_ / "dump.bin"));
+        return run(io_, ferry::guest::verify_live(exec, pages, dir_ / "dump.bin",
+                                                  ferry::guest::stride_from_console(console_log())));
     }
     std::string vm_status() { return (*run(io_, engine_->show_vm("guest")))["status"]; }
 
@@ -633,7 +634,10 @@ TEST_F(EngineIntegration, PostcopyWithThePreemptChannelSameNode) {
     config_.migration.bandwidth_per_migration = 8ULL << 20;
     config_.migration.progress_timeout = 2; // shorter than a pass: post-copy comes first
     start();
-    create("ws=32 rate=64 hb=50");
+    // Scattered writes (each 16 MiB from the last): the guest faults on pages
+    // the background push has not reached.
+    create("ws=32 rate=64 hb=50 stride=4099");
+    EXPECT_EQ(ferry::guest::stride_from_console(console_log()), 4099U);
     auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
@@ -820,6 +824,24 @@ TEST(GuestVerify, AcceptsOneBoundary) {
     EXPECT_EQ(r->boundary, 3U);
     write_dump(dir / "e", {7, 7, 7});
     EXPECT_TRUE(ferry::guest::verify_dump(dir / "e", 3));
+}
+
+TEST(GuestVerify, FollowsTheGuestsSweepOrder) {
+    TempDir dir;
+    // Stride 3 over 5 pages sweeps 0, 3, 1, 4, 2: counters 5 5 5 4 4 in that order.
+    write_dump(dir / "s", {5, 5, 4, 5, 4});
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "s", 5)) << "in page order it is a stale page";
+    auto r = ferry::guest::verify_dump(dir / "s", 5, 3);
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ(r->boundary, 4U);
+    write_dump(dir / "t", {5, 4, 5, 5, 4}); // sweep order 5 5 4 4 5: the last (page 2) breaks the order
+    auto stale = ferry::guest::verify_dump(dir / "t", 5, 3);
+    ASSERT_FALSE(stale);
+    EXPECT_NE(stale.error().message.find("guest page 4 holds pass 4 but page 2 holds 5"), std::string::npos)
+        << stale.error().message;
+    write_dump(dir / "u", {1, 1, 1, 1});
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "u", 4, 2)) << "stride 2 misses half the pages";
+    EXPECT_FALSE(ferry::guest::verify_dump(dir / "u", 4, 5)) << "a stride past the pages";
 }
 
 TEST(GuestVerify, CatchesStalePagesAndDamage) {

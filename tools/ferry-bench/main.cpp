@@ -138,7 +138,7 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
 }
 
 int run_postcopy_bench(const std::string& work, int reps, const std::string& bandwidth, const std::string& memory,
-                       int ws, int rate, bool json_out) {
+                       int ws, int rate, int stride, bool json_out) {
     auto bw = ferry::config::parse_quantity(bandwidth);
     if (!bw || *bw == 0) {
         std::cerr << "ferry-bench: --bandwidth: not a non-zero quantity\n";
@@ -150,7 +150,7 @@ int run_postcopy_bench(const std::string& work, int reps, const std::string& ban
     std::map<bool, std::vector<ferry::bench::PostcopySample>> samples;
     for (int i = 0; i < reps; ++i) {
         for (bool preempt : {true, false}) { // interleaved
-            auto r = ferry::bench::run_postcopy(setup, preempt, *bw, memory, ws, rate);
+            auto r = ferry::bench::run_postcopy(setup, preempt, *bw, memory, ws, rate, stride);
             if (!r) {
                 std::cerr << "ferry-bench: postcopy (preempt " << (preempt ? "on" : "off") << ") run " << i + 1
                           << " failed: " << r.error().message << "\n";
@@ -165,7 +165,8 @@ int run_postcopy_bench(const std::string& work, int reps, const std::string& ban
             samples[preempt].push_back(*r);
         }
     }
-    json report{{"scenario", "postcopy"}, {"bandwidth", *bw}, {"memory", memory}, {"ws_mib", ws}, {"rate", rate}, {"reps", reps}};
+    json report{{"scenario", "postcopy"}, {"bandwidth", *bw}, {"memory", memory}, {"ws_mib", ws},
+                {"rate", rate},       {"stride", stride}, {"reps", reps}};
     for (auto& [preempt, list] : samples) {
         std::vector<double> total, black, worst, stalled;
         for (auto& s : list) {
@@ -184,9 +185,9 @@ int run_postcopy_bench(const std::string& work, int reps, const std::string& ban
         std::cout << report.dump(2) << "\n";
         return 0;
     }
-    std::cout << fmt::format("\nferry-bench postcopy: two ferryd over TLS, {} VM, {} MiB dirtied at {} MiB/s, {}/s, "
-                             "{} runs each (medians)\n",
-                             memory, ws, rate, bandwidth, reps);
+    std::cout << fmt::format("\nferry-bench postcopy: two ferryd over TLS, {} VM, {} MiB dirtied at {} MiB/s (stride {}), "
+                             "{}/s, {} runs each (medians)\n",
+                             memory, ws, rate, stride, bandwidth, reps);
     std::cout << fmt::format("  {:<12} {:>9} {:>9} {:>12} {:>11}\n", "preempt", "total ms", "blackout", "worst stall",
                              "stalled ms");
     for (const char* k : {"preempt", "no_preempt"}) {
@@ -310,7 +311,7 @@ int main(int argc, char** argv) {
     conv->add_option("--work-dir", conv_opts.work_dir, "scratch directory (short path)");
     conv->add_flag("--json", conv_opts.json, "print the report as JSON");
     auto* pc = app.add_subcommand("postcopy", "cross-node post-copy (two ferryd over TLS): with and without the preempt channel");
-    int pc_reps = 3, pc_ws = 64, pc_rate = 64;
+    int pc_reps = 3, pc_ws = 64, pc_rate = 64, pc_stride = 1;
     std::string pc_bw = "16Mi", pc_memory = "512Mi";
     bool pc_json = false;
     pc->add_option("--reps", pc_reps, "repetitions of each")->check(CLI::PositiveNumber);
@@ -318,6 +319,7 @@ int main(int argc, char** argv) {
     pc->add_option("--memory", pc_memory, "VM memory");
     pc->add_option("--ws", pc_ws, "guest working set, MiB");
     pc->add_option("--rate", pc_rate, "guest dirty rate, MiB/s");
+    pc->add_option("--stride", pc_stride, "the guest's sweep stride (1: in order; e.g. 4099: scattered)");
     pc->add_option("--work-dir", work, "scratch directory (short path)");
     pc->add_flag("--json", pc_json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
@@ -328,7 +330,7 @@ int main(int argc, char** argv) {
         return ferry::bench::run_convergence_bench(conv_opts);
     }
     if (pc->parsed())
-        return run_postcopy_bench(work, pc_reps, pc_bw, pc_memory, pc_ws, pc_rate, pc_json);
+        return run_postcopy_bench(work, pc_reps, pc_bw, pc_memory, pc_ws, pc_rate, pc_stride, pc_json);
     if (shaping->parsed())
         return run_shaping_bench(work, shape_rate, shape_cap, shape_ram, shape_json);
     if (xfer->parsed())

@@ -15,10 +15,11 @@ int main(int argc, char** argv) {
     std::string socket, vm, dump = "/tmp/ferry-guest-dump.bin";
     const char* env_socket = std::getenv("FERRY_SOCKET");
     socket = env_socket ? env_socket : "/run/ferry/ferryd.sock";
-    std::uint32_t pages = 0;
+    std::uint32_t pages = 0, stride = 0;
     app.add_option("--socket", socket, "ferryd control socket");
     app.add_option("--vm", vm, "VM name")->required();
     app.add_option("--pages", pages, "working-set pages (default: from the guest's banner)");
+    app.add_option("--stride", stride, "the guest's sweep stride (default: from the guest's banner, else 1)");
     app.add_option("--dump", dump, "where QEMU writes the memory dump");
     CLI11_PARSE(app, argc, argv);
 
@@ -68,7 +69,9 @@ int main(int argc, char** argv) {
         std::cerr << "ferry-guest-check: " << saved.error().message << "\n";
         return 1;
     }
-    auto r = ferry::guest::verify_dump(dump, pages);
+    if (stride == 0)
+        stride = ferry::guest::stride_from_console(console);
+    auto r = ferry::guest::verify_dump(dump, pages, stride);
     if (!r) {
         std::cerr << "memory check FAILED: " << r.error().message << "\n";
         return 1;

@@ -6,6 +6,8 @@
  *   rate=<MiB/s>  how fast pages are dirtied; 0 = idle, max = as fast as possible (default 8)
  *   hb=<ms>       heartbeat interval (default 100)
  *   halt=1        after FERRY-READY, halt the vCPU for good: an idle VM
+ *   stride=<n>    visit the pages in the order 0, n, 2n, ... (mod the page
+ *                 count; n must be odd): scattered writes (default 1)
  *
  * Serial (COM1) output:
  *   FERRY-GUEST ws_base=0x1000000 ws_pages=<n> rate=<r> hb=<ms> tsc_khz=<k>
@@ -13,9 +15,10 @@
  *   FERRY-HB <seq> <interval_ms> pass=<p>      every hb ms of guest time
  *
  * Memory: page i of the working set holds the pass counter in word 0 and a
- * fixed pattern in the rest. The guest sweeps pages 0..n-1 in order writing
- * the current pass, so at any instant word 0 is non-increasing over the pages
- * and spans at most two consecutive values: that is what the host checks.
+ * fixed pattern in the rest. The guest sweeps the pages in order (0, s, 2s,
+ * ... mod n with stride s, 0..n-1 by default) writing the current pass, so at
+ * any instant word 0 is non-increasing in sweep order and spans at most two
+ * consecutive values: that is what the host checks.
  */
 #include "layout.h"
 
@@ -115,7 +118,7 @@ struct multiboot_info {
 #define RATE_MAX 0xFFFFFFFFu
 
 void guest_main(u32 magic, struct multiboot_info* mbi) {
-    u32 ws_mib = 64, rate = 8, hb_ms = 100, halt = 0;
+    u32 ws_mib = 64, rate = 8, hb_ms = 100, halt = 0, stride = 1;
     serial_init();
     if (magic == 0x2BADB002u && (mbi->flags & 4) && mbi->cmdline) {
         const char* p = (const char*)mbi->cmdline;
@@ -131,6 +134,8 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
                 hb_ms = parse_u32(v);
             else if (streq_prefix(p, "halt=", &v))
                 halt = parse_u32(v);
+            else if (streq_prefix(p, "stride=", &v))
+                stride = parse_u32(v);
             while (*p && *p != ' ')
                 ++p;
             while (*p == ' ')
@@ -147,6 +152,21 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
         ws_mib = mem_top_mib > base_mib ? mem_top_mib - base_mib : 0;
     }
     u32 pages = ws_mib * 256u;
+    /* The sweep visits page (k * stride) mod pages: every page once a pass
+     * when the stride and the page count have no common factor. */
+    if (pages)
+        stride %= pages;
+    u32 a = pages, b = stride;
+    while (b) {
+        u32 t = a % b;
+        a = b;
+        b = t;
+    }
+    if (stride == 0 || a != 1) {
+        if (stride != 1)
+            puts_serial("FERRY-WARN stride shares a factor with the page count: using 1\n");
+        stride = 1;
+    }
     volatile u32* ws = (volatile u32*)FERRY_GUEST_WS_BASE;
 
     u64 per_ms = tsc_per_ms();
@@ -163,6 +183,10 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
     put_u64(hb_ms);
     puts_serial(" tsc_khz=");
     put_u64(per_ms);
+    if (stride != 1) {
+        puts_serial(" stride=");
+        put_u64(stride);
+    }
     putc_serial('\n');
 
     for (u32 pg = 0; pg < pages; ++pg) {
@@ -185,7 +209,7 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
     u64 seq = 0;
     u64 dirtied = 0; /* pages written since start (or since the last catch-up cap) */
     u64 dirty_start = start;
-    u32 pass = 0, cursor = 0;
+    u32 pass = 0, cursor = 0, page = 0; /* cursor: position in the sweep; page: the page it visits */
     /* pages per ms, in 1/1024ths to keep small rates exact enough */
     u64 pages_per_ms_x1024 = (rate == RATE_MAX) ? 0 : (u64)rate * 256u * 1024u / 1000u;
 
@@ -225,9 +249,12 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
         while (dirtied < due && batch < 256) {
             if (cursor == 0)
                 ++pass;
-            ws[(u64)cursor * FERRY_GUEST_WORDS] = pass;
+            ws[(u64)page * FERRY_GUEST_WORDS] = pass;
+            page += stride;
+            if (page >= pages)
+                page -= pages;
             if (++cursor == pages)
-                cursor = 0;
+                cursor = page = 0;
             ++dirtied;
             ++batch;
         }

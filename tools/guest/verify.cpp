@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <fstream>
+#include <numeric>
 #include <regex>
 #include <vector>
 
@@ -17,17 +18,24 @@ std::string VerifyReport::summary() const {
                        boundary, min_pass);
 }
 
-Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages) {
+Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages, std::uint32_t stride) {
     std::ifstream in(path, std::ios::binary);
     if (!in)
         return make_error(Errc::io, fmt::format("cannot open memory dump {}", path));
+    if (pages > 0 && stride != 1 && (stride == 0 || stride >= pages || std::gcd(stride, pages) != 1))
+        return make_error(Errc::invalid_argument,
+                          fmt::format("sweep stride {} does not visit each of {} pages once", stride, pages));
     VerifyReport r;
     r.pages = pages;
-    std::vector<std::uint32_t> page(FERRY_GUEST_WORDS);
-    std::uint32_t prev = 0;
-    for (std::uint32_t p = 0; p < pages; ++p) {
-        if (!in.read(reinterpret_cast<char*>(page.data()), FERRY_GUEST_PAGE))
+    // The whole working set, then the pages in the order the guest sweeps them.
+    std::vector<std::uint32_t> all(static_cast<std::size_t>(pages) * FERRY_GUEST_WORDS);
+    for (std::uint32_t p = 0; p < pages; ++p)
+        if (!in.read(reinterpret_cast<char*>(all.data() + static_cast<std::size_t>(p) * FERRY_GUEST_WORDS),
+                     FERRY_GUEST_PAGE))
             return make_error(Errc::io, fmt::format("memory dump {} ends at page {} of {}", path, p, pages));
+    std::uint32_t prev = 0, prev_p = 0;
+    for (std::uint32_t k = 0, p = 0; k < pages; ++k, p = static_cast<std::uint32_t>((p + stride) % pages)) {
+        const std::uint32_t* page = all.data() + static_cast<std::size_t>(p) * FERRY_GUEST_WORDS;
         for (std::uint32_t w = 1; w < FERRY_GUEST_WORDS; ++w)
             if (page[w] != ferry_guest_pattern(p, w))
                 return make_error(Errc::internal,
@@ -35,13 +43,13 @@ Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages) {
                                               "page content lost or misplaced",
                                               p, w, page[w], ferry_guest_pattern(p, w)));
         std::uint32_t c = page[0];
-        if (p == 0) {
+        if (k == 0) {
             r.max_pass = r.min_pass = c;
         } else if (c > prev) {
             return make_error(Errc::internal,
                               fmt::format("guest page {} holds pass {} but page {} holds {}: a "
                                           "stale page (dirty page not transferred)",
-                                          p - 1, prev, p, c));
+                                          prev_p, prev, p, c));
         } else if (c < prev) {
             if (r.min_pass != r.max_pass || prev - c != 1)
                 return make_error(Errc::internal,
@@ -52,6 +60,7 @@ Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages) {
             r.boundary = p;
         }
         prev = c;
+        prev_p = p;
     }
     return r;
 }
@@ -65,7 +74,7 @@ DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path) {
 }
 
 boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint32_t pages,
-                                                         std::string dump_path) {
+                                                         std::string dump_path, std::uint32_t stride) {
     auto status = co_await exec("query-status", nlohmann::json::object());
     if (!status)
         co_return status.error();
@@ -83,7 +92,7 @@ boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint
     }
     if (!saved)
         co_return saved.error();
-    co_return verify_dump(dump_path, pages);
+    co_return verify_dump(dump_path, pages, stride);
 }
 
 bool guest_ready(const std::string& console_log_path) {
@@ -106,6 +115,17 @@ std::uint32_t pages_from_console(const std::string& console_log_path) {
         if (std::regex_search(line, m, banner))
             return static_cast<std::uint32_t>(std::stoul(m[1]));
     return 0;
+}
+
+std::uint32_t stride_from_console(const std::string& console_log_path) {
+    std::ifstream in(console_log_path);
+    std::string line;
+    static const std::regex banner(R"(FERRY-GUEST .*stride=(\d+))");
+    std::smatch m;
+    while (std::getline(in, line))
+        if (std::regex_search(line, m, banner))
+            return static_cast<std::uint32_t>(std::stoul(m[1]));
+    return 1;
 }
 
 } // namespace ferry::guest

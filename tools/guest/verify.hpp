@@ -20,7 +20,8 @@ struct VerifyReport {
 };
 
 // Checks a raw dump of the working set. An error names the first bad page.
-Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages);
+// stride: the guest's sweep order (its `stride=`; 1 = pages in order).
+Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages, std::uint32_t stride = 1);
 
 // Runs one QMP command on the VM (through ferryd or a QMP client).
 using QmpExec = std::function<boost::asio::awaitable<Result<nlohmann::json>>(std::string, nlohmann::json)>;
@@ -34,7 +35,7 @@ DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path);
 // Pauses the VM (if running), dumps the working set with pmemsave to
 // dump_path, resumes it, and checks the dump.
 boost::asio::awaitable<Result<VerifyReport>> verify_live(QmpExec exec, std::uint32_t pages,
-                                                         std::string dump_path);
+                                                         std::string dump_path, std::uint32_t stride = 1);
 
 // True once the guest printed FERRY-READY or a heartbeat (its working set
 // is filled).
@@ -42,5 +43,7 @@ bool guest_ready(const std::string& console_log_path);
 
 // Reads ws_pages from the guest's banner in a console log; 0 if absent.
 std::uint32_t pages_from_console(const std::string& console_log_path);
+// Reads the sweep stride from the banner; 1 if it names none.
+std::uint32_t stride_from_console(const std::string& console_log_path);
 
 } // namespace ferry::guest
