@@ -91,7 +91,7 @@ int run_convergence_bench(const ConvergenceOptions& o) {
                     s.spec.name = "bench";
                     s.spec.memory = *mem;
                     s.spec.kernel = o.kernel;
-                    s.spec.append = fmt::format("ws={} rate={} hb=50", o.ws_mib, rate);
+                    s.spec.append = fmt::format("ws={} rate={} hb=50 stride={}", o.ws_mib, rate, o.stride);
                     s.qemu_auto_converge = strategy == "qemu-autoconverge";
                     s.qemu_postcopy_after_syncs = strategy == "qemu-postcopy" ? 4 : 0; // ferry's switches at about 5
                     s.time_limit = limit;

@@ -9,6 +9,7 @@ namespace ferry::bench {
 struct ConvergenceOptions {
     std::string memory = "256Mi";
     int ws_mib = 64;
+    int stride = 1;                   // the guest's sweep stride (1: in order)
     std::string rates = "32,64";      // guest dirty rates, MiB/s
     std::string bandwidths = "16Mi";  // per-migration bandwidths
     std::string strategies = "ferry-none,ferry-throttle,ferry-postcopy,qemu-autoconverge,qemu-postcopy";

@@ -300,6 +300,7 @@ int main(int argc, char** argv) {
     ferry::bench::ConvergenceOptions conv_opts;
     conv->add_option("--memory", conv_opts.memory, "VM memory");
     conv->add_option("--ws", conv_opts.ws_mib, "guest working set, MiB");
+    conv->add_option("--stride", conv_opts.stride, "the guest's sweep stride (1: in order; e.g. 4099: scattered)");
     conv->add_option("--rates", conv_opts.rates, "guest dirty rates, MiB/s, comma-separated");
     conv->add_option("--bandwidths", conv_opts.bandwidths, "bandwidths, comma-separated (16Mi,...)");
     conv->add_option("--strategies", conv_opts.strategies,
