@@ -210,6 +210,14 @@ Prediction predicted(std::uint64_t t, std::uint64_t d, bool converges, std::int6
     return p;
 }
 
+// The strategy as the engine calls it: the model's predictions after sample
+// `s`, measured at that sync unless `measured` names an earlier one.
+Decision step(Strategy& st, const Sample& s, Prediction now, Prediction at_max, std::int64_t measured = -1) {
+    if (now.known)
+        now.measured_pass = at_max.measured_pass = measured < 0 ? s.iteration : measured;
+    return st.step(s, now, at_max);
+}
+
 Sample at(std::int64_t ms, std::int64_t pass, std::uint64_t remaining, std::uint64_t transferred = 0) {
     return {std::chrono::milliseconds(ms), transferred == 0 ? static_cast<std::uint64_t>(ms) * 16 * 1024 : transferred,
             remaining, 0, pass, 0};
@@ -220,22 +228,22 @@ TEST(Strategy, RaisesTheDowntimeLimitOnlyWhenThatCanFinish) {
     Strategy s(strategy_config(), 1ULL << 30, false);
     EXPECT_EQ(s.initial_downtime_ms(), 75); // a quarter of 300
     auto converging = predicted(64, 16, true, 50);
-    auto d = s.step(at(5000, 2, 10 * MiB), converging, converging);
+    auto d = step(s, at(5000, 2, 10 * MiB), converging, converging);
     EXPECT_FALSE(d.downtime_limit_ms) << "converging: nothing to do";
 
     // Converges within the maximum: raise it, as far as needed.
     auto slow = predicted(64, 40, false, 120);
     auto slow_at_max = predicted(64, 40, true, 120);
-    d = s.step(at(6000, 3, 8 * MiB), slow, slow_at_max);
+    d = step(s, at(6000, 3, 8 * MiB), slow, slow_at_max);
     ASSERT_TRUE(d.downtime_limit_ms);
     EXPECT_EQ(*d.downtime_limit_ms, 150); // doubled (120 ms x 1.2 is less)
-    d = s.step(at(6500, 3, 7 * MiB), slow, slow_at_max);
+    d = step(s, at(6500, 3, 7 * MiB), slow, slow_at_max);
     EXPECT_FALSE(d.downtime_limit_ms) << "one change per dirty sync";
     slow.expected_downtime_ms = 1000;
-    d = s.step(at(8000, 4, 8 * MiB), slow, slow_at_max);
+    d = step(s, at(8000, 4, 8 * MiB), slow, slow_at_max);
     ASSERT_TRUE(d.downtime_limit_ms);
     EXPECT_EQ(*d.downtime_limit_ms, 300); // capped at max_downtime_ms
-    d = s.step(at(9000, 5, 8 * MiB), slow, slow_at_max);
+    d = step(s, at(9000, 5, 8 * MiB), slow, slow_at_max);
     EXPECT_FALSE(d.downtime_limit_ms);
     EXPECT_FALSE(d.throttle_percent) << "auto-converge not allowed";
     EXPECT_FALSE(d.start_postcopy);
@@ -245,18 +253,18 @@ TEST(Strategy, ThrottleIsSizedFromTheMeasuredRatesAtTheFirstSync) {
     auto c = strategy_config();
     c.allow_auto_converge = true;
     Strategy s(c, 1ULL << 30, false);
-    EXPECT_FALSE(s.step(at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).throttle_percent) << "first pass";
+    EXPECT_FALSE(step(s, at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).throttle_percent) << "first pass";
     // 9 MiB/s against 16 (too many rounds to converge): raising the limit
     // cannot help, so throttle at once, to half the transfer rate
     // (1 - 8/9 = 12%), and take the maximum pause.
     auto stuck = predicted(16, 9, false, 4000);
-    auto d = s.step(at(4000, 2, 64 * MiB), stuck, stuck);
+    auto d = step(s, at(4000, 2, 64 * MiB), stuck, stuck);
     ASSERT_TRUE(d.throttle_percent);
     EXPECT_EQ(*d.throttle_percent, 12);
     ASSERT_TRUE(d.downtime_limit_ms);
     EXPECT_EQ(*d.downtime_limit_ms, 300);
     EXPECT_NE(d.why.find("throttling the vCPUs to 12%, downtime limit raised to 300 ms"), std::string::npos) << d.why;
-    EXPECT_FALSE(s.step(at(5000, 2, 50 * MiB), stuck, stuck).throttle_percent) << "wait for the next sync";
+    EXPECT_FALSE(step(s, at(5000, 2, 50 * MiB), stuck, stuck).throttle_percent) << "wait for the next sync";
 }
 
 TEST(Strategy, ASaturatedDirtyRateIsAFloorSoTheThrottleDoublesItsGuess) {
@@ -265,17 +273,17 @@ TEST(Strategy, ASaturatedDirtyRateIsAFloorSoTheThrottleDoublesItsGuess) {
     Strategy s(c, 1ULL << 30, false);
     // Measured near the transfer rate: the pass re-sent the whole working
     // set, the guest may dirty far more. Assume 2 x 15: 1 - 8/30 = 74%.
-    auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 15, false, 4000), predicted(16, 15, false, 4000));
+    auto d = step(s, at(4000, 2, 64 * MiB), predicted(16, 15, false, 4000), predicted(16, 15, false, 4000));
     ASSERT_TRUE(d.throttle_percent);
     EXPECT_EQ(*d.throttle_percent, 74);
     // Still saturated at 74%: 15 / 0.26 x 2 = 115 MiB/s unthrottled -> 94%.
     auto still = predicted(16, 15, false, 4000, 74);
-    d = s.step(at(8000, 3, 64 * MiB), still, still);
+    d = step(s, at(8000, 3, 64 * MiB), still, still);
     ASSERT_TRUE(d.throttle_percent);
     EXPECT_EQ(*d.throttle_percent, 94);
     // Beyond what the throttle can do, and nothing else allowed: the maximum.
     auto hopeless = predicted(16, 15, false, 4000, 94);
-    d = s.step(at(12000, 4, 64 * MiB), hopeless, hopeless);
+    d = step(s, at(12000, 4, 64 * MiB), hopeless, hopeless);
     ASSERT_TRUE(d.throttle_percent);
     EXPECT_EQ(*d.throttle_percent, Strategy::max_throttle);
 }
@@ -284,23 +292,23 @@ TEST(Strategy, PostcopyAtTheFirstSyncWhenPreCopyCannotFinish) {
     auto c = strategy_config();
     c.allow_post_copy = true;
     Strategy s(c, 1ULL << 30, true);
-    EXPECT_FALSE(s.step(at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).start_postcopy) << "first pass";
+    EXPECT_FALSE(step(s, at(3000, 1, 40 * MiB), Prediction{}, Prediction{}).start_postcopy) << "first pass";
     auto stuck = predicted(16, 13, false, 4000);
-    auto d = s.step(at(4000, 2, 64 * MiB), stuck, stuck);
+    auto d = step(s, at(4000, 2, 64 * MiB), stuck, stuck);
     EXPECT_TRUE(d.start_postcopy);
     EXPECT_NE(d.why.find("pre-copy will not converge; switching to post-copy"), std::string::npos) << d.why;
     // Once in post-copy no timeout or lever applies.
-    EXPECT_FALSE(s.step(at(100000000, 9, 64 * MiB, 1), stuck, stuck).fail);
+    EXPECT_FALSE(step(s, at(100000000, 9, 64 * MiB, 1), stuck, stuck).fail);
 
     // Where the maximum pause can finish, that comes first.
     Strategy raise(c, 1ULL << 30, true);
-    d = raise.step(at(4000, 2, 64 * MiB), predicted(64, 40, false, 120), predicted(64, 40, true, 120));
+    d = step(raise, at(4000, 2, 64 * MiB), predicted(64, 40, false, 120), predicted(64, 40, true, 120));
     EXPECT_FALSE(d.start_postcopy);
     EXPECT_TRUE(d.downtime_limit_ms);
 
     Strategy no_multifd(c, 1ULL << 30, false); // post-copy impossible (multifd)
     for (int i = 2; i < 10; ++i)
-        EXPECT_FALSE(no_multifd.step(at(i * 4000, i, 64 * MiB), stuck, stuck).start_postcopy);
+        EXPECT_FALSE(step(no_multifd, at(i * 4000, i, 64 * MiB), stuck, stuck).start_postcopy);
 }
 
 TEST(Strategy, ThrottleFirstThenPostcopyWhenBothAreAllowed) {
@@ -308,14 +316,27 @@ TEST(Strategy, ThrottleFirstThenPostcopyWhenBothAreAllowed) {
     c.allow_post_copy = true;
     c.allow_auto_converge = true;
     Strategy s(c, 1ULL << 30, true);
-    auto d = s.step(at(4000, 2, 64 * MiB), predicted(16, 9, false, 4000), predicted(16, 9, false, 4000));
+    auto d = step(s, at(4000, 2, 64 * MiB), predicted(16, 9, false, 4000), predicted(16, 9, false, 4000));
     EXPECT_EQ(d.throttle_percent, 12);
     EXPECT_FALSE(d.start_postcopy);
+    // Not enough: the throttle steps up to its maximum, then post-copy.
+    for (auto [pass, in_force] : {std::pair{3, 12}, {4, 77}, {5, 94}}) {
+        auto still = predicted(16, 15, false, 4000, in_force);
+        d = step(s, at(pass * 4000, pass, 64 * MiB), still, still);
+        ASSERT_TRUE(d.throttle_percent) << pass;
+        EXPECT_FALSE(d.start_postcopy);
+    }
+    EXPECT_EQ(s.throttle_percent(), Strategy::max_throttle);
+    auto at_max_throttle = predicted(16, 15, false, 4000, 99);
+    d = step(s, at(24000, 6, 64 * MiB), at_max_throttle, at_max_throttle);
+    EXPECT_TRUE(d.start_postcopy) << d.why;
+    EXPECT_NE(d.why.find("pre-copy will not converge; switching to post-copy"), std::string::npos) << d.why;
     // More than any throttle can tame: post-copy at once.
     Strategy t(c, 1ULL << 30, true);
+    d = Decision{};
     auto wild = predicted(16, 15, false, 4000, 98);
     for (int i = 2; i < 4 && !d.start_postcopy; ++i)
-        d = t.step(at(i * 4000, i, 64 * MiB), wild, wild);
+        d = step(t, at(i * 4000, i, 64 * MiB), wild, wild);
     EXPECT_TRUE(d.start_postcopy) << d.why;
     EXPECT_NE(d.why.find("a throttle over 99% would be needed"), std::string::npos) << d.why;
 }
@@ -325,8 +346,8 @@ TEST(Strategy, CompletionTimeoutFailsNamingTheRatesOrSwitchesToPostcopy) {
     c.completion_timeout_per_gib = 80; // 0.125 GiB -> 10 s
     Strategy s(c, 128 * MiB, false);
     auto stuck = predicted(8, 32, false, 4000);
-    EXPECT_FALSE(s.step(at(9000, 7, 32 * MiB), stuck, stuck).fail);
-    auto d = s.step(at(10500, 7, 30 * MiB), stuck, stuck);
+    EXPECT_FALSE(step(s, at(9000, 7, 32 * MiB), stuck, stuck).fail);
+    auto d = step(s, at(10500, 7, 30 * MiB), stuck, stuck);
     ASSERT_TRUE(d.fail);
     EXPECT_NE(d.fail->find("completion timeout"), std::string::npos) << *d.fail;
     EXPECT_NE(d.fail->find("dirty rate 32.0 MiB/s > transfer rate 8.0 MiB/s after 7 iterations"), std::string::npos)
@@ -336,7 +357,7 @@ TEST(Strategy, CompletionTimeoutFailsNamingTheRatesOrSwitchesToPostcopy) {
     // Post-copy allowed: a timeout during the first pass switches too.
     c.allow_post_copy = true;
     Strategy pc(c, 128 * MiB, true);
-    d = pc.step(at(10500, 1, 32 * MiB), Prediction{}, Prediction{});
+    d = step(pc, at(10500, 1, 32 * MiB), Prediction{}, Prediction{});
     EXPECT_FALSE(d.fail);
     EXPECT_TRUE(d.start_postcopy);
     EXPECT_NE(d.why.find("completion timeout"), std::string::npos) << d.why;
@@ -350,13 +371,16 @@ TEST(Strategy, ProgressIsTheDirtySetAtEachSyncNotRemainingTouchingZero) {
     p.known = false;
     // A long first pass is progress, however long; `remaining` touching zero
     // at its end means nothing.
-    EXPECT_FALSE(s.step(at(0, 1, 512 * MiB), p, p).fail);
-    EXPECT_FALSE(s.step(at(20000, 1, 0), p, p).fail);
-    EXPECT_FALSE(s.step(at(30000, 2, 64 * MiB), p, p).fail); // new low: pass 2, 64 MiB
-    EXPECT_FALSE(s.step(at(33000, 2, 0), p, p).fail);
-    EXPECT_FALSE(s.step(at(34000, 3, 62 * MiB), p, p).fail); // a wobble, not a new low
-    EXPECT_FALSE(s.step(at(38000, 4, 64 * MiB), p, p).fail);
-    auto d = s.step(at(40500, 4, 1 * MiB), p, p); // 10.5 s since pass 2
+    EXPECT_FALSE(step(s, at(0, 1, 512 * MiB), p, p).fail);
+    EXPECT_FALSE(step(s, at(20000, 1, 0), p, p).fail);
+    EXPECT_FALSE(step(s, at(30000, 2, 64 * MiB), p, p).fail); // new low: pass 2, 64 MiB
+    EXPECT_FALSE(step(s, at(33000, 2, 0), p, p).fail);
+    EXPECT_FALSE(step(s, at(34000, 3, 62 * MiB), p, p).fail); // a wobble, not a new low
+    EXPECT_FALSE(step(s, at(38000, 4, 64 * MiB), p, p).fail);
+    // The clock runs from the first pass that was no smaller (pass 3, 34 s),
+    // not from the lowest: the first pass took 30 s and was progress.
+    EXPECT_FALSE(step(s, at(40500, 4, 1 * MiB), p, p).fail);
+    auto d = step(s, at(44500, 4, 1 * MiB), p, p); // 10.5 s since pass 3 began
     ASSERT_TRUE(d.fail);
     EXPECT_NE(d.fail->find("progress timeout: the dirty set did not shrink for 10.5 s (limit 10 s): the smallest "
                            "pass was 64.0 MiB (pass 2), 2 since, the last 64.0 MiB"),
@@ -367,14 +391,14 @@ TEST(Strategy, ProgressIsTheDirtySetAtEachSyncNotRemainingTouchingZero) {
     Strategy shrinking(c, 1ULL << 30, false);
     std::uint64_t pass = 64 * MiB;
     for (int i = 2; i < 12; ++i, pass = pass * 8 / 10)
-        EXPECT_FALSE(shrinking.step(at(i * 6000, i, pass), p, p).fail) << i;
+        EXPECT_FALSE(step(shrinking, at(i * 6000, i, pass), p, p).fail) << i;
 
     // With post-copy allowed, the same stall switches instead of failing.
     c.allow_post_copy = true;
     Strategy pc(c, 1ULL << 30, true);
     for (auto& sample : {at(0, 1, 512 * MiB), at(30000, 2, 64 * MiB), at(34000, 3, 64 * MiB)})
-        EXPECT_FALSE(pc.step(sample, p, p).start_postcopy);
-    d = pc.step(at(40500, 3, 10 * MiB), p, p);
+        EXPECT_FALSE(step(pc, sample, p, p).start_postcopy);
+    d = step(pc, at(44500, 3, 10 * MiB), p, p);
     EXPECT_FALSE(d.fail);
     EXPECT_TRUE(d.start_postcopy);
     EXPECT_NE(d.why.find("the dirty set did not shrink"), std::string::npos) << d.why;
@@ -386,9 +410,9 @@ TEST(Strategy, NoPassBeforeQemuReportsOne) {
     Strategy s(c, 1ULL << 30, false);
     Prediction p;
     // "setup": no RAM figures yet (pass 0, nothing remaining).
-    EXPECT_FALSE(s.step(at(0, 0, 0, 1), p, p).fail);
-    EXPECT_FALSE(s.step(at(500, 1, 120 * MiB, 4 * MiB), p, p).fail);
-    EXPECT_FALSE(s.step(at(4000, 1, 100 * MiB, 30 * MiB), p, p).fail) << "the first pass is not a stall";
+    EXPECT_FALSE(step(s, at(0, 0, 0, 1), p, p).fail);
+    EXPECT_FALSE(step(s, at(500, 1, 120 * MiB, 4 * MiB), p, p).fail);
+    EXPECT_FALSE(step(s, at(4000, 1, 100 * MiB, 30 * MiB), p, p).fail) << "the first pass is not a stall";
 }
 
 TEST(Strategy, ProgressTimeoutWhenNothingIsSent) {
@@ -396,12 +420,73 @@ TEST(Strategy, ProgressTimeoutWhenNothingIsSent) {
     c.progress_timeout = 10;
     Strategy s(c, 1ULL << 30, false);
     Prediction p;
-    EXPECT_FALSE(s.step(at(0, 1, 512 * MiB, 100), p, p).fail);
-    EXPECT_FALSE(s.step(at(5000, 1, 500 * MiB, 5000), p, p).fail);
-    EXPECT_FALSE(s.step(at(14000, 1, 500 * MiB, 5000), p, p).fail);
-    auto d = s.step(at(15500, 1, 500 * MiB, 5000), p, p);
+    EXPECT_FALSE(step(s, at(0, 1, 512 * MiB, 100), p, p).fail);
+    EXPECT_FALSE(step(s, at(5000, 1, 500 * MiB, 5000), p, p).fail);
+    EXPECT_FALSE(step(s, at(14000, 1, 500 * MiB, 5000), p, p).fail);
+    auto d = step(s, at(15500, 1, 500 * MiB, 5000), p, p);
     ASSERT_TRUE(d.fail);
     EXPECT_NE(d.fail->find("progress timeout: nothing sent for 10.5 s (limit 10 s)"), std::string::npos) << *d.fail;
+}
+
+TEST(Strategy, ARepeatedDirtyRateIsNoNewMeasurement) {
+    auto c = strategy_config();
+    c.allow_auto_converge = true;
+    Strategy s(c, 1ULL << 30, false);
+    auto stuck = predicted(16, 9, false, 4000);
+    EXPECT_TRUE(step(s, at(4000, 2, 64 * MiB), stuck, stuck).throttle_percent);
+    // A sync within a second of the last measurement repeats QEMU's old
+    // figure: no new measurement, so no second step on it.
+    EXPECT_FALSE(step(s, at(4600, 3, 64 * MiB), stuck, stuck, 2).throttle_percent);
+    EXPECT_TRUE(step(s, at(8000, 4, 64 * MiB), stuck, stuck).throttle_percent);
+}
+
+TEST(ConvergenceModel, CountsOnlyNewMeasurements) {
+    Feed f;
+    f.tick(16, 9, 64 * MiB, 2);
+    EXPECT_EQ(f.model.predict(300).measured_pass, 2);
+    f.tick(16, 9, 60 * MiB, 3); // the same figure again: QEMU did not measure
+    EXPECT_EQ(f.model.predict(300).measured_pass, 2);
+    f.tick(16, 10, 58 * MiB, 4);
+    EXPECT_EQ(f.model.predict(300).measured_pass, 4);
+}
+
+TEST(Strategy, AStalledStreamFailsEvenWithPostcopyAllowed) {
+    auto c = strategy_config();
+    c.allow_post_copy = true;
+    c.progress_timeout = 3;
+    Strategy s(c, 1ULL << 30, true);
+    Prediction p;
+    EXPECT_FALSE(step(s, at(0, 1, 512 * MiB, 100), p, p).fail);
+    auto d = step(s, at(3500, 1, 500 * MiB, 100), p, p);
+    ASSERT_TRUE(d.fail);
+    EXPECT_FALSE(d.start_postcopy);
+    EXPECT_NE(d.fail->find("progress timeout: nothing sent for 3.5 s"), std::string::npos) << *d.fail;
+
+    // Nor does the completion timeout move a VM over a stream that stands still.
+    c.progress_timeout = 0;
+    c.completion_timeout_per_gib = 80; // 10 s for 128 MiB
+    Strategy t(c, 128 * MiB, true);
+    EXPECT_FALSE(step(t, at(0, 1, 128 * MiB, 100), p, p).fail);
+    EXPECT_FALSE(step(t, at(4000, 1, 100 * MiB, 5000), p, p).fail);
+    d = step(t, at(10500, 1, 100 * MiB, 5000), p, p);
+    ASSERT_TRUE(d.fail);
+    EXPECT_FALSE(d.start_postcopy);
+    EXPECT_NE(d.fail->find("not switching to post-copy: nothing sent for 6.5 s"), std::string::npos) << *d.fail;
+}
+
+TEST(Strategy, ALongFirstPassLeavesTheLeversTheirTurn) {
+    auto c = strategy_config();
+    c.progress_timeout = 10;
+    c.allow_auto_converge = true;
+    Strategy s(c, 1ULL << 30, false);
+    Prediction first;
+    EXPECT_FALSE(step(s, at(0, 1, 100 * MiB), first, first).fail);
+    // 30 s of first pass; the second pass is barely smaller (the guest
+    // dirties most of its memory): the throttle acts, nothing fails.
+    auto stuck = predicted(16, 9, false, 6000);
+    auto d = step(s, at(30000, 2, 95 * MiB), stuck, stuck);
+    EXPECT_FALSE(d.fail);
+    EXPECT_TRUE(d.throttle_percent);
 }
 
 TEST(MigrationObject, CarriesTheDesignFields) {

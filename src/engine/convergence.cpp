@@ -27,15 +27,21 @@ void ConvergenceModel::observe(const Sample& s) {
         }
         prev_ = s;
     }
-    // QEMU measures the dirty rate once per round (at each dirty sync), from
-    // the second sync on. The guest dirties in proportion to the CPU time it
-    // gets, so each measurement is scaled back to what the guest would dirty
-    // unthrottled (the engine changes the throttle right after a sync, so a
-    // round runs under one throttle); the newest counts most.
+    // QEMU measures the dirty rate at a dirty sync, from the second on, and
+    // only when a second has passed since it last did: a sync sooner repeats
+    // the old figure, which is no new measurement. The guest dirties in
+    // proportion to the CPU time it gets, so each measurement is scaled back
+    // to what the guest would dirty unthrottled (the engine changes the
+    // throttle right after a measurement, so the window of the next one runs
+    // under one throttle); the newest counts most.
     if (s.iteration >= 2 && s.iteration != dirty_iteration_) {
-        double kept = 1.0 - static_cast<double>(std::clamp<std::int64_t>(s.throttle_percent, 0, 99)) / 100.0;
-        unthrottled_ = smooth(unthrottled_, static_cast<double>(s.dirty_rate_bps) / kept, 0.7);
         dirty_iteration_ = s.iteration;
+        if (measured_pass_ < 0 || s.dirty_rate_bps != last_raw_) {
+            double kept = 1.0 - static_cast<double>(std::clamp<std::int64_t>(s.throttle_percent, 0, 99)) / 100.0;
+            unthrottled_ = smooth(unthrottled_, static_cast<double>(s.dirty_rate_bps) / kept, 0.7);
+            last_raw_ = s.dirty_rate_bps;
+            measured_pass_ = s.iteration;
+        }
     }
     last_ = s;
 }
@@ -47,11 +53,12 @@ Prediction ConvergenceModel::predict(std::int64_t downtime_limit_ms) const {
     p.transfer_rate_bps = static_cast<std::uint64_t>(transfer_);
     p.dirty_rate_bps = static_cast<std::uint64_t>(dirty);
     p.unthrottled_dirty_rate_bps = static_cast<std::uint64_t>(unthrottled_);
+    p.measured_pass = measured_pass_;
     if (transfer_ <= 0)
         return p;
     double remaining = static_cast<double>(last_.remaining);
     p.expected_downtime_ms = static_cast<std::int64_t>(std::ceil(remaining * 1000.0 / transfer_));
-    p.known = dirty_iteration_ >= 2;
+    p.known = measured_pass_ >= 2;
     bool fits = p.expected_downtime_ms <= downtime_limit_ms;
     if (!p.known) {
         p.time_left_ms = static_cast<std::int64_t>(remaining * 1000.0 / transfer_); // the first round
@@ -117,10 +124,11 @@ void Strategy::track(const Sample& s) {
     if (!lowest_pass_bytes_ || static_cast<double>(s.remaining) < 0.9 * static_cast<double>(*lowest_pass_bytes_)) {
         lowest_pass_bytes_ = s.remaining;
         lowest_pass_ = s.iteration;
-        lowest_pass_at_ = s.elapsed;
         passes_since_lowest_ = 0;
-    } else {
-        ++passes_since_lowest_;
+    } else if (++passes_since_lowest_ == 1) {
+        // The clock starts with the first pass that is no smaller: however
+        // long the passes before it took, they were progress.
+        shrinking_until_ = s.elapsed;
     }
 }
 
@@ -128,15 +136,10 @@ std::optional<std::string> Strategy::no_progress(const Sample& s) const {
     if (cfg_.progress_timeout <= 0)
         return std::nullopt;
     auto limit = std::chrono::seconds(cfg_.progress_timeout);
-    if (s.elapsed - moved_at_ > limit)
-        return fmt::format("progress timeout: nothing sent for {:.1f} s (limit {} s)",
-                           (s.elapsed - moved_at_).count() / 1000.0, cfg_.progress_timeout);
-    // A pass that is still being sent has not had its chance: it takes at
-    // least one pass that is no smaller after the lowest.
-    if (passes_since_lowest_ > 0 && s.elapsed - lowest_pass_at_ > limit)
+    if (passes_since_lowest_ > 0 && s.elapsed - shrinking_until_ > limit)
         return fmt::format("progress timeout: the dirty set did not shrink for {:.1f} s (limit {} s): the smallest "
                            "pass was {:.1f} MiB (pass {}), {} since, the last {:.1f} MiB",
-                           (s.elapsed - lowest_pass_at_).count() / 1000.0, cfg_.progress_timeout,
+                           (s.elapsed - shrinking_until_).count() / 1000.0, cfg_.progress_timeout,
                            static_cast<double>(*lowest_pass_bytes_) / mib, lowest_pass_, passes_since_lowest_,
                            static_cast<double>(last_pass_bytes_) / mib);
     return std::nullopt;
@@ -182,6 +185,13 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
     double gib = static_cast<double>(data_bytes_) / (1024.0 * mib);
     auto completion_limit = std::chrono::milliseconds(
         static_cast<std::int64_t>(std::ceil(static_cast<double>(cfg_.completion_timeout_per_gib) * 1000.0 * gib)));
+    // A stream that does not move fails, post-copy or not.
+    auto still = s.elapsed - moved_at_;
+    if (cfg_.progress_timeout > 0 && still > std::chrono::seconds(cfg_.progress_timeout)) {
+        d.fail = fmt::format("progress timeout: nothing sent for {:.1f} s (limit {} s); {}; {}",
+                             still.count() / 1000.0, cfg_.progress_timeout, rates(p, s.iteration), help_allowed());
+        return d;
+    }
     std::optional<std::string> timeout;
     if (cfg_.completion_timeout_per_gib > 0 && s.elapsed > completion_limit)
         timeout = fmt::format("completion timeout: not finished after {:.1f} s (limit {} s per GiB x {:.2f} GiB = "
@@ -191,17 +201,22 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
     else
         timeout = no_progress(s);
     if (timeout) {
-        if (can_postcopy)
+        // Post-copy needs a stream that moves: on a stalled one it would
+        // strand the VM between two nodes, unable to abort.
+        if (can_postcopy && still < std::chrono::seconds(5))
             return to_postcopy(*timeout + "; switching to post-copy");
-        d.fail = fmt::format("{}; {}; {}", *timeout, rates(p, s.iteration), help_allowed());
+        std::string why = *timeout;
+        if (can_postcopy)
+            why += fmt::format("; not switching to post-copy: nothing sent for {:.1f} s", still.count() / 1000.0);
+        d.fail = fmt::format("{}; {}; {}", why, rates(p, s.iteration), help_allowed());
         return d;
     }
 
     // The levers, once the first pass has measured the dirty rate, one
-    // change per sync.
-    if (!p.known || p.converges || s.iteration <= acted_iteration_)
+    // change per measurement.
+    if (!p.known || p.converges || p.measured_pass <= acted_pass_)
         return d;
-    acted_iteration_ = s.iteration;
+    acted_pass_ = p.measured_pass;
     if (downtime_ < cfg_.max_downtime_ms && at_max.converges) {
         auto needed = static_cast<std::int64_t>(static_cast<double>(p.expected_downtime_ms) * 1.2);
         downtime_ = std::min(cfg_.max_downtime_ms, std::max(downtime_ * 2, needed));

@@ -31,6 +31,7 @@ struct Prediction {
     std::uint64_t dirty_rate_bps = 0;    // smoothed, at the throttle now in force
     std::uint64_t unthrottled_dirty_rate_bps = 0; // what the guest would dirty unthrottled
     bool known = false;                  // false until the first full round
+    std::int64_t measured_pass = -1;     // the dirty sync that measured the dirty rate last
     bool converges = false;              // pre-copy finishes within the downtime limit
     std::int64_t expected_downtime_ms = 0; // if QEMU switched over now
     std::int64_t time_left_ms = -1;        // -1: never, at this rate
@@ -46,7 +47,9 @@ private:
     Sample last_;
     double transfer_ = 0;    // bytes/s, EWMA
     double unthrottled_ = 0; // bytes/s, EWMA per round of the measured rate / (1 - throttle)
-    std::int64_t dirty_iteration_ = -1;
+    std::int64_t dirty_iteration_ = -1; // the last sync seen
+    std::int64_t measured_pass_ = -1;   // the last sync that brought a new measurement
+    std::uint64_t last_raw_ = 0;        // its raw rate
 };
 
 // What the engine should change now.
@@ -97,7 +100,7 @@ private:
     bool postcopy_possible_;
     std::int64_t downtime_;
     std::int64_t throttle_ = 0;
-    std::int64_t acted_iteration_ = 0; // one change per dirty sync: the next one measures it
+    std::int64_t acted_pass_ = 0; // one change per measurement: the next one shows its effect
     bool postcopy_ = false;
 
     // Progress: the dirty set at each sync, and bytes moving at all.
@@ -105,8 +108,8 @@ private:
     std::uint64_t last_pass_bytes_ = 0;   // the dirty set at that sync
     std::optional<std::uint64_t> lowest_pass_bytes_;
     std::int64_t lowest_pass_ = 0;
-    std::chrono::milliseconds lowest_pass_at_{0};
     int passes_since_lowest_ = 0;
+    std::chrono::milliseconds shrinking_until_{0}; // when the first pass no smaller than the lowest began
     std::uint64_t transferred_ = 0;
     std::chrono::milliseconds moved_at_{0};
 };

@@ -156,6 +156,15 @@ asio::awaitable<Result<void>> Engine::prepare_remote_target(MigrationState& st) 
     if (!tokens)
         co_return tokens.error();
     st.tokens = std::move(*tokens);
+    // A target that does not say it set up the preempt channel (a ferryd
+    // from before it existed) gets a migration without one.
+    auto preempt = ready->find("preempt");
+    bool target_preempts = preempt != ready->end() && preempt->is_boolean() && preempt->get<bool>();
+    if (preempt_enabled(st.m.config) && !target_preempts) {
+        st.m.config.postcopy_preempt = false;
+        engine_log()->info("migration {}: node {} does not take post-copy's preempt channel; migrating without it",
+                           st.m.id, st.m.target_node);
+    }
     st.last_ping = Clock::now();
     set_phase(st, Phase::TargetReady);
     co_return Result<void>{};
@@ -474,6 +483,8 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
                                             config_.node.name));
     next->source_node = channel->peer_node;
     auto& name = next->spec.name;
+    if (next->m.config.multifd_channels < 0 || next->m.config.multifd_channels > 255)
+        co_return error_message(fmt::format("bad prepare: multifd_channels {} (0..255)", next->m.config.multifd_channels));
     if (next->channels != migration_channels(next->m.config))
         co_return error_message(fmt::format("bad prepare: {} data channels for a migration that opens {}",
                                             next->channels, migration_channels(next->m.config)));
@@ -532,7 +543,7 @@ asio::awaitable<json> Engine::handle_prepare(std::shared_ptr<Incoming>& in, cons
         tokens.push_back(peer_server_->tokens().issue(next->m.id, i));
     in = next;
     engine_log()->info("migration {}: receiving {} from {}", in->m.id, name, in->source_node);
-    json ready{{"type", "target_ready"}, {"tokens", tokens}};
+    json ready{{"type", "target_ready"}, {"tokens", tokens}, {"preempt", preempt_enabled(in->m.config)}};
     co_return ready;
 }
 

@@ -7,7 +7,8 @@
  *   hb=<ms>       heartbeat interval (default 100)
  *   halt=1        after FERRY-READY, halt the vCPU for good: an idle VM
  *   stride=<n>    visit the pages in the order 0, n, 2n, ... (mod the page
- *                 count; n must be odd): scattered writes (default 1)
+ *                 count, which n must share no factor with): scattered
+ *                 writes (default 1)
  *
  * Serial (COM1) output:
  *   FERRY-GUEST ws_base=0x1000000 ws_pages=<n> rate=<r> hb=<ms> tsc_khz=<k>
@@ -164,7 +165,7 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
     }
     if (stride == 0 || a != 1) {
         if (stride != 1)
-            puts_serial("FERRY-WARN stride shares a factor with the page count: using 1\n");
+            puts_serial("FERRY-WARN stride does not visit every page once: using 1\n");
         stride = 1;
     }
     volatile u32* ws = (volatile u32*)FERRY_GUEST_WS_BASE;

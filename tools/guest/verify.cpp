@@ -27,22 +27,24 @@ Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages, s
                           fmt::format("sweep stride {} does not visit each of {} pages once", stride, pages));
     VerifyReport r;
     r.pages = pages;
-    // The whole working set, then the pages in the order the guest sweeps them.
-    std::vector<std::uint32_t> all(static_cast<std::size_t>(pages) * FERRY_GUEST_WORDS);
-    for (std::uint32_t p = 0; p < pages; ++p)
-        if (!in.read(reinterpret_cast<char*>(all.data() + static_cast<std::size_t>(p) * FERRY_GUEST_WORDS),
-                     FERRY_GUEST_PAGE))
+    // The patterns in page order, keeping each page's pass counter; then the
+    // counters in the order the guest sweeps the pages.
+    std::vector<std::uint32_t> counter(pages);
+    std::vector<std::uint32_t> page(FERRY_GUEST_WORDS);
+    for (std::uint32_t p = 0; p < pages; ++p) {
+        if (!in.read(reinterpret_cast<char*>(page.data()), FERRY_GUEST_PAGE))
             return make_error(Errc::io, fmt::format("memory dump {} ends at page {} of {}", path, p, pages));
-    std::uint32_t prev = 0, prev_p = 0;
-    for (std::uint32_t k = 0, p = 0; k < pages; ++k, p = static_cast<std::uint32_t>((p + stride) % pages)) {
-        const std::uint32_t* page = all.data() + static_cast<std::size_t>(p) * FERRY_GUEST_WORDS;
         for (std::uint32_t w = 1; w < FERRY_GUEST_WORDS; ++w)
             if (page[w] != ferry_guest_pattern(p, w))
                 return make_error(Errc::internal,
                                   fmt::format("guest page {} word {} is {:#x}, expected {:#x}: "
                                               "page content lost or misplaced",
                                               p, w, page[w], ferry_guest_pattern(p, w)));
-        std::uint32_t c = page[0];
+        counter[p] = page[0];
+    }
+    std::uint32_t prev = 0, prev_p = 0;
+    for (std::uint32_t k = 0, p = 0; k < pages; ++k, p = static_cast<std::uint32_t>((p + stride) % pages)) {
+        std::uint32_t c = counter[p];
         if (k == 0) {
             r.max_pass = r.min_pass = c;
         } else if (c > prev) {
