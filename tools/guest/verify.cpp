@@ -6,6 +6,7 @@
 
 #include <fstream>
 #include <numeric>
+#include <optional>
 #include <regex>
 #include <vector>
 
@@ -108,26 +109,26 @@ bool guest_ready(const std::string& console_log_path) {
     return false;
 }
 
-std::uint32_t pages_from_console(const std::string& console_log_path) {
+namespace {
+// A number the guest's banner names ("FERRY-GUEST ... key=N"), if it does.
+std::optional<std::uint32_t> banner_value(const std::string& console_log_path, const char* key) {
     std::ifstream in(console_log_path);
     std::string line;
-    static const std::regex banner(R"(FERRY-GUEST .*ws_pages=(\d+))");
+    const std::regex banner(std::string(R"(FERRY-GUEST .*\b)") + key + R"(=(\d+))");
     std::smatch m;
     while (std::getline(in, line))
         if (std::regex_search(line, m, banner))
             return static_cast<std::uint32_t>(std::stoul(m[1]));
-    return 0;
+    return std::nullopt;
+}
+} // namespace
+
+std::uint32_t pages_from_console(const std::string& console_log_path) {
+    return banner_value(console_log_path, "ws_pages").value_or(0);
 }
 
 std::uint32_t stride_from_console(const std::string& console_log_path) {
-    std::ifstream in(console_log_path);
-    std::string line;
-    static const std::regex banner(R"(FERRY-GUEST .*stride=(\d+))");
-    std::smatch m;
-    while (std::getline(in, line))
-        if (std::regex_search(line, m, banner))
-            return static_cast<std::uint32_t>(std::stoul(m[1]));
-    return 1;
+    return banner_value(console_log_path, "stride").value_or(1);
 }
 
 } // namespace ferry::guest
