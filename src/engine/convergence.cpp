@@ -232,8 +232,9 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
         d.downtime_limit_ms = downtime_;
         also = fmt::format(", downtime limit raised to {} ms", downtime_);
     }
-    auto throttle = cfg_.allow_auto_converge && throttle_ < max_throttle ? throttle_needed(p) : std::nullopt;
-    if (cfg_.allow_auto_converge && throttle_ < max_throttle && (throttle || !can_postcopy)) {
+    bool can_throttle = cfg_.allow_auto_converge && throttle_ < max_throttle;
+    auto throttle = can_throttle ? throttle_needed(p) : std::nullopt;
+    if (can_throttle && (throttle || !can_postcopy)) {
         throttle_ = std::min(max_throttle, throttle.value_or(max_throttle));
         d.throttle_percent = throttle_;
         d.why = fmt::format("{}: throttling the vCPUs to {}%{}", rates(p, s.iteration), throttle_, also);
@@ -241,9 +242,7 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
     }
     if (can_postcopy) {
         auto why = fmt::format("{}: pre-copy will not converge{}; switching to post-copy", rates(p, s.iteration),
-                               cfg_.allow_auto_converge && throttle_ < max_throttle
-                                   ? " (a throttle over 99% would be needed)"
-                                   : "");
+                               can_throttle ? " (a throttle over 99% would be needed)" : "");
         auto pc = to_postcopy(why);
         pc.downtime_limit_ms = d.downtime_limit_ms;
         return pc;
