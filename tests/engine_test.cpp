@@ -13,6 +13,7 @@
 #include <gtest/gtest.h>
 
 #include <regex>
+#include <set>
 
 #include <algorithm>
 #include <csignal>
@@ -54,7 +55,9 @@ TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
     EXPECT_TRUE(has(src, "-machine", "pc,accel=tcg"));
     EXPECT_TRUE(has(src, "-qmp", "unix:/r/qmp.sock,server=on,wait=off"));
     EXPECT_TRUE(has(src, "-append", "ws=8"));
-    EXPECT_TRUE(has(src, "-drive", "file=/d.raw,format=raw,if=virtio,id=disk0,readonly=on"));
+    EXPECT_TRUE(has(src, "-blockdev", "driver=file,filename=/d.raw,node-name=disk0-file,read-only=on"));
+    EXPECT_TRUE(has(src, "-blockdev", "driver=raw,file=disk0-file,node-name=disk0,read-only=on"));
+    EXPECT_TRUE(has(src, "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev"));
     EXPECT_NE(std::find(src.begin(), src.end(), "-S"), src.end());
     EXPECT_EQ(std::find(src.begin(), src.end(), "-incoming"), src.end());
     EXPECT_EQ(src.back(), "virtio-rng-pci");
@@ -630,6 +633,37 @@ TEST_F(EngineIntegration, MigratesLiveAndGuestMemorySurvives) {
     ASSERT_TRUE(report) << report.error().message;
     EXPECT_GE(report->max_pass, 1U);
     EXPECT_EQ(vm_status(), "running");
+}
+
+TEST_F(EngineIntegration, DisksAreBlockdevNodesThatQmpCanAddressAndSurviveASameNodeMove) {
+    start();
+    auto raw = dir_ / "d0.raw", qcow = dir_ / "d1.qcow2";
+    ASSERT_EQ(std::system(("truncate -s 10000000 " + raw).c_str()), 0); // not a multiple of 4 KiB
+    ASSERT_EQ(std::system(("qemu-img create -q -f qcow2 " + qcow + " 64M").c_str()), 0);
+    auto s = spec("ws=8 rate=2 hb=50");
+    s.disks.push_back({raw, "raw", true, false});
+    s.disks.push_back({qcow, "qcow2", true, false});
+    auto vm = run(io_, engine_->create_vm(s));
+    ASSERT_TRUE(vm) << vm.error().message;
+    ASSERT_TRUE(wait_console("FERRY-HB 2 ")) << ferry::test::read_file(console_log());
+    auto nodes = [&] {
+        std::set<std::string> names;
+        auto r = run(io_, engine_->qmp_command("guest", "query-named-block-nodes", json::object()));
+        EXPECT_TRUE(r) << r.error().message;
+        if (r)
+            for (auto& n : *r)
+                names.insert(n.value("node-name", "") + ":" + n.value("drv", ""));
+        return names;
+    };
+    std::set<std::string> want{"disk0:raw", "disk0-file:file", "disk1:qcow2", "disk1-file:file"};
+    EXPECT_EQ(nodes(), want);
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    auto done = wait_final((*m)["id"]);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
+    EXPECT_EQ(nodes(), want) << "the destination QEMU has the same nodes";
+    auto report = verify();
+    ASSERT_TRUE(report) << report.error().message;
 }
 
 TEST_F(EngineIntegration, AbortMidMigrationLeavesSourceRunningAndIntact) {

@@ -2,6 +2,7 @@
 
 #include <fmt/format.h>
 
+#include <filesystem>
 #include <unistd.h>
 
 namespace ferry::engine {
@@ -34,10 +35,19 @@ std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptio
         if (spec.append)
             a.insert(a.end(), {"-append", *spec.append});
     }
+    // -blockdev with node names, so that QMP can address each disk's format
+    // node (dirty bitmaps, NBD exports): disk<i> is the format node,
+    // disk<i>-file the file or device under it.
     for (std::size_t i = 0; i < spec.disks.size(); ++i) {
         auto& d = spec.disks[i];
-        a.insert(a.end(), {"-drive", fmt::format("file={},format={},if=virtio,id=disk{}{}", d.path,
-                                                 d.format, i, d.readonly ? ",readonly=on" : "")});
+        std::error_code ec;
+        auto protocol = std::filesystem::is_block_file(d.path, ec) ? "host_device" : "file";
+        auto ro = d.readonly ? "on" : "off";
+        a.insert(a.end(), {"-blockdev", fmt::format("driver={},filename={},node-name=disk{}-file,read-only={}",
+                                                    protocol, d.path, i, ro)});
+        a.insert(a.end(), {"-blockdev", fmt::format("driver={},file=disk{}-file,node-name=disk{},read-only={}",
+                                                    d.format, i, i, ro)});
+        a.insert(a.end(), {"-device", fmt::format("virtio-blk-pci,drive=disk{},id=disk{}-dev", i, i)});
     }
     if (o.start_paused)
         a.push_back("-S");
