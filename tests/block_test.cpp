@@ -3,6 +3,7 @@
 #include "block/extent.hpp"
 #include "block/image.hpp"
 #include "block/nbd.hpp"
+#include "block/qemu_block.hpp"
 #include "block/ring.hpp"
 #include "support.hpp"
 
@@ -423,4 +424,134 @@ TEST_F(Nbd, ConnectingToNothingNamesTheSocket) {
     auto c = test::run(io_, NbdClient::connect(io_.get_executor(), dir_ / "none.sock", "disk", {}, 2s));
     ASSERT_FALSE(c);
     EXPECT_NE(c.error().message.find("none.sock"), std::string::npos) << c.error().message;
+}
+
+// --- QEMU's block layer over QMP ------------------------------------------------
+
+namespace {
+
+class QemuBlockTest : public ::testing::Test {
+protected:
+    void SetUp() override {
+        raw_ = dir_ / "d0.raw";
+        qcow_ = dir_ / "d1.qcow2";
+        make_sparse(raw_, 16 << 20);
+        ASSERT_EQ(sh("qemu-img create -q -f qcow2 " + qcow_ + " 16M"), 0);
+        auto qmp_sock = dir_ / "qmp.sock";
+        qemu_ = ::fork();
+        if (qemu_ == 0) {
+            auto b0 = "driver=file,filename=" + raw_ + ",node-name=disk0-file";
+            auto b1 = "driver=file,filename=" + qcow_ + ",node-name=disk1-file";
+            auto qmp = "unix:" + qmp_sock + ",server=on,wait=off";
+            ::execlp("qemu-system-x86_64", "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display",
+                     "none", "-S", "-qmp", qmp.c_str(), "-blockdev", b0.c_str(), "-blockdev",
+                     "driver=raw,file=disk0-file,node-name=disk0", "-blockdev", b1.c_str(), "-blockdev",
+                     "driver=qcow2,file=disk1-file,node-name=disk1", nullptr);
+            ::_exit(127);
+        }
+        auto c = test::run(io_, qmp::Client::connect_retry(io_.get_executor(), qmp_sock, 10s));
+        ASSERT_TRUE(c) << c.error().message;
+        qmp_ = *c;
+    }
+    void TearDown() override {
+        if (qemu_ > 0) {
+            ::kill(qemu_, SIGKILL);
+            ::waitpid(qemu_, nullptr, 0);
+        }
+    }
+    // Writes through QEMU (HMP qemu-io on the node), so its bitmaps see it.
+    void guest_write(const std::string& node, const std::string& what) {
+        nlohmann::json args{{"command-line", "qemu-io " + node + " \"" + what + "\""}};
+        auto r = test::run(io_, qmp_->execute("human-monitor-command", args));
+        ASSERT_TRUE(r) << r.error().message;
+    }
+
+    asio::io_context io_;
+    test::TempDir dir_;
+    std::string raw_, qcow_;
+    pid_t qemu_ = -1;
+    std::shared_ptr<qmp::Client> qmp_;
+};
+
+// Runs one QemuBlock call to completion.
+template <class F> auto call(asio::io_context& io, F f) { return test::run(io, f()); }
+
+} // namespace
+
+TEST_F(QemuBlockTest, RoundsOfDirtyBitmapsReadThroughAnExportThenNothingIsLeft) {
+    QemuBlock qb(qmp_);
+    auto node = test::run(io_, qb.format_node(raw_));
+    ASSERT_TRUE(node) << node.error().message;
+    EXPECT_EQ(*node, "disk0");
+    auto qnode = test::run(io_, qb.format_node(qcow_));
+    ASSERT_TRUE(qnode);
+    EXPECT_EQ(*qnode, "disk1");
+    auto none = test::run(io_, qb.format_node("/nowhere.raw"));
+    ASSERT_FALSE(none);
+    EXPECT_NE(none.error().message.find("/nowhere.raw"), std::string::npos);
+
+    ASSERT_TRUE(test::run(io_, qb.add_bitmap("disk0", "ferry-t-1")));
+    guest_write("disk0", "write -P 0xab 1M 64k");
+    // Round 1 ends: its bitmap freezes, round 2's records from now on.
+    ASSERT_TRUE(test::run(io_, qb.rotate_bitmap("disk0", "ferry-t-1", "ferry-t-2")));
+    guest_write("disk0", "write -P 0xcd 5M 4k");
+    auto sock = dir_ / "nbd.sock";
+    auto started = test::run(io_, qb.start_nbd(sock));
+    ASSERT_TRUE(started) << started.error().message;
+    // Only a frozen bitmap can be exported (QEMU refuses a recording one).
+    auto exported = test::run(io_, qb.add_export("ferry-t-e1", "disk0", false, {"ferry-t-1", "ferry-t-2"}));
+    ASSERT_FALSE(exported);
+    EXPECT_NE(exported.error().message.find("ferry-t-2"), std::string::npos) << exported.error().message;
+    exported = test::run(io_, qb.add_export("ferry-t-e1", "disk0", false, {"ferry-t-1"}));
+    ASSERT_TRUE(exported) << exported.error().message;
+    auto c = test::run(io_, NbdClient::connect(io_.get_executor(), sock, "ferry-t-e1",
+                                               {dirty_bitmap_context("ferry-t-1")}, 5s));
+    ASSERT_TRUE(c) << c.error().message;
+    auto r1 = test::run(io_, status_of(*c, dirty_bitmap_context("ferry-t-1")));
+    ASSERT_TRUE(r1) << r1.error().message;
+    std::vector<Extent> want1{{1 << 20, 64 << 10}};
+    EXPECT_EQ(dirty_extents(*r1), want1);
+    std::vector<std::byte> buf(4096);
+    auto read = [](std::shared_ptr<NbdClient> c, std::span<std::byte> b) -> asio::awaitable<Result<void>> {
+        co_return co_await c->pread(b, 1 << 20);
+    };
+    ASSERT_TRUE(test::run(io_, read(*c, buf)));
+    EXPECT_EQ(buf[0], std::byte{0xab});
+    // Round 2 ends the same way, its own export beside the first.
+    ASSERT_TRUE(test::run(io_, qb.rotate_bitmap("disk0", "ferry-t-2", "ferry-t-3")));
+    ASSERT_TRUE(test::run(io_, qb.add_export("ferry-t-e2", "disk0", false, {"ferry-t-2"})));
+    auto c2 = test::run(io_, NbdClient::connect(io_.get_executor(), sock, "ferry-t-e2",
+                                                {dirty_bitmap_context("ferry-t-2")}, 5s));
+    ASSERT_TRUE(c2) << c2.error().message;
+    auto r2 = test::run(io_, status_of(*c2, dirty_bitmap_context("ferry-t-2")));
+    ASSERT_TRUE(r2) << r2.error().message;
+    std::vector<Extent> want2{{5 << 20, 64 << 10}};
+    EXPECT_EQ(dirty_extents(*r2), want2);
+    ASSERT_TRUE(test::run(io_, qb.remove_export("ferry-t-e2")));
+    std::vector<std::string> left{"ferry-t-e1"};
+    EXPECT_EQ(*test::run(io_, qb.exports()), left);
+    // A failed round's blocks go back into the running bitmap.
+    ASSERT_TRUE(test::run(io_, qb.merge_bitmap("disk0", "ferry-t-2", "ferry-t-3")));
+    ASSERT_TRUE(test::run(io_, qb.remove_bitmap("disk0", "ferry-t-2")));
+    auto listed = test::run(io_, qb.bitmaps("disk0"));
+    ASSERT_TRUE(listed);
+    std::vector<std::string> two{"ferry-t-1", "ferry-t-3"};
+    std::sort(listed->begin(), listed->end());
+    EXPECT_EQ(*listed, two);
+
+    // A crash leaves all of it: the sweep removes exactly ferry's.
+    ASSERT_TRUE(test::run(io_, qb.add_bitmap("disk1", "user-bitmap")));
+    auto swept = test::run(io_, qb.sweep("ferry-", true));
+    ASSERT_TRUE(swept) << swept.error().message;
+    EXPECT_NE(swept->find("export ferry-t-e1"), std::string::npos) << *swept;
+    EXPECT_NE(swept->find("bitmap ferry-t-1"), std::string::npos) << *swept;
+    EXPECT_NE(swept->find("NBD server"), std::string::npos) << *swept;
+    EXPECT_TRUE(test::run(io_, qb.exports())->empty());
+    EXPECT_TRUE(test::run(io_, qb.bitmaps("disk0"))->empty());
+    std::vector<std::string> user{"user-bitmap"};
+    EXPECT_EQ(*test::run(io_, qb.bitmaps("disk1")), user);
+    // Nothing left: a second sweep is a no-op, not an error.
+    auto again = test::run(io_, qb.sweep("ferry-", true));
+    ASSERT_TRUE(again) << again.error().message;
+    EXPECT_EQ(*again, "");
 }

@@ -1,0 +1,201 @@
+#include "block/qemu_block.hpp"
+
+#include <fmt/format.h>
+
+namespace ferry::block {
+
+namespace asio = boost::asio;
+using json = nlohmann::json;
+
+namespace {
+
+// The image file a node reads (for a format node, its top image).
+std::string file_of(const json& node) { return node.value("file", ""); }
+
+bool starts_with(const std::string& s, const std::string& prefix) { return s.rfind(prefix, 0) == 0; }
+
+} // namespace
+
+asio::awaitable<Result<std::string>> QemuBlock::format_node(std::string path) {
+    json flat{{"flat", true}};
+    auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
+    if (!nodes)
+        co_return nodes.error().wrap(fmt::format("finding the block node of {}", path));
+    // The format node is the one whose file is `path` and that no other
+    // node with that file sits above: the protocol node's driver is file or
+    // host_device, the format node's raw or qcow2.
+    for (auto& n : *nodes) {
+        auto drv = n.value("drv", "");
+        if ((drv == "raw" || drv == "qcow2") && file_of(n) == path)
+            co_return n.value("node-name", "");
+    }
+    co_return make_error(Errc::not_found, fmt::format("no block node of this QEMU reads {}", path));
+}
+
+asio::awaitable<Result<void>> QemuBlock::add_bitmap(std::string node, std::string name, std::uint32_t granularity) {
+    json args{{"node", node}, {"name", name}, {"granularity", granularity}, {"persistent", false}};
+    auto r = co_await qmp_->execute("block-dirty-bitmap-add", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("adding dirty bitmap {} to {}", name, node));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> QemuBlock::rotate_bitmap(std::string node, std::string current, std::string next,
+                                                       std::uint32_t granularity) {
+    json add{{"type", "block-dirty-bitmap-add"},
+             {"data", {{"node", node}, {"name", next}, {"granularity", granularity}, {"persistent", false}}}};
+    json disable{{"type", "block-dirty-bitmap-disable"}, {"data", {{"node", node}, {"name", current}}}};
+    json args{{"actions", json::array({add, disable})}};
+    auto r = co_await qmp_->execute("transaction", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("starting dirty bitmap {} on {}", next, node));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> QemuBlock::merge_bitmap(std::string node, std::string from, std::string into) {
+    json args{{"node", node}, {"target", into}, {"bitmaps", json::array({from})}};
+    auto r = co_await qmp_->execute("block-dirty-bitmap-merge", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("merging dirty bitmap {} into {} on {}", from, into, node));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> QemuBlock::remove_bitmap(std::string node, std::string name) {
+    json args{{"node", node}, {"name", name}};
+    auto r = co_await qmp_->execute("block-dirty-bitmap-remove", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("removing dirty bitmap {} from {}", name, node));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<std::vector<std::string>>> QemuBlock::bitmaps(std::string node) {
+    json flat{{"flat", true}};
+    auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
+    if (!nodes)
+        co_return nodes.error().wrap("listing dirty bitmaps");
+    std::vector<std::string> out;
+    for (auto& n : *nodes) {
+        if (n.value("node-name", "") != node)
+            continue;
+        auto bm = n.find("dirty-bitmaps");
+        if (bm != n.end() && bm->is_array())
+            for (auto& b : *bm)
+                out.push_back(b.value("name", ""));
+    }
+    co_return out;
+}
+
+asio::awaitable<Result<void>> QemuBlock::start_nbd(std::string socket) {
+    // nbd-server-start takes the legacy socket address form.
+    json args{{"addr", {{"type", "unix"}, {"data", {{"path", socket}}}}}};
+    auto r = co_await qmp_->execute("nbd-server-start", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("starting QEMU's NBD server on {}", socket));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> QemuBlock::stop_nbd() {
+    auto r = co_await qmp_->execute("nbd-server-stop");
+    if (!r)
+        co_return r.error().wrap("stopping QEMU's NBD server");
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> QemuBlock::add_export(std::string name, std::string node, bool writable,
+                                                    std::vector<std::string> bitmaps) {
+    json args{{"type", "nbd"}, {"id", name}, {"node-name", node}, {"name", name}, {"writable", writable}};
+    if (!bitmaps.empty())
+        args["bitmaps"] = bitmaps;
+    auto r = co_await qmp_->execute("block-export-add", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("exporting {} as {}", node, name));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> QemuBlock::remove_export(std::string name) {
+    // Hard: clients still connected are cut off.
+    json args{{"id", name}, {"mode", "hard"}};
+    auto r = co_await qmp_->execute("block-export-del", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("removing export {}", name));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<std::vector<std::string>>> QemuBlock::exports() {
+    auto r = co_await qmp_->execute("query-block-exports");
+    if (!r)
+        co_return r.error().wrap("listing exports");
+    std::vector<std::string> out;
+    for (auto& e : *r)
+        out.push_back(e.value("id", ""));
+    co_return out;
+}
+
+asio::awaitable<Result<void>> QemuBlock::throttle_writes(std::string device, std::string group,
+                                                         std::uint64_t bytes_per_second) {
+    json args{{"id", device}, {"bps", 0},   {"bps_rd", 0},  {"bps_wr", bytes_per_second},
+              {"iops", 0},    {"iops_rd", 0}, {"iops_wr", 0}, {"group", group}};
+    auto r = co_await qmp_->execute("block_set_io_throttle", args);
+    if (!r)
+        co_return r.error().wrap(fmt::format("setting the write throttle of {}", device));
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<std::string>> QemuBlock::sweep(std::string prefix, bool stop_server) {
+    std::vector<std::string> removed;
+    auto ex = co_await exports();
+    if (!ex)
+        co_return ex.error();
+    for (auto& name : *ex) {
+        if (!starts_with(name, prefix))
+            continue;
+        auto r = co_await remove_export(name);
+        if (!r)
+            co_return r.error();
+        removed.push_back("export " + name);
+    }
+    json flat{{"flat", true}};
+    auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
+    if (!nodes)
+        co_return nodes.error().wrap("sweeping dirty bitmaps");
+    for (auto& n : *nodes) {
+        auto bm = n.find("dirty-bitmaps");
+        if (bm == n.end() || !bm->is_array())
+            continue;
+        for (auto& b : *bm) {
+            auto name = b.value("name", "");
+            if (!starts_with(name, prefix))
+                continue;
+            auto r = co_await remove_bitmap(n.value("node-name", ""), name);
+            if (!r)
+                co_return r.error();
+            removed.push_back("bitmap " + name);
+        }
+    }
+    auto block = co_await qmp_->execute("query-block");
+    if (!block)
+        co_return block.error().wrap("sweeping throttles");
+    for (auto& dev : *block) {
+        auto inserted = dev.find("inserted");
+        if (inserted == dev.end() || !starts_with(inserted->value("group", ""), prefix))
+            continue;
+        auto qdev = dev.value("qdev", "");
+        auto r = co_await throttle_writes(qdev, inserted->value("group", ""), 0);
+        if (!r)
+            co_return r.error();
+        removed.push_back("throttle of " + qdev);
+    }
+    if (stop_server) {
+        auto r = co_await stop_nbd();
+        if (r)
+            removed.push_back("NBD server");
+        else if (r.error().message.find("not running") == std::string::npos)
+            co_return r.error();
+    }
+    std::string out;
+    for (auto& r : removed)
+        out += (out.empty() ? "" : ", ") + r;
+    co_return out;
+}
+
+} // namespace ferry::block
