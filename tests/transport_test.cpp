@@ -1,6 +1,7 @@
 // src/transport: framing, tokens, shaping and PKI as units; the peer
 // endpoint's security against real TLS clients over loopback.
 #include "support.hpp"
+#include "transport/disk_record.hpp"
 #include "transport/frame.hpp"
 #include "transport/peer_server.hpp"
 #include "transport/pki.hpp"
@@ -18,6 +19,7 @@
 #include <openssl/ssl.h>
 
 #include <filesystem>
+#include <functional>
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
@@ -77,6 +79,44 @@ TEST(Frame, RejectsOversizeAndGarbage) {
 }
 
 // --- tokens ------------------------------------------------------------------
+
+TEST(DiskRecord, RoundTripsEveryKind) {
+    using K = DiskRecordKind;
+    for (auto r : {DiskRecord{K::data, 3, 1, 4096, max_disk_payload, 2}, DiskRecord{K::zero, 0, 2, 1ULL << 40, 1ULL << 33, 7},
+                   DiskRecord{K::round_end, 63, 3, 0, 0, 9}, DiskRecord{K::ack, 0, ~0ULL, 0, 0, 0}}) {
+        auto bytes = encode_disk_record(r);
+        auto back = decode_disk_record(bytes);
+        ASSERT_TRUE(back) << back.error().message;
+        EXPECT_EQ(*back, r) << to_string(r.kind);
+    }
+}
+
+TEST(DiskRecord, RejectsWhatAHeaderCanGetWrong) {
+    auto why = [](DiskRecord r, std::function<void(std::array<std::byte, disk_record_size>&)> poke = {}) {
+        auto bytes = encode_disk_record(r);
+        if (poke)
+            poke(bytes);
+        auto d = decode_disk_record(bytes);
+        return d ? std::string("accepted") : d.error().message;
+    };
+    using K = DiskRecordKind;
+    EXPECT_NE(why({K::data, 0, 1, 0, 0, 1}).find("a data record of 0 bytes"), std::string::npos);
+    EXPECT_NE(why({K::data, 0, 1, 0, max_disk_payload + 1, 1}).find("a data record of"), std::string::npos);
+    EXPECT_NE(why({K::zero, 0, 1, 0, 0, 1}).find("empty zero record"), std::string::npos);
+    EXPECT_NE(why({K::ack, 0, 1, 5, 0, 1}).find("ack record with an offset"), std::string::npos);
+    EXPECT_NE(why({K::zero, 0, 1, ~0ULL - 10, 4096, 1}).find("overflows"), std::string::npos);
+    EXPECT_NE(why({K::zero, max_disks, 1, 0, 1, 1}).find("at most 64 disks"), std::string::npos);
+    EXPECT_NE(why({K::zero, 0, 1, 0, 1, 1}, [](auto& b) { b[0] = std::byte{'X'}; }).find("bad magic"),
+              std::string::npos);
+    EXPECT_NE(why({K::zero, 0, 1, 0, 1, 1}, [](auto& b) { b[2] = std::byte{9}; }).find("unknown record kind 9"),
+              std::string::npos);
+    EXPECT_NE(why({K::zero, 0, 1, 0, 1, 1}, [](auto& b) { b[39] = std::byte{1}; }).find("reserved"),
+              std::string::npos);
+    std::array<std::byte, 12> short_header{};
+    auto s = decode_disk_record(short_header);
+    ASSERT_FALSE(s);
+    EXPECT_EQ(s.error().code, ferry::Errc::protocol);
+}
 
 TEST(Tokens, SingleUseAndRevocable) {
     TokenRegistry reg;
