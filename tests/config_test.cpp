@@ -198,6 +198,53 @@ std::string problems(const std::string& text) {
 }
 } // namespace
 
+TEST(NodeConfig, BlockPathMapPicksTheLongestDirectoryAbove) {
+    auto c = parse_node_config(R"([node]
+name = "b"
+[block]
+create_command = "lvcreate -y -L {size}b -n {name} vg0"
+[[block.path_map]]
+from = "/var/lib/images/"
+to = "/srv/b/images"
+[[block.path_map]]
+from = "/var/lib/images/fast"
+to = "/nvme"
+)", "n.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->block.create_command, "lvcreate -y -L {size}b -n {name} vg0");
+    ASSERT_EQ(c->block.path_map.size(), 2U);
+    EXPECT_EQ(c->block.path_map[0].from, "/var/lib/images");
+    EXPECT_EQ(map_disk_path(c->block, "/var/lib/images/web.raw"), "/srv/b/images/web.raw");
+    EXPECT_EQ(map_disk_path(c->block, "/var/lib/images/fast/db.qcow2"), "/nvme/db.qcow2");
+    EXPECT_EQ(map_disk_path(c->block, "/var/lib/images"), "/srv/b/images");
+    // A directory boundary, not a string prefix.
+    EXPECT_EQ(map_disk_path(c->block, "/var/lib/images2/x.raw"), "/var/lib/images2/x.raw");
+    EXPECT_EQ(map_disk_path(c->block, "/dev/vg0/web"), "/dev/vg0/web");
+    BlockSection root{{{"/", "/mnt/b"}}, ""};
+    EXPECT_EQ(map_disk_path(root, "/a/b.raw"), "/mnt/b/a/b.raw");
+    EXPECT_EQ(map_disk_path(BlockSection{}, "/a/b.raw"), "/a/b.raw");
+}
+
+TEST(NodeConfig, BlockPathMapErrorsNameTheLine) {
+    auto c = parse_node_config(R"([node]
+name = "b"
+[[block.path_map]]
+from = "images"
+to = "/srv"
+[[block.path_map]]
+from = "/x"
+[[block.path_map]]
+from = "/x/"
+to = "/y"
+)", "n.toml");
+    ASSERT_FALSE(c);
+    auto msg = c.error().message;
+    EXPECT_NE(msg.find("n.toml:4: key 'block.path_map[0].from': \"images\" is not an absolute path"), std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("missing required key 'block.path_map[1].to'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("key 'block.path_map[2].from': \"/x\" is already block.path_map[1]"), std::string::npos) << msg;
+}
+
 TEST(NodeConfig, RefusesPeersThatCannotWork) {
     auto p = problems(R"([node]
 name = "node-a"

@@ -124,6 +124,54 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     r.finish();
 }
 
+std::string trim_slashes(std::string p) {
+    while (p.size() > 1 && p.back() == '/')
+        p.pop_back();
+    return p;
+}
+
+void read_block(const toml::table& t, Problems& p, BlockSection& b) {
+    TableReader r(t, p, "block");
+    r.get("create_command", b.create_command);
+    if (auto* n = r.node("path_map")) {
+        auto* arr = n->as_array();
+        if (!arr) {
+            p.add(n->source(), "key 'block.path_map': expected an array of tables ([[block.path_map]])");
+        } else {
+            for (std::size_t i = 0; i < arr->size(); ++i) {
+                auto* e = arr->get(i)->as_table();
+                auto key = fmt::format("block.path_map[{}]", i);
+                if (!e) {
+                    p.add(arr->get(i)->source(), fmt::format("key '{}': expected a table", key));
+                    continue;
+                }
+                TableReader er(*e, p, key);
+                DiskPathMap m;
+                if (er.require("from"))
+                    er.get("from", m.from);
+                if (er.require("to"))
+                    er.get("to", m.to);
+                er.finish();
+                for (auto [field, value] : {std::pair{"from", &m.from}, std::pair{"to", &m.to}}) {
+                    if (value->empty() || (*value)[0] == '/')
+                        continue;
+                    auto* v = e->get(field);
+                    p.add(v ? v->source() : e->source(),
+                          fmt::format("key '{}.{}': \"{}\" is not an absolute path", key, field, *value));
+                }
+                m.from = trim_slashes(m.from);
+                m.to = trim_slashes(m.to);
+                for (std::size_t k = 0; k < b.path_map.size(); ++k)
+                    if (!m.from.empty() && b.path_map[k].from == m.from)
+                        p.add(e->source(), fmt::format("key '{}.from': \"{}\" is already block.path_map[{}]", key,
+                                                       m.from, k));
+                b.path_map.push_back(m);
+            }
+        }
+    }
+    r.finish();
+}
+
 void check_peer(const toml::table& t, Problems& p, std::size_t i, const Peer& peer, const NodeConfig& c) {
     if (auto* n = t.get("name"); n && n->is_string()) {
         if (!valid_node_name(peer.name))
@@ -141,7 +189,7 @@ void check_peer(const toml::table& t, Problems& p, std::size_t i, const Peer& pe
 
 // Line numbers of the keys that later checks (files, sockets) may name.
 void record_lines(const toml::table& root, NodeConfig& c) {
-    for (auto section : {"node", "tls", "migration"}) {
+    for (auto section : {"node", "tls", "migration", "block"}) {
         auto* t = root.get(section) ? root.get(section)->as_table() : nullptr;
         if (!t)
             continue;
@@ -180,6 +228,8 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
     }
     if (auto* t = subtable(r, "migration"))
         read_migration(*t, p, c.migration);
+    if (auto* t = subtable(r, "block"))
+        read_block(*t, p, c.block);
     if (auto* n = r.node("peers")) {
         auto* arr = n->as_array();
         if (!arr) {
@@ -246,6 +296,23 @@ Result<void> check_address(std::string_view address) {
 std::size_t max_vm_name_length(const std::string& state_dir) {
     auto used = state_dir.size() + run_path_overhead;
     return used >= max_socket_path ? 0 : std::min<std::size_t>(63, max_socket_path - used);
+}
+
+std::string map_disk_path(const BlockSection& block, const std::string& path) {
+    const DiskPathMap* best = nullptr;
+    for (auto& m : block.path_map) {
+        if (m.from.empty())
+            continue;
+        bool under = path == m.from || (path.rfind(m.from, 0) == 0 && (m.from == "/" || path[m.from.size()] == '/'));
+        if (under && (!best || m.from.size() > best->from.size()))
+            best = &m;
+    }
+    if (!best)
+        return path;
+    auto rest = path.substr(best->from == "/" ? 0 : best->from.size());
+    if (best->to == "/")
+        return rest.empty() ? "/" : rest;
+    return best->to + rest;
 }
 
 std::string NodeConfig::where(const std::string& key) const {

@@ -54,10 +54,31 @@ struct Peer {
     std::string address;
 };
 
+// Where a mirrored disk lands on this node: a disk arriving at a path under
+// `from` is written under `to` instead ([[block.path_map]]).
+struct DiskPathMap {
+    std::string from;
+    std::string to;
+};
+
+struct BlockSection {
+    std::vector<DiskPathMap> path_map;
+    // Run (through /bin/sh) to create a missing target block device, with
+    // {path}, {name} (its file name) and {size} (bytes) filled in; empty:
+    // block devices must exist on the target.
+    std::string create_command;
+};
+
+// The path a disk at `path` on the source gets on this node: the longest
+// `from` that is `path` or a directory above it, replaced by its `to`; the
+// same path when none matches.
+std::string map_disk_path(const BlockSection& block, const std::string& path);
+
 struct NodeConfig {
     NodeSection node;
     TlsSection tls;
     MigrationConfig migration;
+    BlockSection block;
     std::vector<Peer> peers;
 
     std::string file;                         // where it was read from
