@@ -5,6 +5,7 @@
 #include "block/nbd.hpp"
 #include "block/qemu_block.hpp"
 #include "block/ring.hpp"
+#include "block/target_image.hpp"
 #include "support.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -12,6 +13,7 @@
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <cstdlib>
@@ -554,4 +556,58 @@ TEST_F(QemuBlockTest, RoundsOfDirtyBitmapsReadThroughAnExportThenNothingIsLeft) 
     auto again = test::run(io_, qb.sweep("ferry-", true));
     ASSERT_TRUE(again) << again.error().message;
     EXPECT_EQ(*again, "");
+}
+
+// --- target images ---------------------------------------------------------------
+
+TEST(TargetImage, CreatesMissingImagesSparseAndChecksExistingOnes) {
+    test::TempDir dir;
+    const std::uint64_t size = (4ULL << 30) + 512; // over 4 GiB, not a multiple of 4 KiB
+    auto raw = dir / "a.raw";
+    auto made = prepare_target_image(raw, "raw", size, "");
+    ASSERT_TRUE(made) << made.error().message;
+    EXPECT_TRUE(made->created);
+    EXPECT_EQ(std::filesystem::file_size(raw), size);
+    EXPECT_LT(allocated_bytes(raw), 1u << 20) << "created sparse";
+    auto again = prepare_target_image(raw, "raw", size, "");
+    ASSERT_TRUE(again) << again.error().message;
+    EXPECT_FALSE(again->created);
+
+    auto qcow = dir / "b.qcow2";
+    made = prepare_target_image(qcow, "qcow2", 64 << 20, "");
+    ASSERT_TRUE(made) << made.error().message;
+    auto info = inspect_image(qcow);
+    ASSERT_TRUE(info);
+    EXPECT_EQ(info->format, "qcow2");
+    EXPECT_EQ(info->virtual_size, 64u << 20);
+
+    auto wrong_size = prepare_target_image(raw, "raw", size + 512, "");
+    ASSERT_FALSE(wrong_size);
+    EXPECT_EQ(wrong_size.error().message,
+              fmt::format("target image {} holds {} bytes, the disk {} bytes", raw, size, size + 512));
+    auto wrong_format = prepare_target_image(qcow, "raw", 64 << 20, "");
+    ASSERT_FALSE(wrong_format);
+    EXPECT_NE(wrong_format.error().message.find("is qcow2, the disk is raw"), std::string::npos);
+    auto no_dir = prepare_target_image(dir / "missing/x.raw", "raw", 4096, "");
+    ASSERT_FALSE(no_dir);
+    EXPECT_NE(no_dir.error().message.find("does not exist"), std::string::npos) << no_dir.error().message;
+}
+
+TEST(TargetImage, TheCreateCommandGetsQuotedPathNameAndSize) {
+    test::TempDir dir;
+    auto path = dir / "it's a volume";
+    auto made = prepare_target_image(path, "raw", 1 << 20, "truncate -s {size} {path} && echo {name} > " +
+                                                               shell_quote(dir / "log"));
+    ASSERT_TRUE(made) << made.error().message;
+    EXPECT_TRUE(made->created);
+    EXPECT_EQ(std::filesystem::file_size(path), 1u << 20);
+    EXPECT_EQ(test::read_file(dir / "log"), "it's a volume\n");
+    auto failing = prepare_target_image(dir / "v2", "raw", 1 << 20, "echo no space left >&2; exit 5");
+    ASSERT_FALSE(failing);
+    EXPECT_NE(failing.error().message.find("create_command"), std::string::npos) << failing.error().message;
+    EXPECT_NE(failing.error().message.find("exit status 5): no space left"), std::string::npos)
+        << failing.error().message;
+    auto wrong = prepare_target_image(dir / "v3", "raw", 1 << 20, "truncate -s 4096 {path}");
+    ASSERT_FALSE(wrong);
+    EXPECT_NE(wrong.error().message.find("raw of 4096 bytes"), std::string::npos) << wrong.error().message;
 }

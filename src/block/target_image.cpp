@@ -1,0 +1,134 @@
+#include "block/target_image.hpp"
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+#include <cerrno>
+#include <cstring>
+#include <fcntl.h>
+#include <filesystem>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace ferry::block {
+
+namespace fs = std::filesystem;
+
+std::string shell_quote(const std::string& s) {
+    std::string out = "'";
+    for (char c : s) {
+        if (c == '\'')
+            out += "'\\''";
+        else
+            out += c;
+    }
+    return out + "'";
+}
+
+Result<std::string> run_tool(const std::vector<std::string>& argv) {
+    int pipefd[2];
+    if (::pipe2(pipefd, O_CLOEXEC) < 0)
+        return make_error(Errc::io, fmt::format("{}: pipe: {}", argv[0], std::strerror(errno)));
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0);
+    posix_spawn_file_actions_adddup2(&actions, pipefd[1], 1);
+    posix_spawn_file_actions_adddup2(&actions, pipefd[1], 2);
+    std::vector<char*> args;
+    for (auto& a : argv)
+        args.push_back(const_cast<char*>(a.c_str()));
+    args.push_back(nullptr);
+    pid_t pid = -1;
+    int rc = ::posix_spawnp(&pid, argv[0].c_str(), &actions, nullptr, args.data(), environ);
+    posix_spawn_file_actions_destroy(&actions);
+    ::close(pipefd[1]);
+    if (rc != 0) {
+        ::close(pipefd[0]);
+        return make_error(Errc::io, fmt::format("running {}: {}", argv[0], std::strerror(rc)));
+    }
+    std::string out;
+    char buf[4096];
+    for (;;) {
+        auto n = ::read(pipefd[0], buf, sizeof buf);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        if (out.size() < (1 << 20))
+            out.append(buf, static_cast<std::size_t>(n));
+    }
+    ::close(pipefd[0]);
+    int status = 0;
+    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    }
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
+        while (!out.empty() && (out.back() == '\n' || out.back() == ' '))
+            out.pop_back();
+        auto how = WIFEXITED(status) ? fmt::format("exit status {}", WEXITSTATUS(status))
+                                     : fmt::format("signal {}", WTERMSIG(status));
+        return make_error(Errc::io, fmt::format("{} failed ({}): {}", argv[0], how, out));
+    }
+    return out;
+}
+
+Result<ImageInfo> inspect_image(const std::string& path) {
+    auto out = run_tool({"qemu-img", "info", "--output=json", "-U", path});
+    if (!out)
+        return out.error().wrap(fmt::format("inspecting {}", path));
+    auto j = nlohmann::json::parse(*out, nullptr, false);
+    if (!j.is_object() || !j.contains("format") || !j["virtual-size"].is_number_unsigned())
+        return make_error(Errc::protocol, fmt::format("inspecting {}: qemu-img info printed no image", path));
+    return ImageInfo{j.value("format", ""), j["virtual-size"].get<std::uint64_t>(),
+                     j.value("actual-size", std::uint64_t{0})};
+}
+
+Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
+                                           const std::string& create_command) {
+    std::error_code ec;
+    if (fs::exists(path, ec)) {
+        auto info = inspect_image(path);
+        if (!info)
+            return info.error();
+        if (info->format != format)
+            return make_error(Errc::conflict, fmt::format("target image {} is {}, the disk is {}", path,
+                                                          info->format, format));
+        if (info->virtual_size != size)
+            return make_error(Errc::conflict, fmt::format("target image {} holds {} bytes, the disk {} bytes", path,
+                                                          info->virtual_size, size));
+        return PreparedImage{false};
+    }
+    auto dir = fs::path(path).parent_path();
+    if (!dir.empty() && !fs::is_directory(dir, ec))
+        return make_error(Errc::not_found, fmt::format("target image {}: directory {} does not exist", path,
+                                                       dir.string()));
+    if (format == "raw" && !create_command.empty()) {
+        auto cmd = create_command;
+        auto fill = [&](const std::string& key, const std::string& value) {
+            for (auto at = cmd.find(key); at != std::string::npos; at = cmd.find(key, at + value.size()))
+                cmd.replace(at, key.size(), value);
+        };
+        fill("{path}", shell_quote(path));
+        fill("{name}", shell_quote(fs::path(path).filename().string()));
+        fill("{size}", std::to_string(size));
+        auto r = run_tool({"/bin/sh", "-c", cmd});
+        if (!r)
+            return r.error().wrap(fmt::format("creating target image {} ([block] create_command)", path));
+    } else {
+        auto r = run_tool({"qemu-img", "create", "-q", "-f", format, path, std::to_string(size)});
+        if (!r)
+            return r.error().wrap(fmt::format("creating target image {}", path));
+    }
+    // Whatever made it, it must now be what the disk needs.
+    auto info = inspect_image(path);
+    if (!info)
+        return info.error();
+    if (info->format != format || info->virtual_size != size)
+        return make_error(Errc::conflict, fmt::format("created target image {} is {} of {} bytes, the disk {} of {}",
+                                                      path, info->format, info->virtual_size, format, size));
+    return PreparedImage{true};
+}
+
+} // namespace ferry::block

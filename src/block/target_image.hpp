@@ -1,0 +1,40 @@
+#pragma once
+// The target node's side of a mirrored disk before anything moves: an image
+// of the right format and virtual size at the mapped path, created when it
+// is missing (qemu-img, sparse; or the configured create command for raw
+// volumes), checked when it exists. Blocking: run it off the event loop.
+#include "common/error.hpp"
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace ferry::block {
+
+struct ImageInfo {
+    std::string format;             // as qemu-img probes it
+    std::uint64_t virtual_size = 0; // what the guest sees
+    std::uint64_t actual_size = 0;  // allocated on the host
+};
+
+// qemu-img info (with -U: a running QEMU may hold the image).
+Result<ImageInfo> inspect_image(const std::string& path);
+
+struct PreparedImage {
+    bool created = false; // ferry made it, so a failed migration removes it
+};
+
+// An existing image must have `format` and `size`; a missing one is created:
+// raw with create_command when set ({path}, {name}, {size} filled in, shell
+// quoted), else qemu-img create. Errors name the path and both sizes.
+Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
+                                           const std::string& create_command);
+
+// Runs argv[0] (searched in PATH) and returns what it printed on stdout and
+// stderr; a failure names the program, its exit status and its output.
+Result<std::string> run_tool(const std::vector<std::string>& argv);
+
+// 'it''s' quoting for /bin/sh.
+std::string shell_quote(const std::string& s);
+
+} // namespace ferry::block
