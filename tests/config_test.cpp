@@ -138,20 +138,26 @@ extra_args = ["-device", "virtio-rng-pci"]
 path = "/var/lib/images/web-1.raw"
 format = "raw"
 shared = true
+[[disks]]
+path = "/var/lib/images/legacy.raw"
+bus = "ide"
 )", "vm.toml");
     ASSERT_TRUE(s) << s.error().message;
     EXPECT_EQ(s->memory, 1ULL << 30);
     EXPECT_EQ(s->cpus, 2);
     EXPECT_EQ(s->labels.at("app"), "web");
     EXPECT_EQ(s->node_selector.at("zone"), "a");
-    ASSERT_EQ(s->disks.size(), 1U);
+    ASSERT_EQ(s->disks.size(), 2U);
     EXPECT_TRUE(s->disks[0].shared);
+    EXPECT_EQ(s->disks[0].bus, "virtio");
+    EXPECT_EQ(s->disks[1].bus, "ide");
     EXPECT_EQ(s->extra_args.size(), 2U);
     // JSON round trip (VM records)
     nlohmann::json j = *s;
     auto back = j.get<VmSpec>();
     EXPECT_EQ(back.memory, s->memory);
     EXPECT_EQ(back.disks[0].path, s->disks[0].path);
+    EXPECT_EQ(back.disks[1].bus, "ide");
     EXPECT_EQ(*back.append, "console=ttyS0");
 }
 
@@ -162,6 +168,7 @@ cpus = "two"
 [[disks]]
 format = "vmdk"
 colour = "red"
+bus = "scsi"
 )", "vm.toml");
     ASSERT_FALSE(s);
     auto msg = s.error().message;
@@ -171,6 +178,7 @@ colour = "red"
     EXPECT_NE(msg.find("missing required key 'disks[0].path'"), std::string::npos) << msg;
     EXPECT_NE(msg.find("vm.toml:5: key 'disks[0].format': \"vmdk\" is not raw or qcow2"), std::string::npos) << msg;
     EXPECT_NE(msg.find("vm.toml:6: unknown key 'disks[0].colour'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:7: key 'disks[0].bus': \"scsi\" is not virtio or ide"), std::string::npos) << msg;
 }
 
 TEST(VmSpec, RequiresNameAndMemory) {

@@ -58,6 +58,9 @@ TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
     EXPECT_TRUE(has(src, "-blockdev", "driver=file,filename=/d.raw,node-name=disk0-file,read-only=on"));
     EXPECT_TRUE(has(src, "-blockdev", "driver=raw,file=disk0-file,node-name=disk0,read-only=on"));
     EXPECT_TRUE(has(src, "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev"));
+    spec.disks.push_back({"/e.raw", "raw", true, false, "ide"});
+    EXPECT_TRUE(has(qemu_args(spec, o), "-device", "ide-hd,drive=disk1,id=disk1-dev,bus=ide.0,unit=0"));
+    spec.disks.pop_back();
     EXPECT_NE(std::find(src.begin(), src.end(), "-S"), src.end());
     EXPECT_EQ(std::find(src.begin(), src.end(), "-incoming"), src.end());
     EXPECT_EQ(src.back(), "virtio-rng-pci");

@@ -5,6 +5,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 namespace ferry::config {
 
 bool valid_vm_name(std::string_view name) {
@@ -26,6 +28,9 @@ void read_disk(const toml::table& t, Problems& p, std::size_t i, DiskSpec& d) {
     r.get("format", d.format);
     r.get("shared", d.shared);
     r.get("readonly", d.readonly);
+    r.get("bus", d.bus);
+    if (d.bus != "virtio" && d.bus != "ide")
+        p.add(t.get("bus")->source(), fmt::format("key 'disks[{}].bus': \"{}\" is not virtio or ide", i, d.bus));
     if (d.format != "raw" && d.format != "qcow2")
         p.add(t.get("format")->source(),
               fmt::format("key 'disks[{}].format': \"{}\" is not raw or qcow2", i, d.format));
@@ -112,6 +117,9 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
                 read_disk(*t, p, i, d);
                 s.disks.push_back(d);
             }
+            auto ide = std::count_if(s.disks.begin(), s.disks.end(), [](const DiskSpec& d) { return d.bus == "ide"; });
+            if (ide > 4)
+                p.add(n->source(), fmt::format("key 'disks': {} ide disks, the machine has 4 IDE slots", ide));
         }
     }
     if ((s.initrd || s.append) && !s.kernel)
@@ -155,12 +163,17 @@ Result<void> validate_vm_spec(const VmSpec& s) {
         auto& d = s.disks[i];
         if ((d.format != "raw" && d.format != "qcow2") || d.path.empty() || d.path.find(',') != std::string::npos)
             return bad(fmt::format("disks[{}] is not a raw or qcow2 disk with a path free of commas", i));
+        if (d.bus != "virtio" && d.bus != "ide")
+            return bad(fmt::format("disks[{}].bus \"{}\" is not virtio or ide", i, d.bus));
     }
+    auto ide = std::count_if(s.disks.begin(), s.disks.end(), [](const DiskSpec& d) { return d.bus == "ide"; });
+    if (ide > 4)
+        return bad(fmt::format("{} ide disks: the machine has 4 IDE slots", ide));
     return {};
 }
 
 void to_json(nlohmann::json& j, const DiskSpec& d) {
-    j = {{"path", d.path}, {"format", d.format}, {"shared", d.shared}, {"readonly", d.readonly}};
+    j = {{"path", d.path}, {"format", d.format}, {"shared", d.shared}, {"readonly", d.readonly}, {"bus", d.bus}};
 }
 
 void from_json(const nlohmann::json& j, DiskSpec& d) {
@@ -168,6 +181,7 @@ void from_json(const nlohmann::json& j, DiskSpec& d) {
     d.format = j.value("format", "raw");
     d.shared = j.value("shared", true);
     d.readonly = j.value("readonly", false);
+    d.bus = j.value("bus", "virtio");
 }
 
 void to_json(nlohmann::json& j, const VmSpec& s) {

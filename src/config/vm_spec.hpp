@@ -17,6 +17,7 @@ struct DiskSpec {
     std::string format = "raw"; // raw | qcow2
     bool shared = true;         // false: ferry mirrors it (block migration)
     bool readonly = false;
+    std::string bus = "virtio"; // virtio (virtio-blk) | ide (for guests without virtio drivers)
 };
 
 struct VmSpec {

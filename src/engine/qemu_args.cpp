@@ -38,6 +38,7 @@ std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptio
     // -blockdev with node names, so that QMP can address each disk's format
     // node (dirty bitmaps, NBD exports): disk<i> is the format node,
     // disk<i>-file the file or device under it.
+    int ide = 0;
     for (std::size_t i = 0; i < spec.disks.size(); ++i) {
         auto& d = spec.disks[i];
         std::error_code ec;
@@ -47,7 +48,13 @@ std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptio
                                                     protocol, d.path, i, ro)});
         a.insert(a.end(), {"-blockdev", fmt::format("driver={},file=disk{}-file,node-name=disk{},read-only={}",
                                                     d.format, i, i, ro)});
-        a.insert(a.end(), {"-device", fmt::format("virtio-blk-pci,drive=disk{},id=disk{}-dev", i, i)});
+        if (d.bus == "ide") { // primary master, primary slave, secondary master, ...
+            a.insert(a.end(), {"-device", fmt::format("ide-hd,drive=disk{},id=disk{}-dev,bus=ide.{},unit={}", i, i,
+                                                      ide / 2, ide % 2)});
+            ++ide;
+        } else {
+            a.insert(a.end(), {"-device", fmt::format("virtio-blk-pci,drive=disk{},id=disk{}-dev", i, i)});
+        }
     }
     if (o.start_paused)
         a.push_back("-S");
