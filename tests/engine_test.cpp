@@ -669,6 +669,33 @@ TEST_F(EngineIntegration, DisksAreBlockdevNodesThatQmpCanAddressAndSurviveASameN
     ASSERT_TRUE(report) << report.error().message;
 }
 
+TEST_F(EngineIntegration, TheGuestsDiskWriterSurvivesASameNodeMoveAndItsImageVerifies) {
+    start();
+    auto disk = dir_ / "w.raw";
+    ASSERT_EQ(std::system(("truncate -s 16M " + disk).c_str()), 0);
+    auto s = spec("ws=8 rate=2 hb=100 disk=512 dsize=4");
+    s.disks.push_back({disk, "raw", true, false, "ide"});
+    auto vm = run(io_, engine_->create_vm(s));
+    ASSERT_TRUE(vm) << vm.error().message;
+    ASSERT_TRUE(wait_console("FERRY-DISK-HB pass=1 lba=")) << ferry::test::read_file(console_log());
+    EXPECT_EQ(ferry::guest::disk_sectors_from_console(console_log()), 8192U);
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    ASSERT_TRUE(m) << m.error().message;
+    auto done = wait_final((*m)["id"]);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
+    // The writer goes on on the destination, and reads back what it wrote
+    // before the move.
+    ASSERT_TRUE(wait_console("[r2] FERRY-DISK-HB")) << ferry::test::read_file(console_log());
+    ASSERT_TRUE(wait_console("FERRY-DISK-HB pass=2")) << ferry::test::read_file(console_log());
+    auto log = ferry::test::read_file(console_log());
+    EXPECT_EQ(log.find("FERRY-DISK-BAD"), std::string::npos) << log;
+    auto paused = run(io_, engine_->qmp_command("guest", "stop", json::object()));
+    ASSERT_TRUE(paused) << paused.error().message;
+    auto r = ferry::guest::verify_disk_image(disk, 8192);
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_GE(r->max_pass, 2U) << r->summary();
+}
+
 TEST_F(EngineIntegration, AbortMidMigrationLeavesSourceRunningAndIntact) {
     start();
     auto vm = create("ws=64 rate=2 hb=50");
@@ -985,4 +1012,51 @@ TEST(GuestVerify, CatchesStalePagesAndDamage) {
     ASSERT_FALSE(r);
     EXPECT_NE(r.error().message.find("page 1"), std::string::npos) << r.error().message;
     EXPECT_FALSE(ferry::guest::verify_dump(dir / "zero", 4)) << "a short dump must fail";
+}
+
+namespace {
+// A disk image as the guest's writer leaves it: sector s at passes[s] (0 = zeros).
+void write_disk(const std::string& path, const std::vector<std::uint32_t>& passes) {
+    std::ofstream out(path, std::ios::binary);
+    std::vector<std::uint32_t> w(FERRY_DISK_WORDS);
+    for (std::uint32_t s = 0; s < passes.size(); ++s) {
+        std::fill(w.begin(), w.end(), 0);
+        if (passes[s]) {
+            w[0] = FERRY_DISK_MAGIC;
+            w[1] = s;
+            w[2] = passes[s];
+            for (std::uint32_t i = 3; i < FERRY_DISK_WORDS; ++i)
+                w[i] = ferry_disk_pattern(s, passes[s], i);
+        }
+        out.write(reinterpret_cast<const char*>(w.data()), FERRY_DISK_SECTOR);
+    }
+}
+} // namespace
+
+TEST(GuestVerify, DiskImagesHoldOnePassBoundary) {
+    TempDir dir;
+    write_disk(dir / "a", {3, 3, 2, 2});
+    auto r = ferry::guest::verify_disk_image(dir / "a", 4);
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ(r->max_pass, 3U);
+    EXPECT_EQ(r->boundary, 2U);
+    write_disk(dir / "first", {1, 1, 0, 0}); // the first pass, not finished
+    EXPECT_TRUE(ferry::guest::verify_disk_image(dir / "first", 4));
+    write_disk(dir / "stale", {3, 2, 3, 2});
+    auto stale = ferry::guest::verify_disk_image(dir / "stale", 4);
+    ASSERT_FALSE(stale);
+    EXPECT_NE(stale.error().message.find("disk sector 2 holds pass 3 after pass 2"), std::string::npos)
+        << stale.error().message;
+    write_disk(dir / "old", {3, 3, 1, 1});
+    EXPECT_FALSE(ferry::guest::verify_disk_image(dir / "old", 4)) << "two passes behind";
+    write_disk(dir / "torn", {2, 2, 2});
+    {
+        std::fstream f(dir / "torn", std::ios::in | std::ios::out | std::ios::binary);
+        f.seekp(FERRY_DISK_SECTOR + 300);
+        f.write("xy", 2);
+    }
+    auto torn = ferry::guest::verify_disk_image(dir / "torn", 3);
+    ASSERT_FALSE(torn);
+    EXPECT_NE(torn.error().message.find("disk sector 1 word 75"), std::string::npos) << torn.error().message;
+    EXPECT_FALSE(ferry::guest::verify_disk_image(dir / "torn", 4)) << "a short image must fail";
 }

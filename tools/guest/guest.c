@@ -9,11 +9,18 @@
  *   stride=<n>    visit the pages in the order 0, n, 2n, ... (mod the page
  *                 count, which n must share no factor with): scattered
  *                 writes (default 1)
+ *   disk=<KiB/s>  write the first IDE disk (primary master, ATA PIO) at this
+ *                 rate, sector after sector over a region, pass after pass,
+ *                 reading back an older sector after each write (default 0: off)
+ *   dsize=<MiB>   the region of the disk written (default 8; clamped to the disk)
  *
  * Serial (COM1) output:
  *   FERRY-GUEST ws_base=0x1000000 ws_pages=<n> rate=<r> hb=<ms> tsc_khz=<k>
  *   FERRY-READY
  *   FERRY-HB <seq> <interval_ms> pass=<p>      every hb ms of guest time
+ *   FERRY-DISK sectors=<n> rate=<KiB/s>           the disk writer's region
+ *   FERRY-DISK-HB pass=<p> lba=<next> bad=<n>     with each heartbeat
+ *   FERRY-DISK-BAD lba=<s> want=<p> got=<q>       a read-back that differs
  *
  * Memory: page i of the working set holds the pass counter in word 0 and a
  * fixed pattern in the rest. The guest sweeps the pages in order (0, s, 2s,
@@ -98,6 +105,154 @@ static u64 tsc_per_ms(void) {
     return per ? per : 1;
 }
 
+/* --- ATA PIO on the primary channel, master drive ------------------------- */
+
+#define ATA_DATA 0x1F0
+#define ATA_COUNT 0x1F2
+#define ATA_LBA0 0x1F3
+#define ATA_LBA1 0x1F4
+#define ATA_LBA2 0x1F5
+#define ATA_DRIVE 0x1F6
+#define ATA_STATUS 0x1F7 /* read: status; write: command */
+#define ATA_CTRL 0x3F6
+
+static inline void outw(unsigned short port, unsigned short v) {
+    __asm__ volatile("outw %0, %1" : : "a"(v), "Nd"(port));
+}
+static inline unsigned short inw(unsigned short port) {
+    unsigned short v;
+    __asm__ volatile("inw %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
+
+/* Waits for BSY to clear, then for DRQ when asked; 0 on an error bit. */
+static int ata_wait(int drq) {
+    for (u32 i = 0; i < 100000000u; ++i) {
+        unsigned char st = inb(ATA_STATUS);
+        if (st == 0xFF)
+            return 0; /* no drive */
+        if (st & 0x80)
+            continue;
+        if (st & 0x21) /* ERR, DF */
+            return 0;
+        if (!drq || (st & 0x08))
+            return 1;
+    }
+    return 0;
+}
+
+static int ata_command(u32 lba, u32 count, unsigned char cmd) {
+    if (!ata_wait(0))
+        return 0;
+    outb(ATA_DRIVE, (unsigned char)(0xE0 | ((lba >> 24) & 0x0F)));
+    outb(ATA_COUNT, (unsigned char)count);
+    outb(ATA_LBA0, (unsigned char)lba);
+    outb(ATA_LBA1, (unsigned char)(lba >> 8));
+    outb(ATA_LBA2, (unsigned char)(lba >> 16));
+    outb(ATA_STATUS, cmd);
+    return 1;
+}
+
+/* Sectors of the drive (LBA28), 0 when there is none. */
+static u32 ata_identify(void) {
+    outb(ATA_CTRL, 0x02); /* no interrupts */
+    if (inb(ATA_STATUS) == 0xFF)
+        return 0;
+    if (!ata_command(0, 0, 0xEC) || !ata_wait(1))
+        return 0;
+    u32 sectors = 0;
+    for (u32 i = 0; i < 256; ++i) {
+        unsigned short w = inw(ATA_DATA);
+        if (i == 60)
+            sectors |= w;
+        if (i == 61)
+            sectors |= (u32)w << 16;
+    }
+    return sectors;
+}
+
+static u32 disk_buf[8 * FERRY_DISK_WORDS];
+
+static int ata_write(u32 lba, u32 count, u32 pass) {
+    for (u32 s = 0; s < count; ++s) {
+        u32* w = disk_buf + s * FERRY_DISK_WORDS;
+        w[0] = FERRY_DISK_MAGIC;
+        w[1] = lba + s;
+        w[2] = pass;
+        for (u32 i = 3; i < FERRY_DISK_WORDS; ++i)
+            w[i] = ferry_disk_pattern(lba + s, pass, i);
+    }
+    if (!ata_command(lba, count, 0x30))
+        return 0;
+    for (u32 s = 0; s < count; ++s) {
+        if (!ata_wait(1))
+            return 0;
+        unsigned short* h = (unsigned short*)(disk_buf + s * FERRY_DISK_WORDS);
+        for (u32 i = 0; i < 256; ++i)
+            outw(ATA_DATA, h[i]);
+    }
+    return ata_wait(0);
+}
+
+/* Reads one sector back; returns its pass, or 0xFFFFFFFF when it is not
+ * what pass `want` wrote there (a zero sector reads as pass 0). */
+static u32 ata_check(u32 lba, u32 want) {
+    if (!ata_command(lba, 1, 0x20) || !ata_wait(1))
+        return 0xFFFFFFFFu;
+    unsigned short* h = (unsigned short*)disk_buf;
+    for (u32 i = 0; i < 256; ++i)
+        h[i] = inw(ATA_DATA);
+    if (want == 0) {
+        for (u32 i = 0; i < FERRY_DISK_WORDS; ++i)
+            if (disk_buf[i])
+                return disk_buf[2];
+        return 0;
+    }
+    if (disk_buf[0] != FERRY_DISK_MAGIC || disk_buf[1] != lba)
+        return 0xFFFFFFFFu;
+    for (u32 i = 3; i < FERRY_DISK_WORDS; ++i)
+        if (disk_buf[i] != ferry_disk_pattern(lba, disk_buf[2], i))
+            return 0xFFFFFFFFu;
+    return disk_buf[2];
+}
+
+struct disk_writer {
+    u64 start, done, bad;
+    u32 pass, lba; /* the next block to write */
+};
+
+/* Writes the next 4 KiB block, then reads back the sector half a region
+ * behind: written in this pass below the cursor, in the last one above it. */
+static void disk_step(struct disk_writer* d, u32 sectors) {
+    if (!ata_write(d->lba, 8, d->pass)) {
+        puts_serial("FERRY-DISK-BAD write failed lba=");
+        put_u64(d->lba);
+        putc_serial('\n');
+        ++d->bad;
+    }
+    d->lba += 8;
+    if (d->lba >= sectors) {
+        d->lba = 0;
+        ++d->pass;
+    }
+    ++d->done;
+    u32 check = d->lba + sectors / 2;
+    if (check >= sectors)
+        check -= sectors;
+    u32 want = check < d->lba ? d->pass : d->pass - 1;
+    u32 got = ata_check(check, want);
+    if (got != want) {
+        puts_serial("FERRY-DISK-BAD lba=");
+        put_u64(check);
+        puts_serial(" want=");
+        put_u64(want);
+        puts_serial(" got=");
+        put_u64(got);
+        putc_serial('\n');
+        ++d->bad;
+    }
+}
+
 static int streq_prefix(const char* s, const char* prefix, const char** rest) {
     while (*prefix)
         if (*s++ != *prefix++)
@@ -119,7 +274,7 @@ struct multiboot_info {
 #define RATE_MAX 0xFFFFFFFFu
 
 void guest_main(u32 magic, struct multiboot_info* mbi) {
-    u32 ws_mib = 64, rate = 8, hb_ms = 100, halt = 0, stride = 1;
+    u32 ws_mib = 64, rate = 8, hb_ms = 100, halt = 0, stride = 1, disk_kib = 0, dsize_mib = 8;
     serial_init();
     if (magic == 0x2BADB002u && (mbi->flags & 4) && mbi->cmdline) {
         const char* p = (const char*)mbi->cmdline;
@@ -137,6 +292,10 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
                 halt = parse_u32(v);
             else if (streq_prefix(p, "stride=", &v))
                 stride = parse_u32(v);
+            else if (streq_prefix(p, "disk=", &v))
+                disk_kib = parse_u32(v);
+            else if (streq_prefix(p, "dsize=", &v))
+                dsize_mib = parse_u32(v);
             while (*p && *p != ' ')
                 ++p;
             while (*p == ' ')
@@ -196,6 +355,22 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
         for (u32 i = 1; i < FERRY_GUEST_WORDS; ++i)
             w[i] = ferry_guest_pattern(pg, i);
     }
+    /* The disk writer's region, in whole 4 KiB blocks. */
+    u32 disk_sectors = 0;
+    if (disk_kib) {
+        u32 have = ata_identify();
+        disk_sectors = dsize_mib * 2048u;
+        if (disk_sectors > have)
+            disk_sectors = have;
+        disk_sectors &= ~7u;
+        if (!disk_sectors)
+            puts_serial("FERRY-WARN disk=: no IDE disk on the primary channel\n");
+        puts_serial("FERRY-DISK sectors=");
+        put_u64(disk_sectors);
+        puts_serial(" rate=");
+        put_u64(disk_kib);
+        putc_serial('\n');
+    }
     puts_serial("FERRY-READY\n");
     if (halt) {
         /* An idle VM: no heartbeats, no dirtying, the vCPU halted for good
@@ -213,6 +388,8 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
     u32 pass = 0, cursor = 0, page = 0; /* cursor: position in the sweep; page: the page it visits */
     /* pages per ms, in 1/1024ths to keep small rates exact enough */
     u64 pages_per_ms_x1024 = (rate == RATE_MAX) ? 0 : (u64)rate * 256u * 1024u / 1000u;
+    /* The disk writer: 4 KiB blocks due by guest time, no catch-up. */
+    struct disk_writer disk = {start, 0, 0, 1, 0};
 
     for (;;) {
         u64 now = rdtsc();
@@ -227,6 +404,24 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
             next_hb += hb_ticks;
             if (next_hb < now) /* fell far behind: do not print a burst */
                 next_hb = now + hb_ticks;
+            if (disk_sectors) {
+                puts_serial("FERRY-DISK-HB pass=");
+                put_u64(disk.pass);
+                puts_serial(" lba=");
+                put_u64(disk.lba);
+                puts_serial(" bad=");
+                put_u64(disk.bad);
+                putc_serial('\n');
+            }
+        }
+        if (disk_sectors) {
+            u64 due = (now - disk.start) / per_ms * disk_kib / 4000u; /* 4 KiB blocks */
+            if (due > disk.done + disk_kib / 2000u + 16u) { /* the vCPU did not run: no burst */
+                disk.start = now;
+                disk.done = 0;
+            }
+            for (u32 b = 0; b < 16 && disk.done < due; ++b)
+                disk_step(&disk, disk_sectors);
         }
         if (pages == 0 || rate == 0)
             continue;

@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <fstream>
 #include <numeric>
 #include <optional>
@@ -111,10 +112,11 @@ bool guest_ready(const std::string& console_log_path) {
 
 namespace {
 // A number the guest's banner names ("FERRY-GUEST ... key=N"), if it does.
-std::optional<std::uint32_t> banner_value(const std::string& console_log_path, const char* key) {
+std::optional<std::uint32_t> banner_value(const std::string& console_log_path, const char* key,
+                                          const char* banner_name = "FERRY-GUEST") {
     std::ifstream in(console_log_path);
     std::string line;
-    const std::regex banner(std::string(R"(FERRY-GUEST .*\b)") + key + R"(=(\d+))");
+    const std::regex banner(std::string(banner_name) + R"( .*\b)" + key + R"(=(\d+))");
     std::smatch m;
     while (std::getline(in, line))
         if (std::regex_search(line, m, banner))
@@ -125,6 +127,60 @@ std::optional<std::uint32_t> banner_value(const std::string& console_log_path, c
 
 std::uint32_t pages_from_console(const std::string& console_log_path) {
     return banner_value(console_log_path, "ws_pages").value_or(0);
+}
+
+std::uint32_t disk_sectors_from_console(const std::string& console_log_path) {
+    return banner_value(console_log_path, "sectors", "FERRY-DISK").value_or(0);
+}
+
+std::string DiskReport::summary() const {
+    if (boundary == 0)
+        return fmt::format("{} disk sectors verified, all at pass {}", sectors, max_pass);
+    return fmt::format("{} disk sectors verified, pass {} up to sector {} and {} after", sectors, max_pass, boundary,
+                       max_pass - 1);
+}
+
+Result<DiskReport> verify_disk_image(const std::string& path, std::uint32_t sectors) {
+    std::ifstream in(path, std::ios::binary);
+    if (!in)
+        return make_error(Errc::io, fmt::format("cannot open disk image {}", path));
+    DiskReport r;
+    r.sectors = sectors;
+    std::vector<std::uint32_t> w(FERRY_DISK_WORDS);
+    std::optional<std::uint32_t> prev;
+    for (std::uint32_t s = 0; s < sectors; ++s) {
+        if (!in.read(reinterpret_cast<char*>(w.data()), FERRY_DISK_SECTOR))
+            return make_error(Errc::io, fmt::format("disk image {} ends at sector {} of {}", path, s, sectors));
+        std::uint32_t pass = 0;
+        bool zero = std::all_of(w.begin(), w.end(), [](std::uint32_t v) { return v == 0; });
+        if (!zero) {
+            if (w[0] != FERRY_DISK_MAGIC || w[1] != s)
+                return make_error(Errc::internal, fmt::format("disk sector {} is not one the guest wrote there "
+                                                              "(magic {:#x}, sector {}): misplaced or torn",
+                                                              s, w[0], w[1]));
+            pass = w[2];
+            for (std::uint32_t i = 3; i < FERRY_DISK_WORDS; ++i)
+                if (w[i] != ferry_disk_pattern(s, pass, i))
+                    return make_error(Errc::internal, fmt::format("disk sector {} word {} is {:#x}, expected {:#x}: "
+                                                                  "torn or corrupt",
+                                                                  s, i, w[i], ferry_disk_pattern(s, pass, i)));
+        }
+        if (!prev) {
+            r.max_pass = pass;
+        } else if (pass > *prev) {
+            return make_error(Errc::internal, fmt::format("disk sector {} holds pass {} after pass {}: a stale "
+                                                          "block (a write that was not copied)",
+                                                          s, pass, *prev));
+        } else if (pass < *prev) {
+            if (r.boundary != 0 || *prev - pass != 1)
+                return make_error(Errc::internal, fmt::format("disk sector {} holds pass {} after pass {}: more "
+                                                              "than one boundary (a stale block)",
+                                                              s, pass, *prev));
+            r.boundary = s;
+        }
+        prev = pass;
+    }
+    return r;
 }
 
 std::uint32_t stride_from_console(const std::string& console_log_path) {

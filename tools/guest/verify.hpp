@@ -43,6 +43,22 @@ bool guest_ready(const std::string& console_log_path);
 
 // Reads ws_pages from the guest's banner in a console log; 0 if absent.
 std::uint32_t pages_from_console(const std::string& console_log_path);
+// The disk writer's region (FERRY-DISK sectors=), 0 when it is off.
+std::uint32_t disk_sectors_from_console(const std::string& console_log_path);
+
+struct DiskReport {
+    std::uint32_t sectors = 0;
+    std::uint32_t max_pass = 0;
+    std::uint32_t boundary = 0; // first sector holding max_pass - 1, 0 when none does
+    std::string summary() const;
+};
+
+// Checks a raw disk image the guest's disk writer wrote (read with the VM
+// stopped or paused): every sector whole and in its place, pass p below one
+// boundary and p - 1 (zeros for pass 0) from it on. An error names the first
+// bad sector.
+Result<DiskReport> verify_disk_image(const std::string& path, std::uint32_t sectors);
+
 // Reads the sweep stride from the banner; 1 if it names none.
 std::uint32_t stride_from_console(const std::string& console_log_path);
 
