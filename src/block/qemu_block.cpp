@@ -85,6 +85,23 @@ asio::awaitable<Result<std::vector<std::string>>> QemuBlock::bitmaps(std::string
     co_return out;
 }
 
+asio::awaitable<Result<std::uint64_t>> QemuBlock::bitmap_dirty_bytes(std::string node, std::string name) {
+    json flat{{"flat", true}};
+    auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
+    if (!nodes)
+        co_return nodes.error().wrap(fmt::format("reading dirty bitmap {}", name));
+    for (auto& n : *nodes) {
+        if (n.value("node-name", "") != node)
+            continue;
+        auto bm = n.find("dirty-bitmaps");
+        if (bm != n.end() && bm->is_array())
+            for (auto& b : *bm)
+                if (b.value("name", "") == name)
+                    co_return b.value("count", std::uint64_t{0});
+    }
+    co_return make_error(Errc::not_found, fmt::format("no dirty bitmap {} on {}", name, node));
+}
+
 asio::awaitable<Result<void>> QemuBlock::start_nbd(std::string socket) {
     // nbd-server-start takes the legacy socket address form.
     json args{{"addr", {{"type", "unix"}, {"data", {{"path", socket}}}}}};

@@ -33,6 +33,8 @@ public:
     boost::asio::awaitable<Result<void>> merge_bitmap(std::string node, std::string from, std::string into);
     boost::asio::awaitable<Result<void>> remove_bitmap(std::string node, std::string name);
     boost::asio::awaitable<Result<std::vector<std::string>>> bitmaps(std::string node);
+    // The bytes a bitmap has recorded as dirty (QEMU's count).
+    boost::asio::awaitable<Result<std::uint64_t>> bitmap_dirty_bytes(std::string node, std::string name);
 
     // The NBD server on a Unix socket (one per QEMU).
     boost::asio::awaitable<Result<void>> start_nbd(std::string socket);

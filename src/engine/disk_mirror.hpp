@@ -1,0 +1,137 @@
+#pragma once
+// Block mirroring, both ends of one disk stream. The source copies a VM's
+// non-shared disks in rounds: the first round everything allocated, each
+// later round what the guest wrote since the previous one, as QEMU's dirty
+// bitmaps recorded it (one bitmap per round, switched atomically). The
+// target writes what arrives and acknowledges each round once it is on
+// stable storage. The stream is a local socket: the engine tunnels it over a
+// peer data channel, shaped together with the RAM stream.
+#include "block/image.hpp"
+#include "block/nbd.hpp"
+#include "block/qemu_block.hpp"
+#include "block/ring.hpp"
+#include "transport/disk_record.hpp"
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/local/stream_protocol.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <chrono>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace ferry::engine {
+
+using DiskStream = boost::asio::local::stream_protocol::socket;
+
+// One disk a migration mirrors.
+struct MirrorDisk {
+    std::uint32_t index = 0; // its place in the VM spec: the stream names disks by it
+    std::string path;        // the image on this node
+    std::string format;      // raw | qcow2
+    std::uint64_t size = 0;  // virtual size, bytes
+    std::string node;        // source: the disk's format node in the source QEMU
+};
+
+struct DiskTotals {
+    std::uint64_t data_bytes = 0; // sent as data
+    std::uint64_t zero_bytes = 0; // sent as zero records (holes, zero blocks)
+};
+
+struct DiskRoundStats {
+    std::uint32_t round = 0;
+    std::uint64_t data_bytes = 0;
+    std::uint64_t zero_bytes = 0;
+    std::chrono::milliseconds took{0};
+};
+
+class DiskSender {
+public:
+    // `prefix` names everything made in the source QEMU ("ferry-<id>");
+    // `nbd_socket` is where its private NBD server listens.
+    DiskSender(std::shared_ptr<qmp::Client> qmp, std::string prefix, std::string nbd_socket,
+               std::vector<MirrorDisk> disks, DiskStream stream);
+    ~DiskSender();
+
+    // Starts QEMU's NBD server and a recording bitmap on every disk: each
+    // write from now on lands in the next round.
+    boost::asio::awaitable<Result<void>> start();
+    // Copies one round and returns once the target has it on stable storage.
+    boost::asio::awaitable<Result<DiskRoundStats>> round();
+    // Bytes the guest has dirtied since the current round's bitmap started.
+    boost::asio::awaitable<Result<std::uint64_t>> dirty_bytes();
+    // Ends the stream (the target's receiver returns) and removes the
+    // bitmaps, exports and NBD server; safe to call more than once.
+    boost::asio::awaitable<void> finish();
+
+    const std::vector<DiskTotals>& totals() const { return totals_; }
+    std::uint32_t rounds() const { return round_; }
+
+    struct Work; // one round's shared state
+
+private:
+    std::string bitmap(std::size_t disk, std::uint32_t round) const;
+    std::string export_name(std::size_t disk, std::uint32_t round) const;
+    // The extents one disk needs this round, and a reader for its data.
+    boost::asio::awaitable<Result<void>> plan_disk(std::size_t d, Work& work);
+    static boost::asio::awaitable<void> copy_worker(DiskSender* self, std::shared_ptr<Work> work, std::size_t slot);
+    boost::asio::awaitable<Result<void>> send(const transport::DiskRecord& record, std::span<const std::byte> payload);
+    boost::asio::awaitable<Result<void>> end_round(Work& work);
+    boost::asio::awaitable<void> drop_round_exports(Work& work);
+
+    std::shared_ptr<qmp::Client> qmp_;
+    block::QemuBlock qemu_;
+    std::string prefix_;
+    std::string nbd_socket_;
+    std::vector<MirrorDisk> disks_;
+    DiskStream stream_;
+    std::shared_ptr<block::Ring> ring_;
+    block::BufferPool pool_;
+    std::vector<std::optional<block::Image>> raw_; // raw disks read directly
+    std::vector<DiskTotals> totals_;
+    bool registered_ = false;
+    std::uint32_t round_ = 0; // rounds copied; bitmap k records what round k + 1 copies
+    std::uint64_t seq_ = 0;
+    bool writing_ = false;
+    boost::asio::steady_timer write_done_;
+    bool started_ = false;
+    bool finished_ = false;
+};
+
+// Where the target writes a qcow2 disk: a writable NBD export of the
+// destination QEMU (raw disks are written directly).
+struct NbdTarget {
+    std::string socket;
+    std::string export_name;
+};
+
+class DiskReceiver {
+public:
+    // disks[i].path is the target image; nbd[i] is set for qcow2 disks.
+    DiskReceiver(std::vector<MirrorDisk> disks, std::vector<std::optional<NbdTarget>> nbd, DiskStream stream);
+    // Opens the targets, then writes what arrives until the source ends the
+    // stream (Ok) or it breaks or lies (an error naming the record).
+    boost::asio::awaitable<Result<void>> run();
+    const std::vector<DiskTotals>& totals() const { return totals_; }
+    std::uint32_t rounds() const { return rounds_; }
+
+private:
+    boost::asio::awaitable<Result<void>> open();
+    boost::asio::awaitable<Result<void>> apply(const transport::DiskRecord& r);
+    boost::asio::awaitable<Result<void>> flush_all();
+
+    std::vector<MirrorDisk> disks_;
+    std::vector<std::optional<NbdTarget>> nbd_targets_;
+    DiskStream stream_;
+    std::shared_ptr<block::Ring> ring_;
+    block::BufferPool pool_;
+    std::vector<std::optional<block::Image>> raw_;
+    std::vector<std::shared_ptr<block::NbdClient>> nbd_;
+    std::vector<DiskTotals> totals_;
+    bool registered_ = false;
+    std::uint32_t rounds_ = 0;
+};
+
+} // namespace ferry::engine
