@@ -4,6 +4,7 @@
 #include "config/quantity.hpp"
 #include "convergence.hpp"
 #include "local.hpp"
+#include "block.hpp"
 #include "transport.hpp"
 
 #include <CLI/CLI.hpp>
@@ -296,6 +297,14 @@ int main(int argc, char** argv) {
     shaping->add_option("--ram", shape_ram, "non-zero guest RAM per VM");
     shaping->add_option("--work-dir", work, "scratch directory (short path)");
     shaping->add_flag("--json", shape_json, "print the report as JSON");
+    auto* blk = app.add_subcommand("block", "disk copy on this machine: QEMU's blockdev-mirror into NBD vs ferry's mirror");
+    ferry::bench::BlockOptions blk_opts;
+    blk->add_option("--size", blk_opts.size, "virtual disk size");
+    blk->add_option("--images", blk_opts.images, "comma-separated: full (raw, random data), tenth (raw, 10% data), qcow2");
+    blk->add_option("--paths", blk_opts.paths, "comma-separated: qemu-mirror, ferry");
+    blk->add_option("--reps", blk_opts.reps, "repetitions of each path")->check(CLI::PositiveNumber);
+    blk->add_option("--work-dir", blk_opts.work_dir, "scratch directory (short path; needs 3x --size free)");
+    blk->add_flag("--json", blk_opts.json, "print the report as JSON");
     auto* conv = app.add_subcommand("convergence", "dirty rate x bandwidth x strategy: ferry's strategies and QEMU's auto-converge");
     ferry::bench::ConvergenceOptions conv_opts;
     conv->add_option("--memory", conv_opts.memory, "VM memory");
@@ -330,6 +339,8 @@ int main(int argc, char** argv) {
         conv_opts.kernel = (std::filesystem::canonical("/proc/self/exe").parent_path() / "guest/ferry-guest.elf").string();
         return ferry::bench::run_convergence_bench(conv_opts);
     }
+    if (blk->parsed())
+        return ferry::bench::run_block_bench(blk_opts);
     if (pc->parsed())
         return run_postcopy_bench(work, pc_reps, pc_bw, pc_memory, pc_ws, pc_rate, pc_stride, pc_json);
     if (shaping->parsed())
