@@ -1,9 +1,11 @@
 #include "engine/engine.hpp"
-#include "engine/throttle.hpp"
 
-#include "engine/engine_internal.hpp"
+#include "engine/async.hpp"
 #include "engine/process.hpp"
+#include "engine/source_run.hpp"
 #include "engine/store.hpp"
+#include "engine/target_run.hpp"
+#include "engine/throttle.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -99,9 +101,9 @@ void Engine::persist(const Migration& m) {
 
 void Engine::prune_finished(const std::string& vm) {
     std::vector<const Migration*> ended;
-    for (auto& [id, st] : migrations_)
-        if (st->m.vm == vm && is_final(st->m.phase))
-            ended.push_back(&st->m);
+    for (auto& [id, m] : migrations_)
+        if (m->vm == vm && is_final(m->phase))
+            ended.push_back(m.get());
     auto keep = static_cast<std::size_t>(config_.migration.finished_migrations_per_vm);
     if (ended.size() <= keep)
         return;
@@ -195,6 +197,28 @@ void Engine::attach(const std::shared_ptr<Vm>& vm) {
     });
 }
 
+void Engine::add_vm(const std::shared_ptr<Vm>& vm) {
+    vms_[vm->record.name] = vm;
+    attach(vm);
+    persist(*vm);
+}
+
+void Engine::add_migration(const Migration& m) { migrations_[m.id] = std::make_shared<Migration>(m); }
+
+Migration* Engine::migration(const std::string& id) {
+    auto it = migrations_.find(id);
+    return it == migrations_.end() ? nullptr : it->second.get();
+}
+
+std::optional<std::string> Engine::arriving(const std::string& vm) const {
+    for (auto& [id, other] : incoming_)
+        if (other->vm_name() == vm)
+            return id;
+    return std::nullopt;
+}
+
+void Engine::add_arriving(const std::shared_ptr<TargetRun>& run) { incoming_[run->migration().id] = run; }
+
 asio::awaitable<Result<void>> Engine::start() {
     std::error_code ec;
     if (auto r = preflight(config_); !r)
@@ -238,15 +262,13 @@ asio::awaitable<Result<void>> Engine::start() {
         }
         if (!is_final(m.phase))
             unfinished.push_back(m);
-        auto st = std::make_shared<MigrationState>(ex_);
-        st->m = m;
-        migrations_[m.id] = st;
+        migrations_[m.id] = std::make_shared<Migration>(m);
     }
     for (auto& m : unfinished)
         co_await recover_migration(m);
     std::set<std::string> with_records;
-    for (auto& [id, st] : migrations_)
-        with_records.insert(st->m.vm);
+    for (auto& [id, m] : migrations_)
+        with_records.insert(m->vm);
     for (auto& vm : with_records)
         prune_finished(vm);
 
@@ -316,7 +338,7 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
                                        m.target_pid);
         m.ended_at = now_string();
         persist(m);
-        migrations_[m.id]->m = m;
+        *migrations_[m.id] = m;
         co_return;
     }
     if (m.target_pid > 0 && process_alive(m.target_pid)) {
@@ -350,7 +372,7 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
                                   : "ferryd restarted while the VM was arriving; the destination was removed";
     m.ended_at = now_string();
     persist(m);
-    migrations_[m.id]->m = m;
+    *migrations_[m.id] = m;
 }
 
 asio::awaitable<Result<json>> Engine::create_vm(config::VmSpec spec) {
@@ -567,8 +589,8 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
                                           "init) or set [migration] disable_tls = true",
                                           config_.node.name));
     }
-    auto st = std::make_shared<MigrationState>(ex_);
-    auto& m = st->m;
+    auto record = std::make_shared<Migration>();
+    auto& m = *record;
     m.id = fmt::format("{}-{}", req.vm, random_suffix());
     m.vm = req.vm;
     m.source_node = config_.node.name;
@@ -583,23 +605,26 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
     if (req.allow_post_copy)
         m.config.allow_post_copy = *req.allow_post_copy;
     m.created_at = now_string();
-    st->vm = vm;
     vm->migration_id = m.id;
-    migrations_[m.id] = st;
+    migrations_[m.id] = record;
     persist(m);
     engine_log()->info("migration {}: {} from {} to {}", m.id, m.vm, m.source_node, m.target_node);
-    if (target_peer) {
-        st->remote = true;
-        st->peer_address = target_peer->address;
-    }
-    asio::co_spawn(ex_, run_migration(this, st), asio::detached);
+    Node& node = *this;
+    auto run = SourceRun::create(node, record, vm, target_peer);
+    runs_[m.id] = run;
+    asio::co_spawn(ex_, drive(this, run), asio::detached);
     return ok(json(m));
+}
+
+asio::awaitable<void> Engine::drive(Engine* self, std::shared_ptr<SourceRun> run) {
+    co_await SourceRun::run(run);
+    self->runs_.erase(run->migration().id);
 }
 
 json Engine::list_migrations() const {
     std::vector<const Migration*> list;
-    for (auto& [id, st] : migrations_)
-        list.push_back(&st->m);
+    for (auto& [id, m] : migrations_)
+        list.push_back(m.get());
     std::sort(list.begin(), list.end(), [](auto* a, auto* b) { return a->created_at < b->created_at; });
     json out = json::array();
     for (auto* m : list)
@@ -611,37 +636,39 @@ Result<json> Engine::show_migration(const std::string& id) const {
     auto it = migrations_.find(id);
     if (it == migrations_.end())
         return make_error(Errc::not_found, fmt::format("no migration {}", id));
-    return ok(json(it->second->m));
+    return ok(json(*it->second));
 }
 
 Result<json> Engine::abort_migration(const std::string& id) {
     auto it = migrations_.find(id);
     if (it == migrations_.end())
         return make_error(Errc::not_found, fmt::format("no migration {}", id));
-    auto& st = *it->second;
-    if (st.m.source_node != config_.node.name)
-        return make_error(Errc::conflict, fmt::format("migration {} is driven by node {}: abort it there", id, st.m.source_node));
-    if (is_final(st.m.phase))
-        return make_error(Errc::conflict, fmt::format("migration {} already ended ({})", id, to_string(st.m.phase)));
-    if (st.m.mode == "postcopy")
+    auto& m = *it->second;
+    auto run = runs_.find(id);
+    if (m.source_node != config_.node.name)
+        return make_error(Errc::conflict, fmt::format("migration {} is driven by node {}: abort it there", id, m.source_node));
+    if (is_final(m.phase))
+        return make_error(Errc::conflict, fmt::format("migration {} already ended ({})", id, to_string(m.phase)));
+    if (m.mode == "postcopy")
         return make_error(Errc::conflict,
                           fmt::format("migration {} is in post-copy: the VM already runs on {} and part of its "
                                       "memory is still only on {}, so neither side can be abandoned; ferry "
                                       "finishes it (and recovers the connection if it breaks)",
-                                      id, st.m.target_node, st.m.source_node));
-    if (st.switchover_started)
+                                      id, m.target_node, m.source_node));
+    if (run != runs_.end() && run->second->switchover_started())
         return make_error(Errc::conflict,
                           fmt::format("migration {} is switching over: the destination has the VM's "
                                       "final state and cannot be abandoned",
                                       id));
-    if (!st.m.abort_requested) {
-        st.m.abort_requested = true;
-        st.m.abort_status = "Aborting";
-        persist(st.m);
+    if (!m.abort_requested) {
+        m.abort_requested = true;
+        m.abort_status = "Aborting";
+        persist(m);
         engine_log()->info("migration {}: abort requested", id);
-        st.wake_up();
+        if (run != runs_.end())
+            run->second->wake_up();
     }
-    return ok(json(st.m));
+    return ok(json(m));
 }
 
 void Engine::shutdown() {

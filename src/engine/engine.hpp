@@ -4,6 +4,7 @@
 #include "config/node_config.hpp"
 #include "config/vm_spec.hpp"
 #include "engine/migration.hpp"
+#include "engine/node.hpp"
 #include "engine/vm.hpp"
 #include "transport/peer_server.hpp"
 #include "transport/shaper.hpp"
@@ -28,7 +29,11 @@ struct MigrateRequest {
     std::optional<bool> allow_post_copy;
 };
 
-class Engine {
+class SourceRun;
+class TargetRun;
+
+// The Engine is the Node its migration runs see (engine/node.hpp).
+class Engine : private Node {
 public:
     Engine(boost::asio::any_io_executor ex, config::NodeConfig config);
     ~Engine();
@@ -68,97 +73,65 @@ public:
     // Stops background work; VMs keep running.
     void shutdown();
 
-    const config::NodeConfig& config() const { return config_; }
+    const config::NodeConfig& config() const override { return config_; }
     // The peer endpoint's port (0 when cross-node migration is off).
     unsigned short peer_port() const { return peer_server_ ? peer_server_->port() : 0; }
     std::uint64_t peer_refusals() const { return peer_server_ ? peer_server_->refused() : 0; }
 
 private:
-    struct Vm {
-        VmRecord record;
-        QemuInstance qemu;
-        std::string status = "unknown"; // QEMU run state, or "stopped" when it is gone
-        std::optional<std::string> migration_id;
-        bool deleting = false; // its QEMU is being stopped on purpose
-    };
-    struct MigrationState;
-    struct Incoming; // a migration arriving from a peer (engine_remote.cpp)
+    // Node, for the runs.
+    boost::asio::any_io_executor executor() const override { return ex_; }
+    std::string vm_dir(const std::string& name) const override;
+    void persist(const Vm& vm) override;
+    void persist(const Migration& m) override;
+    void attach(const std::shared_ptr<Vm>& vm) override; // subscribes to the QEMU's events and loss
+    bool has_vm(const std::string& name) const override { return vms_.count(name) > 0; }
+    void add_vm(const std::shared_ptr<Vm>& vm) override;
+    void forget_vm(const std::string& name) override { vms_.erase(name); }
+    bool has_migration(const std::string& id) const override { return migrations_.count(id) > 0; }
+    void add_migration(const Migration& m) override;
+    Migration* migration(const std::string& id) override;
+    std::shared_ptr<transport::TlsIdentity> tls() const override { return tls_; }
+    transport::NodeShaper& shaper() override { return shaper_; }
+    transport::TokenRegistry* tokens() override { return peer_server_ ? &peer_server_->tokens() : nullptr; }
+    std::optional<std::string> arriving(const std::string& vm) const override;
+    void add_arriving(const std::shared_ptr<TargetRun>& run) override;
+    void remove_arriving(const std::string& id) override { incoming_.erase(id); }
 
-    std::string vm_dir(const std::string& name) const;
     std::string migration_path(const std::string& id) const;
-    void persist(const Vm& vm);
-    void persist(const Migration& m);
     // Keeps the newest finished_migrations_per_vm ended records of a VM.
     void prune_finished(const std::string& vm);
     json vm_json(const Vm& vm) const;
     // The QMP client of a VM whose QEMU runs, or why there is none.
     Result<std::shared_ptr<qmp::Client>> running_qmp(const std::string& name) const;
-    void attach(const std::shared_ptr<Vm>& vm); // subscribes to the QEMU's events and loss
     static boost::asio::awaitable<void> reap_loop(Engine* self);
     boost::asio::awaitable<void> reattach(std::shared_ptr<Vm> vm);
     boost::asio::awaitable<void> recover_migration(Migration m);
+    // Runs an outgoing migration, and forgets the run once it ended.
+    static boost::asio::awaitable<void> drive(Engine* self, std::shared_ptr<SourceRun> run);
 
-    // Migration steps (engine_migrate.cpp).
-    static boost::asio::awaitable<void> run_migration(Engine* self, std::shared_ptr<MigrationState> st);
-    boost::asio::awaitable<Result<void>> prepare_target(MigrationState& st);
-    boost::asio::awaitable<Result<void>> start_source(MigrationState& st);
-    // Shared by both kinds: record the run state and follow QEMU's events;
-    // then capabilities, parameters (plus downtime-limit) and migrate.
-    boost::asio::awaitable<Result<void>> begin_source(MigrationState& st);
-    boost::asio::awaitable<Result<void>> send_migration(MigrationState& st, json params, std::string uri);
-    boost::asio::awaitable<Result<void>> watch(MigrationState& st);
-    // Feeds the model, applies the strategy's decision (engine_converge.cpp).
-    boost::asio::awaitable<Result<void>> converge(MigrationState& st, std::chrono::milliseconds elapsed,
-                                                  const Progress& qemu);
-    // One poll of a post-copy under way: start the VM on the target, keep the
-    // control channel alive, recover a broken stream.
-    boost::asio::awaitable<Result<void>> follow_postcopy(MigrationState& st, const std::string& status);
-    void release_throttle(MigrationState& st);
-    boost::asio::awaitable<void> cancel_source(MigrationState& st);
-    boost::asio::awaitable<Result<void>> switch_over(MigrationState& st);
-    boost::asio::awaitable<void> hand_off(MigrationState& st);
-    boost::asio::awaitable<void> fail(MigrationState& st, const Error& error);
-    boost::asio::awaitable<void> ensure_source_running(MigrationState& st);
-    void set_phase(MigrationState& st, Phase phase);
-
-    // Cross-node migration (engine_remote.cpp): the source side...
+    // The peer endpoint (peer_endpoint.cpp): cross-node migrations arrive
+    // here and are handed to their TargetRun.
     Result<void> start_peer_endpoint();
     const config::Peer* peer(const std::string& name) const;
-    boost::asio::awaitable<void> release_remote(MigrationState& st, bool failed);
-    boost::asio::awaitable<Result<void>> prepare_remote_target(MigrationState& st);
-    boost::asio::awaitable<Result<void>> start_remote_source(MigrationState& st);
-    static boost::asio::awaitable<void> accept_tunnels(Engine* self, std::shared_ptr<MigrationState> st);
-    boost::asio::awaitable<Result<void>> keepalive(MigrationState& st);
-    boost::asio::awaitable<Result<void>> remote_hand_off(MigrationState& st);
-    boost::asio::awaitable<Result<nlohmann::json>> request(MigrationState& st, nlohmann::json message,
-                                                           std::chrono::milliseconds timeout);
-    // In post-copy the control channel may have to be dialled again.
-    boost::asio::awaitable<Result<nlohmann::json>> request_reconnecting(MigrationState& st, nlohmann::json message,
-                                                                        std::chrono::milliseconds timeout);
-    Result<void> listen_tunnels(MigrationState& st, const std::string& path);
-    boost::asio::awaitable<Result<void>> start_remote_postcopy(MigrationState& st);
-    boost::asio::awaitable<Result<void>> recover_postcopy(MigrationState& st);
-    // ...and the target side.
     static boost::asio::awaitable<void> serve_peer(Engine* self, std::shared_ptr<transport::Channel> channel);
-    boost::asio::awaitable<nlohmann::json> handle_prepare(std::shared_ptr<Incoming>& in, const nlohmann::json& msg,
-                                                          std::shared_ptr<transport::Channel> channel);
-    boost::asio::awaitable<nlohmann::json> handle_finish(Incoming& in, const nlohmann::json& msg);
-    boost::asio::awaitable<nlohmann::json> handle_start(Incoming& in);
-    boost::asio::awaitable<nlohmann::json> handle_recover(Incoming& in);
-    static boost::asio::awaitable<void> deliver(std::shared_ptr<Incoming> in, int index,
-                                                std::shared_ptr<transport::Channel> channel);
-    boost::asio::awaitable<void> drop_incoming(std::shared_ptr<Incoming> in, const std::string& why);
+    static boost::asio::awaitable<nlohmann::json> answer(Engine* self, std::shared_ptr<TargetRun>& in,
+                                                         const nlohmann::json& msg, bool already_finished,
+                                                         std::shared_ptr<transport::Channel> channel);
+    // A source that dialled again names the migration it continues.
+    bool continuing(std::shared_ptr<TargetRun>& in, const nlohmann::json& msg, const std::string& peer) const;
 
     boost::asio::any_io_executor ex_;
     config::NodeConfig config_;
     std::map<std::string, std::shared_ptr<Vm>> vms_;
-    std::map<std::string, std::shared_ptr<MigrationState>> migrations_;
+    std::map<std::string, std::shared_ptr<Migration>> migrations_; // every record kept here
+    std::map<std::string, std::shared_ptr<SourceRun>> runs_;       // outgoing, while they run
     boost::asio::steady_timer reaper_;
     bool stopping_ = false;
     std::shared_ptr<transport::TlsIdentity> tls_;
     std::unique_ptr<transport::PeerServer> peer_server_;
     transport::NodeShaper shaper_;
-    std::map<std::string, std::shared_ptr<Incoming>> incoming_;
+    std::map<std::string, std::shared_ptr<TargetRun>> incoming_; // arriving from peers
 };
 
 } // namespace ferry::engine

@@ -41,6 +41,15 @@ struct VmRecord {
     std::string qmp_socket;
 };
 
+// A VM this node keeps: its record and the QEMU that runs it now.
+struct Vm {
+    VmRecord record;
+    QemuInstance qemu;
+    std::string status = "unknown"; // QEMU run state, or "stopped" when it is gone
+    std::optional<std::string> migration_id;
+    bool deleting = false; // its QEMU is being stopped on purpose
+};
+
 void to_json(nlohmann::json& j, const VmRecord& r);
 void from_json(const nlohmann::json& j, VmRecord& r);
 

@@ -1,9 +1,9 @@
 // Convergence during a running migration: the model's figures go into the
 // migration's progress, and the strategy's decisions are applied to QEMU and
 // to the guest's vCPU threads.
-#include "engine/engine.hpp"
+#include "engine/source_run.hpp"
 
-#include "engine/engine_internal.hpp"
+#include "engine/async.hpp"
 
 #include <fmt/format.h>
 
@@ -11,14 +11,13 @@ namespace ferry::engine {
 
 namespace asio = boost::asio;
 
-asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::milliseconds elapsed,
-                                               const Progress& qemu) {
-    auto& p = st.m.progress;
-    auto throttle = st.throttle ? st.throttle->percent() : 0;
+asio::awaitable<Result<void>> SourceRun::converge(std::chrono::milliseconds elapsed, const Progress& qemu) {
+    auto& p = m_.progress;
+    auto throttle = throttle_ ? throttle_->percent() : 0;
     Sample sample{elapsed, qemu.transferred_bytes, qemu.remaining_bytes, qemu.dirty_rate_bps, qemu.iteration, throttle};
-    st.model.observe(sample);
-    auto& strategy = *st.strategy;
-    auto prediction = st.model.predict(strategy.downtime_ms());
+    model_.observe(sample);
+    auto& strategy = *strategy_;
+    auto prediction = model_.predict(strategy.downtime_ms());
     if (prediction.transfer_rate_bps > 0)
         p.transfer_rate_bps = prediction.transfer_rate_bps;
     p.dirty_rate_bps = prediction.dirty_rate_bps;
@@ -27,11 +26,11 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
     p.converging = prediction.known ? std::optional<bool>(prediction.converges) : std::nullopt;
     p.downtime_limit_ms = strategy.downtime_ms();
     p.throttle_percent = throttle;
-    if (st.m.abort_requested)
+    if (m_.abort_requested)
         co_return Result<void>{};
 
-    auto d = strategy.step(sample, prediction, st.model.predict(st.m.config.max_downtime_ms));
-    auto qmp = st.vm->qemu.qmp;
+    auto d = strategy.step(sample, prediction, model_.predict(m_.config.max_downtime_ms));
+    auto qmp = vm_->qemu.qmp;
     if (d.fail)
         co_return make_error(Errc::timeout, *d.fail);
     if (d.downtime_limit_ms) {
@@ -42,19 +41,19 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
         p.downtime_limit_ms = *d.downtime_limit_ms;
     }
     if (d.throttle_percent) {
-        if (!st.throttle) {
+        if (!throttle_) {
             auto cpus = co_await qmp->execute("query-cpus-fast");
             if (!cpus)
                 co_return cpus.error().wrap("auto-converge: listing the vCPU threads");
             std::vector<pid_t> threads;
             for (auto& cpu : *cpus)
                 threads.push_back(cpu.value("thread-id", 0));
-            auto created = CpuThrottle::create(st.vm->record.name, st.vm->qemu.pid, threads);
+            auto created = CpuThrottle::create(vm_->record.name, vm_->qemu.pid, threads);
             if (!created)
                 co_return created.error();
-            st.throttle = std::move(*created);
+            throttle_ = std::move(*created);
         }
-        auto set = st.throttle->set(static_cast<int>(*d.throttle_percent));
+        auto set = throttle_->set(static_cast<int>(*d.throttle_percent));
         if (!set)
             co_return set.error();
         p.throttle_percent = *d.throttle_percent;
@@ -63,23 +62,23 @@ asio::awaitable<Result<void>> Engine::converge(MigrationState& st, std::chrono::
         auto started = co_await qmp->execute("migrate-start-postcopy");
         if (!started)
             co_return started.error().wrap("switching to post-copy");
-        st.m.mode = "postcopy";
-        persist(st.m);
+        m_.mode = "postcopy";
+        node_.persist(m_);
     }
     if (!d.why.empty())
-        engine_log()->info("migration {}: {}", st.m.id, d.why);
+        engine_log()->info("migration {}: {}", m_.id, d.why);
     co_return Result<void>{};
 }
 
-void Engine::release_throttle(MigrationState& st) {
-    if (!st.throttle)
+void SourceRun::release_throttle() {
+    if (!throttle_)
         return;
-    auto r = st.throttle->release();
+    auto r = throttle_->release();
     if (r)
-        engine_log()->info("migration {}: vCPUs of {} unthrottled", st.m.id, st.vm->record.name);
+        engine_log()->info("migration {}: vCPUs of {} unthrottled", m_.id, vm_->record.name);
     else
-        engine_log()->error("migration {}: unthrottling {}: {}", st.m.id, st.vm->record.name, r.error().message);
-    st.throttle.reset();
+        engine_log()->error("migration {}: unthrottling {}: {}", m_.id, vm_->record.name, r.error().message);
+    throttle_.reset();
 }
 
 } // namespace ferry::engine

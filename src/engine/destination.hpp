@@ -1,0 +1,53 @@
+#pragma once
+// Where an outgoing migration goes: a QEMU on this node, or a peer ferryd.
+// Chosen once when the migration is created; the source run's phases call
+// it where same-node and cross-node differ.
+#include "common/error.hpp"
+#include "engine/migration.hpp"
+
+#include <boost/asio/awaitable.hpp>
+
+#include <optional>
+#include <string>
+
+namespace ferry::engine {
+
+class Destination {
+public:
+    virtual ~Destination() = default;
+
+    // Between PreparingTarget and TargetReady: a QEMU waits for the stream.
+    virtual boost::asio::awaitable<Result<void>> prepare() = 0;
+
+    // Where the source QEMU sends, and the parameters that go with it
+    // (bandwidth, multifd); asked once the source follows its events.
+    struct Stream {
+        json params;
+        std::string uri;
+    };
+    virtual Result<Stream> open_stream() = 0;
+
+    // Once per poll of the pre-copy: why the migration cannot go on.
+    virtual boost::asio::awaitable<Result<void>> check() = 0;
+    // The destination QEMU is known to be gone (only a local one is seen).
+    virtual std::optional<Error> lost() const = 0;
+
+    // The guest is paused for the last round (not in post-copy).
+    virtual void switching_over() = 0;
+    // One poll of a post-copy under way (status: QEMU's migration status).
+    virtual boost::asio::awaitable<Result<void>> follow_postcopy(const std::string& status) = 0;
+    // The stream is complete: until the destination runs the VM.
+    virtual boost::asio::awaitable<Result<void>> wait_resumed() = 0;
+    // The VM moves to the destination; the source QEMU goes.
+    virtual boost::asio::awaitable<Result<void>> hand_off() = 0;
+    virtual void log_success() const = 0;
+
+    // After the run, success or not: what the destination holds of this node.
+    virtual boost::asio::awaitable<void> release(bool failed) = 0;
+    // A failed migration: the destination QEMU goes (kept in post-copy).
+    virtual boost::asio::awaitable<void> discard() = 0;
+    // The very end of the run.
+    virtual void close() = 0;
+};
+
+} // namespace ferry::engine

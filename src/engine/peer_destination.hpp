@@ -1,0 +1,67 @@
+#pragma once
+// A cross-node migration: the destination is a peer ferryd, reached over a
+// control channel; each connection the source QEMU opens is tunnelled over
+// its own data channel (with the target's token), shaped by the node's
+// shaper. In post-copy the VM is started on the target, and a broken stream
+// is recovered.
+#include "engine/destination.hpp"
+#include "transport/channel.hpp"
+#include "transport/shaper.hpp"
+
+#include <boost/asio/local/stream_protocol.hpp>
+
+#include <memory>
+#include <vector>
+
+namespace ferry::engine {
+
+class SourceRun;
+
+class PeerDestination final : public Destination {
+public:
+    PeerDestination(SourceRun& run, std::string peer_address) : run_(run), peer_address_(std::move(peer_address)) {}
+
+    boost::asio::awaitable<Result<void>> prepare() override;
+    Result<Stream> open_stream() override;
+    boost::asio::awaitable<Result<void>> check() override { return keepalive(); }
+    std::optional<Error> lost() const override { return std::nullopt; }
+    void switching_over() override;
+    boost::asio::awaitable<Result<void>> follow_postcopy(const std::string& status) override;
+    boost::asio::awaitable<Result<void>> wait_resumed() override;
+    boost::asio::awaitable<Result<void>> hand_off() override;
+    void log_success() const override;
+    boost::asio::awaitable<void> release(bool failed) override;
+    boost::asio::awaitable<void> discard() override;
+    void close() override;
+
+private:
+    boost::asio::awaitable<Result<nlohmann::json>> request(nlohmann::json message, std::chrono::milliseconds timeout);
+    // In post-copy the control channel may have to be dialled again.
+    boost::asio::awaitable<Result<nlohmann::json>> request_reconnecting(nlohmann::json message,
+                                                                        std::chrono::milliseconds timeout);
+    boost::asio::awaitable<Result<void>> keepalive();
+    nlohmann::json finish_message() const;
+    Result<void> listen_tunnels(const std::string& path);
+    static boost::asio::awaitable<void> accept_tunnels(std::shared_ptr<SourceRun> run, PeerDestination* self);
+    static boost::asio::awaitable<void> carry(std::shared_ptr<SourceRun> run, PeerDestination* self,
+                                              boost::asio::local::stream_protocol::socket qemu,
+                                              std::shared_ptr<transport::Channel> channel, std::size_t index);
+    boost::asio::awaitable<Result<void>> start_postcopy();
+    boost::asio::awaitable<Result<void>> recover_postcopy();
+    boost::asio::awaitable<Result<void>> retry_recovery();
+
+    SourceRun& run_;
+    std::string peer_address_;
+    std::shared_ptr<transport::Channel> control_;
+    std::vector<std::string> tokens_;
+    std::unique_ptr<boost::asio::local::stream_protocol::acceptor> tunnel_acceptor_;
+    std::string tunnel_socket_;
+    std::vector<std::unique_ptr<boost::asio::local::stream_protocol::acceptor>> retired_acceptors_;
+    std::shared_ptr<transport::TokenBucket> bucket_;
+    std::optional<Error> tunnel_error_;
+    Clock::time_point last_ping_;
+    bool postcopy_running_ = false; // the destination was told to run
+    int recoveries_ = 0;            // post-copy recoveries so far
+};
+
+} // namespace ferry::engine

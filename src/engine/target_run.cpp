@@ -1,0 +1,320 @@
+// The target side of a cross-node migration: one method per message of the
+// source's.
+#include "engine/target_run.hpp"
+
+#include "engine/async.hpp"
+#include "engine/heartbeat.hpp"
+#include "engine/process.hpp"
+
+#include <fmt/format.h>
+
+#include <filesystem>
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+namespace {
+constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
+} // namespace
+
+json error_message(const std::string& why) { return {{"type", "error"}, {"message", why}}; }
+
+TargetRun::TargetRun(Node& node, std::string source_node)
+    : node_(node), source_node_(std::move(source_node)), order_(node.executor()) {}
+
+std::string TargetRun::check_prepare(const json& msg) {
+    try {
+        m_ = msg.at("migration").get<Migration>();
+        spec_ = msg.at("spec").get<config::VmSpec>();
+        channels_ = msg.at("channels").get<int>();
+    } catch (const std::exception& e) {
+        return fmt::format("bad prepare: {}", e.what());
+    }
+    // A peer is authenticated, not infallible: its spec gets the checks a
+    // local one gets before any QEMU starts from it.
+    if (auto valid = config::validate_vm_spec(spec_); !valid)
+        return fmt::format("bad prepare: {}", valid.error().message);
+    // The id names a file under state_dir: "<vm>-<suffix>", nothing else.
+    auto& id = m_.id;
+    bool id_ok = id.size() > spec_.name.size() + 1 && id.rfind(spec_.name + "-", 0) == 0 &&
+                 config::valid_vm_name(id.substr(spec_.name.size() + 1)) && id.size() <= 100;
+    if (m_.vm != spec_.name || !id_ok)
+        return fmt::format("bad prepare: migration '{}' of VM '{}' does not match spec {}", id, m_.vm, spec_.name);
+    if (node_.has_migration(id))
+        return fmt::format("bad prepare: migration {} is known here already", id);
+    auto& config = node_.config();
+    if (spec_.name.size() > config::max_vm_name_length(config.node.state_dir))
+        return fmt::format("VM name {} is too long for {}'s state_dir", spec_.name, config.node.name);
+    if (m_.config.multifd_channels < 0 || m_.config.multifd_channels > 255)
+        return fmt::format("bad prepare: multifd_channels {} (0..255)", m_.config.multifd_channels);
+    if (channels_ != migration_channels(m_.config))
+        return fmt::format("bad prepare: {} data channels for a migration that opens {}", channels_,
+                           migration_channels(m_.config));
+    return check_arrival();
+}
+
+std::string TargetRun::check_arrival() const {
+    auto& name = spec_.name;
+    auto& node = node_.config().node.name;
+    if (node_.has_vm(name))
+        return fmt::format("a VM named {} already exists on {}", name, node);
+    if (auto id = node_.arriving(name))
+        return fmt::format("VM {} is already arriving on {} ({})", name, node, *id);
+    if (spec_.kernel && !fs::is_regular_file(*spec_.kernel))
+        return fmt::format("kernel {} does not exist on {}", *spec_.kernel, node);
+    for (auto& d : spec_.disks)
+        if (!fs::exists(d.path))
+            return fmt::format("disk {} does not exist on {} (disks must be on shared storage)", d.path, node);
+    return "";
+}
+
+asio::awaitable<json> TargetRun::prepare(const json& msg) {
+    auto bad = check_prepare(msg);
+    if (!bad.empty())
+        co_return error_message(bad);
+    node_.add_arriving(shared_from_this()); // reserve the name
+    auto& name = spec_.name;
+    auto dir = node_.vm_dir(name);
+    std::error_code ec;
+    fs::create_directories(dir, ec);
+    LaunchRequest req{&node_.config().node, &spec_, dir, 1, true, true};
+    auto q = co_await launch_qemu(node_.executor(), req);
+    if (!q) {
+        node_.remove_arriving(m_.id);
+        fs::remove_all(dir, ec);
+        co_return error_message(fmt::format("starting the destination QEMU: {}", q.error().message));
+    }
+    qemu_ = std::move(*q);
+    auto listening = co_await listen();
+    if (!listening) {
+        co_await drop(listening.error().message);
+        co_return error_message(fmt::format("preparing the destination QEMU: {}", listening.error().message));
+    }
+    // Our own record of the arrival: visible here, and cleaned up by a
+    // restarted ferryd if we die before the hand-off.
+    m_.phase = Phase::Running;
+    m_.target_pid = qemu_.pid;
+    m_.target_dir = qemu_.run_dir;
+    node_.add_migration(m_);
+    node_.persist(m_);
+    json tokens = issue_tokens(channels_);
+    prepared_ = true;
+    engine_log()->info("migration {}: receiving {} from {}", m_.id, name, source_node_);
+    json ready{{"type", "target_ready"}, {"tokens", tokens}, {"preempt", preempt_enabled(m_.config)}};
+    co_return ready;
+}
+
+// The source's capabilities and multifd channels, then migrate-incoming.
+asio::awaitable<Result<json>> TargetRun::listen() {
+    json caps_args{{"capabilities", migration_capabilities(m_.config.multifd_channels > 0, postcopy_enabled(m_.config),
+                                                           preempt_enabled(m_.config))}};
+    auto caps = co_await qemu_.qmp->execute("migrate-set-capabilities", caps_args);
+    Result<json> set = ok(json::object());
+    if (caps && m_.config.multifd_channels > 0) {
+        json params{{"multifd-channels", m_.config.multifd_channels}};
+        set = co_await qemu_.qmp->execute("migrate-set-parameters", params);
+    }
+    listen_socket_ = qemu_.migrate_socket();
+    json incoming_args{{"uri", "unix:" + listen_socket_}};
+    // No co_await inside a conditional expression: GCC 12 miscompiles it.
+    Result<json> listening = caps ? (set ? ok(json::object()) : Result<json>(set.error())) : Result<json>(caps.error());
+    if (listening)
+        listening = co_await qemu_.qmp->execute("migrate-incoming", incoming_args);
+    co_return listening;
+}
+
+json TargetRun::issue_tokens(int count) {
+    json tokens = json::array();
+    for (int i = 0; i < count; ++i)
+        tokens.push_back(node_.tokens()->issue(m_.id, i));
+    return tokens;
+}
+
+std::string TargetRun::qemu_state() const {
+    return qemu_.qmp && qemu_.qmp->connected() && process_alive(qemu_.pid)
+               ? "running"
+               : fmt::format("exited: {}", log_tail(qemu_.log_path()));
+}
+
+asio::awaitable<void> TargetRun::deliver(std::shared_ptr<TargetRun> run, int index,
+                                         std::shared_ptr<transport::Channel> channel) {
+    // QEMU tells its channels apart partly by accept order: connect them to
+    // the destination in the order the source QEMU opened them.
+    auto deadline = Clock::now() + 30s;
+    while (run->next_index_ != index && Clock::now() < deadline && !run->finished_) {
+        run->order_.expires_after(5ms);
+        co_await run->order_.async_wait(nothrow);
+    }
+    asio::local::stream_protocol::socket qemu(transport::data_plane());
+    auto [ec] = co_await qemu.async_connect(asio::local::stream_protocol::endpoint(run->listen_socket_), nothrow);
+    run->next_index_ = std::max(run->next_index_, index + 1);
+    if (ec) {
+        engine_log()->warn("migration {}: data channel {}: destination QEMU: {}", run->m_.id, index, ec.message());
+        channel->close();
+        co_return;
+    }
+    auto r = co_await tunnel_on_data_plane(std::move(qemu), channel, nullptr);
+    if (!r)
+        engine_log()->debug("migration {}: data channel {} ended: {}", run->m_.id, index, r.error().message);
+}
+
+// The stream is complete on the source; waits until QEMU has loaded it.
+// Returns "" or the error to answer.
+asio::awaitable<std::string> TargetRun::wait_loaded() {
+    auto deadline = Clock::now() + 60s;
+    std::string status;
+    for (;;) {
+        auto s = co_await qemu_.qmp->execute("query-status");
+        status = s ? (*s).value("status", "") : s.error().message;
+        if (status == "paused" || status == "postmigrate" || status == "running")
+            co_return std::string();
+        if (!s || Clock::now() > deadline)
+            co_return fmt::format("the destination did not load the VM (state {}): {}", status,
+                                  log_tail(qemu_.log_path()));
+        co_await sleep_for(5ms);
+    }
+}
+
+// The VM is this node's from now on.
+std::shared_ptr<Vm> TargetRun::take_in(bool resume) {
+    auto vm = std::make_shared<Vm>();
+    vm->record.name = spec_.name;
+    vm->record.node = node_.config().node.name;
+    vm->record.spec = spec_;
+    vm->record.created_at = now_string();
+    vm->qemu = std::move(qemu_);
+    vm->record.pid = vm->qemu.pid;
+    vm->record.generation = vm->qemu.generation;
+    vm->record.run_dir = vm->qemu.run_dir;
+    vm->record.qmp_socket = vm->qemu.qmp_socket;
+    vm->status = resume ? "running" : "paused";
+    node_.add_vm(vm);
+    finished_ = true;
+    node_.remove_arriving(m_.id);
+    node_.tokens()->revoke(m_.id);
+    return vm;
+}
+
+asio::awaitable<json> TargetRun::finish(const json& msg) {
+    auto not_loaded = co_await wait_loaded();
+    if (!not_loaded.empty())
+        co_return error_message(not_loaded);
+    // A VM that was paused on the source stays paused here.
+    bool resume = msg.value("resume", true);
+    if (resume) {
+        auto cont = co_await qemu_.qmp->execute("cont");
+        if (!cont)
+            co_return error_message(fmt::format("resuming the destination: {}", cont.error().message));
+    }
+    auto vm = take_in(resume);
+    json reply{{"type", "finished"}, {"guest_blackout_ms", nullptr}};
+    if (resume)
+        reply["guest_blackout_ms"] = co_await measure_blackout(msg, *vm);
+    if (auto* record = node_.migration(m_.id)) {
+        record->phase = Phase::Succeeded;
+        record->ended_at = now_string();
+        record->target_pid = -1;
+        record->target_dir.clear();
+        if (!reply["guest_blackout_ms"].is_null())
+            record->result.guest_blackout_ms = reply["guest_blackout_ms"].get<std::int64_t>();
+        record->result.total_time_ms = msg.value("total_time_ms", std::int64_t{0});
+        record->result.downtime_ms = msg.value("downtime_ms", std::int64_t{0});
+        node_.persist(*record);
+    }
+    engine_log()->info("migration {}: {} arrived from {} and runs here", m_.id, spec_.name, source_node_);
+    co_return reply;
+}
+
+// The guest's blackout from the source's last heartbeat (in "finish") to
+// the first here; null when unknown.
+asio::awaitable<json> TargetRun::measure_blackout(const json& msg, const Vm& vm) {
+    json blackout = nullptr;
+    auto hb = msg.find("last_heartbeat");
+    // Numbers from the peer, bounded before they size a wait.
+    auto number = [&](const char* key, std::uint64_t max) {
+        return hb->is_object() && hb->contains(key) && (*hb)[key].is_number_unsigned() &&
+               (*hb)[key].get<std::uint64_t>() <= max;
+    };
+    if (hb == msg.end() || !number("host_ms", std::uint64_t{1} << 62) || !number("seq", std::uint64_t{1} << 62) ||
+        !number("interval_ms", 10'000))
+        co_return blackout;
+    std::vector<Heartbeat> src{{(*hb)["host_ms"].get<std::int64_t>(), (*hb)["seq"].get<std::uint64_t>(),
+                                (*hb)["interval_ms"].get<std::uint32_t>()}};
+    auto until = Clock::now() + 3 * std::chrono::milliseconds(src[0].interval_ms) + 2s;
+    while (Clock::now() < until) {
+        if (auto b = guest_blackout_ms(src, vm.qemu.console->heartbeat_list())) {
+            blackout = *b;
+            break;
+        }
+        co_await sleep_for(10ms);
+    }
+    co_return blackout;
+}
+
+asio::awaitable<json> TargetRun::start() {
+    // Post-copy: the source has stopped and sent the device state; the VM
+    // runs here from now on and pulls missing pages from the source. (cont
+    // before QEMU has loaded the device state just marks it to start then.)
+    m_.mode = "postcopy"; // from now on a lost control channel does not drop it
+    if (auto* record = node_.migration(m_.id)) {
+        record->mode = "postcopy";
+        node_.persist(*record);
+    }
+    auto cont = co_await qemu_.qmp->execute("cont");
+    if (!cont)
+        co_return error_message(fmt::format("starting the VM in post-copy: {}", cont.error().message));
+    engine_log()->info("migration {}: {} runs here in post-copy", m_.id, spec_.name);
+    json reply{{"type", "started"}};
+    co_return reply;
+}
+
+asio::awaitable<json> TargetRun::recover() {
+    if (!qemu_.qmp || !qemu_.qmp->connected() || !process_alive(qemu_.pid))
+        co_return error_message(fmt::format("{}: {}", destination_gone, log_tail(qemu_.log_path())));
+    // QEMU notices the broken stream on its own; give it a moment.
+    std::function<bool(const std::string&)> paused = [](const std::string& s) { return s == "postcopy-paused"; };
+    auto status = co_await wait_migration_status(*qemu_.qmp, paused);
+    if (status != "postcopy-paused")
+        co_return error_message(
+            fmt::format("cannot recover: the destination's migration is '{}', not postcopy-paused", status));
+    ++recoveries_;
+    listen_socket_ = fmt::format("{}/migrate-r{}.sock", qemu_.run_dir, recoveries_);
+    std::error_code ec;
+    fs::remove(listen_socket_, ec);
+    json args{{"uri", "unix:" + listen_socket_}};
+    auto listening = co_await qemu_.qmp->execute("migrate-recover", args);
+    if (!listening)
+        co_return error_message(fmt::format("migrate-recover: {}", listening.error().message));
+    node_.tokens()->revoke(m_.id);
+    next_index_ = 0;
+    json tokens = issue_tokens(migration_channels(m_.config)); // the main channel, and preempt's
+    engine_log()->info("migration {}: post-copy recovery {}: listening again", m_.id, recoveries_);
+    json reply{{"type", "recovering"}, {"tokens", tokens}};
+    co_return reply;
+}
+
+asio::awaitable<void> TargetRun::drop(std::string why) {
+    engine_log()->warn("migration {}: dropping the incoming {}: {}", m_.id, spec_.name, why);
+    finished_ = true;
+    if (auto* tokens = node_.tokens())
+        tokens->revoke(m_.id);
+    node_.remove_arriving(m_.id);
+    if (auto* record = node_.migration(m_.id)) {
+        record->phase = Phase::Failed;
+        record->failure_reason = why;
+        record->ended_at = now_string();
+        record->target_pid = -1;
+        record->target_dir.clear();
+        node_.persist(*record);
+    }
+    co_await destroy_qemu(node_.executor(), qemu_);
+    if (!node_.has_vm(spec_.name)) {
+        std::error_code ec;
+        fs::remove_all(node_.vm_dir(spec_.name), ec);
+    }
+}
+
+} // namespace ferry::engine

@@ -1,0 +1,76 @@
+#pragma once
+// The incoming side of a cross-node migration: a destination QEMU launched
+// from the source's spec, its data channels admitted in the order the source
+// QEMU opened them, and the VM taken in only when the source says "finish".
+// The peer endpoint (Engine::serve_peer) hands it the source's messages.
+#include "config/vm_spec.hpp"
+#include "engine/migration.hpp"
+#include "engine/node.hpp"
+#include "engine/vm.hpp"
+#include "transport/channel.hpp"
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <memory>
+#include <string>
+
+namespace ferry::engine {
+
+class TargetRun : public std::enable_shared_from_this<TargetRun> {
+public:
+    TargetRun(Node& node, std::string source_node);
+
+    // "prepare": checks what the source sent, launches the destination QEMU
+    // and lets it listen; answers target_ready (with the data-channel
+    // tokens) or an error. prepared() tells which.
+    boost::asio::awaitable<nlohmann::json> prepare(const nlohmann::json& msg);
+    // "start": post-copy; the VM runs here from now on.
+    boost::asio::awaitable<nlohmann::json> start();
+    // "finish": the stream is complete; the VM becomes this node's.
+    boost::asio::awaitable<nlohmann::json> finish(const nlohmann::json& msg);
+    // "recover": a broken post-copy stream; listen again, new tokens.
+    boost::asio::awaitable<nlohmann::json> recover();
+    // The "qemu" of a pong: "running", or why not.
+    std::string qemu_state() const;
+    // Gives up the arrival: the destination QEMU goes, the record says why.
+    boost::asio::awaitable<void> drop(std::string why);
+
+    // Connects a data channel to the destination QEMU, in order.
+    static boost::asio::awaitable<void> deliver(std::shared_ptr<TargetRun> run, int index,
+                                                std::shared_ptr<transport::Channel> channel);
+
+    bool prepared() const { return prepared_; }
+    bool finished() const { return finished_; }
+    const Migration& migration() const { return m_; }
+    const std::string& vm_name() const { return spec_.name; }
+    const std::string& source_node() const { return source_node_; }
+
+private:
+    // The checks a prepare gets before anything starts; an error text or "".
+    std::string check_prepare(const nlohmann::json& msg);
+    std::string check_arrival() const;
+    boost::asio::awaitable<Result<nlohmann::json>> listen();
+    nlohmann::json issue_tokens(int count);
+    boost::asio::awaitable<std::string> wait_loaded();
+    std::shared_ptr<Vm> take_in(bool resume);
+    boost::asio::awaitable<nlohmann::json> measure_blackout(const nlohmann::json& msg, const Vm& vm);
+
+    Node& node_;
+    Migration m_;
+    config::VmSpec spec_;
+    QemuInstance qemu_;
+    std::string source_node_;
+    int channels_ = 1;
+    int next_index_ = 0;              // data channels reach QEMU in this order
+    boost::asio::steady_timer order_; // woken when next_index_ moves
+    bool prepared_ = false;
+    bool finished_ = false;
+    std::string listen_socket_; // where QEMU listens (changes with each post-copy recovery)
+    int recoveries_ = 0;
+};
+
+// An error reply on the control channel.
+nlohmann::json error_message(const std::string& why);
+
+} // namespace ferry::engine
