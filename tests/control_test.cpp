@@ -525,6 +525,27 @@ TEST_F(TwoNodes, MigratesAcrossNodesOverTlsAndBack) {
     EXPECT_EQ(check_a.status, 0) << check_a.out << check_a.err;
 }
 
+TEST_F(TwoNodes, ALocalDiskIsRefusedBeforeAnythingMovesAndTheVmStays) {
+    configure("bandwidth_per_migration = \"32Mi\"");
+    start(a());
+    start(b());
+    auto disk = dir_ / "local.raw";
+    ferry::test::write_file(disk, std::string(1 << 20, 'x'));
+    auto spec = ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" + disk + "\"\nshared = false\n";
+    ferry::test::write_file(dir_ / "vm-local.toml", spec);
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto m = ctl(a(), "migrate demo --to node-b --wait");
+    EXPECT_NE(m.status, 0);
+    EXPECT_NE(m.err.find("has a local disk (disks[0] " + disk + ", shared = false)"), std::string::npos) << m.err;
+    EXPECT_TRUE(ctl_json(a(), "migration list").empty()) << "nothing was started";
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"].get<int>(), pid);
+    EXPECT_TRUE(qemu_alive(pid));
+}
+
 TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {
     configure("bandwidth_per_migration = 0\ndisable_tls = true\nmultifd_channels = 3");
     start(a());
@@ -583,12 +604,11 @@ TEST_F(TwoNodes, WithoutHelpTheMigrationTimesOutNamingTheRates) {
     fast_dirtier("bandwidth_per_migration = \"16Mi\"\ncompletion_timeout_per_gib = 80"); // 10 s for 128 MiB
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     // Measured before migrating: the guest rewrites its 32 MiB working set,
-    // so page sampling sees a rate above zero and at most the working set in
-    // the second. How much of it depends on how much CPU the guest gets on a
-    // loaded machine, so no tighter lower bound.
+    // so page sampling sees a rate above zero. How much depends on the CPU
+    // the guest gets on a loaded machine, and sampling extrapolates (it can
+    // read above the working set), so no tighter bound either way.
     auto rate = ctl_json(a(), "vm dirty-rate demo --seconds 1");
     EXPECT_GT(rate["dirty_rate_mib_s"].get<int>(), 0) << rate.dump();
-    EXPECT_LE(rate["dirty_rate_mib_s"].get<int>(), 40) << rate.dump();
     EXPECT_EQ(rate["mode"], "page-sampling");
     auto done = migrate_and_wait();
     EXPECT_EQ(done["phase"], "Failed");

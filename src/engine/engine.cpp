@@ -588,6 +588,15 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
                               fmt::format("cross-node migration is off on {}: configure [tls] (ferryctl pki "
                                           "init) or set [migration] disable_tls = true",
                                           config_.node.name));
+        // Until ferry mirrors local disks, a destination on another node
+        // would open another disk, or the same file from two hosts.
+        auto& disks = vm->record.spec->disks;
+        for (std::size_t i = 0; i < disks.size(); ++i)
+            if (!disks[i].shared)
+                return make_error(Errc::conflict,
+                                  fmt::format("VM {} has a local disk (disks[{}] {}, shared = false): moving local "
+                                              "disks to another node is not supported yet; the VM stays on {}",
+                                              req.vm, i, disks[i].path, config_.node.name));
     }
     auto record = std::make_shared<Migration>();
     auto& m = *record;
