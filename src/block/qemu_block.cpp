@@ -68,37 +68,37 @@ asio::awaitable<Result<void>> QemuBlock::remove_bitmap(std::string node, std::st
     co_return Result<void>{};
 }
 
-asio::awaitable<Result<std::vector<std::string>>> QemuBlock::bitmaps(std::string node) {
+asio::awaitable<Result<json>> QemuBlock::node_bitmaps(std::string node) {
     json flat{{"flat", true}};
     auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
     if (!nodes)
-        co_return nodes.error().wrap("listing dirty bitmaps");
-    std::vector<std::string> out;
+        co_return nodes.error().wrap(fmt::format("listing the dirty bitmaps of {}", node));
+    json out = json::array();
     for (auto& n : *nodes) {
-        if (n.value("node-name", "") != node)
-            continue;
         auto bm = n.find("dirty-bitmaps");
-        if (bm != n.end() && bm->is_array())
-            for (auto& b : *bm)
-                out.push_back(b.value("name", ""));
+        if (n.value("node-name", "") == node && bm != n.end() && bm->is_array())
+            out.insert(out.end(), bm->begin(), bm->end());
     }
+    co_return ok(std::move(out)); // json converts to anything: name the value
+}
+
+asio::awaitable<Result<std::vector<std::string>>> QemuBlock::bitmaps(std::string node) {
+    auto list = co_await node_bitmaps(node);
+    if (!list)
+        co_return list.error();
+    std::vector<std::string> out;
+    for (auto& b : *list)
+        out.push_back(b.value("name", ""));
     co_return out;
 }
 
 asio::awaitable<Result<std::uint64_t>> QemuBlock::bitmap_dirty_bytes(std::string node, std::string name) {
-    json flat{{"flat", true}};
-    auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
-    if (!nodes)
-        co_return nodes.error().wrap(fmt::format("reading dirty bitmap {}", name));
-    for (auto& n : *nodes) {
-        if (n.value("node-name", "") != node)
-            continue;
-        auto bm = n.find("dirty-bitmaps");
-        if (bm != n.end() && bm->is_array())
-            for (auto& b : *bm)
-                if (b.value("name", "") == name)
-                    co_return b.value("count", std::uint64_t{0});
-    }
+    auto list = co_await node_bitmaps(node);
+    if (!list)
+        co_return list.error();
+    for (auto& b : *list)
+        if (b.value("name", "") == name)
+            co_return b.value("count", std::uint64_t{0});
     co_return make_error(Errc::not_found, fmt::format("no dirty bitmap {} on {}", name, node));
 }
 

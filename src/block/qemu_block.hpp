@@ -56,6 +56,9 @@ public:
     boost::asio::awaitable<Result<std::string>> sweep(std::string prefix, bool stop_server);
 
 private:
+    // The dirty-bitmaps entries QEMU lists for a node.
+    boost::asio::awaitable<Result<nlohmann::json>> node_bitmaps(std::string node);
+
     std::shared_ptr<qmp::Client> qmp_;
 };
 

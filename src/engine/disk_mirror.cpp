@@ -327,7 +327,8 @@ asio::awaitable<void> DiskSender::finish() {
 
 DiskReceiver::DiskReceiver(std::vector<MirrorDisk> disks, std::vector<std::optional<NbdTarget>> nbd, DiskStream stream)
     : disks_(std::move(disks)), nbd_targets_(std::move(nbd)), stream_(std::move(stream)),
-      pool_(1, transport::max_disk_payload), raw_(disks_.size()), nbd_(disks_.size()), totals_(disks_.size()) {
+      pool_(depth, chunk), raw_(disks_.size()), nbd_(disks_.size()), totals_(disks_.size()), busy_(depth),
+      slot_free_(stream_.get_executor()) {
     nbd_targets_.resize(disks_.size());
 }
 
@@ -367,15 +368,65 @@ asio::awaitable<Result<void>> DiskReceiver::flush_all() {
     co_return Result<void>{};
 }
 
+asio::awaitable<std::size_t> DiskReceiver::take_slot() {
+    for (;;) {
+        for (std::size_t i = 0; i < busy_.size(); ++i)
+            if (!busy_[i]) {
+                busy_[i] = true;
+                ++in_flight_;
+                co_return i;
+            }
+        slot_free_.expires_at(asio::steady_timer::time_point::max());
+        co_await slot_free_.async_wait(nothrow);
+    }
+}
+
+// One write in flight on its slot (data) or none (zeros); records of one
+// round never overlap, so they may land in any order.
+asio::awaitable<void> DiskReceiver::write_slot(DiskReceiver* self, std::size_t slot, std::size_t d, DiskRecord r) {
+    Result<void> w;
+    if (r.kind == DiskRecordKind::zero) {
+        if (self->raw_[d])
+            w = co_await self->raw_[d]->write_zeroes(*self->ring_, r.offset, r.length);
+        else
+            w = co_await self->nbd_[d]->zero(r.offset, r.length);
+    } else {
+        auto buf = self->pool_.slot(slot).first(static_cast<std::size_t>(r.length));
+        if (self->raw_[d])
+            w = co_await self->raw_[d]->write(*self->ring_, buf, r.offset, self->registered_ ? static_cast<int>(slot) : -1);
+        else
+            w = co_await self->nbd_[d]->pwrite(buf, r.offset);
+    }
+    if (!w && !self->write_error_)
+        self->write_error_ = w.error().wrap(fmt::format("disk {} record {}", r.disk, r.seq));
+    self->busy_[slot] = false;
+    --self->in_flight_;
+    self->slot_free_.cancel();
+}
+
+asio::awaitable<Result<void>> DiskReceiver::drain() {
+    while (in_flight_ > 0) {
+        slot_free_.expires_at(asio::steady_timer::time_point::max());
+        co_await slot_free_.async_wait(nothrow);
+    }
+    if (write_error_)
+        co_return *write_error_;
+    co_return Result<void>{};
+}
+
 asio::awaitable<Result<void>> DiskReceiver::apply(const DiskRecord& r) {
     auto bad = [&](const std::string& why) {
         return make_error(Errc::protocol, fmt::format("disk stream record {} ({}): {}", r.seq,
                                                       transport::to_string(r.kind), why));
     };
+    if (write_error_)
+        co_return *write_error_;
     if (r.kind == DiskRecordKind::ack)
         co_return bad("the source does not send acks");
     if (r.kind == DiskRecordKind::round_end) {
-        auto f = co_await flush_all();
+        auto f = co_await drain();
+        if (f)
+            f = co_await flush_all();
         if (!f)
             co_return f;
         ++rounds_;
@@ -394,24 +445,36 @@ asio::awaitable<Result<void>> DiskReceiver::apply(const DiskRecord& r) {
     if (r.offset + r.length > it->size)
         co_return bad(fmt::format("{} bytes at {} lie past the end of disk {} ({} bytes)", r.length, r.offset, r.disk,
                                   it->size));
+    if (r.kind == DiskRecordKind::data && r.length > pool_.slot_size())
+        co_return bad(fmt::format("{} bytes of data in one record (at most {})", r.length, pool_.slot_size()));
+    auto slot = co_await take_slot();
     if (r.kind == DiskRecordKind::zero) {
         totals_[d].zero_bytes += r.length;
-        if (raw_[d])
-            co_return co_await raw_[d]->write_zeroes(*ring_, r.offset, r.length);
-        co_return co_await nbd_[d]->zero(r.offset, r.length);
+    } else {
+        auto buf = pool_.slot(slot).first(static_cast<std::size_t>(r.length));
+        auto [ec, n] = co_await asio::async_read(stream_, asio::buffer(buf.data(), buf.size()), nothrow);
+        if (ec) {
+            busy_[slot] = false;
+            --in_flight_;
+            co_return make_error(Errc::disconnected, fmt::format("disk stream: in the data of record {}: {}", r.seq,
+                                                                 ec.message()));
+        }
+        totals_[d].data_bytes += r.length;
     }
-    auto buf = pool_.slot(0).first(static_cast<std::size_t>(r.length));
-    auto [ec, n] = co_await asio::async_read(stream_, asio::buffer(buf.data(), buf.size()), nothrow);
-    if (ec)
-        co_return make_error(Errc::disconnected, fmt::format("disk stream: in the data of record {}: {}", r.seq,
-                                                             ec.message()));
-    totals_[d].data_bytes += r.length;
-    if (raw_[d])
-        co_return co_await raw_[d]->write(*ring_, buf, r.offset, registered_ ? 0 : -1);
-    co_return co_await nbd_[d]->pwrite(buf, r.offset);
+    asio::co_spawn(stream_.get_executor(), write_slot(this, slot, d, r), asio::detached);
+    co_return Result<void>{};
 }
 
 asio::awaitable<Result<void>> DiskReceiver::run() {
+    auto r = co_await receive();
+    // No write may outlive the receiver; the first failure is the answer.
+    auto drained = co_await drain();
+    if (r && !drained)
+        r = drained;
+    co_return r;
+}
+
+asio::awaitable<Result<void>> DiskReceiver::receive() {
     auto opened = co_await open();
     if (!opened)
         co_return opened;

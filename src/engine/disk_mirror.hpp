@@ -111,15 +111,23 @@ class DiskReceiver {
 public:
     // disks[i].path is the target image; nbd[i] is set for qcow2 disks.
     DiskReceiver(std::vector<MirrorDisk> disks, std::vector<std::optional<NbdTarget>> nbd, DiskStream stream);
-    // Opens the targets, then writes what arrives until the source ends the
-    // stream (Ok) or it breaks or lies (an error naming the record).
+    // Opens the targets, then writes what arrives (several writes in
+    // flight, all of a round done and flushed before its ack) until the
+    // source ends the stream (Ok) or it breaks or lies (an error naming the
+    // record). Data records carry at most 1 MiB.
     boost::asio::awaitable<Result<void>> run();
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return rounds_; }
 
 private:
     boost::asio::awaitable<Result<void>> open();
+    boost::asio::awaitable<Result<void>> receive();
     boost::asio::awaitable<Result<void>> apply(const transport::DiskRecord& r);
+    boost::asio::awaitable<std::size_t> take_slot();
+    static boost::asio::awaitable<void> write_slot(DiskReceiver* self, std::size_t slot, std::size_t d,
+                                                   transport::DiskRecord r);
+    // Waits for every write in flight; the first that failed, if any.
+    boost::asio::awaitable<Result<void>> drain();
     boost::asio::awaitable<Result<void>> flush_all();
 
     std::vector<MirrorDisk> disks_;
@@ -132,6 +140,10 @@ private:
     std::vector<DiskTotals> totals_;
     bool registered_ = false;
     std::uint32_t rounds_ = 0;
+    std::vector<bool> busy_; // slots with a write in flight
+    int in_flight_ = 0;
+    std::optional<Error> write_error_;
+    boost::asio::steady_timer slot_free_;
 };
 
 } // namespace ferry::engine
