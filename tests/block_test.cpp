@@ -422,6 +422,27 @@ TEST_F(Nbd, ALostServerFailsRequestsInsteadOfHanging) {
     EXPECT_NE(r.error().message.find("disk"), std::string::npos) << r.error().message;
 }
 
+TEST_F(Nbd, AStalledServerTimesOutWithoutBlockingTheLoop) {
+    serve();
+    auto c = connect();
+    ASSERT_TRUE(c);
+    c->set_timeout(1s);
+    ::kill(server_, SIGSTOP);
+    auto read = [](std::shared_ptr<NbdClient> c) -> asio::awaitable<Result<void>> {
+        std::vector<std::byte> b(4096);
+        co_return co_await c->pread(b, 0);
+    };
+    auto t0 = std::chrono::steady_clock::now();
+    auto r = test::run(io_, read(c), 20s);
+    auto took = std::chrono::steady_clock::now() - t0;
+    ::kill(server_, SIGCONT);
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().code, ferry::Errc::timeout) << r.error().message;
+    EXPECT_LT(took, 10s) << "closing waited on the stalled server";
+    auto again = test::run(io_, read(c), 20s);
+    ASSERT_FALSE(again) << "a closed client refuses further requests";
+}
+
 TEST_F(Nbd, ConnectingToNothingNamesTheSocket) {
     auto c = test::run(io_, NbdClient::connect(io_.get_executor(), dir_ / "none.sock", "disk", {}, 2s));
     ASSERT_FALSE(c);
@@ -610,4 +631,5 @@ TEST(TargetImage, TheCreateCommandGetsQuotedPathNameAndSize) {
     auto wrong = prepare_target_image(dir / "v3", "raw", 1 << 20, "truncate -s 4096 {path}");
     ASSERT_FALSE(wrong);
     EXPECT_NE(wrong.error().message.find("raw of 4096 bytes"), std::string::npos) << wrong.error().message;
+    EXPECT_FALSE(std::filesystem::exists(dir / "v3")) << "a created image of the wrong size is left behind";
 }

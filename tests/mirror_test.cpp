@@ -197,10 +197,52 @@ TEST_F(Mirror, Qcow2ThroughNbdOnBothEnds) {
     auto target = serve_target(dst);
     auto r = mirror({0, src, "qcow2", 32 << 20, "disk0"}, {0, dst, "qcow2", 32 << 20, ""}, target, 2);
     ASSERT_TRUE(r) << r.error().message;
+    ASSERT_EQ(stats_.size(), 3u);
     EXPECT_LT(stats_[0].data_bytes, 8u << 20) << "only allocated clusters";
     ::kill(nbd_server_, SIGTERM);
     ::waitpid(nbd_server_, nullptr, 0);
     nbd_server_ = -1;
     EXPECT_EQ(sh("qemu-img compare -q -U " + src + " " + dst), 0) << "the images differ";
     expect_nothing_left();
+}
+
+TEST_F(Mirror, AFailedRoundPutsItsBlocksBackAndLeavesNothingBehind) {
+    auto src = dir_ / "src.raw", dst = dir_ / "dst.raw";
+    ASSERT_EQ(sh("truncate -s 16M " + src + " " + dst), 0);
+    start_guest(src, "raw", 1024);
+    DiskStream a(io_), b(io_);
+    asio::local::connect_pair(a, b);
+    DiskSender sender(qmp_, "ferry-t", dir_ / "src-nbd.sock", {{0, src, "raw", 16 << 20, "disk0"}}, std::move(a));
+    DiskReceiver receiver({{0, dst, "raw", 16 << 20, ""}}, {std::nullopt}, std::move(b));
+    auto received = std::make_shared<std::optional<Result<void>>>();
+    asio::co_spawn(io_, run_receiver(&receiver, received), asio::detached);
+    ASSERT_TRUE(test::run(io_, sender.start()));
+    auto first = test::run(io_, sender.round());
+    ASSERT_TRUE(first) << first.error().message;
+    test::pump(io_, 500ms);
+    // The guest stops writing; what it wrote since round 1 is all round 2 has.
+    ASSERT_TRUE(test::run(io_, qmp_->execute("stop")));
+    auto before = test::run(io_, sender.dirty_bytes());
+    ASSERT_TRUE(before);
+    ASSERT_GT(*before, 0u);
+    // The target goes away mid-stream: round 2 fails...
+    receiver.close();
+    auto second = test::run(io_, sender.round());
+    ASSERT_FALSE(second);
+    EXPECT_NE(second.error().message.find("disk round 2"), std::string::npos) << second.error().message;
+    // ...and its blocks are back in the bitmap that records now.
+    auto after = test::run(io_, sender.dirty_bytes());
+    ASSERT_TRUE(after) << after.error().message;
+    EXPECT_EQ(*after, *before);
+    block::QemuBlock qb(qmp_);
+    EXPECT_TRUE(test::run(io_, qb.exports())->empty());
+    EXPECT_EQ(test::run(io_, qb.bitmaps("disk0"))->size(), 1u) << "only the recording bitmap";
+    auto third = test::run(io_, sender.round());
+    ASSERT_FALSE(third) << "a broken stream is not used again";
+    test::run(io_, sender.finish());
+    expect_nothing_left();
+    for (int i = 0; i < 100 && !*received; ++i)
+        test::pump(io_, 20ms);
+    ASSERT_TRUE(*received);
+    EXPECT_FALSE(**received) << "the receiver saw its stream cut";
 }

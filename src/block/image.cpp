@@ -99,8 +99,9 @@ asio::awaitable<Result<std::size_t>> Image::read(Ring& ring, std::span<std::byte
     if (buf.size() < length)
         co_return make_error(Errc::invalid_argument, fmt::format("reading {} bytes of {} into {} bytes", length, path_,
                                                                  buf.size()));
+    std::size_t none = 0;
     if (offset >= size_)
-        co_return std::size_t{0};
+        co_return none;
     length = static_cast<std::size_t>(std::min<std::uint64_t>(length, size_ - offset));
     // Direct reads cover whole blocks; the tail of an unaligned image reads
     // short at its end.

@@ -10,6 +10,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <sys/socket.h>
 
 namespace ferry::block {
 
@@ -109,11 +110,14 @@ void NbdClient::fail_all(const std::string& why) {
 }
 
 void NbdClient::close() {
-    if (nbd_aio_is_closed(h_) || nbd_aio_is_dead(h_)) {
-        fail_all("the connection is closed");
-        return;
-    }
-    nbd_shutdown(h_, 0);
+    // Never nbd_shutdown here: it waits, unbounded, for a server that may be
+    // the reason we close. Cutting the socket ends the connection at once;
+    // libnbd is not driven again (the pump stops with nothing pending), so
+    // it never touches a request's buffer after this.
+    closed_ = true;
+    int fd = nbd_aio_get_fd(h_);
+    if (fd >= 0)
+        ::shutdown(fd, SHUT_RDWR);
     fail_all("the connection is closed");
     if (sd_)
         sd_->cancel();
@@ -163,6 +167,11 @@ asio::awaitable<void> NbdClient::pump(std::shared_ptr<NbdClient> self) {
 }
 
 asio::awaitable<Result<void>> NbdClient::run(std::shared_ptr<Op> op, std::int64_t cookie) {
+    if (closed_) {
+        // Issued on a cut connection: libnbd may have queued it, but it is
+        // never driven again.
+        co_return make_error(Errc::disconnected, fmt::format("{}: the connection is closed", what_));
+    }
     if (cookie < 0)
         co_return nbd_error("sending a request");
     if (!op->done) {
@@ -282,12 +291,17 @@ asio::awaitable<Result<void>> NbdClient::pwrite(std::span<const std::byte> data,
 }
 
 asio::awaitable<Result<void>> NbdClient::zero(std::uint64_t offset, std::uint64_t length) {
-    auto op = new_op();
-    auto cookie = nbd_aio_zero(h_, length, offset, OpCallbacks::completion(op), 0);
-    auto r = co_await run(op, cookie);
-    if (!r)
-        co_return r.error().wrap(fmt::format("zeroing {} bytes at {}", length, offset));
-    co_return r;
+    // NBD requests carry 32-bit lengths: 1 GiB at a time.
+    for (std::uint64_t done = 0; done < length;) {
+        auto n = std::min<std::uint64_t>(length - done, std::uint64_t{1} << 30);
+        auto op = new_op();
+        auto cookie = nbd_aio_zero(h_, n, offset + done, OpCallbacks::completion(op), 0);
+        auto r = co_await run(op, cookie);
+        if (!r)
+            co_return r.error().wrap(fmt::format("zeroing {} bytes at {}", n, offset + done));
+        done += n;
+    }
+    co_return Result<void>{};
 }
 
 asio::awaitable<Result<void>> NbdClient::flush() {

@@ -81,6 +81,7 @@ private:
     std::set<Op*> pending_;
     bool pumping_ = false;
     bool connecting_ = false;
+    bool closed_ = false;
     std::shared_ptr<Op> connect_op_;
     std::uint64_t size_ = 0;
     std::chrono::milliseconds timeout_{60'000};

@@ -96,9 +96,11 @@ asio::awaitable<Result<std::uint64_t>> QemuBlock::bitmap_dirty_bytes(std::string
     auto list = co_await node_bitmaps(node);
     if (!list)
         co_return list.error();
-    for (auto& b : *list)
+    for (auto& b : *list) {
+        std::uint64_t count = b.value("count", 0ULL);
         if (b.value("name", "") == name)
-            co_return b.value("count", std::uint64_t{0});
+            co_return count;
+    }
     co_return make_error(Errc::not_found, fmt::format("no dirty bitmap {} on {}", name, node));
 }
 

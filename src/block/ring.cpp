@@ -120,6 +120,7 @@ private:
     // Queues one request and waits for its completion; returns cqe->res.
     asio::awaitable<int> submit(std::function<void(io_uring_sqe*)> prep) {
         auto op = std::make_shared<Op>(ex_);
+        op->timer.expires_at(asio::steady_timer::time_point::max());
         io_uring_sqe* sqe = io_uring_get_sqe(&ring_);
         if (!sqe) { // the submission queue is full: hand it to the kernel
             io_uring_submit(&ring_);
@@ -129,15 +130,28 @@ private:
             co_return -EAGAIN;
         prep(sqe);
         io_uring_sqe_set_data(sqe, op.get());
-        int r = io_uring_submit(&ring_);
-        if (r < 0)
-            co_return r;
+        // From here the kernel may see the request: the op lives (in
+        // in_flight_) until its completion is reaped.
         in_flight_[op.get()] = op;
         if (!reaping_) {
             reaping_ = true;
             asio::co_spawn(ex_, reap(std::static_pointer_cast<UringRing>(shared_from_this())), asio::detached);
         }
-        op->timer.expires_at(asio::steady_timer::time_point::max());
+        for (int tries = 0;; ++tries) {
+            int r = io_uring_submit(&ring_);
+            if (r >= 0)
+                break;
+            if ((r != -EAGAIN && r != -EBUSY && r != -EINTR) || tries == 1000) {
+                // It stays queued: make it harmless for whichever submit
+                // carries it, and fail this request.
+                io_uring_prep_nop(sqe);
+                io_uring_sqe_set_data(sqe, op.get());
+                co_return r;
+            }
+            asio::steady_timer pause(ex_);
+            pause.expires_after(std::chrono::milliseconds(1));
+            co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
+        }
         while (!op->done)
             co_await op->timer.async_wait(asio::as_tuple(asio::use_awaitable));
         co_return op->res;

@@ -125,9 +125,12 @@ Result<PreparedImage> prepare_target_image(const std::string& path, const std::s
     auto info = inspect_image(path);
     if (!info)
         return info.error();
-    if (info->format != format || info->virtual_size != size)
+    if (info->format != format || info->virtual_size != size) {
+        if (fs::is_regular_file(path, ec)) // ours, and of no use: gone (a volume is the create command's)
+            fs::remove(path, ec);
         return make_error(Errc::conflict, fmt::format("created target image {} is {} of {} bytes, the disk {} of {}",
                                                       path, info->format, info->virtual_size, format, size));
+    }
     return PreparedImage{true};
 }
 

@@ -27,6 +27,7 @@ constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
 constexpr std::size_t depth = 8;            // reads in flight
 constexpr std::size_t chunk = 1 << 20;      // bytes per data record
 constexpr auto ack_timeout = 120s;          // a round's flush on the target
+constexpr auto send_timeout = 60s;          // a stream that takes nothing
 constexpr auto nbd_timeout = 30s;
 
 std::shared_ptr<spdlog::logger> mirror_log() {
@@ -38,11 +39,9 @@ std::shared_ptr<spdlog::logger> mirror_log() {
 std::vector<block::Extent> records_of(const std::vector<block::Extent>& extents) {
     std::vector<block::Extent> out;
     for (auto& e : extents) {
-        if (e.zero) {
-            out.push_back(e);
-            continue;
-        }
-        auto pieces = block::split(std::span(&e, 1), chunk);
+        // Zeros cost a header, however long: 1 GiB each (NBD's requests
+        // carry 32-bit lengths).
+        auto pieces = block::split(std::span(&e, 1), e.zero ? std::uint64_t{1} << 30 : chunk);
         out.insert(out.end(), pieces.begin(), pieces.end());
     }
     return out;
@@ -61,7 +60,10 @@ struct DiskSender::Work {
     std::size_t next = 0;
     std::vector<std::shared_ptr<block::NbdClient>> readers; // per disk, where NBD serves it this round
     std::vector<std::string> exports;
-    std::vector<std::string> done_bitmaps; // "node/name" frozen this round, removed after it
+    struct Frozen {
+        std::string node, frozen, current;
+    };
+    std::vector<Frozen> frozen; // bitmaps that stopped recording this round, removed after it
     int running = 0;
     std::optional<Error> error;
     DiskRoundStats stats;
@@ -72,7 +74,9 @@ DiskSender::DiskSender(std::shared_ptr<qmp::Client> qmp, std::string prefix, std
                        std::vector<MirrorDisk> disks, DiskStream stream)
     : qmp_(qmp), qemu_(qmp), prefix_(std::move(prefix)), nbd_socket_(std::move(nbd_socket)),
       disks_(std::move(disks)), stream_(std::move(stream)), pool_(depth, chunk), raw_(disks_.size()),
-      totals_(disks_.size()), write_done_(stream_.get_executor()) {}
+      totals_(disks_.size()), recording_(disks_.size(), 1), write_done_(stream_.get_executor()) {
+    write_done_.expires_at(asio::steady_timer::time_point::max()); // only ever cancelled
+}
 
 DiskSender::~DiskSender() = default;
 
@@ -113,8 +117,7 @@ asio::awaitable<Result<void>> DiskSender::start() {
 asio::awaitable<Result<std::uint64_t>> DiskSender::dirty_bytes() {
     std::uint64_t total = 0;
     for (std::size_t d = 0; d < disks_.size(); ++d) {
-        // Bitmap k records what round k + 1 copies; round 1 starts none.
-        auto n = co_await qemu_.bitmap_dirty_bytes(disks_[d].node, bitmap(d, std::max(round_, 1U)));
+        auto n = co_await qemu_.bitmap_dirty_bytes(disks_[d].node, bitmap(d, recording_[d]));
         if (!n)
             co_return n.error();
         total += *n;
@@ -124,8 +127,21 @@ asio::awaitable<Result<std::uint64_t>> DiskSender::dirty_bytes() {
 
 asio::awaitable<Result<void>> DiskSender::plan_disk(std::size_t d, Work& work) {
     auto& disk = disks_[d];
-    bool first = work.round == 1;
+    // Until one round has copied everything, a round copies everything.
+    bool first = !base_copied_;
     std::vector<block::Extent> extents;
+    std::vector<std::string> bitmaps;
+    if (work.round > recording_[d]) {
+        // The recording bitmap stops, the next one starts, in one step.
+        auto frozen = bitmap(d, recording_[d]), next = bitmap(d, work.round);
+        auto rotated = co_await qemu_.rotate_bitmap(disk.node, frozen, next);
+        if (!rotated)
+            co_return rotated.error();
+        recording_[d] = work.round;
+        work.frozen.push_back({disk.node, frozen, next});
+        if (!first)
+            bitmaps.push_back(frozen);
+    }
     if (first && raw_[d]) {
         // Everything allocated as data, the holes as zeros.
         auto data = raw_[d]->allocated();
@@ -135,18 +151,8 @@ asio::awaitable<Result<void>> DiskSender::plan_disk(std::size_t d, Work& work) {
         extents.insert(extents.end(), data->begin(), data->end());
         extents = block::coalesce(std::move(extents));
     } else {
-        std::vector<std::string> bitmaps, contexts;
-        std::string context(block::allocation_context);
-        if (!first) {
-            // This round's bitmap stops, the next one's starts, in one step.
-            auto rotated = co_await qemu_.rotate_bitmap(disk.node, bitmap(d, work.round - 1), bitmap(d, work.round));
-            if (!rotated)
-                co_return rotated.error();
-            bitmaps.push_back(bitmap(d, work.round - 1));
-            context = block::dirty_bitmap_context(bitmaps[0]);
-            work.done_bitmaps.push_back(disk.node + "/" + bitmaps[0]);
-        }
-        contexts.push_back(context);
+        auto context = first ? std::string(block::allocation_context) : block::dirty_bitmap_context(bitmaps.at(0));
+        std::vector<std::string> contexts{context};
         auto name = export_name(d, work.round);
         auto exported = co_await qemu_.add_export(name, disk.node, false, bitmaps);
         if (!exported)
@@ -170,31 +176,42 @@ asio::awaitable<Result<void>> DiskSender::plan_disk(std::size_t d, Work& work) {
 
 asio::awaitable<Result<void>> DiskSender::send(const DiskRecord& record, std::span<const std::byte> payload) {
     // One record at a time on the stream, whole.
-    while (writing_) {
-        write_done_.expires_at(asio::steady_timer::time_point::max());
+    while (writing_)
         co_await write_done_.async_wait(nothrow);
-    }
+    if (broken_)
+        co_return make_error(Errc::disconnected, "disk stream: broken by an earlier failure");
     writing_ = true;
     auto r = record;
     r.seq = ++seq_;
     auto header = transport::encode_disk_record(r);
     std::array<asio::const_buffer, 2> bufs{asio::buffer(header), asio::buffer(payload.data(), payload.size())};
-    auto [ec, n] = co_await asio::async_write(stream_, bufs, nothrow);
+    asio::steady_timer deadline(stream_.get_executor());
+    deadline.expires_after(send_timeout);
+    auto outcome = co_await (asio::async_write(stream_, bufs, nothrow) || deadline.async_wait(nothrow));
     writing_ = false;
     write_done_.cancel();
-    if (ec)
+    if (outcome.index() == 1) {
+        broken_ = true;
+        co_return make_error(Errc::timeout, fmt::format("disk stream: the target took no data for {} s",
+                                                        send_timeout.count()));
+    }
+    auto [ec, n] = std::get<0>(outcome);
+    if (ec) {
+        broken_ = true;
         co_return make_error(Errc::disconnected, fmt::format("disk stream: {}", ec.message()));
+    }
     co_return Result<void>{};
 }
 
 asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<Work> work, std::size_t slot) {
     auto buf = self->pool_.slot(slot);
+    std::span<const std::byte> no_payload;
     while (work->next < work->items.size() && !work->error) {
         auto [d, e] = work->items[work->next++];
         DiskRecord rec{DiskRecordKind::zero, self->disks_[d].index, 0, e.offset, e.length, work->round};
         Result<void> sent;
         if (e.zero) {
-            sent = co_await self->send(rec, {});
+            sent = co_await self->send(rec, no_payload);
             work->stats.zero_bytes += e.length;
             self->totals_[d].zero_bytes += e.length;
         } else {
@@ -216,7 +233,7 @@ asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<
             }
             auto data = buf.first(len);
             if (block::is_zero(data)) { // allocated, but zeros: no need to send them
-                sent = co_await self->send(rec, {});
+                sent = co_await self->send(rec, no_payload);
                 work->stats.zero_bytes += len;
                 self->totals_[d].zero_bytes += len;
             } else {
@@ -237,7 +254,8 @@ asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<
 
 asio::awaitable<Result<void>> DiskSender::end_round(Work& work) {
     DiskRecord end{DiskRecordKind::round_end, 0, 0, 0, 0, work.round};
-    auto sent = co_await send(end, {});
+    std::span<const std::byte> no_payload;
+    auto sent = co_await send(end, no_payload);
     if (!sent)
         co_return sent;
     auto want = seq_;
@@ -245,13 +263,17 @@ asio::awaitable<Result<void>> DiskSender::end_round(Work& work) {
     asio::steady_timer deadline(stream_.get_executor());
     deadline.expires_after(ack_timeout);
     auto outcome = co_await (asio::async_read(stream_, asio::buffer(h), nothrow) || deadline.async_wait(nothrow));
-    if (outcome.index() == 1)
+    if (outcome.index() == 1) {
+        broken_ = true;
         co_return make_error(Errc::timeout, fmt::format("disk round {}: the target did not acknowledge within {} s",
                                                         work.round, ack_timeout.count()));
+    }
     auto [ec, n] = std::get<0>(outcome);
-    if (ec)
+    if (ec) {
+        broken_ = true;
         co_return make_error(Errc::disconnected, fmt::format("disk round {}: waiting for the target: {}", work.round,
                                                              ec.message()));
+    }
     auto ack = transport::decode_disk_record(h);
     if (!ack)
         co_return ack.error();
@@ -261,7 +283,7 @@ asio::awaitable<Result<void>> DiskSender::end_round(Work& work) {
     co_return Result<void>{};
 }
 
-asio::awaitable<void> DiskSender::drop_round_exports(Work& work) {
+asio::awaitable<void> DiskSender::drop_round_exports(Work& work, bool failed) {
     for (auto& r : work.readers)
         if (r)
             r->close();
@@ -270,9 +292,15 @@ asio::awaitable<void> DiskSender::drop_round_exports(Work& work) {
         if (!removed)
             mirror_log()->warn("disk mirror: {}", removed.error().message);
     }
-    for (auto& nb : work.done_bitmaps) {
-        auto slash = nb.find('/');
-        auto removed = co_await qemu_.remove_bitmap(nb.substr(0, slash), nb.substr(slash + 1));
+    for (auto& f : work.frozen) {
+        // A failed round's blocks are still to copy: back into the bitmap
+        // that records now.
+        if (failed) {
+            auto merged = co_await qemu_.merge_bitmap(f.node, f.frozen, f.current);
+            if (!merged)
+                mirror_log()->warn("disk mirror: {}", merged.error().message);
+        }
+        auto removed = co_await qemu_.remove_bitmap(f.node, f.frozen);
         if (!removed)
             mirror_log()->warn("disk mirror: {}", removed.error().message);
     }
@@ -281,6 +309,8 @@ asio::awaitable<void> DiskSender::drop_round_exports(Work& work) {
 asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
     if (!started_ || finished_)
         co_return make_error(Errc::conflict, "disk mirror: not running");
+    if (broken_)
+        co_return make_error(Errc::disconnected, "disk mirror: the stream broke in an earlier round");
     auto work = std::make_shared<Work>(stream_.get_executor());
     work->round = round_ + 1;
     work->readers.resize(disks_.size());
@@ -292,19 +322,19 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
         work->running = static_cast<int>(depth);
         for (std::size_t s = 0; s < depth; ++s)
             asio::co_spawn(stream_.get_executor(), copy_worker(this, work, s), asio::detached);
-        while (work->running > 0) {
-            work->done.expires_at(asio::steady_timer::time_point::max());
+        work->done.expires_at(asio::steady_timer::time_point::max());
+        while (work->running > 0)
             co_await work->done.async_wait(nothrow);
-        }
         if (work->error)
             r = *work->error;
     }
     if (r)
         r = co_await end_round(*work);
-    co_await drop_round_exports(*work);
+    co_await drop_round_exports(*work, !r);
+    round_ = work->round; // its number is used, even when it failed
     if (!r)
         co_return r.error().wrap(fmt::format("disk round {}", work->round));
-    round_ = work->round;
+    base_copied_ = true;
     work->stats.round = work->round;
     work->stats.took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - began);
     co_return work->stats;
@@ -337,8 +367,9 @@ asio::awaitable<Result<void>> DiskReceiver::open() {
     for (std::size_t d = 0; d < disks_.size(); ++d) {
         if (nbd_targets_[d]) {
             auto ex = stream_.get_executor();
-            auto c = co_await block::NbdClient::connect(ex, nbd_targets_[d]->socket, nbd_targets_[d]->export_name, {},
-                                                        nbd_timeout);
+            std::vector<std::string> no_contexts;
+            auto c = co_await block::NbdClient::connect(ex, nbd_targets_[d]->socket, nbd_targets_[d]->export_name,
+                                                        no_contexts, nbd_timeout);
             if (!c)
                 co_return c.error();
             nbd_[d] = *c;
@@ -465,6 +496,11 @@ asio::awaitable<Result<void>> DiskReceiver::apply(const DiskRecord& r) {
     co_return Result<void>{};
 }
 
+void DiskReceiver::close() {
+    boost::system::error_code ec;
+    stream_.close(ec);
+}
+
 asio::awaitable<Result<void>> DiskReceiver::run() {
     auto r = co_await receive();
     // No write may outlive the receiver; the first failure is the answer.
@@ -483,13 +519,20 @@ asio::awaitable<Result<void>> DiskReceiver::receive() {
     std::array<std::byte, transport::disk_record_size> h;
     for (;;) {
         auto [ec, n] = co_await asio::async_read(stream_, asio::buffer(h), nothrow);
-        if (ec == asio::error::eof && n == 0)
+        if (ec == asio::error::eof && n == 0) {
+            if (records_in_round_ > 0) // a source that died, not one that finished
+                co_return make_error(Errc::disconnected,
+                                     fmt::format("disk stream: ended in the middle of a round ({} records after the "
+                                                 "last round's end)",
+                                                 records_in_round_));
             co_return Result<void>{}; // the source ended the stream
+        }
         if (ec)
             co_return make_error(Errc::disconnected, fmt::format("disk stream: {}", ec.message()));
         auto r = transport::decode_disk_record(h);
         if (!r)
             co_return r.error();
+        records_in_round_ = r->kind == DiskRecordKind::round_end ? 0 : records_in_round_ + 1;
         auto applied = co_await apply(*r);
         if (!applied)
             co_return applied;

@@ -79,7 +79,9 @@ private:
     static boost::asio::awaitable<void> copy_worker(DiskSender* self, std::shared_ptr<Work> work, std::size_t slot);
     boost::asio::awaitable<Result<void>> send(const transport::DiskRecord& record, std::span<const std::byte> payload);
     boost::asio::awaitable<Result<void>> end_round(Work& work);
-    boost::asio::awaitable<void> drop_round_exports(Work& work);
+    // Closes the round's exports and removes its frozen bitmaps; a failed
+    // round's go back into the recording ones first.
+    boost::asio::awaitable<void> drop_round_exports(Work& work, bool failed);
 
     std::shared_ptr<qmp::Client> qmp_;
     block::QemuBlock qemu_;
@@ -87,12 +89,15 @@ private:
     std::string nbd_socket_;
     std::vector<MirrorDisk> disks_;
     DiskStream stream_;
+    block::BufferPool pool_; // before ring_: it must outlive the ring
     std::shared_ptr<block::Ring> ring_;
-    block::BufferPool pool_;
     std::vector<std::optional<block::Image>> raw_; // raw disks read directly
     std::vector<DiskTotals> totals_;
     bool registered_ = false;
-    std::uint32_t round_ = 0; // rounds copied; bitmap k records what round k + 1 copies
+    std::uint32_t round_ = 0;            // rounds run (a failed one's number is used too)
+    std::vector<std::uint32_t> recording_; // per disk: the round whose bitmap records now
+    bool base_copied_ = false;           // a round has copied everything allocated
+    bool broken_ = false;                // a write or the ack failed: the stream is unusable
     std::uint64_t seq_ = 0;
     bool writing_ = false;
     boost::asio::steady_timer write_done_;
@@ -116,6 +121,8 @@ public:
     // source ends the stream (Ok) or it breaks or lies (an error naming the
     // record). Data records carry at most 1 MiB.
     boost::asio::awaitable<Result<void>> run();
+    // Cuts the stream (an abort): run() ends with an error.
+    void close();
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return rounds_; }
 
@@ -133,8 +140,8 @@ private:
     std::vector<MirrorDisk> disks_;
     std::vector<std::optional<NbdTarget>> nbd_targets_;
     DiskStream stream_;
+    block::BufferPool pool_; // before ring_: it must outlive the ring
     std::shared_ptr<block::Ring> ring_;
-    block::BufferPool pool_;
     std::vector<std::optional<block::Image>> raw_;
     std::vector<std::shared_ptr<block::NbdClient>> nbd_;
     std::vector<DiskTotals> totals_;
@@ -142,6 +149,7 @@ private:
     std::uint32_t rounds_ = 0;
     std::vector<bool> busy_; // slots with a write in flight
     int in_flight_ = 0;
+    std::uint64_t records_in_round_ = 0; // since the last round_end
     std::optional<Error> write_error_;
     boost::asio::steady_timer slot_free_;
 };
