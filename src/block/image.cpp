@@ -149,6 +149,8 @@ asio::awaitable<Result<void>> Image::write_zeroes(Ring& ring, std::uint64_t offs
     auto r = co_await ring.fallocate(fd_, mode, offset, length);
     if (r)
         co_return r;
+    if (r.error().code != Errc::invalid_argument) // a real failure, not "not here"
+        co_return r.error().wrap(fmt::format("zeroing {} at {}", path_, offset));
     // Neither holes nor zeroed ranges: write the zeros.
     static const std::vector<std::byte> zeros(1 << 20);
     for (std::uint64_t done = 0; done < length;) {

@@ -1,6 +1,9 @@
 #include "block/qemu_block.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <optional>
 
 namespace ferry::block {
 
@@ -161,60 +164,66 @@ asio::awaitable<Result<void>> QemuBlock::throttle_writes(std::string device, std
 }
 
 asio::awaitable<Result<std::string>> QemuBlock::sweep(std::string prefix, bool stop_server) {
+    // Everything it can, then the first failure if there was one.
     std::vector<std::string> removed;
+    std::optional<Error> failed;
+    auto note = [&](const Result<void>& r, std::string what) {
+        if (r)
+            removed.push_back(std::move(what));
+        else if (!failed)
+            failed = r.error();
+    };
     auto ex = co_await exports();
-    if (!ex)
-        co_return ex.error();
-    for (auto& name : *ex) {
-        if (!starts_with(name, prefix))
-            continue;
-        auto r = co_await remove_export(name);
-        if (!r)
-            co_return r.error();
-        removed.push_back("export " + name);
+    if (ex) {
+        for (auto& name : *ex) {
+            if (!starts_with(name, prefix))
+                continue;
+            auto r = co_await remove_export(name);
+            note(r, "export " + name);
+        }
+    } else {
+        failed = ex.error();
     }
     json flat{{"flat", true}};
     auto nodes = co_await qmp_->execute("query-named-block-nodes", flat);
-    if (!nodes)
-        co_return nodes.error().wrap("sweeping dirty bitmaps");
-    for (auto& n : *nodes) {
-        auto bm = n.find("dirty-bitmaps");
-        if (bm == n.end() || !bm->is_array())
-            continue;
-        for (auto& b : *bm) {
-            auto name = b.value("name", "");
-            if (!starts_with(name, prefix))
+    if (nodes) {
+        for (auto& n : *nodes) {
+            auto bm = n.find("dirty-bitmaps");
+            if (bm == n.end() || !bm->is_array())
                 continue;
-            auto r = co_await remove_bitmap(n.value("node-name", ""), name);
-            if (!r)
-                co_return r.error();
-            removed.push_back("bitmap " + name);
+            for (auto& b : *bm) {
+                auto name = b.value("name", "");
+                if (!starts_with(name, prefix))
+                    continue;
+                auto r = co_await remove_bitmap(n.value("node-name", ""), name);
+                note(r, "bitmap " + name);
+            }
         }
+    } else if (!failed) {
+        failed = nodes.error().wrap("sweeping dirty bitmaps");
     }
     auto block = co_await qmp_->execute("query-block");
-    if (!block)
-        co_return block.error().wrap("sweeping throttles");
-    for (auto& dev : *block) {
-        auto inserted = dev.find("inserted");
-        if (inserted == dev.end() || !starts_with(inserted->value("group", ""), prefix))
-            continue;
-        auto qdev = dev.value("qdev", "");
-        auto r = co_await throttle_writes(qdev, inserted->value("group", ""), 0);
-        if (!r)
-            co_return r.error();
-        removed.push_back("throttle of " + qdev);
+    if (block) {
+        for (auto& dev : *block) {
+            auto inserted = dev.find("inserted");
+            if (inserted == dev.end() || !starts_with(inserted->value("group", ""), prefix))
+                continue;
+            auto qdev = dev.value("qdev", "");
+            auto r = co_await throttle_writes(qdev, inserted->value("group", ""), 0);
+            note(r, "throttle of " + qdev);
+        }
+    } else if (!failed) {
+        failed = block.error().wrap("sweeping throttles");
     }
     if (stop_server) {
         auto r = co_await stop_nbd();
-        if (r)
-            removed.push_back("NBD server");
-        else if (r.error().message.find("not running") == std::string::npos)
-            co_return r.error();
+        if (r || r.error().message.find("not running") == std::string::npos)
+            note(r, "NBD server");
     }
-    std::string out;
-    for (auto& r : removed)
-        out += (out.empty() ? "" : ", ") + r;
-    co_return out;
+    if (failed)
+        co_return failed->wrap(fmt::format("sweeping {}* (removed: {})", prefix,
+                                           removed.empty() ? "nothing" : fmt::format("{}", fmt::join(removed, ", "))));
+    co_return fmt::format("{}", fmt::join(removed, ", "));
 }
 
 } // namespace ferry::block

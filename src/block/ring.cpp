@@ -40,6 +40,12 @@ Error errno_error(const char* what, int err) {
     return make_error(Errc::io, fmt::format("{}: {}", what, std::strerror(err)));
 }
 
+// fallocate's "not on this file": the caller may do it another way.
+Error fallocate_error(int err) {
+    bool unsupported = err == EOPNOTSUPP || err == EINVAL || err == ENOTTY || err == ENODEV;
+    return make_error(unsupported ? Errc::invalid_argument : Errc::io, fmt::format("fallocate: {}", std::strerror(err)));
+}
+
 // --- io_uring -----------------------------------------------------------------
 
 class UringRing final : public Ring {
@@ -105,7 +111,7 @@ public:
         std::function<void(io_uring_sqe*)> prep = [=](io_uring_sqe* sqe) { io_uring_prep_fallocate(sqe, fd, mode, offset, length); };
         auto res = co_await submit(std::move(prep));
         if (res < 0)
-            co_return errno_error("fallocate", -res);
+            co_return fallocate_error(-res);
         co_return Result<void>{};
     }
 
@@ -244,7 +250,7 @@ public:
         auto task = run_blocking(std::move(fn));
         auto r = co_await asio::co_spawn(blocking_pool(), std::move(task), asio::use_awaitable);
         if (r < 0)
-            co_return errno_error("fallocate", static_cast<int>(-r));
+            co_return fallocate_error(static_cast<int>(-r));
         co_return Result<void>{};
     }
 };

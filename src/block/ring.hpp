@@ -54,7 +54,8 @@ public:
     virtual boost::asio::awaitable<Result<std::size_t>> write(int fd, std::span<const std::byte> buf,
                                                               std::uint64_t offset, int fixed = -1) = 0;
     virtual boost::asio::awaitable<Result<void>> fdatasync(int fd) = 0;
-    // fallocate(2): punching holes, zeroing ranges.
+    // fallocate(2): punching holes, zeroing ranges. Errc::invalid_argument
+    // when the file or device does not support the mode.
     virtual boost::asio::awaitable<Result<void>> fallocate(int fd, int mode, std::uint64_t offset,
                                                            std::uint64_t length) = 0;
 };
