@@ -133,42 +133,30 @@ std::string trim_slashes(std::string p) {
 void read_block(const toml::table& t, Problems& p, BlockSection& b) {
     TableReader r(t, p, "block");
     r.get("create_command", b.create_command);
-    if (auto* n = r.node("path_map")) {
-        auto* arr = n->as_array();
-        if (!arr) {
-            p.add(n->source(), "key 'block.path_map': expected an array of tables ([[block.path_map]])");
-        } else {
-            for (std::size_t i = 0; i < arr->size(); ++i) {
-                auto* e = arr->get(i)->as_table();
-                auto key = fmt::format("block.path_map[{}]", i);
-                if (!e) {
-                    p.add(arr->get(i)->source(), fmt::format("key '{}': expected a table", key));
-                    continue;
-                }
-                TableReader er(*e, p, key);
-                DiskPathMap m;
-                if (er.require("from"))
-                    er.get("from", m.from);
-                if (er.require("to"))
-                    er.get("to", m.to);
-                er.finish();
-                for (auto [field, value] : {std::pair{"from", &m.from}, std::pair{"to", &m.to}}) {
-                    if (value->empty() || (*value)[0] == '/')
-                        continue;
-                    auto* v = e->get(field);
-                    p.add(v ? v->source() : e->source(),
-                          fmt::format("key '{}.{}': \"{}\" is not an absolute path", key, field, *value));
-                }
-                m.from = trim_slashes(m.from);
-                m.to = trim_slashes(m.to);
-                for (std::size_t k = 0; k < b.path_map.size(); ++k)
-                    if (!m.from.empty() && b.path_map[k].from == m.from)
-                        p.add(e->source(), fmt::format("key '{}.from': \"{}\" is already block.path_map[{}]", key,
-                                                       m.from, k));
-                b.path_map.push_back(m);
-            }
+    r.tables("path_map", [&](const toml::table& e, std::size_t i) {
+        auto key = fmt::format("block.path_map[{}]", i);
+        TableReader er(e, p, key);
+        DiskPathMap m;
+        if (er.require("from"))
+            er.get("from", m.from);
+        if (er.require("to"))
+            er.get("to", m.to);
+        er.finish();
+        for (auto [field, value] : {std::pair{"from", &m.from}, std::pair{"to", &m.to}}) {
+            if (value->empty() || (*value)[0] == '/')
+                continue;
+            auto* v = e.get(field);
+            p.add(v ? v->source() : e.source(),
+                  fmt::format("key '{}.{}': \"{}\" is not an absolute path", key, field, *value));
         }
-    }
+        m.from = trim_slashes(m.from);
+        m.to = trim_slashes(m.to);
+        for (std::size_t k = 0; k < b.path_map.size(); ++k)
+            if (!m.from.empty() && b.path_map[k].from == m.from)
+                p.add(e.source(),
+                      fmt::format("key '{}.from': \"{}\" is already block.path_map[{}]", key, m.from, k));
+        b.path_map.push_back(m);
+    });
     r.finish();
 }
 
@@ -230,29 +218,17 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         read_migration(*t, p, c.migration);
     if (auto* t = subtable(r, "block"))
         read_block(*t, p, c.block);
-    if (auto* n = r.node("peers")) {
-        auto* arr = n->as_array();
-        if (!arr) {
-            p.add(n->source(), "key 'peers': expected an array of tables ([[peers]])");
-        } else {
-            for (std::size_t i = 0; i < arr->size(); ++i) {
-                auto* t = arr->get(i)->as_table();
-                if (!t) {
-                    p.add(arr->get(i)->source(), fmt::format("key 'peers[{}]': expected a table", i));
-                    continue;
-                }
-                TableReader pr(*t, p, fmt::format("peers[{}]", i));
-                Peer peer;
-                if (pr.require("name"))
-                    pr.get("name", peer.name);
-                if (pr.require("address"))
-                    pr.get("address", peer.address);
-                pr.finish();
-                check_peer(*t, p, i, peer, c);
-                c.peers.push_back(peer);
-            }
-        }
-    }
+    r.tables("peers", [&](const toml::table& t, std::size_t i) {
+        TableReader pr(t, p, fmt::format("peers[{}]", i));
+        Peer peer;
+        if (pr.require("name"))
+            pr.get("name", peer.name);
+        if (pr.require("address"))
+            pr.get("address", peer.address);
+        pr.finish();
+        check_peer(t, p, i, peer, c);
+        c.peers.push_back(peer);
+    });
     r.finish();
     if (!p.empty())
         return p.error();

@@ -39,6 +39,25 @@ const toml::node* TableReader::node(std::string_view key) {
     return table_.get(key);
 }
 
+const toml::node* TableReader::tables(std::string_view key,
+                                      const std::function<void(const toml::table&, std::size_t)>& each) {
+    auto* n = node(key);
+    if (!n)
+        return nullptr;
+    auto* arr = n->as_array();
+    if (!arr) {
+        problems_.add(n->source(), fmt::format("key '{}': expected an array of tables ([[{}]])", path(key), path(key)));
+        return n;
+    }
+    for (std::size_t i = 0; i < arr->size(); ++i) {
+        if (auto* t = arr->get(i)->as_table())
+            each(*t, i);
+        else
+            problems_.add(arr->get(i)->source(), fmt::format("key '{}[{}]': expected a table", path(key), i));
+    }
+    return n;
+}
+
 namespace {
 std::string_view type_name(const toml::node& n) {
     switch (n.type()) {

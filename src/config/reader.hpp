@@ -7,6 +7,7 @@
 #include <toml++/toml.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <optional>
 #include <set>
@@ -47,6 +48,11 @@ public:
     bool require(std::string_view key);
     // The raw node, marked as read; nullptr when absent.
     const toml::node* node(std::string_view key);
+    // An array of tables ([[key]]): each table goes to `each` with its
+    // index; a value that is not an array, or an element that is not a
+    // table, is a problem. The array's node (nullptr when absent).
+    const toml::node* tables(std::string_view key,
+                             const std::function<void(const toml::table&, std::size_t)>& each);
     std::string path(std::string_view key) const;
     Problems& problems() { return problems_; }
 

@@ -102,26 +102,14 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
     r.get("node_selector", s.node_selector);
     r.get("extra_args", s.extra_args);
     check_extra_args(root, p, s.extra_args);
-    if (auto* n = r.node("disks")) {
-        auto* arr = n->as_array();
-        if (!arr) {
-            p.add(n->source(), "key 'disks': expected an array of tables ([[disks]])");
-        } else {
-            for (std::size_t i = 0; i < arr->size(); ++i) {
-                auto* t = arr->get(i)->as_table();
-                if (!t) {
-                    p.add(arr->get(i)->source(), fmt::format("key 'disks[{}]': expected a table", i));
-                    continue;
-                }
-                DiskSpec d;
-                read_disk(*t, p, i, d);
-                s.disks.push_back(d);
-            }
-            auto ide = std::count_if(s.disks.begin(), s.disks.end(), [](const DiskSpec& d) { return d.bus == "ide"; });
-            if (ide > 4)
-                p.add(n->source(), fmt::format("key 'disks': {} ide disks, the machine has 4 IDE slots", ide));
-        }
-    }
+    auto* disks = r.tables("disks", [&](const toml::table& t, std::size_t i) {
+        DiskSpec d;
+        read_disk(t, p, i, d);
+        s.disks.push_back(d);
+    });
+    auto ide = std::count_if(s.disks.begin(), s.disks.end(), [](const DiskSpec& d) { return d.bus == "ide"; });
+    if (ide > 4 && disks)
+        p.add(disks->source(), fmt::format("key 'disks': {} ide disks, the machine has 4 IDE slots", ide));
     if ((s.initrd || s.append) && !s.kernel)
         p.add("'initrd' and 'append' need 'kernel'");
     r.finish();
