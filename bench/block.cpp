@@ -1,4 +1,5 @@
 #include "block.hpp"
+#include "stats.hpp"
 
 #include "block/target_image.hpp"
 #include "config/quantity.hpp"
@@ -312,11 +313,6 @@ std::vector<std::string> csv(const std::string& s) {
     for (std::string x; std::getline(ss, x, ',');)
         out.push_back(x);
     return out;
-}
-
-double median(std::vector<double> v) {
-    std::sort(v.begin(), v.end());
-    return v.empty() ? 0 : v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 } // namespace

@@ -1,6 +1,6 @@
 #include "engine/disk_mirror.hpp"
 
-#include "common/log.hpp"
+#include "engine/async.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -30,10 +30,6 @@ constexpr auto ack_timeout = 120s;          // a round's flush on the target
 constexpr auto send_timeout = 60s;          // a stream that takes nothing
 constexpr auto nbd_timeout = 30s;
 
-std::shared_ptr<spdlog::logger> mirror_log() {
-    static auto l = logger("engine");
-    return l;
-}
 
 // Splits data extents into records' sizes; zero extents stay whole.
 std::vector<block::Extent> records_of(const std::vector<block::Extent>& extents) {
@@ -72,7 +68,7 @@ struct DiskSender::Work {
 
 DiskSender::DiskSender(std::shared_ptr<qmp::Client> qmp, std::string prefix, std::string nbd_socket,
                        std::vector<MirrorDisk> disks, DiskStream stream)
-    : qmp_(qmp), qemu_(qmp), prefix_(std::move(prefix)), nbd_socket_(std::move(nbd_socket)),
+    : qemu_(qmp), prefix_(std::move(prefix)), nbd_socket_(std::move(nbd_socket)),
       disks_(std::move(disks)), stream_(std::move(stream)), pool_(depth, chunk), raw_(disks_.size()),
       totals_(disks_.size()), recording_(disks_.size(), 1), write_done_(stream_.get_executor()) {
     write_done_.expires_at(asio::steady_timer::time_point::max()); // only ever cancelled
@@ -93,7 +89,7 @@ asio::awaitable<Result<void>> DiskSender::start() {
     auto reg = ring_->register_buffers(pool_);
     registered_ = ring_->uses_io_uring() && reg;
     if (!reg)
-        mirror_log()->warn("disk mirror: {} (reads go without registered buffers)", reg.error().message);
+        engine_log()->warn("disk mirror: {} (reads go without registered buffers)", reg.error().message);
     for (std::size_t d = 0; d < disks_.size(); ++d) {
         if (disks_[d].format != "raw")
             continue;
@@ -290,7 +286,7 @@ asio::awaitable<void> DiskSender::drop_round_exports(Work& work, bool failed) {
     for (auto& name : work.exports) {
         auto removed = co_await qemu_.remove_export(name);
         if (!removed)
-            mirror_log()->warn("disk mirror: {}", removed.error().message);
+            engine_log()->warn("disk mirror: {}", removed.error().message);
     }
     for (auto& f : work.frozen) {
         // A failed round's blocks are still to copy: back into the bitmap
@@ -298,11 +294,11 @@ asio::awaitable<void> DiskSender::drop_round_exports(Work& work, bool failed) {
         if (failed) {
             auto merged = co_await qemu_.merge_bitmap(f.node, f.frozen, f.current);
             if (!merged)
-                mirror_log()->warn("disk mirror: {}", merged.error().message);
+                engine_log()->warn("disk mirror: {}", merged.error().message);
         }
         auto removed = co_await qemu_.remove_bitmap(f.node, f.frozen);
         if (!removed)
-            mirror_log()->warn("disk mirror: {}", removed.error().message);
+            engine_log()->warn("disk mirror: {}", removed.error().message);
     }
 }
 
@@ -350,7 +346,7 @@ asio::awaitable<void> DiskSender::finish() {
         co_return;
     auto swept = co_await qemu_.sweep(prefix_, true);
     if (!swept)
-        mirror_log()->warn("disk mirror: cleaning up the source QEMU: {}", swept.error().message);
+        engine_log()->warn("disk mirror: cleaning up the source QEMU: {}", swept.error().message);
 }
 
 // --- target -------------------------------------------------------------------

@@ -83,7 +83,6 @@ private:
     // round's go back into the recording ones first.
     boost::asio::awaitable<void> drop_round_exports(Work& work, bool failed);
 
-    std::shared_ptr<qmp::Client> qmp_;
     block::QemuBlock qemu_;
     std::string prefix_;
     std::string nbd_socket_;

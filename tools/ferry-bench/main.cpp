@@ -5,6 +5,7 @@
 #include "convergence.hpp"
 #include "local.hpp"
 #include "block.hpp"
+#include "stats.hpp"
 #include "transport.hpp"
 
 #include <CLI/CLI.hpp>
@@ -25,6 +26,7 @@
 using nlohmann::json;
 
 namespace {
+using ferry::bench::median;
 
 template <class F> ferry::Result<ferry::bench::Sample> run_one(F f, ferry::bench::LocalSetup setup) {
     boost::asio::io_context io;
@@ -59,13 +61,6 @@ json column(const std::vector<ferry::bench::Sample>& samples) {
     return {{"runs", samples.size()},      {"wall_ms", j(stats(wall))},
             {"total_ms", j(stats(total))}, {"downtime_ms", j(stats(down))},
             {"blackout_ms", j(stats(black))}, {"transferred_mib", j(stats(mib))}};
-}
-
-double median(std::vector<double> v) {
-    if (v.empty())
-        return 0;
-    std::sort(v.begin(), v.end());
-    return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
 int run_transport_bench(const std::string& work, const std::string& ram, const std::string& paths_csv, int reps,
