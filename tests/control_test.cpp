@@ -5,6 +5,7 @@
 #include "ferryd_fixture.hpp"
 #include "proxy.hpp"
 #include "support.hpp"
+#include "verify.hpp"
 
 #include <gtest/gtest.h>
 #include <fmt/format.h>
@@ -15,6 +16,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <regex>
 #include <thread>
 #include <unistd.h>
 
@@ -53,6 +55,25 @@ TEST(ProgressLine, ShowsTheConvergenceOutlook) {
     m["progress"]["qemu_status"] = "postcopy-paused";
     line = ferryctl::progress_line(m);
     EXPECT_NE(line.find("post-copy (postcopy-paused): the VM runs on node-b"), std::string::npos) << line;
+}
+
+TEST(ProgressLine, ShowsTheDisksOfABlockMigration) {
+    json m{{"phase", "Running"}, {"target_node", "node-b"}, {"mode", "precopy"},
+           {"progress", {{"total_bytes", 0}, {"remaining_bytes", 0}, {"transfer_rate_bps", 0}, {"dirty_rate_bps", 0},
+                         {"iteration", 0}, {"throttle_percent", 0}, {"converging", nullptr}, {"qemu_status", ""},
+                         {"disks", {{"total_bytes", 64ULL << 30}, {"sent_bytes", 3ULL << 30},
+                                    {"remaining_bytes", 2ULL << 20}, {"dirty_rate_bps", 1ULL << 20}, {"rounds", 2}}}}}};
+    auto line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("copying the disks before RAM:  disks 3.0 GiB of 64.0 GiB sent, 2.0 MiB dirty (1.0 MiB/s), "
+                        "round 2"),
+              std::string::npos)
+        << line;
+    m["progress"]["qemu_status"] = "active";
+    m["progress"]["total_bytes"] = 100ULL << 20;
+    line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("iteration 0  first pass  disks 3.0 GiB of 64.0 GiB sent"), std::string::npos) << line;
+    m["progress"]["disks"] = nullptr;
+    EXPECT_EQ(ferryctl::progress_line(m).find("disks"), std::string::npos);
 }
 
 TEST(ControlServer, AnswersRequestsAndErrors) {
@@ -303,7 +324,8 @@ kernel = ")" + ferry::test::guest_kernel() + R"("
 append = "ws=32 rate=4 hb=50"
 )");
     }
-    void configure(const std::string& migration) {
+    // extra: appended to both nodes' files, {letter} replaced by a or b.
+    void configure(const std::string& migration, const std::string& extra = "") {
         for (int i = 0; i < 2; ++i) {
             auto& n = nodes_[i];
             auto& other = nodes_[1 - i];
@@ -325,7 +347,8 @@ key = "{1}/pki/{0}-key.pem"
 name = "{6}"
 address = "127.0.0.1:{7}"
 )", n.name, dir_.path(), letter, n.socket, n.port, migration, other.name,
-                                                          i == 0 && b_via_ ? b_via_ : other.port));
+                                                          i == 0 && b_via_ ? b_via_ : other.port) +
+                                                  std::regex_replace(extra, std::regex("\\{letter\\}"), letter));
         }
     }
     void TearDown() override {
@@ -525,7 +548,146 @@ TEST_F(TwoNodes, MigratesAcrossNodesOverTlsAndBack) {
     EXPECT_EQ(check_a.status, 0) << check_a.out << check_a.err;
 }
 
-TEST_F(TwoNodes, ALocalDiskIsRefusedBeforeAnythingMovesAndTheVmStays) {
+// A VM on a local disk the guest keeps writing: ferry copies the disk to
+// node-b's directory (path_map) over TLS beside the RAM, the guest reads
+// back what it wrote before the move, and the image on node-b holds every
+// write with holes kept; node-a's QEMU is gone and nothing is left behind.
+TEST_F(TwoNodes, BlockMigrationMovesALocalDiskTheGuestKeepsWriting) {
+    configure("bandwidth_per_migration = \"64Mi\"",
+              "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
+    std::filesystem::create_directories(dir_ / "disks-a");
+    std::filesystem::create_directories(dir_ / "disks-b");
+    auto src = dir_ / "disks-a/local.raw";
+    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
+    ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x5a 40M 2M' " + src, dir_).status, 0);
+    ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=32 rate=4 hb=50 disk=256 dsize=8"
+[[disks]]
+path = ")" + src + R"("
+shared = false
+bus = "ide"
+)");
+    start(a());
+    start(b());
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    for (int i = 0; i < 300 && ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-DISK-HB") ==
+                                   std::string::npos;
+         ++i)
+        std::this_thread::sleep_for(50ms);
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto sectors = ferry::guest::disk_sectors_from_console(dir_ / "state-a/vms/demo/console.log");
+    ASSERT_EQ(sectors, 8u << 11) << "the guest writes 8 MiB";
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log")
+                                          << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_EQ(done["method"], "block");
+    auto& disks = done["progress"]["disks"];
+    ASSERT_TRUE(disks.is_object()) << done.dump(2);
+    EXPECT_EQ(disks["total_bytes"], 64u << 20);
+    EXPECT_GE(disks["rounds"].get<int>(), 2);
+    auto& result = done["result"]["disks"];
+    ASSERT_EQ(result.size(), 1u) << done.dump(2);
+    // What the disk holds (2 MiB of data, the guest's 8 MiB region), not its 64 MiB.
+    EXPECT_LT(result[0]["data_bytes"].get<std::uint64_t>(), 40u << 20) << result.dump();
+    EXPECT_GT(result[0]["zero_bytes"].get<std::uint64_t>(), 20u << 20) << result.dump();
+    EXPECT_FALSE(qemu_alive(pid)) << "the source QEMU still runs";
+    auto vm = ctl_json(b(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    auto dst = dir_ / "disks-b/local.raw";
+    EXPECT_EQ(vm["spec"]["disks"][0]["path"], dst);
+    // The guest goes on writing there, reading back what it wrote before the move.
+    std::this_thread::sleep_for(1500ms);
+    auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
+    EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
+    EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    // The image there, read with the guest paused, holds every write.
+    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    auto verified = ferry::guest::verify_disk_image(dst, sectors);
+    EXPECT_TRUE(verified) << verified.error().message;
+    EXPECT_EQ(ferry::test::read_file(dst).substr(40 << 20, 2 << 20), std::string(2 << 20, '\x5a'));
+    EXPECT_TRUE(std::filesystem::exists(src)) << "the source image stays";
+}
+
+// Aborted while the disk is being copied, and with the target killed while
+// the disk is copied: the VM runs on where it was, its disk untouched, and
+// neither node keeps a bitmap, an export, an NBD server or the half-copied
+// image.
+TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
+    configure("bandwidth_per_migration = \"4Mi\"",
+              "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
+    std::filesystem::create_directories(dir_ / "disks-a");
+    std::filesystem::create_directories(dir_ / "disks-b");
+    auto src = dir_ / "disks-a/local.raw";
+    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
+    ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x33 8M 32M' " + src, dir_).status, 0);
+    auto before = ferry::test::read_file(src);
+    ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" +
+                                                        src + "\"\nshared = false\n");
+    start(a());
+    start(b());
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto dst = dir_ / "disks-b/local.raw";
+    auto copying = [&](const std::string& id) {
+        for (int i = 0; i < 200; ++i) {
+            auto m = ctl_json(a(), "migration show " + id);
+            auto& d = m["progress"]["disks"];
+            if (d.is_object() && d["sent_bytes"].get<std::uint64_t>() == 0 && std::filesystem::exists(dst))
+                return true; // round 1 under way: the target image exists
+            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                return false;
+            std::this_thread::sleep_for(50ms);
+        }
+        return false;
+    };
+    auto expect_clean = [&](const std::string& what) {
+        auto vm = ctl_json(a(), "vm show demo");
+        EXPECT_EQ(vm["status"], "running") << what;
+        EXPECT_EQ(vm["pid"].get<int>(), pid) << what;
+        EXPECT_TRUE(qemu_alive(pid)) << what;
+        auto blocks = ctl_json(a(), "vm qmp demo query-named-block-nodes");
+        for (auto& n : blocks)
+            EXPECT_TRUE(!n.contains("dirty-bitmaps") || n["dirty-bitmaps"].empty()) << what << n.dump();
+        auto exports = ctl_json(a(), "vm qmp demo query-block-exports");
+        EXPECT_TRUE(exports.empty()) << what << exports.dump();
+        auto again = ctl(a(), "vm qmp demo nbd-server-start --args '{\"addr\": {\"type\": \"unix\", \"data\": "
+                              "{\"path\": \"" + dir_ / "probe.sock" + "\"}}}'");
+        EXPECT_EQ(again.status, 0) << what << ": the NBD server was left running: " << again.err;
+        ctl(a(), "vm qmp demo nbd-server-stop");
+        EXPECT_FALSE(std::filesystem::exists(dst)) << what << ": the half-copied image stayed on node-b";
+        EXPECT_EQ(ferry::test::read_file(src).substr(8 << 20, 32 << 20), before.substr(8 << 20, 32 << 20)) << what;
+    };
+
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_TRUE(copying(id)) << ctl(a(), "migration show " + id).out;
+    ASSERT_EQ(ctl(a(), "migration abort " + id).status, 0);
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_EQ(done["abort_status"], "Succeeded") << done.dump(2);
+    for (int i = 0; i < 100 && std::filesystem::exists(dst); ++i)
+        std::this_thread::sleep_for(50ms);
+    expect_clean("after an abort");
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_TRUE(copying(id)) << ctl(a(), "migration show " + id).out;
+    stop(b(), SIGKILL);
+    done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_FALSE(done["failure_reason"].is_null());
+    // A killed ferryd cannot clean up: its restart removes what it made.
+    start(b());
+    for (int i = 0; i < 100 && std::filesystem::exists(dst); ++i)
+        std::this_thread::sleep_for(50ms);
+    expect_clean("after the target ferryd was killed and restarted");
+}
+
+TEST_F(TwoNodes, PostCopyIsRefusedForALocalDiskAndTheVmStays) {
     configure("bandwidth_per_migration = \"32Mi\"");
     start(a());
     start(b());
@@ -535,9 +697,9 @@ TEST_F(TwoNodes, ALocalDiskIsRefusedBeforeAnythingMovesAndTheVmStays) {
     ferry::test::write_file(dir_ / "vm-local.toml", spec);
     ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
-    auto m = ctl(a(), "migrate demo --to node-b --wait");
+    auto m = ctl(a(), "migrate demo --to node-b --post-copy --wait");
     EXPECT_NE(m.status, 0);
-    EXPECT_NE(m.err.find("has a local disk (disks[0] " + disk + ", shared = false)"), std::string::npos) << m.err;
+    EXPECT_NE(m.err.find("has local disks: post-copy is not available"), std::string::npos) << m.err;
     EXPECT_TRUE(ctl_json(a(), "migration list").empty()) << "nothing was started";
     EXPECT_TRUE(ctl_json(b(), "vm list").empty());
     auto vm = ctl_json(a(), "vm show demo");

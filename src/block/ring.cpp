@@ -27,6 +27,11 @@ namespace ferry::block {
 
 namespace asio = boost::asio;
 
+asio::thread_pool& blocking_pool() {
+    static asio::thread_pool pool(2);
+    return pool;
+}
+
 namespace {
 
 constexpr std::size_t page = 4096;
@@ -197,11 +202,6 @@ private:
 };
 
 // --- fallback: pread/pwrite on a thread pool ----------------------------------
-
-asio::thread_pool& blocking_pool() {
-    static asio::thread_pool pool(2);
-    return pool;
-}
 
 // Runs on the pool; co_spawn brings the caller back to its own executor.
 asio::awaitable<long> run_blocking(std::function<long()> fn) {

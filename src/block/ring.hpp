@@ -8,13 +8,36 @@
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/thread_pool.hpp>
+#include <boost/asio/use_awaitable.hpp>
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 
 namespace ferry::block {
+
+// The few threads blocking work runs on (the fallback ring, qemu-img).
+boost::asio::thread_pool& blocking_pool();
+
+namespace detail {
+template <class T>
+boost::asio::awaitable<std::optional<T>> run_on_pool(std::function<T()> fn) {
+    co_return std::optional<T>(fn());
+}
+} // namespace detail
+
+// Runs fn on the blocking pool and resumes the caller on its own executor.
+template <class T>
+boost::asio::awaitable<T> offload(std::function<T()> fn) {
+    auto task = detail::run_on_pool<T>(std::move(fn));
+    auto r = co_await boost::asio::co_spawn(blocking_pool(), std::move(task), boost::asio::use_awaitable);
+    co_return std::move(*r);
+}
 
 // Page-aligned memory for direct I/O, cut into equal slots; a ring can
 // register it so that requests on a slot skip the kernel's page pinning.

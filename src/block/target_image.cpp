@@ -85,10 +85,28 @@ Result<ImageInfo> inspect_image(const std::string& path) {
                      j.value("actual-size", std::uint64_t{0})};
 }
 
+bool image_in_use(const std::string& path) {
+    int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    struct flock fl {};
+    fl.l_type = F_WRLCK;
+    fl.l_whence = SEEK_SET;
+    fl.l_start = 100; // QEMU's permission bytes, then its "shared" ones
+    fl.l_len = 200;
+    bool held = ::fcntl(fd, F_OFD_GETLK, &fl) == 0 && fl.l_type != F_UNLCK;
+    ::close(fd);
+    return held;
+}
+
 Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
                                            const std::string& create_command) {
     std::error_code ec;
     if (fs::exists(path, ec)) {
+        if (image_in_use(path))
+            return make_error(Errc::conflict, fmt::format("target image {} is in use by another process (a QEMU "
+                                                          "holds it); map the disk elsewhere with [block] path_map",
+                                                          path));
         auto info = inspect_image(path);
         if (!info)
             return info.error();

@@ -30,6 +30,12 @@ struct PreparedImage {
 Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
                                            const std::string& create_command);
 
+// Whether a process holds a QEMU image lock on `path` (QEMU takes OFD
+// locks on the bytes from 100 of every image it opens): a target image in
+// use, perhaps by the very VM being migrated when two nodes share a
+// machine, must never be written.
+bool image_in_use(const std::string& path);
+
 // Runs argv[0] (searched in PATH) and returns what it printed on stdout and
 // stderr; a failure names the program, its exit status and its output.
 Result<std::string> run_tool(const std::vector<std::string>& argv);

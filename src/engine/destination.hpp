@@ -19,6 +19,12 @@ public:
     // Between PreparingTarget and TargetReady: a QEMU waits for the stream.
     virtual boost::asio::awaitable<Result<void>> prepare() = 0;
 
+    // Between TargetReady and the RAM stream: a block migration brings its
+    // disks nearly in sync, and keeps them so in the background.
+    virtual boost::asio::awaitable<Result<void>> sync_disks() { co_return Result<void>{}; }
+    // The local disks' virtual size (they count like RAM for the timeouts).
+    virtual std::uint64_t disk_bytes() const { return 0; }
+
     // Where the source QEMU sends, and the parameters that go with it
     // (bandwidth, multifd); asked once the source follows its events.
     struct Stream {
@@ -34,6 +40,9 @@ public:
 
     // The guest is paused for the last round (not in post-copy).
     virtual void switching_over() = 0;
+    // Paused before the switchover, before QEMU continues: the disks' last
+    // round.
+    virtual boost::asio::awaitable<Result<void>> before_continue() { co_return Result<void>{}; }
     // One poll of a post-copy under way (status: QEMU's migration status).
     virtual boost::asio::awaitable<Result<void>> follow_postcopy(const std::string& status) = 0;
     // The stream is complete: until the destination runs the VM.

@@ -336,6 +336,12 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
     co_return work->stats;
 }
 
+void DiskSender::abort() {
+    broken_ = true;
+    boost::system::error_code ec;
+    stream_.shutdown(asio::socket_base::shutdown_both, ec);
+}
+
 asio::awaitable<void> DiskSender::finish() {
     if (finished_)
         co_return;

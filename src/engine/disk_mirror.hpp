@@ -65,6 +65,8 @@ public:
     // Ends the stream (the target's receiver returns) and removes the
     // bitmaps, exports and NBD server; safe to call more than once.
     boost::asio::awaitable<void> finish();
+    // Cuts the stream both ways: a round under way fails at once (abort).
+    void abort();
 
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return round_; }

@@ -1,5 +1,7 @@
 #include "engine/engine.hpp"
 
+#include "block/qemu_block.hpp"
+
 #include "engine/async.hpp"
 #include "engine/process.hpp"
 #include "engine/source_run.hpp"
@@ -352,12 +354,25 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
         std::error_code ec;
         fs::remove_all(m.target_dir, ec);
     }
+    for (auto& image : m.created_images) {
+        std::error_code ec;
+        if (fs::is_regular_file(image, ec) && fs::remove(image, ec))
+            engine_log()->info("migration {}: removed the half-copied target image {}", m.id, image);
+    }
+    m.created_images.clear();
     // The source QEMU may still be migrating on its own, or paused before
     // the switchover: cancel and resume it.
     bool was_source = m.source_node == config_.node.name;
     if (auto it = vms_.find(m.vm); was_source && it != vms_.end() && it->second->qemu.qmp) {
         auto& qmp = *it->second->qemu.qmp;
         co_await qmp.execute("migrate_cancel");
+        // A block migration's bitmaps, exports and NBD server.
+        block::QemuBlock block(it->second->qemu.qmp);
+        auto swept = co_await block.sweep("ferry-" + m.id, true);
+        if (!swept)
+            engine_log()->warn("migration {}: cleaning up the source QEMU: {}", m.id, swept.error().message);
+        else if (!swept->empty())
+            engine_log()->info("migration {}: removed from the source QEMU: {}", m.id, *swept);
         auto status = co_await qmp.execute("query-status");
         if (status && !(*status).value("running", false)) {
             auto s = (*status).value("status", "");
@@ -588,16 +603,19 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
                               fmt::format("cross-node migration is off on {}: configure [tls] (ferryctl pki "
                                           "init) or set [migration] disable_tls = true",
                                           config_.node.name));
-        // Until ferry mirrors local disks, a destination on another node
-        // would open another disk, or the same file from two hosts.
-        auto& disks = vm->record.spec->disks;
-        for (std::size_t i = 0; i < disks.size(); ++i)
-            if (!disks[i].shared)
-                return make_error(Errc::conflict,
-                                  fmt::format("VM {} has a local disk (disks[{}] {}, shared = false): moving local "
-                                              "disks to another node is not supported yet; the VM stays on {}",
-                                              req.vm, i, disks[i].path, config_.node.name));
     }
+    // Across nodes, local disks move with the VM (a block migration); on
+    // one node both QEMUs open the same file.
+    bool block = false;
+    if (target_peer)
+        for (auto& d : vm->record.spec->disks)
+            block = block || !d.shared;
+    if (block && req.allow_post_copy && *req.allow_post_copy)
+        return make_error(Errc::invalid_argument,
+                          fmt::format("VM {} has local disks: post-copy is not available for a migration that "
+                                      "moves disks (its RAM would be on two nodes while a disk is on one); the VM "
+                                      "stays on {}",
+                                      req.vm, config_.node.name));
     auto record = std::make_shared<Migration>();
     auto& m = *record;
     m.id = fmt::format("{}-{}", req.vm, random_suffix());
@@ -613,6 +631,10 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
         m.config.allow_auto_converge = *req.allow_auto_converge;
     if (req.allow_post_copy)
         m.config.allow_post_copy = *req.allow_post_copy;
+    if (block) {
+        m.method = "block";
+        m.config.allow_post_copy = false;
+    }
     m.created_at = now_string();
     vm->migration_id = m.id;
     migrations_[m.id] = record;

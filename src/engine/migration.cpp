@@ -26,6 +26,22 @@ template <class T> std::optional<T> get_opt(const json& j, const char* key) {
         return std::nullopt;
     return it->get<T>();
 }
+json disks_json(const std::optional<DiskProgress>& d) {
+    if (!d)
+        return nullptr;
+    return {{"total_bytes", d->total_bytes},
+            {"sent_bytes", d->sent_bytes},
+            {"remaining_bytes", d->remaining_bytes},
+            {"dirty_rate_bps", d->dirty_rate_bps},
+            {"rounds", d->rounds}};
+}
+
+json disk_results_json(const std::vector<DiskResult>& disks) {
+    json out = json::array();
+    for (auto& d : disks)
+        out.push_back({{"index", d.index}, {"path", d.path}, {"data_bytes", d.data_bytes}, {"zero_bytes", d.zero_bytes}});
+    return out;
+}
 } // namespace
 
 std::string_view to_string(Phase p) {
@@ -72,13 +88,16 @@ void to_json(json& j, const Migration& m) {
           {"downtime_limit_ms", p.downtime_limit_ms},
           {"converging", opt(p.converging)},
           {"time_left_ms", p.time_left_ms},
-          {"qemu_status", p.qemu_status}}},
+          {"qemu_status", p.qemu_status},
+          {"disks", disks_json(p.disks)}}},
         {"result",
          {{"total_time_ms", opt(m.result.total_time_ms)},
           {"downtime_ms", opt(m.result.downtime_ms)},
-          {"guest_blackout_ms", opt(m.result.guest_blackout_ms)}}},
+          {"guest_blackout_ms", opt(m.result.guest_blackout_ms)},
+          {"disks", disk_results_json(m.result.disks)}}},
         {"target_pid", m.target_pid},
         {"target_dir", m.target_dir},
+        {"created_images", m.created_images},
     };
 }
 
@@ -127,14 +146,33 @@ void from_json(const json& j, Migration& m) {
         if (auto c = p->find("converging"); c != p->end() && c->is_boolean())
             m.progress.converging = c->get<bool>();
         m.progress.qemu_status = p->value("qemu_status", "");
+        if (auto d = p->find("disks"); d != p->end() && d->is_object()) {
+            DiskProgress dp;
+            dp.total_bytes = d->value("total_bytes", std::uint64_t{0});
+            dp.sent_bytes = d->value("sent_bytes", std::uint64_t{0});
+            dp.remaining_bytes = d->value("remaining_bytes", std::uint64_t{0});
+            dp.dirty_rate_bps = d->value("dirty_rate_bps", std::uint64_t{0});
+            dp.rounds = d->value("rounds", std::uint32_t{0});
+            m.progress.disks = dp;
+        }
     }
     if (auto r = j.find("result"); r != j.end()) {
         m.result.total_time_ms = get_opt<std::int64_t>(*r, "total_time_ms");
         m.result.downtime_ms = get_opt<std::int64_t>(*r, "downtime_ms");
         m.result.guest_blackout_ms = get_opt<std::int64_t>(*r, "guest_blackout_ms");
+        if (auto d = r->find("disks"); d != r->end() && d->is_array())
+            for (auto& e : *d)
+                if (e.is_object())
+                    m.result.disks.push_back({e.value("index", std::uint32_t{0}), e.value("path", ""),
+                                              e.value("data_bytes", std::uint64_t{0}),
+                                              e.value("zero_bytes", std::uint64_t{0})});
     }
     m.target_pid = j.value("target_pid", -1);
     m.target_dir = j.value("target_dir", "");
+    if (auto c = j.find("created_images"); c != j.end() && c->is_array())
+        for (auto& path : *c)
+            if (path.is_string())
+                m.created_images.push_back(path.get<std::string>());
 }
 
 json migration_capabilities(bool multifd, bool postcopy, bool preempt) {

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace ferry::engine {
 
@@ -20,6 +21,15 @@ enum class Phase { Pending, Scheduling, Scheduled, PreparingTarget, TargetReady,
 std::string_view to_string(Phase p);
 std::optional<Phase> phase_from_string(std::string_view s);
 inline bool is_final(Phase p) { return p == Phase::Succeeded || p == Phase::Failed; }
+
+// A block migration's disks, together (ferry's own figures).
+struct DiskProgress {
+    std::uint64_t total_bytes = 0;     // virtual size of the mirrored disks
+    std::uint64_t sent_bytes = 0;      // copied so far, data and zero records
+    std::uint64_t remaining_bytes = 0; // written by the guest and not copied yet
+    std::uint64_t dirty_rate_bps = 0;  // how fast the guest writes them
+    std::uint32_t rounds = 0;          // rounds acknowledged by the target
+};
 
 struct Progress {
     std::uint64_t total_bytes = 0;
@@ -34,12 +44,21 @@ struct Progress {
     std::optional<bool> converging;        // the model's verdict (unset until the first full round)
     std::int64_t time_left_ms = -1;        // the model's estimate; -1 = never at these rates
     std::string qemu_status; // QEMU's migration status ("active", ...)
+    std::optional<DiskProgress> disks; // block migrations
+};
+
+struct DiskResult {
+    std::uint32_t index = 0; // in the VM spec's disks
+    std::string path;        // on the source
+    std::uint64_t data_bytes = 0; // sent as data
+    std::uint64_t zero_bytes = 0; // skipped as zeros or holes
 };
 
 struct MigrationResult {
     std::optional<std::int64_t> total_time_ms;
     std::optional<std::int64_t> downtime_ms;
     std::optional<std::int64_t> guest_blackout_ms;
+    std::vector<DiskResult> disks; // block migrations
 };
 
 struct Migration {
@@ -64,6 +83,9 @@ struct Migration {
     // restarted ferryd can clean it up.
     int target_pid = -1;
     std::string target_dir;
+    // Target side of a block migration: the images this node created, which
+    // a failed arrival (or a restart after one) removes.
+    std::vector<std::string> created_images;
 };
 
 void to_json(json& j, const Migration& m);
@@ -79,6 +101,9 @@ inline bool postcopy_enabled(const config::MigrationConfig& c) { return c.allow_
 // guest waits for, so they do not queue behind the bulk stream.
 inline bool preempt_enabled(const config::MigrationConfig& c) { return postcopy_enabled(c) && c.postcopy_preempt; }
 // The connections the source QEMU opens: the main one, multifd's, preempt's.
+// The data channel a block migration's disk stream takes (its token's index).
+constexpr int disk_channel_index = 1000;
+
 inline int migration_channels(const config::MigrationConfig& c) {
     return 1 + static_cast<int>(c.multifd_channels) + (preempt_enabled(c) ? 1 : 0);
 }

@@ -83,6 +83,13 @@ asio::awaitable<Result<void>> PeerDestination::prepare() {
                  {"migration", m},
                  {"spec", *run_.vm().record.spec},
                  {"channels", migration_channels(m.config)}};
+    if (m.method == "block") {
+        disks_ = std::make_unique<SourceDisks>(run_);
+        auto described = co_await disks_->describe();
+        if (!described)
+            co_return described.error().wrap("preparing the destination");
+        prepare["disks"] = *described;
+    }
     auto ready = co_await request(prepare, 120s);
     if (!ready)
         co_return ready.error().wrap("preparing the destination");
@@ -93,6 +100,14 @@ asio::awaitable<Result<void>> PeerDestination::prepare() {
     if (!tokens)
         co_return tokens.error();
     tokens_ = std::move(*tokens);
+    if (disks_) {
+        auto token = ready->find("disk_token");
+        if (token == ready->end() || !token->is_string())
+            co_return make_error(Errc::protocol, fmt::format("node {} cannot take local disks (it answered without "
+                                                             "a disk channel)",
+                                                             m.target_node));
+        disk_token_ = token->get<std::string>();
+    }
     // A target that does not say it set up the preempt channel (a ferryd
     // from before it existed) gets a migration without one.
     auto preempt = ready->find("preempt");
@@ -114,7 +129,8 @@ Result<Destination::Stream> PeerDestination::open_stream() {
     auto listening = listen_tunnels(node.vm_dir(run_.vm().record.name) + "/tunnel.sock");
     if (!listening)
         return listening.error();
-    bucket_ = node.shaper().add(m.id, m.config.bandwidth_per_migration);
+    if (!bucket_)
+        bucket_ = node.shaper().add(m.id, m.config.bandwidth_per_migration);
     asio::co_spawn(node.executor(), accept_tunnels(run_.shared_from_this(), this), asio::detached);
 
     // Shaping happens in ferry's channel, so QEMU itself is not limited.
@@ -122,6 +138,33 @@ Result<Destination::Stream> PeerDestination::open_stream() {
     if (m.config.multifd_channels > 0)
         params["multifd-channels"] = m.config.multifd_channels;
     return Stream{params, "unix:" + tunnel_socket_};
+}
+
+asio::awaitable<Result<void>> PeerDestination::sync_disks() {
+    if (!disks_)
+        co_return Result<void>{};
+    auto& m = run_.migration();
+    // RAM and disks share one bucket: the migration's bandwidth covers both.
+    bucket_ = run_.node().shaper().add(m.id, m.config.bandwidth_per_migration);
+    auto synced = co_await disks_->sync(peer_address_, disk_token_, bucket_);
+    if (!synced)
+        co_return synced;
+    disks_->keep_up();
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> PeerDestination::check() {
+    if (disks_) {
+        if (auto failed = disks_->failed())
+            co_return failed->wrap("disk mirror");
+    }
+    co_return co_await keepalive();
+}
+
+asio::awaitable<Result<void>> PeerDestination::before_continue() {
+    if (!disks_)
+        co_return Result<void>{};
+    co_return co_await disks_->last_round();
 }
 
 Result<void> PeerDestination::listen_tunnels(const std::string& path) {
@@ -372,6 +415,8 @@ void PeerDestination::log_success() const {
 }
 
 asio::awaitable<void> PeerDestination::release(bool failed) {
+    if (disks_)
+        co_await disks_->stop();
     if (bucket_)
         run_.node().shaper().remove(run_.migration().id);
     if (tunnel_acceptor_) {

@@ -5,6 +5,7 @@
 // shaper. In post-copy the VM is started on the target, and a broken stream
 // is recovered.
 #include "engine/destination.hpp"
+#include "engine/source_disks.hpp"
 #include "transport/channel.hpp"
 #include "transport/shaper.hpp"
 
@@ -22,8 +23,11 @@ public:
     PeerDestination(SourceRun& run, std::string peer_address) : run_(run), peer_address_(std::move(peer_address)) {}
 
     boost::asio::awaitable<Result<void>> prepare() override;
+    boost::asio::awaitable<Result<void>> sync_disks() override;
+    std::uint64_t disk_bytes() const override { return disks_ ? disks_->total_bytes() : 0; }
     Result<Stream> open_stream() override;
-    boost::asio::awaitable<Result<void>> check() override { return keepalive(); }
+    boost::asio::awaitable<Result<void>> check() override;
+    boost::asio::awaitable<Result<void>> before_continue() override;
     std::optional<Error> lost() const override { return std::nullopt; }
     void switching_over() override;
     boost::asio::awaitable<Result<void>> follow_postcopy(const std::string& status) override;
@@ -60,6 +64,8 @@ private:
     std::shared_ptr<transport::TokenBucket> bucket_;
     std::optional<Error> tunnel_error_;
     Clock::time_point last_ping_;
+    std::unique_ptr<SourceDisks> disks_; // block migrations
+    std::string disk_token_;
     bool postcopy_running_ = false; // the destination was told to run
     int recoveries_ = 0;            // post-copy recoveries so far
 };

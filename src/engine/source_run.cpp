@@ -28,6 +28,7 @@ void update_progress(Progress& p, const Progress& qemu) {
     p.downtime_limit_ms = kept.downtime_limit_ms;
     p.converging = kept.converging;
     p.time_left_ms = kept.time_left_ms;
+    p.disks = kept.disks;
     if (kept.dirty_rate_bps > 0) // the model's smoothed rate
         p.dirty_rate_bps = kept.dirty_rate_bps;
 }
@@ -96,6 +97,9 @@ asio::awaitable<Result<void>> SourceRun::start_source() {
     auto followed = co_await follow_source();
     if (!followed)
         co_return followed;
+    auto disks = co_await destination_->sync_disks();
+    if (!disks)
+        co_return disks;
     auto stream = destination_->open_stream();
     if (!stream)
         co_return stream.error();
@@ -110,7 +114,7 @@ asio::awaitable<Result<void>> SourceRun::follow_source() {
     if (!status)
         co_return status.error().wrap("reading the source's state");
     source_was_running_ = (*status).value("running", false);
-    std::uint64_t data_bytes = vm_->record.spec->memory; // + local disks once they are mirrored
+    std::uint64_t data_bytes = vm_->record.spec->memory + destination_->disk_bytes();
     strategy_.emplace(m_.config, data_bytes, postcopy_enabled(m_.config));
 
     std::weak_ptr<SourceRun> weak = weak_from_this();
@@ -229,7 +233,16 @@ asio::awaitable<Result<void>> SourceRun::switch_over() {
     // The guest is paused now; not in post-copy, where the guest runs on.
     if (m_.mode != "postcopy")
         destination_->switching_over();
+    if (m_.method == "block" && m_.progress.qemu_status != "pre-switchover")
+        co_return make_error(Errc::internal, fmt::format("QEMU switched over from '{}' without pausing first: the "
+                                                         "disks' last round could not run",
+                                                         m_.progress.qemu_status));
     if (m_.progress.qemu_status == "pre-switchover") {
+        auto ready = co_await destination_->before_continue();
+        if (!ready) {
+            co_await cancel_source();
+            co_return ready;
+        }
         json continue_args{{"state", "pre-switchover"}};
         auto cont = co_await qmp->execute("migrate-continue", continue_args);
         if (!cont)

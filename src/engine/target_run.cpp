@@ -2,9 +2,16 @@
 // source's.
 #include "engine/target_run.hpp"
 
+#include "block/qemu_block.hpp"
+#include "block/ring.hpp"
+#include "block/target_image.hpp"
 #include "engine/async.hpp"
 #include "engine/heartbeat.hpp"
 #include "engine/process.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/local/connect_pair.hpp>
 
 #include <fmt/format.h>
 
@@ -28,6 +35,7 @@ TargetRun::TargetRun(Node& node, std::string source_node)
 std::string TargetRun::check_prepare(const json& msg) {
     try {
         m_ = msg.at("migration").get<Migration>();
+        m_.created_images.clear(); // this node's own list, never the peer's
         spec_ = msg.at("spec").get<config::VmSpec>();
         channels_ = msg.at("channels").get<int>();
     } catch (const std::exception& e) {
@@ -53,7 +61,41 @@ std::string TargetRun::check_prepare(const json& msg) {
     if (channels_ != migration_channels(m_.config))
         return fmt::format("bad prepare: {} data channels for a migration that opens {}", channels_,
                            migration_channels(m_.config));
+    if (auto disks = msg.find("disks"); disks != msg.end()) {
+        auto bad = check_disks(*disks);
+        if (!bad.empty())
+            return bad;
+    }
+    if (m_.method == "block" && mirrored_.empty())
+        return "bad prepare: a block migration without disks";
     return check_arrival();
+}
+
+// The disks a block migration mirrors: each a non-shared disk of the spec,
+// once, with its format and a size.
+std::string TargetRun::check_disks(const json& disks) {
+    if (!disks.is_array() || disks.size() > spec_.disks.size())
+        return "bad prepare: disks must be an array of the spec's disks";
+    for (auto& d : disks) {
+        if (!d.is_object() || !d.contains("index") || !d["index"].is_number_unsigned() || !d.contains("size") ||
+            !d["size"].is_number_unsigned() || !d.contains("format") || !d["format"].is_string())
+            return "bad prepare: a disk needs index, format and size";
+        auto index = d["index"].get<std::uint64_t>();
+        if (index >= spec_.disks.size())
+            return fmt::format("bad prepare: disk index {} (the spec has {} disks)", index, spec_.disks.size());
+        auto& spec = spec_.disks[index];
+        if (spec.shared || spec.format != d["format"].get<std::string>())
+            return fmt::format("bad prepare: disks[{}] is shared or of another format in the spec", index);
+        for (auto& seen : mirrored_)
+            if (seen.index == index)
+                return fmt::format("bad prepare: disks[{}] listed twice", index);
+        auto size = d["size"].get<std::uint64_t>();
+        if (size == 0 || size > (std::uint64_t{1} << 50))
+            return fmt::format("bad prepare: disks[{}] size {}", index, size);
+        auto target = config::map_disk_path(node_.config().block, spec.path);
+        mirrored_.push_back({static_cast<std::uint32_t>(index), target, spec.format, size, ""});
+    }
+    return "";
 }
 
 std::string TargetRun::check_arrival() const {
@@ -65,9 +107,13 @@ std::string TargetRun::check_arrival() const {
         return fmt::format("VM {} is already arriving on {} ({})", name, node, *id);
     if (spec_.kernel && !fs::is_regular_file(*spec_.kernel))
         return fmt::format("kernel {} does not exist on {}", *spec_.kernel, node);
-    for (auto& d : spec_.disks)
-        if (!fs::exists(d.path))
-            return fmt::format("disk {} does not exist on {} (disks must be on shared storage)", d.path, node);
+    for (std::size_t i = 0; i < spec_.disks.size(); ++i) {
+        auto& d = spec_.disks[i];
+        bool copied = std::any_of(mirrored_.begin(), mirrored_.end(), [&](auto& m) { return m.index == i; });
+        if (!copied && !fs::exists(d.path))
+            return fmt::format("disk {} does not exist on {} (shared disks must be on shared storage)", d.path,
+                               node);
+    }
     return "";
 }
 
@@ -79,13 +125,30 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     auto& name = spec_.name;
     auto dir = node_.vm_dir(name);
     std::error_code ec;
+    if (!mirrored_.empty()) {
+        // On record before the first image is made: a restarted ferryd
+        // removes what a crash left half-copied.
+        m_.phase = Phase::Running;
+        node_.add_migration(m_);
+        node_.persist(m_);
+        auto images = co_await prepare_images();
+        if (!images.empty()) {
+            co_await drop(images);
+            co_return error_message(images);
+        }
+    }
     fs::create_directories(dir, ec);
     LaunchRequest req{&node_.config().node, &spec_, dir, 1, true, true};
     auto q = co_await launch_qemu(node_.executor(), req);
     if (!q) {
-        node_.remove_arriving(m_.id);
-        fs::remove_all(dir, ec);
-        co_return error_message(fmt::format("starting the destination QEMU: {}", q.error().message));
+        auto why = fmt::format("starting the destination QEMU: {}", q.error().message);
+        if (!mirrored_.empty()) {
+            co_await drop(why);
+        } else {
+            node_.remove_arriving(m_.id);
+            fs::remove_all(dir, ec);
+        }
+        co_return error_message(why);
     }
     qemu_ = std::move(*q);
     auto listening = co_await listen();
@@ -93,17 +156,25 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         co_await drop(listening.error().message);
         co_return error_message(fmt::format("preparing the destination QEMU: {}", listening.error().message));
     }
+    auto exported = co_await export_disks();
+    if (!exported.empty()) {
+        co_await drop(exported);
+        co_return error_message(exported);
+    }
     // Our own record of the arrival: visible here, and cleaned up by a
     // restarted ferryd if we die before the hand-off.
     m_.phase = Phase::Running;
     m_.target_pid = qemu_.pid;
     m_.target_dir = qemu_.run_dir;
+    m_.created_images = created_;
     node_.add_migration(m_);
     node_.persist(m_);
     json tokens = issue_tokens(channels_);
     prepared_ = true;
     engine_log()->info("migration {}: receiving {} from {}", m_.id, name, source_node_);
     json ready{{"type", "target_ready"}, {"tokens", tokens}, {"preempt", preempt_enabled(m_.config)}};
+    if (!mirrored_.empty())
+        ready["disk_token"] = node_.tokens()->issue(m_.id, disk_channel_index);
     co_return ready;
 }
 
@@ -141,6 +212,10 @@ std::string TargetRun::qemu_state() const {
 
 asio::awaitable<void> TargetRun::deliver(std::shared_ptr<TargetRun> run, int index,
                                          std::shared_ptr<transport::Channel> channel) {
+    if (index == disk_channel_index) {
+        co_await receive_disks(std::move(run), std::move(channel));
+        co_return;
+    }
     // QEMU tells its channels apart partly by accept order: connect them to
     // the destination in the order the source QEMU opened them.
     auto deadline = Clock::now() + 30s;
@@ -202,6 +277,9 @@ asio::awaitable<json> TargetRun::finish(const json& msg) {
     auto not_loaded = co_await wait_loaded();
     if (!not_loaded.empty())
         co_return error_message(not_loaded);
+    auto disks = co_await wait_disks();
+    if (!disks.empty())
+        co_return error_message(disks);
     // A VM that was paused on the source stays paused here.
     bool resume = msg.value("resume", true);
     if (resume) {
@@ -310,11 +388,125 @@ asio::awaitable<void> TargetRun::drop(std::string why) {
         record->target_dir.clear();
         node_.persist(*record);
     }
+    if (receiver_)
+        receiver_->close();
     co_await destroy_qemu(node_.executor(), qemu_);
+    // The receiver writes nothing more once its stream is cut.
+    while (receiver_ && !disks_done_)
+        co_await sleep_for(5ms);
+    remove_created_images();
+    if (auto* record = node_.migration(m_.id); record && !record->created_images.empty()) {
+        record->created_images.clear();
+        node_.persist(*record);
+    }
     if (!node_.has_vm(spec_.name)) {
         std::error_code ec;
         fs::remove_all(node_.vm_dir(spec_.name), ec);
     }
+}
+
+asio::awaitable<std::string> TargetRun::prepare_images() {
+    auto& create = node_.config().block.create_command;
+    for (auto& d : mirrored_) {
+        std::string path = d.path, format = d.format;
+        auto size = d.size;
+        std::function<Result<block::PreparedImage>()> make = [=] {
+            return block::prepare_target_image(path, format, size, create);
+        };
+        auto made = co_await block::offload(std::move(make));
+        if (!made)
+            co_return fmt::format("disks[{}]: {}", d.index, made.error().message);
+        if (made->created) {
+            created_.push_back(path);
+            if (auto* record = node_.migration(m_.id)) {
+                record->created_images = created_;
+                node_.persist(*record);
+            }
+        }
+        spec_.disks[d.index].path = path;
+    }
+    co_return std::string();
+}
+
+void TargetRun::remove_created_images() {
+    for (auto& path : created_) {
+        std::error_code ec;
+        if (fs::is_regular_file(path, ec) && fs::remove(path, ec))
+            engine_log()->info("migration {}: removed target image {}", m_.id, path);
+    }
+    created_.clear();
+}
+
+// qcow2 targets are written through the destination QEMU (raw ones directly).
+asio::awaitable<std::string> TargetRun::export_disks() {
+    nbd_targets_.assign(mirrored_.size(), std::nullopt);
+    bool any = std::any_of(mirrored_.begin(), mirrored_.end(), [](auto& d) { return d.format != "raw"; });
+    if (!any)
+        co_return std::string();
+    block::QemuBlock qemu(qemu_.qmp);
+    auto socket = qemu_.run_dir + "/mirror.sock";
+    auto server = co_await qemu.start_nbd(socket);
+    if (!server)
+        co_return fmt::format("the destination QEMU's NBD server: {}", server.error().message);
+    for (std::size_t i = 0; i < mirrored_.size(); ++i) {
+        auto& d = mirrored_[i];
+        if (d.format == "raw")
+            continue;
+        auto node = co_await qemu.format_node(d.path);
+        if (!node)
+            co_return fmt::format("disks[{}]: {}", d.index, node.error().message);
+        auto name = fmt::format("ferry-{}-d{}", m_.id, d.index);
+        std::vector<std::string> no_bitmaps;
+        auto added = co_await qemu.add_export(name, *node, true, no_bitmaps);
+        if (!added)
+            co_return fmt::format("disks[{}]: exporting it for writing: {}", d.index, added.error().message);
+        nbd_targets_[i] = NbdTarget{socket, name};
+    }
+    co_return std::string();
+}
+
+asio::awaitable<void> TargetRun::receive_disks(std::shared_ptr<TargetRun> run, std::shared_ptr<transport::Channel> channel) {
+    if (run->mirrored_.empty() || run->disk_channel_taken_ || run->finished_) {
+        channel->close();
+        co_return;
+    }
+    run->disk_channel_taken_ = true;
+    DiskStream mine(run->node_.executor()), theirs(transport::data_plane());
+    boost::system::error_code ec;
+    asio::local::connect_pair(mine, theirs, ec);
+    if (ec) {
+        run->disks_done_ = make_error(Errc::io, fmt::format("disk stream: {}", ec.message()));
+        channel->close();
+        co_return;
+    }
+    auto tunnel = tunnel_on_data_plane(std::move(theirs), channel, nullptr);
+    asio::co_spawn(run->node_.executor(), std::move(tunnel), asio::detached);
+    run->receiver_ = std::make_unique<DiskReceiver>(run->mirrored_, run->nbd_targets_, std::move(mine));
+    auto r = co_await run->receiver_->run();
+    if (!r)
+        engine_log()->warn("migration {}: disk stream: {}", run->m_.id, r.error().message);
+    else
+        engine_log()->info("migration {}: disks received ({} rounds)", run->m_.id, run->receiver_->rounds());
+    run->disks_done_ = std::move(r);
+}
+
+// Block migrations: the source ended the disk stream after its last round;
+// the writable exports go before the guest runs here.
+asio::awaitable<std::string> TargetRun::wait_disks() {
+    if (mirrored_.empty())
+        co_return std::string();
+    auto deadline = Clock::now() + 60s;
+    while (!disks_done_ && Clock::now() < deadline)
+        co_await sleep_for(5ms);
+    if (!disks_done_)
+        co_return std::string("the disk stream did not end");
+    if (!*disks_done_)
+        co_return fmt::format("the disks did not arrive whole: {}", disks_done_->error().message);
+    block::QemuBlock qemu(qemu_.qmp);
+    auto swept = co_await qemu.sweep("ferry-", true);
+    if (!swept)
+        co_return fmt::format("removing the disk exports: {}", swept.error().message);
+    co_return std::string();
 }
 
 } // namespace ferry::engine

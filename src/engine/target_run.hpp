@@ -4,6 +4,7 @@
 // QEMU opened them, and the VM taken in only when the source says "finish".
 // The peer endpoint (Engine::serve_peer) hands it the source's messages.
 #include "config/vm_spec.hpp"
+#include "engine/disk_mirror.hpp"
 #include "engine/migration.hpp"
 #include "engine/node.hpp"
 #include "engine/vm.hpp"
@@ -50,6 +51,14 @@ private:
     // The checks a prepare gets before anything starts; an error text or "".
     std::string check_prepare(const nlohmann::json& msg);
     std::string check_arrival() const;
+    std::string check_disks(const nlohmann::json& disks);
+    // Block migrations: the target images, mapped and made (off the loop).
+    boost::asio::awaitable<std::string> prepare_images();
+    boost::asio::awaitable<std::string> export_disks();
+    static boost::asio::awaitable<void> receive_disks(std::shared_ptr<TargetRun> run,
+                                                      std::shared_ptr<transport::Channel> channel);
+    boost::asio::awaitable<std::string> wait_disks();
+    void remove_created_images();
     boost::asio::awaitable<Result<nlohmann::json>> listen();
     nlohmann::json issue_tokens(int count);
     boost::asio::awaitable<std::string> wait_loaded();
@@ -68,6 +77,14 @@ private:
     bool finished_ = false;
     std::string listen_socket_; // where QEMU listens (changes with each post-copy recovery)
     int recoveries_ = 0;
+
+    // Block migrations.
+    std::vector<MirrorDisk> mirrored_;                  // path: the target image
+    std::vector<std::string> created_;                  // images made here: a failed arrival removes them
+    std::vector<std::optional<NbdTarget>> nbd_targets_; // qcow2: the destination QEMU's writable export
+    std::unique_ptr<DiskReceiver> receiver_;
+    bool disk_channel_taken_ = false;
+    std::optional<Result<void>> disks_done_; // the receiver's outcome
 };
 
 // An error reply on the control channel.

@@ -36,6 +36,17 @@ std::string bytes(std::uint64_t n) {
 
 std::string rate(std::uint64_t bps) { return bytes(bps) + "/s"; }
 
+// A block migration's disks on the progress line ("" for others).
+std::string disks_part(const json& p) {
+    auto d = p.find("disks");
+    if (d == p.end() || !d->is_object())
+        return "";
+    return fmt::format("  disks {} of {} sent, {} dirty ({}), round {}", bytes(d->value("sent_bytes", std::uint64_t{0})),
+                       bytes(d->value("total_bytes", std::uint64_t{0})),
+                       bytes(d->value("remaining_bytes", std::uint64_t{0})),
+                       rate(d->value("dirty_rate_bps", std::uint64_t{0})), d->value("rounds", 0));
+}
+
 std::string progress_line(const json& m) {
     const auto& p = m.at("progress");
     auto total = p.value("total_bytes", std::uint64_t{0});
@@ -45,6 +56,9 @@ std::string progress_line(const json& m) {
     if (phase != "Running")
         return fmt::format("[{}]", phase);
     std::string qemu = p.value("qemu_status", "");
+    auto disks = disks_part(p);
+    if (!disks.empty() && (qemu.empty() || qemu == "none" || qemu == "setup"))
+        return fmt::format("[{}] copying the disks before RAM:{}", phase, disks);
     if (qemu == "pre-switchover" || qemu == "device")
         return fmt::format("[{}] switching over (guest paused)", phase);
     if (qemu == "completed")
@@ -53,12 +67,13 @@ std::string progress_line(const json& m) {
         return fmt::format("[{}] post-copy ({}): the VM runs on {}  remaining {}  {}", phase, qemu,
                            m.value("target_node", "?"), bytes(remaining),
                            rate(p.value("transfer_rate_bps", std::uint64_t{0})));
-    return fmt::format("[{}] {:5.1f}%  {}  remaining {}  dirty {}  iteration {}  {}{}", phase, pct,
+    return fmt::format("[{}] {:5.1f}%  {}  remaining {}  dirty {}  iteration {}  {}{}{}", phase, pct,
                        rate(p.value("transfer_rate_bps", std::uint64_t{0})), bytes(remaining),
                        rate(p.value("dirty_rate_bps", std::uint64_t{0})), p.value("iteration", 0), outlook(p),
                        p.value("throttle_percent", 0) > 0
                            ? fmt::format("  throttle {}%", p.value("throttle_percent", 0))
-                           : std::string());
+                           : std::string(),
+                       disks);
 }
 
 // The convergence model's verdict, in words.
@@ -80,6 +95,7 @@ void print_migration(const json& m) {
     std::cout << fmt::format("from -> to:   {} -> {}\n", str(m, "source_node"), str(m, "target_node"));
     std::cout << fmt::format("phase:        {}\n", str(m, "phase"));
     std::cout << fmt::format("mode:         {}\n", str(m, "mode"));
+    std::cout << fmt::format("method:       {}\n", m.value("method", "live"));
     std::cout << fmt::format("created:      {}\n", str(m, "created_at"));
     std::cout << fmt::format("started:      {}\n", str(m, "started_at"));
     std::cout << fmt::format("ended:        {}\n", str(m, "ended_at"));
@@ -96,6 +112,8 @@ void print_migration(const json& m) {
                              rate(p.value("transfer_rate_bps", std::uint64_t{0})),
                              rate(p.value("dirty_rate_bps", std::uint64_t{0})));
     std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
+    if (auto d = disks_part(p); !d.empty())
+        std::cout << fmt::format("disks:        {}\n", d.substr(2));
     if (m.value("phase", "") == "Running")
         std::cout << fmt::format("outlook:      {}\n", outlook(p));
     std::cout << fmt::format("limit:        downtime {} ms (max {} ms)\n", p.value("downtime_limit_ms", 0),
@@ -109,6 +127,11 @@ void print_migration(const json& m) {
         std::cout << fmt::format("downtime:     {} (QEMU)\n", ms(r, "downtime_ms"));
         std::cout << fmt::format("blackout:     {} (guest heartbeat)\n", ms(r, "guest_blackout_ms"));
     }
+    if (auto d = r.find("disks"); d != r.end() && d->is_array())
+        for (auto& disk : *d)
+            std::cout << fmt::format("disk {}:       {} sent, {} skipped as zeros ({})\n", disk.value("index", 0),
+                                     bytes(disk.value("data_bytes", std::uint64_t{0})),
+                                     bytes(disk.value("zero_bytes", std::uint64_t{0})), disk.value("path", "?"));
 }
 
 void print_migration_table(const json& list) {

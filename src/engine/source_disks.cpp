@@ -1,0 +1,207 @@
+#include "engine/source_disks.hpp"
+
+#include "block/qemu_block.hpp"
+#include "block/ring.hpp"
+#include "block/target_image.hpp"
+#include "engine/async.hpp"
+#include "engine/source_run.hpp"
+#include "transport/peer_server.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/local/connect_pair.hpp>
+#include <fmt/format.h>
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+namespace {
+
+constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
+// In sync enough to start RAM: a round that copied at most this much.
+constexpr std::uint64_t in_sync_bytes = 8ULL << 20;
+// Rounds before RAM starts anyway (the rest is copied while RAM moves).
+constexpr int max_sync_rounds = 10;
+constexpr auto background_pause = 300ms;
+
+} // namespace
+
+SourceDisks::SourceDisks(SourceRun& run) : run_(run), idle_(run.node().executor()) {}
+
+SourceDisks::~SourceDisks() { *alive_ = false; }
+
+std::uint64_t SourceDisks::total_bytes() const {
+    std::uint64_t total = 0;
+    for (auto& d : disks_)
+        total += d.size;
+    return total;
+}
+
+asio::awaitable<Result<json>> SourceDisks::describe() {
+    auto& spec = *run_.vm().record.spec;
+    block::QemuBlock qemu(run_.vm().qemu.qmp);
+    json out = json::array();
+    for (std::size_t i = 0; i < spec.disks.size(); ++i) {
+        auto& d = spec.disks[i];
+        if (d.shared)
+            continue;
+        std::string path = d.path;
+        std::function<Result<block::ImageInfo>()> inspect = [path] { return block::inspect_image(path); };
+        auto info = co_await block::offload(std::move(inspect));
+        if (!info)
+            co_return info.error().wrap(fmt::format("disks[{}]", i));
+        if (info->format != d.format)
+            co_return make_error(Errc::conflict, fmt::format("disks[{}] {} is {}, its spec says {}", i, d.path,
+                                                             info->format, d.format));
+        auto node = co_await qemu.format_node(d.path);
+        if (!node)
+            co_return node.error().wrap(fmt::format("disks[{}]", i));
+        disks_.push_back({static_cast<std::uint32_t>(i), d.path, d.format, info->virtual_size, *node});
+        out.push_back({{"index", i}, {"path", d.path}, {"format", d.format}, {"size", info->virtual_size}});
+    }
+    DiskProgress p;
+    p.total_bytes = total_bytes();
+    run_.migration().progress.disks = p;
+    co_return ok(std::move(out));
+}
+
+asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address, const std::string& token,
+                                                std::shared_ptr<transport::TokenBucket> bucket) {
+    auto& m = run_.migration();
+    auto& node = run_.node();
+    auto channel = co_await transport::open_data(transport::data_plane(), peer_address, m.target_node, token,
+                                                 node.tls());
+    if (!channel)
+        co_return channel.error().wrap("opening the disk channel");
+    DiskStream mine(node.executor()), theirs(transport::data_plane());
+    boost::system::error_code ec;
+    asio::local::connect_pair(mine, theirs, ec);
+    if (ec)
+        co_return make_error(Errc::io, fmt::format("disk stream: {}", ec.message()));
+    asio::co_spawn(node.executor(), carry(this, alive_, std::move(theirs), *channel, std::move(bucket)),
+                   asio::detached);
+    sender_ = std::make_unique<DiskSender>(run_.vm().qemu.qmp, "ferry-" + m.id,
+                                           node.vm_dir(run_.vm().record.name) + "/mirror.sock", disks_,
+                                           std::move(mine));
+    auto started = co_await sender_->start();
+    if (!started)
+        co_return started.error().wrap("starting the disk mirror");
+    engine_log()->info("migration {}: mirroring {} disk(s), {} bytes", m.id, disks_.size(), total_bytes());
+    std::uint64_t last = UINT64_MAX;
+    for (int i = 0; i < max_sync_rounds; ++i) {
+        if (m.abort_requested)
+            co_return make_error(Errc::aborted, "aborted by request while copying the disks");
+        auto r = co_await one_round();
+        if (!r)
+            co_return r;
+        auto dirty = m.progress.disks->remaining_bytes;
+        if (dirty <= in_sync_bytes || (i > 0 && dirty >= last))
+            break; // in sync, or not getting closer: the rest goes with RAM
+        last = dirty;
+    }
+    co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> SourceDisks::one_round() {
+    auto& m = run_.migration();
+    round_running_ = true;
+    auto r = co_await sender_->round();
+    round_running_ = false;
+    if (!r) {
+        if (!error_)
+            error_ = r.error();
+        co_return r.error();
+    }
+    auto dirty = co_await sender_->dirty_bytes();
+    auto& p = *m.progress.disks;
+    p.rounds = r->round;
+    p.sent_bytes += r->data_bytes + r->zero_bytes;
+    if (dirty) {
+        p.remaining_bytes = *dirty;
+        // Written since this round's bitmap started, about as long ago as the round took.
+        auto took = std::max<std::int64_t>(r->took.count(), 1);
+        p.dirty_rate_bps = *dirty * 1000 / static_cast<std::uint64_t>(took);
+    }
+    engine_log()->debug("migration {}: disk round {}: {} bytes data, {} zero, {} ms; {} dirty since", m.id, r->round,
+                        r->data_bytes, r->zero_bytes, r->took.count(), p.remaining_bytes);
+    co_return Result<void>{};
+}
+
+void SourceDisks::keep_up() {
+    if (keeping_up_ || stopping_)
+        return;
+    keeping_up_ = true;
+    asio::co_spawn(run_.node().executor(), background(this, alive_), asio::detached);
+}
+
+asio::awaitable<void> SourceDisks::background(SourceDisks* self, std::shared_ptr<bool> alive) {
+    auto run = self->run_.shared_from_this(); // keeps the run (and so this) alive
+    while (*alive && !self->stopping_) {
+        auto r = co_await self->one_round();
+        if (!r) {
+            run->wake_up();
+            break;
+        }
+        if (self->stopping_)
+            break;
+        self->idle_.expires_after(background_pause);
+        co_await self->idle_.async_wait(nothrow);
+    }
+    self->keeping_up_ = false;
+}
+
+asio::awaitable<void> SourceDisks::carry(SourceDisks* self, std::shared_ptr<bool> alive, DiskStream end,
+                                         std::shared_ptr<transport::Channel> channel,
+                                         std::shared_ptr<transport::TokenBucket> bucket) {
+    auto run = self->run_.shared_from_this();
+    auto r = co_await tunnel_on_data_plane(std::move(end), channel, std::move(bucket));
+    if (!r && *alive && !self->stopping_ && !self->error_) {
+        self->error_ = r.error().wrap("disk channel");
+        run->wake_up();
+    }
+}
+
+asio::awaitable<Result<void>> SourceDisks::last_round() {
+    auto& m = run_.migration();
+    stopping_ = true;
+    idle_.cancel();
+    while (keeping_up_)
+        co_await sleep_for(5ms);
+    if (error_)
+        co_return *error_;
+    if (!sender_)
+        co_return make_error(Errc::internal, "the disk mirror never started");
+    auto r = co_await one_round();
+    if (!r)
+        co_return r.error().wrap("the disks' last round");
+    record_results();
+    engine_log()->info("migration {}: disks in sync after {} rounds ({} bytes sent)", m.id, sender_->rounds(),
+                       m.progress.disks->sent_bytes);
+    co_await sender_->finish();
+    co_return Result<void>{};
+}
+
+void SourceDisks::record_results() {
+    auto& result = run_.migration().result;
+    result.disks.clear();
+    auto& totals = sender_->totals();
+    for (std::size_t d = 0; d < disks_.size(); ++d)
+        result.disks.push_back({disks_[d].index, disks_[d].path, totals[d].data_bytes, totals[d].zero_bytes});
+}
+
+asio::awaitable<void> SourceDisks::stop() {
+    stopping_ = true;
+    idle_.cancel();
+    if (sender_ && round_running_)
+        sender_->abort();
+    while (keeping_up_ || round_running_)
+        co_await sleep_for(5ms);
+    if (sender_) {
+        record_results();
+        co_await sender_->finish();
+    }
+}
+
+} // namespace ferry::engine

@@ -1,0 +1,69 @@
+#pragma once
+// A block migration's disks on the source: the non-shared disks of the VM,
+// copied over their own data channel (shaped with the RAM stream) by a
+// DiskSender. Before QEMU starts sending RAM the disks are brought in sync
+// (everything allocated, then rounds until what the guest writes during a
+// round is small); while RAM moves, rounds keep them in sync in the
+// background; with the guest paused before the switchover the last round
+// runs, and only then does QEMU continue.
+#include "engine/disk_mirror.hpp"
+#include "engine/migration.hpp"
+#include "transport/channel.hpp"
+#include "transport/shaper.hpp"
+
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/steady_timer.hpp>
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace ferry::engine {
+
+class SourceRun;
+
+class SourceDisks {
+public:
+    explicit SourceDisks(SourceRun& run);
+    ~SourceDisks();
+
+    // The disks to mirror, each with its virtual size (what the target
+    // needs before it launches QEMU): the prepare message's "disks".
+    boost::asio::awaitable<Result<json>> describe();
+    std::uint64_t total_bytes() const;
+
+    // The target is ready: opens the disk channel with its token, starts
+    // tracking writes and copies until the disks are nearly in sync.
+    boost::asio::awaitable<Result<void>> sync(const std::string& peer_address, const std::string& token,
+                                              std::shared_ptr<transport::TokenBucket> bucket);
+    // Keeps copying in the background while RAM moves.
+    void keep_up();
+    // Why the mirror cannot go on (a failed background round, a broken channel).
+    std::optional<Error> failed() const { return error_; }
+    // The guest is paused: the last round; the stream ends and QEMU is
+    // cleaned up. Nothing the guest wrote is left behind.
+    boost::asio::awaitable<Result<void>> last_round();
+    // However the migration ends: ends the stream, removes bitmaps, exports
+    // and the NBD server from the source QEMU (idempotent).
+    boost::asio::awaitable<void> stop();
+
+private:
+    boost::asio::awaitable<Result<void>> one_round();
+    static boost::asio::awaitable<void> background(SourceDisks* self, std::shared_ptr<bool> alive);
+    static boost::asio::awaitable<void> carry(SourceDisks* self, std::shared_ptr<bool> alive, DiskStream end,
+                                              std::shared_ptr<transport::Channel> channel,
+                                              std::shared_ptr<transport::TokenBucket> bucket);
+    void record_results();
+
+    SourceRun& run_;
+    std::vector<MirrorDisk> disks_;
+    std::unique_ptr<DiskSender> sender_;
+    std::optional<Error> error_;
+    bool keeping_up_ = false; // the background loop runs
+    bool stopping_ = false;   // it is asked to stop
+    bool round_running_ = false;
+    boost::asio::steady_timer idle_; // the background loop's pause, and its end
+    std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
+};
+
+} // namespace ferry::engine
