@@ -556,8 +556,16 @@ void TwoNodes::block_migration(const std::string& format, const std::string& mig
     std::filesystem::create_directories(dir_ / "disks-a");
     std::filesystem::create_directories(dir_ / "disks-b");
     auto src = dir_ / ("disks-a/local." + format);
-    ASSERT_EQ(sh("qemu-img create -q -f " + format + " " + src + " 64M", dir_).status, 0);
-    ASSERT_EQ(sh("qemu-io -f " + format + " -c 'write -q -P 0x5a 40M 2M' " + src, dir_).status, 0);
+    // Over 4 GiB, not a multiple of 4 KiB, 190 MiB of it data (one piece
+    // past 4 GiB, one in the last sector).
+    const std::uint64_t size = (4ULL << 30) + (1 << 20) + 512;
+    ASSERT_EQ(sh(fmt::format("qemu-img create -q -f {} {} {}", format, src, size), dir_).status, 0);
+    ASSERT_EQ(sh(fmt::format("qemu-io -f {} -c 'write -q -P 0x5a 40M 190M' -c 'write -q -P 0x6b 4G 512K' -c 'write -q "
+                             "-P 0x7c {} 512' {}",
+                             format, size - 512, src),
+                 dir_)
+                  .status,
+              0);
     ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
 memory = "128Mi"
 kernel = ")" + ferry::test::guest_kernel() + R"("
@@ -585,13 +593,16 @@ format = ")" + format + R"("
     EXPECT_EQ(done["method"], "block");
     auto& disks = done["progress"]["disks"];
     ASSERT_TRUE(disks.is_object()) << done.dump(2);
-    EXPECT_EQ(disks["total_bytes"], 64u << 20);
+    EXPECT_EQ(disks["total_bytes"], size);
     EXPECT_GE(disks["rounds"].get<int>(), 2);
     auto& result = done["result"]["disks"];
     ASSERT_EQ(result.size(), 1u) << done.dump(2);
-    // What the disk holds (2 MiB of data, the guest's 8 MiB region), not its 64 MiB.
-    EXPECT_LT(result[0]["data_bytes"].get<std::uint64_t>(), 40u << 20) << result.dump();
-    EXPECT_GT(result[0]["zero_bytes"].get<std::uint64_t>(), 20u << 20) << result.dump();
+    // What the disk holds (190.5 MiB of data and the guest's 8 MiB region,
+    // a few blocks of it more than once), not its 4 GiB.
+    auto data = result[0]["data_bytes"].get<std::uint64_t>();
+    EXPECT_GE(data, 190u << 20) << result.dump();
+    EXPECT_LT(data, 230u << 20) << result.dump();
+    EXPECT_GT(result[0]["zero_bytes"].get<std::uint64_t>(), 3ULL << 30) << result.dump();
     EXPECT_FALSE(qemu_alive(pid)) << "the source QEMU still runs";
     auto vm = ctl_json(b(), "vm show demo");
     EXPECT_EQ(vm["status"], "running");
@@ -615,7 +626,16 @@ format = ")" + format + R"("
     }
     auto verified = ferry::guest::verify_disk_image(image, sectors);
     EXPECT_TRUE(verified) << verified.error().message;
-    EXPECT_EQ(ferry::test::read_file(image).substr(40 << 20, 2 << 20), std::string(2 << 20, '\x5a'));
+    auto same = sh(fmt::format("qemu-io -f raw -r -c 'read -q -P 0x5a 40M 190M' -c 'read -q -P 0x6b 4G 512K' -c "
+                               "'read -q -P 0x7c {} 512' -c 'read -q -P 0 230M 64M' -c 'read -q -P 0 3900M 64M' {}",
+                               size - 512, image),
+                   dir_);
+    EXPECT_EQ(same.out + same.err, "") << "the data outside the guest's region differs";
+    {
+        struct stat st {};
+        ASSERT_EQ(::stat(image.c_str(), &st), 0);
+        EXPECT_LT(static_cast<std::uint64_t>(st.st_blocks) * 512, 260u << 20) << "the target lost its holes";
+    }
     EXPECT_TRUE(std::filesystem::exists(src)) << "the source image stays";
 }
 
@@ -624,13 +644,13 @@ format = ")" + format + R"("
 // it wrote before the move, and the image on node-b holds every write up to
 // the switchover (a lost last round leaves a second pass boundary).
 TEST_F(TwoNodes, BlockMigrationMovesARawDiskOverTls) {
-    block_migration("raw", "bandwidth_per_migration = \"64Mi\"");
+    block_migration("raw", "bandwidth_per_migration = \"128Mi\"");
 }
 
 // qcow2: read through the source QEMU's NBD export, written through the
 // destination QEMU's; plain TCP.
 TEST_F(TwoNodes, BlockMigrationMovesAQcow2DiskOverPlainTcp) {
-    block_migration("qcow2", "bandwidth_per_migration = \"64Mi\"\ndisable_tls = true");
+    block_migration("qcow2", "bandwidth_per_migration = \"128Mi\"\ndisable_tls = true");
 }
 
 // Aborted while the disk is being copied, and with the target killed while
