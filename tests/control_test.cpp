@@ -677,8 +677,12 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
         for (int i = 0; i < 200; ++i) {
             auto m = ctl_json(a(), "migration show " + id);
             auto& d = m["progress"]["disks"];
-            if (d.is_object() && d["sent_bytes"].get<std::uint64_t>() == 0 && std::filesystem::exists(dst))
-                return true; // round 1 under way: the target image exists
+            struct stat st {};
+            if (m["phase"] == "Running" && d.is_object() && d["sent_bytes"].get<std::uint64_t>() == 0 &&
+                ::stat(dst.c_str(), &st) == 0 && st.st_blocks * 512 > (1 << 20))
+                return true; // round 1 under way: its first blocks have landed
+            if (d.is_object() && d["sent_bytes"].get<std::uint64_t>() > 0)
+                return false; // too late: round 1 is over
             if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
                 return false;
             std::this_thread::sleep_for(50ms);
@@ -725,6 +729,72 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
     for (int i = 0; i < 100 && std::filesystem::exists(dst); ++i)
         std::this_thread::sleep_for(50ms);
     expect_clean("after the target ferryd was killed and restarted");
+
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_TRUE(copying(id)) << ctl(a(), "migration show " + id).out;
+    int target_pid = -1;
+    for (int i = 0; i < 100 && target_pid <= 0; ++i) {
+        target_pid = ctl_json(b(), "migration show " + id)["target_pid"].get<int>();
+        std::this_thread::sleep_for(20ms);
+    }
+    ASSERT_GT(target_pid, 0);
+    ::kill(target_pid, SIGKILL);
+    done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_NE(done["failure_reason"].get<std::string>().find("the destination QEMU"), std::string::npos)
+        << done["failure_reason"];
+    for (int i = 0; i < 100 && std::filesystem::exists(dst); ++i)
+        std::this_thread::sleep_for(50ms);
+    expect_clean("after the destination QEMU was killed");
+}
+
+// The link between the nodes cut while a disk round is under way: the
+// migration fails, the VM stays home with its disk, and neither node keeps
+// anything of it.
+TEST_F(TwoNodes, ALinkCutDuringADiskRoundLeavesTheVmHomeAndNothingBehind) {
+    ferry::test::TcpProxy link(b().port);
+    b_via_ = link.port();
+    configure("bandwidth_per_migration = \"4Mi\"\npeer_timeout = 6",
+              "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
+    std::filesystem::create_directories(dir_ / "disks-a");
+    std::filesystem::create_directories(dir_ / "disks-b");
+    auto src = dir_ / "disks-a/local.raw";
+    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
+    ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x33 8M 32M' " + src, dir_).status, 0);
+    auto before = ferry::test::read_file(src);
+    ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" +
+                                                        src + "\"\nshared = false\n");
+    start(a());
+    start(b());
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    bool copying = false;
+    for (int i = 0; i < 200 && !copying; ++i) {
+        auto m = ctl_json(a(), "migration show " + id);
+        copying = m["progress"]["disks"].is_object();
+        std::this_thread::sleep_for(50ms);
+    }
+    ASSERT_TRUE(copying);
+    std::this_thread::sleep_for(500ms); // inside round 1 (32 MiB at 4 MiB/s)
+    link.cut();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_FALSE(done["failure_reason"].is_null());
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"].get<int>(), pid);
+    auto blocks = ctl_json(a(), "vm qmp demo query-named-block-nodes");
+    for (auto& n : blocks)
+        EXPECT_TRUE(!n.contains("dirty-bitmaps") || n["dirty-bitmaps"].empty()) << n.dump();
+    EXPECT_TRUE(ctl_json(a(), "vm qmp demo query-block-exports").empty());
+    EXPECT_EQ(ferry::test::read_file(src).substr(8 << 20, 32 << 20), before.substr(8 << 20, 32 << 20));
+    // node-b gives up the arrival once it hears nothing (peer_timeout).
+    auto dst = dir_ / "disks-b/local.raw";
+    for (int i = 0; i < 300 && std::filesystem::exists(dst); ++i)
+        std::this_thread::sleep_for(50ms);
+    EXPECT_FALSE(std::filesystem::exists(dst)) << "the half-copied image stayed on node-b";
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
 }
 
 TEST_F(TwoNodes, PostCopyIsRefusedForALocalDiskAndTheVmStays) {

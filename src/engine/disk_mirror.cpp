@@ -224,7 +224,8 @@ asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<
                 read = co_await work->readers[d]->pread(buf.first(len), e.offset);
             }
             if (!read) {
-                work->error = read.error();
+                if (!work->error) // the first failure says why; the others follow from it
+                    work->error = read.error();
                 break;
             }
             auto data = buf.first(len);
@@ -240,7 +241,8 @@ asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<
             }
         }
         if (!sent) {
-            work->error = sent.error();
+            if (!work->error)
+                work->error = sent.error();
             break;
         }
     }

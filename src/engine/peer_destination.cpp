@@ -147,8 +147,20 @@ asio::awaitable<Result<void>> PeerDestination::sync_disks() {
     // RAM and disks share one bucket: the migration's bandwidth covers both.
     bucket_ = run_.node().shaper().add(m.id, m.config.bandwidth_per_migration);
     auto synced = co_await disks_->sync(peer_address_, disk_token_, bucket_);
-    if (!synced)
+    if (!synced) {
+        // The disk stream broke: the target may know why (its QEMU died).
+        json ping{{"type", "ping"}};
+        auto pong = co_await request(ping, 5s);
+        if (pong && pong->value("qemu", "running") != "running")
+            co_return make_error(Errc::disconnected, fmt::format("node {}: the destination QEMU {}", m.target_node,
+                                                                 pong->value("qemu", "?")));
+        if (!pong && synced.error().code != Errc::aborted)
+            co_return make_error(Errc::disconnected, fmt::format("lost node {} while copying the disks ({}); it "
+                                                                 "does not answer: {}",
+                                                                 m.target_node, synced.error().message,
+                                                                 pong.error().message));
         co_return synced;
+    }
     disks_->keep_up();
     co_return Result<void>{};
 }

@@ -93,9 +93,19 @@ asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address,
     for (int i = 0; i < max_sync_rounds; ++i) {
         if (m.abort_requested)
             co_return make_error(Errc::aborted, "aborted by request while copying the disks");
-        auto r = co_await one_round();
-        if (!r)
-            co_return r;
+        // A round may take long (the first copies everything): an abort
+        // cuts it short.
+        std::optional<Result<void>> r;
+        asio::co_spawn(node.executor(), run_round(this, alive_, &r), asio::detached);
+        while (!r) {
+            if (m.abort_requested && sender_)
+                sender_->abort();
+            co_await sleep_for(50ms);
+        }
+        if (m.abort_requested)
+            co_return make_error(Errc::aborted, "aborted by request while copying the disks");
+        if (!*r)
+            co_return *r;
         auto dirty = m.progress.disks->remaining_bytes;
         if (dirty <= in_sync_bytes || (i > 0 && dirty >= last))
             break; // in sync, or not getting closer: the rest goes with RAM
@@ -127,6 +137,13 @@ asio::awaitable<Result<void>> SourceDisks::one_round() {
     engine_log()->debug("migration {}: disk round {}: {} bytes data, {} zero, {} ms; {} dirty since", m.id, r->round,
                         r->data_bytes, r->zero_bytes, r->took.count(), p.remaining_bytes);
     co_return Result<void>{};
+}
+
+asio::awaitable<void> SourceDisks::run_round(SourceDisks* self, std::shared_ptr<bool> alive,
+                                             std::optional<Result<void>>* out) {
+    auto r = co_await self->one_round();
+    if (*alive)
+        *out = std::move(r);
 }
 
 void SourceDisks::keep_up() {

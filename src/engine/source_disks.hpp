@@ -49,6 +49,8 @@ public:
 
 private:
     boost::asio::awaitable<Result<void>> one_round();
+    static boost::asio::awaitable<void> run_round(SourceDisks* self, std::shared_ptr<bool> alive,
+                                                  std::optional<Result<void>>* out);
     static boost::asio::awaitable<void> background(SourceDisks* self, std::shared_ptr<bool> alive);
     static boost::asio::awaitable<void> carry(SourceDisks* self, std::shared_ptr<bool> alive, DiskStream end,
                                               std::shared_ptr<transport::Channel> channel,

@@ -151,6 +151,17 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         co_return error_message(why);
     }
     qemu_ = std::move(*q);
+    if (!mirrored_.empty()) {
+        // Nothing else notices it while only disks move: cut the disk
+        // stream at once, so the source fails its round and names why.
+        std::weak_ptr<TargetRun> weak = shared_from_this();
+        qemu_.qmp->on_close([weak](const Error& e) {
+            auto run = weak.lock();
+            if (!run || run->finished_)
+                return;
+            asio::co_spawn(run->node_.executor(), lost_qemu(run, e.message), asio::detached);
+        });
+    }
     auto listening = co_await listen();
     if (!listening) {
         co_await drop(listening.error().message);
@@ -403,6 +414,12 @@ asio::awaitable<void> TargetRun::drop(std::string why) {
         std::error_code ec;
         fs::remove_all(node_.vm_dir(spec_.name), ec);
     }
+}
+
+asio::awaitable<void> TargetRun::lost_qemu(std::shared_ptr<TargetRun> run, std::string why) {
+    if (run->finished_)
+        co_return;
+    co_await run->drop(fmt::format("the destination QEMU exited ({}): {}", why, log_tail(run->qemu_.log_path())));
 }
 
 asio::awaitable<std::string> TargetRun::prepare_images() {

@@ -58,6 +58,8 @@ private:
     static boost::asio::awaitable<void> receive_disks(std::shared_ptr<TargetRun> run,
                                                       std::shared_ptr<transport::Channel> channel);
     boost::asio::awaitable<std::string> wait_disks();
+    // The destination QEMU of a block arrival exited: the disk stream stops.
+    static boost::asio::awaitable<void> lost_qemu(std::shared_ptr<TargetRun> run, std::string why);
     void remove_created_images();
     boost::asio::awaitable<Result<nlohmann::json>> listen();
     nlohmann::json issue_tokens(int count);

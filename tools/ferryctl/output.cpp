@@ -113,7 +113,7 @@ void print_migration(const json& m) {
                              rate(p.value("dirty_rate_bps", std::uint64_t{0})));
     std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
     if (auto d = disks_part(p); !d.empty())
-        std::cout << fmt::format("disks:        {}\n", d.substr(2));
+        std::cout << fmt::format("disks:        {}\n", d.substr(8));
     if (m.value("phase", "") == "Running")
         std::cout << fmt::format("outlook:      {}\n", outlook(p));
     std::cout << fmt::format("limit:        downtime {} ms (max {} ms)\n", p.value("downtime_limit_ms", 0),
