@@ -653,6 +653,72 @@ TEST_F(TwoNodes, BlockMigrationMovesAQcow2DiskOverPlainTcp) {
     block_migration("qcow2", "bandwidth_per_migration = \"128Mi\"\ndisable_tls = true");
 }
 
+// Raw block devices on both nodes (loop devices): the source's is read
+// with io_uring, the target's made by [block] create_command and written
+// the same way.
+TEST_F(TwoNodes, BlockMigrationMovesARawBlockDevice) {
+    std::filesystem::create_directories(dir_ / "disks-a");
+    std::filesystem::create_directories(dir_ / "disks-b");
+    auto backing = dir_ / "a-backing.img";
+    ASSERT_EQ(sh("truncate -s 64M " + backing + " && qemu-io -f raw -c 'write -q -P 0x5a 40M 2M' " + backing, dir_).status, 0);
+    auto loop_a = sh("losetup -f --show " + backing, dir_);
+    ASSERT_EQ(loop_a.status, 0) << loop_a.err;
+    std::string dev_a = loop_a.out.substr(0, loop_a.out.find('\n'));
+    std::vector<std::string> loops{dev_a};
+    struct Detach {
+        std::vector<std::string>& loops;
+        ~Detach() {
+            for (auto& l : loops)
+                std::system(("losetup -d " + l + " 2>/dev/null").c_str());
+        }
+    } detach{loops};
+    auto src = dir_ / "disks-a/vol";
+    std::filesystem::create_symlink(dev_a, src);
+    // node-b makes a loop device of the right size and links it at {path}.
+    configure("bandwidth_per_migration = \"64Mi\"",
+              "[block]\ncreate_command = \"truncate -s {size} " + dir_.path() +
+                  "/{letter}-target.img && ln -s $(losetup -f --show " + dir_.path() +
+                  "/{letter}-target.img) {path}\"\n[[block.path_map]]\nfrom = \"" + dir_.path() +
+                  "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
+    ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=32 rate=4 hb=50 disk=256 dsize=8"
+[[disks]]
+path = ")" + src + R"("
+shared = false
+bus = "ide"
+)");
+    start(a());
+    start(b());
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    for (int i = 0; i < 300 && ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-DISK-HB") ==
+                                   std::string::npos;
+         ++i)
+        std::this_thread::sleep_for(50ms);
+    auto sectors = ferry::guest::disk_sectors_from_console(dir_ / "state-a/vms/demo/console.log");
+    ASSERT_EQ(sectors, 8u << 11);
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("driver=host_device"), std::string::npos);
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    auto dst = dir_ / "disks-b/vol";
+    if (std::filesystem::is_symlink(dst))
+        loops.push_back(std::filesystem::read_symlink(dst).string());
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_EQ(done["method"], "block");
+    ASSERT_TRUE(std::filesystem::is_block_file(dst));
+    std::this_thread::sleep_for(1000ms);
+    auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
+    EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
+    EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
+    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    auto verified = ferry::guest::verify_disk_image(dst, sectors);
+    EXPECT_TRUE(verified) << verified.error().message;
+    auto same = sh("qemu-io -f raw -r -U -c 'read -q -P 0x5a 40M 2M' -c 'read -q -P 0 48M 16M' " + dst, dir_);
+    EXPECT_EQ(same.out + same.err, "");
+    ASSERT_EQ(ctl(b(), "vm delete demo").status, 0);
+}
+
 // Aborted while the disk is being copied, and with the target killed while
 // the disk is copied: the VM runs on where it was, its disk untouched, and
 // neither node keeps a bitmap, an export, an NBD server or the half-copied
