@@ -360,6 +360,8 @@ address = "127.0.0.1:{7}"
             ctl(n, "vm delete demo");
             stop(n, SIGTERM);
         }
+        // A test that failed mid-migration leaves QEMUs a delete refused.
+        ferry::test::kill_processes_mentioning(dir_.path() + "/");
     }
     void start(Node& n) {
         std::filesystem::remove(n.socket);
@@ -770,6 +772,7 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
         EXPECT_EQ(again.status, 0) << what << ": the NBD server was left running: " << again.err;
         ctl(a(), "vm qmp demo nbd-server-stop");
         EXPECT_FALSE(std::filesystem::exists(dst)) << what << ": the half-copied image stayed on node-b";
+        EXPECT_TRUE(ferry::test::pids_mentioning(dir_ / "state-b/").empty()) << what << ": a QEMU stayed on node-b";
         EXPECT_EQ(ferry::test::read_file(src).substr(8 << 20, 32 << 20), before.substr(8 << 20, 32 << 20)) << what;
     };
 

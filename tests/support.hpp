@@ -7,11 +7,15 @@
 #include <gtest/gtest.h>
 
 #include <chrono>
+#include <csignal>
+#include <iterator>
+#include <unistd.h>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace ferry::test {
 
@@ -45,6 +49,29 @@ public:
 private:
     std::string path_;
 };
+
+// The processes whose command line mentions `text`.
+inline std::vector<pid_t> pids_mentioning(const std::string& text) {
+    std::vector<pid_t> pids;
+    std::error_code ec;
+    for (auto& e : std::filesystem::directory_iterator("/proc", ec)) {
+        auto name = e.path().filename().string();
+        if (name.empty() || name.find_first_not_of("0123456789") != std::string::npos)
+            continue;
+        std::ifstream in(e.path() / "cmdline", std::ios::binary);
+        std::string args((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+        pid_t pid = std::stoi(name);
+        if (args.find(text) != std::string::npos && pid != ::getpid())
+            pids.push_back(pid);
+    }
+    return pids;
+}
+
+// Kills them: what a failed test left running must not slow the next.
+inline void kill_processes_mentioning(const std::string& text) {
+    for (auto pid : pids_mentioning(text))
+        ::kill(pid, SIGKILL);
+}
 
 inline void write_file(const std::string& path, const std::string& text) {
     std::ofstream(path) << text;

@@ -151,6 +151,12 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         co_return error_message(why);
     }
     qemu_ = std::move(*q);
+    if (auto* record = node_.migration(m_.id); record && !mirrored_.empty()) {
+        // A restarted ferryd stops this QEMU too.
+        record->target_pid = qemu_.pid;
+        record->target_dir = qemu_.run_dir;
+        node_.persist(*record);
+    }
     if (!mirrored_.empty()) {
         // Nothing else notices it while only disks move: cut the disk
         // stream at once, so the source fails its round and names why.
