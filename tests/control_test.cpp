@@ -324,6 +324,49 @@ kernel = ")" + ferry::test::guest_kernel() + R"("
 append = "ws=32 rate=4 hb=50"
 )");
     }
+    // node-a and node-b with their own disk directories (path_map), and on
+    // node-a a VM with a 64 MiB local raw disk holding 32 MiB of data.
+    void start_local_disk_vm(const std::string& migration) {
+        configure(migration, path_map());
+        std::filesystem::create_directories(dir_ / "disks-a");
+        std::filesystem::create_directories(dir_ / "disks-b");
+        local_disk_ = dir_ / "disks-a/local.raw";
+        ASSERT_EQ(sh("truncate -s 64M " + local_disk_, dir_).status, 0);
+        ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x33 8M 32M' " + local_disk_, dir_).status, 0);
+        ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") +
+                                                            "[[disks]]\npath = \"" + local_disk_ +
+                                                            "\"\nshared = false\n");
+        start(a());
+        start(b());
+        ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    }
+    // Disks under disks-a on the source land under disks-<node> on each node.
+    std::string path_map() const {
+        return "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() +
+               "/disks-{letter}\"\n";
+    }
+    std::string local_disk_;
+    // Starts both nodes and on node-a a VM whose guest writes its IDE disk
+    // (8 MiB at 256 KiB/s) at `path`; returns once it writes.
+    void start_disk_writer(const std::string& path, const std::string& format) {
+        ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=32 rate=4 hb=50 disk=256 dsize=8"
+[[disks]]
+path = ")" + path + R"("
+shared = false
+bus = "ide"
+format = ")" + format + R"("
+)");
+        start(a());
+        start(b());
+        ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+        auto console = dir_ / "state-a/vms/demo/console.log";
+        for (int i = 0; i < 300 && ferry::test::read_file(console).find("FERRY-DISK-HB") == std::string::npos; ++i)
+            std::this_thread::sleep_for(50ms);
+        ASSERT_NE(ferry::test::read_file(console).find("FERRY-DISK-HB"), std::string::npos) << "the guest never wrote";
+    }
     // Migrates a VM whose guest writes a local disk of this format (block migration).
     void block_migration(const std::string& format, const std::string& migration);
     // extra: appended to both nodes' files, {letter} replaced by a or b.
@@ -553,8 +596,7 @@ TEST_F(TwoNodes, MigratesAcrossNodesOverTlsAndBack) {
 }
 
 void TwoNodes::block_migration(const std::string& format, const std::string& migration) {
-    configure(migration,
-              "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
+    configure(migration, path_map());
     std::filesystem::create_directories(dir_ / "disks-a");
     std::filesystem::create_directories(dir_ / "disks-b");
     auto src = dir_ / ("disks-a/local." + format);
@@ -568,23 +610,7 @@ void TwoNodes::block_migration(const std::string& format, const std::string& mig
                  dir_)
                   .status,
               0);
-    ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
-memory = "128Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=32 rate=4 hb=50 disk=256 dsize=8"
-[[disks]]
-path = ")" + src + R"("
-shared = false
-bus = "ide"
-format = ")" + format + R"("
-)");
-    start(a());
-    start(b());
-    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
-    for (int i = 0; i < 300 && ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-DISK-HB") ==
-                                   std::string::npos;
-         ++i)
-        std::this_thread::sleep_for(50ms);
+    ASSERT_NO_FATAL_FAILURE(start_disk_writer(src, format));
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto sectors = ferry::guest::disk_sectors_from_console(dir_ / "state-a/vms/demo/console.log");
     ASSERT_EQ(sectors, 8u << 11) << "the guest writes 8 MiB";
@@ -682,22 +708,7 @@ TEST_F(TwoNodes, BlockMigrationMovesARawBlockDevice) {
                   "/{letter}-target.img && ln -s $(losetup -f --show " + dir_.path() +
                   "/{letter}-target.img) {path}\"\n[[block.path_map]]\nfrom = \"" + dir_.path() +
                   "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
-    ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
-memory = "128Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=32 rate=4 hb=50 disk=256 dsize=8"
-[[disks]]
-path = ")" + src + R"("
-shared = false
-bus = "ide"
-)");
-    start(a());
-    start(b());
-    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
-    for (int i = 0; i < 300 && ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-DISK-HB") ==
-                                   std::string::npos;
-         ++i)
-        std::this_thread::sleep_for(50ms);
+    ASSERT_NO_FATAL_FAILURE(start_disk_writer(src, "raw"));
     auto sectors = ferry::guest::disk_sectors_from_console(dir_ / "state-a/vms/demo/console.log");
     ASSERT_EQ(sectors, 8u << 11);
     EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("driver=host_device"), std::string::npos);
@@ -726,19 +737,9 @@ bus = "ide"
 // neither node keeps a bitmap, an export, an NBD server or the half-copied
 // image.
 TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
-    configure("bandwidth_per_migration = \"4Mi\"",
-              "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
-    std::filesystem::create_directories(dir_ / "disks-a");
-    std::filesystem::create_directories(dir_ / "disks-b");
-    auto src = dir_ / "disks-a/local.raw";
-    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
-    ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x33 8M 32M' " + src, dir_).status, 0);
+    ASSERT_NO_FATAL_FAILURE(start_local_disk_vm("bandwidth_per_migration = \"4Mi\""));
+    auto src = local_disk_;
     auto before = ferry::test::read_file(src);
-    ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" +
-                                                        src + "\"\nshared = false\n");
-    start(a());
-    start(b());
-    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto dst = dir_ / "disks-b/local.raw";
     auto copying = [&](const std::string& id) {
@@ -823,19 +824,9 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
 TEST_F(TwoNodes, ALinkCutDuringADiskRoundLeavesTheVmHomeAndNothingBehind) {
     ferry::test::TcpProxy link(b().port);
     b_via_ = link.port();
-    configure("bandwidth_per_migration = \"4Mi\"\npeer_timeout = 6",
-              "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a\"\nto = \"" + dir_.path() + "/disks-{letter}\"\n");
-    std::filesystem::create_directories(dir_ / "disks-a");
-    std::filesystem::create_directories(dir_ / "disks-b");
-    auto src = dir_ / "disks-a/local.raw";
-    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
-    ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x33 8M 32M' " + src, dir_).status, 0);
+    ASSERT_NO_FATAL_FAILURE(start_local_disk_vm("bandwidth_per_migration = \"4Mi\"\npeer_timeout = 6"));
+    auto src = local_disk_;
     auto before = ferry::test::read_file(src);
-    ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" +
-                                                        src + "\"\nshared = false\n");
-    start(a());
-    start(b());
-    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
     bool copying = false;

@@ -194,8 +194,13 @@ asio::awaitable<Result<void>> SourceDisks::last_round() {
     if (!r)
         co_return r.error().wrap("the disks' last round");
     record_results();
-    engine_log()->info("migration {}: disks in sync after {} rounds ({} bytes sent)", m.id, sender_->rounds(),
-                       m.progress.disks->sent_bytes);
+    std::uint64_t data = 0, zero = 0;
+    for (auto& t : sender_->totals()) {
+        data += t.data_bytes;
+        zero += t.zero_bytes;
+    }
+    engine_log()->info("migration {}: disks in sync after {} rounds ({} bytes sent as data, {} as zero records)",
+                       m.id, sender_->rounds(), data, zero);
     co_await sender_->finish();
     co_return Result<void>{};
 }
