@@ -348,11 +348,12 @@ append = "ws=32 rate=4 hb=50"
     std::string local_disk_;
     // Starts both nodes and on node-a a VM whose guest writes its IDE disk
     // (8 MiB at 256 KiB/s) at `path`; returns once it writes.
-    void start_disk_writer(const std::string& path, const std::string& format) {
+    void start_disk_writer(const std::string& path, const std::string& format,
+                           const std::string& append = "ws=32 rate=4 hb=50 disk=256 dsize=8") {
         ferry::test::write_file(dir_ / "vm-local.toml", R"(name = "demo"
 memory = "128Mi"
 kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=32 rate=4 hb=50 disk=256 dsize=8"
+append = ")" + append + R"("
 [[disks]]
 path = ")" + path + R"("
 shared = false
@@ -816,6 +817,34 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
     for (int i = 0; i < 100 && std::filesystem::exists(dst); ++i)
         std::this_thread::sleep_for(50ms);
     expect_clean("after the destination QEMU was killed");
+}
+
+// A guest that writes its disk faster than the link copies it (~4 MiB/s
+// of PIO against 2 MiB/s): the migration fails by the progress timeout,
+// naming the disk's rates, and the VM runs on at home.
+TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkFailsNamingItsRateAndTheVmStays) {
+    configure("bandwidth_per_migration = \"2Mi\"\nprogress_timeout = 3", path_map());
+    std::filesystem::create_directories(dir_ / "disks-a");
+    std::filesystem::create_directories(dir_ / "disks-b");
+    auto src = dir_ / "disks-a/local.raw";
+    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
+    ASSERT_NO_FATAL_FAILURE(start_disk_writer(src, "raw", "ws=32 rate=4 hb=50 disk=8192 dsize=32"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed") << done.dump(2);
+    auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_NE(why.find("the guest writes its disks at"), std::string::npos) << why;
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"].get<int>(), pid);
+    auto exports = ctl_json(a(), "vm qmp demo query-block-exports");
+    EXPECT_TRUE(exports.empty()) << exports.dump();
+    auto dst = dir_ / "disks-b/local.raw";
+    for (int i = 0; i < 100 && std::filesystem::exists(dst); ++i)
+        std::this_thread::sleep_for(50ms);
+    EXPECT_FALSE(std::filesystem::exists(dst));
+    EXPECT_EQ(ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-DISK-BAD"), std::string::npos);
 }
 
 // The link between the nodes cut while a disk round is under way: the

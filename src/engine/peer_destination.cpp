@@ -167,7 +167,7 @@ asio::awaitable<Result<void>> PeerDestination::sync_disks() {
 
 asio::awaitable<Result<void>> PeerDestination::check() {
     if (disks_) {
-        if (auto failed = disks_->failed())
+        if (auto failed = disks_->failed(run_.migration().config.progress_timeout))
             co_return failed->wrap("disk mirror");
     }
     co_return co_await keepalive();

@@ -134,6 +134,16 @@ asio::awaitable<Result<void>> SourceDisks::one_round() {
         auto took = std::max<std::int64_t>(r->took.count(), 1);
         p.dirty_rate_bps = *dirty * 1000 / static_cast<std::uint64_t>(took);
     }
+    // Falling behind: the guest wrote at least what the round copied, and
+    // that is more than fits a last round.
+    auto took_ms = static_cast<std::uint64_t>(std::max<std::int64_t>(r->took.count(), 1));
+    copy_rate_bps_ = r->data_bytes * 1000 / took_ms;
+    if (dirty && *dirty > in_sync_bytes && *dirty >= r->data_bytes) {
+        if (!behind_since_)
+            behind_since_ = std::chrono::steady_clock::now();
+    } else {
+        behind_since_.reset();
+    }
     engine_log()->debug("migration {}: disk round {}: {} bytes data, {} zero, {} ms; {} dirty since", m.id, r->round,
                         r->data_bytes, r->zero_bytes, r->took.count(), p.remaining_bytes);
     co_return Result<void>{};
@@ -178,6 +188,25 @@ asio::awaitable<void> SourceDisks::carry(SourceDisks* self, std::shared_ptr<bool
         self->error_ = r.error().wrap("disk channel");
         run->wake_up();
     }
+}
+
+std::optional<Error> SourceDisks::failed(std::int64_t progress_timeout) const {
+    if (error_)
+        return error_;
+    if (!behind_since_ || !keeping_up_ || progress_timeout <= 0)
+        return std::nullopt;
+    auto behind = std::chrono::duration_cast<std::chrono::seconds>(std::chrono::steady_clock::now() - *behind_since_);
+    if (behind.count() < progress_timeout)
+        return std::nullopt;
+    auto& d = *run_.migration().progress.disks;
+    auto mib = [](std::uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); };
+    return make_error(Errc::timeout,
+                      fmt::format("progress timeout: the guest writes its disks at {:.1f} MiB/s, faster than they are "
+                                  "copied ({:.1f} MiB/s), for {} s (limit {} s); {:.1f} MiB dirty after round {}. A disk "
+                                  "throttle is not available yet: lower the guest's disk writes or raise the "
+                                  "bandwidth",
+                                  mib(d.dirty_rate_bps), mib(copy_rate_bps_), behind.count(), progress_timeout,
+                                  mib(d.remaining_bytes), d.rounds));
 }
 
 asio::awaitable<Result<void>> SourceDisks::last_round() {

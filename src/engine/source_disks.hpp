@@ -38,8 +38,10 @@ public:
                                               std::shared_ptr<transport::TokenBucket> bucket);
     // Keeps copying in the background while RAM moves.
     void keep_up();
-    // Why the mirror cannot go on (a failed background round, a broken channel).
-    std::optional<Error> failed() const { return error_; }
+    // Why the mirror cannot go on: a failed background round, a broken
+    // channel, or a guest that has written its disks faster than they are
+    // copied for longer than `progress_timeout` seconds.
+    std::optional<Error> failed(std::int64_t progress_timeout) const;
     // The guest is paused: the last round; the stream ends and QEMU is
     // cleaned up. Nothing the guest wrote is left behind.
     boost::asio::awaitable<Result<void>> last_round();
@@ -64,6 +66,10 @@ private:
     bool keeping_up_ = false; // the background loop runs
     bool stopping_ = false;   // it is asked to stop
     bool round_running_ = false;
+    // Since when rounds have copied less than the guest wrote meanwhile,
+    // with the rates of the last such round.
+    std::optional<std::chrono::steady_clock::time_point> behind_since_;
+    std::uint64_t copy_rate_bps_ = 0;
     boost::asio::steady_timer idle_; // the background loop's pause, and its end
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
