@@ -886,6 +886,34 @@ TEST_F(TwoNodes, ALinkCutDuringADiskRoundLeavesTheVmHomeAndNothingBehind) {
     EXPECT_TRUE(ctl_json(b(), "vm list").empty());
 }
 
+// Two local disks the target's path_map sends to one image: refused before
+// anything moves, naming both; nothing is created there.
+TEST_F(TwoNodes, TwoDisksMappedOntoOneTargetImageAreRefused) {
+    configure("bandwidth_per_migration = \"32Mi\"",
+              path_map() + "[[block.path_map]]\nfrom = \"" + dir_.path() + "/disks-a2\"\nto = \"" + dir_.path() +
+                  "/disks-{letter}\"\n");
+    for (auto d : {"disks-a", "disks-a2", "disks-b"})
+        std::filesystem::create_directories(dir_ / d);
+    ASSERT_EQ(sh("truncate -s 8M " + (dir_ / "disks-a/x.raw") + " " + (dir_ / "disks-a2/x.raw"), dir_).status, 0);
+    ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" +
+                                                        (dir_ / "disks-a/x.raw") + "\"\nshared = false\n" +
+                                                        "[[disks]]\npath = \"" + (dir_ / "disks-a2/x.raw") +
+                                                        "\"\nshared = false\n");
+    start(a());
+    start(b());
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-local.toml"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_NE(why.find("disks[1] and disks[0] would both land at " + (dir_ / "disks-b/x.raw")), std::string::npos)
+        << why;
+    EXPECT_FALSE(std::filesystem::exists(dir_ / "disks-b/x.raw"));
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+    EXPECT_TRUE(qemu_alive(pid));
+}
+
 TEST_F(TwoNodes, PostCopyIsRefusedForALocalDiskAndTheVmStays) {
     configure("bandwidth_per_migration = \"32Mi\"");
     start(a());

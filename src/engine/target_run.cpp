@@ -93,6 +93,14 @@ std::string TargetRun::check_disks(const json& disks) {
         if (size == 0 || size > (std::uint64_t{1} << 50))
             return fmt::format("bad prepare: disks[{}] size {}", index, size);
         auto target = config::map_disk_path(node_.config().block, spec.path);
+        // Two disks mapped onto one image would write each other's blocks.
+        for (std::size_t i = 0; i < spec_.disks.size(); ++i)
+            if (i != index && ((spec_.disks[i].shared && spec_.disks[i].path == target) ||
+                               std::any_of(mirrored_.begin(), mirrored_.end(),
+                                           [&](auto& m) { return m.index == i && m.path == target; })))
+                return fmt::format("disks[{}] and disks[{}] would both land at {} on {}: map them apart with "
+                                   "[block] path_map",
+                                   index, i, target, node_.config().node.name);
         mirrored_.push_back({static_cast<std::uint32_t>(index), target, spec.format, size, ""});
     }
     return "";
