@@ -508,7 +508,15 @@ address = "127.0.0.1:{7}"
         for (int i = 0; i < 100 && qemu_alive(m.target_qemu); ++i)
             std::this_thread::sleep_for(100ms);
         EXPECT_FALSE(qemu_alive(m.target_qemu)) << "a leftover destination QEMU on the target";
-        EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+        // A node just thawed from SIGSTOP works through its backlog first:
+        // give it a few seconds to answer at all (a dead one never does).
+        auto list = ctl(b(), "--json vm list");
+        for (int i = 0; i < 50 && list.status != 0; ++i) {
+            std::this_thread::sleep_for(100ms);
+            list = ctl(b(), "--json vm list");
+        }
+        ASSERT_EQ(list.status, 0) << list.out << list.err << ferry::test::read_file(dir_ / "node-b.log");
+        EXPECT_TRUE(json::parse(list.out, nullptr, false).empty()) << list.out;
     }
 
     // A guest that dirties 48 MiB/s (per second of CPU time) over 32 MiB,
