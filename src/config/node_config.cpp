@@ -48,8 +48,7 @@ void check_path(const toml::table& t, Problems& p, std::string_view key, const s
 
 void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     TableReader r(t, p, "node");
-    if (r.require("name"))
-        r.get("name", n.name);
+    r.get_required("name", n.name);
     r.get("state_dir", n.state_dir);
     r.get("control_socket", n.control_socket);
     r.get("control_socket_mode", n.control_socket_mode);
@@ -137,10 +136,8 @@ void read_block(const toml::table& t, Problems& p, BlockSection& b) {
         auto key = fmt::format("block.path_map[{}]", i);
         TableReader er(e, p, key);
         DiskPathMap m;
-        if (er.require("from"))
-            er.get("from", m.from);
-        if (er.require("to"))
-            er.get("to", m.to);
+        er.get_required("from", m.from);
+        er.get_required("to", m.to);
         er.finish();
         for (auto [field, value] : {std::pair{"from", &m.from}, std::pair{"to", &m.to}}) {
             if (value->empty() || (*value)[0] == '/')
@@ -221,10 +218,8 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
     r.tables("peers", [&](const toml::table& t, std::size_t i) {
         TableReader pr(t, p, fmt::format("peers[{}]", i));
         Peer peer;
-        if (pr.require("name"))
-            pr.get("name", peer.name);
-        if (pr.require("address"))
-            pr.get("address", peer.address);
+        pr.get_required("name", peer.name);
+        pr.get_required("address", peer.address);
         pr.finish();
         check_peer(t, p, i, peer, c);
         c.peers.push_back(peer);

@@ -46,6 +46,11 @@ public:
     void get(std::string_view key, std::map<std::string, std::string>& out);
     // Marks key as required: a problem if absent.
     bool require(std::string_view key);
+    // A string that must be there.
+    void get_required(std::string_view key, std::string& out) {
+        if (require(key))
+            get(key, out);
+    }
     // The raw node, marked as read; nullptr when absent.
     const toml::node* node(std::string_view key);
     // An array of tables ([[key]]): each table goes to `each` with its

@@ -23,8 +23,7 @@ namespace {
 
 void read_disk(const toml::table& t, Problems& p, std::size_t i, DiskSpec& d) {
     TableReader r(t, p, fmt::format("disks[{}]", i));
-    if (r.require("path"))
-        r.get("path", d.path);
+    r.get_required("path", d.path);
     r.get("format", d.format);
     r.get("shared", d.shared);
     r.get("readonly", d.readonly);
