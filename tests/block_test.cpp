@@ -466,10 +466,12 @@ protected:
             auto b0 = "driver=file,filename=" + raw_ + ",node-name=disk0-file";
             auto b1 = "driver=file,filename=" + qcow_ + ",node-name=disk1-file";
             auto qmp = "unix:" + qmp_sock + ",server=on,wait=off";
-            ::execlp("qemu-system-x86_64", "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display",
-                     "none", "-S", "-qmp", qmp.c_str(), "-blockdev", b0.c_str(), "-blockdev",
+            // disk1 on a device (I/O limits are a device's), disk0 on none.
+            ::execlp("qemu-system-x86_64", "qemu-system-x86_64", "-machine", "pc", "-accel", "tcg", "-nodefaults",
+                     "-display", "none", "-S", "-qmp", qmp.c_str(), "-blockdev", b0.c_str(), "-blockdev",
                      "driver=raw,file=disk0-file,node-name=disk0", "-blockdev", b1.c_str(), "-blockdev",
-                     "driver=qcow2,file=disk1-file,node-name=disk1", nullptr);
+                     "driver=qcow2,file=disk1-file,node-name=disk1", "-device",
+                     "virtio-blk-pci,drive=disk1,id=disk1-dev", nullptr);
             ::_exit(127);
         }
         auto c = test::run(io_, qmp::Client::connect_retry(io_.get_executor(), qmp_sock, 10s));
@@ -632,4 +634,76 @@ TEST(TargetImage, TheCreateCommandGetsQuotedPathNameAndSize) {
     ASSERT_FALSE(wrong);
     EXPECT_NE(wrong.error().message.find("raw of 4096 bytes"), std::string::npos) << wrong.error().message;
     EXPECT_FALSE(std::filesystem::exists(dir / "v3")) << "a created image of the wrong size is left behind";
+}
+
+// The disk throttle: a cap on writes that keeps every other limit the disk
+// had, in ferry's own throttle group; putting the saved limits back restores
+// them exactly; a sweep after a crash lifts only the write cap.
+TEST_F(QemuBlockTest, AWriteCapKeepsTheDisksOwnLimitsAndComesOffCleanly) {
+    QemuBlock qb(qmp_);
+    auto none = test::run(io_, qb.io_limits("disk1"));
+    ASSERT_TRUE(none) << none.error().message;
+    // The qdev id, or the QOM path of a device without one.
+    auto dev = none->device;
+    EXPECT_NE(dev.find("disk1-dev"), std::string::npos) << dev;
+    EXPECT_EQ(none->limits["bps_wr"], 0);
+    EXPECT_FALSE(none->limits.contains("group")) << none->limits.dump();
+    auto orphan = test::run(io_, qb.io_limits("disk0"));
+    ASSERT_FALSE(orphan);
+    EXPECT_NE(orphan.error().message.find("disk0"), std::string::npos) << orphan.error().message;
+
+    // The user's own limits, in a group of their own.
+    auto user = none->limits;
+    user["iops_rd"] = 500;
+    user["bps_wr"] = 8 << 20;
+    user["group"] = "user-g";
+    ASSERT_TRUE(test::run(io_, qb.set_io_limits(dev, user)));
+    auto saved = test::run(io_, qb.io_limits("disk1"));
+    ASSERT_TRUE(saved);
+    EXPECT_EQ(saved->limits["group"], "user-g");
+    EXPECT_EQ(saved->limits["iops_rd"], 500);
+
+    // A cap above the user's keeps the user's; below it, it wins.
+    auto capped = QemuBlock::cap_writes(saved->limits, 16 << 20, "ferry-t-disk1");
+    EXPECT_EQ(capped["bps_wr"], 8 << 20);
+    capped = QemuBlock::cap_writes(saved->limits, 1 << 20, "ferry-t-disk1");
+    EXPECT_EQ(capped["bps_wr"], 1 << 20);
+    EXPECT_EQ(capped["iops_rd"], 500);
+    EXPECT_EQ(capped["group"], "ferry-t-disk1");
+    ASSERT_TRUE(test::run(io_, qb.set_io_limits(dev, capped)));
+    auto now = test::run(io_, qb.io_limits("disk1"));
+    ASSERT_TRUE(now);
+    EXPECT_EQ(now->limits["bps_wr"], 1 << 20);
+    EXPECT_EQ(now->limits["group"], "ferry-t-disk1");
+
+    // Restored from what was saved: exactly the user's limits again.
+    ASSERT_TRUE(test::run(io_, qb.set_io_limits(dev, saved->limits)));
+    auto back = test::run(io_, qb.io_limits("disk1"));
+    ASSERT_TRUE(back);
+    EXPECT_EQ(back->limits, saved->limits);
+
+    // A crash with the cap on, and nothing saved: the sweep lifts the cap
+    // and leaves the user's read limit.
+    ASSERT_TRUE(test::run(io_, qb.set_io_limits(dev, capped)));
+    auto swept = test::run(io_, qb.sweep("ferry-", false));
+    ASSERT_TRUE(swept) << swept.error().message;
+    EXPECT_NE(swept->find("write throttle of " + dev), std::string::npos) << *swept;
+    auto lifted = test::run(io_, qb.io_limits("disk1"));
+    ASSERT_TRUE(lifted);
+    EXPECT_EQ(lifted->limits["bps_wr"], 0);
+    EXPECT_EQ(lifted->limits["iops_rd"], 500);
+    EXPECT_NE(lifted->limits.value("group", ""), "ferry-t-disk1");
+
+    // A total limit cannot sit beside a write limit: the total is capped.
+    auto total = none->limits;
+    total["bps"] = 4 << 20;
+    auto t = QemuBlock::cap_writes(total, 1 << 20, "ferry-t-disk1");
+    EXPECT_EQ(t["bps"], 1 << 20);
+    EXPECT_EQ(t["bps_wr"], 0);
+    ASSERT_TRUE(test::run(io_, qb.set_io_limits(dev, t)));
+    // All zero lifts the throttle altogether.
+    ASSERT_TRUE(test::run(io_, qb.set_io_limits(dev, none->limits)));
+    auto off = test::run(io_, qb.io_limits("disk1"));
+    ASSERT_TRUE(off);
+    EXPECT_FALSE(off->limits.contains("group")) << off->limits.dump();
 }

@@ -72,6 +72,10 @@ TEST(ProgressLine, ShowsTheDisksOfABlockMigration) {
     m["progress"]["total_bytes"] = 100ULL << 20;
     line = ferryctl::progress_line(m);
     EXPECT_NE(line.find("iteration 0  first pass  disks 3.0 GiB of 64.0 GiB sent"), std::string::npos) << line;
+    EXPECT_EQ(line.find("capped"), std::string::npos) << line;
+    m["progress"]["disks"]["write_cap_bps"] = 512 << 10;
+    line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("round 2, guest disk writes capped at 512.0 KiB/s"), std::string::npos) << line;
     m["progress"]["disks"] = nullptr;
     EXPECT_EQ(ferryctl::progress_line(m).find("disks"), std::string::npos);
 }
@@ -445,9 +449,10 @@ address = "127.0.0.1:{7}"
         }
         FAIL() << "no heartbeat from the guest";
     }
-    Output check_memory(Node& n) {
+    // pages: the guest's working set (ws=32 is 8192 pages).
+    Output check_memory(Node& n, int pages = 8192) {
         return sh(ferry::test::build_dir() + "/tools/guest/ferry-guest-check --socket " + n.socket +
-                      " --vm demo --pages 8192 --dump " + (dir_ / "dump.bin"),
+                      " --vm demo --pages " + std::to_string(pages) + " --dump " + (dir_ / "dump.bin"),
                   dir_);
     }
     std::string wait_running(Node& n, const std::string& id) {
@@ -843,6 +848,7 @@ TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkFailsNamingItsRateAndTheVmStays) {
     EXPECT_EQ(done["phase"], "Failed") << done.dump(2);
     auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
     EXPECT_NE(why.find("the guest writes its disks at"), std::string::npos) << why;
+    EXPECT_NE(why.find("allow_auto_converge is off"), std::string::npos) << why;
     auto vm = ctl_json(a(), "vm show demo");
     EXPECT_EQ(vm["status"], "running");
     EXPECT_EQ(vm["pid"].get<int>(), pid);
@@ -853,6 +859,79 @@ TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkFailsNamingItsRateAndTheVmStays) {
         std::this_thread::sleep_for(50ms);
     EXPECT_FALSE(std::filesystem::exists(dst));
     EXPECT_EQ(ferry::test::read_file(dir_ / "state-a/vms/demo/console.log").find("FERRY-DISK-BAD"), std::string::npos);
+}
+
+// A guest writing its disk faster than the link, with allow_auto_converge:
+// ferry caps the guest's disk writes and the migration finishes with every
+// write on the target. An abort while the cap is on leaves the disk's own
+// limits exactly as they were.
+TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkIsCappedAndTheMigrationFinishes) {
+    configure("bandwidth_per_migration = \"4Mi\"\nallow_auto_converge = true\nprogress_timeout = 30", path_map());
+    std::filesystem::create_directories(dir_ / "disks-a");
+    std::filesystem::create_directories(dir_ / "disks-b");
+    auto src = dir_ / "disks-a/local.raw";
+    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
+    ASSERT_NO_FATAL_FAILURE(start_disk_writer(src, "raw", "ws=4 rate=1 hb=50 disk=8192 dsize=32"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto sectors = ferry::guest::disk_sectors_from_console(dir_ / "state-a/vms/demo/console.log");
+    ASSERT_EQ(sectors, 32u << 11);
+    // The disk's own limits, which ferry's cap must leave as it found them.
+    auto set = ctl(a(), R"(vm qmp demo block_set_io_throttle --args '{"id": "disk0-dev", "bps": 0, "bps_rd": 0, )"
+                        R"("bps_wr": 0, "iops": 0, "iops_rd": 5000, "iops_wr": 0, "group": "user-g"}')");
+    ASSERT_EQ(set.status, 0) << set.err;
+    auto limits = [&] {
+        for (auto& dev : ctl_json(a(), "vm qmp demo query-block"))
+            if (dev.value("qdev", "").find("disk0-dev") != std::string::npos) {
+                auto& in = dev["inserted"];
+                return json{{"iops_rd", in["iops_rd"]}, {"bps_wr", in["bps_wr"]}, {"group", in.value("group", "")}};
+            }
+        return json();
+    };
+    auto own = limits();
+    ASSERT_EQ(own["group"], "user-g") << own.dump();
+    // Until the cap is on (or the migration is over).
+    auto capped = [&](const std::string& id) {
+        for (int i = 0; i < 1200; ++i) {
+            auto m = ctl_json(a(), "migration show " + id);
+            auto& d = m["progress"]["disks"];
+            if (d.is_object() && d.value("write_cap_bps", 0) > 0)
+                return true;
+            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                return false;
+            std::this_thread::sleep_for(50ms);
+        }
+        return false;
+    };
+
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_TRUE(capped(id)) << ctl(a(), "migration show " + id).out << ferry::test::read_file(dir_ / "node-a.log");
+    auto during = limits();
+    EXPECT_EQ(during["iops_rd"], 5000) << during.dump();
+    EXPECT_GT(during["bps_wr"].get<std::uint64_t>(), 0u) << during.dump();
+    EXPECT_NE(during["group"], "user-g") << during.dump();
+    ASSERT_EQ(ctl(a(), "migration abort " + id).status, 0);
+    auto aborted = wait_final(a(), id);
+    EXPECT_EQ(aborted["phase"], "Failed");
+    EXPECT_EQ(limits(), own) << "the disk's own limits were not restored";
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+
+    // Again, to the end.
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
+    auto cap = done["progress"]["disks"]["write_cap_bps"].get<std::uint64_t>();
+    EXPECT_GT(cap, 0u) << done.dump(2);
+    EXPECT_LT(cap, 4u << 20) << done.dump(2);
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("disk writes capped at"), std::string::npos);
+    std::this_thread::sleep_for(1000ms);
+    auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
+    EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
+    EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
+    auto check = check_memory(b(), 1024);
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    auto verified = ferry::guest::verify_disk_image(dir_ / "disks-b/local.raw", sectors);
+    EXPECT_TRUE(verified) << verified.error().message;
 }
 
 // The link between the nodes cut while a disk round is under way: the

@@ -495,6 +495,35 @@ TEST(Strategy, ALongFirstPassLeavesTheLeversTheirTurn) {
     EXPECT_TRUE(d.throttle_percent);
 }
 
+// The disk throttle: nothing while the rounds shrink the dirty set; sized
+// from the measured rates when a round falls behind; halved while it stays
+// behind, down to a floor; never lifted by a good round.
+TEST(DiskThrottle, SizedFromTheRatesThenHalvedToAFloor) {
+    using ferry::engine::DiskThrottle;
+    DiskThrottle t(8 << 20);
+    // Copied 64 MiB in 2 s while the guest wrote 16 MiB: shrinking.
+    EXPECT_FALSE(t.after_round({64 << 20, 16 << 20, 2000ms}));
+    // A small dirty set is the last round's, however it compares.
+    EXPECT_FALSE(t.after_round({1 << 20, 4 << 20, 1000ms}));
+    EXPECT_EQ(t.cap_bps(), 0u);
+    // Copied 8 MiB in 4 s (2 MiB/s) while the guest wrote 24 MiB (6 MiB/s).
+    auto first = t.after_round({8 << 20, 24 << 20, 4000ms});
+    ASSERT_TRUE(first);
+    EXPECT_EQ(*first, 1u << 20); // half the copy rate, below the writer
+    // Still behind: halved.
+    EXPECT_EQ(t.after_round({9 << 20, 10 << 20, 4000ms}).value_or(0), 512u << 10);
+    // Shrinking now: the cap stays.
+    EXPECT_FALSE(t.after_round({10 << 20, 2 << 20, 4000ms}));
+    EXPECT_EQ(t.cap_bps(), 512u << 10);
+    EXPECT_EQ(t.after_round({9 << 20, 10 << 20, 4000ms}).value_or(0), DiskThrottle::floor_bps);
+    EXPECT_TRUE(t.at_floor());
+    EXPECT_FALSE(t.after_round({9 << 20, 10 << 20, 4000ms}));
+    // A writer slower than the copy that still outgrew the round (a long
+    // round): the cap is half the writer's rate.
+    DiskThrottle slow(8 << 20);
+    EXPECT_EQ(slow.after_round({20 << 20, 20 << 20, 10000ms}).value_or(0), 1u << 20);
+}
+
 TEST(MigrationObject, CarriesTheDesignFields) {
     Migration m;
     m.id = "x";

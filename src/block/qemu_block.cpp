@@ -153,14 +153,62 @@ asio::awaitable<Result<std::vector<std::string>>> QemuBlock::exports() {
     co_return out;
 }
 
-asio::awaitable<Result<void>> QemuBlock::throttle_writes(std::string device, std::string group,
-                                                         std::uint64_t bytes_per_second) {
-    json args{{"id", device}, {"bps", 0},   {"bps_rd", 0},  {"bps_wr", bytes_per_second},
-              {"iops", 0},    {"iops_rd", 0}, {"iops_wr", 0}, {"group", group}};
-    auto r = co_await qmp_->execute("block_set_io_throttle", args);
+namespace {
+
+// block_set_io_throttle's arguments, as query-block names them too.
+constexpr const char* limit_keys[] = {
+    "bps",         "bps_rd",         "bps_wr",         "iops",           "iops_rd",           "iops_wr",
+    "bps_max",     "bps_rd_max",     "bps_wr_max",     "iops_max",       "iops_rd_max",       "iops_wr_max",
+    "bps_max_length", "bps_rd_max_length", "bps_wr_max_length", "iops_max_length", "iops_rd_max_length",
+    "iops_wr_max_length", "iops_size", "group"};
+
+json limits_of(const json& inserted) {
+    json out = json::object();
+    for (auto key : limit_keys)
+        if (auto it = inserted.find(key); it != inserted.end())
+            out[key] = *it;
+    for (auto key : {"bps", "bps_rd", "bps_wr", "iops", "iops_rd", "iops_wr"})
+        if (!out.contains(key))
+            out[key] = 0;
+    return out;
+}
+
+} // namespace
+
+asio::awaitable<Result<QemuBlock::IoLimits>> QemuBlock::io_limits(std::string node) {
+    auto block = co_await qmp_->execute("query-block");
+    if (!block)
+        co_return block.error().wrap(fmt::format("reading the I/O limits of {}", node));
+    for (auto& dev : *block) {
+        auto inserted = dev.find("inserted");
+        if (inserted == dev.end() || inserted->value("node-name", "") != node)
+            continue;
+        auto qdev = dev.value("qdev", "");
+        if (qdev.empty())
+            co_return make_error(Errc::not_found, fmt::format("block node {} belongs to no device", node));
+        co_return IoLimits{qdev, limits_of(*inserted)};
+    }
+    co_return make_error(Errc::not_found, fmt::format("no device of this QEMU reads block node {}", node));
+}
+
+asio::awaitable<Result<void>> QemuBlock::set_io_limits(std::string device, json limits) {
+    limits["id"] = device;
+    auto r = co_await qmp_->execute("block_set_io_throttle", limits);
     if (!r)
-        co_return r.error().wrap(fmt::format("setting the write throttle of {}", device));
+        co_return r.error().wrap(fmt::format("setting the I/O limits of {}", device));
     co_return Result<void>{};
+}
+
+json QemuBlock::cap_writes(const json& limits, std::uint64_t bytes_per_second, const std::string& group) {
+    json out = limits;
+    auto capped = [&](const char* key) {
+        auto now = out.value(key, std::uint64_t{0});
+        out[key] = now == 0 ? bytes_per_second : std::min(now, bytes_per_second);
+    };
+    // A total limit excludes a write limit: the total is capped instead.
+    capped(out.value("bps", std::uint64_t{0}) != 0 ? "bps" : "bps_wr");
+    out["group"] = group;
+    return out;
 }
 
 asio::awaitable<Result<std::string>> QemuBlock::sweep(std::string prefix, bool stop_server) {
@@ -208,9 +256,15 @@ asio::awaitable<Result<std::string>> QemuBlock::sweep(std::string prefix, bool s
             auto inserted = dev.find("inserted");
             if (inserted == dev.end() || !starts_with(inserted->value("group", ""), prefix))
                 continue;
+            // What the cap replaced is not known here: the write limit goes.
             auto qdev = dev.value("qdev", "");
-            auto r = co_await throttle_writes(qdev, inserted->value("group", ""), 0);
-            note(r, "throttle of " + qdev);
+            auto limits = limits_of(*inserted);
+            limits["bps_wr"] = 0;
+            limits.erase("bps_wr_max");
+            limits.erase("bps_wr_max_length");
+            limits["group"] = qdev;
+            auto r = co_await set_io_limits(qdev, limits);
+            note(r, "write throttle of " + qdev);
         }
     } else if (!failed) {
         failed = block.error().wrap("sweeping throttles");

@@ -45,13 +45,24 @@ public:
     boost::asio::awaitable<Result<void>> remove_export(std::string name);
     boost::asio::awaitable<Result<std::vector<std::string>>> exports();
 
-    // Caps writes to a disk (qdev id) in bytes per second, 0 lifting the cap;
-    // the throttle group is named so a sweep can find it.
-    boost::asio::awaitable<Result<void>> throttle_writes(std::string device, std::string group,
-                                                         std::uint64_t bytes_per_second);
+    // A disk's I/O limits as QEMU holds them: the qdev id that addresses
+    // it, and block_set_io_throttle's arguments ("group" only when a
+    // throttle is on). The disk is found by its format node.
+    struct IoLimits {
+        std::string device;
+        nlohmann::json limits;
+    };
+    boost::asio::awaitable<Result<IoLimits>> io_limits(std::string node);
+    // Sets them (all zero lifts the throttle).
+    boost::asio::awaitable<Result<void>> set_io_limits(std::string device, nlohmann::json limits);
+    // `limits` with writes capped at `bytes_per_second` (keeping a lower cap
+    // already there, and every other limit) in throttle group `group`.
+    static nlohmann::json cap_writes(const nlohmann::json& limits, std::uint64_t bytes_per_second,
+                                     const std::string& group);
 
-    // Removes every export, bitmap and throttle whose name starts with
-    // `prefix`, and stops the NBD server when asked. Returns what it removed
+    // Removes every export and bitmap whose name starts with `prefix`, lifts
+    // the write cap of every disk in a throttle group so named (its other
+    // limits stay), and stops the NBD server when asked. Returns what it removed
     // ("" when nothing was left).
     boost::asio::awaitable<Result<std::string>> sweep(std::string prefix, bool stop_server);
 

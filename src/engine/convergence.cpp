@@ -253,4 +253,21 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
     return d;
 }
 
+std::optional<std::uint64_t> DiskThrottle::after_round(const Round& r) {
+    if (!(behind(r) || (r.over_budget && r.dirty > 0)) || at_floor())
+        return std::nullopt;
+    std::uint64_t next;
+    if (cap_ == 0) {
+        auto ms = static_cast<std::uint64_t>(std::max<std::int64_t>(r.took.count(), 1));
+        auto copy_rate = r.copied * 1000 / ms;
+        auto write_rate = r.dirty * 1000 / ms;
+        next = std::min(copy_rate, write_rate) / 2;
+    } else {
+        next = cap_ / 2;
+    }
+    cap_ = std::max(next, floor_bps);
+    return cap_;
+}
+
 } // namespace ferry::engine
+

@@ -114,4 +114,38 @@ private:
     std::chrono::milliseconds moved_at_{0};
 };
 
+// The disk side of auto-converge, for a block migration: a cap on the
+// guest's disk writes while ferry's rounds copy less than the guest writes
+// meanwhile. The first cap is sized from the measured rates (half of what a
+// round copies per second, below what the guest wrote, so the dirty set
+// shrinks); each further round still behind halves it, down to floor_bps.
+// A dirty set too large for the downtime (over_budget) counts as behind:
+// the last round runs with the guest paused.
+// The cap stays until the migration ends (lifting it would undo the
+// convergence) and is then restored to what it was.
+class DiskThrottle {
+public:
+    struct Round {
+        std::uint64_t copied = 0; // bytes the round sent
+        std::uint64_t dirty = 0;  // bytes the guest wrote meanwhile (left for the next round)
+        std::chrono::milliseconds took{0};
+        bool over_budget = false; // the dirty set would not fit the downtime
+    };
+    // in_sync_bytes: a dirty set this small is left for the last round.
+    explicit DiskThrottle(std::uint64_t in_sync_bytes) : in_sync_(in_sync_bytes) {}
+
+    // Whether a round left the disks further behind than they were.
+    bool behind(const Round& r) const { return r.dirty > in_sync_ && r.dirty >= r.copied; }
+    // After a round (behind or over budget): the new cap in bytes/s, when it changes.
+    std::optional<std::uint64_t> after_round(const Round& r);
+    std::uint64_t cap_bps() const { return cap_; }
+    bool at_floor() const { return cap_ != 0 && cap_ <= floor_bps; }
+
+    static constexpr std::uint64_t floor_bps = 256 << 10;
+
+private:
+    std::uint64_t in_sync_;
+    std::uint64_t cap_ = 0; // 0: none
+};
+
 } // namespace ferry::engine

@@ -24,6 +24,11 @@ public:
     virtual boost::asio::awaitable<Result<void>> sync_disks() { co_return Result<void>{}; }
     // The local disks' virtual size (they count like RAM for the timeouts).
     virtual std::uint64_t disk_bytes() const { return 0; }
+    // What the disks' last round would copy if the switchover came now
+    // (written since the last round began), and how much of it the
+    // downtime can take: above that, the disk throttle steps.
+    virtual std::uint64_t disk_tail_bytes() const { return 0; }
+    virtual void set_disk_tail_budget(std::uint64_t /*bytes*/) {}
 
     // Where the source QEMU sends, and the parameters that go with it
     // (bandwidth, multifd); asked once the source follows its events.

@@ -33,7 +33,8 @@ json disks_json(const std::optional<DiskProgress>& d) {
             {"sent_bytes", d->sent_bytes},
             {"remaining_bytes", d->remaining_bytes},
             {"dirty_rate_bps", d->dirty_rate_bps},
-            {"rounds", d->rounds}};
+            {"rounds", d->rounds},
+            {"write_cap_bps", d->write_cap_bps}};
 }
 
 json disk_results_json(const std::vector<DiskResult>& disks) {
@@ -98,6 +99,7 @@ void to_json(json& j, const Migration& m) {
         {"target_pid", m.target_pid},
         {"target_dir", m.target_dir},
         {"created_images", m.created_images},
+        {"saved_io_limits", m.saved_io_limits},
     };
 }
 
@@ -152,6 +154,7 @@ void from_json(const json& j, Migration& m) {
             dp.sent_bytes = d->value("sent_bytes", std::uint64_t{0});
             dp.remaining_bytes = d->value("remaining_bytes", std::uint64_t{0});
             dp.dirty_rate_bps = d->value("dirty_rate_bps", std::uint64_t{0});
+            dp.write_cap_bps = d->value("write_cap_bps", std::uint64_t{0});
             dp.rounds = d->value("rounds", std::uint32_t{0});
             m.progress.disks = dp;
         }
@@ -173,6 +176,11 @@ void from_json(const json& j, Migration& m) {
         for (auto& path : *c)
             if (path.is_string())
                 m.created_images.push_back(path.get<std::string>());
+    if (auto s = j.find("saved_io_limits"); s != j.end() && s->is_array())
+        for (auto& e : *s)
+            if (e.is_object() && e.contains("device") && e["device"].is_string() && e.contains("limits") &&
+                e["limits"].is_object())
+                m.saved_io_limits.push_back(e);
 }
 
 json migration_capabilities(bool multifd, bool postcopy, bool preempt) {

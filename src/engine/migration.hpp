@@ -29,6 +29,7 @@ struct DiskProgress {
     std::uint64_t remaining_bytes = 0; // written by the guest and not copied yet
     std::uint64_t dirty_rate_bps = 0;  // how fast the guest writes them
     std::uint32_t rounds = 0;          // rounds acknowledged by the target
+    std::uint64_t write_cap_bps = 0;   // ferry's cap on the guest's disk writes (0: none)
 };
 
 struct Progress {
@@ -86,6 +87,10 @@ struct Migration {
     // Target side of a block migration: the images this node created, which
     // a failed arrival (or a restart after one) removes.
     std::vector<std::string> created_images;
+    // Source side of a block migration: the I/O limits ferry's disk throttle
+    // replaced, [{device, limits}], which ending the migration (or a restart
+    // after a crash) puts back.
+    json saved_io_limits = json::array();
 };
 
 void to_json(json& j, const Migration& m);

@@ -25,6 +25,11 @@ public:
     boost::asio::awaitable<Result<void>> prepare() override;
     boost::asio::awaitable<Result<void>> sync_disks() override;
     std::uint64_t disk_bytes() const override { return disks_ ? disks_->total_bytes() : 0; }
+    std::uint64_t disk_tail_bytes() const override { return disks_ ? disks_->tail_bytes() : 0; }
+    void set_disk_tail_budget(std::uint64_t bytes) override {
+        if (disks_)
+            disks_->set_tail_budget(bytes);
+    }
     Result<Stream> open_stream() override;
     boost::asio::awaitable<Result<void>> check() override;
     boost::asio::awaitable<Result<void>> before_continue() override;

@@ -28,7 +28,7 @@ constexpr auto background_pause = 300ms;
 
 } // namespace
 
-SourceDisks::SourceDisks(SourceRun& run) : run_(run), idle_(run.node().executor()) {}
+SourceDisks::SourceDisks(SourceRun& run) : run_(run), throttle_(in_sync_bytes), idle_(run.node().executor()) {}
 
 SourceDisks::~SourceDisks() { *alive_ = false; }
 
@@ -37,6 +37,11 @@ std::uint64_t SourceDisks::total_bytes() const {
     for (auto& d : disks_)
         total += d.size;
     return total;
+}
+
+std::uint64_t SourceDisks::tail_bytes() const {
+    auto& d = run_.migration().progress.disks;
+    return d ? d->remaining_bytes : 0;
 }
 
 asio::awaitable<Result<json>> SourceDisks::describe() {
@@ -138,11 +143,25 @@ asio::awaitable<Result<void>> SourceDisks::one_round() {
     // that is more than fits a last round.
     auto took_ms = static_cast<std::uint64_t>(std::max<std::int64_t>(r->took.count(), 1));
     copy_rate_bps_ = r->data_bytes * 1000 / took_ms;
-    if (dirty && *dirty > in_sync_bytes && *dirty >= r->data_bytes) {
+    DiskThrottle::Round round{r->data_bytes, dirty ? *dirty : 0, r->took};
+    round.over_budget = tail_budget_ != 0 && round.dirty > tail_budget_;
+    if (dirty && throttle_.behind(round)) {
         if (!behind_since_)
             behind_since_ = std::chrono::steady_clock::now();
     } else {
         behind_since_.reset();
+    }
+    if (dirty && (throttle_.behind(round) || round.over_budget)) {
+        if (m.config.allow_auto_converge && !throttle_.at_floor()) {
+            auto capped = co_await throttle(round);
+            if (!capped) {
+                if (!error_)
+                    error_ = capped.error();
+                co_return capped.error();
+            }
+            if (behind_since_)
+                behind_since_ = std::chrono::steady_clock::now(); // the new cap gets its time
+        }
     }
     engine_log()->debug("migration {}: disk round {}: {} bytes data, {} zero, {} ms; {} dirty since", m.id, r->round,
                         r->data_bytes, r->zero_bytes, r->took.count(), p.remaining_bytes);
@@ -200,13 +219,69 @@ std::optional<Error> SourceDisks::failed(std::int64_t progress_timeout) const {
         return std::nullopt;
     auto& d = *run_.migration().progress.disks;
     auto mib = [](std::uint64_t bytes) { return static_cast<double>(bytes) / (1 << 20); };
+    auto help = throttle_.cap_bps() != 0
+                    ? fmt::format("even with its disk writes capped at {:.2f} MiB/s: raise the bandwidth",
+                                  mib(throttle_.cap_bps()))
+                    : std::string("allow_auto_converge is off, so ferry does not cap the guest's disk writes: "
+                                  "allow it, lower the guest's disk writes or raise the bandwidth");
     return make_error(Errc::timeout,
                       fmt::format("progress timeout: the guest writes its disks at {:.1f} MiB/s, faster than they are "
-                                  "copied ({:.1f} MiB/s), for {} s (limit {} s); {:.1f} MiB dirty after round {}. A disk "
-                                  "throttle is not available yet: lower the guest's disk writes or raise the "
-                                  "bandwidth",
+                                  "copied ({:.1f} MiB/s), for {} s (limit {} s); {:.1f} MiB dirty after round {}, {}",
                                   mib(d.dirty_rate_bps), mib(copy_rate_bps_), behind.count(), progress_timeout,
-                                  mib(d.remaining_bytes), d.rounds));
+                                  mib(d.remaining_bytes), d.rounds, help));
+}
+
+asio::awaitable<Result<void>> SourceDisks::throttle(const DiskThrottle::Round& round) {
+    auto& m = run_.migration();
+    auto cap = throttle_.after_round(round);
+    if (!cap)
+        co_return Result<void>{};
+    block::QemuBlock qemu(run_.vm().qemu.qmp);
+    // Shared evenly: the rates are the disks' together.
+    auto each = std::max<std::uint64_t>(*cap / disks_.size(), 1);
+    for (auto& d : disks_) {
+        auto now = co_await qemu.io_limits(d.node);
+        if (!now)
+            co_return now.error().wrap(fmt::format("capping the disk writes of disks[{}]", d.index));
+        // The limits before ferry's first cap are what ending puts back.
+        json original;
+        for (auto& saved : m.saved_io_limits)
+            if (saved["device"] == now->device)
+                original = saved["limits"];
+        if (original.is_null()) {
+            original = now->limits;
+            m.saved_io_limits.push_back({{"device", now->device}, {"limits", original}});
+            run_.node().persist(m);
+        }
+        auto group = fmt::format("ferry-{}-disk{}", m.id, d.index);
+        auto set = co_await qemu.set_io_limits(now->device, block::QemuBlock::cap_writes(original, each, group));
+        if (!set)
+            co_return set.error().wrap(fmt::format("capping the disk writes of disks[{}]", d.index));
+    }
+    m.progress.disks->write_cap_bps = *cap;
+    engine_log()->info("migration {}: the guest wrote its disks at {} bytes/s, faster than round {} copied them ({} "
+                       "bytes/s): disk writes capped at {} bytes/s",
+                       m.id, round.dirty * 1000 / std::max<std::int64_t>(round.took.count(), 1),
+                       m.progress.disks->rounds, copy_rate_bps_, *cap);
+    co_return Result<void>{};
+}
+
+asio::awaitable<void> SourceDisks::restore_limits() {
+    auto& m = run_.migration();
+    if (m.saved_io_limits.empty())
+        co_return;
+    block::QemuBlock qemu(run_.vm().qemu.qmp);
+    json left = json::array();
+    for (auto& saved : m.saved_io_limits) {
+        auto device = saved["device"].get<std::string>();
+        auto r = co_await qemu.set_io_limits(device, saved["limits"]);
+        if (!r) {
+            engine_log()->warn("migration {}: restoring the I/O limits of {}: {}", m.id, device, r.error().message);
+            left.push_back(saved);
+        }
+    }
+    m.saved_io_limits = std::move(left);
+    run_.node().persist(m);
 }
 
 asio::awaitable<Result<void>> SourceDisks::last_round() {
@@ -222,6 +297,9 @@ asio::awaitable<Result<void>> SourceDisks::last_round() {
     auto r = co_await one_round();
     if (!r)
         co_return r.error().wrap("the disks' last round");
+    // The guest is paused: its writes are no longer a concern, and if the
+    // switchover fails it resumes here with its own limits.
+    co_await restore_limits();
     record_results();
     std::uint64_t data = 0, zero = 0;
     for (auto& t : sender_->totals()) {
@@ -249,6 +327,7 @@ asio::awaitable<void> SourceDisks::stop() {
         sender_->abort();
     while (keeping_up_ || round_running_)
         co_await sleep_for(5ms);
+    co_await restore_limits();
     if (sender_) {
         record_results();
         co_await sender_->finish();

@@ -6,6 +6,7 @@
 // round is small); while RAM moves, rounds keep them in sync in the
 // background; with the guest paused before the switchover the last round
 // runs, and only then does QEMU continue.
+#include "engine/convergence.hpp"
 #include "engine/disk_mirror.hpp"
 #include "engine/migration.hpp"
 #include "transport/channel.hpp"
@@ -31,6 +32,12 @@ public:
     // needs before it launches QEMU): the prepare message's "disks".
     boost::asio::awaitable<Result<json>> describe();
     std::uint64_t total_bytes() const;
+    // Written by the guest since the last round began: the last round's
+    // work if the switchover came now.
+    std::uint64_t tail_bytes() const;
+    // A tail larger than this does not fit the downtime: the disk throttle
+    // steps (with allow_auto_converge) until it does. 0: no budget yet.
+    void set_tail_budget(std::uint64_t bytes) { tail_budget_ = bytes; }
 
     // The target is ready: opens the disk channel with its token, starts
     // tracking writes and copies until the disks are nearly in sync.
@@ -58,6 +65,11 @@ private:
                                               std::shared_ptr<transport::Channel> channel,
                                               std::shared_ptr<transport::TokenBucket> bucket);
     void record_results();
+    // allow_auto_converge: caps the guest's disk writes when a round fell
+    // behind (DiskThrottle), saving the limits it replaces in the record.
+    boost::asio::awaitable<Result<void>> throttle(const DiskThrottle::Round& round);
+    // Puts back the limits the cap replaced (idempotent).
+    boost::asio::awaitable<void> restore_limits();
 
     SourceRun& run_;
     std::vector<MirrorDisk> disks_;
@@ -70,6 +82,8 @@ private:
     // with the rates of the last such round.
     std::optional<std::chrono::steady_clock::time_point> behind_since_;
     std::uint64_t copy_rate_bps_ = 0;
+    DiskThrottle throttle_;
+    std::uint64_t tail_budget_ = 0;
     boost::asio::steady_timer idle_; // the background loop's pause, and its end
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -141,6 +141,7 @@ asio::awaitable<Result<void>> SourceRun::send_migration(Destination::Stream stre
         co_return caps.error().wrap("configuring the source");
     // The strategy starts low and raises it only while it has to.
     params["downtime-limit"] = strategy_->initial_downtime_ms();
+    qemu_downtime_ms_ = strategy_->initial_downtime_ms();
     m_.progress.downtime_limit_ms = strategy_->initial_downtime_ms();
     auto set = co_await qmp->execute("migrate-set-parameters", params);
     if (!set)

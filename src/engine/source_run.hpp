@@ -78,6 +78,8 @@ private:
     // Convergence (source_run_converge.cpp).
     ConvergenceModel model_;
     std::optional<Strategy> strategy_;
+    // QEMU's downtime-limit: the strategy's, less the disks' tail.
+    std::int64_t qemu_downtime_ms_ = 0;
     std::unique_ptr<CpuThrottle> throttle_;
 };
 

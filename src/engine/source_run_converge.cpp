@@ -7,6 +7,8 @@
 
 #include <fmt/format.h>
 
+#include <cstdlib>
+
 namespace ferry::engine {
 
 namespace asio = boost::asio;
@@ -21,7 +23,18 @@ asio::awaitable<Result<void>> SourceRun::converge(std::chrono::milliseconds elap
     if (prediction.transfer_rate_bps > 0)
         p.transfer_rate_bps = prediction.transfer_rate_bps;
     p.dirty_rate_bps = prediction.dirty_rate_bps;
-    p.expected_downtime_ms = prediction.expected_downtime_ms;
+    // A block migration's last disk round runs in the downtime too, at the
+    // rate the link gives RAM (both share it).
+    auto tail = destination_->disk_tail_bytes();
+    std::int64_t tail_ms = 0;
+    if (tail != 0 && prediction.transfer_rate_bps != 0) {
+        tail_ms = static_cast<std::int64_t>((tail * 1000 + prediction.transfer_rate_bps - 1) /
+                                            prediction.transfer_rate_bps);
+        // Half the largest downtime is the disks' (the disk throttle keeps them there).
+        destination_->set_disk_tail_budget(static_cast<std::uint64_t>(m_.config.max_downtime_ms) *
+                                           prediction.transfer_rate_bps / 2000);
+    }
+    p.expected_downtime_ms = prediction.expected_downtime_ms + tail_ms;
     p.time_left_ms = prediction.time_left_ms;
     p.converging = prediction.known ? std::optional<bool>(prediction.converges) : std::nullopt;
     p.downtime_limit_ms = strategy.downtime_ms();
@@ -33,12 +46,27 @@ asio::awaitable<Result<void>> SourceRun::converge(std::chrono::milliseconds elap
     auto qmp = vm_->qemu.qmp;
     if (d.fail)
         co_return make_error(Errc::timeout, *d.fail);
-    if (d.downtime_limit_ms) {
-        json params{{"downtime-limit", *d.downtime_limit_ms}};
+    if (d.downtime_limit_ms)
+        p.downtime_limit_ms = *d.downtime_limit_ms;
+    // QEMU switches over once its RAM fits its downtime-limit: what the
+    // disks' tail leaves of ferry's (at least 1 ms, so QEMU holds the
+    // switchover while the tail alone is too large).
+    auto for_qemu = std::max<std::int64_t>(1, strategy.downtime_ms() - tail_ms);
+    // Not for every wobble of the tail: a tenth, or crossing 1 ms.
+    auto moved = std::abs(for_qemu - qemu_downtime_ms_);
+    if (moved != 0 && (d.downtime_limit_ms || moved * 10 >= qemu_downtime_ms_ || for_qemu == 1 ||
+                       qemu_downtime_ms_ == 1)) {
+        json params{{"downtime-limit", for_qemu}};
         auto set = co_await qmp->execute("migrate-set-parameters", params);
         if (!set)
-            co_return set.error().wrap("raising the downtime limit");
-        p.downtime_limit_ms = *d.downtime_limit_ms;
+            co_return set.error().wrap("setting the downtime limit");
+        if (tail_ms != 0 && (for_qemu == 1) != (qemu_downtime_ms_ == 1))
+            engine_log()->info("migration {}: {}", m_.id,
+                               for_qemu == 1 ? fmt::format("the disks' tail ({} bytes, {} ms) does not fit the "
+                                                           "downtime limit ({} ms): the switchover waits",
+                                                           tail, tail_ms, strategy.downtime_ms())
+                                             : std::string("the disks' tail fits the downtime limit again"));
+        qemu_downtime_ms_ = for_qemu;
     }
     if (d.throttle_percent) {
         if (!throttle_) {

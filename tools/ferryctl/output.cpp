@@ -41,10 +41,14 @@ std::string disks_part(const json& p) {
     auto d = p.find("disks");
     if (d == p.end() || !d->is_object())
         return "";
-    return fmt::format("  disks {} of {} sent, {} dirty ({}), round {}", bytes(d->value("sent_bytes", std::uint64_t{0})),
-                       bytes(d->value("total_bytes", std::uint64_t{0})),
-                       bytes(d->value("remaining_bytes", std::uint64_t{0})),
-                       rate(d->value("dirty_rate_bps", std::uint64_t{0})), d->value("rounds", 0));
+    auto line = fmt::format("  disks {} of {} sent, {} dirty ({}), round {}",
+                            bytes(d->value("sent_bytes", std::uint64_t{0})),
+                            bytes(d->value("total_bytes", std::uint64_t{0})),
+                            bytes(d->value("remaining_bytes", std::uint64_t{0})),
+                            rate(d->value("dirty_rate_bps", std::uint64_t{0})), d->value("rounds", 0));
+    if (auto cap = d->value("write_cap_bps", std::uint64_t{0}); cap != 0)
+        line += fmt::format(", guest disk writes capped at {}", rate(cap));
+    return line;
 }
 
 std::string progress_line(const json& m) {
