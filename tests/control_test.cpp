@@ -915,6 +915,21 @@ TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkIsCappedAndTheMigrationFinishes) {
     EXPECT_EQ(limits(), own) << "the disk's own limits were not restored";
     EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
 
+    // The source ferryd killed with the cap on: restarted, it puts the
+    // disk's limits back from the migration's record.
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_TRUE(capped(id)) << ctl(a(), "migration show " + id).out;
+    stop(a(), SIGKILL);
+    start(a());
+    EXPECT_EQ(ctl_json(a(), "migration show " + id)["phase"], "Failed");
+    EXPECT_EQ(limits(), own) << "a restarted ferryd left the cap on";
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+    // node-b gives up the arrival (its control channel is gone).
+    auto dst = dir_ / "disks-b/local.raw";
+    for (int i = 0; i < 300 && (std::filesystem::exists(dst) || !ctl_json(b(), "vm list").empty()); ++i)
+        std::this_thread::sleep_for(50ms);
+    ASSERT_FALSE(std::filesystem::exists(dst));
+
     // Again, to the end.
     id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
     auto done = wait_final(a(), id);
@@ -930,7 +945,7 @@ TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkIsCappedAndTheMigrationFinishes) {
     auto check = check_memory(b(), 1024);
     EXPECT_EQ(check.status, 0) << check.out << check.err;
     ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
-    auto verified = ferry::guest::verify_disk_image(dir_ / "disks-b/local.raw", sectors);
+    auto verified = ferry::guest::verify_disk_image(dst, sectors);
     EXPECT_TRUE(verified) << verified.error().message;
 }
 
