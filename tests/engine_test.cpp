@@ -1,6 +1,7 @@
 // src/engine: unit tests of the pure parts, integration tests of migrations
 // of the test guest in real QEMU processes.
 #include "engine/convergence.hpp"
+#include "engine/disk_plan.hpp"
 #include "engine/engine.hpp"
 #include "engine/heartbeat.hpp"
 #include "engine/migration.hpp"
@@ -522,6 +523,48 @@ TEST(DiskThrottle, SizedFromTheRatesThenHalvedToAFloor) {
     // round): the cap is half the writer's rate.
     DiskThrottle slow(8 << 20);
     EXPECT_EQ(slow.after_round({20 << 20, 20 << 20, 10000ms}).value_or(0), 1u << 20);
+}
+
+// What a peer's prepare may ask of the target's disks: each a local disk of
+// the spec, once, of its format, with a size; mapped by path_map; never two
+// onto one image. Each refusal says which disk and why.
+TEST(DiskPlan, ChecksThePeersDisksAgainstTheSpecAndMapsThem) {
+    using ferry::engine::plan_arriving_disks;
+    ferry::config::VmSpec spec;
+    spec.disks = {{"/vm/shared.raw", "raw", true, false, "virtio"},
+                  {"/local/a/root.qcow2", "qcow2", false, false, "virtio"},
+                  {"/local/b/data.raw", "raw", false, false, "ide"}};
+    ferry::config::BlockSection block{{{"/local/a", "/target/a"}}, ""};
+    std::vector<ferry::engine::MirrorDisk> out;
+    auto plan = [&](const char* text) { return plan_arriving_disks(json::parse(text), spec, block, "node-b", out); };
+    EXPECT_EQ(plan(R"([{"index":1,"format":"qcow2","size":4294967808},{"index":2,"format":"raw","size":512}])"), "");
+    ASSERT_EQ(out.size(), 2u);
+    EXPECT_EQ(out[0].path, "/target/a/root.qcow2");
+    EXPECT_EQ(out[0].size, 4294967808u);
+    EXPECT_EQ(out[1].path, "/local/b/data.raw"); // no map: the same path
+    EXPECT_EQ(out[1].index, 2u);
+    EXPECT_NE(plan(R"({"index":1})").find("must be an array"), std::string::npos);
+    EXPECT_NE(plan(R"([{"index":1,"size":1}])").find("needs index, format and size"), std::string::npos);
+    EXPECT_NE(plan(R"([{"index":-1,"format":"raw","size":1}])").find("needs index"), std::string::npos);
+    EXPECT_NE(plan(R"([{"index":7,"format":"raw","size":1}])").find("disk index 7 (the spec has 3 disks)"),
+              std::string::npos);
+    EXPECT_NE(plan(R"([{"index":0,"format":"raw","size":1}])").find("disks[0] is shared"), std::string::npos);
+    EXPECT_NE(plan(R"([{"index":1,"format":"raw","size":1}])").find("another format"), std::string::npos);
+    EXPECT_NE(plan(R"([{"index":2,"format":"raw","size":1},{"index":2,"format":"raw","size":1}])")
+                  .find("disks[2] listed twice"),
+              std::string::npos);
+    EXPECT_NE(plan(R"([{"index":2,"format":"raw","size":0}])").find("disks[2] size 0"), std::string::npos);
+    // Both local disks mapped onto one image, or onto the shared disk.
+    block.path_map = {{"/local/a", "/x"}, {"/local/b", "/x"}};
+    spec.disks[1].path = "/local/a/d.raw";
+    spec.disks[1].format = "raw";
+    spec.disks[2].path = "/local/b/d.raw";
+    auto both = plan(R"([{"index":1,"format":"raw","size":1},{"index":2,"format":"raw","size":1}])");
+    EXPECT_NE(both.find("disks[2] and disks[1] would both land at /x/d.raw on node-b"), std::string::npos) << both;
+    block.path_map = {{"/local/b", "/vm"}};
+    spec.disks[2].path = "/local/b/shared.raw";
+    auto shared = plan(R"([{"index":2,"format":"raw","size":1}])");
+    EXPECT_NE(shared.find("disks[2] and disks[0] would both land at /vm/shared.raw"), std::string::npos) << shared;
 }
 
 TEST(MigrationObject, CarriesTheDesignFields) {

@@ -7,6 +7,7 @@
 // stable storage. The stream is a local socket: the engine tunnels it over a
 // peer data channel, shaped together with the RAM stream.
 #include "block/image.hpp"
+#include "engine/disk_plan.hpp"
 #include "block/nbd.hpp"
 #include "block/qemu_block.hpp"
 #include "block/ring.hpp"
@@ -25,15 +26,6 @@
 namespace ferry::engine {
 
 using DiskStream = boost::asio::local::stream_protocol::socket;
-
-// One disk a migration mirrors.
-struct MirrorDisk {
-    std::uint32_t index = 0; // its place in the VM spec: the stream names disks by it
-    std::string path;        // the image on this node
-    std::string format;      // raw | qcow2
-    std::uint64_t size = 0;  // virtual size, bytes
-    std::string node;        // source: the disk's format node in the source QEMU
-};
 
 struct DiskTotals {
     std::uint64_t data_bytes = 0; // sent as data

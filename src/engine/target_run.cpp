@@ -62,48 +62,13 @@ std::string TargetRun::check_prepare(const json& msg) {
         return fmt::format("bad prepare: {} data channels for a migration that opens {}", channels_,
                            migration_channels(m_.config));
     if (auto disks = msg.find("disks"); disks != msg.end()) {
-        auto bad = check_disks(*disks);
+        auto bad = plan_arriving_disks(*disks, spec_, node_.config().block, node_.config().node.name, mirrored_);
         if (!bad.empty())
             return bad;
     }
     if (m_.method == "block" && mirrored_.empty())
         return "bad prepare: a block migration without disks";
     return check_arrival();
-}
-
-// The disks a block migration mirrors: each a non-shared disk of the spec,
-// once, with its format and a size.
-std::string TargetRun::check_disks(const json& disks) {
-    if (!disks.is_array() || disks.size() > spec_.disks.size())
-        return "bad prepare: disks must be an array of the spec's disks";
-    for (auto& d : disks) {
-        if (!d.is_object() || !d.contains("index") || !d["index"].is_number_unsigned() || !d.contains("size") ||
-            !d["size"].is_number_unsigned() || !d.contains("format") || !d["format"].is_string())
-            return "bad prepare: a disk needs index, format and size";
-        auto index = d["index"].get<std::uint64_t>();
-        if (index >= spec_.disks.size())
-            return fmt::format("bad prepare: disk index {} (the spec has {} disks)", index, spec_.disks.size());
-        auto& spec = spec_.disks[index];
-        if (spec.shared || spec.format != d["format"].get<std::string>())
-            return fmt::format("bad prepare: disks[{}] is shared or of another format in the spec", index);
-        for (auto& seen : mirrored_)
-            if (seen.index == index)
-                return fmt::format("bad prepare: disks[{}] listed twice", index);
-        auto size = d["size"].get<std::uint64_t>();
-        if (size == 0 || size > (std::uint64_t{1} << 50))
-            return fmt::format("bad prepare: disks[{}] size {}", index, size);
-        auto target = config::map_disk_path(node_.config().block, spec.path);
-        // Two disks mapped onto one image would write each other's blocks.
-        for (std::size_t i = 0; i < spec_.disks.size(); ++i)
-            if (i != index && ((spec_.disks[i].shared && spec_.disks[i].path == target) ||
-                               std::any_of(mirrored_.begin(), mirrored_.end(),
-                                           [&](auto& m) { return m.index == i && m.path == target; })))
-                return fmt::format("disks[{}] and disks[{}] would both land at {} on {}: map them apart with "
-                                   "[block] path_map",
-                                   index, i, target, node_.config().node.name);
-        mirrored_.push_back({static_cast<std::uint32_t>(index), target, spec.format, size, ""});
-    }
-    return "";
 }
 
 std::string TargetRun::check_arrival() const {

@@ -51,7 +51,6 @@ private:
     // The checks a prepare gets before anything starts; an error text or "".
     std::string check_prepare(const nlohmann::json& msg);
     std::string check_arrival() const;
-    std::string check_disks(const nlohmann::json& disks);
     // Block migrations: the target images, mapped and made (off the loop).
     boost::asio::awaitable<std::string> prepare_images();
     boost::asio::awaitable<std::string> export_disks();
