@@ -1,10 +1,16 @@
 #include "block.hpp"
 #include "stats.hpp"
+#include "transport.hpp"
 
 #include "block/target_image.hpp"
 #include "config/quantity.hpp"
+#include "engine/async.hpp"
 #include "engine/disk_mirror.hpp"
 #include "qmp/client.hpp"
+#include "transport/channel.hpp"
+#include "transport/data_plane.hpp"
+#include "transport/pki.hpp"
+#include "transport/tls.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -155,15 +161,19 @@ struct Source {
     std::shared_ptr<qmp::Client> qmp;
 };
 
-Result<Source> start_source(asio::io_context& io, const std::string& dir, const Image& img) {
+// tls_dir: QEMU's TLS client credentials (tls0), for its NBD client.
+Result<Source> start_source(asio::io_context& io, const std::string& dir, const Image& img,
+                            const std::string& tls_dir = "") {
     Source s;
     auto qmp_sock = dir + "/src-qmp.sock";
     fs::remove(qmp_sock);
-    s.pid = spawn({"qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S", "-qmp",
-                   "unix:" + qmp_sock + ",server=on,wait=off", "-blockdev",
-                   "driver=file,filename=" + img.path + ",node-name=disk0-file,cache.direct=on", "-blockdev",
-                   "driver=" + img.format + ",file=disk0-file,node-name=disk0"},
-                  dir + "/src-qemu.log");
+    std::vector<std::string> argv{"qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S",
+                                  "-qmp", "unix:" + qmp_sock + ",server=on,wait=off", "-blockdev",
+                                  "driver=file,filename=" + img.path + ",node-name=disk0-file,cache.direct=on",
+                                  "-blockdev", "driver=" + img.format + ",file=disk0-file,node-name=disk0"};
+    if (!tls_dir.empty())
+        argv.insert(argv.end(), {"-object", "tls-creds-x509,id=tls0,dir=" + tls_dir + ",endpoint=client"});
+    s.pid = spawn(argv, dir + "/src-qemu.log");
     auto c = run_sync(io, qmp::Client::connect_retry(io.get_executor(), qmp_sock, 10s));
     if (!c) {
         reap(s.pid, SIGKILL);
@@ -175,14 +185,43 @@ Result<Source> start_source(asio::io_context& io, const std::string& dir, const 
 
 // A writable NBD export of a fresh target image (qemu-nbd, as a destination
 // QEMU would serve it).
-pid_t serve_target(const std::string& dir, const std::string& target, const std::string& format) {
+// With tls_dir: on TCP port `port` with TLS (QEMU's NBD TLS needs TCP),
+// the client's certificate verified.
+pid_t serve_target(const std::string& dir, const std::string& target, const std::string& format,
+                   const std::string& tls_dir = "", int port = 0) {
     auto sock = dir + "/dst-nbd.sock";
     fs::remove(sock);
-    auto pid = spawn({"qemu-nbd", "--socket", sock, "--format", format, "--export-name", "t", "--persistent",
-                      "--shared", "4", "--cache", "none", "--aio", "native", target},
-                     dir + "/dst-nbd.log");
-    wait_path(sock);
+    std::vector<std::string> argv{"qemu-nbd", "--format", format, "--export-name", "t", "--persistent", "--shared",
+                                  "4", "--cache", "none", "--aio", "native"};
+    if (tls_dir.empty()) {
+        argv.insert(argv.end(), {"--socket", sock});
+    } else {
+        argv.insert(argv.end(), {"--bind", "127.0.0.1", "--port", std::to_string(port), "--object",
+                                 "tls-creds-x509,id=tls0,dir=" + tls_dir + ",endpoint=server,verify-peer=on",
+                                 "--tls-creds", "tls0"});
+    }
+    argv.push_back(target);
+    auto pid = spawn(argv, dir + "/dst-nbd.log");
+    if (tls_dir.empty()) {
+        wait_path(sock);
+    } else {
+        for (int i = 0; i < 500; ++i) { // until it listens
+            boost::system::error_code ec;
+            asio::io_context io;
+            asio::ip::tcp::socket probe(io);
+            probe.connect({asio::ip::make_address("127.0.0.1"), static_cast<unsigned short>(port)}, ec);
+            if (!ec)
+                break;
+            std::this_thread::sleep_for(10ms);
+        }
+    }
     return pid;
+}
+
+int free_port() {
+    asio::io_context io;
+    asio::ip::tcp::acceptor a(io, {asio::ip::make_address("127.0.0.1"), 0});
+    return a.local_endpoint().port();
 }
 
 Result<void> fresh_target(const std::string& path, const Image& img, std::uint64_t size) {
@@ -197,9 +236,14 @@ double since_ms(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-asio::awaitable<Result<void>> qemu_mirror(std::shared_ptr<qmp::Client> qmp, std::string nbd_sock) {
-    json add{{"driver", "nbd"}, {"node-name", "tgt"}, {"export", "t"},
-             {"server", {{"type", "unix"}, {"path", nbd_sock}}}};
+// server: the NBD server's SocketAddress; tls: through tls0, the server
+// authenticated as node-b.
+asio::awaitable<Result<void>> qemu_mirror(std::shared_ptr<qmp::Client> qmp, json server, bool tls) {
+    json add{{"driver", "nbd"}, {"node-name", "tgt"}, {"export", "t"}, {"server", server}};
+    if (tls) {
+        add["tls-creds"] = "tls0";
+        add["tls-hostname"] = "node-b";
+    }
     auto a = co_await qmp->execute("blockdev-add", add);
     if (!a)
         co_return a.error().wrap("blockdev-add nbd");
@@ -241,45 +285,123 @@ asio::awaitable<void> receive(engine::DiskReceiver* r, std::shared_ptr<std::opti
     *out = co_await r->run();
 }
 
+// ferry's TLS channel between two endpoints on this machine, as two ferryd
+// would hold it: node-a dials, node-b accepts; both on the data plane.
+struct TlsPair {
+    std::shared_ptr<transport::Channel> a, b;
+};
+
+asio::awaitable<Result<std::shared_ptr<transport::Channel>>> accept_tls(std::shared_ptr<asio::ip::tcp::acceptor> acc,
+                                                                        std::shared_ptr<transport::TlsIdentity> id) {
+    auto [ec, sock] = co_await acc->async_accept(asio::as_tuple(asio::use_awaitable));
+    if (ec)
+        co_return make_error(Errc::io, "accepting: " + ec.message());
+    auto stream = std::make_unique<transport::TlsStream>(std::move(sock), id->server());
+    auto [hec] = co_await stream->async_handshake(asio::ssl::stream_base::server, asio::as_tuple(asio::use_awaitable));
+    if (hec)
+        co_return make_error(Errc::io, "TLS handshake: " + hec.message());
+    co_return std::make_shared<transport::Channel>(std::move(stream));
+}
+
+Result<TlsPair> tls_pair(const std::string& dir) {
+    auto pki = dir + "/ferry-pki";
+    if (!fs::exists(pki + "/ca.pem"))
+        if (auto r = transport::init_pki(pki, {"node-a", "node-b"}); !r)
+            return r.error();
+    auto ida = transport::TlsIdentity::load({pki + "/ca.pem", pki + "/node-a.pem", pki + "/node-a-key.pem"}, "node-a");
+    auto idb = transport::TlsIdentity::load({pki + "/ca.pem", pki + "/node-b.pem", pki + "/node-b-key.pem"}, "node-b");
+    if (!ida || !idb)
+        return make_error(Errc::internal, "loading the bench's certificates in " + pki);
+    auto acc = std::make_shared<asio::ip::tcp::acceptor>(transport::data_plane(),
+                                                          asio::ip::tcp::endpoint{asio::ip::make_address("127.0.0.1"), 0});
+    auto port = acc->local_endpoint().port();
+    auto accepted = asio::co_spawn(transport::data_plane(), accept_tls(acc, *idb), asio::use_future);
+    auto dialled = asio::co_spawn(transport::data_plane(),
+                                  transport::dial(transport::data_plane(), fmt::format("127.0.0.1:{}", port), "node-b",
+                                                  *ida, 10s),
+                                  asio::use_future);
+    auto a = dialled.get();
+    auto b = accepted.get();
+    if (!a)
+        return a.error().wrap("dialling");
+    if (!b)
+        return b.error();
+    return TlsPair{*a, *b};
+}
+
 struct Sample {
     double ms = 0;
     std::uint64_t sent = 0; // data bytes ferry sent (0: not known)
 };
 
+// path: qemu-mirror | ferry (Unix sockets on this machine), qemu-mirror-tls
+// (QEMU's NBD TLS over TCP) | ferry-tls (ferry's mirror over its TLS channel).
 Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Image& img, std::uint64_t size,
                         const std::string& path) {
+    bool tls = path.size() > 4 && path.substr(path.size() - 4) == "-tls";
     auto target = dir + "/target." + img.format;
     auto fresh = fresh_target(target, img, size);
     if (!fresh)
         return fresh.error();
+    // QEMU gets certificates of ferry's kind (ECDSA P-256): the same cipher work.
+    auto qemu_tls = dir + "/qemu-tls-p256";
+    if (tls && path.rfind("qemu", 0) == 0)
+        if (auto r = qemu_tls_dir(qemu_tls, "p256"); !r)
+            return r.error();
     ::sync();
-    auto src = start_source(io, dir, img);
+    auto src = start_source(io, dir, img, tls && path.rfind("qemu", 0) == 0 ? qemu_tls : "");
     if (!src)
         return src.error();
     pid_t nbd = -1;
     Sample s;
     Result<void> r;
     auto t0 = std::chrono::steady_clock::now();
-    if (path == "qemu-mirror") {
-        nbd = serve_target(dir, target, img.format);
+    if (path == "qemu-mirror" || path == "qemu-mirror-tls") {
+        json server{{"type", "unix"}, {"path", dir + "/dst-nbd.sock"}};
+        if (tls) {
+            auto port = free_port();
+            nbd = serve_target(dir, target, img.format, qemu_tls, port);
+            server = {{"type", "inet"}, {"host", "127.0.0.1"}, {"port", std::to_string(port)}};
+        } else {
+            nbd = serve_target(dir, target, img.format);
+        }
         t0 = std::chrono::steady_clock::now();
-        r = run_sync(io, qemu_mirror(src->qmp, dir + "/dst-nbd.sock"));
+        r = run_sync(io, qemu_mirror(src->qmp, server, tls));
         reap(nbd); // qemu-nbd flushes on exit
         s.ms = since_ms(t0);
-    } else {
+    } else if (path == "ferry" || path == "ferry-tls") {
         std::optional<engine::NbdTarget> nbd_target;
         if (img.format == "qcow2") {
             nbd = serve_target(dir, target, img.format);
             nbd_target = engine::NbdTarget{dir + "/dst-nbd.sock", "t"};
         }
         engine::DiskStream a(io), b(io);
-        asio::local::connect_pair(a, b);
+        if (tls) {
+            // Each end's stream goes through its channel end, as in ferryd.
+            auto pair = tls_pair(dir);
+            if (!pair) {
+                reap(src->pid, SIGKILL);
+                reap(nbd);
+                return pair.error().wrap(path);
+            }
+            engine::DiskStream a_far(transport::data_plane()), b_far(transport::data_plane());
+            asio::local::connect_pair(a, a_far);
+            asio::local::connect_pair(b, b_far);
+            t0 = std::chrono::steady_clock::now();
+            asio::co_spawn(transport::data_plane(), transport::run_tunnel(std::move(a_far), pair->a, nullptr),
+                           asio::detached);
+            asio::co_spawn(transport::data_plane(), transport::run_tunnel(std::move(b_far), pair->b, nullptr),
+                           asio::detached);
+        } else {
+            asio::local::connect_pair(a, b);
+        }
         fs::remove(dir + "/src-nbd.sock");
         engine::DiskSender sender(src->qmp, "ferry-bench", dir + "/src-nbd.sock",
                                   {{0, img.path, img.format, size, "disk0"}}, std::move(a));
         engine::DiskReceiver receiver({{0, target, img.format, size, ""}}, {nbd_target}, std::move(b));
         auto received = std::make_shared<std::optional<Result<void>>>();
-        t0 = std::chrono::steady_clock::now();
+        if (!tls)
+            t0 = std::chrono::steady_clock::now();
         asio::co_spawn(io, receive(&receiver, received), asio::detached);
         r = run_sync(io, sender.start());
         if (r) {
@@ -295,6 +417,10 @@ Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Imag
         reap(nbd);
         s.ms = since_ms(t0);
         s.sent = sender.totals()[0].data_bytes;
+    } else {
+        reap(src->pid, SIGKILL);
+        return make_error(Errc::invalid_argument,
+                          "unknown path " + path + " (qemu-mirror, ferry, qemu-mirror-tls, ferry-tls)");
     }
     reap(src->pid, SIGKILL);
     if (!r)
@@ -358,22 +484,30 @@ int run_block_bench(const BlockOptions& o) {
         }
         report["images"][kind]["holds_bytes"] = img->data_bytes;
     }
-    auto ratio = [&](const std::string& kind) {
+    // QEMU's time over ferry's: above 1, ferry is faster.
+    auto ratio = [&](const std::string& kind, const std::string& suffix) {
         auto& m = med[kind];
-        return m.count("ferry") && m.count("qemu-mirror") && m["ferry"] > 0 ? m["qemu-mirror"] / m["ferry"] : 0.0;
+        auto q = "qemu-mirror" + suffix, f = "ferry" + suffix;
+        return m.count(f) && m.count(q) && m[f] > 0 ? m[q] / m[f] : 0.0;
     };
     if (o.json) {
-        for (auto& [kind, m] : med)
-            report["ratios"][kind + "_ferry_speedup"] = ratio(kind);
+        for (auto& [kind, m] : med) {
+            report["ratios"][kind + "_ferry_speedup"] = ratio(kind, "");
+            report["ratios"][kind + "_ferry_tls_speedup"] = ratio(kind, "-tls");
+        }
         std::cout << report.dump(2) << "\n";
         return 0;
     }
     std::cout << fmt::format("\nferry-bench block: a {} disk copied on this machine, {} run(s) each (median)\n", o.size,
                              o.reps);
-    std::cout << fmt::format("  {:<6} {:>14} {:>14} {:>10}\n", "image", "qemu-mirror", "ferry", "speedup");
+    std::cout << fmt::format("  {:<6} {:<6} {:>14} {:>14} {:>10}\n", "image", "link", "qemu-mirror", "ferry",
+                             "speedup");
     for (auto& [kind, m] : med)
-        std::cout << fmt::format("  {:<6} {:>11.0f} ms {:>11.0f} ms {:>9.2f}x\n", kind, m["qemu-mirror"], m["ferry"],
-                                 ratio(kind));
+        for (std::string suffix : {"", "-tls"})
+            if (m.count("ferry" + suffix) || m.count("qemu-mirror" + suffix))
+                std::cout << fmt::format("  {:<6} {:<6} {:>11.0f} ms {:>11.0f} ms {:>9.2f}x\n", kind,
+                                         suffix.empty() ? "plain" : "TLS", m["qemu-mirror" + suffix],
+                                         m["ferry" + suffix], ratio(kind, suffix));
     if (med.count("full") && med.count("tenth") && med["full"]["ferry"] > 0)
         std::cout << fmt::format("  ferry: the 10%-full disk takes {:.0f}% of the full disk's time\n",
                                  100 * med["tenth"]["ferry"] / med["full"]["ferry"]);

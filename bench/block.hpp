@@ -10,7 +10,7 @@ namespace ferry::bench {
 struct BlockOptions {
     std::string size = "2Gi";
     std::string images = "full,tenth,qcow2";
-    std::string paths = "qemu-mirror,ferry";
+    std::string paths = "qemu-mirror,ferry,qemu-mirror-tls,ferry-tls";
     int reps = 1;
     std::string work_dir = "/tmp/ferry-bench";
     bool json = false;

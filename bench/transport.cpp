@@ -72,31 +72,6 @@ done) >/dev/null 2>&1)", dir);
     return {};
 }
 
-// QEMU's tls-creds-x509 wants a directory of fixed names.
-Result<void> qemu_tls_dir(const std::string& dir, const std::string& certs) {
-    if (fs::exists(dir + "/ca-cert.pem"))
-        return {};
-    if (certs == "rsa")
-        return openssl_tls_dir(dir);
-    fs::create_directories(dir);
-    auto ca = transport::make_ca("bench CA");
-    if (!ca)
-        return ca.error();
-    auto server = transport::make_node_cert(*ca, "node-b");
-    auto client = transport::make_node_cert(*ca, "node-a");
-    if (!server || !client)
-        return make_error(Errc::internal, "cannot make bench certificates");
-    for (auto& [name, pem, mode] : std::vector<std::tuple<std::string, std::string, unsigned>>{
-             {"ca-cert.pem", ca->cert_pem(), 0644},
-             {"server-cert.pem", server->cert_pem(), 0644},
-             {"server-key.pem", server->key_pem(), 0600},
-             {"client-cert.pem", client->cert_pem(), 0644},
-             {"client-key.pem", client->key_pem(), 0600}})
-        if (auto r = transport::write_pem(dir + "/" + name, pem, mode); !r)
-            return r;
-    return {};
-}
-
 asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
     asio::steady_timer t(co_await asio::this_coro::executor);
     t.expires_after(d);
@@ -337,6 +312,32 @@ Result<TransportSample> ferry_path(const TransportSetup& s, bool tls) {
 }
 
 } // namespace
+
+// QEMU's tls-creds-x509 wants a directory of fixed names.
+Result<void> qemu_tls_dir(const std::string& dir, const std::string& certs) {
+    if (fs::exists(dir + "/ca-cert.pem"))
+        return {};
+    if (certs == "rsa")
+        return openssl_tls_dir(dir);
+    fs::create_directories(dir);
+    auto ca = transport::make_ca("bench CA");
+    if (!ca)
+        return ca.error();
+    auto server = transport::make_node_cert(*ca, "node-b");
+    auto client = transport::make_node_cert(*ca, "node-a");
+    if (!server || !client)
+        return make_error(Errc::internal, "cannot make bench certificates");
+    for (auto& [name, pem, mode] : std::vector<std::tuple<std::string, std::string, unsigned>>{
+             {"ca-cert.pem", ca->cert_pem(), 0644},
+             {"server-cert.pem", server->cert_pem(), 0644},
+             {"server-key.pem", server->key_pem(), 0600},
+             {"client-cert.pem", client->cert_pem(), 0644},
+             {"client-key.pem", client->key_pem(), 0600}})
+        if (auto r = transport::write_pem(dir + "/" + name, pem, mode); !r)
+            return r;
+    return {};
+}
+
 
 namespace {
 // Heartbeats from a console log ("<ISO time> [rN] FERRY-HB seq interval ...").

@@ -11,6 +11,12 @@
 
 namespace ferry::bench {
 
+// A directory of certificates as QEMU's tls-creds-x509 wants them (ca-cert,
+// server-cert/key for node-b, client-cert/key for node-a): "rsa" (RSA-2048
+// from `openssl req`, as QEMU's documentation has a user make them) or
+// "p256" (ECDSA P-256, ferry's own kind). Kept if it exists.
+Result<void> qemu_tls_dir(const std::string& dir, const std::string& certs);
+
 struct TransportSetup {
     std::string work_dir;     // short path (Unix sockets)
     std::string build_dir;    // for ferryd and the guest kernel
