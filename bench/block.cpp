@@ -14,6 +14,7 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/connect_pair.hpp>
 #include <boost/asio/steady_timer.hpp>
@@ -285,8 +286,20 @@ asio::awaitable<void> receive(engine::DiskReceiver* r, std::shared_ptr<std::opti
     *out = co_await r->run();
 }
 
+// node-b's data plane: in ferryd each node has its own thread for TLS, so
+// the two ends of the channel must not share one here.
+asio::any_io_executor far_plane() {
+    struct Plane {
+        asio::io_context io{1};
+        asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
+        std::thread thread{[this] { io.run(); }};
+    };
+    static auto* plane = new Plane; // never destroyed, like the data plane
+    return plane->io.get_executor();
+}
+
 // ferry's TLS channel between two endpoints on this machine, as two ferryd
-// would hold it: node-a dials, node-b accepts; both on the data plane.
+// would hold it: node-a dials on its data plane, node-b accepts on its own.
 struct TlsPair {
     std::shared_ptr<transport::Channel> a, b;
 };
@@ -312,10 +325,10 @@ Result<TlsPair> tls_pair(const std::string& dir) {
     auto idb = transport::TlsIdentity::load({pki + "/ca.pem", pki + "/node-b.pem", pki + "/node-b-key.pem"}, "node-b");
     if (!ida || !idb)
         return make_error(Errc::internal, "loading the bench's certificates in " + pki);
-    auto acc = std::make_shared<asio::ip::tcp::acceptor>(transport::data_plane(),
+    auto acc = std::make_shared<asio::ip::tcp::acceptor>(far_plane(),
                                                           asio::ip::tcp::endpoint{asio::ip::make_address("127.0.0.1"), 0});
     auto port = acc->local_endpoint().port();
-    auto accepted = asio::co_spawn(transport::data_plane(), accept_tls(acc, *idb), asio::use_future);
+    auto accepted = asio::co_spawn(far_plane(), accept_tls(acc, *idb), asio::use_future);
     auto dialled = asio::co_spawn(transport::data_plane(),
                                   transport::dial(transport::data_plane(), fmt::format("127.0.0.1:{}", port), "node-b",
                                                   *ida, 10s),
@@ -384,14 +397,13 @@ Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Imag
                 reap(nbd);
                 return pair.error().wrap(path);
             }
-            engine::DiskStream a_far(transport::data_plane()), b_far(transport::data_plane());
+            engine::DiskStream a_far(transport::data_plane()), b_far(far_plane());
             asio::local::connect_pair(a, a_far);
             asio::local::connect_pair(b, b_far);
             t0 = std::chrono::steady_clock::now();
             asio::co_spawn(transport::data_plane(), transport::run_tunnel(std::move(a_far), pair->a, nullptr),
                            asio::detached);
-            asio::co_spawn(transport::data_plane(), transport::run_tunnel(std::move(b_far), pair->b, nullptr),
-                           asio::detached);
+            asio::co_spawn(far_plane(), transport::run_tunnel(std::move(b_far), pair->b, nullptr), asio::detached);
         } else {
             asio::local::connect_pair(a, b);
         }
