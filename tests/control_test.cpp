@@ -372,6 +372,16 @@ format = ")" + format + R"("
             std::this_thread::sleep_for(50ms);
         ASSERT_NE(ferry::test::read_file(console).find("FERRY-DISK-HB"), std::string::npos) << "the guest never wrote";
     }
+    // Both nodes configured with `migration`, and a guest writing (`append`)
+    // a 64 MiB sparse raw disk under disks-a (local_disk_).
+    void start_raw_disk_writer(const std::string& migration, const std::string& append) {
+        configure(migration, path_map());
+        std::filesystem::create_directories(dir_ / "disks-a");
+        std::filesystem::create_directories(dir_ / "disks-b");
+        local_disk_ = dir_ / "disks-a/local.raw";
+        ASSERT_EQ(sh("truncate -s 64M " + local_disk_, dir_).status, 0);
+        ASSERT_NO_FATAL_FAILURE(start_disk_writer(local_disk_, "raw", append));
+    }
     // Migrates a VM whose guest writes a local disk of this format (block migration).
     void block_migration(const std::string& format, const std::string& migration);
     // extra: appended to both nodes' files, {letter} replaced by a or b.
@@ -836,12 +846,8 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
 // of PIO against 2 MiB/s): the migration fails by the progress timeout,
 // naming the disk's rates, and the VM runs on at home.
 TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkFailsNamingItsRateAndTheVmStays) {
-    configure("bandwidth_per_migration = \"2Mi\"\nprogress_timeout = 3", path_map());
-    std::filesystem::create_directories(dir_ / "disks-a");
-    std::filesystem::create_directories(dir_ / "disks-b");
-    auto src = dir_ / "disks-a/local.raw";
-    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
-    ASSERT_NO_FATAL_FAILURE(start_disk_writer(src, "raw", "ws=32 rate=4 hb=50 disk=8192 dsize=32"));
+    ASSERT_NO_FATAL_FAILURE(start_raw_disk_writer("bandwidth_per_migration = \"2Mi\"\nprogress_timeout = 3",
+                                                  "ws=32 rate=4 hb=50 disk=8192 dsize=32"));
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
     auto done = wait_final(a(), id);
@@ -866,12 +872,9 @@ TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkFailsNamingItsRateAndTheVmStays) {
 // write on the target. An abort while the cap is on leaves the disk's own
 // limits exactly as they were.
 TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkIsCappedAndTheMigrationFinishes) {
-    configure("bandwidth_per_migration = \"4Mi\"\nallow_auto_converge = true\nprogress_timeout = 30", path_map());
-    std::filesystem::create_directories(dir_ / "disks-a");
-    std::filesystem::create_directories(dir_ / "disks-b");
-    auto src = dir_ / "disks-a/local.raw";
-    ASSERT_EQ(sh("truncate -s 64M " + src, dir_).status, 0);
-    ASSERT_NO_FATAL_FAILURE(start_disk_writer(src, "raw", "ws=4 rate=1 hb=50 disk=8192 dsize=32"));
+    ASSERT_NO_FATAL_FAILURE(
+        start_raw_disk_writer("bandwidth_per_migration = \"4Mi\"\nallow_auto_converge = true\nprogress_timeout = 30",
+                              "ws=4 rate=1 hb=50 disk=8192 dsize=32"));
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto sectors = ferry::guest::disk_sectors_from_console(dir_ / "state-a/vms/demo/console.log");
     ASSERT_EQ(sectors, 32u << 11);
