@@ -318,6 +318,30 @@ TEST(Strategy, PostcopyAtTheFirstSyncWhenPreCopyCannotFinish) {
         EXPECT_FALSE(step(no_multifd, at(i * 4000, i, 64 * MiB), stuck, stuck).start_postcopy);
 }
 
+// A block migration: post-copy waits until the disks' tail fits the
+// downtime, then goes; a timeout meanwhile fails, saying what it waited for.
+TEST(Strategy, PostcopyWaitsForTheDisks) {
+    auto c = strategy_config();
+    c.allow_post_copy = true;
+    Strategy s(c, 1ULL << 30, true);
+    s.set_postcopy_ready(false, "the disks' tail (9 MiB) does not fit");
+    auto stuck = predicted(16, 13, false, 4000);
+    auto d = step(s, at(4000, 2, 64 * MiB), stuck, stuck);
+    EXPECT_FALSE(d.start_postcopy);
+    EXPECT_NE(d.why.find("post-copy waits: the disks' tail (9 MiB) does not fit"), std::string::npos) << d.why;
+    EXPECT_FALSE(step(s, at(5000, 3, 64 * MiB), stuck, stuck).start_postcopy);
+    s.set_postcopy_ready(true);
+    EXPECT_TRUE(step(s, at(6000, 4, 64 * MiB), stuck, stuck).start_postcopy);
+
+    c.completion_timeout_per_gib = 80; // 0.125 GiB -> 10 s
+    Strategy late(c, 128 * MiB, true);
+    late.set_postcopy_ready(false, "the disks' tail (9 MiB) does not fit");
+    d = step(late, at(10500, 1, 32 * MiB), Prediction{}, Prediction{});
+    ASSERT_TRUE(d.fail);
+    EXPECT_FALSE(d.start_postcopy);
+    EXPECT_NE(d.fail->find("not switching to post-copy: the disks' tail"), std::string::npos) << *d.fail;
+}
+
 TEST(Strategy, ThrottleFirstThenPostcopyWhenBothAreAllowed) {
     auto c = strategy_config();
     c.allow_post_copy = true;

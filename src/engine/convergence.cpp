@@ -203,10 +203,12 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
     if (timeout) {
         // Post-copy needs a stream that moves: on a stalled one it would
         // strand the VM between two nodes, unable to abort.
-        if (can_postcopy && still < std::chrono::seconds(5))
+        if (can_postcopy && postcopy_ready_ && still < std::chrono::seconds(5))
             return to_postcopy(*timeout + "; switching to post-copy");
         std::string why = *timeout;
-        if (can_postcopy)
+        if (can_postcopy && !postcopy_ready_)
+            why += "; not switching to post-copy: " + postcopy_why_not_;
+        else if (can_postcopy)
             why += fmt::format("; not switching to post-copy: nothing sent for {:.1f} s", still.count() / 1000.0);
         d.fail = fmt::format("{}; {}; {}", why, rates(p, s.iteration), help_allowed());
         return d;
@@ -215,6 +217,11 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
     // The levers, once the first pass has measured the dirty rate, one
     // change per measurement.
     if (!p.known || p.converges || p.measured_pass <= acted_pass_)
+        return d;
+    // Post-copy is the lever and it is not ready: wait for it, acting at
+    // the next measurement.
+    if (can_postcopy && !postcopy_ready_ && downtime_ == cfg_.max_downtime_ms &&
+        (!cfg_.allow_auto_converge || throttle_ >= max_throttle))
         return d;
     acted_pass_ = p.measured_pass;
     if (downtime_ < cfg_.max_downtime_ms && at_max.converges) {
@@ -238,6 +245,11 @@ Decision Strategy::step(const Sample& s, const Prediction& p, const Prediction& 
         throttle_ = std::min(max_throttle, throttle.value_or(max_throttle));
         d.throttle_percent = throttle_;
         d.why = fmt::format("{}: throttling the vCPUs to {}%{}", rates(p, s.iteration), throttle_, also);
+        return d;
+    }
+    if (can_postcopy && !postcopy_ready_) {
+        d.why = fmt::format("{}: pre-copy will not converge{}; post-copy waits: {}", rates(p, s.iteration), also,
+                            postcopy_why_not_);
         return d;
     }
     if (can_postcopy) {

@@ -84,6 +84,13 @@ public:
     Decision step(const Sample& s, const Prediction& now, const Prediction& at_max);
     std::int64_t downtime_ms() const { return downtime_; }
     std::int64_t throttle_percent() const { return throttle_; }
+    // Whether post-copy may start now (a block migration's disks must be
+    // nearly in sync first); why_not says what it waits for. While not
+    // ready, post-copy is held back: the levers wait, a timeout fails.
+    void set_postcopy_ready(bool ready, std::string why_not = "") {
+        postcopy_ready_ = ready;
+        postcopy_why_not_ = std::move(why_not);
+    }
 
     static constexpr std::int64_t max_throttle = 99;
 
@@ -102,6 +109,8 @@ private:
     std::int64_t throttle_ = 0;
     std::int64_t acted_pass_ = 0; // one change per measurement: the next one shows its effect
     bool postcopy_ = false;
+    bool postcopy_ready_ = true;
+    std::string postcopy_why_not_;
 
     // Progress: the dirty set at each sync, and bytes moving at all.
     std::int64_t pass_ = -1;              // QEMU's dirty-sync-count last seen

@@ -619,12 +619,6 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
     if (target_peer)
         for (auto& d : vm->record.spec->disks)
             block = block || !d.shared;
-    if (block && req.allow_post_copy && *req.allow_post_copy)
-        return make_error(Errc::invalid_argument,
-                          fmt::format("VM {} has local disks: post-copy is not available for a migration that "
-                                      "moves disks (its RAM would be on two nodes while a disk is on one); the VM "
-                                      "stays on {}",
-                                      req.vm, config_.node.name));
     auto record = std::make_shared<Migration>();
     auto& m = *record;
     m.id = fmt::format("{}-{}", req.vm, random_suffix());
@@ -640,10 +634,8 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
         m.config.allow_auto_converge = *req.allow_auto_converge;
     if (req.allow_post_copy)
         m.config.allow_post_copy = *req.allow_post_copy;
-    if (block) {
+    if (block)
         m.method = "block";
-        m.config.allow_post_copy = false;
-    }
     m.created_at = now_string();
     vm->migration_id = m.id;
     migrations_[m.id] = record;

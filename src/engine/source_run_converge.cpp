@@ -42,6 +42,14 @@ asio::awaitable<Result<void>> SourceRun::converge(std::chrono::milliseconds elap
     if (m_.abort_requested)
         co_return Result<void>{};
 
+    // Post-copy moves RAM only: a block migration's disks must be nearly in
+    // sync first (their last round runs with the guest paused).
+    if (tail_ms > strategy.downtime_ms())
+        strategy.set_postcopy_ready(false, fmt::format("the disks' tail ({} bytes, {} ms) does not fit the downtime "
+                                                       "limit ({} ms)",
+                                                       tail, tail_ms, strategy.downtime_ms()));
+    else
+        strategy.set_postcopy_ready(true);
     auto d = strategy.step(sample, prediction, model_.predict(m_.config.max_downtime_ms));
     auto qmp = vm_->qemu.qmp;
     if (d.fail)

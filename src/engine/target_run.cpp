@@ -326,6 +326,11 @@ asio::awaitable<json> TargetRun::start() {
     // Post-copy: the source has stopped and sent the device state; the VM
     // runs here from now on and pulls missing pages from the source. (cont
     // before QEMU has loaded the device state just marks it to start then.)
+    // A block migration's disks came whole first (the source's last round
+    // ran before it let QEMU switch over), and their exports go.
+    auto disks = co_await wait_disks();
+    if (!disks.empty())
+        co_return error_message(disks);
     m_.mode = "postcopy"; // from now on a lost control channel does not drop it
     if (auto* record = node_.migration(m_.id)) {
         record->mode = "postcopy";
