@@ -372,6 +372,19 @@ format = ")" + format + R"("
             std::this_thread::sleep_for(50ms);
         ASSERT_NE(ferry::test::read_file(console).find("FERRY-DISK-HB"), std::string::npos) << "the guest never wrote";
     }
+    // On node-b after a block migration: the guest goes on writing its disk
+    // there, reading back what it wrote before the move, and its memory
+    // (`pages` of working set) verifies; then it is paused, so that its
+    // image can be read.
+    void expect_writer_arrived(int pages = 8192) {
+        std::this_thread::sleep_for(1500ms);
+        auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
+        EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
+        EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
+        auto check = check_memory(b(), pages);
+        EXPECT_EQ(check.status, 0) << check.out << check.err;
+        ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    }
     // Both nodes configured with `migration`, and a guest writing (`append`)
     // a 64 MiB sparse raw disk under disks-a (local_disk_).
     void start_raw_disk_writer(const std::string& migration, const std::string& append) {
@@ -660,15 +673,8 @@ void TwoNodes::block_migration(const std::string& format, const std::string& mig
     EXPECT_EQ(vm["status"], "running");
     auto dst = dir_ / ("disks-b/local." + format);
     EXPECT_EQ(vm["spec"]["disks"][0]["path"], dst);
-    // The guest goes on writing there, reading back what it wrote before the move.
-    std::this_thread::sleep_for(1500ms);
-    auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
-    EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
-    EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
-    auto check = check_memory(b());
-    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    ASSERT_NO_FATAL_FAILURE(expect_writer_arrived());
     // The image there, read with the guest paused, holds every write.
-    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
     auto image = dst;
     if (format != "raw") {
         image = dir_ / "dst-as.raw";
@@ -941,13 +947,7 @@ TEST_F(TwoNodes, ADiskWriterFasterThanTheLinkIsCappedAndTheMigrationFinishes) {
     EXPECT_GT(cap, 0u) << done.dump(2);
     EXPECT_LT(cap, 4u << 20) << done.dump(2);
     EXPECT_NE(ferry::test::read_file(dir_ / "node-a.log").find("disk writes capped at"), std::string::npos);
-    std::this_thread::sleep_for(1000ms);
-    auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
-    EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
-    EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
-    auto check = check_memory(b(), 1024);
-    EXPECT_EQ(check.status, 0) << check.out << check.err;
-    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    ASSERT_NO_FATAL_FAILURE(expect_writer_arrived(1024));
     auto verified = ferry::guest::verify_disk_image(dst, sectors);
     EXPECT_TRUE(verified) << verified.error().message;
 }
@@ -1043,13 +1043,7 @@ TEST_F(TwoNodes, PostCopyMovesAVmOnALocalDiskOnceTheDiskIsInSync) {
     ASSERT_NE(synced, std::string::npos) << log;
     ASSERT_NE(started, std::string::npos) << log;
     EXPECT_LT(synced, started);
-    std::this_thread::sleep_for(1000ms);
-    auto console = ferry::test::read_file(dir_ / "state-b/vms/demo/console.log");
-    EXPECT_NE(console.find("FERRY-DISK-HB"), std::string::npos) << console;
-    EXPECT_EQ(console.find("FERRY-DISK-BAD"), std::string::npos) << console;
-    auto check = check_memory(b());
-    EXPECT_EQ(check.status, 0) << check.out << check.err;
-    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    ASSERT_NO_FATAL_FAILURE(expect_writer_arrived());
     auto verified = ferry::guest::verify_disk_image(dir_ / "disks-b/local.raw", sectors);
     EXPECT_TRUE(verified) << verified.error().message;
 }
