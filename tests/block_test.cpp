@@ -707,3 +707,22 @@ TEST_F(QemuBlockTest, AWriteCapKeepsTheDisksOwnLimitsAndComesOffCleanly) {
     ASSERT_TRUE(off);
     EXPECT_FALSE(off->limits.contains("group")) << off->limits.dump();
 }
+
+// A tool that hangs is killed, with what it started, and named; one that
+// exits leaving a child behind on its output is done when it exits.
+TEST(RunTool, AHungToolIsKilledAfterItsTimeout) {
+    auto hung = run_tool({"sh", "-c", "echo started; sleep 600 & sleep 600"}, std::chrono::seconds(1));
+    ASSERT_FALSE(hung);
+    EXPECT_NE(hung.error().message.find("sh did not finish within 1 s and was killed"), std::string::npos)
+        << hung.error().message;
+    auto left = sh("pgrep -f 'slee[p] 600' >/dev/null");
+    EXPECT_NE(left, 0) << "the tool's child outlived it";
+    auto quick = run_tool({"sh", "-c", "echo done; sleep 600 &"}, std::chrono::seconds(30));
+    ASSERT_TRUE(quick) << quick.error().message;
+    EXPECT_EQ(*quick, "done\n");
+    std::system("pkill -f 'slee[p] 600'");
+    auto failed = run_tool({"sh", "-c", "echo nope >&2; exit 3"});
+    ASSERT_FALSE(failed);
+    EXPECT_NE(failed.error().message.find("sh failed (exit status 3): nope"), std::string::npos)
+        << failed.error().message;
+}

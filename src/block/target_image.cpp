@@ -5,7 +5,9 @@
 
 #include <cerrno>
 #include <cstring>
+#include <csignal>
 #include <fcntl.h>
+#include <poll.h>
 #include <filesystem>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -28,7 +30,7 @@ std::string shell_quote(const std::string& s) {
     return out + "'";
 }
 
-Result<std::string> run_tool(const std::vector<std::string>& argv) {
+Result<std::string> run_tool(const std::vector<std::string>& argv, std::chrono::seconds timeout) {
     int pipefd[2];
     if (::pipe2(pipefd, O_CLOEXEC) < 0)
         return make_error(Errc::io, fmt::format("{}: pipe: {}", argv[0], std::strerror(errno)));
@@ -41,9 +43,15 @@ Result<std::string> run_tool(const std::vector<std::string>& argv) {
     for (auto& a : argv)
         args.push_back(const_cast<char*>(a.c_str()));
     args.push_back(nullptr);
+    // Its own process group, so that a timeout reaches what it started.
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP);
+    posix_spawnattr_setpgroup(&attr, 0);
     pid_t pid = -1;
-    int rc = ::posix_spawnp(&pid, argv[0].c_str(), &actions, nullptr, args.data(), environ);
+    int rc = ::posix_spawnp(&pid, argv[0].c_str(), &actions, &attr, args.data(), environ);
     posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
     ::close(pipefd[1]);
     if (rc != 0) {
         ::close(pipefd[0]);
@@ -51,7 +59,27 @@ Result<std::string> run_tool(const std::vector<std::string>& argv) {
     }
     std::string out;
     char buf[4096];
+    auto deadline = std::chrono::steady_clock::now() + timeout;
+    bool timed_out = false, reaped = false;
+    int status = 0;
     for (;;) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        pollfd p{pipefd[0], POLLIN, 0};
+        int ready = left.count() > 0 ? ::poll(&p, 1, static_cast<int>(std::min<std::int64_t>(left.count(), 1000))) : 0;
+        if (ready < 0 && errno == EINTR)
+            continue;
+        if (ready == 0) {
+            // Exited, and something it left behind holds the pipe: done.
+            if (::waitpid(pid, &status, WNOHANG) == pid) {
+                reaped = true;
+                break;
+            }
+            if (std::chrono::steady_clock::now() < deadline)
+                continue;
+            timed_out = true;
+            ::kill(-pid, SIGKILL);
+            break;
+        }
         auto n = ::read(pipefd[0], buf, sizeof buf);
         if (n < 0 && errno == EINTR)
             continue;
@@ -61,9 +89,11 @@ Result<std::string> run_tool(const std::vector<std::string>& argv) {
             out.append(buf, static_cast<std::size_t>(n));
     }
     ::close(pipefd[0]);
-    int status = 0;
-    while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    while (!reaped && ::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
     }
+    if (timed_out)
+        return make_error(Errc::timeout, fmt::format("{} did not finish within {} s and was killed", argv[0],
+                                                     timeout.count()));
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) {
         while (!out.empty() && (out.back() == '\n' || out.back() == ' '))
             out.pop_back();

@@ -6,6 +6,7 @@
 #include "common/error.hpp"
 
 #include <cstdint>
+#include <chrono>
 #include <string>
 #include <vector>
 
@@ -37,8 +38,11 @@ Result<PreparedImage> prepare_target_image(const std::string& path, const std::s
 bool image_in_use(const std::string& path);
 
 // Runs argv[0] (searched in PATH) and returns what it printed on stdout and
-// stderr; a failure names the program, its exit status and its output.
-Result<std::string> run_tool(const std::vector<std::string>& argv);
+// stderr; a failure names the program, its exit status and its output. One
+// that has not finished within `timeout` is killed with everything it
+// started (its own process group), and that is the failure.
+Result<std::string> run_tool(const std::vector<std::string>& argv,
+                             std::chrono::seconds timeout = std::chrono::seconds(300));
 
 // 'it''s' quoting for /bin/sh.
 std::string shell_quote(const std::string& s);
