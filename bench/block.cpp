@@ -113,6 +113,11 @@ Result<Image> make_image(const std::string& dir, const std::string& kind, std::u
     }
     if (kind == "qcow2") {
         auto path = dir + "/full.qcow2";
+        // Made from the full raw image: again when that is made again.
+        bool stale = fs::exists(path) && (!fs::exists(raw_full) || fs::file_size(raw_full) != size ||
+                                          fs::last_write_time(path) < fs::last_write_time(raw_full));
+        if (stale)
+            fs::remove(path);
         if (!fs::exists(path)) {
             auto r = ensure_full();
             if (!r)
@@ -282,19 +287,23 @@ asio::awaitable<Result<void>> qemu_mirror(std::shared_ptr<qmp::Client> qmp, json
     co_return Result<void>{};
 }
 
-asio::awaitable<void> receive(engine::DiskReceiver* r, std::shared_ptr<std::optional<Result<void>>> out) {
-    *out = co_await r->run();
-}
+asio::awaitable<Result<void>> receive(engine::DiskReceiver* r) { co_return co_await r->run(); }
 
-// node-b's data plane: in ferryd each node has its own thread for TLS, so
-// the two ends of the channel must not share one here.
+// A thread of node-b's ferryd: as on two nodes, the receiving end never
+// shares a thread with the sending one.
+struct Plane {
+    asio::io_context io{1};
+    asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
+    std::thread thread{[this] { io.run(); }};
+};
+// node-b's data plane (its end of the TLS channel).
 asio::any_io_executor far_plane() {
-    struct Plane {
-        asio::io_context io{1};
-        asio::executor_work_guard<asio::io_context::executor_type> work{io.get_executor()};
-        std::thread thread{[this] { io.run(); }};
-    };
     static auto* plane = new Plane; // never destroyed, like the data plane
+    return plane->io.get_executor();
+}
+// node-b's main thread (its disk receiver).
+asio::any_io_executor far_main() {
+    static auto* plane = new Plane;
     return plane->io.get_executor();
 }
 
@@ -388,7 +397,7 @@ Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Imag
             nbd = serve_target(dir, target, img.format);
             nbd_target = engine::NbdTarget{dir + "/dst-nbd.sock", "t"};
         }
-        engine::DiskStream a(io), b(io);
+        engine::DiskStream a(io), b(far_main());
         if (tls) {
             // Each end's stream goes through its channel end, as in ferryd.
             auto pair = tls_pair(dir);
@@ -411,10 +420,9 @@ Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Imag
         engine::DiskSender sender(src->qmp, "ferry-bench", dir + "/src-nbd.sock",
                                   {{0, img.path, img.format, size, "disk0"}}, std::move(a));
         engine::DiskReceiver receiver({{0, target, img.format, size, ""}}, {nbd_target}, std::move(b));
-        auto received = std::make_shared<std::optional<Result<void>>>();
         if (!tls)
             t0 = std::chrono::steady_clock::now();
-        asio::co_spawn(io, receive(&receiver, received), asio::detached);
+        auto received = asio::co_spawn(far_main(), receive(&receiver), asio::use_future);
         r = run_sync(io, sender.start());
         if (r) {
             auto round = run_sync(io, sender.round()); // acknowledged once flushed
@@ -422,10 +430,9 @@ Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Imag
                 r = round.error();
         }
         run_sync(io, sender.finish());
-        while (!*received)
-            io.run_one_for(20ms);
-        if (r && !**received)
-            r = (*received)->error();
+        auto got = received.get();
+        if (r && !got)
+            r = got.error();
         reap(nbd);
         s.ms = since_ms(t0);
         s.sent = sender.totals()[0].data_bytes;
