@@ -609,6 +609,26 @@ TEST(MigrationObject, CarriesTheDesignFields) {
     EXPECT_EQ(back.phase, Phase::Pending);
 }
 
+// What a restarted ferryd needs of a block migration survives the record:
+// the limits the disk throttle replaced, and whether post-copy went past
+// the switchover (a record from before that field counts as gone past).
+TEST(MigrationObject, KeepsWhatARestartNeeds) {
+    Migration m;
+    m.id = "x";
+    m.mode = "postcopy";
+    m.saved_io_limits.push_back({{"device", "disk0-dev"}, {"limits", {{"bps_wr", 0}, {"iops_rd", 500}}}});
+    m.saved_io_limits.push_back({{"device", 7}}); // not a record ferry wrote: dropped
+    nlohmann::json j = m;
+    auto back = j.get<Migration>();
+    ASSERT_EQ(back.saved_io_limits.size(), 1u);
+    EXPECT_EQ(back.saved_io_limits[0]["limits"]["iops_rd"], 500);
+    EXPECT_FALSE(back.postcopy_continued);
+    j.erase("postcopy_continued");
+    EXPECT_TRUE(j.get<Migration>().postcopy_continued);
+    j["mode"] = "precopy";
+    EXPECT_FALSE(j.get<Migration>().postcopy_continued);
+}
+
 // --- integration: real QEMU -------------------------------------------------
 
 namespace {

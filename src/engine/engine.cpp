@@ -330,6 +330,8 @@ asio::awaitable<void> Engine::reattach(std::shared_ptr<Vm> vm) {
 
 asio::awaitable<void> Engine::recover_migration(Migration m) {
     engine_log()->warn("migration {}: interrupted by a ferryd restart; cleaning up", m.id);
+    if (m.mode == "postcopy" && !m.postcopy_continued)
+        m.mode = "precopy"; // asked of QEMU, but it never went past pre-switchover: cancel as below
     if (m.mode == "postcopy") {
         // The VM ran on the target already: the source must never resume.
         // (Surviving a ferryd restart in post-copy is not supported yet.)
@@ -368,15 +370,18 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
         co_await qmp.execute("migrate_cancel");
         // A block migration's bitmaps, exports and NBD server.
         block::QemuBlock block(it->second->qemu.qmp);
+        json left = json::array();
         for (auto& saved : m.saved_io_limits) {
             auto device = saved["device"].get<std::string>();
             auto r = co_await block.set_io_limits(device, saved["limits"]);
-            if (!r)
+            if (!r) {
                 engine_log()->warn("migration {}: restoring the I/O limits of {}: {}", m.id, device, r.error().message);
-            else
+                left.push_back(saved);
+            } else {
                 engine_log()->info("migration {}: restored the I/O limits of {}", m.id, device);
+            }
         }
-        m.saved_io_limits = json::array();
+        m.saved_io_limits = std::move(left);
         auto swept = co_await block.sweep("ferry-" + m.id, true);
         if (!swept)
             engine_log()->warn("migration {}: cleaning up the source QEMU: {}", m.id, swept.error().message);

@@ -69,6 +69,7 @@ void to_json(json& j, const Migration& m) {
         {"phase", to_string(m.phase)},
         {"mode", m.mode},
         {"method", m.method},
+        {"postcopy_continued", m.postcopy_continued},
         {"policy", opt(m.policy)},
         {"config", m.config},
         {"created_at", m.created_at},
@@ -110,6 +111,8 @@ void from_json(const json& j, Migration& m) {
     m.target_node = j.value("target_node", "");
     m.phase = phase_from_string(j.value("phase", "Failed")).value_or(Phase::Failed);
     m.mode = j.value("mode", "precopy");
+    // A record from before this field: post-copy counts as under way.
+    m.postcopy_continued = j.value("postcopy_continued", m.mode == "postcopy");
     m.method = j.value("method", "live");
     m.policy = get_opt<std::string>(j, "policy");
     if (auto c = j.find("config"); c != j.end()) {

@@ -70,6 +70,10 @@ struct Migration {
     Phase phase = Phase::Pending;
     std::string mode = "precopy"; // precopy | postcopy
     std::string method = "live";  // live | block
+    // Post-copy asked of QEMU (mode "postcopy") is not yet post-copy under
+    // way: until the source lets QEMU continue past pre-switchover the
+    // guest has not left, and a failure (or a restart) resumes it there.
+    bool postcopy_continued = false;
     std::optional<std::string> policy;
     config::MigrationConfig config;
     std::string created_at;

@@ -84,6 +84,7 @@ private:
     std::uint64_t copy_rate_bps_ = 0;
     DiskThrottle throttle_;
     std::uint64_t tail_budget_ = 0;
+    bool cap_failed_ = false; // QEMU refused the cap: not tried again
     boost::asio::steady_timer idle_; // the background loop's pause, and its end
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };

@@ -244,6 +244,11 @@ asio::awaitable<Result<void>> SourceRun::switch_over() {
             co_await cancel_source();
             co_return ready;
         }
+        if (m_.mode == "postcopy") {
+            // From here the guest may start on the target: never resume it here.
+            m_.postcopy_continued = true;
+            node_.persist(m_);
+        }
         json continue_args{{"state", "pre-switchover"}};
         auto cont = co_await qmp->execute("migrate-continue", continue_args);
         if (!cont)
@@ -330,9 +335,13 @@ asio::awaitable<void> SourceRun::ensure_source_running() {
 asio::awaitable<void> SourceRun::fail(const Error& error) {
     engine_log()->warn("migration {}: failed: {}", m_.id, error.message);
     // In post-copy the guest ran on the destination: the source's copy is
-    // stale and must not run again.
-    if (m_.mode == "postcopy")
+    // stale and must not run again. Post-copy asked for but not continued
+    // past pre-switchover (a block migration's last disk round failed) has
+    // not left: the source resumes.
+    if (m_.mode == "postcopy" && m_.postcopy_continued)
         source_was_running_ = false;
+    else if (m_.mode == "postcopy")
+        m_.mode = "precopy";
     co_await destination_->discard();
     co_await ensure_source_running();
     if (vm_->qemu.qmp)

@@ -7,7 +7,6 @@
 
 #include <fmt/format.h>
 
-#include <cstdlib>
 
 namespace ferry::engine {
 
@@ -30,11 +29,22 @@ asio::awaitable<Result<void>> SourceRun::converge(std::chrono::milliseconds elap
     if (tail != 0 && prediction.transfer_rate_bps != 0) {
         tail_ms = static_cast<std::int64_t>((tail * 1000 + prediction.transfer_rate_bps - 1) /
                                             prediction.transfer_rate_bps);
-        // Half the largest downtime is the disks' (the disk throttle keeps them there).
-        destination_->set_disk_tail_budget(static_cast<std::uint64_t>(m_.config.max_downtime_ms) *
+        // Half of the downtime now allowed is the disks' (the disk throttle
+        // keeps them there).
+        destination_->set_disk_tail_budget(static_cast<std::uint64_t>(strategy.downtime_ms()) *
                                            prediction.transfer_rate_bps / 2000);
     }
-    p.expected_downtime_ms = prediction.expected_downtime_ms + tail_ms;
+    // The strategy judges RAM and the disks' tail together: a tail that
+    // does not fit makes pre-copy "not converging", so the downtime limit
+    // rises (up to max_downtime_ms) where that is enough.
+    auto at_max = model_.predict(m_.config.max_downtime_ms);
+    if (tail_ms != 0) {
+        for (auto* pr : {&prediction, &at_max})
+            pr->expected_downtime_ms += tail_ms;
+        prediction.converges = prediction.converges && prediction.expected_downtime_ms <= strategy.downtime_ms();
+        at_max.converges = at_max.converges && at_max.expected_downtime_ms <= m_.config.max_downtime_ms;
+    }
+    p.expected_downtime_ms = prediction.expected_downtime_ms;
     p.time_left_ms = prediction.time_left_ms;
     p.converging = prediction.known ? std::optional<bool>(prediction.converges) : std::nullopt;
     p.downtime_limit_ms = strategy.downtime_ms();
@@ -50,27 +60,26 @@ asio::awaitable<Result<void>> SourceRun::converge(std::chrono::milliseconds elap
                                                        tail, tail_ms, strategy.downtime_ms()));
     else
         strategy.set_postcopy_ready(true);
-    auto d = strategy.step(sample, prediction, model_.predict(m_.config.max_downtime_ms));
+    auto d = strategy.step(sample, prediction, at_max);
     auto qmp = vm_->qemu.qmp;
     if (d.fail)
         co_return make_error(Errc::timeout, *d.fail);
     if (d.downtime_limit_ms)
         p.downtime_limit_ms = *d.downtime_limit_ms;
     // QEMU switches over once its RAM fits its downtime-limit: what the
-    // disks' tail leaves of ferry's (at least 1 ms, so QEMU holds the
-    // switchover while the tail alone is too large).
-    auto for_qemu = std::max<std::int64_t>(1, strategy.downtime_ms() - tail_ms);
-    // Not for every wobble of the tail: a tenth, or crossing 1 ms.
-    auto moved = std::abs(for_qemu - qemu_downtime_ms_);
-    if (moved != 0 && (d.downtime_limit_ms || moved * 10 >= qemu_downtime_ms_ || for_qemu == 1 ||
-                       qemu_downtime_ms_ == 1)) {
+    // disks' tail leaves of ferry's (0 while the tail alone is too large:
+    // QEMU then switches only at a pass with nothing left to send).
+    auto for_qemu = std::max<std::int64_t>(0, strategy.downtime_ms() - tail_ms);
+    // Lowered at once; raised not for every wobble of the tail, but by a tenth.
+    auto moved = for_qemu - qemu_downtime_ms_;
+    if (moved < 0 || (moved > 0 && (d.downtime_limit_ms || moved * 10 >= qemu_downtime_ms_ || qemu_downtime_ms_ == 0))) {
         json params{{"downtime-limit", for_qemu}};
         auto set = co_await qmp->execute("migrate-set-parameters", params);
         if (!set)
             co_return set.error().wrap("setting the downtime limit");
-        if (tail_ms != 0 && (for_qemu == 1) != (qemu_downtime_ms_ == 1))
+        if (tail_ms != 0 && (for_qemu == 0) != (qemu_downtime_ms_ == 0))
             engine_log()->info("migration {}: {}", m_.id,
-                               for_qemu == 1 ? fmt::format("the disks' tail ({} bytes, {} ms) does not fit the "
+                               for_qemu == 0 ? fmt::format("the disks' tail ({} bytes, {} ms) does not fit the "
                                                            "downtime limit ({} ms): the switchover waits",
                                                            tail, tail_ms, strategy.downtime_ms())
                                              : std::string("the disks' tail fits the downtime limit again"));
