@@ -547,6 +547,10 @@ TEST(DiskThrottle, SizedFromTheRatesThenHalvedToAFloor) {
     // round): the cap is half the writer's rate.
     DiskThrottle slow(8 << 20);
     EXPECT_EQ(slow.after_round({20 << 20, 20 << 20, 10000ms}).value_or(0), 1u << 20);
+    // A round that sent only zero records (the guest discarded): sized from
+    // what the guest wrote.
+    DiskThrottle zeros(8 << 20);
+    EXPECT_EQ(zeros.after_round({0, 20 << 20, 10000ms}).value_or(0), 1u << 20);
 }
 
 // What a peer's prepare may ask of the target's disks: each a local disk of

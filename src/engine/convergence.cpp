@@ -273,7 +273,8 @@ std::optional<std::uint64_t> DiskThrottle::after_round(const Round& r) {
         auto ms = static_cast<std::uint64_t>(std::max<std::int64_t>(r.took.count(), 1));
         auto copy_rate = r.copied * 1000 / ms;
         auto write_rate = r.dirty * 1000 / ms;
-        next = std::min(copy_rate, write_rate) / 2;
+        // A round of zero records alone measured no copy rate.
+        next = (copy_rate != 0 ? std::min(copy_rate, write_rate) : write_rate) / 2;
     } else {
         next = cap_ / 2;
     }

@@ -4,6 +4,7 @@
 
 #include "engine/async.hpp"
 #include "engine/process.hpp"
+#include "engine/source_disks.hpp"
 #include "engine/source_run.hpp"
 #include "engine/store.hpp"
 #include "engine/target_run.hpp"
@@ -370,18 +371,7 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
         co_await qmp.execute("migrate_cancel");
         // A block migration's bitmaps, exports and NBD server.
         block::QemuBlock block(it->second->qemu.qmp);
-        json left = json::array();
-        for (auto& saved : m.saved_io_limits) {
-            auto device = saved["device"].get<std::string>();
-            auto r = co_await block.set_io_limits(device, saved["limits"]);
-            if (!r) {
-                engine_log()->warn("migration {}: restoring the I/O limits of {}: {}", m.id, device, r.error().message);
-                left.push_back(saved);
-            } else {
-                engine_log()->info("migration {}: restored the I/O limits of {}", m.id, device);
-            }
-        }
-        m.saved_io_limits = std::move(left);
+        co_await restore_io_limits(it->second->qemu.qmp, m);
         auto swept = co_await block.sweep("ferry-" + m.id, true);
         if (!swept)
             engine_log()->warn("migration {}: cleaning up the source QEMU: {}", m.id, swept.error().message);

@@ -76,6 +76,10 @@ asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address,
                                                 std::shared_ptr<transport::TokenBucket> bucket) {
     auto& m = run_.migration();
     auto& node = run_.node();
+    // Until RAM measures the link: half of the largest downtime at the
+    // migration's bandwidth is the disks' tail budget.
+    if (auto rate = bucket ? bucket->rate() : 0; rate != 0)
+        tail_budget_ = static_cast<std::uint64_t>(m.config.max_downtime_ms) * rate / 2000;
     auto channel = co_await transport::open_data(transport::data_plane(), peer_address, m.target_node, token,
                                                  node.tls());
     if (!channel)
@@ -112,7 +116,11 @@ asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address,
         if (!*r)
             co_return *r;
         auto dirty = m.progress.disks->remaining_bytes;
-        if (dirty <= in_sync_bytes || (i > 0 && dirty >= last))
+        // While the disk throttle can still bring the tail under its budget,
+        // RAM waits (QEMU may switch over whenever its RAM is sent).
+        bool capping = m.config.allow_auto_converge && tail_budget_ != 0 && dirty > tail_budget_ &&
+                       !throttle_.at_floor() && !cap_failed_;
+        if (!capping && (dirty <= in_sync_bytes || (i > 0 && dirty >= last)))
             break; // in sync, or not getting closer: the rest goes with RAM
         last = dirty;
     }
@@ -143,7 +151,8 @@ asio::awaitable<Result<void>> SourceDisks::one_round() {
     // that is more than fits a last round.
     auto took_ms = static_cast<std::uint64_t>(std::max<std::int64_t>(r->took.count(), 1));
     copy_rate_bps_ = r->data_bytes * 1000 / took_ms;
-    DiskThrottle::Round round{r->data_bytes + r->zero_bytes, dirty ? *dirty : 0, r->took};
+    // Zero records cost next to nothing: the data is what a round copies.
+    DiskThrottle::Round round{r->data_bytes, dirty ? *dirty : 0, r->took};
     round.over_budget = tail_budget_ != 0 && round.dirty > tail_budget_;
     if (dirty && throttle_.behind(round)) {
         if (!behind_since_)
@@ -268,11 +277,8 @@ asio::awaitable<Result<void>> SourceDisks::throttle(const DiskThrottle::Round& r
     co_return Result<void>{};
 }
 
-asio::awaitable<void> SourceDisks::restore_limits() {
-    auto& m = run_.migration();
-    if (m.saved_io_limits.empty())
-        co_return;
-    block::QemuBlock qemu(run_.vm().qemu.qmp);
+asio::awaitable<void> restore_io_limits(std::shared_ptr<qmp::Client> qmp, Migration& m) {
+    block::QemuBlock qemu(std::move(qmp));
     json left = json::array();
     for (auto& saved : m.saved_io_limits) {
         auto device = saved["device"].get<std::string>();
@@ -280,9 +286,18 @@ asio::awaitable<void> SourceDisks::restore_limits() {
         if (!r) {
             engine_log()->warn("migration {}: restoring the I/O limits of {}: {}", m.id, device, r.error().message);
             left.push_back(saved);
+        } else {
+            engine_log()->info("migration {}: restored the I/O limits of {}", m.id, device);
         }
     }
     m.saved_io_limits = std::move(left);
+}
+
+asio::awaitable<void> SourceDisks::restore_limits() {
+    auto& m = run_.migration();
+    if (m.saved_io_limits.empty())
+        co_return;
+    co_await restore_io_limits(run_.vm().qemu.qmp, m);
     run_.node().persist(m);
 }
 

@@ -23,6 +23,10 @@ namespace ferry::engine {
 
 class SourceRun;
 
+// Puts back the I/O limits a disk throttle replaced (m.saved_io_limits),
+// keeping in the list those QEMU refused (each logged).
+boost::asio::awaitable<void> restore_io_limits(std::shared_ptr<qmp::Client> qmp, Migration& m);
+
 class SourceDisks {
 public:
     explicit SourceDisks(SourceRun& run);
