@@ -283,4 +283,3 @@ std::optional<std::uint64_t> DiskThrottle::after_round(const Round& r) {
 }
 
 } // namespace ferry::engine
-

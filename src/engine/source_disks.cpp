@@ -118,8 +118,7 @@ asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address,
         auto dirty = m.progress.disks->remaining_bytes;
         // While the disk throttle can still bring the tail under its budget,
         // RAM waits (QEMU may switch over whenever its RAM is sent).
-        bool capping = m.config.allow_auto_converge && tail_budget_ != 0 && dirty > tail_budget_ &&
-                       !throttle_.at_floor() && !cap_failed_;
+        bool capping = may_cap() && over_budget(dirty);
         if (!capping && (dirty <= in_sync_bytes || (i > 0 && dirty >= last)))
             break; // in sync, or not getting closer: the rest goes with RAM
         last = dirty;
@@ -153,25 +152,23 @@ asio::awaitable<Result<void>> SourceDisks::one_round() {
     copy_rate_bps_ = r->data_bytes * 1000 / took_ms;
     // Zero records cost next to nothing: the data is what a round copies.
     DiskThrottle::Round round{r->data_bytes, dirty ? *dirty : 0, r->took};
-    round.over_budget = tail_budget_ != 0 && round.dirty > tail_budget_;
+    round.over_budget = over_budget(round.dirty);
     if (dirty && throttle_.behind(round)) {
         if (!behind_since_)
             behind_since_ = std::chrono::steady_clock::now();
     } else {
         behind_since_.reset();
     }
-    if (dirty && (throttle_.behind(round) || round.over_budget)) {
-        if (m.config.allow_auto_converge && !throttle_.at_floor() && !cap_failed_) {
-            // A cap that cannot be set is a lever less, not a failure: the
-            // progress timeout still judges the rounds.
-            auto capped = co_await throttle(round);
-            if (!capped) {
-                cap_failed_ = true;
-                engine_log()->warn("migration {}: capping the guest's disk writes: {}; going on without a cap", m.id,
-                                   capped.error().message);
-            } else if (behind_since_) {
-                behind_since_ = std::chrono::steady_clock::now(); // the new cap gets its time
-            }
+    if (dirty && may_cap()) {
+        // A cap that cannot be set is a lever less, not a failure: the
+        // progress timeout still judges the rounds.
+        auto capped = co_await throttle(round);
+        if (!capped) {
+            cap_failed_ = true;
+            engine_log()->warn("migration {}: capping the guest's disk writes: {}; going on without a cap", m.id,
+                               capped.error().message);
+        } else if (*capped && behind_since_) {
+            behind_since_ = std::chrono::steady_clock::now(); // the new cap gets its time
         }
     }
     engine_log()->debug("migration {}: disk round {}: {} bytes data, {} zero, {} ms; {} dirty since", m.id, r->round,
@@ -242,11 +239,15 @@ std::optional<Error> SourceDisks::failed(std::int64_t progress_timeout) const {
                                   mib(d.remaining_bytes), d.rounds, help));
 }
 
-asio::awaitable<Result<void>> SourceDisks::throttle(const DiskThrottle::Round& round) {
+bool SourceDisks::may_cap() const {
+    return run_.migration().config.allow_auto_converge && !throttle_.at_floor() && !cap_failed_;
+}
+
+asio::awaitable<Result<bool>> SourceDisks::throttle(const DiskThrottle::Round& round) {
     auto& m = run_.migration();
     auto cap = throttle_.after_round(round);
     if (!cap)
-        co_return Result<void>{};
+        co_return ok(false);
     block::QemuBlock qemu(run_.vm().qemu.qmp);
     // Shared evenly: the rates are the disks' together.
     auto each = std::max<std::uint64_t>(*cap / disks_.size(), 1);
@@ -274,7 +275,7 @@ asio::awaitable<Result<void>> SourceDisks::throttle(const DiskThrottle::Round& r
                        "bytes/s): disk writes capped at {} bytes/s",
                        m.id, round.dirty * 1000 / std::max<std::int64_t>(round.took.count(), 1),
                        m.progress.disks->rounds, copy_rate_bps_, *cap);
-    co_return Result<void>{};
+    co_return ok(true);
 }
 
 asio::awaitable<void> restore_io_limits(std::shared_ptr<qmp::Client> qmp, Migration& m) {

@@ -71,7 +71,11 @@ private:
     void record_results();
     // allow_auto_converge: caps the guest's disk writes when a round fell
     // behind (DiskThrottle), saving the limits it replaces in the record.
-    boost::asio::awaitable<Result<void>> throttle(const DiskThrottle::Round& round);
+    // Whether it changed the cap.
+    boost::asio::awaitable<Result<bool>> throttle(const DiskThrottle::Round& round);
+    // The disk throttle may still act (allowed, above its floor, not refused).
+    bool may_cap() const;
+    bool over_budget(std::uint64_t dirty) const { return tail_budget_ != 0 && dirty > tail_budget_; }
     // Puts back the limits the cap replaced (idempotent).
     boost::asio::awaitable<void> restore_limits();
 
