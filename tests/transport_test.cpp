@@ -83,7 +83,8 @@ TEST(Frame, RejectsOversizeAndGarbage) {
 TEST(DiskRecord, RoundTripsEveryKind) {
     using K = DiskRecordKind;
     for (auto r : {DiskRecord{K::data, 3, 1, 4096, max_disk_payload, 2}, DiskRecord{K::zero, 0, 2, 1ULL << 40, 1ULL << 33, 7},
-                   DiskRecord{K::round_end, 63, 3, 0, 0, 9}, DiskRecord{K::ack, 0, ~0ULL, 0, 0, 0}}) {
+                   DiskRecord{K::round_end, 63, 3, 0, 0, 9}, DiskRecord{K::ack, 0, ~0ULL, 0, 0, 0},
+                   DiskRecord{K::end, 0, 5, 0, 0, 0}}) {
         auto bytes = encode_disk_record(r);
         auto back = decode_disk_record(bytes);
         ASSERT_TRUE(back) << back.error().message;
@@ -104,6 +105,7 @@ TEST(DiskRecord, RejectsWhatAHeaderCanGetWrong) {
     EXPECT_NE(why({K::data, 0, 1, 0, max_disk_payload + 1, 1}).find("a data record of"), std::string::npos);
     EXPECT_NE(why({K::zero, 0, 1, 0, 0, 1}).find("empty zero record"), std::string::npos);
     EXPECT_NE(why({K::ack, 0, 1, 5, 0, 1}).find("ack record with an offset"), std::string::npos);
+    EXPECT_NE(why({K::end, 0, 1, 0, 7, 0}).find("end record with an offset or length"), std::string::npos);
     EXPECT_NE(why({K::zero, 0, 1, ~0ULL - 10, 4096, 1}).find("overflows"), std::string::npos);
     EXPECT_NE(why({K::zero, max_disks, 1, 0, 1, 1}).find("at most 64 disks"), std::string::npos);
     EXPECT_NE(why({K::zero, 0, 1, 0, 1, 1}, [](auto& b) { b[0] = std::byte{'X'}; }).find("bad magic"),

@@ -30,6 +30,7 @@ std::string_view to_string(DiskRecordKind kind) {
     case DiskRecordKind::zero: return "zero";
     case DiskRecordKind::round_end: return "round_end";
     case DiskRecordKind::ack: return "ack";
+    case DiskRecordKind::end: return "end";
     }
     return "?";
 }
@@ -56,7 +57,7 @@ Result<DiskRecord> decode_disk_record(std::span<const std::byte> in) {
         return bad("reserved bytes are not zero");
     DiskRecord r;
     auto kind = static_cast<std::uint8_t>(in[2]);
-    if (kind < 1 || kind > 4)
+    if (kind < 1 || kind > 5)
         return bad(fmt::format("unknown record kind {}", kind));
     r.kind = static_cast<DiskRecordKind>(kind);
     r.disk = get<std::uint32_t>(in, 4);
@@ -77,6 +78,7 @@ Result<DiskRecord> decode_disk_record(std::span<const std::byte> in) {
         break;
     case DiskRecordKind::round_end:
     case DiskRecordKind::ack:
+    case DiskRecordKind::end:
         if (r.length != 0 || r.offset != 0)
             return bad(fmt::format("a {} record with an offset or length", to_string(r.kind)));
         break;

@@ -8,9 +8,11 @@
 //   8  seq (u64)       16 offset (u64) 24 length (u64)
 //   32 round (u32)     36 reserved (0)
 //
-// seq numbers the source's records of one migration from 1; an ack names
-// the highest seq the target has written (and, for round_end, flushed), so
-// a stream cut mid-round resumes after it.
+// seq numbers the source's records of one migration from 1, without gaps;
+// an ack names the highest seq the target has written (and, for round_end,
+// flushed). A stream cut before `end` is broken, not finished: on the new
+// stream the source dials, the target's first word is an ack naming the
+// last record it has, and the source goes on after it.
 #include "common/error.hpp"
 
 #include <array>
@@ -26,6 +28,7 @@ enum class DiskRecordKind : std::uint8_t {
     zero = 2,      // [offset, offset + length) reads as zeros
     round_end = 3, // round `round` of disk `disk` is complete: flush, then ack
     ack = 4,       // target -> source: every record up to `seq` is written
+    end = 5,       // the source is done: every round is complete, the stream ends
 };
 
 struct DiskRecord {
