@@ -721,6 +721,14 @@ TEST(RunTool, AHungToolIsKilledAfterItsTimeout) {
     ASSERT_TRUE(quick) << quick.error().message;
     EXPECT_EQ(*quick, "done\n");
     std::system("pkill -f 'slee[p] 600'");
+    // One that closes its output and then hangs gets its timeout too.
+    auto start = std::chrono::steady_clock::now();
+    auto silent = run_tool({"sh", "-c", "exec >/dev/null 2>&1; sleep 601"}, std::chrono::seconds(1));
+    ASSERT_FALSE(silent);
+    EXPECT_NE(silent.error().message.find("did not finish within 1 s and was killed"), std::string::npos)
+        << silent.error().message;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(60)) << "it waited for the tool";
+    std::system("pkill -f 'slee[p] 601'");
     auto failed = run_tool({"sh", "-c", "echo nope >&2; exit 3"});
     ASSERT_FALSE(failed);
     EXPECT_NE(failed.error().message.find("sh failed (exit status 3): nope"), std::string::npos)

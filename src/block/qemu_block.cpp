@@ -3,6 +3,12 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/this_coro.hpp>
+#include <boost/asio/use_awaitable.hpp>
+
+#include <algorithm>
+
 #include <optional>
 
 namespace ferry::block {
@@ -140,7 +146,20 @@ asio::awaitable<Result<void>> QemuBlock::remove_export(std::string name) {
     auto r = co_await qmp_->execute("block-export-del", args);
     if (!r)
         co_return r.error().wrap(fmt::format("removing export {}", name));
-    co_return Result<void>{};
+    // An export with clients goes once they are cut off (BLOCK_EXPORT_DELETED);
+    // until then its bitmaps stay busy.
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+    for (;;) {
+        auto left = co_await exports();
+        if (!left)
+            co_return left.error();
+        if (std::find(left->begin(), left->end(), name) == left->end())
+            co_return Result<void>{};
+        if (std::chrono::steady_clock::now() >= deadline)
+            co_return make_error(Errc::timeout, fmt::format("export {} was still there 10 s after its removal", name));
+        boost::asio::steady_timer t(co_await boost::asio::this_coro::executor, std::chrono::milliseconds(10));
+        co_await t.async_wait(boost::asio::use_awaitable);
+    }
 }
 
 asio::awaitable<Result<std::vector<std::string>>> QemuBlock::exports() {

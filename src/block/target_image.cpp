@@ -89,8 +89,29 @@ Result<std::string> run_tool(const std::vector<std::string>& argv, std::chrono::
             out.append(buf, static_cast<std::size_t>(n));
     }
     ::close(pipefd[0]);
-    while (!reaped && ::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+    // It closed its output: it still gets only its timeout to exit, and
+    // after SIGKILL a few seconds (a process stuck in the kernel may not die).
+    auto reap_by = [&](std::chrono::steady_clock::time_point until) {
+        while (!reaped) {
+            auto r = ::waitpid(pid, &status, WNOHANG);
+            if (r == pid || (r < 0 && errno != EINTR)) {
+                reaped = r == pid;
+                return true;
+            }
+            if (std::chrono::steady_clock::now() >= until)
+                return false;
+            ::usleep(10000);
+        }
+        return true;
+    };
+    if (!reap_by(deadline)) {
+        timed_out = true;
+        ::kill(-pid, SIGKILL);
     }
+    if (!reap_by(std::chrono::steady_clock::now() + std::chrono::seconds(5)))
+        return make_error(Errc::timeout, fmt::format("{} (pid {}) did not finish within {} s and did not die when "
+                                                     "killed",
+                                                     argv[0], pid, timeout.count()));
     if (timed_out)
         return make_error(Errc::timeout, fmt::format("{} did not finish within {} s and was killed", argv[0],
                                                      timeout.count()));
