@@ -429,6 +429,8 @@ Result<Sample> run_once(asio::io_context& io, const std::string& dir, const Imag
             if (!round)
                 r = round.error();
         }
+        if (r)
+            r = run_sync(io, sender.end_stream());
         run_sync(io, sender.finish());
         auto got = received.get();
         if (r && !got)

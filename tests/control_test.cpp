@@ -330,13 +330,16 @@ append = "ws=32 rate=4 hb=50"
     }
     // node-a and node-b with their own disk directories (path_map), and on
     // node-a a VM with a 64 MiB local raw disk holding 32 MiB of data.
-    void start_local_disk_vm(const std::string& migration) {
+    // A VM on a 64 MiB local raw disk (more if `data_mib` needs it) holding
+    // `data_mib` MiB of 0x33 from 8 MiB on.
+    void start_local_disk_vm(const std::string& migration, int data_mib = 32) {
         configure(migration, path_map());
         std::filesystem::create_directories(dir_ / "disks-a");
         std::filesystem::create_directories(dir_ / "disks-b");
         local_disk_ = dir_ / "disks-a/local.raw";
-        ASSERT_EQ(sh("truncate -s 64M " + local_disk_, dir_).status, 0);
-        ASSERT_EQ(sh("qemu-io -f raw -c 'write -q -P 0x33 8M 32M' " + local_disk_, dir_).status, 0);
+        ASSERT_EQ(sh(fmt::format("truncate -s {}M {}", std::max(64, data_mib + 16), local_disk_), dir_).status, 0);
+        ASSERT_EQ(sh(fmt::format("qemu-io -f raw -c 'write -q -P 0x33 8M {}M' {}", data_mib, local_disk_), dir_).status,
+                  0);
         ferry::test::write_file(dir_ / "vm-local.toml", ferry::test::read_file(dir_ / "vm.toml") +
                                                             "[[disks]]\npath = \"" + local_disk_ +
                                                             "\"\nshared = false\n");
@@ -350,6 +353,25 @@ append = "ws=32 rate=4 hb=50"
                "/disks-{letter}\"\n";
     }
     std::string local_disk_;
+    // Round 1 of migration `id` (of the VM made by start_local_disk_vm) is
+    // under way: its first blocks have landed on node-b, the round is not over.
+    bool round_one_under_way(const std::string& id) {
+        auto dst = dir_ / "disks-b/local.raw";
+        for (int i = 0; i < 200; ++i) {
+            auto m = ctl_json(a(), "migration show " + id);
+            auto& d = m["progress"]["disks"];
+            struct stat st {};
+            if (m["phase"] == "Running" && d.is_object() && d["sent_bytes"].get<std::uint64_t>() == 0 &&
+                ::stat(dst.c_str(), &st) == 0 && st.st_blocks * 512 > (1 << 20))
+                return true;
+            if (d.is_object() && d["sent_bytes"].get<std::uint64_t>() > 0)
+                return false; // too late: round 1 is over
+            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
+                return false;
+            std::this_thread::sleep_for(50ms);
+        }
+        return false;
+    }
     // Starts both nodes and on node-a a VM whose guest writes its IDE disk
     // (8 MiB at 256 KiB/s) at `path`; returns once it writes.
     void start_disk_writer(const std::string& path, const std::string& format,
@@ -772,22 +794,6 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
     auto before = ferry::test::read_file(src);
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto dst = dir_ / "disks-b/local.raw";
-    auto copying = [&](const std::string& id) {
-        for (int i = 0; i < 200; ++i) {
-            auto m = ctl_json(a(), "migration show " + id);
-            auto& d = m["progress"]["disks"];
-            struct stat st {};
-            if (m["phase"] == "Running" && d.is_object() && d["sent_bytes"].get<std::uint64_t>() == 0 &&
-                ::stat(dst.c_str(), &st) == 0 && st.st_blocks * 512 > (1 << 20))
-                return true; // round 1 under way: its first blocks have landed
-            if (d.is_object() && d["sent_bytes"].get<std::uint64_t>() > 0)
-                return false; // too late: round 1 is over
-            if (m["phase"] == "Failed" || m["phase"] == "Succeeded")
-                return false;
-            std::this_thread::sleep_for(50ms);
-        }
-        return false;
-    };
     auto expect_clean = [&](const std::string& what) {
         auto vm = ctl_json(a(), "vm show demo");
         EXPECT_EQ(vm["status"], "running") << what;
@@ -808,7 +814,7 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
     };
 
     auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    ASSERT_TRUE(copying(id)) << ctl(a(), "migration show " + id).out;
+    ASSERT_TRUE(round_one_under_way(id)) << ctl(a(), "migration show " + id).out;
     ASSERT_EQ(ctl(a(), "migration abort " + id).status, 0);
     auto done = wait_final(a(), id);
     EXPECT_EQ(done["phase"], "Failed");
@@ -819,7 +825,7 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
     EXPECT_TRUE(ctl_json(b(), "vm list").empty());
 
     id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    ASSERT_TRUE(copying(id)) << ctl(a(), "migration show " + id).out;
+    ASSERT_TRUE(round_one_under_way(id)) << ctl(a(), "migration show " + id).out;
     stop(b(), SIGKILL);
     done = wait_final(a(), id);
     EXPECT_EQ(done["phase"], "Failed");
@@ -831,7 +837,7 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
     expect_clean("after the target ferryd was killed and restarted");
 
     id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    ASSERT_TRUE(copying(id)) << ctl(a(), "migration show " + id).out;
+    ASSERT_TRUE(round_one_under_way(id)) << ctl(a(), "migration show " + id).out;
     int target_pid = -1;
     for (int i = 0; i < 100 && target_pid <= 0; ++i) {
         target_pid = ctl_json(b(), "migration show " + id)["target_pid"].get<int>();
@@ -963,14 +969,7 @@ TEST_F(TwoNodes, ALinkCutDuringADiskRoundLeavesTheVmHomeAndNothingBehind) {
     auto before = ferry::test::read_file(src);
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
     auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    bool copying = false;
-    for (int i = 0; i < 200 && !copying; ++i) {
-        auto m = ctl_json(a(), "migration show " + id);
-        copying = m["progress"]["disks"].is_object();
-        std::this_thread::sleep_for(50ms);
-    }
-    ASSERT_TRUE(copying);
-    std::this_thread::sleep_for(500ms); // inside round 1 (32 MiB at 4 MiB/s)
+    ASSERT_TRUE(round_one_under_way(id)) << ctl(a(), "migration show " + id).out;
     link.cut();
     auto done = wait_final(a(), id);
     EXPECT_EQ(done["phase"], "Failed");
@@ -989,6 +988,56 @@ TEST_F(TwoNodes, ALinkCutDuringADiskRoundLeavesTheVmHomeAndNothingBehind) {
         std::this_thread::sleep_for(50ms);
     EXPECT_FALSE(std::filesystem::exists(dst)) << "the half-copied image stayed on node-b";
     EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+}
+
+// The link cut for 2 s in the middle of disk round 1 and restored: both
+// channels are dialled again, the round goes on from the last record
+// node-b has (not from the start), and the VM arrives with its disk whole.
+TEST_F(TwoNodes, ALinkCutDuringADiskRoundAndRestoredResumesTheRound) {
+    ferry::test::TcpProxy link(b().port);
+    b_via_ = link.port();
+    ASSERT_NO_FATAL_FAILURE(start_local_disk_vm("bandwidth_per_migration = \"12Mi\"\npeer_timeout = 10"));
+    auto src = local_disk_;
+    auto before = ferry::test::read_file(src);
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_TRUE(round_one_under_way(id)) << ctl(a(), "migration show " + id).out;
+    link.cut();
+    std::this_thread::sleep_for(2s);
+    EXPECT_EQ(ctl_json(a(), "migration show " + id)["phase"], "Running");
+    link.restore();
+    auto done = wait_final(a(), id);
+    auto log_a = ferry::test::read_file(dir_ / "node-a.log");
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << log_a << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_NE(log_a.find("disk channel to node-b re-established"), std::string::npos) << log_a;
+    EXPECT_NE(log_a.find("disk round 1 resumes after record"), std::string::npos) << log_a;
+    // Round 1 went on: 32 MiB of data and at most what was in flight again.
+    auto data = done["result"]["disks"][0]["data_bytes"].get<std::uint64_t>();
+    EXPECT_GE(data, 32u << 20);
+    EXPECT_LT(data, 44u << 20) << done["result"].dump();
+    EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
+    EXPECT_TRUE(ctl_json(a(), "vm list").empty());
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    auto dst = dir_ / "disks-b/local.raw";
+    EXPECT_TRUE(ferry::test::read_file(dst) == before) << "the image on node-b differs from the source's";
+}
+
+// Copying the disks takes longer than twice peer_timeout: the source keeps
+// the target's control channel alive meanwhile (it gives an arrival up
+// after peer_timeout of silence), and the VM arrives.
+TEST_F(TwoNodes, ADiskCopyLongerThanPeerTimeoutKeepsTheTargetWaiting) {
+    ASSERT_NO_FATAL_FAILURE(start_local_disk_vm("bandwidth_per_migration = \"12Mi\"\npeer_timeout = 3", 96));
+    auto before = ferry::test::read_file(local_disk_);
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_GE(done["result"]["disks"][0]["data_bytes"].get<std::uint64_t>(), 96u << 20);
+    EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    EXPECT_TRUE(ferry::test::read_file(dir_ / "disks-b/local.raw") == before) << "the image on node-b differs";
 }
 
 // Two local disks the target's path_map sends to one image: refused before

@@ -6,10 +6,13 @@
 #include "support.hpp"
 #include "verify.hpp"
 
+#include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/local/connect_pair.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/write.hpp>
 #include <gtest/gtest.h>
 
 #include <csignal>
@@ -128,6 +131,8 @@ protected:
         EXPECT_TRUE(last) << last.error().message;
         if (last)
             stats_.push_back(*last);
+        auto ended = test::run(io_, sender_->end_stream());
+        EXPECT_TRUE(ended) << ended.error().message;
         test::run(io_, sender_->finish());
         for (int i = 0; i < 200 && !*received; ++i)
             test::pump(io_, 20ms);
@@ -245,4 +250,106 @@ TEST_F(Mirror, AFailedRoundPutsItsBlocksBackAndLeavesNothingBehind) {
         test::pump(io_, 20ms);
     ASSERT_TRUE(*received);
     EXPECT_FALSE(**received) << "the receiver saw its stream cut";
+}
+
+namespace {
+
+// Carries `from` to `to` until `budget` bytes went through, then closes
+// both: a link that breaks in the middle of a round (and of a record).
+asio::awaitable<void> breaking_link(DiskStream from, DiskStream to, std::size_t budget) {
+    std::vector<char> buf(64 << 10);
+    while (budget > 0) {
+        auto [ec, n] = co_await from.async_read_some(asio::buffer(buf.data(), std::min(buf.size(), budget)),
+                                                     asio::as_tuple(asio::use_awaitable));
+        if (ec)
+            break;
+        auto [wec, w] = co_await asio::async_write(to, asio::buffer(buf.data(), n), asio::as_tuple(asio::use_awaitable));
+        if (wec)
+            break;
+        budget -= n;
+    }
+    boost::system::error_code ignored;
+    from.close(ignored);
+    to.close(ignored);
+}
+
+// The source's side of dialling again: a fresh stream to the same receiver.
+asio::awaitable<Result<DiskStream>> dial_again(DiskReceiver* receiver, int* dials) {
+    auto ex = co_await asio::this_coro::executor;
+    DiskStream mine(ex), theirs(ex);
+    asio::local::connect_pair(mine, theirs);
+    ++*dials;
+    receiver->replace_stream(std::move(theirs));
+    co_return ok(std::move(mine));
+}
+
+} // namespace
+
+// The link breaks 5 MiB into a 24 MiB round: the round goes on over a new
+// stream from the last record the target has, and what arrives is whole.
+TEST_F(Mirror, AStreamCutMidRoundResumesAfterTheLastRecordTheTargetHas) {
+    const std::uint64_t size = 32 << 20;
+    auto src = dir_ / "src.raw", dst = dir_ / "dst.raw";
+    ASSERT_EQ(sh("truncate -s " + std::to_string(size) + " " + src + " " + dst), 0);
+    fill(src, 24 << 20, 4 << 20, 3);
+    start_guest(src, "raw", 1024);
+    DiskStream a(io_), relay_in(io_), relay_out(io_), b(io_);
+    asio::local::connect_pair(a, relay_in);
+    asio::local::connect_pair(relay_out, b);
+    asio::co_spawn(io_, breaking_link(std::move(relay_in), std::move(relay_out), (5 << 20) + 777), asio::detached);
+    DiskSender sender(qmp_, "ferry-t", dir_ / "src-nbd.sock", {{0, src, "raw", size, "disk0"}}, std::move(a));
+    DiskReceiver receiver({{0, dst, "raw", size, ""}}, {std::nullopt}, std::move(b));
+    receiver.allow_resume(10s);
+    int dials = 0;
+    sender.set_reconnect([&receiver, &dials] { return dial_again(&receiver, &dials); });
+    auto received = std::make_shared<std::optional<Result<void>>>();
+    asio::co_spawn(io_, run_receiver(&receiver, received), asio::detached);
+    ASSERT_TRUE(test::run(io_, sender.start()));
+    auto first = test::run(io_, sender.round());
+    ASSERT_TRUE(first) << first.error().message;
+    EXPECT_EQ(dials, 1);
+    EXPECT_EQ(sender.resumes(), 1u);
+    // Only what was in flight when the link broke goes again, not the round.
+    EXPECT_LE(sender.resent_bytes(), 9u << 20) << sender.resent_bytes();
+    EXPECT_GE(first->data_bytes, 24u << 20);
+    EXPECT_LE(first->data_bytes, (26u << 20) + sender.resent_bytes()); // 24 MiB and what the guest wrote
+    test::pump(io_, 300ms);
+    ASSERT_TRUE(test::run(io_, qmp_->execute("stop")));
+    auto last = test::run(io_, sender.round());
+    ASSERT_TRUE(last) << last.error().message;
+    auto ended = test::run(io_, sender.end_stream());
+    ASSERT_TRUE(ended) << ended.error().message;
+    test::run(io_, sender.finish());
+    for (int i = 0; i < 200 && !*received; ++i)
+        test::pump(io_, 20ms);
+    ASSERT_TRUE(*received);
+    ASSERT_TRUE(**received) << (*received)->error().message;
+    EXPECT_EQ(receiver.rounds(), 2u);
+    EXPECT_EQ(test::read_file(src), test::read_file(dst)) << "the target differs from the paused source";
+    auto disk = guest::verify_disk_image(dst, 8192);
+    EXPECT_TRUE(disk) << disk.error().message;
+    expect_nothing_left();
+}
+
+// A broken stream the source never replaces: the receiver gives up after
+// its grace, saying so, and writes nothing more.
+TEST_F(Mirror, AReceiverWhoseSourceNeverComesBackGivesUpAfterItsGrace) {
+    auto dst = dir_ / "dst.raw";
+    ASSERT_EQ(sh("truncate -s 1M " + dst), 0);
+    DiskStream a(io_), b(io_);
+    asio::local::connect_pair(a, b);
+    DiskReceiver receiver({{0, dst, "raw", 1 << 20, ""}}, {std::nullopt}, std::move(b));
+    receiver.allow_resume(500ms);
+    auto received = std::make_shared<std::optional<Result<void>>>();
+    asio::co_spawn(io_, run_receiver(&receiver, received), asio::detached);
+    auto header = transport::encode_disk_record({transport::DiskRecordKind::zero, 0, 1, 0, 4096, 1});
+    asio::write(a, asio::buffer(header));
+    a.close();
+    for (int i = 0; i < 100 && !*received; ++i)
+        test::pump(io_, 20ms);
+    ASSERT_TRUE(*received);
+    ASSERT_FALSE(**received);
+    auto why = (*received)->error().message;
+    EXPECT_NE(why.find("without the source's end record (after record 1)"), std::string::npos) << why;
+    EXPECT_NE(why.find("did not resume within"), std::string::npos) << why;
 }

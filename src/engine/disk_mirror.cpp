@@ -53,7 +53,10 @@ struct DiskSender::Work {
     };
     std::uint32_t round = 0;
     std::vector<Item> items;
+    std::vector<std::uint64_t> item_seq; // per item: the seq it went with, 0 before
     std::size_t next = 0;
+    std::uint64_t first_seq = 0; // the round's records come after this one
+    std::uint64_t end_seq = 0;   // its round_end's, once sent
     std::vector<std::shared_ptr<block::NbdClient>> readers; // per disk, where NBD serves it this round
     std::vector<std::string> exports;
     struct Frozen {
@@ -170,7 +173,7 @@ asio::awaitable<Result<void>> DiskSender::plan_disk(std::size_t d, Work& work) {
     co_return Result<void>{};
 }
 
-asio::awaitable<Result<void>> DiskSender::send(const DiskRecord& record, std::span<const std::byte> payload) {
+asio::awaitable<Result<std::uint64_t>> DiskSender::send(const DiskRecord& record, std::span<const std::byte> payload) {
     // One record at a time on the stream, whole.
     while (writing_)
         co_await write_done_.async_wait(nothrow);
@@ -196,16 +199,17 @@ asio::awaitable<Result<void>> DiskSender::send(const DiskRecord& record, std::sp
         broken_ = true;
         co_return make_error(Errc::disconnected, fmt::format("disk stream: {}", ec.message()));
     }
-    co_return Result<void>{};
+    co_return ok(r.seq);
 }
 
 asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<Work> work, std::size_t slot) {
     auto buf = self->pool_.slot(slot);
     std::span<const std::byte> no_payload;
     while (work->next < work->items.size() && !work->error) {
-        auto [d, e] = work->items[work->next++];
+        auto item = work->next++;
+        auto [d, e] = work->items[item];
         DiskRecord rec{DiskRecordKind::zero, self->disks_[d].index, 0, e.offset, e.length, work->round};
-        Result<void> sent;
+        Result<std::uint64_t> sent = std::uint64_t{0};
         if (e.zero) {
             sent = co_await self->send(rec, no_payload);
             work->stats.zero_bytes += e.length;
@@ -245,9 +249,28 @@ asio::awaitable<void> DiskSender::copy_worker(DiskSender* self, std::shared_ptr<
                 work->error = sent.error();
             break;
         }
+        work->item_seq[item] = *sent;
     }
     if (--work->running == 0)
         work->done.cancel();
+}
+
+asio::awaitable<Result<DiskRecord>> DiskSender::read_reply(std::chrono::seconds timeout, const char* waiting_for) {
+    std::array<std::byte, transport::disk_record_size> h;
+    asio::steady_timer deadline(stream_.get_executor());
+    deadline.expires_after(timeout);
+    auto outcome = co_await (asio::async_read(stream_, asio::buffer(h), nothrow) || deadline.async_wait(nothrow));
+    if (outcome.index() == 1) {
+        broken_ = true;
+        co_return make_error(Errc::timeout, fmt::format("the target did not send {} within {} s", waiting_for,
+                                                        timeout.count()));
+    }
+    auto [ec, n] = std::get<0>(outcome);
+    if (ec) {
+        broken_ = true;
+        co_return make_error(Errc::disconnected, fmt::format("waiting for {}: {}", waiting_for, ec.message()));
+    }
+    co_return transport::decode_disk_record(h);
 }
 
 asio::awaitable<Result<void>> DiskSender::end_round(Work& work) {
@@ -255,30 +278,74 @@ asio::awaitable<Result<void>> DiskSender::end_round(Work& work) {
     std::span<const std::byte> no_payload;
     auto sent = co_await send(end, no_payload);
     if (!sent)
-        co_return sent;
-    auto want = seq_;
-    std::array<std::byte, transport::disk_record_size> h;
-    asio::steady_timer deadline(stream_.get_executor());
-    deadline.expires_after(ack_timeout);
-    auto outcome = co_await (asio::async_read(stream_, asio::buffer(h), nothrow) || deadline.async_wait(nothrow));
-    if (outcome.index() == 1) {
-        broken_ = true;
-        co_return make_error(Errc::timeout, fmt::format("disk round {}: the target did not acknowledge within {} s",
-                                                        work.round, ack_timeout.count()));
-    }
-    auto [ec, n] = std::get<0>(outcome);
-    if (ec) {
-        broken_ = true;
-        co_return make_error(Errc::disconnected, fmt::format("disk round {}: waiting for the target: {}", work.round,
-                                                             ec.message()));
-    }
-    auto ack = transport::decode_disk_record(h);
+        co_return sent.error();
+    work.end_seq = *sent;
+    auto ack = co_await read_reply(ack_timeout, "the round's ack");
     if (!ack)
         co_return ack.error();
-    if (ack->kind != DiskRecordKind::ack || ack->seq != want)
-        co_return make_error(Errc::protocol, fmt::format("disk round {}: the target answered {} {} instead of ack {}",
-                                                         work.round, transport::to_string(ack->kind), ack->seq, want));
+    if (ack->kind != DiskRecordKind::ack || ack->seq != work.end_seq)
+        co_return make_error(Errc::protocol, fmt::format("the target answered {} {} instead of ack {}",
+                                                         transport::to_string(ack->kind), ack->seq, work.end_seq));
     co_return Result<void>{};
+}
+
+asio::awaitable<Result<void>> DiskSender::copy(std::shared_ptr<Work> work) {
+    work->item_seq.assign(work->items.size(), 0);
+    work->next = 0;
+    work->end_seq = 0;
+    work->error.reset();
+    work->running = static_cast<int>(depth);
+    for (std::size_t s = 0; s < depth; ++s)
+        asio::co_spawn(stream_.get_executor(), copy_worker(this, work, s), asio::detached);
+    work->done.expires_at(asio::steady_timer::time_point::max());
+    while (work->running > 0)
+        co_await work->done.async_wait(nothrow);
+    if (work->error)
+        co_return *work->error;
+    co_return co_await end_round(*work);
+}
+
+asio::awaitable<Result<bool>> DiskSender::resume(Work& work, const Error& why) {
+    engine_log()->warn("disk round {}: {}; resuming on a new stream", work.round, why.message);
+    boost::system::error_code ignored;
+    stream_.close(ignored);
+    auto next = co_await reconnect_();
+    if (!next)
+        co_return make_error(next.error().code, fmt::format("{}; resuming: {}", why.message, next.error().message));
+    stream_ = std::move(*next);
+    broken_ = false;
+    // The target's first word: the last record it has written.
+    auto have = co_await read_reply(std::chrono::seconds(30), "where to resume");
+    if (!have)
+        co_return make_error(have.error().code, fmt::format("{}; resuming: {}", why.message, have.error().message));
+    if (have->kind != DiskRecordKind::ack || have->seq > seq_ || have->seq < work.first_seq)
+        co_return make_error(Errc::protocol,
+                             fmt::format("resuming disk round {}: the target has records up to {} ({}), but this "
+                                         "round sent {} to {}",
+                                         work.round, have->seq, transport::to_string(have->kind), work.first_seq + 1,
+                                         seq_));
+    ++resumes_;
+    seq_ = have->seq;
+    if (work.end_seq != 0 && have->seq >= work.end_seq) {
+        engine_log()->info("disk round {}: the target has all of it (only its ack was lost)", work.round);
+        co_return false;
+    }
+    std::vector<Work::Item> left;
+    std::uint64_t again = 0;
+    for (std::size_t i = 0; i < work.items.size(); ++i) {
+        auto seq = work.item_seq[i];
+        if (seq != 0 && seq <= have->seq)
+            continue; // the target has it
+        left.push_back(work.items[i]);
+        if ((seq != 0 || i < work.next) && !work.items[i].extent.zero)
+            again += work.items[i].extent.length;
+    }
+    resent_bytes_ += again;
+    engine_log()->info("disk round {} resumes after record {}: {} of its {} records left, {} bytes of them sent "
+                       "before",
+                       work.round, have->seq, left.size(), work.items.size(), again);
+    work.items = std::move(left);
+    co_return true;
 }
 
 asio::awaitable<void> DiskSender::drop_round_exports(Work& work, bool failed) {
@@ -316,18 +383,19 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
     Result<void> r;
     for (std::size_t d = 0; d < disks_.size() && r; ++d)
         r = co_await plan_disk(d, *work);
-    if (r) {
-        work->running = static_cast<int>(depth);
-        for (std::size_t s = 0; s < depth; ++s)
-            asio::co_spawn(stream_.get_executor(), copy_worker(this, work, s), asio::detached);
-        work->done.expires_at(asio::steady_timer::time_point::max());
-        while (work->running > 0)
-            co_await work->done.async_wait(nothrow);
-        if (work->error)
-            r = *work->error;
+    work->first_seq = seq_;
+    for (bool more = r.has_value(); more;) {
+        r = co_await copy(work);
+        // A broken stream resumes where the target is; anything else fails.
+        if (r || aborted_ || !broken_ || !reconnect_)
+            break;
+        auto resumed = co_await resume(*work, r.error());
+        if (resumed)
+            r = Result<void>{}; // *resumed: records are left to send; else the target has the whole round
+        else
+            r = resumed.error();
+        more = resumed && *resumed;
     }
-    if (r)
-        r = co_await end_round(*work);
     co_await drop_round_exports(*work, !r);
     round_ = work->round; // its number is used, even when it failed
     if (!r)
@@ -340,8 +408,18 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
 
 void DiskSender::abort() {
     broken_ = true;
+    aborted_ = true;
     boost::system::error_code ec;
     stream_.shutdown(asio::socket_base::shutdown_both, ec);
+}
+
+asio::awaitable<Result<void>> DiskSender::end_stream() {
+    DiskRecord end{DiskRecordKind::end, 0, 0, 0, 0, round_};
+    std::span<const std::byte> no_payload;
+    auto sent = co_await send(end, no_payload);
+    if (!sent)
+        co_return sent.error().wrap("ending the disk stream");
+    co_return Result<void>{};
 }
 
 asio::awaitable<void> DiskSender::finish() {
@@ -362,7 +440,7 @@ asio::awaitable<void> DiskSender::finish() {
 DiskReceiver::DiskReceiver(std::vector<MirrorDisk> disks, std::vector<std::optional<NbdTarget>> nbd, DiskStream stream)
     : disks_(std::move(disks)), nbd_targets_(std::move(nbd)), stream_(std::move(stream)),
       pool_(depth, chunk), raw_(disks_.size()), nbd_(disks_.size()), totals_(disks_.size()), busy_(depth),
-      slot_free_(stream_.get_executor()) {
+      stream_ready_(stream_.get_executor()), slot_free_(stream_.get_executor()) {
     nbd_targets_.resize(disks_.size());
 }
 
@@ -465,12 +543,15 @@ asio::awaitable<Result<void>> DiskReceiver::apply(const DiskRecord& r) {
         if (!f)
             co_return f;
         ++rounds_;
+        last_seq_ = r.seq; // on stable storage: a resumed stream starts after it
         DiskRecord ack{DiskRecordKind::ack, 0, r.seq, 0, 0, r.round};
         auto h = transport::encode_disk_record(ack);
         auto [ec, n] = co_await asio::async_write(stream_, asio::buffer(h), nothrow);
-        if (ec)
+        if (ec) {
+            stream_broke_ = true;
             co_return make_error(Errc::disconnected, fmt::format("disk stream: acknowledging round {}: {}", r.round,
                                                                  ec.message()));
+        }
         co_return Result<void>{};
     }
     auto it = std::find_if(disks_.begin(), disks_.end(), [&](const MirrorDisk& d) { return d.index == r.disk; });
@@ -491,18 +572,38 @@ asio::awaitable<Result<void>> DiskReceiver::apply(const DiskRecord& r) {
         if (ec) {
             busy_[slot] = false;
             --in_flight_;
+            slot_free_.cancel();
+            stream_broke_ = true;
             co_return make_error(Errc::disconnected, fmt::format("disk stream: in the data of record {}: {}", r.seq,
                                                                  ec.message()));
         }
         totals_[d].data_bytes += r.length;
     }
+    last_seq_ = r.seq;
     asio::co_spawn(stream_.get_executor(), write_slot(this, slot, d, r), asio::detached);
     co_return Result<void>{};
 }
 
 void DiskReceiver::close() {
+    closed_ = true;
     boost::system::error_code ec;
     stream_.close(ec);
+    if (next_stream_)
+        next_stream_->close(ec);
+    stream_ready_.cancel();
+}
+
+void DiskReceiver::replace_stream(DiskStream stream) {
+    boost::system::error_code ec;
+    if (closed_) {
+        stream.close(ec);
+        return;
+    }
+    if (next_stream_)
+        next_stream_->close(ec);
+    next_stream_.emplace(std::move(stream));
+    stream_.close(ec); // a read still waiting on the old one ends
+    stream_ready_.cancel();
 }
 
 asio::awaitable<Result<void>> DiskReceiver::run() {
@@ -520,23 +621,64 @@ asio::awaitable<Result<void>> DiskReceiver::receive() {
         co_return opened;
     auto reg = ring_->register_buffers(pool_);
     registered_ = ring_->uses_io_uring() && reg; // without, writes still work
+    for (;;) {
+        stream_broke_ = false;
+        auto r = co_await receive_stream();
+        if (r || !stream_broke_ || closed_ || grace_.count() == 0)
+            co_return r;
+        // What arrived is written before the source hears where to go on.
+        auto drained = co_await drain();
+        if (!drained)
+            co_return drained;
+        auto secs = static_cast<double>(grace_.count()) / 1000;
+        if (!next_stream_) {
+            engine_log()->warn("disk stream broke after record {}: {}; waiting up to {:g} s for the source to resume",
+                               last_seq_, r.error().message, secs);
+            stream_ready_.expires_after(grace_);
+            co_await stream_ready_.async_wait(nothrow);
+        }
+        if (closed_ || !next_stream_)
+            co_return make_error(Errc::disconnected, fmt::format("{}; the source did not resume within {:g} s",
+                                                                 r.error().message, secs));
+        boost::system::error_code ec;
+        stream_.close(ec);
+        stream_ = std::move(*next_stream_);
+        next_stream_.reset();
+        // The source's new stream starts with where this side is.
+        DiskRecord have{DiskRecordKind::ack, 0, last_seq_, 0, 0, rounds_};
+        auto h = transport::encode_disk_record(have);
+        auto [wec, n] = co_await asio::async_write(stream_, asio::buffer(h), nothrow);
+        if (wec)
+            engine_log()->warn("disk stream: telling the source where to resume: {}", wec.message());
+        else
+            engine_log()->info("disk stream resumed after record {}", last_seq_);
+        // A failed write shows as a broken stream on the next read.
+    }
+}
+
+asio::awaitable<Result<void>> DiskReceiver::receive_stream() {
     std::array<std::byte, transport::disk_record_size> h;
     for (;;) {
         auto [ec, n] = co_await asio::async_read(stream_, asio::buffer(h), nothrow);
-        if (ec == asio::error::eof && n == 0) {
-            if (records_in_round_ > 0) // a source that died, not one that finished
+        if (ec) {
+            stream_broke_ = true;
+            if (ec == asio::error::eof && n == 0)
                 co_return make_error(Errc::disconnected,
-                                     fmt::format("disk stream: ended in the middle of a round ({} records after the "
-                                                 "last round's end)",
-                                                 records_in_round_));
-            co_return Result<void>{}; // the source ended the stream
-        }
-        if (ec)
+                                     fmt::format("disk stream: it ended without the source's end record (after "
+                                                 "record {})",
+                                                 last_seq_));
             co_return make_error(Errc::disconnected, fmt::format("disk stream: {}", ec.message()));
+        }
         auto r = transport::decode_disk_record(h);
         if (!r)
             co_return r.error();
-        records_in_round_ = r->kind == DiskRecordKind::round_end ? 0 : records_in_round_ + 1;
+        if (r->kind != DiskRecordKind::ack && r->seq != last_seq_ + 1)
+            co_return make_error(Errc::protocol,
+                                 fmt::format("disk stream record {} ({}) follows record {}: records are missing or "
+                                             "repeated",
+                                             r->seq, transport::to_string(r->kind), last_seq_));
+        if (r->kind == DiskRecordKind::end)
+            co_return Result<void>{}; // the source is done
         auto applied = co_await apply(*r);
         if (!applied)
             co_return applied;

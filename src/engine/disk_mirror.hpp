@@ -18,6 +18,7 @@
 #include <boost/asio/steady_timer.hpp>
 
 #include <chrono>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -54,14 +55,27 @@ public:
     boost::asio::awaitable<Result<DiskRoundStats>> round();
     // Bytes the guest has dirtied since the current round's bitmap started.
     boost::asio::awaitable<Result<std::uint64_t>> dirty_bytes();
-    // Ends the stream (the target's receiver returns) and removes the
-    // bitmaps, exports and NBD server; safe to call more than once.
+    // Every round the target needs is done: tells it so (the end record;
+    // a stream that stops without it is a broken one).
+    boost::asio::awaitable<Result<void>> end_stream();
+    // Ends the stream (without end_stream(), the target sees it cut) and
+    // removes the bitmaps, exports and NBD server; safe to call more than
+    // once.
     boost::asio::awaitable<void> finish();
     // Cuts the stream both ways: a round under way fails at once (abort).
     void abort();
 
+    // A new stream to the same receiver after this one broke, or why there
+    // is none. Without one, a broken stream fails the round.
+    using Reconnect = std::function<boost::asio::awaitable<Result<DiskStream>>()>;
+    void set_reconnect(Reconnect reconnect) { reconnect_ = std::move(reconnect); }
+
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return round_; }
+    // Times a broken stream was replaced and the round went on, and the
+    // bytes sent again because the target did not have them.
+    std::uint32_t resumes() const { return resumes_; }
+    std::uint64_t resent_bytes() const { return resent_bytes_; }
 
     struct Work; // one round's shared state
 
@@ -71,8 +85,17 @@ private:
     // The extents one disk needs this round, and a reader for its data.
     boost::asio::awaitable<Result<void>> plan_disk(std::size_t d, Work& work);
     static boost::asio::awaitable<void> copy_worker(DiskSender* self, std::shared_ptr<Work> work, std::size_t slot);
-    boost::asio::awaitable<Result<void>> send(const transport::DiskRecord& record, std::span<const std::byte> payload);
+    // Sends one record whole; its seq.
+    boost::asio::awaitable<Result<std::uint64_t>> send(const transport::DiskRecord& record,
+                                                       std::span<const std::byte> payload);
+    // Copies what the round still has to copy, then ends it.
+    boost::asio::awaitable<Result<void>> copy(std::shared_ptr<Work> work);
     boost::asio::awaitable<Result<void>> end_round(Work& work);
+    // The stream broke: a new one, and the round's records the target does
+    // not have are what is left to send. False: the round is complete.
+    boost::asio::awaitable<Result<bool>> resume(Work& work, const Error& why);
+    boost::asio::awaitable<Result<transport::DiskRecord>> read_reply(std::chrono::seconds timeout,
+                                                                    const char* waiting_for);
     // Closes the round's exports and removes its frozen bitmaps; a failed
     // round's go back into the recording ones first.
     boost::asio::awaitable<void> drop_round_exports(Work& work, bool failed);
@@ -91,6 +114,10 @@ private:
     std::vector<std::uint32_t> recording_; // per disk: the round whose bitmap records now
     bool base_copied_ = false;           // a round has copied everything allocated
     bool broken_ = false;                // a write or the ack failed: the stream is unusable
+    bool aborted_ = false;               // abort(): nothing resumes
+    Reconnect reconnect_;
+    std::uint32_t resumes_ = 0;
+    std::uint64_t resent_bytes_ = 0;
     std::uint64_t seq_ = 0;
     bool writing_ = false;
     boost::asio::steady_timer write_done_;
@@ -116,12 +143,22 @@ public:
     boost::asio::awaitable<Result<void>> run();
     // Cuts the stream (an abort): run() ends with an error.
     void close();
+    // A stream that breaks before the source's end record waits this long
+    // for the source to come back (replace_stream); 0: it fails at once.
+    void allow_resume(std::chrono::milliseconds grace) { grace_ = grace; }
+    // The source's new stream: the current one is dropped (if it has not
+    // noticed its break yet), what arrived on it is written, and the source
+    // hears the last record this side has.
+    void replace_stream(DiskStream stream);
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return rounds_; }
 
 private:
     boost::asio::awaitable<Result<void>> open();
     boost::asio::awaitable<Result<void>> receive();
+    // Reads one stream until the source's end record (Ok) or an error;
+    // stream_broke_ tells a broken stream from a bad record.
+    boost::asio::awaitable<Result<void>> receive_stream();
     boost::asio::awaitable<Result<void>> apply(const transport::DiskRecord& r);
     boost::asio::awaitable<std::size_t> take_slot();
     static boost::asio::awaitable<void> write_slot(DiskReceiver* self, std::size_t slot, std::size_t d,
@@ -142,7 +179,12 @@ private:
     std::uint32_t rounds_ = 0;
     std::vector<bool> busy_; // slots with a write in flight
     int in_flight_ = 0;
-    std::uint64_t records_in_round_ = 0; // since the last round_end
+    std::uint64_t last_seq_ = 0;         // the last record taken whole
+    bool stream_broke_ = false;
+    bool closed_ = false;
+    std::chrono::milliseconds grace_{0};
+    std::optional<DiskStream> next_stream_;
+    boost::asio::steady_timer stream_ready_;
     std::optional<Error> write_error_;
     boost::asio::steady_timer slot_free_;
 };

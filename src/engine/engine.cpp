@@ -1,6 +1,7 @@
 #include "engine/engine.hpp"
 
 #include "block/qemu_block.hpp"
+#include "transport/peer_server.hpp"
 
 #include "engine/async.hpp"
 #include "engine/process.hpp"
@@ -277,6 +278,9 @@ asio::awaitable<Result<void>> Engine::start() {
 
     if (auto r = start_peer_endpoint(); !r)
         co_return r.error();
+    for (auto& [id, target] : abort_at_targets_)
+        asio::co_spawn(ex_, abort_at_target(this, id, target), asio::detached);
+    abort_at_targets_.clear();
     asio::co_spawn(ex_, reap_loop(this), asio::detached);
     engine_log()->info("engine ready: {} VMs, {} migrations on record", vms_.size(), migrations_.size());
     co_return Result<void>{};
@@ -386,12 +390,39 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
         auto again = co_await qmp.execute("query-status");
         it->second->status = again ? (*again).value("status", "unknown") : "unknown";
     }
+    if (was_source && !m.target_node.empty() && m.target_node != config_.node.name && peer(m.target_node))
+        abort_at_targets_.emplace_back(m.id, m.target_node);
     m.phase = Phase::Failed;
     m.failure_reason = was_source ? "ferryd restarted during the migration; it was cancelled and the VM kept on the source"
                                   : "ferryd restarted while the VM was arriving; the destination was removed";
     m.ended_at = now_string();
     persist(m);
     *migrations_[m.id] = m;
+}
+
+asio::awaitable<void> Engine::abort_at_target(Engine* self, std::string id, std::string target) {
+    auto* p = self->peer(target);
+    if (!p || !self->peer_server_)
+        co_return;
+    auto c = co_await transport::open_control(self->ex_, p->address, target, self->config_.node.name, self->tls_);
+    Result<json> reply = ok(json::object());
+    if (!c)
+        reply = c.error();
+    if (c) {
+        json abort{{"type", "abort"}, {"migration_id", id}};
+        auto w = co_await (*c)->write_frame(abort);
+        if (w)
+            reply = co_await (*c)->read_frame(std::chrono::seconds(10));
+        else
+            reply = w.error();
+        (*c)->close();
+    }
+    if (reply)
+        engine_log()->info("migration {}: node {} told to give up the arrival", id, target);
+    else
+        engine_log()->warn("migration {}: telling node {} to give up the arrival: {} (it does so by itself after "
+                           "peer_timeout)",
+                           id, target, reply.error().message);
 }
 
 asio::awaitable<Result<json>> Engine::create_vm(config::VmSpec spec) {

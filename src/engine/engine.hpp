@@ -105,8 +105,13 @@ private:
     // The QMP client of a VM whose QEMU runs, or why there is none.
     Result<std::shared_ptr<qmp::Client>> running_qmp(const std::string& name) const;
     static boost::asio::awaitable<void> reap_loop(Engine* self);
+    // Recovered cross-node migrations this node was the source of: {id, target}.
+    std::vector<std::pair<std::string, std::string>> abort_at_targets_;
     boost::asio::awaitable<void> reattach(std::shared_ptr<Vm> vm);
     boost::asio::awaitable<void> recover_migration(Migration m);
+    // A source that restarted tells the target to give up the arrival it
+    // would otherwise keep for peer_timeout (best effort: logged).
+    static boost::asio::awaitable<void> abort_at_target(Engine* self, std::string id, std::string target);
     // Runs an outgoing migration, and forgets the run once it ended.
     static boost::asio::awaitable<void> drive(Engine* self, std::shared_ptr<SourceRun> run);
 

@@ -35,7 +35,21 @@ Result<std::vector<std::string>> tokens_of(const json& reply, const std::string&
 
 } // namespace
 
-asio::awaitable<Result<json>> PeerDestination::request(json message, std::chrono::milliseconds timeout) {
+asio::awaitable<void> PeerDestination::take_turn() {
+    while (requesting_)
+        co_await sleep_for(5ms);
+    requesting_ = true;
+}
+
+namespace {
+// Gives the control channel back however the request ends.
+struct Turn {
+    bool& held;
+    ~Turn() { held = false; }
+};
+} // namespace
+
+asio::awaitable<Result<json>> PeerDestination::exchange(const json& message, std::chrono::milliseconds timeout) {
     auto& target = run_.migration().target_node;
     if (!control_)
         co_return make_error(Errc::disconnected, "no control channel");
@@ -50,13 +64,19 @@ asio::awaitable<Result<json>> PeerDestination::request(json message, std::chrono
     co_return reply;
 }
 
+asio::awaitable<Result<json>> PeerDestination::request(json message, std::chrono::milliseconds timeout) {
+    co_await take_turn();
+    Turn turn{requesting_};
+    co_return co_await exchange(message, timeout);
+}
+
 asio::awaitable<Result<json>> PeerDestination::request_reconnecting(json message, std::chrono::milliseconds timeout) {
     auto& m = run_.migration();
     auto& node = run_.node();
+    co_await take_turn();
+    Turn turn{requesting_};
     message["migration_id"] = m.id;
-    Result<json> reply = make_error(Errc::disconnected, "no control channel");
-    if (control_)
-        reply = co_await request(message, timeout);
+    auto reply = co_await exchange(message, timeout);
     if (reply || reply.error().code == Errc::conflict) // answered (perhaps with an error)
         co_return reply;
     if (control_)
@@ -68,7 +88,7 @@ asio::awaitable<Result<json>> PeerDestination::request_reconnecting(json message
         co_return c.error().wrap(fmt::format("reconnecting to node {}", m.target_node));
     control_ = *c;
     engine_log()->info("migration {}: control channel to {} re-established", m.id, m.target_node);
-    co_return co_await request(message, timeout);
+    co_return co_await exchange(message, timeout);
 }
 
 asio::awaitable<Result<void>> PeerDestination::prepare() {
@@ -146,7 +166,11 @@ asio::awaitable<Result<void>> PeerDestination::sync_disks() {
     auto& m = run_.migration();
     // RAM and disks share one bucket: the migration's bandwidth covers both.
     bucket_ = run_.node().shaper().add(m.id, m.config.bandwidth_per_migration);
-    auto synced = co_await disks_->sync(peer_address_, disk_token_, bucket_);
+    SourceDisks::Link link{peer_address_, disk_token_, bucket_, [this] { return disk_token_again(); },
+                           [this] { return keepalive(true); }};
+    auto synced = co_await disks_->sync(std::move(link));
+    if (!synced && synced.error().code == Errc::conflict)
+        co_return synced; // the target said why it cannot go on
     if (!synced) {
         // The disk stream broke: the target may know why (its QEMU died).
         json ping{{"type", "ping"}};
@@ -163,6 +187,19 @@ asio::awaitable<Result<void>> PeerDestination::sync_disks() {
     }
     disks_->keep_up();
     co_return Result<void>{};
+}
+
+asio::awaitable<Result<std::string>> PeerDestination::disk_token_again() {
+    auto& m = run_.migration();
+    json resume{{"type", "disk_resume"}};
+    auto reply = co_await request_reconnecting(resume, 5s);
+    if (!reply)
+        co_return reply.error();
+    auto token = reply->find("disk_token");
+    if (reply->value("type", "") != "disk_resuming" || token == reply->end() || !token->is_string())
+        co_return make_error(Errc::protocol, fmt::format("node {} answered disk_resume with {}", m.target_node,
+                                                         reply->value("type", "?")));
+    co_return ok(token->get<std::string>());
 }
 
 asio::awaitable<Result<void>> PeerDestination::check() {
@@ -245,7 +282,7 @@ asio::awaitable<void> PeerDestination::carry(std::shared_ptr<SourceRun> run, Pee
     }
 }
 
-asio::awaitable<Result<void>> PeerDestination::keepalive() {
+asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
     auto& m = run_.migration();
     if (tunnel_error_)
         co_return *tunnel_error_;
@@ -253,7 +290,12 @@ asio::awaitable<Result<void>> PeerDestination::keepalive() {
         co_return Result<void>{};
     last_ping_ = Clock::now();
     json ping{{"type", "ping"}};
-    auto pong = co_await request(ping, peer_timeout(m.config));
+    // No co_await inside a conditional expression: GCC 12 miscompiles it.
+    Result<json> pong = ok(json::object());
+    if (redial)
+        pong = co_await request_reconnecting(ping, std::min<std::chrono::milliseconds>(peer_timeout(m.config), 5s));
+    else
+        pong = co_await request(ping, peer_timeout(m.config));
     if (!pong)
         co_return pong.error().wrap(fmt::format("lost node {}", m.target_node));
     if (pong->value("qemu", "running") != "running")

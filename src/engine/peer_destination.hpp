@@ -24,6 +24,8 @@ public:
 
     boost::asio::awaitable<Result<void>> prepare() override;
     boost::asio::awaitable<Result<void>> sync_disks() override;
+    // disk_resume: the target's new token for the disk channel.
+    boost::asio::awaitable<Result<std::string>> disk_token_again();
     std::uint64_t disk_bytes() const override { return disks_ ? disks_->total_bytes() : 0; }
     std::uint64_t disk_tail_bytes() const override { return disks_ ? disks_->tail_bytes() : 0; }
     void set_disk_tail_budget(std::uint64_t bytes) override {
@@ -44,11 +46,20 @@ public:
     void close() override;
 
 private:
+    // One request at a time on the control channel (the disk copy's pings
+    // and its disk_resume run side by side): each waits its turn.
     boost::asio::awaitable<Result<nlohmann::json>> request(nlohmann::json message, std::chrono::milliseconds timeout);
-    // In post-copy the control channel may have to be dialled again.
+    // The control channel dialled again if it broke (post-copy, and while
+    // disks copy).
     boost::asio::awaitable<Result<nlohmann::json>> request_reconnecting(nlohmann::json message,
                                                                         std::chrono::milliseconds timeout);
-    boost::asio::awaitable<Result<void>> keepalive();
+    // A request and its reply, without waiting for a turn.
+    boost::asio::awaitable<Result<nlohmann::json>> exchange(const nlohmann::json& message,
+                                                            std::chrono::milliseconds timeout);
+    boost::asio::awaitable<void> take_turn();
+    // A ping at the keepalive interval; `redial`: on a control channel
+    // dialled again if it broke.
+    boost::asio::awaitable<Result<void>> keepalive(bool redial = false);
     nlohmann::json finish_message() const;
     Result<void> listen_tunnels(const std::string& path);
     static boost::asio::awaitable<void> accept_tunnels(std::shared_ptr<SourceRun> run, PeerDestination* self);
@@ -69,6 +80,7 @@ private:
     std::shared_ptr<transport::TokenBucket> bucket_;
     std::optional<Error> tunnel_error_;
     Clock::time_point last_ping_;
+    bool requesting_ = false; // a request holds the control channel
     std::unique_ptr<SourceDisks> disks_; // block migrations
     std::string disk_token_;
     bool postcopy_running_ = false; // the destination was told to run

@@ -91,8 +91,9 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
                                    "the source to recover",
                                    in->migration().id, channel->peer_node, msg.error().message, in->vm_name());
             } else if (in && !in->finished()) {
-                co_await in->drop(
-                    fmt::format("control channel from {} lost: {}", channel->peer_node, msg.error().message));
+                co_await in->control_lost(
+                    channel.get(), fmt::format("control channel from {} lost: {}", channel->peer_node,
+                                               msg.error().message));
             }
             co_return;
         }
@@ -107,6 +108,8 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
             co_return;
         }
         json reply = co_await answer(self, in, *msg, already_finished, channel);
+        if (in && in->control() != channel.get())
+            in->set_control(channel.get()); // the channel the source speaks on now
         auto w = co_await channel->write_frame(reply);
         if (type == "recover" && in && !in->finished() && reply.value("message", "").find(destination_gone) == 0) {
             co_await in->drop(reply.value("message", ""));
@@ -114,7 +117,8 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         }
         if (!w || (in && in->finished())) {
             if (in && !in->finished() && in->migration().mode != "postcopy")
-                co_await in->drop("control channel lost");
+                co_await in->control_lost(channel.get(), fmt::format("control channel from {} lost",
+                                                                     channel->peer_node));
             co_return;
         }
         if (reply.value("type", "") == "error" && type == "prepare")
@@ -146,6 +150,11 @@ asio::awaitable<json> Engine::answer(Engine* self, std::shared_ptr<TargetRun>& i
         reply = co_await in->start();
     } else if (type == "recover" && in) {
         reply = co_await in->recover();
+    } else if (type == "disk_resume" && in) {
+        reply = in->resume_disks();
+    } else if (!in && msg.contains("migration_id") && msg["migration_id"].is_string()) {
+        reply = error_message(fmt::format("migration {} is not arriving on {} (it ended, or ferryd restarted there)",
+                                          msg["migration_id"].get<std::string>(), self->config_.node.name));
     } else {
         reply = error_message(fmt::format("unexpected '{}'", type));
     }

@@ -72,15 +72,10 @@ asio::awaitable<Result<json>> SourceDisks::describe() {
     co_return ok(std::move(out));
 }
 
-asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address, const std::string& token,
-                                                std::shared_ptr<transport::TokenBucket> bucket) {
+asio::awaitable<Result<DiskStream>> SourceDisks::open_channel(const std::string& token) {
     auto& m = run_.migration();
     auto& node = run_.node();
-    // Until RAM measures the link: half of the largest downtime at the
-    // migration's bandwidth is the disks' tail budget.
-    if (auto rate = bucket ? bucket->rate() : 0; rate != 0)
-        tail_budget_ = static_cast<std::uint64_t>(m.config.max_downtime_ms) * rate / 2000;
-    auto channel = co_await transport::open_data(transport::data_plane(), peer_address, m.target_node, token,
+    auto channel = co_await transport::open_data(transport::data_plane(), link_.address, m.target_node, token,
                                                  node.tls());
     if (!channel)
         co_return channel.error().wrap("opening the disk channel");
@@ -89,11 +84,58 @@ asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address,
     asio::local::connect_pair(mine, theirs, ec);
     if (ec)
         co_return make_error(Errc::io, fmt::format("disk stream: {}", ec.message()));
-    asio::co_spawn(node.executor(), carry(this, alive_, std::move(theirs), *channel, std::move(bucket)),
+    asio::co_spawn(node.executor(), carry(this, alive_, std::move(theirs), *channel, ++channel_generation_),
                    asio::detached);
+    co_return ok(std::move(mine));
+}
+
+asio::awaitable<Result<DiskStream>> SourceDisks::reconnect() {
+    auto& m = run_.migration();
+    if (keeping_up_ || stopping_)
+        co_return make_error(Errc::disconnected, "RAM is moving: the migration cannot go on without the link");
+    auto grace = peer_timeout(m.config);
+    auto deadline = std::chrono::steady_clock::now() + grace;
+    engine_log()->warn("migration {}: the disk channel to {} broke; dialling again for up to {} s", m.id,
+                       m.target_node, m.config.peer_timeout);
+    for (;;) {
+        if (m.abort_requested)
+            co_return make_error(Errc::aborted, "aborted by request while the disk channel was down");
+        auto token = co_await link_.again();
+        Error why = token ? Error{} : token.error();
+        if (token) {
+            auto stream = co_await open_channel(*token);
+            if (stream) {
+                engine_log()->info("migration {}: disk channel to {} re-established", m.id, m.target_node);
+                co_return stream;
+            }
+            why = stream.error();
+        }
+        // The target answered, but not with a token: it gave the arrival up.
+        if (why.code == Errc::conflict)
+            co_return make_error(Errc::conflict, fmt::format("resuming the disk stream: {}", why.message));
+        if (std::chrono::steady_clock::now() >= deadline)
+            co_return make_error(Errc::disconnected, fmt::format("node {} did not take the disk channel back within "
+                                                                 "{} s: {}",
+                                                                 m.target_node, m.config.peer_timeout, why.message));
+        co_await sleep_for(500ms);
+    }
+}
+
+asio::awaitable<Result<void>> SourceDisks::sync(Link link) {
+    auto& m = run_.migration();
+    auto& node = run_.node();
+    // Until RAM measures the link: half of the largest downtime at the
+    // migration's bandwidth is the disks' tail budget.
+    if (auto rate = link.bucket ? link.bucket->rate() : 0; rate != 0)
+        tail_budget_ = static_cast<std::uint64_t>(m.config.max_downtime_ms) * rate / 2000;
+    link_ = std::move(link);
+    auto stream = co_await open_channel(link_.token);
+    if (!stream)
+        co_return stream.error();
     sender_ = std::make_unique<DiskSender>(run_.vm().qemu.qmp, "ferry-" + m.id,
                                            node.vm_dir(run_.vm().record.name) + "/mirror.sock", disks_,
-                                           std::move(mine));
+                                           std::move(*stream));
+    sender_->set_reconnect([this] { return reconnect(); });
     auto started = co_await sender_->start();
     if (!started)
         co_return started.error().wrap("starting the disk mirror");
@@ -109,6 +151,15 @@ asio::awaitable<Result<void>> SourceDisks::sync(const std::string& peer_address,
         while (!r) {
             if (m.abort_requested && sender_)
                 sender_->abort();
+            // The target hears from us while only disks move (it gives an
+            // arrival up after peer_timeout of silence). A failed ping is
+            // not the verdict: the disk stream's own errors are.
+            if (link_.ping) {
+                auto alive = co_await link_.ping();
+                if (!alive)
+                    engine_log()->debug("migration {}: pinging node {}: {}", m.id, m.target_node,
+                                        alive.error().message);
+            }
             co_await sleep_for(50ms);
         }
         if (m.abort_requested)
@@ -207,11 +258,14 @@ asio::awaitable<void> SourceDisks::background(SourceDisks* self, std::shared_ptr
 }
 
 asio::awaitable<void> SourceDisks::carry(SourceDisks* self, std::shared_ptr<bool> alive, DiskStream end,
-                                         std::shared_ptr<transport::Channel> channel,
-                                         std::shared_ptr<transport::TokenBucket> bucket) {
+                                         std::shared_ptr<transport::Channel> channel, std::uint32_t generation) {
     auto run = self->run_.shared_from_this();
+    auto bucket = self->link_.bucket;
     auto r = co_await tunnel_on_data_plane(std::move(end), channel, std::move(bucket));
-    if (!r && *alive && !self->stopping_ && !self->error_) {
+    // Before RAM the sender notices a broken channel itself and dials
+    // again; while RAM moves a broken channel ends the migration.
+    if (!r && *alive && self->keeping_up_ && !self->stopping_ && !self->error_ &&
+        generation == self->channel_generation_) {
         self->error_ = r.error().wrap("disk channel");
         run->wake_up();
     }
@@ -315,6 +369,9 @@ asio::awaitable<Result<void>> SourceDisks::last_round() {
     auto r = co_await one_round();
     if (!r)
         co_return r.error().wrap("the disks' last round");
+    auto ended = co_await sender_->end_stream();
+    if (!ended)
+        co_return ended;
     // The guest is paused: its writes are no longer a concern, and if the
     // switchover fails it resumes here with its own limits.
     co_await restore_limits();

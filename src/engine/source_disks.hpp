@@ -15,6 +15,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -43,10 +44,23 @@ public:
     // steps (with allow_auto_converge) until it does. 0: no budget yet.
     void set_tail_budget(std::uint64_t bytes) { tail_budget_ = bytes; }
 
-    // The target is ready: opens the disk channel with its token, starts
-    // tracking writes and copies until the disks are nearly in sync.
-    boost::asio::awaitable<Result<void>> sync(const std::string& peer_address, const std::string& token,
-                                              std::shared_ptr<transport::TokenBucket> bucket);
+    // How the disks reach the target: its address, the disk channel's
+    // token and the migration's shaper bucket; `again` asks the target for
+    // a new token after the link broke, and `ping` keeps its control
+    // channel alive (each re-dials the control channel if need be, and
+    // waits for the other's request to finish).
+    struct Link {
+        std::string address;
+        std::string token;
+        std::shared_ptr<transport::TokenBucket> bucket;
+        std::function<boost::asio::awaitable<Result<std::string>>()> again;
+        std::function<boost::asio::awaitable<Result<void>>()> ping;
+    };
+    // The target is ready: opens the disk channel, starts tracking writes
+    // and copies until the disks are nearly in sync, pinging the target
+    // meanwhile. A link that breaks is dialled again for up to
+    // peer_timeout, and the round goes on where the target is.
+    boost::asio::awaitable<Result<void>> sync(Link link);
     // Keeps copying in the background while RAM moves.
     void keep_up();
     // Why the mirror cannot go on: a failed background round, a broken
@@ -62,12 +76,15 @@ public:
 
 private:
     boost::asio::awaitable<Result<void>> one_round();
+    // A disk channel with this token, and the stream the sender writes to it.
+    boost::asio::awaitable<Result<DiskStream>> open_channel(const std::string& token);
+    // Before RAM moves: a new channel after the old one broke.
+    boost::asio::awaitable<Result<DiskStream>> reconnect();
     static boost::asio::awaitable<void> run_round(SourceDisks* self, std::shared_ptr<bool> alive,
                                                   std::optional<Result<void>>* out);
     static boost::asio::awaitable<void> background(SourceDisks* self, std::shared_ptr<bool> alive);
     static boost::asio::awaitable<void> carry(SourceDisks* self, std::shared_ptr<bool> alive, DiskStream end,
-                                              std::shared_ptr<transport::Channel> channel,
-                                              std::shared_ptr<transport::TokenBucket> bucket);
+                                              std::shared_ptr<transport::Channel> channel, std::uint32_t generation);
     void record_results();
     // allow_auto_converge: caps the guest's disk writes when a round fell
     // behind (DiskThrottle), saving the limits it replaces in the record.
@@ -82,6 +99,8 @@ private:
     SourceRun& run_;
     std::vector<MirrorDisk> disks_;
     std::unique_ptr<DiskSender> sender_;
+    Link link_;
+    std::uint32_t channel_generation_ = 0; // the current disk channel's
     std::optional<Error> error_;
     bool keeping_up_ = false; // the background loop runs
     bool stopping_ = false;   // it is asked to stop

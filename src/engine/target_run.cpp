@@ -467,7 +467,8 @@ asio::awaitable<std::string> TargetRun::export_disks() {
 }
 
 asio::awaitable<void> TargetRun::receive_disks(std::shared_ptr<TargetRun> run, std::shared_ptr<transport::Channel> channel) {
-    if (run->mirrored_.empty() || run->disk_channel_taken_ || run->finished_) {
+    bool again = run->disk_channel_taken_;
+    if (run->mirrored_.empty() || run->finished_ || (again && (!run->receiver_ || run->disks_done_))) {
         channel->close();
         co_return;
     }
@@ -476,19 +477,70 @@ asio::awaitable<void> TargetRun::receive_disks(std::shared_ptr<TargetRun> run, s
     boost::system::error_code ec;
     asio::local::connect_pair(mine, theirs, ec);
     if (ec) {
-        run->disks_done_ = make_error(Errc::io, fmt::format("disk stream: {}", ec.message()));
+        engine_log()->warn("migration {}: disk stream: {}", run->m_.id, ec.message());
         channel->close();
+        if (!again)
+            run->disks_done_ = make_error(Errc::io, fmt::format("disk stream: {}", ec.message()));
         co_return;
     }
     auto tunnel = tunnel_on_data_plane(std::move(theirs), channel, nullptr);
     asio::co_spawn(run->node_.executor(), std::move(tunnel), asio::detached);
+    if (again) {
+        // The source dialled again after the link broke (disk_resume).
+        engine_log()->info("migration {}: disk channel from {} re-established", run->m_.id, run->source_node_);
+        run->receiver_->replace_stream(std::move(mine));
+        co_return;
+    }
     run->receiver_ = std::make_unique<DiskReceiver>(run->mirrored_, run->nbd_targets_, std::move(mine));
+    run->receiver_->allow_resume(peer_timeout(run->m_.config));
     auto r = co_await run->receiver_->run();
     if (!r)
-        engine_log()->warn("migration {}: disk stream: {}", run->m_.id, r.error().message);
+        engine_log()->warn("migration {}: {}", run->m_.id, r.error().message);
     else
         engine_log()->info("migration {}: disks received ({} rounds)", run->m_.id, run->receiver_->rounds());
     run->disks_done_ = std::move(r);
+}
+
+json TargetRun::resume_disks() {
+    if (finished_) {
+        auto* record = node_.migration(m_.id);
+        auto why = record && record->failure_reason ? *record->failure_reason : std::string("it ended");
+        return error_message(fmt::format("migration {} was given up on {}: {}", m_.id, node_.config().node.name, why));
+    }
+    if (!disks_only())
+        return error_message(fmt::format("migration {} has no disk stream to resume on {}", m_.id,
+                                         node_.config().node.name));
+    return {{"type", "disk_resuming"}, {"disk_token", node_.tokens()->issue(m_.id, disk_channel_index)}};
+}
+
+bool TargetRun::disks_only() const {
+    return !mirrored_.empty() && receiver_ && !disks_done_ && next_index_ == 0 && m_.mode != "postcopy";
+}
+
+void TargetRun::set_control(const void* channel) {
+    control_ = channel;
+    ++control_epoch_;
+}
+
+asio::awaitable<void> TargetRun::control_lost(const void* channel, std::string why) {
+    if (finished_ || channel != control_)
+        co_return; // over, or a newer channel took its place
+    control_ = nullptr;
+    if (!disks_only()) {
+        co_await drop(std::move(why));
+        co_return;
+    }
+    engine_log()->warn("migration {}: {}; keeping the arrival {} s for the source to come back", m_.id, why,
+                       m_.config.peer_timeout);
+    asio::co_spawn(node_.executor(), await_control(shared_from_this(), ++control_epoch_, std::move(why)),
+                   asio::detached);
+}
+
+asio::awaitable<void> TargetRun::await_control(std::shared_ptr<TargetRun> run, std::uint64_t epoch, std::string why) {
+    co_await sleep_for(peer_timeout(run->m_.config));
+    if (run->control_epoch_ == epoch && !run->finished_)
+        co_await run->drop(fmt::format("{}; the source did not come back within {} s", why,
+                                       run->m_.config.peer_timeout));
 }
 
 // Block migrations: the source ended the disk stream after its last round;

@@ -32,6 +32,15 @@ public:
     boost::asio::awaitable<nlohmann::json> finish(const nlohmann::json& msg);
     // "recover": a broken post-copy stream; listen again, new tokens.
     boost::asio::awaitable<nlohmann::json> recover();
+    // "disk_resume": the disk channel broke; a token for a new one.
+    nlohmann::json resume_disks();
+    // The control channel the source speaks on now (identity only).
+    void set_control(const void* channel);
+    const void* control() const { return control_; }
+    // That channel is gone. While only disks move, the arrival waits
+    // peer_timeout for the source to come back on a new one; otherwise (or
+    // then) it is given up.
+    boost::asio::awaitable<void> control_lost(const void* channel, std::string why);
     // The "qemu" of a pong: "running", or why not.
     std::string qemu_state() const;
     // Gives up the arrival: the destination QEMU goes, the record says why.
@@ -57,6 +66,10 @@ private:
     static boost::asio::awaitable<void> receive_disks(std::shared_ptr<TargetRun> run,
                                                       std::shared_ptr<transport::Channel> channel);
     boost::asio::awaitable<std::string> wait_disks();
+    // Disks arrive and RAM has not started: a broken link can be resumed.
+    bool disks_only() const;
+    static boost::asio::awaitable<void> await_control(std::shared_ptr<TargetRun> run, std::uint64_t epoch,
+                                                      std::string why);
     // The destination QEMU of a block arrival exited: the disk stream stops.
     static boost::asio::awaitable<void> lost_qemu(std::shared_ptr<TargetRun> run, std::string why);
     void remove_created_images();
@@ -76,6 +89,8 @@ private:
     boost::asio::steady_timer order_; // woken when next_index_ moves
     bool prepared_ = false;
     bool finished_ = false;
+    const void* control_ = nullptr; // the source's control channel
+    std::uint64_t control_epoch_ = 0; // moves with every change of it
     std::string listen_socket_; // where QEMU listens (changes with each post-copy recovery)
     int recoveries_ = 0;
 
