@@ -12,6 +12,8 @@
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/use_future.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
@@ -20,6 +22,7 @@
 
 #include <filesystem>
 #include <functional>
+#include <future>
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
@@ -488,4 +491,114 @@ TEST(Tunnel, CarriesBytesBothWaysShapedOnTheWayOut) {
     ASSERT_TRUE(outcome->result) << outcome->result.error().message;
     EXPECT_EQ(outcome->result->from_peer, data.size());
     EXPECT_EQ(outcome->result->to_peer, data.size());
+}
+
+// --- a TLS channel carries large data both ways at once ------------------------
+
+namespace {
+std::string pattern(std::size_t n, unsigned seed) {
+    std::string s(n, '\0');
+    for (std::size_t i = 0; i < n; ++i)
+        s[i] = static_cast<char>((i * 131 + seed) ^ (i >> 9));
+    return s;
+}
+
+asio::awaitable<ferry::Result<std::shared_ptr<Channel>>> accept_tls(tcp::acceptor& acc, std::shared_ptr<TlsIdentity> id) {
+    auto [ec, s] = co_await acc.async_accept(asio::as_tuple(asio::use_awaitable));
+    if (ec)
+        co_return ferry::make_error(ferry::Errc::io, ec.message());
+    auto stream = std::make_unique<TlsStream>(std::move(s), id->server());
+    auto [hec] = co_await stream->async_handshake(asio::ssl::stream_base::server, asio::as_tuple(asio::use_awaitable));
+    if (hec)
+        co_return ferry::make_error(ferry::Errc::io, "handshake: " + hec.message());
+    co_return std::make_shared<Channel>(std::move(stream));
+}
+
+// Writes a frame and, in the same write, the first bytes of a stream; then
+// the rest of `out` in pieces of many sizes.
+asio::awaitable<ferry::Result<void>> send_side(std::shared_ptr<Channel> c, std::string out) {
+    auto first = encode_frame(json{{"type", "hello"}, {"bytes", out.size()}}) + out.substr(0, 1000);
+    if (auto r = co_await c->write_all(asio::buffer(first)); !r)
+        co_return r.error();
+    std::size_t at = 1000, step = 1;
+    while (at < out.size()) {
+        auto n = std::min(out.size() - at, step);
+        if (auto r = co_await c->write_all(asio::buffer(out.data() + at, n)); !r)
+            co_return r.error();
+        at += n;
+        step = step * 7 % (3 << 20) + 1;
+    }
+    co_return ferry::Result<void>{};
+}
+
+// Reads the frame, then the stream up to its announced size.
+asio::awaitable<ferry::Result<std::string>> receive_side(std::shared_ptr<Channel> c) {
+    auto hello = co_await c->read_frame(10s);
+    if (!hello)
+        co_return hello.error();
+    std::size_t want = (*hello)["bytes"];
+    std::string in;
+    std::vector<char> buf(1 << 20);
+    while (in.size() < want) {
+        auto n = co_await c->read_some(asio::buffer(buf));
+        if (!n)
+            co_return n.error();
+        in.append(buf.data(), *n);
+    }
+    co_return in;
+}
+
+struct Both {
+    ferry::Result<void> sent = ferry::make_error(ferry::Errc::internal, "not run");
+    ferry::Result<std::string> received = ferry::make_error(ferry::Errc::internal, "not run");
+    int done = 0;
+};
+
+asio::awaitable<void> exchange_on(std::shared_ptr<Channel> c, std::string out, std::shared_ptr<Both> both) {
+    using namespace asio::experimental::awaitable_operators;
+    auto [sent, received] = co_await (send_side(c, std::move(out)) && receive_side(c));
+    both->sent = std::move(sent);
+    both->received = std::move(received);
+    ++both->done;
+}
+} // namespace
+
+TEST(TlsChannel, CarriesLargeDataBothWaysAtOnceAndWhatFollowsAFrame) {
+    Pki pki;
+    auto ca = pki.file("ca.pem", pki.ca.cert_pem());
+    auto a = pki.node("node-a", pki.ca), b = pki.node("node-b", pki.ca);
+    auto ida = TlsIdentity::load({ca, a.first, a.second}, "node-a");
+    auto idb = TlsIdentity::load({ca, b.first, b.second}, "node-b");
+    ASSERT_TRUE(ida && idb);
+    asio::io_context io;
+    tcp::acceptor acc(io, {asio::ip::make_address("127.0.0.1"), 0});
+    auto accepted = asio::co_spawn(io, accept_tls(acc, *idb), asio::use_future);
+    auto dialled = run(io, dial(io.get_executor(), "127.0.0.1:" + std::to_string(acc.local_endpoint().port()), "node-b",
+                                *ida, 10s));
+    ASSERT_TRUE(dialled) << dialled.error().message;
+    for (int i = 0; i < 100 && accepted.wait_for(0s) != std::future_status::ready; ++i)
+        ferry::test::pump(io, 10ms);
+    auto server = accepted.get();
+    ASSERT_TRUE(server) << server.error().message;
+
+    auto to_b = pattern(24 << 20, 1), to_a = pattern((17 << 20) + 12345, 2);
+    auto at_a = std::make_shared<Both>(), at_b = std::make_shared<Both>();
+    asio::co_spawn(io, exchange_on(*dialled, to_b, at_a), asio::detached);
+    asio::co_spawn(io, exchange_on(*server, to_a, at_b), asio::detached);
+    for (int i = 0; i < 3000 && at_a->done + at_b->done < 2; ++i)
+        ferry::test::pump(io, 10ms);
+    ASSERT_EQ(at_a->done + at_b->done, 2) << "both ends finish";
+    ASSERT_TRUE(at_a->sent) << at_a->sent.error().message;
+    ASSERT_TRUE(at_b->sent) << at_b->sent.error().message;
+    ASSERT_TRUE(at_a->received) << at_a->received.error().message;
+    ASSERT_TRUE(at_b->received) << at_b->received.error().message;
+    EXPECT_TRUE(*at_b->received == to_b) << "node-b got other bytes than node-a sent";
+    EXPECT_TRUE(*at_a->received == to_a) << "node-a got other bytes than node-b sent";
+
+    // A closed end: the other's read says so, and does not hang.
+    (*dialled)->close();
+    std::vector<char> buf(4096);
+    auto after = run(io, (*server)->read_some(asio::buffer(buf)), 10s);
+    ASSERT_FALSE(after);
+    EXPECT_EQ(after.error().code, ferry::Errc::disconnected) << after.error().message;
 }

@@ -125,8 +125,10 @@ asio::awaitable<Result<nlohmann::json>> Channel::read_frame(std::chrono::millise
     pending_.clear();
     char buf[4096];
     for (;;) {
-        if (auto frame = decoder.next())
+        if (auto frame = decoder.next()) {
+            pending_ = decoder.take_rest(); // what follows the frame (a data channel's stream)
             co_return std::move(*frame);
+        }
         boost::system::error_code ec;
         std::size_t n = 0;
         if (auto* s = std::get_if<tcp::socket>(&stream_))

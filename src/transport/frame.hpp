@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <utility>
 
 namespace ferry::transport {
 
@@ -24,6 +25,8 @@ public:
     void feed(const char* data, std::size_t n) { buffer_.append(data, n); }
     // A frame, nothing yet (empty optional), or an error.
     std::optional<Result<nlohmann::json>> next();
+    // The bytes fed past the last whole frame (a stream that follows it).
+    std::string take_rest() { return std::exchange(buffer_, {}); }
 
 private:
     std::string buffer_;
