@@ -92,7 +92,7 @@ asio::awaitable<Result<void>> DiskSender::start() {
     auto reg = ring_->register_buffers(pool_);
     registered_ = ring_->uses_io_uring() && reg;
     if (!reg)
-        engine_log()->warn("disk mirror: {} (reads go without registered buffers)", reg.error().message);
+        engine_log()->warn("{}: {} (reads go without registered buffers)", label_, reg.error().message);
     for (std::size_t d = 0; d < disks_.size(); ++d) {
         if (disks_[d].format != "raw")
             continue;
@@ -306,7 +306,7 @@ asio::awaitable<Result<void>> DiskSender::copy(std::shared_ptr<Work> work) {
 }
 
 asio::awaitable<Result<bool>> DiskSender::resume(Work& work, const Error& why) {
-    engine_log()->warn("disk round {}: {}; resuming on a new stream", work.round, why.message);
+    engine_log()->warn("{}: disk round {}: {}; resuming on a new stream", label_, work.round, why.message);
     boost::system::error_code ignored;
     stream_.close(ignored);
     auto next = co_await reconnect_();
@@ -327,7 +327,7 @@ asio::awaitable<Result<bool>> DiskSender::resume(Work& work, const Error& why) {
     ++resumes_;
     seq_ = have->seq;
     if (work.end_seq != 0 && have->seq >= work.end_seq) {
-        engine_log()->info("disk round {}: the target has all of it (only its ack was lost)", work.round);
+        engine_log()->info("{}: disk round {}: the target has all of it (only its ack was lost)", label_, work.round);
         co_return false;
     }
     std::vector<Work::Item> left;
@@ -341,9 +341,9 @@ asio::awaitable<Result<bool>> DiskSender::resume(Work& work, const Error& why) {
             again += work.items[i].extent.length;
     }
     resent_bytes_ += again;
-    engine_log()->info("disk round {} resumes after record {}: {} of its {} records left, {} bytes of them sent "
+    engine_log()->info("{}: disk round {} resumes after record {}: {} of its {} records left, {} bytes of them sent "
                        "before",
-                       work.round, have->seq, left.size(), work.items.size(), again);
+                       label_, work.round, have->seq, left.size(), work.items.size(), again);
     work.items = std::move(left);
     co_return true;
 }
@@ -355,7 +355,7 @@ asio::awaitable<void> DiskSender::drop_round_exports(Work& work, bool failed) {
     for (auto& name : work.exports) {
         auto removed = co_await qemu_.remove_export(name);
         if (!removed)
-            engine_log()->warn("disk mirror: {}", removed.error().message);
+            engine_log()->warn("{}: {}", label_, removed.error().message);
     }
     for (auto& f : work.frozen) {
         // A failed round's blocks are still to copy: back into the bitmap
@@ -363,11 +363,11 @@ asio::awaitable<void> DiskSender::drop_round_exports(Work& work, bool failed) {
         if (failed) {
             auto merged = co_await qemu_.merge_bitmap(f.node, f.frozen, f.current);
             if (!merged)
-                engine_log()->warn("disk mirror: {}", merged.error().message);
+                engine_log()->warn("{}: {}", label_, merged.error().message);
         }
         auto removed = co_await qemu_.remove_bitmap(f.node, f.frozen);
         if (!removed)
-            engine_log()->warn("disk mirror: {}", removed.error().message);
+            engine_log()->warn("{}: {}", label_, removed.error().message);
     }
 }
 
@@ -432,7 +432,7 @@ asio::awaitable<void> DiskSender::finish() {
         co_return;
     auto swept = co_await qemu_.sweep(prefix_, true);
     if (!swept)
-        engine_log()->warn("disk mirror: cleaning up the source QEMU: {}", swept.error().message);
+        engine_log()->warn("{}: cleaning up the source QEMU: {}", label_, swept.error().message);
 }
 
 // --- target -------------------------------------------------------------------
@@ -632,8 +632,8 @@ asio::awaitable<Result<void>> DiskReceiver::receive() {
             co_return drained;
         auto secs = static_cast<double>(grace_.count()) / 1000;
         if (!next_stream_) {
-            engine_log()->warn("disk stream broke after record {}: {}; waiting up to {:g} s for the source to resume",
-                               last_seq_, r.error().message, secs);
+            engine_log()->warn("{}: disk stream broke after record {}: {}; waiting up to {:g} s for the source to resume",
+                               label_, last_seq_, r.error().message, secs);
             stream_ready_.expires_after(grace_);
             co_await stream_ready_.async_wait(nothrow);
         }
@@ -649,9 +649,9 @@ asio::awaitable<Result<void>> DiskReceiver::receive() {
         auto h = transport::encode_disk_record(have);
         auto [wec, n] = co_await asio::async_write(stream_, asio::buffer(h), nothrow);
         if (wec)
-            engine_log()->warn("disk stream: telling the source where to resume: {}", wec.message());
+            engine_log()->warn("{}: disk stream: telling the source where to resume: {}", label_, wec.message());
         else
-            engine_log()->info("disk stream resumed after record {}", last_seq_);
+            engine_log()->info("{}: disk stream resumed after record {}", label_, last_seq_);
         // A failed write shows as a broken stream on the next read.
     }
 }

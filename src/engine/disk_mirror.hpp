@@ -69,6 +69,8 @@ public:
     // is none. Without one, a broken stream fails the round.
     using Reconnect = std::function<boost::asio::awaitable<Result<DiskStream>>()>;
     void set_reconnect(Reconnect reconnect) { reconnect_ = std::move(reconnect); }
+    // Begins each log line ("migration <id>").
+    void set_label(std::string label) { label_ = std::move(label); }
 
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return round_; }
@@ -116,6 +118,7 @@ private:
     bool broken_ = false;                // a write or the ack failed: the stream is unusable
     bool aborted_ = false;               // abort(): nothing resumes
     Reconnect reconnect_;
+    std::string label_ = "disk mirror";
     std::uint32_t resumes_ = 0;
     std::uint64_t resent_bytes_ = 0;
     std::uint64_t seq_ = 0;
@@ -150,6 +153,8 @@ public:
     // noticed its break yet), what arrived on it is written, and the source
     // hears the last record this side has.
     void replace_stream(DiskStream stream);
+    // Begins each log line ("migration <id>").
+    void set_label(std::string label) { label_ = std::move(label); }
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return rounds_; }
 
@@ -183,6 +188,7 @@ private:
     bool stream_broke_ = false;
     bool closed_ = false;
     std::chrono::milliseconds grace_{0};
+    std::string label_ = "disk mirror";
     std::optional<DiskStream> next_stream_;
     boost::asio::steady_timer stream_ready_;
     std::optional<Error> write_error_;

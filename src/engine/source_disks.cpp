@@ -136,6 +136,7 @@ asio::awaitable<Result<void>> SourceDisks::sync(Link link) {
                                            node.vm_dir(run_.vm().record.name) + "/mirror.sock", disks_,
                                            std::move(*stream));
     sender_->set_reconnect([this] { return reconnect(); });
+    sender_->set_label("migration " + m.id);
     auto started = co_await sender_->start();
     if (!started)
         co_return started.error().wrap("starting the disk mirror");

@@ -493,6 +493,7 @@ asio::awaitable<void> TargetRun::receive_disks(std::shared_ptr<TargetRun> run, s
     }
     run->receiver_ = std::make_unique<DiskReceiver>(run->mirrored_, run->nbd_targets_, std::move(mine));
     run->receiver_->allow_resume(peer_timeout(run->m_.config));
+    run->receiver_->set_label("migration " + run->m_.id);
     auto r = co_await run->receiver_->run();
     if (!r)
         engine_log()->warn("migration {}: {}", run->m_.id, r.error().message);
