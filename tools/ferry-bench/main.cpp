@@ -296,7 +296,7 @@ int main(int argc, char** argv) {
     ferry::bench::BlockOptions blk_opts;
     blk->add_option("--size", blk_opts.size, "virtual disk size");
     blk->add_option("--images", blk_opts.images, "comma-separated: full (raw, random data), tenth (raw, 10% data), qcow2");
-    blk->add_option("--paths", blk_opts.paths, "comma-separated: qemu-mirror, ferry (Unix sockets), qemu-mirror-tls (QEMU NBD TLS over TCP), ferry-tls (ferry's TLS channel)");
+    blk->add_option("--paths", blk_opts.paths, "comma-separated: qemu-mirror, ferry (Unix sockets), qemu-mirror-tls (QEMU NBD TLS over TCP), ferry-tls (ferry's TLS channel), target-alone (qemu-img writing straight into the target's NBD export: the ceiling for qcow2)");
     blk->add_option("--reps", blk_opts.reps, "repetitions of each path")->check(CLI::PositiveNumber);
     blk->add_option("--work-dir", blk_opts.work_dir, "scratch directory (short path; needs 3x --size free)");
     blk->add_flag("--json", blk_opts.json, "print the report as JSON");
