@@ -311,11 +311,14 @@ asio::awaitable<Result<bool>> DiskSender::resume(Work& work, const Error& why) {
     stream_.close(ignored);
     auto next = co_await reconnect_();
     if (!next)
-        co_return make_error(next.error().code, fmt::format("{}; resuming: {}", why.message, next.error().message));
+        co_return make_error(next.error().code, fmt::format("{}; {}", why.message, next.error().message));
+    if (aborted_) // while it dialled
+        co_return make_error(Errc::aborted, fmt::format("{}; aborted while the link was down", why.message));
     stream_ = std::move(*next);
     broken_ = false;
-    // The target's first word: the last record it has written.
-    auto have = co_await read_reply(std::chrono::seconds(30), "where to resume");
+    // The target's first word: the last record it has written, once what
+    // arrived before the break is written (a round's flush may take that).
+    auto have = co_await read_reply(ack_timeout, "where to resume");
     if (!have)
         co_return make_error(have.error().code, fmt::format("{}; resuming: {}", why.message, have.error().message));
     if (have->kind != DiskRecordKind::ack || have->seq > seq_ || have->seq < work.first_seq)
@@ -630,6 +633,8 @@ asio::awaitable<Result<void>> DiskReceiver::receive() {
         auto drained = co_await drain();
         if (!drained)
             co_return drained;
+        if (closed_) // an abort while the writes finished
+            co_return r;
         auto secs = static_cast<double>(grace_.count()) / 1000;
         if (!next_stream_) {
             engine_log()->warn("{}: disk stream broke after record {}: {}; waiting up to {:g} s for the source to resume",

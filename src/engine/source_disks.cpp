@@ -98,8 +98,8 @@ asio::awaitable<Result<DiskStream>> SourceDisks::reconnect() {
     engine_log()->warn("migration {}: the disk channel to {} broke; dialling again for up to {} s", m.id,
                        m.target_node, m.config.peer_timeout);
     for (;;) {
-        if (m.abort_requested)
-            co_return make_error(Errc::aborted, "aborted by request while the disk channel was down");
+        if (m.abort_requested || stopping_)
+            co_return make_error(Errc::aborted, "the migration ended while the disk channel was down");
         auto token = co_await link_.again();
         Error why = token ? Error{} : token.error();
         if (token) {
