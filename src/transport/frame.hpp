@@ -12,7 +12,8 @@
 
 namespace ferry::transport {
 
-constexpr std::uint32_t protocol_version = 1;
+// 2: disk streams end with an end record and resume after a cut.
+constexpr std::uint32_t protocol_version = 2;
 constexpr std::size_t max_frame = 1 << 20;
 
 std::string encode_frame(const nlohmann::json& message);
