@@ -1,0 +1,115 @@
+#include "scheduler/placement.hpp"
+
+#include "config/quantity.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <tuple>
+
+namespace ferry::scheduler {
+
+std::string_view to_string(NodeState s) {
+    switch (s) {
+    case NodeState::ready: return "ready";
+    case NodeState::cordoned: return "cordoned";
+    case NodeState::draining: return "draining";
+    case NodeState::unreachable: return "unreachable";
+    }
+    return "?";
+}
+
+namespace {
+
+bool has(const std::vector<std::string>& list, const std::string& item) {
+    return std::find(list.begin(), list.end(), item) != list.end();
+}
+
+void check_selector(const Labels& selector, const char* what, const Labels& labels, std::vector<std::string>& why) {
+    for (auto& [key, value] : selector) {
+        auto it = labels.find(key);
+        if (it == labels.end())
+            why.push_back(fmt::format("{} {}={}: the node has no label {}", what, key, value, key));
+        else if (it->second != value)
+            why.push_back(fmt::format("{} {}={}: the node has {}={}", what, key, value, key, it->second));
+    }
+}
+
+std::vector<std::string> reject_reasons(const VmView& vm, const NodeView& n, const Labels& added) {
+    std::vector<std::string> why;
+    if (n.name == vm.node) {
+        why.push_back("the VM runs there");
+        return why;
+    }
+    if (n.state != NodeState::ready)
+        why.push_back(std::string(to_string(n.state)));
+    check_selector(vm.node_selector, "node_selector", n.labels, why);
+    check_selector(added, "added selector", n.labels, why);
+    auto free_memory = n.memory > n.memory_committed ? n.memory - n.memory_committed : 0;
+    if (vm.memory > free_memory)
+        why.push_back(fmt::format("memory: needs {}, {} free of {}", config::format_quantity(vm.memory),
+                                  config::format_quantity(free_memory), config::format_quantity(n.memory)));
+    auto free_cpus = std::max<std::int64_t>(n.cpus - n.cpus_committed, 0);
+    if (vm.cpus > free_cpus)
+        why.push_back(fmt::format("CPUs: needs {}, {} free of {}", vm.cpus, free_cpus, n.cpus));
+    if (vm.cpu_model == "host") {
+        if (n.host_cpu != vm.host_cpu)
+            why.push_back(fmt::format("CPU model host: its CPU is '{}', the VM's node has '{}'", n.host_cpu,
+                                      vm.host_cpu));
+    } else if (!has(n.cpu_models, vm.cpu_model)) {
+        why.push_back(fmt::format("CPU model {}: its QEMU {} does not offer it", vm.cpu_model, n.qemu_version));
+    }
+    if (!vm.machine_type.empty() && !has(n.machine_types, vm.machine_type))
+        why.push_back(fmt::format("machine type {}: its QEMU {} does not offer it", vm.machine_type, n.qemu_version));
+    return why;
+}
+
+double load(double committed, double add, double total) { return total > 0 ? (committed + add) / total : 1; }
+
+} // namespace
+
+Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector) {
+    Placement p;
+    for (auto& n : nodes) {
+        auto why = reject_reasons(vm, n, added_selector);
+        if (!why.empty()) {
+            p.rejected.push_back({n.name, std::move(why)});
+            continue;
+        }
+        p.ranked.push_back({n.name, load(static_cast<double>(n.memory_committed), static_cast<double>(vm.memory),
+                                         static_cast<double>(n.memory)),
+                            load(static_cast<double>(n.cpus_committed), static_cast<double>(vm.cpus),
+                                 static_cast<double>(n.cpus))});
+    }
+    std::sort(p.ranked.begin(), p.ranked.end(), [](const Candidate& a, const Candidate& b) {
+        return std::tie(a.memory_load, a.cpu_load, a.node) < std::tie(b.memory_load, b.cpu_load, b.node);
+    });
+    std::sort(p.rejected.begin(), p.rejected.end(),
+              [](const Rejection& a, const Rejection& b) { return a.node < b.node; });
+    return p;
+}
+
+std::string Placement::why_none(const std::string& vm) const {
+    std::string s = fmt::format("no node fits {}", vm);
+    if (rejected.empty())
+        return s + ": no other node is known";
+    const char* sep = ": ";
+    for (auto& r : rejected) {
+        s += fmt::format("{}{}: {}", sep, r.node, fmt::join(r.reasons, ", "));
+        sep = "; ";
+    }
+    return s;
+}
+
+std::vector<std::string> migration_blockers(const config::VmSpec& spec) {
+    std::vector<std::string> why;
+    for (auto& arg : spec.extra_args)
+        for (auto device : {"vfio-", "usb-host", "pci-assign"}) // devices passed through from the host
+            if (arg.find(device) != std::string::npos) {
+                why.push_back(fmt::format("extra_args passes a host device through ('{}')", arg));
+                break;
+            }
+    return why;
+}
+
+} // namespace ferry::scheduler

@@ -1,0 +1,165 @@
+#include "scheduler/queue.hpp"
+
+#include <fmt/format.h>
+
+namespace ferry::scheduler {
+
+std::string_view to_string(Priority p) {
+    switch (p) {
+    case Priority::evacuation: return "evacuation";
+    case Priority::user: return "user";
+    case Priority::rebalance: return "rebalance";
+    }
+    return "?";
+}
+
+void InFlight::add(const std::string& source, const std::string& target) {
+    ++outbound_[source];
+    ++inbound_[target];
+    ++total_;
+}
+
+void InFlight::remove(const std::string& source, const std::string& target) {
+    auto drop = [](std::map<std::string, std::int64_t>& m, const std::string& node) {
+        auto it = m.find(node);
+        if (it != m.end() && --it->second <= 0)
+            m.erase(it);
+    };
+    drop(outbound_, source);
+    drop(inbound_, target);
+    if (total_ > 0)
+        --total_;
+}
+
+std::int64_t InFlight::outbound(const std::string& node) const {
+    auto it = outbound_.find(node);
+    return it == outbound_.end() ? 0 : it->second;
+}
+
+std::int64_t InFlight::inbound(const std::string& node) const {
+    auto it = inbound_.find(node);
+    return it == inbound_.end() ? 0 : it->second;
+}
+
+Result<void> Queue::push(Request request) {
+    for (auto& [priority, sources] : queues_)
+        for (auto& [source, entries] : sources)
+            for (auto& e : entries)
+                if (e.request.id == request.id)
+                    return make_error(Errc::conflict, fmt::format("migration {} is already queued", request.id));
+    auto priority = request.priority;
+    auto source = request.source;
+    queues_[priority][source].push_back({std::move(request), ++seq_});
+    ++size_;
+    return {};
+}
+
+bool Queue::remove(const std::string& id) {
+    for (auto& [priority, sources] : queues_)
+        for (auto it = sources.begin(); it != sources.end(); ++it)
+            for (auto e = it->second.begin(); e != it->second.end(); ++e)
+                if (e->request.id == id) {
+                    it->second.erase(e);
+                    if (it->second.empty())
+                        sources.erase(it);
+                    --size_;
+                    reasons_.erase(id);
+                    return true;
+                }
+    return false;
+}
+
+std::string Queue::blocked(const Entry& e, const InFlight& running, const Limits& limits, const Placer& place,
+                           std::string& target) const {
+    auto& r = e.request;
+    if (running.total() >= limits.per_cluster)
+        return fmt::format("cluster {}/{}", running.total(), limits.per_cluster);
+    if (running.outbound(r.source) >= limits.outbound_per_node)
+        return fmt::format("source {} outbound {}/{}", r.source, running.outbound(r.source), limits.outbound_per_node);
+    if (!r.target.empty()) {
+        if (running.inbound(r.target) >= limits.inbound_per_node)
+            return fmt::format("target {} inbound {}/{}", r.target, running.inbound(r.target), limits.inbound_per_node);
+        target = r.target;
+        return {};
+    }
+    auto ranked = place(r);
+    if (!ranked)
+        return ranked.error().message;
+    std::string full;
+    for (auto& node : *ranked) {
+        if (running.inbound(node) < limits.inbound_per_node) {
+            target = node;
+            return {};
+        }
+        full += fmt::format("{}{} inbound {}/{}", full.empty() ? "" : ", ", node, running.inbound(node),
+                            limits.inbound_per_node);
+    }
+    return ranked->empty() ? std::string("no node fits") : "every node that fits is full: " + full;
+}
+
+std::optional<Start> Queue::next(const InFlight& running, const Limits& limits, const Placer& place) {
+    reasons_.clear();
+    for (auto& [priority, sources] : queues_) {
+        if (sources.empty())
+            continue;
+        // Sources in turn, starting after the one served last.
+        auto first = sources.upper_bound(last_source_[priority]);
+        std::vector<std::map<std::string, std::deque<Entry>>::iterator> order;
+        for (auto it = first; it != sources.end(); ++it)
+            order.push_back(it);
+        for (auto it = sources.begin(); it != first; ++it)
+            order.push_back(it);
+        for (auto src : order) {
+            auto& entries = src->second;
+            for (auto e = entries.begin(); e != entries.end(); ++e) {
+                std::string target;
+                auto why = blocked(*e, running, limits, place, target);
+                if (!why.empty()) {
+                    reasons_[e->request.id] = why;
+                    continue;
+                }
+                Start s{std::move(e->request), target};
+                entries.erase(e);
+                last_source_[priority] = src->first;
+                if (entries.empty())
+                    sources.erase(src);
+                --size_;
+                reasons_.clear(); // stale once something started
+                return s;
+            }
+        }
+    }
+    return std::nullopt;
+}
+
+std::string Queue::reason(const std::string& id) const {
+    auto it = reasons_.find(id);
+    return it == reasons_.end() ? std::string() : it->second;
+}
+
+std::vector<Request> Queue::waiting() const {
+    std::vector<Request> out;
+    for (auto& [priority, sources] : queues_) {
+        // Round-robin from the source after the one served last.
+        std::vector<const std::deque<Entry>*> lists;
+        auto last = last_source_.find(priority);
+        auto first = last == last_source_.end() ? sources.begin() : sources.upper_bound(last->second);
+        for (auto it = first; it != sources.end(); ++it)
+            lists.push_back(&it->second);
+        for (auto it = sources.begin(); it != first; ++it)
+            lists.push_back(&it->second);
+        for (std::size_t depth = 0;; ++depth) {
+            bool any = false;
+            for (auto* l : lists)
+                if (depth < l->size()) {
+                    out.push_back((*l)[depth].request);
+                    any = true;
+                }
+            if (!any)
+                break;
+        }
+    }
+    return out;
+}
+
+} // namespace ferry::scheduler

@@ -1,0 +1,315 @@
+// src/scheduler as units: policy precedence, placement filters and score,
+// the queue's order and the limits it never exceeds.
+#include "scheduler/placement.hpp"
+#include "scheduler/policy.hpp"
+#include "scheduler/queue.hpp"
+
+#include <gtest/gtest.h>
+
+#include <random>
+#include <set>
+
+using namespace ferry::scheduler;
+
+namespace {
+constexpr std::uint64_t gib = 1ULL << 30;
+
+std::string joined(const std::vector<std::string>& v) {
+    std::string s;
+    for (auto& x : v)
+        s += (s.empty() ? "" : " | ") + x;
+    return s;
+}
+} // namespace
+
+// --- policies -------------------------------------------------------------------
+
+TEST(Policy, MostMatchingLabelsWinsThenTheFirstName) {
+    std::vector<Policy> policies{
+        {"b-web", {{"app", "web"}}, {}, {}},
+        {"a-web", {{"app", "web"}}, {}, {}},
+        {"web-zone-a", {{"app", "web"}}, {{"zone", "a"}}, {}},
+        {"db", {{"app", "db"}}, {}, {}},
+        {"everything", {}, {}, {}},
+    };
+    auto* p = select_policy(policies, {{"app", "web"}, {"tier", "1"}}, {{"zone", "a"}});
+    ASSERT_TRUE(p);
+    EXPECT_EQ(p->name, "web-zone-a") << "two matching labels beat one";
+    p = select_policy(policies, {{"app", "web"}}, {{"zone", "b"}});
+    ASSERT_TRUE(p);
+    EXPECT_EQ(p->name, "a-web") << "equal counts: the first by name";
+    p = select_policy(policies, {{"app", "cache"}}, {});
+    ASSERT_TRUE(p);
+    EXPECT_EQ(p->name, "everything") << "an empty selector matches anything";
+    policies.pop_back();
+    EXPECT_EQ(select_policy(policies, {{"app", "cache"}}, {}), nullptr);
+    EXPECT_EQ(select_policy(policies, {{"app", "Web"}}, {}), nullptr) << "values match exactly";
+}
+
+TEST(Policy, TheRequestBeatsThePolicyWhichBeatsTheDefaults) {
+    ferry::config::MigrationConfig defaults;
+    defaults.bandwidth_per_migration = 64 << 20;
+    defaults.max_downtime_ms = 300;
+    defaults.allow_post_copy = false;
+    defaults.parallel_outbound_migrations_per_node = 2;
+    defaults.disable_tls = false;
+    Policy p{"fast", {}, {}, {}};
+    p.settings.bandwidth_per_migration = 0;
+    p.settings.max_downtime_ms = 500;
+    p.settings.allow_post_copy = true;
+    MigrationSettings request;
+    request.max_downtime_ms = 100;
+    auto c = resolve(defaults, &p, request);
+    EXPECT_EQ(c.bandwidth_per_migration, 0u) << "the policy's";
+    EXPECT_EQ(c.max_downtime_ms, 100) << "the request's";
+    EXPECT_TRUE(c.allow_post_copy);
+    EXPECT_EQ(c.progress_timeout, defaults.progress_timeout) << "unset: the default";
+    EXPECT_EQ(c.parallel_outbound_migrations_per_node, 2) << "limits stay the node's";
+    EXPECT_FALSE(c.disable_tls);
+    auto plain = resolve(defaults, nullptr, {});
+    EXPECT_EQ(plain.bandwidth_per_migration, defaults.bandwidth_per_migration);
+}
+
+// --- placement ------------------------------------------------------------------
+
+namespace {
+NodeView node(const std::string& name, std::uint64_t mem_gib, std::int64_t cpus, std::uint64_t used_gib = 0,
+              std::int64_t cpus_used = 0) {
+    NodeView n;
+    n.name = name;
+    n.memory = mem_gib * gib;
+    n.cpus = cpus;
+    n.memory_committed = used_gib * gib;
+    n.cpus_committed = cpus_used;
+    n.host_cpu = "Xeon 8375C";
+    n.cpu_models = {"qemu64", "Skylake-Server"};
+    n.machine_types = {"pc-i440fx-7.2", "pc-q35-7.2"};
+    n.qemu_version = "7.2.0";
+    n.labels = {{"zone", "a"}};
+    return n;
+}
+
+VmView vm(std::uint64_t mem_gib = 1, std::int64_t cpus = 1) {
+    VmView v;
+    v.name = "web-1";
+    v.node = "node-a";
+    v.memory = mem_gib * gib;
+    v.cpus = cpus;
+    v.machine_type = "pc-i440fx-7.2";
+    v.host_cpu = "Xeon 8375C";
+    return v;
+}
+
+const Rejection* rejection(const Placement& p, const std::string& name) {
+    for (auto& r : p.rejected)
+        if (r.node == name)
+            return &r;
+    return nullptr;
+}
+} // namespace
+
+TEST(Placement, RanksByMemoryLoadThenCpuLoadThenName) {
+    std::vector<NodeView> nodes{node("node-a", 16, 8), node("node-d", 16, 8, 8), node("node-c", 16, 8, 4, 6),
+                                node("node-b", 16, 8, 4, 2), node("node-e", 16, 8, 4, 2)};
+    auto p = place(vm(), nodes);
+    ASSERT_EQ(p.ranked.size(), 4u);
+    EXPECT_EQ(p.ranked[0].node, "node-b") << "lowest memory load, lowest CPU load, first name";
+    EXPECT_EQ(p.ranked[1].node, "node-e");
+    EXPECT_EQ(p.ranked[2].node, "node-c") << "same memory load, more CPUs in use";
+    EXPECT_EQ(p.ranked[3].node, "node-d");
+    EXPECT_DOUBLE_EQ(p.ranked[0].memory_load, 5.0 / 16);
+    ASSERT_TRUE(rejection(p, "node-a"));
+    EXPECT_EQ(joined(rejection(p, "node-a")->reasons), "the VM runs there");
+}
+
+TEST(Placement, EveryFilterSaysWhy) {
+    auto full = node("node-full", 4, 8, 3, 7);
+    auto cordoned = node("node-cordoned", 64, 64);
+    cordoned.state = NodeState::cordoned;
+    auto gone = node("node-gone", 64, 64);
+    gone.state = NodeState::unreachable;
+    auto zone_b = node("node-zone-b", 64, 64);
+    zone_b.labels = {{"zone", "b"}};
+    auto old = node("node-old", 64, 64);
+    old.machine_types = {"pc-i440fx-6.2"};
+    old.cpu_models = {"qemu64"};
+    old.qemu_version = "6.2.0";
+    std::vector<NodeView> nodes{full, cordoned, gone, zone_b, old};
+    auto v = vm(2, 2);
+    v.node_selector = {{"zone", "a"}};
+    v.cpu_model = "Skylake-Server";
+    auto p = place(v, nodes, {{"disk", "ssd"}});
+    EXPECT_FALSE(p.fits());
+    EXPECT_EQ(joined(rejection(p, "node-full")->reasons),
+              "added selector disk=ssd: the node has no label disk | memory: needs 2Gi, 1Gi free of 4Gi | CPUs: "
+              "needs 2, 1 free of 8");
+    EXPECT_EQ(rejection(p, "node-cordoned")->reasons.at(0), "cordoned");
+    EXPECT_EQ(rejection(p, "node-gone")->reasons.at(0), "unreachable");
+    EXPECT_EQ(rejection(p, "node-zone-b")->reasons.at(0), "node_selector zone=a: the node has zone=b");
+    EXPECT_EQ(joined(rejection(p, "node-old")->reasons),
+              "added selector disk=ssd: the node has no label disk | CPU model Skylake-Server: its QEMU 6.2.0 does "
+              "not offer it | machine type pc-i440fx-7.2: its QEMU 6.2.0 does not offer it");
+    auto why = p.why_none("web-1");
+    EXPECT_EQ(why.rfind("no node fits web-1: node-cordoned: cordoned", 0), 0u) << why;
+}
+
+TEST(Placement, MigrationsHeadedThereCountAndHostCpuNeedsTheSameCpu) {
+    auto b = node("node-b", 8, 8, 7); // 7 GiB committed, some of it arriving
+    auto c = node("node-c", 8, 8);
+    c.host_cpu = "EPYC 7763";
+    auto v = vm(2);
+    v.cpu_model = "host";
+    auto p = place(v, {b, c});
+    EXPECT_FALSE(p.fits());
+    EXPECT_EQ(rejection(p, "node-b")->reasons.at(0), "memory: needs 2Gi, 1Gi free of 8Gi");
+    EXPECT_EQ(rejection(p, "node-c")->reasons.at(0),
+              "CPU model host: its CPU is 'EPYC 7763', the VM's node has 'Xeon 8375C'");
+    b.memory_committed = 6 * gib;
+    p = place(v, {b, c});
+    ASSERT_TRUE(p.fits());
+    EXPECT_EQ(p.ranked[0].node, "node-b");
+    EXPECT_DOUBLE_EQ(p.ranked[0].memory_load, 1.0);
+}
+
+TEST(Placement, PassthroughDevicesBlockMigration) {
+    ferry::config::VmSpec spec;
+    spec.extra_args = {"-device", "virtio-rng-pci"};
+    EXPECT_TRUE(migration_blockers(spec).empty());
+    spec.extra_args = {"-device", "vfio-pci,host=0000:3b:00.0", "-device", "usb-host,vendorid=0x1234"};
+    auto why = migration_blockers(spec);
+    ASSERT_EQ(why.size(), 2u);
+    EXPECT_EQ(why[0], "extra_args passes a host device through ('vfio-pci,host=0000:3b:00.0')");
+}
+
+// --- the queue --------------------------------------------------------------------
+
+namespace {
+Request req(const std::string& id, const std::string& source, const std::string& target,
+            Priority priority = Priority::user) {
+    return {id, "vm-" + id, source, target, priority};
+}
+
+Queue::Placer nowhere() {
+    return [](const Request&) -> ferry::Result<std::vector<std::string>> { return std::vector<std::string>{}; };
+}
+
+std::vector<std::string> drain(Queue& q, InFlight& running, const Limits& limits, const Queue::Placer& place) {
+    std::vector<std::string> started;
+    while (auto s = q.next(running, limits, place)) {
+        running.add(s->request.source, s->target);
+        started.push_back(s->request.id);
+    }
+    return started;
+}
+} // namespace
+
+TEST(Queue, PriorityFirstThenRoundRobinAcrossSourcesThenFifo) {
+    Queue q;
+    ASSERT_TRUE(q.push(req("a1", "node-a", "node-x", Priority::rebalance)));
+    ASSERT_TRUE(q.push(req("a2", "node-a", "node-x")));
+    ASSERT_TRUE(q.push(req("a3", "node-a", "node-x")));
+    ASSERT_TRUE(q.push(req("a4", "node-a", "node-x")));
+    ASSERT_TRUE(q.push(req("b1", "node-b", "node-x")));
+    ASSERT_TRUE(q.push(req("b2", "node-b", "node-x")));
+    ASSERT_TRUE(q.push(req("c1", "node-c", "node-x", Priority::evacuation)));
+    EXPECT_FALSE(q.push(req("b2", "node-b", "node-y"))) << "ids are unique";
+    std::vector<std::string> order;
+    for (auto& r : q.waiting())
+        order.push_back(r.id);
+    EXPECT_EQ(joined(order), "c1 | a2 | b1 | a3 | b2 | a4 | a1");
+    InFlight running;
+    Limits unlimited{100, 100, 100};
+    EXPECT_EQ(joined(drain(q, running, unlimited, nowhere())), "c1 | a2 | b1 | a3 | b2 | a4 | a1");
+    EXPECT_TRUE(q.empty());
+}
+
+TEST(Queue, WaitsWithTheReasonAndSkipsOnlyWhatIsBlocked) {
+    Queue q;
+    ASSERT_TRUE(q.push(req("1", "node-a", "node-c")));
+    ASSERT_TRUE(q.push(req("2", "node-b", "node-c")));
+    ASSERT_TRUE(q.push(req("3", "node-b", "node-d")));
+    ASSERT_TRUE(q.push(req("4", "node-a", "node-d")));
+    InFlight running;
+    Limits limits{1, 1, 5};
+    EXPECT_EQ(joined(drain(q, running, limits, nowhere())), "1 | 3") << "2 and 4 wait for their sources";
+    EXPECT_EQ(q.reason("2"), "source node-b outbound 1/1");
+    EXPECT_EQ(q.reason("4"), "source node-a outbound 1/1");
+    running.remove("node-a", "node-c");
+    EXPECT_TRUE(drain(q, running, limits, nowhere()).empty());
+    EXPECT_EQ(q.reason("4"), "target node-d inbound 1/1");
+    running.remove("node-b", "node-d");
+    EXPECT_EQ(joined(drain(q, running, limits, nowhere())), "4 | 2");
+    ASSERT_TRUE(q.push(req("4b", "node-a", "node-d")));
+    EXPECT_TRUE(q.remove("4b"));
+    EXPECT_FALSE(q.remove("4b"));
+    EXPECT_TRUE(q.empty());
+    ASSERT_TRUE(q.push(req("5", "node-e", "node-f")));
+    Limits cluster{5, 5, 2};
+    EXPECT_TRUE(drain(q, running, cluster, nowhere()).empty());
+    EXPECT_EQ(q.reason("5"), "cluster 2/2");
+}
+
+TEST(Queue, AsksThePlacerForATargetAndTakesTheFirstWithRoom) {
+    Queue q;
+    ASSERT_TRUE(q.push(req("1", "node-a", "")));
+    ASSERT_TRUE(q.push(req("2", "node-a", "")));
+    ASSERT_TRUE(q.push(req("3", "node-a", "")));
+    Queue::Placer ranked = [](const Request&) -> ferry::Result<std::vector<std::string>> {
+        return std::vector<std::string>{"node-b", "node-c"};
+    };
+    InFlight running;
+    Limits limits{5, 1, 5};
+    auto first = q.next(running, limits, ranked);
+    ASSERT_TRUE(first);
+    EXPECT_EQ(first->target, "node-b");
+    running.add("node-a", first->target);
+    auto second = q.next(running, limits, ranked);
+    ASSERT_TRUE(second);
+    EXPECT_EQ(second->target, "node-c") << "node-b is full";
+    running.add("node-a", second->target);
+    EXPECT_FALSE(q.next(running, limits, ranked));
+    EXPECT_EQ(q.reason("3"), "every node that fits is full: node-b inbound 1/1, node-c inbound 1/1");
+    Queue::Placer none = [](const Request&) -> ferry::Result<std::vector<std::string>> {
+        return ferry::make_error(ferry::Errc::not_found, "no node fits vm-3: node-b: cordoned");
+    };
+    EXPECT_FALSE(q.next(running, limits, none));
+    EXPECT_EQ(q.reason("3"), "no node fits vm-3: node-b: cordoned");
+}
+
+// A drain-like workload with random finishes: the limits hold at every start.
+TEST(Queue, LimitsAreNeverExceededWhateverFinishesWhen) {
+    std::mt19937 rng(7);
+    Limits limits{1, 1, 2};
+    Queue q;
+    std::vector<std::string> nodes{"node-a", "node-b", "node-c", "node-d"};
+    for (int i = 0; i < 60; ++i) {
+        auto source = nodes[rng() % 2]; // two nodes drain
+        ASSERT_TRUE(q.push(req("m" + std::to_string(i), source, "", i % 3 ? Priority::evacuation : Priority::user)));
+    }
+    Queue::Placer place = [&](const Request& r) -> ferry::Result<std::vector<std::string>> {
+        std::vector<std::string> out;
+        for (auto& n : nodes)
+            if (n != r.source)
+                out.push_back(n);
+        return out;
+    };
+    InFlight running;
+    std::vector<std::pair<std::string, std::string>> under_way;
+    std::size_t started = 0;
+    while (!q.empty() || !under_way.empty()) {
+        while (auto s = q.next(running, limits, place)) {
+            running.add(s->request.source, s->target);
+            under_way.emplace_back(s->request.source, s->target);
+            ++started;
+            ASSERT_LE(running.total(), limits.per_cluster);
+            ASSERT_LE(running.outbound(s->request.source), limits.outbound_per_node);
+            ASSERT_LE(running.inbound(s->target), limits.inbound_per_node);
+        }
+        ASSERT_FALSE(under_way.empty()) << "nothing runs, yet " << q.size() << " wait: "
+                                        << q.reason(q.waiting().front().id);
+        auto i = rng() % under_way.size();
+        running.remove(under_way[i].first, under_way[i].second);
+        under_way.erase(under_way.begin() + static_cast<std::ptrdiff_t>(i));
+    }
+    EXPECT_EQ(started, 60u);
+}
