@@ -27,19 +27,19 @@ const Policy* select_policy(const std::vector<Policy>& policies, const Labels& v
 }
 
 namespace {
+template <class T, class U>
+void take(T& setting, const std::optional<U>& given) {
+    if (given)
+        setting = *given;
+}
+
 void apply(config::MigrationConfig& c, const MigrationSettings& s) {
-    if (s.bandwidth_per_migration)
-        c.bandwidth_per_migration = *s.bandwidth_per_migration;
-    if (s.max_downtime_ms)
-        c.max_downtime_ms = *s.max_downtime_ms;
-    if (s.completion_timeout_per_gib)
-        c.completion_timeout_per_gib = *s.completion_timeout_per_gib;
-    if (s.progress_timeout)
-        c.progress_timeout = *s.progress_timeout;
-    if (s.allow_auto_converge)
-        c.allow_auto_converge = *s.allow_auto_converge;
-    if (s.allow_post_copy)
-        c.allow_post_copy = *s.allow_post_copy;
+    take(c.bandwidth_per_migration, s.bandwidth_per_migration);
+    take(c.max_downtime_ms, s.max_downtime_ms);
+    take(c.completion_timeout_per_gib, s.completion_timeout_per_gib);
+    take(c.progress_timeout, s.progress_timeout);
+    take(c.allow_auto_converge, s.allow_auto_converge);
+    take(c.allow_post_copy, s.allow_post_copy);
 }
 } // namespace
 
