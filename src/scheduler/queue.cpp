@@ -97,19 +97,26 @@ std::string Queue::blocked(const Entry& e, const InFlight& running, const Limits
     return ranked->empty() ? std::string("no node fits") : "every node that fits is full: " + full;
 }
 
+namespace {
+// A priority's sources in turn: those after `last` by name, then the rest.
+template <class Sources>
+auto in_turn(Sources& sources, const std::string& last) {
+    std::vector<decltype(sources.begin())> order;
+    auto first = sources.upper_bound(last);
+    for (auto it = first; it != sources.end(); ++it)
+        order.push_back(it);
+    for (auto it = sources.begin(); it != first; ++it)
+        order.push_back(it);
+    return order;
+}
+} // namespace
+
 std::optional<Start> Queue::next(const InFlight& running, const Limits& limits, const Placer& place) {
     reasons_.clear();
     for (auto& [priority, sources] : queues_) {
         if (sources.empty())
             continue;
-        // Sources in turn, starting after the one served last.
-        auto first = sources.upper_bound(last_source_[priority]);
-        std::vector<std::map<std::string, std::deque<Entry>>::iterator> order;
-        for (auto it = first; it != sources.end(); ++it)
-            order.push_back(it);
-        for (auto it = sources.begin(); it != first; ++it)
-            order.push_back(it);
-        for (auto src : order) {
+        for (auto src : in_turn(sources, last_source_[priority])) {
             auto& entries = src->second;
             for (auto e = entries.begin(); e != entries.end(); ++e) {
                 std::string target;
@@ -140,19 +147,13 @@ std::string Queue::reason(const std::string& id) const {
 std::vector<Request> Queue::waiting() const {
     std::vector<Request> out;
     for (auto& [priority, sources] : queues_) {
-        // Round-robin from the source after the one served last.
-        std::vector<const std::deque<Entry>*> lists;
         auto last = last_source_.find(priority);
-        auto first = last == last_source_.end() ? sources.begin() : sources.upper_bound(last->second);
-        for (auto it = first; it != sources.end(); ++it)
-            lists.push_back(&it->second);
-        for (auto it = sources.begin(); it != first; ++it)
-            lists.push_back(&it->second);
+        auto lists = in_turn(sources, last == last_source_.end() ? std::string() : last->second);
         for (std::size_t depth = 0;; ++depth) {
             bool any = false;
-            for (auto* l : lists)
-                if (depth < l->size()) {
-                    out.push_back((*l)[depth].request);
+            for (auto l : lists)
+                if (depth < l->second.size()) {
+                    out.push_back(l->second[depth].request);
                     any = true;
                 }
             if (!any)
