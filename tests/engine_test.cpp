@@ -51,7 +51,12 @@ TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
                 return true;
         return false;
     };
-    EXPECT_TRUE(has(src, "-m", "256M"));
+    EXPECT_TRUE(has(src, "-m", "262152K")); // 256 MiB + 8 KiB under TCG: see guest_ram
+    {
+        auto kvm = o;
+        kvm.accel = "kvm";
+        EXPECT_TRUE(has(qemu_args(spec, kvm), "-m", "262144K"));
+    }
     EXPECT_TRUE(has(src, "-smp", "2"));
     EXPECT_TRUE(has(src, "-machine", "pc,accel=tcg"));
     EXPECT_TRUE(has(src, "-qmp", "unix:/r/qmp.sock,server=on,wait=off"));
@@ -969,11 +974,12 @@ TEST_F(EngineIntegration, ThrottlingTheVcpusLowersTheDirtyRateAndReleasingRestor
 
 TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     start();
-    // A QEMU some other stack started: its own QMP socket, no ferry console.
+    // A QEMU some other stack started: its own QMP socket, no ferry console,
+    // 128 MiB + 8 KiB as ferry runs a 128 MiB spec under TCG (guest_ram).
     std::string qmp = dir_ / "adopted.qmp";
     pid_t pid = ::fork();
     if (pid == 0) {
-        ::execlp("qemu-system-x86_64", "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "128M",
+        ::execlp("qemu-system-x86_64", "qemu-system-x86_64", "-machine", "pc,accel=tcg", "-m", "131080K",
                  "-nodefaults", "-display", "none", "-kernel", ferry::test::guest_kernel().c_str(), "-append",
                  "ws=16 rate=4 hb=50", "-serial", "null", "-qmp", ("unix:" + qmp + ",server=on,wait=off").c_str(),
                  nullptr);
@@ -999,7 +1005,10 @@ TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     wrong_memory.memory = 256ULL << 20;
     auto mismatch = run(io_, engine_->adopt_vm("guest", qmp, wrong_memory));
     ASSERT_FALSE(mismatch);
-    EXPECT_NE(mismatch.error().message.find("memory = 256 MiB, the running QEMU has 128 MiB"), std::string::npos)
+    EXPECT_NE(mismatch.error().message.find("memory = 256 MiB, which under TCG ferry runs as -m 262152K"),
+              std::string::npos)
+        << mismatch.error().message;
+    EXPECT_NE(mismatch.error().message.find("the running QEMU has 131080 KiB"), std::string::npos)
         << mismatch.error().message;
     auto wrong_cpus = spec("ws=16 rate=4 hb=50");
     wrong_cpus.cpus = 2;

@@ -5,6 +5,7 @@
 
 #include "engine/async.hpp"
 #include "engine/process.hpp"
+#include "engine/qemu_args.hpp"
 #include "engine/source_disks.hpp"
 #include "engine/source_run.hpp"
 #include "engine/store.hpp"
@@ -52,15 +53,23 @@ Result<void> check_spec_files(const config::VmSpec& spec) {
 // The spec of an adopted VM launches its migration destinations: what QEMU
 // can tell (memory, vCPUs) must match, or the migration fails later with a
 // cause nobody sees.
-asio::awaitable<Result<void>> check_adopted(qmp::Client& qmp, const config::VmSpec& spec) {
+// Under TCG the destinations get 8 KiB more than the spec's memory (see
+// guest_ram), so the adopted QEMU must have been started that way too.
+asio::awaitable<Result<void>> check_adopted(qmp::Client& qmp, const config::VmSpec& spec, const std::string& accel) {
     auto memory = co_await qmp.execute("query-memory-size-summary");
     if (!memory)
         co_return memory.error();
     auto base = (*memory).value("base-memory", std::uint64_t{0});
-    if (base != spec.memory)
-        co_return make_error(Errc::invalid_argument,
-                             fmt::format("the spec says memory = {} MiB, the running QEMU has {} MiB", spec.memory >> 20,
-                                         base >> 20));
+    auto want = guest_ram(spec.memory, accel);
+    if (base != want)
+        co_return make_error(
+            Errc::invalid_argument,
+            want == spec.memory
+                ? fmt::format("the spec says memory = {} MiB, the running QEMU has {} KiB", spec.memory >> 20, base >> 10)
+                : fmt::format("the spec says memory = {} MiB, which under TCG ferry runs as -m {}K (8 KiB more, so "
+                              "that QEMU before 9.0 tracks every guest write during a migration); the running QEMU "
+                              "has {} KiB",
+                              spec.memory >> 20, want >> 10, base >> 10));
     auto cpus = co_await qmp.execute("query-cpus-fast");
     if (!cpus)
         co_return cpus.error();
@@ -493,7 +502,7 @@ asio::awaitable<Result<json>> Engine::adopt_vm(std::string name, std::string qmp
             checked = s.error();
     }
     if (c && checked && spec)
-        checked = co_await check_adopted(**c, *spec);
+        checked = co_await check_adopted(**c, *spec, resolve_accel(config_.node.accel, kvm_usable()));
     if (c && checked && vms_[name] != vm)
         checked = make_error(Errc::conflict, fmt::format("VM {} was deleted while being adopted", name));
     if (!c || !checked) {

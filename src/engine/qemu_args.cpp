@@ -15,12 +15,16 @@ std::string resolve_accel(const std::string& accel, bool kvm_ok) {
 
 bool kvm_usable() { return ::access("/dev/kvm", R_OK | W_OK) == 0; }
 
+std::uint64_t guest_ram(std::uint64_t memory, const std::string& accel) {
+    return accel == "tcg" ? memory + 8192 : memory;
+}
+
 std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptions& o) {
     std::vector<std::string> a{
         o.qemu,
         "-name", fmt::format("guest={},debug-threads=on", spec.name),
         "-machine", fmt::format("{},accel={}", spec.machine, o.accel),
-        "-m", fmt::format("{}M", spec.memory >> 20),
+        "-m", fmt::format("{}K", guest_ram(spec.memory, o.accel) >> 10),
         "-smp", fmt::format("{}", spec.cpus),
         "-cpu", spec.cpu_model,
         "-nodefaults", "-no-user-config", "-display", "none",

@@ -2,6 +2,7 @@
 // Builds the QEMU command line for a VM spec (pure; unit-tested).
 #include "config/vm_spec.hpp"
 
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -22,6 +23,16 @@ struct LaunchOptions {
 };
 
 std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptions& opts);
+
+// The RAM QEMU is given for `memory` bytes of spec under `accel`. Under TCG it
+// is 8 KiB more: QEMU before 9.0 loses guest writes during a migration when
+// the RAM block is a multiple of 256 KiB. Its dirty-bitmap sync then takes a
+// fast path that clears the bits but leaves TCG's TLB entries writable, so a
+// page written again after it was sent is not sent again, and the destination
+// resumes with stale memory (upstream fix 03bfc2188f, QEMU 9.0). Any other
+// size takes the page-by-page path, which re-arms the TLB. Every QEMU ferry
+// starts for a VM uses this size on both nodes, so they stay compatible.
+std::uint64_t guest_ram(std::uint64_t memory, const std::string& accel);
 
 // Longest path a Unix socket accepts (sun_path minus the terminator).
 constexpr std::size_t max_socket_path = 107;
