@@ -39,6 +39,9 @@ TEST(NodeConfig, DefaultsFollowKubeVirt) {
     ASSERT_TRUE(c) << c.error().message;
     EXPECT_EQ(c->migration.parallel_migrations_per_cluster, 5);
     EXPECT_EQ(c->migration.parallel_outbound_migrations_per_node, 2);
+    EXPECT_EQ(c->migration.parallel_inbound_migrations_per_node, 2);
+    EXPECT_TRUE(c->node.labels.empty());
+    EXPECT_TRUE(c->policies.empty());
     EXPECT_EQ(c->migration.bandwidth_per_migration, 64ULL << 20);
     EXPECT_EQ(c->migration.completion_timeout_per_gib, 800);
     EXPECT_EQ(c->migration.progress_timeout, 150);
@@ -373,4 +376,68 @@ TEST(VmSpec, ASpecFromJsonGetsTheSameChecks) {
     auto bad_memory = *s;
     bad_memory.memory = 12345;
     EXPECT_FALSE(validate_vm_spec(bad_memory));
+}
+
+TEST(NodeConfig, ReadsNodeLabelsAndPolicies) {
+    auto c = parse_node_config(R"([node]
+name = "node-a"
+labels = { zone = "a", disk = "ssd" }
+[migration]
+parallel_inbound_migrations_per_node = 1
+[[policies]]
+name = "databases"
+vm_selector = { tier = "db" }
+node_selector = { zone = "a" }
+bandwidth_per_migration = "256Mi"
+max_downtime_ms = 100
+allow_post_copy = true
+[[policies]]
+name = "everything"
+completion_timeout_per_gib = 0
+)", "n.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->node.labels.at("zone"), "a");
+    EXPECT_EQ(c->migration.parallel_inbound_migrations_per_node, 1);
+    ASSERT_EQ(c->policies.size(), 2U);
+    auto& db = c->policies[0];
+    EXPECT_EQ(db.name, "databases");
+    EXPECT_EQ(db.vm_selector.at("tier"), "db");
+    EXPECT_EQ(db.node_selector.at("zone"), "a");
+    EXPECT_EQ(db.settings.bandwidth_per_migration, 256ULL << 20);
+    EXPECT_EQ(db.settings.max_downtime_ms, 100);
+    EXPECT_EQ(db.settings.allow_post_copy, true);
+    EXPECT_FALSE(db.settings.allow_auto_converge); // unset: falls through
+    EXPECT_FALSE(db.settings.progress_timeout);
+    EXPECT_TRUE(c->policies[1].vm_selector.empty());
+    EXPECT_EQ(c->policies[1].settings.completion_timeout_per_gib, 0);
+}
+
+TEST(NodeConfig, PolicyErrorsNameTheLineAndWhatAPolicyMayNotSet) {
+    auto msg = problems(R"([node]
+name = "node-a"
+[[policies]]
+name = "Fast"
+disable_tls = true
+parallel_outbound_migrations_per_node = 9
+[[policies]]
+vm_selector = "tier=db"
+max_downtime_ms = 0
+[[policies]]
+name = "slow"
+[[policies]]
+name = "slow"
+bandwith_per_migration = "1Mi"
+)");
+    EXPECT_NE(msg.find("n.toml:4: key 'policies[0].name': \"Fast\" is not a valid policy name"), std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("n.toml:5: key 'policies[0].disable_tls': a policy cannot set this"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("n.toml:6: key 'policies[0].parallel_outbound_migrations_per_node': a policy cannot set this"),
+              std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("missing required key 'policies[1].name'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("n.toml:8: key 'policies[1].vm_selector'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("n.toml:9: key 'policies[1].max_downtime_ms'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("n.toml:13: key 'policies[3].name': \"slow\" is already policies[2]"), std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("n.toml:14: unknown key 'policies[3].bandwith_per_migration'"), std::string::npos) << msg;
 }

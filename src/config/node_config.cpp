@@ -60,6 +60,7 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("qemu", n.qemu);
     r.get("accel", n.accel);
     r.get("log_level", n.log_level);
+    r.get("labels", n.labels);
     static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
     if (!levels.count(n.log_level))
         p.add(t.get("log_level")->source(),
@@ -109,6 +110,7 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     TableReader r(t, p, "migration");
     r.get("parallel_migrations_per_cluster", m.parallel_migrations_per_cluster, 1, 1000);
     r.get("parallel_outbound_migrations_per_node", m.parallel_outbound_migrations_per_node, 1, 1000);
+    r.get("parallel_inbound_migrations_per_node", m.parallel_inbound_migrations_per_node, 1, 1000);
     r.get_quantity("bandwidth_per_migration", m.bandwidth_per_migration);
     r.get("completion_timeout_per_gib", m.completion_timeout_per_gib, 0, 1'000'000);
     r.get("progress_timeout", m.progress_timeout, 0, 1'000'000);
@@ -172,6 +174,62 @@ void check_peer(const toml::table& t, Problems& p, std::size_t i, const Peer& pe
             p.add(a->source(), fmt::format("key 'peers[{}].address': {}", i, r.error().message));
 }
 
+void read_policy(const toml::table& t, Problems& p, std::size_t i, NodeConfig& c) {
+    auto key = fmt::format("policies[{}]", i);
+    TableReader r(t, p, key);
+    MigrationPolicy pol;
+    r.get_required("name", pol.name);
+    r.get("vm_selector", pol.vm_selector);
+    r.get("node_selector", pol.node_selector);
+    auto& s = pol.settings;
+    auto quantity = [&](std::string_view k, std::optional<std::uint64_t>& out) {
+        if (!t.contains(k))
+            return;
+        std::uint64_t v = 0;
+        r.get_quantity(k, v);
+        out = v;
+    };
+    auto integer = [&](std::string_view k, std::optional<std::int64_t>& out, std::int64_t min, std::int64_t max) {
+        if (!t.contains(k))
+            return;
+        std::int64_t v = min;
+        r.get(k, v, min, max);
+        out = v;
+    };
+    auto boolean = [&](std::string_view k, std::optional<bool>& out) {
+        if (!t.contains(k))
+            return;
+        bool v = false;
+        r.get(k, v);
+        out = v;
+    };
+    quantity("bandwidth_per_migration", s.bandwidth_per_migration);
+    integer("max_downtime_ms", s.max_downtime_ms, 1, 2'000'000);
+    integer("completion_timeout_per_gib", s.completion_timeout_per_gib, 0, 1'000'000);
+    integer("progress_timeout", s.progress_timeout, 0, 1'000'000);
+    boolean("allow_auto_converge", s.allow_auto_converge);
+    boolean("allow_post_copy", s.allow_post_copy);
+    // What a policy may not change gets its own reason, not "unknown key".
+    for (auto k : {"parallel_migrations_per_cluster", "parallel_outbound_migrations_per_node",
+                   "parallel_inbound_migrations_per_node", "disable_tls", "postcopy_preempt", "multifd_channels",
+                   "peer_timeout", "finished_migrations_per_vm"})
+        if (auto* n = r.node(k))
+            p.add(n->source(), fmt::format("key '{}.{}': a policy cannot set this; node limits, security and the "
+                                           "transport are [migration]'s alone",
+                                           key, k));
+    r.finish();
+    if (auto* n = t.get("name"); n && n->is_string()) {
+        if (!valid_node_name(pol.name))
+            p.add(n->source(), fmt::format("key '{}.name': \"{}\" is not a valid policy name (1-63 characters of "
+                                           "a-z, 0-9 and '-', starting and ending with a letter or digit)",
+                                           key, pol.name));
+        for (std::size_t k = 0; k < c.policies.size(); ++k)
+            if (c.policies[k].name == pol.name)
+                p.add(n->source(), fmt::format("key '{}.name': \"{}\" is already policies[{}]", key, pol.name, k));
+    }
+    c.policies.push_back(std::move(pol));
+}
+
 // Line numbers of the keys that later checks (files, sockets) may name.
 void record_lines(const toml::table& root, NodeConfig& c) {
     for (auto section : {"node", "tls", "migration", "block"}) {
@@ -224,6 +282,7 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         check_peer(t, p, i, peer, c);
         c.peers.push_back(peer);
     });
+    r.tables("policies", [&](const toml::table& t, std::size_t i) { read_policy(t, p, i, c); });
     r.finish();
     if (!p.empty())
         return p.error();
@@ -311,6 +370,7 @@ void to_json(nlohmann::json& j, const MigrationConfig& c) {
     j = nlohmann::json{
         {"parallel_migrations_per_cluster", c.parallel_migrations_per_cluster},
         {"parallel_outbound_migrations_per_node", c.parallel_outbound_migrations_per_node},
+        {"parallel_inbound_migrations_per_node", c.parallel_inbound_migrations_per_node},
         {"bandwidth_per_migration", c.bandwidth_per_migration},
         {"completion_timeout_per_gib", c.completion_timeout_per_gib},
         {"progress_timeout", c.progress_timeout},

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@ namespace ferry::config {
 struct MigrationConfig {
     std::int64_t parallel_migrations_per_cluster = 5;
     std::int64_t parallel_outbound_migrations_per_node = 2;
+    std::int64_t parallel_inbound_migrations_per_node = 2;
     std::uint64_t bandwidth_per_migration = 64ULL << 20; // bytes/s, 0 = unlimited
     std::int64_t completion_timeout_per_gib = 800;       // seconds per GiB, 0 = none
     std::int64_t progress_timeout = 150;                 // seconds, 0 = none
@@ -41,6 +43,7 @@ struct NodeSection {
     std::string qemu = "qemu-system-x86_64";
     std::string accel = "auto"; // auto (kvm if /dev/kvm is usable, else tcg), kvm, tcg
     std::string log_level = "info";
+    std::map<std::string, std::string> labels; // matched by VMs' node_selector and policies
 };
 
 struct TlsSection {
@@ -74,12 +77,35 @@ struct BlockSection {
 // same path when none matches.
 std::string map_disk_path(const BlockSection& block, const std::string& path);
 
+using Labels = std::map<std::string, std::string>;
+
+// Settings a policy (or a request) may set; unset ones fall through to the
+// node's [migration] defaults. Node limits and security are not among them.
+struct MigrationSettings {
+    std::optional<std::uint64_t> bandwidth_per_migration; // bytes/s, 0 = unlimited
+    std::optional<std::int64_t> max_downtime_ms;
+    std::optional<std::int64_t> completion_timeout_per_gib;
+    std::optional<std::int64_t> progress_timeout;
+    std::optional<bool> allow_auto_converge;
+    std::optional<bool> allow_post_copy;
+};
+
+// [[policies]]: settings for the VMs whose labels match vm_selector, on
+// nodes whose labels match node_selector.
+struct MigrationPolicy {
+    std::string name;
+    Labels vm_selector;
+    Labels node_selector;
+    MigrationSettings settings;
+};
+
 struct NodeConfig {
     NodeSection node;
     TlsSection tls;
     MigrationConfig migration;
     BlockSection block;
     std::vector<Peer> peers;
+    std::vector<MigrationPolicy> policies;
 
     std::string file;                         // where it was read from
     std::map<std::string, std::int64_t> lines; // dotted key -> line, for keys that were set
