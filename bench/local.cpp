@@ -176,7 +176,7 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
         result = up.error();
     if (result) {
         auto t0 = std::chrono::steady_clock::now();
-        auto m = engine.migrate({s.spec.name, {}, {}, {}, {}, {}});
+        auto m = engine.migrate({s.spec.name, {}, {}, {}, {}, {}, {}, {}});
         if (!m)
             result = m.error();
         // Wall time ends at the hand-off (the VM record points at the running

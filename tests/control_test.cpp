@@ -190,6 +190,68 @@ TEST_F(Ferryd, MigratesThroughFerryctlAndReportsTheDesignObject) {
     EXPECT_NE(human.out.find("downtime:"), std::string::npos) << human.out;
 }
 
+TEST_F(Ferryd, APolicyMatchingTheVmsLabelsSetsItsMigrationAndIsRecorded) {
+    write_config("labels = { zone = \"a\" }\n", R"(max_downtime_ms = 300
+[[policies]]
+name = "databases"
+vm_selector = { tier = "db" }
+node_selector = { zone = "a" }
+max_downtime_ms = 120
+bandwidth_per_migration = "1Gi"
+[[policies]]
+name = "other-zone"
+vm_selector = { tier = "db" }
+node_selector = { zone = "b" }
+max_downtime_ms = 50
+)");
+    ferry::test::write_file(dir_ / "db.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=16 rate=4 hb=50"
+labels = { tier = "db" }
+)");
+    start();
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "db.toml")).status, 0);
+    wait_heartbeats();
+    auto m = ctl_json("migrate demo --wait");
+    EXPECT_EQ(m["phase"], "Succeeded") << m.dump();
+    EXPECT_EQ(m["policy"], "databases");
+    EXPECT_EQ(m["config"]["max_downtime_ms"], 120);
+    EXPECT_EQ(m["config"]["bandwidth_per_migration"], 1ULL << 30);
+    EXPECT_EQ(m["config"]["parallel_outbound_migrations_per_node"], 2) << "a node limit, not the policy's";
+    // A flag beats the policy; the policy is still recorded.
+    m = ctl_json("migrate demo --wait --max-downtime 80");
+    EXPECT_EQ(m["policy"], "databases");
+    EXPECT_EQ(m["config"]["max_downtime_ms"], 80);
+    EXPECT_EQ(m["config"]["bandwidth_per_migration"], 1ULL << 30);
+}
+
+TEST_F(Ferryd, RefusesAMigrationOverTheOutboundLimitAndTheVmStays) {
+    write_config("", "parallel_outbound_migrations_per_node = 1\n");
+    ferry::test::write_file(dir_ / "vm2.toml", R"(name = "demo2"
+memory = "64Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=8 rate=2 hb=50"
+)");
+    start();
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm.toml")).status, 0);
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm2.toml")).status, 0);
+    wait_heartbeats();
+    auto first = ctl_json("migrate demo --bandwidth 4Mi"); // 32 MiB of working set: seconds
+    auto refused = ctl("migrate demo2");
+    EXPECT_NE(refused.status, 0);
+    EXPECT_NE(refused.err.find("node-a has 1/1 outbound migrations (parallel_outbound_migrations_per_node)"),
+              std::string::npos)
+        << refused.err;
+    EXPECT_EQ(ctl_json("migration list").size(), 1U) << "nothing recorded for the refused one";
+    EXPECT_EQ(ctl_json("vm show demo2")["status"], "running");
+    ctl("migration abort " + first["id"].get<std::string>());
+    for (int i = 0; i < 200 && ctl("migrate demo2 --wait").status != 0; ++i) // once the first has ended
+        std::this_thread::sleep_for(100ms);
+    EXPECT_EQ(ctl_json("vm show demo2")["status"], "running");
+    ctl("vm delete demo2");
+}
+
 TEST_F(Ferryd, ClearErrorsForBadInput) {
     start();
     ferry::test::write_file(dir_ / "bad-vm.toml", "name = \"demo\"\nmemory = \"lots\"\n");
@@ -1095,6 +1157,32 @@ TEST_F(TwoNodes, PostCopyMovesAVmOnALocalDiskOnceTheDiskIsInSync) {
     ASSERT_NO_FATAL_FAILURE(expect_writer_arrived());
     auto verified = ferry::guest::verify_disk_image(dir_ / "disks-b/local.raw", sectors);
     EXPECT_TRUE(verified) << verified.error().message;
+}
+
+TEST_F(TwoNodes, TheTargetRefusesAMigrationOverItsInboundLimitAndTheVmStays) {
+    auto m = start_slow_migration("parallel_inbound_migrations_per_node = 1\n");
+    ferry::test::write_file(dir_ / "vm2.toml", R"(name = "demo2"
+memory = "64Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=8 rate=2 hb=50"
+)");
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm2.toml"));
+    auto pid2 = ctl_json(a(), "vm show demo2")["pid"];
+    auto id2 = ctl_json(a(), "migrate demo2 --to node-b")["id"].get<std::string>();
+    auto second = wait_final(a(), id2);
+    EXPECT_EQ(second["phase"], "Failed");
+    EXPECT_NE(second["failure_reason"].get<std::string>().find(
+                  "node-b has 1/1 inbound migrations (parallel_inbound_migrations_per_node)"),
+              std::string::npos)
+        << second.dump();
+    auto vm2 = ctl_json(a(), "vm show demo2");
+    EXPECT_EQ(vm2["status"], "running");
+    EXPECT_EQ(vm2["pid"], pid2);
+    EXPECT_EQ(ctl_json(a(), "migration show " + m.id)["phase"], "Running") << "the first one carries on";
+    ctl(a(), "migration abort " + m.id);
+    wait_final(a(), m.id);
+    expect_home_on_a(m);
+    ctl(a(), "vm delete demo2");
 }
 
 TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {

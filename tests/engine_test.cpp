@@ -738,7 +738,7 @@ TEST_F(EngineIntegration, MigratesLiveAndGuestMemorySurvives) {
     start();
     auto vm = create("ws=32 rate=8 hb=50");
     int old_pid = vm["pid"];
-    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -785,7 +785,7 @@ TEST_F(EngineIntegration, DisksAreBlockdevNodesThatQmpCanAddressAndSurviveASameN
     };
     std::set<std::string> want{"disk0:raw", "disk0-file:file", "disk1:qcow2", "disk1-file:file"};
     EXPECT_EQ(nodes(), want);
-    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -804,7 +804,7 @@ TEST_F(EngineIntegration, TheGuestsDiskWriterSurvivesASameNodeMoveAndItsImageVer
     ASSERT_TRUE(vm) << vm.error().message;
     ASSERT_TRUE(wait_console("FERRY-DISK-HB pass=1 lba=")) << ferry::test::read_file(console_log());
     EXPECT_EQ(ferry::guest::disk_sectors_from_console(console_log()), 8192U);
-    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -825,7 +825,7 @@ TEST_F(EngineIntegration, AbortMidMigrationLeavesSourceRunningAndIntact) {
     start();
     auto vm = create("ws=64 rate=2 hb=50");
     int pid = vm["pid"];
-    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}, {}, {}}); // 64 MiB at 4 MiB/s: ~16 s
+    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}, {}, {}, {}, {}}); // 64 MiB at 4 MiB/s: ~16 s
     ASSERT_TRUE(m) << m.error().message;
     std::string id = (*m)["id"];
     ASSERT_TRUE(wait_transferring(id)) << migration(id).dump(2);
@@ -858,7 +858,7 @@ TEST_F(EngineIntegration, KilledDestinationLeavesSourceRunningAndIntact) {
     start();
     auto vm = create("ws=64 rate=2 hb=50");
     int pid = vm["pid"];
-    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, 4ULL << 20, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     std::string id = (*m)["id"];
     ASSERT_TRUE(wait_transferring(id)) << migration(id).dump(2);
@@ -875,7 +875,7 @@ TEST_F(EngineIntegration, KilledDestinationLeavesSourceRunningAndIntact) {
     auto report = verify();
     ASSERT_TRUE(report) << report.error().message;
     // And it can still migrate afterwards.
-    auto again = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto again = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_TRUE(again) << again.error().message;
     EXPECT_EQ(wait_final((*again)["id"])["phase"], "Succeeded");
     ASSERT_TRUE(verify());
@@ -887,7 +887,7 @@ TEST_F(EngineIntegration, ProgressTimeoutAbortsAndKeepsTheSource) {
     // Dirtying 64 MiB/s against 8 MiB/s of bandwidth can never converge:
     // every pass re-sends the whole 32 MiB working set.
     create("ws=32 rate=64 hb=50");
-    auto m = engine_->migrate({"guest", {}, 8ULL << 20, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, 8ULL << 20, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     EXPECT_EQ(done["phase"], "Failed");
@@ -912,7 +912,7 @@ TEST_F(EngineIntegration, PostcopyWithThePreemptChannelSameNode) {
     // the background push has not reached.
     create("ws=32 rate=64 hb=50 stride=4099");
     EXPECT_EQ(ferry::guest::stride_from_console(console_log()), 4099U);
-    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -994,7 +994,7 @@ TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     ASSERT_TRUE(bare) << bare.error().message;
     EXPECT_EQ((*bare)["adopted"], true);
     EXPECT_EQ((*bare)["pid"], pid);
-    auto refused = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto refused = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_FALSE(refused);
     EXPECT_NE(refused.error().message.find("--spec"), std::string::npos) << refused.error().message;
     ASSERT_TRUE(run(io_, engine_->delete_vm("guest")));
@@ -1021,7 +1021,7 @@ TEST_F(EngineIntegration, AdoptsAQemuStartedElsewhereAndMigratesIt) {
     // With a spec describing it, ferry migrates it into a QEMU of its own.
     auto adopted = run(io_, engine_->adopt_vm("guest", qmp, spec("ws=16 rate=4 hb=50")));
     ASSERT_TRUE(adopted) << adopted.error().message;
-    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto m = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_TRUE(m) << m.error().message;
     auto done = wait_final((*m)["id"]);
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2);
@@ -1059,13 +1059,13 @@ TEST_F(EngineIntegration, RejectsBadRequestsWithoutTouchingTheVm) {
     EXPECT_NE(q.error().message.find("no-such-option"), std::string::npos) << q.error().message;
 
     create("ws=8 rate=1 hb=50");
-    EXPECT_EQ(engine_->migrate({"nope", {}, {}, {}, {}, {}}).error().code, ferry::Errc::not_found);
-    auto unknown = engine_->migrate({"guest", std::string("node-z"), {}, {}, {}, {}});
+    EXPECT_EQ(engine_->migrate({"nope", {}, {}, {}, {}, {}, {}, {}}).error().code, ferry::Errc::not_found);
+    auto unknown = engine_->migrate({"guest", std::string("node-z"), {}, {}, {}, {}, {}, {}});
     ASSERT_FALSE(unknown);
     EXPECT_NE(unknown.error().message.find("node-z"), std::string::npos);
-    auto first = engine_->migrate({"guest", {}, 1ULL << 20, {}, {}, {}});
+    auto first = engine_->migrate({"guest", {}, 1ULL << 20, {}, {}, {}, {}, {}});
     ASSERT_TRUE(first);
-    auto twice = engine_->migrate({"guest", {}, {}, {}, {}, {}});
+    auto twice = engine_->migrate({"guest", {}, {}, {}, {}, {}, {}, {}});
     ASSERT_FALSE(twice);
     EXPECT_EQ(twice.error().code, ferry::Errc::conflict);
     auto del = run(io_, engine_->delete_vm("guest"));

@@ -70,6 +70,29 @@ TEST(Policy, TheRequestBeatsThePolicyWhichBeatsTheDefaults) {
     EXPECT_EQ(plain.bandwidth_per_migration, defaults.bandwidth_per_migration);
 }
 
+TEST(Policy, ResolveForUsesTheVmsLabelsAndThisNodesLabels) {
+    ferry::config::NodeConfig node;
+    node.node.labels = {{"zone", "a"}};
+    node.migration.max_downtime_ms = 300;
+    node.policies = {Policy{"db-in-b", {{"tier", "db"}}, {{"zone", "b"}}, {}},
+                     Policy{"db", {{"tier", "db"}}, {}, {}}};
+    node.policies[0].settings.max_downtime_ms = 50;
+    node.policies[1].settings.max_downtime_ms = 120;
+    auto r = resolve_for(node, {{"tier", "db"}}, {});
+    ASSERT_NE(r.policy, nullptr);
+    EXPECT_EQ(r.policy->name, "db") << "db-in-b needs a node labelled zone=b";
+    EXPECT_EQ(r.config.max_downtime_ms, 120);
+    node.node.labels["zone"] = "b";
+    r = resolve_for(node, {{"tier", "db"}}, {});
+    EXPECT_EQ(r.policy->name, "db-in-b") << "more matching labels";
+    MigrationSettings request;
+    request.max_downtime_ms = 10;
+    EXPECT_EQ(resolve_for(node, {{"tier", "db"}}, request).config.max_downtime_ms, 10);
+    r = resolve_for(node, {{"tier", "web"}}, {});
+    EXPECT_EQ(r.policy, nullptr);
+    EXPECT_EQ(r.config.max_downtime_ms, 300);
+}
+
 // --- placement ------------------------------------------------------------------
 
 namespace {

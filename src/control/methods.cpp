@@ -3,6 +3,7 @@
 #include "config/quantity.hpp"
 #include "control/protocol.hpp"
 #include "config/vm_spec.hpp"
+#include "scheduler/policy.hpp"
 
 #include <fmt/format.h>
 
@@ -123,6 +124,17 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
     auto req = migrate_request(params);
     if (!req)
         co_return req.error();
+    if (auto* spec = e->vm_spec(req->vm)) { // else the engine says why it cannot move
+        scheduler::MigrationSettings given;
+        given.bandwidth_per_migration = req->bandwidth;
+        given.max_downtime_ms = req->max_downtime_ms;
+        given.allow_auto_converge = req->allow_auto_converge;
+        given.allow_post_copy = req->allow_post_copy;
+        auto r = scheduler::resolve_for(e->config(), spec->labels, given);
+        req->settings = r.config;
+        if (r.policy)
+            req->policy = r.policy->name;
+    }
     co_return e->migrate(*req);
 }
 

@@ -620,6 +620,13 @@ asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
     co_return Result<void>{};
 }
 
+const config::VmSpec* Engine::vm_spec(const std::string& name) const {
+    auto it = vms_.find(name);
+    if (it == vms_.end() || !it->second->record.spec)
+        return nullptr;
+    return &*it->second->record.spec;
+}
+
 Result<json> Engine::migrate(const MigrateRequest& req) {
     if (stopping_)
         return make_error(Errc::conflict, "ferryd is shutting down");
@@ -636,6 +643,12 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
                                       req.vm));
     if (!vm->qemu.qmp || !vm->qemu.qmp->connected())
         return make_error(Errc::conflict, fmt::format("VM {} has no running QEMU (status {})", req.vm, vm->status));
+    auto outbound = static_cast<std::int64_t>(runs_.size());
+    if (outbound >= config_.migration.parallel_outbound_migrations_per_node)
+        return make_error(Errc::conflict,
+                          fmt::format("{} has {}/{} outbound migrations (parallel_outbound_migrations_per_node); try "
+                                      "again when one ends",
+                                      config_.node.name, outbound, config_.migration.parallel_outbound_migrations_per_node));
     const config::Peer* target_peer = nullptr;
     if (req.target_node && *req.target_node != config_.node.name) {
         target_peer = peer(*req.target_node);
@@ -660,7 +673,8 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
     m.vm = req.vm;
     m.source_node = config_.node.name;
     m.target_node = target_peer ? target_peer->name : config_.node.name;
-    m.config = config_.migration;
+    m.config = req.settings.value_or(config_.migration);
+    m.policy = req.policy;
     if (req.bandwidth)
         m.config.bandwidth_per_migration = *req.bandwidth;
     if (req.max_downtime_ms)

@@ -27,6 +27,11 @@ struct MigrateRequest {
     std::optional<std::int64_t> max_downtime_ms;
     std::optional<bool> allow_auto_converge; // override [migration] for this one
     std::optional<bool> allow_post_copy;
+    // Set by the scheduler: the settings it resolved (the node's defaults,
+    // then the policy's, then the request's) and the policy that applied.
+    // Unset: the node's defaults with the overrides above.
+    std::optional<config::MigrationConfig> settings;
+    std::optional<std::string> policy;
 };
 
 class SourceRun;
@@ -53,6 +58,8 @@ public:
                                                   std::optional<config::VmSpec> spec);
     boost::asio::awaitable<Result<json>> show_vm(std::string name);
     json list_vms() const;
+    // The spec of a VM on this node (null when unknown or adopted without one).
+    const config::VmSpec* vm_spec(const std::string& name) const;
     // Stops a VM ferry started; an adopted VM is only forgotten.
     boost::asio::awaitable<Result<void>> delete_vm(std::string name);
 
@@ -97,6 +104,7 @@ private:
     std::optional<std::string> arriving(const std::string& vm) const override;
     void add_arriving(const std::shared_ptr<TargetRun>& run) override;
     void remove_arriving(const std::string& id) override { incoming_.erase(id); }
+    std::size_t arriving_count() const override { return incoming_.size(); }
 
     std::string migration_path(const std::string& id) const;
     // Keeps the newest finished_migrations_per_vm ended records of a VM.

@@ -119,6 +119,7 @@ void from_json(const json& j, Migration& m) {
         auto& cfg = m.config;
         cfg.parallel_migrations_per_cluster = c->value("parallel_migrations_per_cluster", cfg.parallel_migrations_per_cluster);
         cfg.parallel_outbound_migrations_per_node = c->value("parallel_outbound_migrations_per_node", cfg.parallel_outbound_migrations_per_node);
+        cfg.parallel_inbound_migrations_per_node = c->value("parallel_inbound_migrations_per_node", cfg.parallel_inbound_migrations_per_node);
         cfg.bandwidth_per_migration = c->value("bandwidth_per_migration", cfg.bandwidth_per_migration);
         cfg.completion_timeout_per_gib = c->value("completion_timeout_per_gib", cfg.completion_timeout_per_gib);
         cfg.progress_timeout = c->value("progress_timeout", cfg.progress_timeout);

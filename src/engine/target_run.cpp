@@ -78,6 +78,12 @@ std::string TargetRun::check_arrival() const {
         return fmt::format("a VM named {} already exists on {}", name, node);
     if (auto id = node_.arriving(name))
         return fmt::format("VM {} is already arriving on {} ({})", name, node, *id);
+    // This node's own limit, checked and reserved (add_arriving) in one step.
+    auto limit = node_.config().migration.parallel_inbound_migrations_per_node;
+    if (static_cast<std::int64_t>(node_.arriving_count()) >= limit)
+        return fmt::format("{} has {}/{} inbound migrations (parallel_inbound_migrations_per_node); try again when "
+                           "one ends",
+                           node, node_.arriving_count(), limit);
     if (spec_.kernel && !fs::is_regular_file(*spec_.kernel))
         return fmt::format("kernel {} does not exist on {}", *spec_.kernel, node);
     for (std::size_t i = 0; i < spec_.disks.size(); ++i) {

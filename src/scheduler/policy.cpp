@@ -52,4 +52,9 @@ config::MigrationConfig resolve(const config::MigrationConfig& defaults, const P
     return c;
 }
 
+Resolved resolve_for(const config::NodeConfig& node, const Labels& vm_labels, const MigrationSettings& request) {
+    auto* policy = select_policy(node.policies, vm_labels, node.node.labels);
+    return {resolve(node.migration, policy, request), policy};
+}
+
 } // namespace ferry::scheduler

@@ -17,24 +17,9 @@
 
 namespace ferry::scheduler {
 
-using Labels = std::map<std::string, std::string>;
-
-// Settings a policy or a request may set; unset ones fall through.
-struct MigrationSettings {
-    std::optional<std::uint64_t> bandwidth_per_migration; // bytes/s, 0 = unlimited
-    std::optional<std::int64_t> max_downtime_ms;
-    std::optional<std::int64_t> completion_timeout_per_gib;
-    std::optional<std::int64_t> progress_timeout;
-    std::optional<bool> allow_auto_converge;
-    std::optional<bool> allow_post_copy;
-};
-
-struct Policy {
-    std::string name;
-    Labels vm_selector;   // matched against the VM's labels
-    Labels node_selector; // matched against the labels of the node the VM runs on
-    MigrationSettings settings;
-};
+using Labels = config::Labels;
+using MigrationSettings = config::MigrationSettings;
+using Policy = config::MigrationPolicy; // [[policies]] in ferryd.toml
 
 // Every key of `selector` is in `labels` with the same value (an empty
 // selector matches anything).
@@ -47,5 +32,14 @@ const Policy* select_policy(const std::vector<Policy>& policies, const Labels& v
 // the request's.
 config::MigrationConfig resolve(const config::MigrationConfig& defaults, const Policy* policy,
                                 const MigrationSettings& request);
+
+// What a migration of a VM labelled `vm_labels` from this node runs with:
+// the policy that applies (by the VM's labels and this node's) and the
+// settings resolved from the node's defaults, that policy and the request.
+struct Resolved {
+    config::MigrationConfig config;
+    const Policy* policy = nullptr;
+};
+Resolved resolve_for(const config::NodeConfig& node, const Labels& vm_labels, const MigrationSettings& request);
 
 } // namespace ferry::scheduler
