@@ -336,3 +336,50 @@ TEST(Queue, LimitsAreNeverExceededWhateverFinishesWhen) {
     }
     EXPECT_EQ(started, 60u);
 }
+
+TEST(Queue, StartAllStartsWhatRepeatedNextWouldInTheSameOrder) {
+    std::mt19937 rng(11);
+    std::vector<std::string> nodes{"node-a", "node-b", "node-c", "node-d", "node-e"};
+    Queue by_next, at_once;
+    for (int i = 0; i < 80; ++i) {
+        auto r = req("m" + std::to_string(i), nodes[rng() % 3], i % 7 ? "" : nodes[3 + rng() % 2],
+                     static_cast<Priority>(rng() % 3));
+        ASSERT_TRUE(by_next.push(r));
+        ASSERT_TRUE(at_once.push(r));
+    }
+    // A placer whose answer shrinks as migrations commit memory: each node
+    // takes three, and every ninth request fits nowhere.
+    auto placer = [&](std::map<std::string, int>& committed, int& calls) {
+        return [&committed, &calls, &nodes](const Request& r) -> ferry::Result<std::vector<std::string>> {
+            ++calls;
+            if (std::stoi(r.id.substr(1)) % 9 == 0)
+                return ferry::make_error(ferry::Errc::conflict, "no node fits " + r.vm);
+            std::vector<std::string> out;
+            for (auto& n : nodes)
+                if (n != r.source && committed[n] < 3)
+                    out.push_back(n);
+            return out;
+        };
+    };
+    Limits limits{2, 2, 6};
+    std::map<std::string, int> committed_a, committed_b;
+    int calls_a = 0, calls_b = 0;
+    InFlight running_a, running_b;
+    std::vector<std::string> order_a, order_b;
+    auto place_a = placer(committed_a, calls_a);
+    while (auto s = by_next.next(running_a, limits, place_a)) {
+        running_a.add(s->request.source, s->target);
+        ++committed_a[s->target];
+        order_a.push_back(s->request.id + ">" + s->target);
+    }
+    auto n = at_once.start_all(running_b, limits, placer(committed_b, calls_b), [&](const Start& s) {
+        ++committed_b[s.target];
+        order_b.push_back(s.request.id + ">" + s.target);
+    });
+    EXPECT_EQ(order_a, order_b);
+    EXPECT_EQ(n, order_b.size());
+    EXPECT_EQ(running_b.total(), running_a.total());
+    EXPECT_LE(calls_b, calls_a) << "blocked requests are not placed again in one pass";
+    for (auto& r : at_once.waiting())
+        EXPECT_FALSE(at_once.reason(r.id).empty()) << r.id << " waits without a reason";
+}

@@ -49,7 +49,7 @@ Result<void> Queue::push(Request request) {
                     return make_error(Errc::conflict, fmt::format("migration {} is already queued", request.id));
     auto priority = request.priority;
     auto source = request.source;
-    queues_[priority][source].push_back({std::move(request), ++seq_});
+    queues_[priority][source].push_back({std::move(request), ++seq_, 0});
     ++size_;
     return {};
 }
@@ -113,16 +113,41 @@ auto in_turn(Sources& sources, const std::string& last) {
 
 std::optional<Start> Queue::next(const InFlight& running, const Limits& limits, const Placer& place) {
     reasons_.clear();
+    auto s = take(running, limits, place, 0);
+    if (s)
+        reasons_.clear(); // stale once something started
+    return s;
+}
+
+std::size_t Queue::start_all(InFlight& running, const Limits& limits, const Placer& place,
+                             const std::function<void(const Start&)>& started) {
+    reasons_.clear();
+    ++pass_;
+    std::size_t n = 0;
+    while (auto s = take(running, limits, place, pass_)) {
+        running.add(s->request.source, s->target);
+        started(*s);
+        reasons_.erase(s->request.id);
+        ++n;
+    }
+    return n;
+}
+
+std::optional<Start> Queue::take(const InFlight& running, const Limits& limits, const Placer& place,
+                                 std::uint64_t pass) {
     for (auto& [priority, sources] : queues_) {
         if (sources.empty())
             continue;
         for (auto src : in_turn(sources, last_source_[priority])) {
             auto& entries = src->second;
             for (auto e = entries.begin(); e != entries.end(); ++e) {
+                if (pass && e->blocked_in == pass)
+                    continue;
                 std::string target;
                 auto why = blocked(*e, running, limits, place, target);
                 if (!why.empty()) {
                     reasons_[e->request.id] = why;
+                    e->blocked_in = pass;
                     continue;
                 }
                 Start s{std::move(e->request), target};
@@ -131,7 +156,6 @@ std::optional<Start> Queue::next(const InFlight& running, const Limits& limits, 
                 if (entries.empty())
                     sources.erase(src);
                 --size_;
-                reasons_.clear(); // stale once something started
                 return s;
             }
         }

@@ -72,6 +72,14 @@ public:
     // the caller records the start in `running` before asking again. When
     // none can, reason() says why each waiting one waits.
     std::optional<Start> next(const InFlight& running, const Limits& limits, const Placer& place);
+    // Starts everything that may start now, in the order repeated next()
+    // calls would, recording each in `running` and handing it to `started`
+    // (which commits it where the placer looks). One pass: a start only adds
+    // to what is in flight, so a request found blocked stays blocked and is
+    // not asked again. Returns how many started; reason() then says why each
+    // of the rest waits.
+    std::size_t start_all(InFlight& running, const Limits& limits, const Placer& place,
+                          const std::function<void(const Start&)>& started);
     // "target node-c inbound 2/2" (empty for a request not known to wait).
     std::string reason(const std::string& id) const;
     // Waiting requests in the order they would start if every limit lifted.
@@ -81,7 +89,11 @@ private:
     struct Entry {
         Request request;
         std::uint64_t seq;
+        std::uint64_t blocked_in = 0; // the start_all pass that found it blocked
     };
+    // next() without clearing the reasons; pass != 0 skips the entries that
+    // pass already found blocked.
+    std::optional<Start> take(const InFlight& running, const Limits& limits, const Placer& place, std::uint64_t pass);
     // Why `e` cannot start now; empty with `target` set if it can.
     std::string blocked(const Entry& e, const InFlight& running, const Limits& limits, const Placer& place,
                         std::string& target) const;
@@ -90,6 +102,7 @@ private:
     std::map<Priority, std::string> last_source_; // served last, per priority
     std::map<std::string, std::string> reasons_;
     std::uint64_t seq_ = 0;
+    std::uint64_t pass_ = 0;
     std::size_t size_ = 0;
 };
 

@@ -5,6 +5,7 @@
 #include "convergence.hpp"
 #include "local.hpp"
 #include "block.hpp"
+#include "scheduler.hpp"
 #include "stats.hpp"
 #include "transport.hpp"
 
@@ -327,7 +328,17 @@ int main(int argc, char** argv) {
     pc->add_option("--stride", pc_stride, "the guest's sweep stride (1: in order; e.g. 4099: scattered)");
     pc->add_option("--work-dir", work, "scratch directory (short path)");
     pc->add_flag("--json", pc_json, "print the report as JSON");
+    auto* sched = app.add_subcommand("scheduler", "the planner alone on a simulated cluster: a drain plan and a queue placed");
+    ferry::bench::SchedulerOptions sched_opts;
+    sched->add_option("--nodes", sched_opts.nodes, "simulated nodes")->check(CLI::Range(2, 100000));
+    sched->add_option("--vms", sched_opts.vms, "simulated VMs")->check(CLI::Range(2, 1000000));
+    sched->add_option("--drain-vms", sched_opts.drain_vms, "VMs on the drained node")->check(CLI::Range(1, 100000));
+    sched->add_option("--queued", sched_opts.queued, "migrations queued without a target")->check(CLI::Range(1, 100000));
+    sched->add_option("--reps", sched_opts.reps, "repetitions")->check(CLI::PositiveNumber);
+    sched->add_flag("--json", sched_opts.json, "print the report as JSON");
     CLI11_PARSE(app, argc, argv);
+    if (sched->parsed())
+        return ferry::bench::run_scheduler_bench(sched_opts);
 
     ferry::set_log_level(std::getenv("FERRY_BENCH_LOG") ? std::getenv("FERRY_BENCH_LOG") : "warn");
     if (conv->parsed()) {
