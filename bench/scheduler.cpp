@@ -91,7 +91,7 @@ DrainResult plan_drain(Cluster c, const SchedulerOptions& o) {
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < o.drain_vms; ++i) {
         auto& vm = c.vms[static_cast<std::size_t>(i)];
-        auto p = scheduler::place(vm, c.nodes);
+        auto p = scheduler::place(vm, c.nodes, {}, false);
         if (!p.fits()) {
             ++r.unplaceable;
             continue;
@@ -122,9 +122,10 @@ QueueResult place_queue(Cluster c, const SchedulerOptions& o, std::uint64_t seed
             --i; // the same VM twice: draw again
     }
     auto placer = [&](const scheduler::Request& r) -> Result<std::vector<std::string>> {
-        auto p = scheduler::place(c.vms[c.vm_index.at(r.vm)], c.nodes);
+        auto& vm = c.vms[c.vm_index.at(r.vm)];
+        auto p = scheduler::place(vm, c.nodes, {}, false);
         if (!p.fits())
-            return make_error(Errc::conflict, p.why_none(r.vm));
+            return make_error(Errc::conflict, scheduler::place(vm, c.nodes).why_none(r.vm));
         std::vector<std::string> names;
         for (auto& cand : p.ranked)
             names.push_back(cand.node);

@@ -5,6 +5,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <utility>
 #include <tuple>
 
 namespace ferry::scheduler {
@@ -25,55 +26,68 @@ bool has(const std::vector<std::string>& list, const std::string& item) {
     return std::find(list.begin(), list.end(), item) != list.end();
 }
 
-void check_selector(const Labels& selector, const char* what, const Labels& labels, std::vector<std::string>& why) {
+// Where a node's failed filters go: their reasons, or (when nobody will
+// read them) only the fact that one failed, without formatting anything.
+struct Why {
+    std::vector<std::string>* reasons = nullptr;
+    bool any = false;
+    template <class... A>
+    void add(fmt::format_string<A...> f, A&&... args) {
+        any = true;
+        if (reasons)
+            reasons->push_back(fmt::format(f, std::forward<A>(args)...));
+    }
+};
+
+void check_selector(const Labels& selector, const char* what, const Labels& labels, Why& why) {
     for (auto& [key, value] : selector) {
         auto it = labels.find(key);
         if (it == labels.end())
-            why.push_back(fmt::format("{} {}={}: the node has no label {}", what, key, value, key));
+            why.add("{} {}={}: the node has no label {}", what, key, value, key);
         else if (it->second != value)
-            why.push_back(fmt::format("{} {}={}: the node has {}={}", what, key, value, key, it->second));
+            why.add("{} {}={}: the node has {}={}", what, key, value, key, it->second);
     }
 }
 
-std::vector<std::string> reject_reasons(const VmView& vm, const NodeView& n, const Labels& added) {
-    std::vector<std::string> why;
+void reject_reasons(const VmView& vm, const NodeView& n, const Labels& added, Why& why) {
     if (n.name == vm.node) {
-        why.push_back("the VM runs there");
-        return why;
+        why.add("the VM runs there");
+        return;
     }
     if (n.state != NodeState::ready)
-        why.push_back(std::string(to_string(n.state)));
+        why.add("{}", to_string(n.state));
     check_selector(vm.node_selector, "node_selector", n.labels, why);
     check_selector(added, "added selector", n.labels, why);
     auto free_memory = n.memory > n.memory_committed ? n.memory - n.memory_committed : 0;
     if (vm.memory > free_memory)
-        why.push_back(fmt::format("memory: needs {}, {} free of {}", config::format_quantity(vm.memory),
-                                  config::format_quantity(free_memory), config::format_quantity(n.memory)));
+        why.add("memory: needs {}, {} free of {}", config::format_quantity(vm.memory),
+                config::format_quantity(free_memory), config::format_quantity(n.memory));
     auto free_cpus = std::max<std::int64_t>(n.cpus - n.cpus_committed, 0);
     if (vm.cpus > free_cpus)
-        why.push_back(fmt::format("CPUs: needs {}, {} free of {}", vm.cpus, free_cpus, n.cpus));
+        why.add("CPUs: needs {}, {} free of {}", vm.cpus, free_cpus, n.cpus);
     if (vm.cpu_model == "host") {
         if (n.host_cpu != vm.host_cpu)
-            why.push_back(fmt::format("CPU model host: its CPU is '{}', the VM's node has '{}'", n.host_cpu,
-                                      vm.host_cpu));
+            why.add("CPU model host: its CPU is '{}', the VM's node has '{}'", n.host_cpu, vm.host_cpu);
     } else if (!has(n.cpu_models, vm.cpu_model)) {
-        why.push_back(fmt::format("CPU model {}: its QEMU {} does not offer it", vm.cpu_model, n.qemu_version));
+        why.add("CPU model {}: its QEMU {} does not offer it", vm.cpu_model, n.qemu_version);
     }
     if (!vm.machine_type.empty() && !has(n.machine_types, vm.machine_type))
-        why.push_back(fmt::format("machine type {}: its QEMU {} does not offer it", vm.machine_type, n.qemu_version));
-    return why;
+        why.add("machine type {}: its QEMU {} does not offer it", vm.machine_type, n.qemu_version);
 }
 
 double load(double committed, double add, double total) { return total > 0 ? (committed + add) / total : 1; }
 
 } // namespace
 
-Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector) {
+Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector, bool explain) {
     Placement p;
+    std::vector<std::string> reasons;
     for (auto& n : nodes) {
-        auto why = reject_reasons(vm, n, added_selector);
-        if (!why.empty()) {
-            p.rejected.push_back({n.name, std::move(why)});
+        Why why{explain ? &reasons : nullptr};
+        reject_reasons(vm, n, added_selector, why);
+        if (why.any) {
+            if (explain)
+                p.rejected.push_back({n.name, std::exchange(reasons, {})});
             continue;
         }
         p.ranked.push_back({n.name, load(static_cast<double>(n.memory_committed), static_cast<double>(vm.memory),

@@ -66,7 +66,10 @@ struct Placement {
 };
 
 // added_selector: labels the request adds to the VM's node_selector.
-Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector = {});
+// explain = false leaves `rejected` empty and formats no reasons: for a
+// planner that only needs the ranking (ask again to explain a miss).
+Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector = {},
+                bool explain = true);
 
 // What keeps a VM from migrating anywhere, whatever the nodes: a device
 // passed through from its host (in extra_args). Empty: nothing.
