@@ -6,6 +6,7 @@
 #include "engine/heartbeat.hpp"
 #include "engine/migration.hpp"
 #include "engine/process.hpp"
+#include "engine/host_facts.hpp"
 #include "engine/qemu_args.hpp"
 #include "engine/throttle.hpp"
 #include "support.hpp"
@@ -76,6 +77,34 @@ TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
     auto dst = qemu_args(spec, o);
     EXPECT_TRUE(has(dst, "-incoming", "defer"));
     EXPECT_EQ(std::find(dst.begin(), dst.end(), "-S"), dst.end());
+}
+
+TEST(HostFacts, ParsesWhatQemuAndProcPrint) {
+    using namespace ferry::engine;
+    EXPECT_EQ(parse_qemu_version("QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)\nCopyright"),
+              "7.2.22");
+    EXPECT_EQ(parse_qemu_version("qemu-kvm 9"), "");
+    auto machines = parse_machine_help("Supported machines are:\n"
+                                       "microvm              microvm (i386)\n"
+                                       "pc                   Standard PC (i440FX + PIIX, 1996) (alias of pc-i440fx-7.2)\n"
+                                       "pc-i440fx-7.2        Standard PC (i440FX + PIIX, 1996) (default)\n"
+                                       "none                 empty machine\n");
+    EXPECT_EQ(machines, (std::vector<std::string>{"microvm", "pc", "pc-i440fx-7.2", "none"}));
+    EXPECT_TRUE(parse_machine_help("pc  no header line\n").empty());
+    auto cpus = parse_cpu_help("Available CPUs:\nx86 486                   (alias configured by machine type)\n"
+                               "x86 EPYC-v1\n\nRecognized CPUID flags:\n  3dnow 3dnowext\n");
+    EXPECT_EQ(cpus, (std::vector<std::string>{"486", "EPYC-v1"}));
+    EXPECT_EQ(parse_meminfo_total("MemTotal:       24591852 kB\nMemFree: 1 kB\n"), 24591852ULL * 1024);
+    EXPECT_EQ(parse_meminfo_total("MemFree: 1 kB\n"), 0U);
+    EXPECT_EQ(parse_cpu_model_name("processor\t: 0\nmodel name\t: AMD EPYC 7B13\nmodel name : other\n"),
+              "AMD EPYC 7B13");
+    // And this machine's, for real.
+    auto f = probe_host("qemu-system-x86_64");
+    EXPECT_GT(f.memory, 0U);
+    EXPECT_GT(f.cpus, 0);
+    EXPECT_FALSE(f.qemu_version.empty());
+    EXPECT_NE(std::find(f.machine_types.begin(), f.machine_types.end(), "pc"), f.machine_types.end());
+    EXPECT_NE(std::find(f.cpu_models.begin(), f.cpu_models.end(), "qemu64"), f.cpu_models.end());
 }
 
 TEST(QemuArgs, AutoAccelPicksKvmOnlyWhenUsable) {

@@ -3,6 +3,7 @@
 #include "block/qemu_block.hpp"
 #include "transport/peer_server.hpp"
 
+#include "config/quantity.hpp"
 #include "engine/async.hpp"
 #include "engine/process.hpp"
 #include "engine/qemu_args.hpp"
@@ -236,6 +237,10 @@ asio::awaitable<Result<void>> Engine::start() {
     std::error_code ec;
     if (auto r = preflight(config_); !r)
         co_return r.error();
+    host_ = probe_host(config_.node.qemu);
+    engine_log()->info("node {}: {} CPUs, {} of memory, QEMU {} ({} machine types, {} CPU models)", config_.node.name,
+                       host_.cpus, config::format_quantity(host_.memory), host_.qemu_version,
+                       host_.machine_types.size(), host_.cpu_models.size());
     for (auto dir : {config_.node.state_dir + "/vms", config_.node.state_dir + "/migrations"}) {
         fs::create_directories(dir, ec);
         if (ec)
@@ -618,6 +623,80 @@ asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
     fs::remove(vm_dir(name) + "/vm.json", ec);
     fs::remove_all(vm_dir(name), ec);
     co_return Result<void>{};
+}
+
+json Engine::facts() const {
+    json vms = json::array();
+    for (auto& [name, vm] : vms_) {
+        json v{{"name", name}, {"status", vm->status}, {"migrating", vm->migration_id.has_value()}};
+        if (auto& spec = vm->record.spec) {
+            bool local = std::any_of(spec->disks.begin(), spec->disks.end(), [](auto& d) { return !d.shared; });
+            v.update({{"memory", spec->memory},
+                      {"cpus", spec->cpus},
+                      {"cpu_model", spec->cpu_model},
+                      {"machine", spec->machine},
+                      {"labels", spec->labels},
+                      {"node_selector", spec->node_selector},
+                      {"local_disks", local}});
+        }
+        vms.push_back(std::move(v));
+    }
+    json migrations = json::array();
+    for (auto& [id, m] : migrations_) {
+        if (is_final(m->phase))
+            continue;
+        std::uint64_t memory = 0;
+        if (auto it = vms_.find(m->vm); it != vms_.end() && it->second->record.spec)
+            memory = it->second->record.spec->memory;
+        for (auto& [in_id, run] : incoming_)
+            if (in_id == id)
+                memory = run->spec().memory;
+        migrations.push_back({{"id", id},
+                              {"vm", m->vm},
+                              {"source_node", m->source_node},
+                              {"target_node", m->target_node},
+                              {"phase", to_string(m->phase)},
+                              {"memory", memory}});
+    }
+    return json{{"name", config_.node.name},
+                {"state", stopping_ ? "stopping" : "ready"},
+                {"labels", config_.node.labels},
+                {"memory", host_.memory},
+                {"cpus", host_.cpus},
+                {"host_cpu", host_.host_cpu},
+                {"qemu_version", host_.qemu_version},
+                {"machine_types", host_.machine_types},
+                {"cpu_models", host_.cpu_models},
+                {"limits",
+                 {{"outbound", config_.migration.parallel_outbound_migrations_per_node},
+                  {"inbound", config_.migration.parallel_inbound_migrations_per_node}}},
+                {"vms", std::move(vms)},
+                {"migrations", std::move(migrations)}};
+}
+
+asio::awaitable<Result<json>> Engine::peer_facts(std::string node) {
+    auto* p = peer(node);
+    if (!p)
+        co_return make_error(Errc::not_found, fmt::format("unknown node {} (not in [[peers]])", node));
+    if (!peer_server_)
+        co_return make_error(Errc::conflict, "cross-node traffic is off on this node (no [tls], no disable_tls)");
+    auto c = co_await transport::open_control(ex_, p->address, node, config_.node.name, tls_);
+    if (!c)
+        co_return c.error().wrap(fmt::format("node {}", node));
+    json ask{{"type", "facts"}};
+    Result<json> reply = ok(json());
+    auto w = co_await (*c)->write_frame(ask);
+    if (w)
+        reply = co_await (*c)->read_frame(std::chrono::seconds(10));
+    else
+        reply = w.error();
+    (*c)->close();
+    if (!reply)
+        co_return reply.error().wrap(fmt::format("node {}", node));
+    if (reply->value("type", "") != "facts" || !reply->contains("node"))
+        co_return make_error(Errc::protocol, fmt::format("node {} answered facts with {}", node,
+                                                         reply->value("message", reply->dump())));
+    co_return ok((*reply)["node"]);
 }
 
 const config::VmSpec* Engine::vm_spec(const std::string& name) const {

@@ -4,6 +4,7 @@
 #include "config/node_config.hpp"
 #include "config/vm_spec.hpp"
 #include "engine/migration.hpp"
+#include "engine/host_facts.hpp"
 #include "engine/node.hpp"
 #include "engine/vm.hpp"
 #include "transport/peer_server.hpp"
@@ -58,6 +59,13 @@ public:
                                                   std::optional<config::VmSpec> spec);
     boost::asio::awaitable<Result<json>> show_vm(std::string name);
     json list_vms() const;
+    // What this node offers and holds, for the schedulers of the cluster:
+    // its labels, memory, CPUs, host CPU and QEMU (probed at start), its VMs
+    // and the migrations under way from or to it. Peers ask with a "facts"
+    // message on a control channel.
+    json facts() const;
+    // A peer's facts, asked over a new control channel (dial 10 s, answer 10 s).
+    boost::asio::awaitable<Result<json>> peer_facts(std::string node);
     // The spec of a VM on this node (null when unknown or adopted without one).
     const config::VmSpec* vm_spec(const std::string& name) const;
     // Stops a VM ferry started; an adopted VM is only forgotten.
@@ -145,6 +153,7 @@ private:
     std::unique_ptr<transport::PeerServer> peer_server_;
     transport::NodeShaper shaper_;
     std::map<std::string, std::shared_ptr<TargetRun>> incoming_; // arriving from peers
+    HostFacts host_;
 };
 
 } // namespace ferry::engine

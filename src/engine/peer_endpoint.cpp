@@ -140,6 +140,8 @@ asio::awaitable<json> Engine::answer(Engine* self, std::shared_ptr<TargetRun>& i
         reply = co_await next->prepare(msg);
         if (next->prepared())
             in = next;
+    } else if (type == "facts" && !in) {
+        reply = {{"type", "facts"}, {"node", self->facts()}};
     } else if (type == "ping") {
         reply = {{"type", "pong"}};
         if (in)

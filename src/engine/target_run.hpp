@@ -54,6 +54,7 @@ public:
     bool finished() const { return finished_; }
     const Migration& migration() const { return m_; }
     const std::string& vm_name() const { return spec_.name; }
+    const config::VmSpec& spec() const { return spec_; }
     const std::string& source_node() const { return source_node_; }
 
 private:
