@@ -1,5 +1,6 @@
 // src/scheduler as units: policy precedence, placement filters and score,
 // the queue's order and the limits it never exceeds.
+#include "scheduler/cluster.hpp"
 #include "scheduler/placement.hpp"
 #include "scheduler/policy.hpp"
 #include "scheduler/queue.hpp"
@@ -382,4 +383,62 @@ TEST(Queue, StartAllStartsWhatRepeatedNextWouldInTheSameOrder) {
     EXPECT_LE(calls_b, calls_a) << "blocked requests are not placed again in one pass";
     for (auto& r : at_once.waiting())
         EXPECT_FALSE(at_once.reason(r.id).empty()) << r.id << " waits without a reason";
+}
+
+// --- the cluster's facts as peers send them -------------------------------------
+
+namespace {
+nlohmann::json facts(const std::string& name, std::uint64_t memory_gib, nlohmann::json vms = nlohmann::json::array(),
+                     nlohmann::json migrations = nlohmann::json::array()) {
+    return {{"name", name},           {"state", "ready"},       {"labels", {{"zone", name.substr(5)}}},
+            {"memory", memory_gib << 30}, {"cpus", 8},              {"host_cpu", "EPYC"},
+            {"qemu_version", "7.2.22"}, {"machine_types", {"pc"}}, {"cpu_models", {"qemu64"}},
+            {"vms", vms},             {"migrations", migrations}};
+}
+nlohmann::json vm(const std::string& name, std::uint64_t memory_gib) {
+    return {{"name", name}, {"memory", memory_gib << 30}, {"cpus", 2}, {"cpu_model", "qemu64"}, {"machine", "pc"},
+            {"labels", nlohmann::json::object()}, {"node_selector", nlohmann::json::object()}};
+}
+} // namespace
+
+TEST(Cluster, ViewsCountVmsAndArrivalsAndPlacementSaysWhyNot) {
+    using ferry::scheduler::node_view;
+    std::vector<nlohmann::json> nodes{
+        facts("node-a", 16, {vm("web", 4), vm("db", 2)}),
+        facts("node-b", 16, {vm("x", 8)},
+              {{{"id", "y-1"}, {"vm", "y"}, {"source_node", "node-c"}, {"target_node", "node-b"}, {"memory", 6ULL << 30}}}),
+        facts("node-c", 16, {vm("y", 6)}),
+        {{"name", "node-d"}, {"state", "unreachable"}, {"error", "dial: connection refused"}},
+        {{"name", "node-e"}, {"state", "ready"}}, // no capacity: refused by name
+    };
+    auto b = node_view(nodes[1]);
+    ASSERT_TRUE(b) << b.error().message;
+    EXPECT_EQ(b->memory_committed, 14ULL << 30) << "its VM and the one headed there";
+    EXPECT_EQ(b->labels.at("zone"), "b");
+    auto c = node_view(nodes[2]);
+    EXPECT_EQ(c->memory_committed, 6ULL << 30) << "leaving does not free memory until it is gone";
+    EXPECT_FALSE(node_view(nodes[4]));
+    EXPECT_NE(node_view(nodes[4]).error().message.find("node node-e: no 'memory'"), std::string::npos);
+
+    auto p = ferry::scheduler::place_vm(nodes, "node-a", "web");
+    ASSERT_TRUE(p) << p.error().message;
+    ASSERT_EQ(p->ranked.size(), 1U);
+    EXPECT_EQ(p->ranked[0].node, "node-c");
+    std::map<std::string, std::string> why;
+    for (auto& r : p->rejected)
+        why[r.node] = r.reasons.front();
+    EXPECT_EQ(why["node-a"], "the VM runs there");
+    EXPECT_NE(why["node-b"].find("memory: needs 4Gi, 2Gi free of 16Gi"), std::string::npos) << why["node-b"];
+    EXPECT_NE(why["node-d"].find("unreachable: dial: connection refused"), std::string::npos) << why["node-d"];
+    EXPECT_NE(why["node-e"].find("no 'memory'"), std::string::npos) << why["node-e"];
+    auto j = ferry::scheduler::to_json(*p);
+    EXPECT_EQ(j["ranked"][0]["node"], "node-c");
+    EXPECT_EQ(j["rejected"].size(), 4U);
+
+    EXPECT_FALSE(ferry::scheduler::place_vm(nodes, "node-a", "nope"));
+    auto adopted = nodes;
+    adopted[0]["vms"].push_back({{"name", "bare"}, {"status", "running"}});
+    auto bare = ferry::scheduler::place_vm(adopted, "node-a", "bare");
+    ASSERT_FALSE(bare);
+    EXPECT_NE(bare.error().message.find("adopted without a spec"), std::string::npos);
 }

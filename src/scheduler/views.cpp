@@ -1,0 +1,189 @@
+// The pure half of cluster.hpp: facts (as peers send them) to views, and
+// placement over them. Fuzzed.
+#include "scheduler/cluster.hpp"
+
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <limits>
+#include <type_traits>
+
+namespace ferry::scheduler {
+
+namespace {
+
+// JSON numbers convert to integers only when they are integers in range:
+// a peer's 1e30 or -1 is wrong data, not undefined behaviour.
+template <class T>
+bool take(const json& v, T& out) {
+    if constexpr (std::is_same_v<T, bool>) {
+        if (!v.is_boolean())
+            return false;
+    } else if constexpr (std::is_unsigned_v<T>) {
+        if (!v.is_number_unsigned())
+            return false;
+    } else if constexpr (std::is_integral_v<T>) {
+        if (!v.is_number_integer() || (v.is_number_unsigned() && v.get<std::uint64_t>() > static_cast<std::uint64_t>(
+                                                                                            std::numeric_limits<T>::max())))
+            return false;
+    }
+    try {
+        out = v.get<T>();
+    } catch (const std::exception&) {
+        return false;
+    }
+    return true;
+}
+
+// j[key] when j is an object holding a string there, else `none`.
+std::string text(const json& j, const char* key, const std::string& none = "") {
+    if (!j.is_object())
+        return none;
+    auto it = j.find(key);
+    return it != j.end() && it->is_string() ? it->get<std::string>() : none;
+}
+
+template <class T>
+Result<void> field(const json& j, const char* key, T& out, const std::string& where) {
+    auto it = j.find(key);
+    if (it == j.end())
+        return make_error(Errc::protocol, fmt::format("{}: no '{}'", where, key));
+    if (!take(*it, out))
+        return make_error(Errc::protocol, fmt::format("{}: '{}' has the wrong type", where, key));
+    return {};
+}
+
+template <class T>
+void optional_field(const json& j, const char* key, T& out) {
+    if (auto it = j.find(key); it != j.end())
+        (void)take(*it, out);
+}
+
+} // namespace
+
+Result<NodeView> node_view(const json& facts) {
+    if (!facts.is_object())
+        return make_error(Errc::protocol, "node facts are not an object");
+    NodeView n;
+    if (auto r = field(facts, "name", n.name, "node facts"); !r)
+        return r.error();
+    auto where = "node " + n.name;
+    std::string state;
+    if (auto r = field(facts, "state", state, where); !r)
+        return r.error();
+    if (state == "unreachable")
+        n.state = NodeState::unreachable;
+    else if (state == "cordoned")
+        n.state = NodeState::cordoned;
+    else if (state == "draining")
+        n.state = NodeState::draining;
+    else if (state != "ready")
+        n.state = NodeState::unreachable; // stopping, or something this version does not know
+    if (n.state == NodeState::unreachable)
+        return n;
+    for (auto r : {field(facts, "memory", n.memory, where), field(facts, "cpus", n.cpus, where)})
+        if (!r)
+            return r.error();
+    optional_field(facts, "host_cpu", n.host_cpu);
+    optional_field(facts, "qemu_version", n.qemu_version);
+    optional_field(facts, "machine_types", n.machine_types);
+    optional_field(facts, "cpu_models", n.cpu_models);
+    optional_field(facts, "labels", n.labels);
+    if (auto vms = facts.find("vms"); vms != facts.end() && vms->is_array())
+        for (auto& v : *vms) {
+            std::uint64_t memory = 0;
+            std::int64_t cpus = 0;
+            if (v.is_object()) {
+                optional_field(v, "memory", memory);
+                optional_field(v, "cpus", cpus);
+            }
+            n.memory_committed += memory;
+            n.cpus_committed += cpus;
+        }
+    if (auto ms = facts.find("migrations"); ms != facts.end() && ms->is_array())
+        for (auto& m : *ms) {
+            std::string source, target;
+            std::uint64_t memory = 0;
+            if (!m.is_object())
+                continue;
+            optional_field(m, "source_node", source);
+            optional_field(m, "target_node", target);
+            optional_field(m, "memory", memory);
+            if (target == n.name && source != n.name)
+                n.memory_committed += memory; // headed here, not yet among its VMs
+        }
+    return n;
+}
+
+Result<VmView> vm_view(const json& facts, const std::string& name) {
+    std::string node = text(facts, "name");
+    auto vms = facts.is_object() ? facts.find("vms") : facts.end();
+    if (!facts.is_object() || vms == facts.end() || !vms->is_array())
+        return make_error(Errc::protocol, fmt::format("node {}: facts without 'vms'", node));
+    for (auto& v : *vms) {
+        if (text(v, "name") != name)
+            continue;
+        if (!v.contains("memory"))
+            return make_error(Errc::conflict, fmt::format("VM {} was adopted without a spec: ferry cannot place it",
+                                                          name));
+        VmView vm;
+        vm.name = name;
+        vm.node = node;
+        auto where = "VM " + name;
+        for (auto r : {field(v, "memory", vm.memory, where), field(v, "cpus", vm.cpus, where)})
+            if (!r)
+                return r.error();
+        optional_field(v, "cpu_model", vm.cpu_model);
+        optional_field(v, "machine", vm.machine_type);
+        optional_field(v, "labels", vm.labels);
+        optional_field(v, "node_selector", vm.node_selector);
+        optional_field(facts, "host_cpu", vm.host_cpu);
+        return vm;
+    }
+    return make_error(Errc::not_found, fmt::format("no VM named {} on {}", name, node));
+}
+
+Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& source, const std::string& name,
+                           bool explain) {
+    std::vector<NodeView> views;
+    std::vector<Rejection> broken;
+    std::optional<VmView> vm;
+    for (auto& f : nodes) {
+        auto v = node_view(f);
+        if (!v) {
+            broken.push_back({text(f, "name", "?"), {v.error().message}});
+            continue;
+        }
+        if (v->name == source) {
+            auto mine = vm_view(f, name);
+            if (!mine)
+                return mine.error();
+            vm = *mine;
+        }
+        if (v->state == NodeState::unreachable) {
+            broken.push_back({v->name, {"unreachable: " + text(f, "error", "?")}});
+            continue;
+        }
+        views.push_back(std::move(*v));
+    }
+    if (!vm)
+        return make_error(Errc::not_found, fmt::format("no facts from node {}", source));
+    auto p = place(*vm, views, {}, explain);
+    if (explain) {
+        p.rejected.insert(p.rejected.end(), broken.begin(), broken.end());
+        std::sort(p.rejected.begin(), p.rejected.end(),
+                  [](const Rejection& a, const Rejection& b) { return a.node < b.node; });
+    }
+    return p;
+}
+
+json to_json(const Placement& p) {
+    json ranked = json::array(), rejected = json::array();
+    for (auto& c : p.ranked)
+        ranked.push_back({{"node", c.node}, {"memory_load", c.memory_load}, {"cpu_load", c.cpu_load}});
+    for (auto& r : p.rejected)
+        rejected.push_back({{"node", r.node}, {"reasons", r.reasons}});
+    return {{"ranked", ranked}, {"rejected", rejected}};
+}
+
+} // namespace ferry::scheduler
