@@ -1185,6 +1185,76 @@ append = "ws=8 rate=2 hb=50"
     ctl(a(), "vm delete demo2");
 }
 
+TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
+    configure("");
+    // node-b labelled; node-a not.
+    auto text = ferry::test::read_file(b().config);
+    ferry::test::write_file(b().config, std::regex_replace(text, std::regex("log_level = \"debug\"\n"),
+                                                           "log_level = \"debug\"\nlabels = { zone = \"b\" }\n"));
+    start(a());
+    start(b());
+    create_on_a();
+
+    auto nodes = ctl_json(a(), "node list");
+    ASSERT_EQ(nodes.size(), 2U) << nodes.dump();
+    EXPECT_EQ(nodes[0]["name"], "node-a");
+    EXPECT_EQ(nodes[0]["vms"].size(), 1U);
+    EXPECT_EQ(nodes[0]["vms"][0]["memory"], 128ULL << 20);
+    EXPECT_EQ(nodes[1]["name"], "node-b");
+    EXPECT_EQ(nodes[1]["state"], "ready");
+    EXPECT_EQ(nodes[1]["labels"]["zone"], "b");
+    EXPECT_GT(nodes[1]["memory"].get<std::uint64_t>(), 0U);
+    EXPECT_FALSE(nodes[1]["machine_types"].empty());
+    auto table = ctl(a(), "node list");
+    EXPECT_NE(table.out.find("node-b"), std::string::npos) << table.out << table.err;
+    EXPECT_NE(table.out.find("zone=b"), std::string::npos) << table.out;
+
+    auto plan = ctl_json(a(), "migrate demo --dry-run");
+    EXPECT_EQ(plan["target_node"], "node-b") << plan.dump();
+    ASSERT_EQ(plan["ranked"].size(), 1U);
+    EXPECT_EQ(plan["ranked"][0]["node"], "node-b");
+    ASSERT_EQ(plan["rejected"].size(), 1U);
+    EXPECT_EQ(plan["rejected"][0]["reasons"][0], "the VM runs there");
+    EXPECT_EQ(ctl_json(a(), "migration list").size(), 0U) << "a dry run moves nothing";
+    auto human = ctl(a(), "migrate demo --dry-run");
+    EXPECT_NE(human.out.find("would migrate to node-b"), std::string::npos) << human.out;
+
+    auto id = ctl_json(a(), "migrate demo")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Succeeded") << done.dump();
+    EXPECT_EQ(done["target_node"], "node-b");
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+
+    // From node-b, a VM whose node_selector no node matches stays, named.
+    ctl(b(), "vm delete demo");
+    ferry::test::write_file(dir_ / "picky.toml", R"(name = "demo"
+memory = "64Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=8 rate=2 hb=50"
+node_selector = { zone = "c" }
+)");
+    ctl_json(b(), "vm create --spec " + (dir_ / "picky.toml"));
+    auto refused = ctl(b(), "migrate demo");
+    EXPECT_NE(refused.status, 0);
+    EXPECT_NE(refused.err.find("no node fits demo"), std::string::npos) << refused.err;
+    EXPECT_NE(refused.err.find("node-a: node_selector zone=c: the node has no label zone"), std::string::npos)
+        << refused.err;
+    EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
+    EXPECT_EQ(ctl_json(b(), "migration list").size(), 1U) << "only demo's arrival";
+    plan = ctl_json(b(), "migrate demo --dry-run");
+    EXPECT_TRUE(plan["target_node"].is_null());
+    EXPECT_TRUE(plan["ranked"].empty());
+
+    // A peer that is down is reported, not fatal.
+    stop(a(), SIGTERM);
+    nodes = ctl_json(b(), "node list");
+    ASSERT_EQ(nodes.size(), 2U);
+    EXPECT_EQ(nodes[1]["name"], "node-a");
+    EXPECT_EQ(nodes[1]["state"], "unreachable");
+    EXPECT_FALSE(nodes[1]["error"].get<std::string>().empty());
+}
+
 TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {
     configure("bandwidth_per_migration = 0\ndisable_tls = true\nmultifd_channels = 3");
     start(a());

@@ -3,6 +3,7 @@
 #include "config/quantity.hpp"
 #include "control/protocol.hpp"
 #include "config/vm_spec.hpp"
+#include "scheduler/cluster.hpp"
 #include "scheduler/policy.hpp"
 
 #include <fmt/format.h>
@@ -124,6 +125,36 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
     auto req = migrate_request(params);
     if (!req)
         co_return req.error();
+    auto dry = Params("migration.create", params).optional_bool("dry_run");
+    if (!dry)
+        co_return dry.error();
+    bool dry_run = dry->value_or(false);
+    auto& cfg = e->config();
+    // Without --to, a node with peers lets the scheduler pick the target; a
+    // node without any moves the VM into a new QEMU on itself.
+    if (dry_run || (!req->target_node && !cfg.peers.empty())) {
+        auto nodes = co_await scheduler::gather(*e);
+        auto p = scheduler::place_vm(nodes, cfg.node.name, req->vm);
+        if (!p)
+            co_return p.error();
+        std::optional<std::string> chosen = req->target_node;
+        if (!chosen && cfg.peers.empty())
+            chosen = cfg.node.name;
+        if (!chosen && p->fits())
+            chosen = p->ranked.front().node;
+        if (dry_run) {
+            auto out = scheduler::to_json(*p);
+            out["vm"] = req->vm;
+            out["source_node"] = cfg.node.name;
+            out["target_node"] = chosen ? json(*chosen) : json(nullptr);
+            if (!chosen)
+                out["why_none"] = p->why_none(req->vm);
+            co_return ok(std::move(out));
+        }
+        if (!chosen)
+            co_return make_error(Errc::conflict, p->why_none(req->vm));
+        req->target_node = chosen;
+    }
     if (auto* spec = e->vm_spec(req->vm)) { // else the engine says why it cannot move
         scheduler::MigrationSettings given;
         given.bandwidth_per_migration = req->bandwidth;
@@ -154,6 +185,11 @@ asio::awaitable<Result<json>> migration_abort(Engine* e, json params) {
     co_return e->abort_migration(*id);
 }
 
+asio::awaitable<Result<json>> node_list(Engine* e, json) {
+    auto nodes = co_await scheduler::gather(*e);
+    co_return ok(json(std::move(nodes)));
+}
+
 asio::awaitable<Result<json>> node_info(Engine* e, json) {
     auto& n = e->config().node;
     json info{{"name", n.name}, {"state_dir", n.state_dir}, {"qemu", n.qemu}, {"version", FERRY_VERSION}};
@@ -171,6 +207,7 @@ void add_engine_methods(Server& server, Engine& engine) {
     };
     const Row table[] = {
         {"node.info", node_info, false},
+        {"node.list", node_list, false},
         {"vm.create", vm_create, true},
         {"vm.adopt", vm_adopt, true},
         {"vm.show", vm_show, false},

@@ -299,7 +299,11 @@ static int ferryctl_main(int argc, char** argv) {
     bool wait = false;
     auto* migrate = app.add_subcommand("migrate", "live-migrate a VM");
     migrate->add_option("name", name)->required();
-    migrate->add_option("--to", target, "target node (default: this node, a new QEMU process)");
+    migrate->add_option("--to", target,
+                        "target node (default: the node the scheduler picks among the peers; without peers, "
+                        "this node, a new QEMU process)");
+    bool dry_run = false;
+    migrate->add_flag("--dry-run", dry_run, "print where the VM would go and why every other node would not; move nothing");
     migrate->add_option("--bandwidth", bandwidth, "per-migration bandwidth, e.g. 64Mi (0 = unlimited)");
     migrate->add_option("--max-downtime", max_downtime, "maximum downtime in ms (1-3600000)")
         ->check(CLI::Validator(
@@ -343,6 +347,11 @@ static int ferryctl_main(int argc, char** argv) {
             params["allow_auto_converge"] = auto_converge;
         if (post_copy || no_post_copy)
             params["allow_post_copy"] = post_copy;
+        if (dry_run) {
+            params["dry_run"] = true;
+            rc = show(g, call(g, "migration.create", params), ferryctl::print_placement);
+            return;
+        }
         auto r = call(g, "migration.create", params);
         if (!r) {
             rc = fail(g, r.error());
@@ -357,6 +366,11 @@ static int ferryctl_main(int argc, char** argv) {
         if (!g.json_output)
             std::cout << "migration " << r->value("id", "") << " started\n";
         rc = wait_for(g, r->value("id", ""));
+    });
+
+    auto* node = app.add_subcommand("node", "the cluster's nodes")->require_subcommand(0, 1)->allow_extras();
+    node->add_subcommand("list", "every node as this one sees it: capacity, VMs, migrations, labels")->callback([&] {
+        rc = show(g, call(g, "node.list", json::object()), ferryctl::print_node_table);
     });
 
     std::string id;
@@ -413,7 +427,7 @@ static int ferryctl_main(int argc, char** argv) {
     } catch (const CLI::CallForVersion& e) {
         return app.exit(e);
     } catch (const CLI::ParseError& e) {
-        for (auto* group : {vm, migration, pki})
+        for (auto* group : {vm, node, migration, pki})
             if (auto problem = group_problem(group, argc, argv))
                 return usage(g, *problem + " (--help lists them)");
         if (app.get_subcommands().empty())
@@ -425,7 +439,7 @@ static int ferryctl_main(int argc, char** argv) {
             }
         return usage(g, e.what());
     }
-    for (auto* group : {vm, migration, pki})
+    for (auto* group : {vm, node, migration, pki})
         if (auto problem = group_problem(group, argc, argv))
             return usage(g, *problem + " (--help lists them)");
     return rc;

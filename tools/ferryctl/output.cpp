@@ -166,4 +166,52 @@ void print_vm_table(const json& list) {
                                  str(vm, "node"), str(vm, "pid"), str(vm, "migration"));
 }
 
+void print_node_table(const json& nodes) {
+    std::cout << fmt::format("{:<16} {:<12} {:>5} {:>22} {:>4} {:>4} {:<10} {}\n", "NAME", "STATE", "CPUS",
+                             "MEMORY (VMS/TOTAL)", "VMS", "MIGR", "QEMU", "LABELS");
+    for (auto& n : nodes) {
+        if (n.value("state", "") == "unreachable") {
+            std::cout << fmt::format("{:<16} {:<12} {}\n", str(n, "name"), "unreachable", str(n, "error"));
+            continue;
+        }
+        std::uint64_t used = 0;
+        for (auto& vm : n.value("vms", json::array()))
+            used += vm.value("memory", std::uint64_t{0});
+        std::string labels;
+        auto label_table = n.value("labels", json::object());
+        for (auto& [k, v] : label_table.items())
+            labels += (labels.empty() ? "" : ",") + k + "=" + (v.is_string() ? v.get<std::string>() : v.dump());
+        std::cout << fmt::format("{:<16} {:<12} {:>5} {:>22} {:>4} {:>4} {:<10} {}\n", str(n, "name"),
+                                 str(n, "state"), str(n, "cpus"),
+                                 bytes(used) + " / " + bytes(n.value("memory", std::uint64_t{0})),
+                                 n.value("vms", json::array()).size(), n.value("migrations", json::array()).size(),
+                                 str(n, "qemu_version"), labels);
+    }
+}
+
+void print_placement(const json& p) {
+    std::cout << fmt::format("{} on {}: ", str(p, "vm"), str(p, "source_node"));
+    if (p.value("target_node", json()).is_string())
+        std::cout << "would migrate to " << p["target_node"].get<std::string>() << "\n";
+    else
+        std::cout << "no node fits\n";
+    auto ranked = p.value("ranked", json::array());
+    if (!ranked.empty()) {
+        std::cout << "candidates, best first:\n";
+        for (auto& c : ranked)
+            std::cout << fmt::format("  {:<16} memory {:5.1f}%  cpu {:5.1f}%\n", str(c, "node"),
+                                     100 * c.value("memory_load", 0.0), 100 * c.value("cpu_load", 0.0));
+    }
+    auto rejected = p.value("rejected", json::array());
+    if (!rejected.empty()) {
+        std::cout << "rejected:\n";
+        for (auto& r : rejected) {
+            std::string why;
+            for (auto& reason : r.value("reasons", json::array()))
+                why += (why.empty() ? "" : "; ") + reason.get<std::string>();
+            std::cout << fmt::format("  {:<16} {}\n", str(r, "node"), why);
+        }
+    }
+}
+
 } // namespace ferryctl

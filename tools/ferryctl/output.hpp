@@ -15,5 +15,7 @@ void print_migration(const nlohmann::json& migration);
 void print_migration_table(const nlohmann::json& list);
 void print_vm(const nlohmann::json& vm);
 void print_vm_table(const nlohmann::json& list);
+void print_node_table(const nlohmann::json& nodes);       // node.list
+void print_placement(const nlohmann::json& placement);    // migration.create with dry_run
 
 } // namespace ferryctl
