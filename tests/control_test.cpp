@@ -1218,6 +1218,10 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
     EXPECT_EQ(ctl_json(a(), "migration list").size(), 0U) << "a dry run moves nothing";
     auto human = ctl(a(), "migrate demo --dry-run");
     EXPECT_NE(human.out.find("would migrate to node-b"), std::string::npos) << human.out;
+    auto shown = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(shown["migratable"]["now"], true) << shown.dump();
+    EXPECT_EQ(shown["migratable"]["target"], "node-b");
+    EXPECT_NE(ctl(a(), "vm show demo").out.find("migratable:  yes (to node-b)"), std::string::npos);
 
     auto id = ctl_json(a(), "migrate demo")["id"].get<std::string>();
     auto done = wait_final(a(), id);
@@ -1244,6 +1248,10 @@ node_selector = { zone = "c" }
     EXPECT_EQ(ctl_json(b(), "migration list").size(), 1U) << "only demo's arrival";
     plan = ctl_json(b(), "migrate demo --dry-run");
     EXPECT_TRUE(plan["target_node"].is_null());
+    shown = ctl_json(b(), "vm show demo");
+    EXPECT_EQ(shown["migratable"]["now"], false);
+    EXPECT_NE(shown["migratable"]["reasons"][0].get<std::string>().find("node_selector zone=c"), std::string::npos)
+        << shown.dump();
     EXPECT_TRUE(plan["ranked"].empty());
 
     // A peer that is down is reported, not fatal.

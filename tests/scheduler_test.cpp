@@ -442,3 +442,32 @@ TEST(Cluster, ViewsCountVmsAndArrivalsAndPlacementSaysWhyNot) {
     ASSERT_FALSE(bare);
     EXPECT_NE(bare.error().message.find("adopted without a spec"), std::string::npos);
 }
+
+TEST(Cluster, MigratabilityGivesEveryReason) {
+    std::vector<nlohmann::json> nodes{facts("node-a", 16, {vm("web", 4)}), facts("node-b", 16, {vm("x", 14)})};
+    ferry::config::VmSpec spec;
+    spec.name = "web";
+    spec.memory = 4ULL << 30;
+    auto m = ferry::scheduler::migratability(&spec, nodes, "node-a", "web");
+    EXPECT_FALSE(m["now"]);
+    EXPECT_TRUE(m["target"].is_null());
+    ASSERT_EQ(m["reasons"].size(), 1U);
+    EXPECT_NE(m["reasons"][0].get<std::string>().find("no node fits web: node-a: the VM runs there; node-b: memory"),
+              std::string::npos)
+        << m.dump();
+    nodes[1]["vms"] = nlohmann::json::array();
+    m = ferry::scheduler::migratability(&spec, nodes, "node-a", "web");
+    EXPECT_TRUE(m["now"]);
+    EXPECT_EQ(m["target"], "node-b");
+    spec.extra_args = {"-device", "vfio-pci,host=0000:03:00.0"};
+    m = ferry::scheduler::migratability(&spec, nodes, "node-a", "web");
+    EXPECT_FALSE(m["now"]);
+    EXPECT_NE(m["reasons"][0].get<std::string>().find("passes a host device through"), std::string::npos);
+    spec.extra_args.clear();
+    m = ferry::scheduler::migratability(&spec, {nodes[0]}, "node-a", "web");
+    EXPECT_TRUE(m["now"]) << "no peers: a new QEMU on its own node";
+    EXPECT_EQ(m["target"], "node-a");
+    m = ferry::scheduler::migratability(nullptr, nodes, "node-a", "web");
+    EXPECT_FALSE(m["now"]);
+    EXPECT_NE(m["reasons"][0].get<std::string>().find("adopted without a spec"), std::string::npos);
+}

@@ -7,6 +7,7 @@
 #include "scheduler/policy.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 namespace ferry::control {
 
@@ -55,7 +56,16 @@ asio::awaitable<Result<json>> vm_show(Engine* e, json params) {
     auto name = Params("vm.show", params).string("name");
     if (!name)
         co_return name.error();
-    co_return co_await e->show_vm(*name);
+    auto vm = co_await e->show_vm(*name);
+    if (!vm)
+        co_return vm;
+    if (!(*vm).value("migration", json()).is_null()) {
+        (*vm)["migratable"] = {{"now", false}, {"target", nullptr}, {"reasons", {"it is migrating"}}};
+        co_return vm;
+    }
+    auto nodes = co_await scheduler::gather(*e);
+    (*vm)["migratable"] = scheduler::migratability(e->vm_spec(*name), nodes, e->config().node.name, *name);
+    co_return vm;
 }
 
 asio::awaitable<Result<json>> vm_qmp(Engine* e, json params) {
@@ -128,6 +138,12 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
     auto dry = Params("migration.create", params).optional_bool("dry_run");
     if (!dry)
         co_return dry.error();
+    if (auto* spec = e->vm_spec(req->vm)) {
+        auto blockers = scheduler::migration_blockers(*spec);
+        if (!blockers.empty())
+            co_return make_error(Errc::conflict, fmt::format("VM {} cannot migrate: {}", req->vm,
+                                                             fmt::join(blockers, "; ")));
+    }
     bool dry_run = dry->value_or(false);
     auto& cfg = e->config();
     // Without --to, a node with peers lets the scheduler pick the target; a

@@ -36,4 +36,12 @@ Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& so
                            bool explain = true);
 json to_json(const Placement& p);
 
+// Whether VM `name` of `source` can migrate now, and every reason it cannot:
+// no spec (adopted without one), a device passed through from the host, or
+// no node that fits (each node's reasons). {now, target (the best node, or
+// null), reasons: [...]}. `nodes` as gather() returns them; with no other
+// node a VM can always move into a new QEMU on its own node.
+json migratability(const config::VmSpec* spec, const std::vector<json>& nodes, const std::string& source,
+                   const std::string& name);
+
 } // namespace ferry::scheduler

@@ -177,6 +177,30 @@ Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& so
     return p;
 }
 
+json migratability(const config::VmSpec* spec, const std::vector<json>& nodes, const std::string& source,
+                   const std::string& name) {
+    json reasons = json::array();
+    json target = nullptr;
+    if (!spec) {
+        reasons.push_back("adopted without a spec: ferry cannot start its destination QEMU (adopt it again with --spec)");
+    } else {
+        for (auto& b : migration_blockers(*spec))
+            reasons.push_back(b);
+        if (nodes.size() <= 1) {
+            target = source; // no peers: a new QEMU on this node
+        } else if (auto p = place_vm(nodes, source, name)) {
+            if (p->fits())
+                target = p->ranked.front().node;
+            else
+                reasons.push_back(p->why_none(name));
+        } else {
+            reasons.push_back(p.error().message);
+        }
+    }
+    bool now = reasons.empty();
+    return {{"now", now}, {"target", now ? target : json(nullptr)}, {"reasons", reasons}};
+}
+
 json to_json(const Placement& p) {
     json ranked = json::array(), rejected = json::array();
     for (auto& c : p.ranked)

@@ -157,6 +157,14 @@ void print_vm(const json& vm) {
     if (auto spec = vm.find("spec"); spec != vm.end() && !spec->is_null())
         std::cout << fmt::format("memory/cpus: {} / {}\n", bytes(spec->value("memory", std::uint64_t{0})),
                                  spec->value("cpus", 1));
+    if (auto m = vm.find("migratable"); m != vm.end() && m->is_object()) {
+        if (m->value("now", false))
+            std::cout << fmt::format("migratable:  yes (to {})\n", str(*m, "target"));
+        else
+            for (auto& reason : m->value("reasons", json::array()))
+                std::cout << fmt::format("migratable:  no: {}\n", reason.is_string() ? reason.get<std::string>()
+                                                                                      : reason.dump());
+    }
 }
 
 void print_vm_table(const json& list) {
