@@ -414,23 +414,26 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
     *migrations_[m.id] = m;
 }
 
+asio::awaitable<Result<json>> Engine::ask_once(const config::Peer& peer, json message) {
+    auto c = co_await transport::open_control(ex_, peer.address, peer.name, config_.node.name, tls_);
+    if (!c)
+        co_return c.error();
+    Result<json> reply = ok(json());
+    auto w = co_await (*c)->write_frame(message);
+    if (w)
+        reply = co_await (*c)->read_frame(std::chrono::seconds(10));
+    else
+        reply = w.error();
+    (*c)->close();
+    co_return reply;
+}
+
 asio::awaitable<void> Engine::abort_at_target(Engine* self, std::string id, std::string target) {
     auto* p = self->peer(target);
     if (!p || !self->peer_server_)
         co_return;
-    auto c = co_await transport::open_control(self->ex_, p->address, target, self->config_.node.name, self->tls_);
-    Result<json> reply = ok(json::object());
-    if (!c)
-        reply = c.error();
-    if (c) {
-        json abort{{"type", "abort"}, {"migration_id", id}};
-        auto w = co_await (*c)->write_frame(abort);
-        if (w)
-            reply = co_await (*c)->read_frame(std::chrono::seconds(10));
-        else
-            reply = w.error();
-        (*c)->close();
-    }
+    json abort{{"type", "abort"}, {"migration_id", id}};
+    auto reply = co_await self->ask_once(*p, abort);
     if (reply)
         engine_log()->info("migration {}: node {} told to give up the arrival", id, target);
     else
@@ -680,17 +683,8 @@ asio::awaitable<Result<json>> Engine::peer_facts(std::string node) {
         co_return make_error(Errc::not_found, fmt::format("unknown node {} (not in [[peers]])", node));
     if (!peer_server_)
         co_return make_error(Errc::conflict, "cross-node traffic is off on this node (no [tls], no disable_tls)");
-    auto c = co_await transport::open_control(ex_, p->address, node, config_.node.name, tls_);
-    if (!c)
-        co_return c.error().wrap(fmt::format("node {}", node));
     json ask{{"type", "facts"}};
-    Result<json> reply = ok(json());
-    auto w = co_await (*c)->write_frame(ask);
-    if (w)
-        reply = co_await (*c)->read_frame(std::chrono::seconds(10));
-    else
-        reply = w.error();
-    (*c)->close();
+    auto reply = co_await ask_once(*p, ask);
     if (!reply)
         co_return reply.error().wrap(fmt::format("node {}", node));
     if (reply->value("type", "") != "facts" || !reply->contains("node"))

@@ -125,6 +125,9 @@ private:
     std::vector<std::pair<std::string, std::string>> abort_at_targets_;
     boost::asio::awaitable<void> reattach(std::shared_ptr<Vm> vm);
     boost::asio::awaitable<void> recover_migration(Migration m);
+    // One message on a control channel of its own: dial (10 s), send, read
+    // the answer (10 s), close.
+    boost::asio::awaitable<Result<json>> ask_once(const config::Peer& peer, json message);
     // A source that restarted tells the target to give up the arrival it
     // would otherwise keep for peer_timeout (best effort: logged).
     static boost::asio::awaitable<void> abort_at_target(Engine* self, std::string id, std::string target);
