@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <random>
 #include <set>
 
@@ -418,6 +419,12 @@ TEST(Cluster, ViewsCountVmsAndArrivalsAndPlacementSaysWhyNot) {
     auto c = node_view(nodes[2]);
     EXPECT_EQ(c->memory_committed, 6ULL << 30) << "leaving does not free memory until it is gone";
     EXPECT_FALSE(node_view(nodes[4]));
+    auto huge = nodes[0];
+    huge["cpus"] = std::numeric_limits<std::int64_t>::max();
+    EXPECT_NE(node_view(huge).error().message.find("'cpus' 9223372036854775807 is out of range"), std::string::npos);
+    huge = nodes[0];
+    huge["vms"][0]["cpus"] = std::numeric_limits<std::int64_t>::max(); // counted as the most a VM can have
+    EXPECT_EQ(node_view(huge)->cpus_committed, (1 << 20) + 2);
     EXPECT_NE(node_view(nodes[4]).error().message.find("node node-e: no 'memory'"), std::string::npos);
 
     auto p = ferry::scheduler::place_vm(nodes, "node-a", "web");

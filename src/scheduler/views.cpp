@@ -35,6 +35,10 @@ bool take(const json& v, T& out) {
     return true;
 }
 
+// More vCPUs or host CPUs than any machine has is wrong data; the bound
+// keeps every sum and difference of counts far from overflowing.
+constexpr std::int64_t max_cpus = 1 << 20;
+
 // j[key] when j is an object holding a string there, else `none`.
 std::string text(const json& j, const char* key, const std::string& none = "") {
     if (!j.is_object())
@@ -84,6 +88,8 @@ Result<NodeView> node_view(const json& facts) {
     for (auto r : {field(facts, "memory", n.memory, where), field(facts, "cpus", n.cpus, where)})
         if (!r)
             return r.error();
+    if (n.cpus < 0 || n.cpus > max_cpus)
+        return make_error(Errc::protocol, fmt::format("{}: 'cpus' {} is out of range", where, n.cpus));
     optional_field(facts, "host_cpu", n.host_cpu);
     optional_field(facts, "qemu_version", n.qemu_version);
     optional_field(facts, "machine_types", n.machine_types);
@@ -97,6 +103,7 @@ Result<NodeView> node_view(const json& facts) {
                 optional_field(v, "memory", memory);
                 optional_field(v, "cpus", cpus);
             }
+            cpus = std::clamp<std::int64_t>(cpus, 0, max_cpus); // sums stay far from overflowing
             n.memory_committed += memory;
             n.cpus_committed += cpus;
         }
@@ -133,6 +140,8 @@ Result<VmView> vm_view(const json& facts, const std::string& name) {
         for (auto r : {field(v, "memory", vm.memory, where), field(v, "cpus", vm.cpus, where)})
             if (!r)
                 return r.error();
+        if (vm.cpus < 0 || vm.cpus > max_cpus)
+            return make_error(Errc::protocol, fmt::format("{}: 'cpus' {} is out of range", where, vm.cpus));
         optional_field(v, "cpu_model", vm.cpu_model);
         optional_field(v, "machine", vm.machine_type);
         optional_field(v, "labels", vm.labels);
