@@ -204,12 +204,8 @@ vm_selector = { tier = "db" }
 node_selector = { zone = "b" }
 max_downtime_ms = 50
 )");
-    ferry::test::write_file(dir_ / "db.toml", R"(name = "demo"
-memory = "128Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=16 rate=4 hb=50"
-labels = { tier = "db" }
-)");
+    ferry::test::write_file(dir_ / "db.toml",
+                            ferry::test::guest_spec("demo", "128Mi", "ws=16 rate=4 hb=50", "labels = { tier = \"db\" }\n"));
     start();
     ASSERT_EQ(ctl("vm create --spec " + (dir_ / "db.toml")).status, 0);
     wait_heartbeats();
@@ -228,11 +224,7 @@ labels = { tier = "db" }
 
 TEST_F(Ferryd, RefusesAMigrationOverTheOutboundLimitAndTheVmStays) {
     write_config("", "parallel_outbound_migrations_per_node = 1\n");
-    ferry::test::write_file(dir_ / "vm2.toml", R"(name = "demo2"
-memory = "64Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=8 rate=2 hb=50"
-)");
+    ferry::test::write_file(dir_ / "vm2.toml", ferry::test::guest_spec("demo2", "64Mi", "ws=8 rate=2 hb=50"));
     start();
     ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm.toml")).status, 0);
     ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm2.toml")).status, 0);
@@ -1161,11 +1153,7 @@ TEST_F(TwoNodes, PostCopyMovesAVmOnALocalDiskOnceTheDiskIsInSync) {
 
 TEST_F(TwoNodes, TheTargetRefusesAMigrationOverItsInboundLimitAndTheVmStays) {
     auto m = start_slow_migration("parallel_inbound_migrations_per_node = 1\n");
-    ferry::test::write_file(dir_ / "vm2.toml", R"(name = "demo2"
-memory = "64Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=8 rate=2 hb=50"
-)");
+    ferry::test::write_file(dir_ / "vm2.toml", ferry::test::guest_spec("demo2", "64Mi", "ws=8 rate=2 hb=50"));
     ctl_json(a(), "vm create --spec " + (dir_ / "vm2.toml"));
     auto pid2 = ctl_json(a(), "vm show demo2")["pid"];
     auto id2 = ctl_json(a(), "migrate demo2 --to node-b")["id"].get<std::string>();
@@ -1232,12 +1220,8 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
 
     // From node-b, a VM whose node_selector no node matches stays, named.
     ctl(b(), "vm delete demo");
-    ferry::test::write_file(dir_ / "picky.toml", R"(name = "demo"
-memory = "64Mi"
-kernel = ")" + ferry::test::guest_kernel() + R"("
-append = "ws=8 rate=2 hb=50"
-node_selector = { zone = "c" }
-)");
+    ferry::test::write_file(dir_ / "picky.toml", ferry::test::guest_spec("demo", "64Mi", "ws=8 rate=2 hb=50",
+                                                                         "node_selector = { zone = \"c\" }\n"));
     ctl_json(b(), "vm create --spec " + (dir_ / "picky.toml"));
     auto refused = ctl(b(), "migrate demo");
     EXPECT_NE(refused.status, 0);

@@ -28,6 +28,12 @@ inline std::string env_or(const char* name, const char* fallback) {
 inline std::string build_dir() { return env_or("FERRY_BUILD_DIR", "build"); }
 inline std::string guest_kernel() { return build_dir() + "/tools/guest/ferry-guest.elf"; }
 inline std::string ferryd_bin() { return build_dir() + "/tools/ferryd"; }
+// A VM spec booting the test guest: `extra` lines follow the guest's own.
+inline std::string guest_spec(const std::string& name, const std::string& memory, const std::string& append,
+                              const std::string& extra = "") {
+    return "name = \"" + name + "\"\nmemory = \"" + memory + "\"\nkernel = \"" + guest_kernel() +
+           "\"\nappend = \"" + append + "\"\n" + extra;
+}
 inline std::string ferryctl_bin() { return build_dir() + "/tools/ferryctl"; }
 
 // A short-lived directory under /tmp with a short path (Unix sockets live there).
