@@ -138,7 +138,8 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
     auto dry = Params("migration.create", params).optional_bool("dry_run");
     if (!dry)
         co_return dry.error();
-    if (auto* spec = e->vm_spec(req->vm)) {
+    const auto* spec = e->vm_spec(req->vm); // null: the engine says why it cannot move
+    if (spec) {
         auto blockers = scheduler::migration_blockers(*spec);
         if (!blockers.empty())
             co_return make_error(Errc::conflict, fmt::format("VM {} cannot migrate: {}", req->vm,
@@ -171,7 +172,8 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
             co_return make_error(Errc::conflict, p->why_none(req->vm));
         req->target_node = chosen;
     }
-    if (auto* spec = e->vm_spec(req->vm)) { // else the engine says why it cannot move
+    spec = e->vm_spec(req->vm); // again: gather() waited on the peers, the VM may be gone
+    if (spec) {
         scheduler::MigrationSettings given;
         given.bandwidth_per_migration = req->bandwidth;
         given.max_downtime_ms = req->max_downtime_ms;

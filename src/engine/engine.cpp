@@ -648,12 +648,11 @@ json Engine::facts() const {
     for (auto& [id, m] : migrations_) {
         if (is_final(m->phase))
             continue;
-        std::uint64_t memory = 0;
-        if (auto it = vms_.find(m->vm); it != vms_.end() && it->second->record.spec)
-            memory = it->second->record.spec->memory;
-        for (auto& [in_id, run] : incoming_)
-            if (in_id == id)
-                memory = run->spec().memory;
+        std::uint64_t memory = 0; // the VM's here when leaving, its spec's when arriving
+        if (auto in = incoming_.find(id); in != incoming_.end())
+            memory = in->second->spec().memory;
+        else if (auto* spec = vm_spec(m->vm))
+            memory = spec->memory;
         migrations.push_back({{"id", id},
                               {"vm", m->vm},
                               {"source_node", m->source_node},

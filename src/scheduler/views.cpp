@@ -63,6 +63,16 @@ void optional_field(const json& j, const char* key, T& out) {
         (void)take(*it, out);
 }
 
+// A node's or a VM's required memory and cpus, the CPU count in range.
+Result<void> size(const json& j, std::uint64_t& memory, std::int64_t& cpus, const std::string& where) {
+    for (auto r : {field(j, "memory", memory, where), field(j, "cpus", cpus, where)})
+        if (!r)
+            return r.error();
+    if (cpus < 0 || cpus > max_cpus)
+        return make_error(Errc::protocol, fmt::format("{}: 'cpus' {} is out of range", where, cpus));
+    return {};
+}
+
 } // namespace
 
 Result<NodeView> node_view(const json& facts) {
@@ -85,11 +95,8 @@ Result<NodeView> node_view(const json& facts) {
         n.state = NodeState::unreachable; // stopping, or something this version does not know
     if (n.state == NodeState::unreachable)
         return n;
-    for (auto r : {field(facts, "memory", n.memory, where), field(facts, "cpus", n.cpus, where)})
-        if (!r)
-            return r.error();
-    if (n.cpus < 0 || n.cpus > max_cpus)
-        return make_error(Errc::protocol, fmt::format("{}: 'cpus' {} is out of range", where, n.cpus));
+    if (auto r = size(facts, n.memory, n.cpus, where); !r)
+        return r.error();
     optional_field(facts, "host_cpu", n.host_cpu);
     optional_field(facts, "qemu_version", n.qemu_version);
     optional_field(facts, "machine_types", n.machine_types);
@@ -137,11 +144,8 @@ Result<VmView> vm_view(const json& facts, const std::string& name) {
         vm.name = name;
         vm.node = node;
         auto where = "VM " + name;
-        for (auto r : {field(v, "memory", vm.memory, where), field(v, "cpus", vm.cpus, where)})
-            if (!r)
-                return r.error();
-        if (vm.cpus < 0 || vm.cpus > max_cpus)
-            return make_error(Errc::protocol, fmt::format("{}: 'cpus' {} is out of range", where, vm.cpus));
+        if (auto r = size(v, vm.memory, vm.cpus, where); !r)
+            return r.error();
         optional_field(v, "cpu_model", vm.cpu_model);
         optional_field(v, "machine", vm.machine_type);
         optional_field(v, "labels", vm.labels);
