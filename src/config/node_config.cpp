@@ -61,6 +61,7 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("accel", n.accel);
     r.get("log_level", n.log_level);
     r.get("labels", n.labels);
+    r.get("cpu_allocation_ratio", n.cpu_allocation_ratio, 1, 100);
     static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
     if (!levels.count(n.log_level))
         p.add(t.get("log_level")->source(),

@@ -44,6 +44,8 @@ struct NodeSection {
     std::string accel = "auto"; // auto (kvm if /dev/kvm is usable, else tcg), kvm, tcg
     std::string log_level = "info";
     std::map<std::string, std::string> labels; // matched by VMs' node_selector and policies
+    // vCPUs the scheduler places per host CPU (KubeVirt's cpuAllocationRatio).
+    std::int64_t cpu_allocation_ratio = 10;
 };
 
 struct TlsSection {

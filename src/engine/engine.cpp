@@ -428,6 +428,27 @@ asio::awaitable<Result<json>> Engine::ask_once(const config::Peer& peer, json me
     co_return reply;
 }
 
+asio::awaitable<Result<json>> Engine::ask_peer(std::string node, json message) {
+    auto* p = peer(node);
+    if (!p)
+        co_return make_error(Errc::not_found, fmt::format("unknown node {} (not in [[peers]])", node));
+    if (!peer_server_)
+        co_return make_error(Errc::conflict, "cross-node traffic is off on this node (no [tls], no disable_tls)");
+    auto reply = co_await ask_once(*p, std::move(message));
+    if (!reply)
+        co_return reply.error().wrap(fmt::format("node {}", node));
+    if (reply->value("type", "") == "error")
+        co_return make_error(Errc::conflict, fmt::format("node {}: {}", node, reply->value("message", reply->dump())));
+    co_return reply;
+}
+
+void Engine::set_admission(std::string state, std::string why) {
+    if (state != admission_)
+        engine_log()->info("node {} is {}{}", config_.node.name, state, why.empty() ? "" : ": " + why);
+    admission_ = std::move(state);
+    admission_why_ = std::move(why);
+}
+
 asio::awaitable<void> Engine::abort_at_target(Engine* self, std::string id, std::string target) {
     auto* p = self->peer(target);
     if (!p || !self->peer_server_)
@@ -604,6 +625,13 @@ json Engine::list_vms() const {
     return list;
 }
 
+std::vector<std::string> Engine::vm_names() const {
+    std::vector<std::string> names;
+    for (auto& [name, vm] : vms_)
+        names.push_back(name);
+    return names;
+}
+
 asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
     auto it = vms_.find(name);
     if (it == vms_.end())
@@ -649,22 +677,28 @@ json Engine::facts() const {
         if (is_final(m->phase))
             continue;
         std::uint64_t memory = 0; // the VM's here when leaving, its spec's when arriving
-        if (auto in = incoming_.find(id); in != incoming_.end())
+        std::int64_t cpus = 0;
+        if (auto in = incoming_.find(id); in != incoming_.end()) {
             memory = in->second->spec().memory;
-        else if (auto* spec = vm_spec(m->vm))
+            cpus = in->second->spec().cpus;
+        } else if (auto* spec = vm_spec(m->vm)) {
             memory = spec->memory;
+            cpus = spec->cpus;
+        }
         migrations.push_back({{"id", id},
                               {"vm", m->vm},
                               {"source_node", m->source_node},
                               {"target_node", m->target_node},
                               {"phase", to_string(m->phase)},
-                              {"memory", memory}});
+                              {"memory", memory},
+                              {"cpus", cpus}});
     }
     return json{{"name", config_.node.name},
-                {"state", stopping_ ? "stopping" : "ready"},
+                {"state", stopping_ ? "stopping" : admission_},
                 {"labels", config_.node.labels},
                 {"memory", host_.memory},
                 {"cpus", host_.cpus},
+                {"vcpus", host_.cpus * config_.node.cpu_allocation_ratio},
                 {"host_cpu", host_.host_cpu},
                 {"qemu_version", host_.qemu_version},
                 {"machine_types", host_.machine_types},
@@ -771,7 +805,10 @@ Result<json> Engine::migrate(const MigrateRequest& req) {
 
 asio::awaitable<void> Engine::drive(Engine* self, std::shared_ptr<SourceRun> run) {
     co_await SourceRun::run(run);
-    self->runs_.erase(run->migration().id);
+    auto id = run->migration().id;
+    self->runs_.erase(id);
+    if (self->ended_)
+        self->ended_(id);
 }
 
 json Engine::list_migrations() const {

@@ -14,6 +14,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -59,6 +60,8 @@ public:
                                                   std::optional<config::VmSpec> spec);
     boost::asio::awaitable<Result<json>> show_vm(std::string name);
     json list_vms() const;
+    std::vector<std::string> vm_names() const;
+    bool holds(const std::string& vm) const { return vms_.count(vm) > 0; }
     // What this node offers and holds, for the schedulers of the cluster:
     // its labels, memory, CPUs, host CPU and QEMU (probed at start), its VMs
     // and the migrations under way from or to it. Peers ask with a "facts"
@@ -88,7 +91,22 @@ public:
     // Stops background work; VMs keep running.
     void shutdown();
 
+    // For the layer above (the scheduler), which the engine knows nothing of.
+    // The state facts report: "ready", or e.g. "cordoned" or "draining"; any
+    // state but "ready" refuses arriving migrations with `why`.
+    void set_admission(std::string state, std::string why);
+    const std::string& admission() const { return admission_; }
+    // A message type peers may send on a control channel, and its answer.
+    using PeerHandler = std::function<boost::asio::awaitable<nlohmann::json>(nlohmann::json)>;
+    void on_peer_message(std::string type, PeerHandler handler) { peer_handlers_[std::move(type)] = std::move(handler); }
+    // One message to a peer on a control channel of its own, and its answer
+    // (dial 10 s, answer 10 s); an "error" answer is an error.
+    boost::asio::awaitable<Result<nlohmann::json>> ask_peer(std::string node, nlohmann::json message);
+    // Called when an outgoing migration's run ends (whatever its outcome).
+    void on_migration_ended(std::function<void(const std::string& id)> f) { ended_ = std::move(f); }
+
     const config::NodeConfig& config() const override { return config_; }
+    boost::asio::any_io_executor get_executor() const { return ex_; }
     // The peer endpoint's port (0 when cross-node migration is off).
     unsigned short peer_port() const { return peer_server_ ? peer_server_->port() : 0; }
     std::uint64_t peer_refusals() const { return peer_server_ ? peer_server_->refused() : 0; }
@@ -113,6 +131,7 @@ private:
     void add_arriving(const std::shared_ptr<TargetRun>& run) override;
     void remove_arriving(const std::string& id) override { incoming_.erase(id); }
     std::size_t arriving_count() const override { return incoming_.size(); }
+    std::string refuses_arrivals() const override { return admission_ == "ready" ? std::string() : admission_why_; }
 
     std::string migration_path(const std::string& id) const;
     // Keeps the newest finished_migrations_per_vm ended records of a VM.
@@ -157,6 +176,9 @@ private:
     transport::NodeShaper shaper_;
     std::map<std::string, std::shared_ptr<TargetRun>> incoming_; // arriving from peers
     HostFacts host_;
+    std::string admission_ = "ready", admission_why_;
+    std::map<std::string, PeerHandler> peer_handlers_;
+    std::function<void(const std::string&)> ended_;
 };
 
 } // namespace ferry::engine

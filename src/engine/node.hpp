@@ -48,6 +48,8 @@ public:
     // Migrations arriving from peers, by id, while they arrive.
     virtual std::optional<std::string> arriving(const std::string& vm) const = 0;
     virtual std::size_t arriving_count() const = 0;
+    // Why this node takes no migrations in now (cordoned), or empty.
+    virtual std::string refuses_arrivals() const = 0;
     virtual void add_arriving(const std::shared_ptr<TargetRun>& run) = 0;
     virtual void remove_arriving(const std::string& id) = 0;
 

@@ -142,6 +142,9 @@ asio::awaitable<json> Engine::answer(Engine* self, std::shared_ptr<TargetRun>& i
             in = next;
     } else if (type == "facts" && !in) {
         reply = {{"type", "facts"}, {"node", self->facts()}};
+    } else if (auto h = self->peer_handlers_.find(type); h != self->peer_handlers_.end() && !in) {
+        auto handler = h->second; // the map may change while it runs
+        reply = co_await handler(msg);
     } else if (type == "ping") {
         reply = {{"type", "pong"}};
         if (in)

@@ -78,6 +78,8 @@ std::string TargetRun::check_arrival() const {
         return fmt::format("a VM named {} already exists on {}", name, node);
     if (auto id = node_.arriving(name))
         return fmt::format("VM {} is already arriving on {} ({})", name, node, *id);
+    if (auto why = node_.refuses_arrivals(); !why.empty())
+        return why;
     // This node's own limit, checked and reserved (add_arriving) in one step.
     auto limit = node_.config().migration.parallel_inbound_migrations_per_node;
     if (static_cast<std::int64_t>(node_.arriving_count()) >= limit)
