@@ -133,7 +133,7 @@ QueueResult place_queue(Cluster c, const SchedulerOptions& o, std::uint64_t seed
     };
     QueueResult r;
     scheduler::InFlight running;
-    scheduler::Limits limits{1 << 20, 1 << 20, 1 << 20}; // time the placement, not the waiting
+    scheduler::Limits limits{1 << 20, 1 << 20, 1 << 20, {}}; // time the placement, not the waiting
     auto t0 = std::chrono::steady_clock::now();
     r.started = static_cast<int>(q.start_all(running, limits, placer, [&](const scheduler::Start& s) {
         commit(c, c.vms[c.vm_index.at(s.request.vm)], s.target);

@@ -1,6 +1,7 @@
 // src/scheduler as units: policy precedence, placement filters and score,
-// the queue's order and the limits it never exceeds.
+// the queue's order and the limits it never exceeds, a drain's record.
 #include "scheduler/cluster.hpp"
+#include "scheduler/drain.hpp"
 #include "scheduler/placement.hpp"
 #include "scheduler/policy.hpp"
 #include "scheduler/queue.hpp"
@@ -243,7 +244,7 @@ TEST(Queue, PriorityFirstThenRoundRobinAcrossSourcesThenFifo) {
         order.push_back(r.id);
     EXPECT_EQ(joined(order), "c1 | a2 | b1 | a3 | b2 | a4 | a1");
     InFlight running;
-    Limits unlimited{100, 100, 100};
+    Limits unlimited{100, 100, 100, {}};
     EXPECT_EQ(joined(drain(q, running, unlimited, nowhere())), "c1 | a2 | b1 | a3 | b2 | a4 | a1");
     EXPECT_TRUE(q.empty());
 }
@@ -255,7 +256,7 @@ TEST(Queue, WaitsWithTheReasonAndSkipsOnlyWhatIsBlocked) {
     ASSERT_TRUE(q.push(req("3", "node-b", "node-d")));
     ASSERT_TRUE(q.push(req("4", "node-a", "node-d")));
     InFlight running;
-    Limits limits{1, 1, 5};
+    Limits limits{1, 1, 5, {}};
     EXPECT_EQ(joined(drain(q, running, limits, nowhere())), "1 | 3") << "2 and 4 wait for their sources";
     EXPECT_EQ(q.reason("2"), "source node-b outbound 1/1");
     EXPECT_EQ(q.reason("4"), "source node-a outbound 1/1");
@@ -269,7 +270,7 @@ TEST(Queue, WaitsWithTheReasonAndSkipsOnlyWhatIsBlocked) {
     EXPECT_FALSE(q.remove("4b"));
     EXPECT_TRUE(q.empty());
     ASSERT_TRUE(q.push(req("5", "node-e", "node-f")));
-    Limits cluster{5, 5, 2};
+    Limits cluster{5, 5, 2, {}};
     EXPECT_TRUE(drain(q, running, cluster, nowhere()).empty());
     EXPECT_EQ(q.reason("5"), "cluster 2/2");
 }
@@ -283,7 +284,7 @@ TEST(Queue, AsksThePlacerForATargetAndTakesTheFirstWithRoom) {
         return std::vector<std::string>{"node-b", "node-c"};
     };
     InFlight running;
-    Limits limits{5, 1, 5};
+    Limits limits{5, 1, 5, {}};
     auto first = q.next(running, limits, ranked);
     ASSERT_TRUE(first);
     EXPECT_EQ(first->target, "node-b");
@@ -304,7 +305,7 @@ TEST(Queue, AsksThePlacerForATargetAndTakesTheFirstWithRoom) {
 // A drain-like workload with random finishes: the limits hold at every start.
 TEST(Queue, LimitsAreNeverExceededWhateverFinishesWhen) {
     std::mt19937 rng(7);
-    Limits limits{1, 1, 2};
+    Limits limits{1, 1, 2, {}};
     Queue q;
     std::vector<std::string> nodes{"node-a", "node-b", "node-c", "node-d"};
     for (int i = 0; i < 60; ++i) {
@@ -363,7 +364,7 @@ TEST(Queue, StartAllStartsWhatRepeatedNextWouldInTheSameOrder) {
             return out;
         };
     };
-    Limits limits{2, 2, 6};
+    Limits limits{2, 2, 6, {}};
     std::map<std::string, int> committed_a, committed_b;
     int calls_a = 0, calls_b = 0;
     InFlight running_a, running_b;
@@ -450,6 +451,19 @@ TEST(Cluster, ViewsCountVmsAndArrivalsAndPlacementSaysWhyNot) {
     EXPECT_NE(bare.error().message.find("adopted without a spec"), std::string::npos);
 }
 
+TEST(Cluster, VcpusAreTheAllocationRatiosAndArrivalsCountTheirCpus) {
+    auto f = facts("node-b", 8, json::array({vm("x", 1)})); // x: 2 CPUs
+    f["cpus"] = 2;
+    f["vcpus"] = 20;
+    f["migrations"] = json::array({json{{"id", "m"}, {"source_node", "node-a"}, {"target_node", "node-b"}, {"memory", gib},
+                                        {"cpus", 3}}});
+    auto v = node_view(f);
+    ASSERT_TRUE(v) << v.error().message;
+    EXPECT_EQ(v->cpus, 20);
+    EXPECT_EQ(v->cpus_committed, 2 + 3);
+    EXPECT_EQ(v->memory_committed, 2 * gib);
+}
+
 TEST(Cluster, MigratabilityGivesEveryReason) {
     std::vector<nlohmann::json> nodes{facts("node-a", 16, {vm("web", 4)}), facts("node-b", 16, {vm("x", 14)})};
     ferry::config::VmSpec spec;
@@ -477,4 +491,106 @@ TEST(Cluster, MigratabilityGivesEveryReason) {
     m = ferry::scheduler::migratability(nullptr, nodes, "node-a", "web");
     EXPECT_FALSE(m["now"]);
     EXPECT_NE(m["reasons"][0].get<std::string>().find("adopted without a spec"), std::string::npos);
+}
+
+TEST(Queue, EachNodesOwnInboundLimitCounts) {
+    InFlight running;
+    running.add("a", "b");
+    Limits limits{5, 1, 5, {{"c", 2}}};
+    Queue q;
+    ASSERT_TRUE(q.push({"1", "vm1", "a", "", Priority::user}));
+    auto placer = [](const Request&) -> ferry::Result<std::vector<std::string>> {
+        return std::vector<std::string>{"b", "c"};
+    };
+    auto s = q.next(running, limits, placer);
+    ASSERT_TRUE(s);
+    EXPECT_EQ(s->target, "c"); // b is full at 1/1
+    running.add("a", "c");
+    ASSERT_TRUE(q.push({"2", "vm2", "a", "", Priority::user}));
+    s = q.next(running, limits, placer);
+    ASSERT_TRUE(s);
+    EXPECT_EQ(s->target, "c"); // c takes 2
+    running.add("a", "c");
+    ASSERT_TRUE(q.push({"3", "vm3", "a", "", Priority::user}));
+    EXPECT_FALSE(q.next(running, limits, placer));
+    EXPECT_EQ(q.reason("3"), "every node that fits is full: b inbound 1/1, c inbound 2/2");
+}
+
+// --- drains ---------------------------------------------------------------------
+
+namespace {
+VmDrain at(const std::string& name, VmDrainState state) {
+    VmDrain v;
+    v.name = name;
+    v.state = state;
+    return v;
+}
+} // namespace
+
+TEST(Drain, FailuresBackOffThenGiveUpAndTheRecordRoundTrips) {
+    Drain d;
+    d.node = "node-b";
+    d.started_at = "t0";
+    d.max_parallel = 2;
+    d.deadline_ms = 123456;
+    d.vms = {at("a", VmDrainState::waiting), at("b", VmDrainState::waiting), at("c", VmDrainState::cannot_move)};
+    auto& a = *d.find("a");
+    std::vector<std::int64_t> waits;
+    for (int i = 1; i <= Drain::max_attempts; ++i) {
+        a.attempts = i;
+        d.failed(a, "boom " + std::to_string(i), 1000);
+        if (a.state == VmDrainState::waiting)
+            waits.push_back(a.retry_at_ms - 1000);
+    }
+    EXPECT_EQ(waits, (std::vector<std::int64_t>{10'000, 20'000, 40'000, 80'000}));
+    EXPECT_EQ(a.state, VmDrainState::gave_up);
+    EXPECT_EQ(a.error, "boom 5");
+    EXPECT_FALSE(d.settle("t1")); // b still waits
+    d.find("b")->state = VmDrainState::moved;
+    EXPECT_TRUE(d.settle("t1"));
+    EXPECT_EQ(d.state, DrainState::incomplete);
+    EXPECT_EQ(d.note, "2 VM(s) still on node-b");
+
+    auto back = drain_from_json(to_json(d));
+    ASSERT_TRUE(back) << back.error().message;
+    EXPECT_EQ(to_json(*back), to_json(d));
+    EXPECT_EQ(back->find("a")->attempts, 5);
+    EXPECT_EQ(*back->deadline_ms, 123456);
+}
+
+TEST(Drain, CompletesWhenEveryVmMovedAndStopWaitingKeepsTheLastFailure) {
+    Drain d;
+    d.node = "n";
+    d.vms = {at("a", VmDrainState::moved), at("b", VmDrainState::gone)};
+    EXPECT_TRUE(d.settle("t"));
+    EXPECT_EQ(d.state, DrainState::completed);
+    EXPECT_FALSE(d.settle("t")); // once
+
+    Drain e;
+    e.node = "n";
+    e.vms = {at("a", VmDrainState::waiting), at("b", VmDrainState::migrating)};
+    e.find("a")->error = "target full";
+    e.stop_waiting("cancelled");
+    EXPECT_EQ(e.find("a")->state, VmDrainState::not_moved);
+    EXPECT_EQ(e.find("a")->error, "cancelled; last failure: target full");
+    EXPECT_EQ(e.find("b")->state, VmDrainState::migrating);
+}
+
+TEST(Drain, BadRecordsAndOptionsNameTheField) {
+    EXPECT_EQ(drain_from_json(json::array()).error().message, "drain: not an object");
+    json j{{"node", "n"}, {"state", "running"}, {"started_at", "t"}, {"max_parallel", "2"}, {"vms", json::array()}};
+    EXPECT_EQ(drain_from_json(j).error().message, "drain: 'max_parallel' must be an integer");
+    j["max_parallel"] = 0;
+    j["state"] = "paused";
+    EXPECT_EQ(drain_from_json(j).error().message, "drain: unknown state 'paused'");
+    j["state"] = "running";
+    j["vms"] = json::array({json{{"name", "a"}, {"state", "flying"}}});
+    EXPECT_EQ(drain_from_json(j).error().message, "drain vms[0]: unknown state 'flying'");
+
+    EXPECT_EQ(drain_options(json{{"max_parallel", -1}}).error().message, "'max_parallel' must be 0 to 1000, not -1");
+    EXPECT_EQ(drain_options(json{{"deadline_s", "1h"}}).error().message, "'deadline_s' must be an integer");
+    auto o = drain_options(json{{"max_parallel", 3}, {"deadline_s", 60}});
+    ASSERT_TRUE(o);
+    EXPECT_EQ(o->max_parallel, 3);
+    EXPECT_EQ(*o->deadline_s, 60);
 }

@@ -24,7 +24,7 @@ struct NodeView {
     std::string name;
     NodeState state = NodeState::ready;
     std::uint64_t memory = 0;           // bytes for VMs
-    std::int64_t cpus = 0;
+    std::int64_t cpus = 0;              // vCPUs it may hold (host CPUs x cpu_allocation_ratio)
     std::uint64_t memory_committed = 0; // its VMs' and those headed there
     std::int64_t cpus_committed = 0;
     std::string host_cpu;                    // the host CPU's model name

@@ -77,8 +77,8 @@ std::string Queue::blocked(const Entry& e, const InFlight& running, const Limits
     if (running.outbound(r.source) >= limits.outbound_per_node)
         return fmt::format("source {} outbound {}/{}", r.source, running.outbound(r.source), limits.outbound_per_node);
     if (!r.target.empty()) {
-        if (running.inbound(r.target) >= limits.inbound_per_node)
-            return fmt::format("target {} inbound {}/{}", r.target, running.inbound(r.target), limits.inbound_per_node);
+        if (running.inbound(r.target) >= limits.inbound(r.target))
+            return fmt::format("target {} inbound {}/{}", r.target, running.inbound(r.target), limits.inbound(r.target));
         target = r.target;
         return {};
     }
@@ -87,12 +87,12 @@ std::string Queue::blocked(const Entry& e, const InFlight& running, const Limits
         return ranked.error().message;
     std::string full;
     for (auto& node : *ranked) {
-        if (running.inbound(node) < limits.inbound_per_node) {
+        if (running.inbound(node) < limits.inbound(node)) {
             target = node;
             return {};
         }
         full += fmt::format("{}{} inbound {}/{}", full.empty() ? "" : ", ", node, running.inbound(node),
-                            limits.inbound_per_node);
+                            limits.inbound(node));
     }
     return ranked->empty() ? std::string("no node fits") : "every node that fits is full: " + full;
 }

@@ -27,6 +27,12 @@ struct Limits {
     std::int64_t outbound_per_node = 2;
     std::int64_t inbound_per_node = 2;
     std::int64_t per_cluster = 5;
+    // Nodes whose inbound limit is not inbound_per_node (each node's own).
+    std::map<std::string, std::int64_t> inbound_of;
+    std::int64_t inbound(const std::string& node) const {
+        auto it = inbound_of.find(node);
+        return it == inbound_of.end() ? inbound_per_node : it->second;
+    }
 };
 
 // Migrations under way, counted per source, per target and in all.

@@ -97,6 +97,11 @@ Result<NodeView> node_view(const json& facts) {
         return n;
     if (auto r = size(facts, n.memory, n.cpus, where); !r)
         return r.error();
+    // What VMs may have: the host's CPUs times its cpu_allocation_ratio.
+    std::int64_t vcpus = 0;
+    optional_field(facts, "vcpus", vcpus);
+    if (vcpus > 0)
+        n.cpus = std::min(vcpus, max_cpus);
     optional_field(facts, "host_cpu", n.host_cpu);
     optional_field(facts, "qemu_version", n.qemu_version);
     optional_field(facts, "machine_types", n.machine_types);
@@ -118,13 +123,17 @@ Result<NodeView> node_view(const json& facts) {
         for (auto& m : *ms) {
             std::string source, target;
             std::uint64_t memory = 0;
+            std::int64_t cpus = 0;
             if (!m.is_object())
                 continue;
             optional_field(m, "source_node", source);
             optional_field(m, "target_node", target);
             optional_field(m, "memory", memory);
-            if (target == n.name && source != n.name)
-                n.memory_committed += memory; // headed here, not yet among its VMs
+            optional_field(m, "cpus", cpus);
+            if (target == n.name && source != n.name) { // headed here, not yet among its VMs
+                n.memory_committed += memory;
+                n.cpus_committed += std::clamp<std::int64_t>(cpus, 0, max_cpus);
+            }
         }
     return n;
 }
