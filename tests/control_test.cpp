@@ -222,7 +222,7 @@ max_downtime_ms = 50
     EXPECT_EQ(m["config"]["bandwidth_per_migration"], 1ULL << 30);
 }
 
-TEST_F(Ferryd, RefusesAMigrationOverTheOutboundLimitAndTheVmStays) {
+TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFrees) {
     write_config("", "parallel_outbound_migrations_per_node = 1\n");
     ferry::test::write_file(dir_ / "vm2.toml", ferry::test::guest_spec("demo2", "64Mi", "ws=8 rate=2 hb=50"));
     start();
@@ -230,17 +230,34 @@ TEST_F(Ferryd, RefusesAMigrationOverTheOutboundLimitAndTheVmStays) {
     ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm2.toml")).status, 0);
     wait_heartbeats();
     auto first = ctl_json("migrate demo --bandwidth 4Mi"); // 32 MiB of working set: seconds
-    auto refused = ctl("migrate demo2");
-    EXPECT_NE(refused.status, 0);
-    EXPECT_NE(refused.err.find("node-a has 1/1 outbound migrations (parallel_outbound_migrations_per_node)"),
-              std::string::npos)
-        << refused.err;
-    EXPECT_EQ(ctl_json("migration list").size(), 1U) << "nothing recorded for the refused one";
+    auto second = ctl_json("migrate demo2");
+    EXPECT_EQ(second["phase"], "Pending") << second;
+    EXPECT_EQ(second["reason"], "source node-a outbound 1/1") << second;
+    std::string queued = second["id"];
+    auto list = ctl_json("migration list");
+    ASSERT_EQ(list.size(), 2U) << list;
+    EXPECT_EQ(list[1]["id"], queued);
+    EXPECT_EQ(ctl_json("migration show " + queued)["phase"], "Pending");
     EXPECT_EQ(ctl_json("vm show demo2")["status"], "running");
+    // Nothing else may start while it waits: a second request for it is refused.
+    auto again = ctl("migrate demo2");
+    EXPECT_NE(again.err.find("already waits to migrate (" + queued + ")"), std::string::npos) << again.err;
+    // Aborting the first frees the slot: the waiting one starts by itself.
     ctl("migration abort " + first["id"].get<std::string>());
-    for (int i = 0; i < 200 && ctl("migrate demo2 --wait").status != 0; ++i) // once the first has ended
-        std::this_thread::sleep_for(100ms);
+    auto waited = ctl("migration wait " + queued);
+    EXPECT_EQ(waited.status, 0) << waited.out << waited.err;
+    auto done = ctl_json("migration show " + queued);
+    EXPECT_EQ(done["phase"], "Succeeded") << done;
+    EXPECT_EQ(done["vm"], "demo2");
+    EXPECT_NE(done["id"], queued) << "shown as the migration it started as";
     EXPECT_EQ(ctl_json("vm show demo2")["status"], "running");
+    // A waiting migration can be cancelled; the VM stays where it was.
+    ctl_json("migrate demo --bandwidth 4Mi");
+    auto third = ctl_json("migrate demo2");
+    ASSERT_EQ(third["phase"], "Pending") << third;
+    auto cancelled = ctl_json("migration abort " + third["id"].get<std::string>());
+    EXPECT_EQ(cancelled["failure_reason"], "cancelled before it started");
+    EXPECT_EQ(ctl_json("migration list").size(), 3U) << "the cancelled one is gone, the others recorded";
     ctl("vm delete demo2");
 }
 
@@ -1151,18 +1168,14 @@ TEST_F(TwoNodes, PostCopyMovesAVmOnALocalDiskOnceTheDiskIsInSync) {
     EXPECT_TRUE(verified) << verified.error().message;
 }
 
-TEST_F(TwoNodes, TheTargetRefusesAMigrationOverItsInboundLimitAndTheVmStays) {
+TEST_F(TwoNodes, OverTheTargetsInboundLimitAMigrationWaitsThenStartsAndTheVmStaysMeanwhile) {
     auto m = start_slow_migration("parallel_inbound_migrations_per_node = 1\n");
     ferry::test::write_file(dir_ / "vm2.toml", ferry::test::guest_spec("demo2", "64Mi", "ws=8 rate=2 hb=50"));
     ctl_json(a(), "vm create --spec " + (dir_ / "vm2.toml"));
     auto pid2 = ctl_json(a(), "vm show demo2")["pid"];
-    auto id2 = ctl_json(a(), "migrate demo2 --to node-b")["id"].get<std::string>();
-    auto second = wait_final(a(), id2);
-    EXPECT_EQ(second["phase"], "Failed");
-    EXPECT_NE(second["failure_reason"].get<std::string>().find(
-                  "node-b has 1/1 inbound migrations (parallel_inbound_migrations_per_node)"),
-              std::string::npos)
-        << second.dump();
+    auto second = ctl_json(a(), "migrate demo2 --to node-b --bandwidth 32Mi");
+    EXPECT_EQ(second["phase"], "Pending") << second.dump();
+    EXPECT_EQ(second["reason"], "target node-b inbound 1/1") << second.dump();
     auto vm2 = ctl_json(a(), "vm show demo2");
     EXPECT_EQ(vm2["status"], "running");
     EXPECT_EQ(vm2["pid"], pid2);
@@ -1170,7 +1183,10 @@ TEST_F(TwoNodes, TheTargetRefusesAMigrationOverItsInboundLimitAndTheVmStays) {
     ctl(a(), "migration abort " + m.id);
     wait_final(a(), m.id);
     expect_home_on_a(m);
-    ctl(a(), "vm delete demo2");
+    // The slot is free: demo2 goes.
+    auto done = wait_final(a(), second["id"]);
+    EXPECT_EQ(done["phase"], "Succeeded") << done.dump();
+    ctl(b(), "vm delete demo2");
 }
 
 TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
@@ -1428,4 +1444,319 @@ TEST_F(TwoNodes, ADestinationLostInPostcopyFailsAndNeverResumesTheSource) {
     auto status = ctl_json(a(), "vm qmp demo query-status");
     EXPECT_EQ(status["running"], false) << status.dump();
     EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Failed");
+}
+
+// --- three nodes: the scheduler's cordon, drain and queue ----------------------
+
+namespace {
+
+class ThreeNodes : public ::testing::Test {
+protected:
+    struct Node {
+        std::string name, socket, config;
+        pid_t pid = -1;
+        unsigned short port = 0;
+    };
+    void SetUp() override {
+        auto pki = sh(ferry::test::ferryctl_bin() + " pki init --dir " + (dir_ / "pki") +
+                          " --nodes node-a,node-b,node-c",
+                      dir_);
+        ASSERT_EQ(pki.status, 0) << pki.err;
+        for (int i = 0; i < 3; ++i) {
+            std::string letter(1, char('a' + i));
+            nodes_[i] = {"node-" + letter, dir_ / (letter + ".sock"), dir_ / (letter + ".toml")};
+            nodes_[i].port = free_port();
+        }
+    }
+    void TearDown() override {
+        for (auto& n : nodes_)
+            stop(n, SIGTERM);
+        ferry::test::kill_processes_mentioning(dir_.path() + "/");
+    }
+    // Every node with `migration` under [migration], the other two as peers.
+    void configure(const std::string& migration) {
+        for (int i = 0; i < 3; ++i) {
+            auto& n = nodes_[i];
+            std::string text = fmt::format(R"([node]
+name = "{0}"
+state_dir = "{1}/state-{2}"
+control_socket = "{3}"
+listen = "127.0.0.1:{4}"
+accel = "tcg"
+log_level = "debug"
+[tls]
+ca = "{1}/pki/ca.pem"
+cert = "{1}/pki/{0}.pem"
+key = "{1}/pki/{0}-key.pem"
+[migration]
+{5}
+)",
+                                           n.name, dir_.path(), n.name.substr(5), n.socket, n.port, migration);
+            for (int j = 0; j < 3; ++j)
+                if (j != i)
+                    text += fmt::format("[[peers]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n", nodes_[j].name,
+                                        nodes_[j].port);
+            ferry::test::write_file(n.config, text);
+        }
+    }
+    void start(Node& n) {
+        std::filesystem::remove(n.socket);
+        n.pid = ::fork();
+        if (n.pid == 0) {
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL);
+            auto log = dir_ / (n.name + ".log");
+            std::freopen(log.c_str(), "a", stderr);
+            ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);
+            _exit(127);
+        }
+        for (int i = 0; i < 200 && !std::filesystem::exists(n.socket); ++i)
+            std::this_thread::sleep_for(20ms);
+        ASSERT_TRUE(std::filesystem::exists(n.socket)) << ferry::test::read_file(dir_ / (n.name + ".log"));
+    }
+    void stop(Node& n, int sig) {
+        if (n.pid <= 0)
+            return;
+        ::kill(n.pid, sig);
+        ::waitpid(n.pid, nullptr, 0);
+        n.pid = -1;
+    }
+    Output ctl(Node& n, const std::string& args) {
+        return sh(ferry::test::ferryctl_bin() + " --socket " + n.socket + " " + args, dir_);
+    }
+    json ctl_json(Node& n, const std::string& args) {
+        auto o = ctl(n, "--json " + args);
+        EXPECT_EQ(o.status, 0) << n.name << " " << args << ": " << o.err;
+        return json::parse(o.out, nullptr, false);
+    }
+    // Small guests (64 MiB, 8 MiB working set: 2048 pages) on node `n`, each writing.
+    void create_vms(Node& n, const std::vector<std::string>& names, const std::string& extra = "") {
+        for (auto& name : names) {
+            ferry::test::write_file(dir_ / (name + ".toml"),
+                                    ferry::test::guest_spec(name, "64Mi", "ws=8 rate=2 hb=50", extra));
+            ctl_json(n, "vm create --spec " + (dir_ / (name + ".toml")));
+        }
+        for (auto& name : names) {
+            auto console = dir_ / ("state-" + n.name.substr(5) + "/vms/" + name + "/console.log");
+            for (int i = 0; i < 400 && ferry::test::read_file(console).find("FERRY-HB 2 ") == std::string::npos; ++i)
+                std::this_thread::sleep_for(50ms);
+            ASSERT_NE(ferry::test::read_file(console).find("FERRY-HB 2 "), std::string::npos) << name;
+        }
+    }
+    // The node VM `vm` runs on now ("" if none holds it).
+    std::string where(const std::string& vm) {
+        for (auto& n : nodes_)
+            if (n.pid > 0)
+                for (auto& v : ctl_json(n, "vm list"))
+                    if (v.value("name", "") == vm)
+                        return n.name;
+        return "";
+    }
+    Node& node(const std::string& name) {
+        for (auto& n : nodes_)
+            if (n.name == name)
+                return n;
+        throw std::runtime_error("no node " + name);
+    }
+    Output check_memory(Node& n, const std::string& vm) {
+        return sh(ferry::test::build_dir() + "/tools/guest/ferry-guest-check --socket " + n.socket + " --vm " + vm +
+                      " --pages 2048 --dump " + (dir_ / "dump.bin"),
+                  dir_);
+    }
+    // Follows `node`'s drain (asked on node `via`) until it is no longer running.
+    json wait_drain(Node& via, const std::string& node, int seconds = 240) {
+        json s;
+        for (int i = 0; i < seconds * 5; ++i) {
+            auto o = ctl(via, "--json node drain --status " + node);
+            if (o.status == 0) {
+                s = json::parse(o.out, nullptr, false);
+                if (s["drain"].is_object() && s["drain"]["state"] != "running")
+                    return s;
+            }
+            std::this_thread::sleep_for(200ms);
+        }
+        return s;
+    }
+    Node& a() { return nodes_[0]; }
+    Node& b() { return nodes_[1]; }
+    Node& c() { return nodes_[2]; }
+
+    TempDir dir_;
+    Node nodes_[3];
+};
+
+// Migration records as [created_at, ended_at] per source and target: at no
+// moment more than the limits ran.
+void expect_within_limits(const json& records, int outbound, int inbound, int cluster) {
+    struct Span {
+        std::string from, to, begin, end;
+    };
+    std::vector<Span> spans;
+    for (auto& m : records)
+        if (m.contains("ended_at") && m["ended_at"].is_string())
+            spans.push_back({m["source_node"], m["target_node"], m["created_at"], m["ended_at"]});
+    for (auto& s : spans) {
+        // Every span that runs at the moment `s` begins.
+        int out = 0, in = 0, all = 0;
+        for (auto& t : spans)
+            if (t.begin <= s.begin && s.begin < t.end) {
+                ++all;
+                out += t.from == s.from;
+                in += t.to == s.to;
+            }
+        EXPECT_LE(out, outbound) << "outbound of " << s.from << " at " << s.begin;
+        EXPECT_LE(in, inbound) << "inbound of " << s.to << " at " << s.begin;
+        EXPECT_LE(all, cluster) << "in the cluster at " << s.begin;
+    }
+}
+
+} // namespace
+
+TEST_F(ThreeNodes, DrainMovesEveryVmUnderTheLimitsAndReportsTheOneThatFitsNowhere) {
+    configure("parallel_outbound_migrations_per_node = 1\nparallel_inbound_migrations_per_node = 1\n"
+              "parallel_migrations_per_cluster = 2\n");
+    for (auto& n : nodes_)
+        ASSERT_NO_FATAL_FAILURE(start(n));
+    std::vector<std::string> vms{"vm1", "vm2", "vm3", "vm4", "vm5", "vm6"};
+    ASSERT_NO_FATAL_FAILURE(create_vms(b(), vms));
+    ASSERT_NO_FATAL_FAILURE(create_vms(b(), {"picky"}, "node_selector = { zone = \"nowhere\" }\n"));
+
+    // Asked on node-a, carried out by node-b: the pre-flight says what cannot go.
+    auto started = ctl_json(a(), "node drain node-b");
+    EXPECT_EQ(started["state"], "draining") << started;
+    EXPECT_EQ(started["preflight"]["vms"], 7);
+    EXPECT_EQ(started["preflight"]["fit_elsewhere"], 6);
+    ASSERT_EQ(started["preflight"]["no_room"].size(), 1U) << started;
+    EXPECT_EQ(started["preflight"]["no_room"][0]["vm"], "picky");
+    // Cordoned at once: nothing is placed on it, and node list says so.
+    auto nodes = ctl_json(a(), "node list");
+    EXPECT_EQ(nodes[1]["name"], "node-b");
+    EXPECT_EQ(nodes[1]["state"], "draining");
+
+    // The six move; picky waits, with its reason.
+    json s;
+    for (int i = 0; i < 1200; ++i) {
+        s = ctl_json(b(), "node drain --status");
+        if (s["drain"]["counts"].value("moved", 0) == 6)
+            break;
+        std::this_thread::sleep_for(200ms);
+    }
+    ASSERT_EQ(s["drain"]["counts"].value("moved", 0), 6) << s.dump(2) << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_EQ(s["drain"]["state"], "running");
+    for (auto& v : s["drain"]["vms"])
+        if (v["name"] == "picky") {
+            EXPECT_EQ(v["state"], "waiting");
+            EXPECT_NE(v.value("reason", "").find("node_selector zone=nowhere"), std::string::npos) << v;
+        }
+    auto human = ctl(c(), "node drain --status node-b");
+    EXPECT_NE(human.out.find("node-b: drain running: 6 moved, 0 migrating, 1 waiting"), std::string::npos) << human.out;
+
+    // Every VM runs elsewhere, whole.
+    for (auto& vm : vms) {
+        auto at = where(vm);
+        ASSERT_TRUE(at == "node-a" || at == "node-c") << vm << " is on '" << at << "'";
+        auto check = check_memory(node(at), vm);
+        EXPECT_EQ(check.status, 0) << vm << ": " << check.out << check.err;
+    }
+    EXPECT_EQ(where("picky"), "node-b");
+    // The records show the limits held: one out of node-b, one into each, two in all.
+    expect_within_limits(ctl_json(b(), "migration list"), 1, 1, 2);
+
+    // Uncordon ends it: picky is reported, not moved.
+    auto un = ctl_json(a(), "node uncordon node-b");
+    EXPECT_EQ(un["state"], "ready");
+    EXPECT_EQ(un["drain"]["state"], "cancelled");
+    EXPECT_EQ(un["drain"]["counts"]["not_moved"], 1);
+    EXPECT_EQ(ctl_json(b(), "vm show picky")["status"], "running");
+    for (auto& vm : vms)
+        ctl(node(where(vm)), "vm delete " + vm);
+    ctl(b(), "vm delete picky");
+}
+
+TEST_F(ThreeNodes, UncordonMidDrainCancelsWhatHasNotStartedAndACordonedNodeTakesNothing) {
+    configure("bandwidth_per_migration = \"4Mi\"\n");
+    for (auto& n : nodes_)
+        ASSERT_NO_FATAL_FAILURE(start(n));
+    ASSERT_NO_FATAL_FAILURE(create_vms(b(), {"vm1", "vm2", "vm3"}));
+    // node-c cordoned: placement skips it, and sent there anyway it refuses.
+    EXPECT_EQ(ctl_json(a(), "node cordon node-c")["state"], "cordoned");
+    auto o = ctl(b(), "--json migrate vm3 --to node-c --wait");
+    EXPECT_EQ(o.status, 1) << o.err;
+    auto refused = json::parse(o.out, nullptr, false);
+    EXPECT_EQ(refused["phase"], "Failed");
+    EXPECT_NE(refused.value("failure_reason", "").find("node-c is cordoned: it takes no migrations in"),
+              std::string::npos)
+        << refused;
+    EXPECT_EQ(ctl_json(b(), "vm show vm3")["status"], "running");
+
+    auto started = ctl_json(b(), "node drain --max-parallel 1");
+    EXPECT_EQ(started["drain"]["max_parallel"], 1);
+    // One migrates (to node-a: node-c is cordoned), the others wait for it.
+    json s;
+    for (int i = 0; i < 300; ++i) {
+        s = ctl_json(b(), "node drain --status");
+        if (s["drain"]["counts"].value("migrating", 0) == 1)
+            break;
+        std::this_thread::sleep_for(100ms);
+    }
+    ASSERT_EQ(s["drain"]["counts"].value("migrating", 0), 1) << s.dump(2);
+    EXPECT_EQ(s["drain"]["counts"].value("waiting", 0), 2);
+    std::string moving;
+    for (auto& v : s["drain"]["vms"]) {
+        if (v["state"] == "migrating") {
+            moving = v["name"];
+            EXPECT_EQ(v["target"], "node-a");
+        } else {
+            EXPECT_EQ(v.value("reason", ""), "max-parallel 1/1") << v;
+        }
+    }
+    auto un = ctl_json(b(), "node uncordon");
+    EXPECT_EQ(un["drain"]["state"], "cancelled");
+    EXPECT_EQ(un["drain"]["counts"].value("not_moved", 0), 2);
+    // The one under way finishes; the others stay on node-b, running.
+    for (int i = 0; i < 600 && where(moving) != "node-a"; ++i)
+        std::this_thread::sleep_for(100ms);
+    EXPECT_EQ(where(moving), "node-a");
+    auto check = check_memory(a(), moving);
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    std::this_thread::sleep_for(2s); // nothing else starts
+    int on_b = 0;
+    for (auto& v : ctl_json(b(), "vm list"))
+        on_b += v["status"] == "running";
+    EXPECT_EQ(on_b, 2);
+    s = ctl_json(b(), "node drain --status");
+    EXPECT_EQ(s["drain"]["counts"].value("moved", 0), 1) << s.dump(2);
+    EXPECT_EQ(s["state"], "ready");
+}
+
+TEST_F(ThreeNodes, ADrainSurvivesARestartOfItsPlannerAndCompletes) {
+    configure("bandwidth_per_migration = \"4Mi\"\nparallel_outbound_migrations_per_node = 1\n");
+    for (auto& n : nodes_)
+        ASSERT_NO_FATAL_FAILURE(start(n));
+    ASSERT_NO_FATAL_FAILURE(create_vms(b(), {"vm1", "vm2", "vm3"}));
+    ctl_json(b(), "node drain");
+    json s;
+    for (int i = 0; i < 300; ++i) {
+        s = ctl_json(b(), "node drain --status");
+        if (s["drain"]["counts"].value("migrating", 0) == 1)
+            break;
+        std::this_thread::sleep_for(100ms);
+    }
+    ASSERT_EQ(s["drain"]["counts"].value("migrating", 0), 1) << s.dump(2);
+    // node-b's ferryd dies mid-migration; its guests run on.
+    stop(b(), SIGKILL);
+    std::this_thread::sleep_for(500ms);
+    ASSERT_NO_FATAL_FAILURE(start(b()));
+    auto waited = ctl(b(), "node drain --status --wait");
+    EXPECT_EQ(waited.status, 0) << waited.out << waited.err << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_NE(waited.out.find("drain completed: 3 moved"), std::string::npos) << waited.out;
+    s = ctl_json(b(), "node drain --status");
+    EXPECT_EQ(s["drain"]["state"], "completed") << s.dump(2);
+    EXPECT_EQ(s["state"], "cordoned") << "a drained node stays cordoned";
+    for (auto& vm : {"vm1", "vm2", "vm3"}) {
+        auto at = where(vm);
+        ASSERT_TRUE(at == "node-a" || at == "node-c") << vm << " is on '" << at << "'";
+        auto check = check_memory(node(at), vm);
+        EXPECT_EQ(check.status, 0) << vm << ": " << check.out << check.err;
+    }
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-b.log").find("carrying on the drain of node-b"), std::string::npos);
 }

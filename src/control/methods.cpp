@@ -16,6 +16,11 @@ using engine::Engine;
 
 namespace {
 
+struct Ctx {
+    Engine* engine;
+    scheduler::Planner* planner;
+};
+
 // Parses a spec sent as TOML text; "source" names the file in errors.
 Result<config::VmSpec> spec_param(const Params& p) {
     auto text = p.string("spec");
@@ -27,14 +32,16 @@ Result<config::VmSpec> spec_param(const Params& p) {
     return config::parse_vm_spec(*text, source->value_or("spec"));
 }
 
-asio::awaitable<Result<json>> vm_create(Engine* e, json params) {
+asio::awaitable<Result<json>> vm_create(Ctx* c, json params) {
+    Engine* e = c->engine;
     auto spec = spec_param(Params("vm.create", params));
     if (!spec)
         co_return spec.error();
     co_return co_await e->create_vm(std::move(*spec));
 }
 
-asio::awaitable<Result<json>> vm_adopt(Engine* e, json params) {
+asio::awaitable<Result<json>> vm_adopt(Ctx* c, json params) {
+    Engine* e = c->engine;
     Params p("vm.adopt", params);
     auto name = p.string("name");
     if (!name)
@@ -52,7 +59,8 @@ asio::awaitable<Result<json>> vm_adopt(Engine* e, json params) {
     co_return co_await e->adopt_vm(*name, *qmp, std::move(spec));
 }
 
-asio::awaitable<Result<json>> vm_show(Engine* e, json params) {
+asio::awaitable<Result<json>> vm_show(Ctx* c, json params) {
+    Engine* e = c->engine;
     auto name = Params("vm.show", params).string("name");
     if (!name)
         co_return name.error();
@@ -68,7 +76,8 @@ asio::awaitable<Result<json>> vm_show(Engine* e, json params) {
     co_return vm;
 }
 
-asio::awaitable<Result<json>> vm_qmp(Engine* e, json params) {
+asio::awaitable<Result<json>> vm_qmp(Ctx* c, json params) {
+    Engine* e = c->engine;
     Params p("vm.qmp", params);
     auto name = p.string("name");
     if (!name)
@@ -82,7 +91,8 @@ asio::awaitable<Result<json>> vm_qmp(Engine* e, json params) {
     co_return co_await e->qmp_command(*name, *command, std::move(*arguments));
 }
 
-asio::awaitable<Result<json>> vm_dirty_rate(Engine* e, json params) {
+asio::awaitable<Result<json>> vm_dirty_rate(Ctx* c, json params) {
+    Engine* e = c->engine;
     Params p("vm.dirty_rate", params);
     auto name = p.string("name");
     if (!name)
@@ -93,9 +103,10 @@ asio::awaitable<Result<json>> vm_dirty_rate(Engine* e, json params) {
     co_return co_await e->dirty_rate(*name, static_cast<int>(seconds->value_or(1)));
 }
 
-asio::awaitable<Result<json>> vm_list(Engine* e, json) { co_return ok(e->list_vms()); }
+asio::awaitable<Result<json>> vm_list(Ctx* c, json) { co_return ok(c->engine->list_vms()); }
 
-asio::awaitable<Result<json>> vm_delete(Engine* e, json params) {
+asio::awaitable<Result<json>> vm_delete(Ctx* c, json params) {
+    Engine* e = c->engine;
     auto name = Params("vm.delete", params).string("name");
     if (!name)
         co_return name.error();
@@ -131,7 +142,8 @@ Result<engine::MigrateRequest> migrate_request(const json& params) {
     return req;
 }
 
-asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
+asio::awaitable<Result<json>> migration_create(Ctx* c, json params) {
+    Engine* e = c->engine;
     auto req = migrate_request(params);
     if (!req)
         co_return req.error();
@@ -145,79 +157,112 @@ asio::awaitable<Result<json>> migration_create(Engine* e, json params) {
             co_return make_error(Errc::conflict, fmt::format("VM {} cannot migrate: {}", req->vm,
                                                              fmt::join(blockers, "; ")));
     }
-    bool dry_run = dry->value_or(false);
-    auto& cfg = e->config();
-    // Without --to, a node with peers lets the scheduler pick the target; a
-    // node without any moves the VM into a new QEMU on itself.
-    if (dry_run || (!req->target_node && !cfg.peers.empty())) {
+    if (dry->value_or(false)) {
+        auto& cfg = e->config();
         auto nodes = co_await scheduler::gather(*e);
         auto p = scheduler::place_vm(nodes, cfg.node.name, req->vm);
         if (!p)
             co_return p.error();
         std::optional<std::string> chosen = req->target_node;
         if (!chosen && cfg.peers.empty())
-            chosen = cfg.node.name;
+            chosen = cfg.node.name; // a new QEMU on this node
         if (!chosen && p->fits())
             chosen = p->ranked.front().node;
-        if (dry_run) {
-            auto out = scheduler::to_json(*p);
-            out["vm"] = req->vm;
-            out["source_node"] = cfg.node.name;
-            out["target_node"] = chosen ? json(*chosen) : json(nullptr);
-            if (!chosen)
-                out["why_none"] = p->why_none(req->vm);
-            co_return ok(std::move(out));
-        }
+        auto out = scheduler::to_json(*p);
+        out["vm"] = req->vm;
+        out["source_node"] = cfg.node.name;
+        out["target_node"] = chosen ? json(*chosen) : json(nullptr);
         if (!chosen)
-            co_return make_error(Errc::conflict, p->why_none(req->vm));
-        req->target_node = chosen;
+            out["why_none"] = p->why_none(req->vm);
+        co_return ok(std::move(out));
     }
-    spec = e->vm_spec(req->vm); // again: gather() waited on the peers, the VM may be gone
-    if (spec) {
-        scheduler::MigrationSettings given;
-        given.bandwidth_per_migration = req->bandwidth;
-        given.max_downtime_ms = req->max_downtime_ms;
-        given.allow_auto_converge = req->allow_auto_converge;
-        given.allow_post_copy = req->allow_post_copy;
-        auto r = scheduler::resolve_for(e->config(), spec->labels, given);
-        req->settings = r.config;
-        if (r.policy)
-            req->policy = r.policy->name;
-    }
-    co_return e->migrate(*req);
+    // Without --to, a node with peers lets the scheduler pick the target; a
+    // node without any moves the VM into a new QEMU on itself. Over a limit
+    // it waits Pending.
+    co_return co_await c->planner->submit(std::move(*req));
 }
 
-asio::awaitable<Result<json>> migration_list(Engine* e, json) { co_return ok(e->list_migrations()); }
+asio::awaitable<Result<json>> migration_list(Ctx* c, json) {
+    auto list = c->engine->list_migrations();
+    for (auto& w : c->planner->waiting())
+        list.push_back(std::move(w));
+    co_return ok(std::move(list));
+}
 
-asio::awaitable<Result<json>> migration_show(Engine* e, json params) {
+asio::awaitable<Result<json>> migration_show(Ctx* c, json params) {
     auto id = Params("migration.show", params).string("id");
     if (!id)
         co_return id.error();
-    co_return e->show_migration(*id);
+    if (auto r = c->planner->show(*id))
+        co_return std::move(*r);
+    co_return c->engine->show_migration(*id);
 }
 
-asio::awaitable<Result<json>> migration_abort(Engine* e, json params) {
+asio::awaitable<Result<json>> migration_abort(Ctx* c, json params) {
     auto id = Params("migration.abort", params).string("id");
     if (!id)
         co_return id.error();
-    co_return e->abort_migration(*id);
+    if (auto r = c->planner->cancel(*id))
+        co_return std::move(*r);
+    co_return c->engine->abort_migration(*id);
 }
 
-asio::awaitable<Result<json>> node_list(Engine* e, json) {
-    auto nodes = co_await scheduler::gather(*e);
+asio::awaitable<Result<json>> node_list(Ctx* c, json) {
+    auto nodes = co_await scheduler::gather(*c->engine);
     co_return ok(json(std::move(nodes)));
 }
 
-asio::awaitable<Result<json>> node_info(Engine* e, json) {
-    auto& n = e->config().node;
+asio::awaitable<Result<json>> node_info(Ctx* c, json) {
+    auto& n = c->engine->config().node;
     json info{{"name", n.name}, {"state_dir", n.state_dir}, {"qemu", n.qemu}, {"version", FERRY_VERSION}};
     co_return ok(std::move(info));
 }
 
+// The node a node.* method is about: "node", or this node.
+Result<std::string> node_param(const char* method, const json& params) {
+    auto n = Params(method, params).optional_string("node");
+    if (!n)
+        return n.error();
+    return n->value_or("");
+}
+
+asio::awaitable<Result<json>> node_cordon(Ctx* c, json params) {
+    auto node = node_param("node.cordon", params);
+    if (!node)
+        co_return node.error();
+    co_return co_await c->planner->cordon(*node, true);
+}
+
+asio::awaitable<Result<json>> node_uncordon(Ctx* c, json params) {
+    auto node = node_param("node.uncordon", params);
+    if (!node)
+        co_return node.error();
+    co_return co_await c->planner->cordon(*node, false);
+}
+
+asio::awaitable<Result<json>> node_drain(Ctx* c, json params) {
+    auto node = node_param("node.drain", params);
+    if (!node)
+        co_return node.error();
+    json options = params.is_object() ? params : json::object();
+    options.erase("node");
+    auto o = scheduler::drain_options(options);
+    if (!o)
+        co_return make_error(Errc::invalid_argument, "node.drain: " + o.error().message);
+    co_return co_await c->planner->drain(*node, *o);
+}
+
+asio::awaitable<Result<json>> node_drain_status(Ctx* c, json params) {
+    auto node = node_param("node.drain_status", params);
+    if (!node)
+        co_return node.error();
+    co_return co_await c->planner->drain_status(*node);
+}
+
 } // namespace
 
-void add_engine_methods(Server& server, Engine& engine) {
-    using Fn = asio::awaitable<Result<json>> (*)(Engine*, json);
+void add_engine_methods(Server& server, Engine& engine, scheduler::Planner& planner) {
+    using Fn = asio::awaitable<Result<json>> (*)(Ctx*, json);
     struct Row {
         const char* name;
         Fn fn;
@@ -226,6 +271,10 @@ void add_engine_methods(Server& server, Engine& engine) {
     const Row table[] = {
         {"node.info", node_info, false},
         {"node.list", node_list, false},
+        {"node.cordon", node_cordon, true},
+        {"node.uncordon", node_uncordon, true},
+        {"node.drain", node_drain, true},
+        {"node.drain_status", node_drain_status, false},
         {"vm.create", vm_create, true},
         {"vm.adopt", vm_adopt, true},
         {"vm.show", vm_show, false},
@@ -238,10 +287,10 @@ void add_engine_methods(Server& server, Engine& engine) {
         {"migration.show", migration_show, false},
         {"migration.abort", migration_abort, true},
     };
-    Engine* e = &engine;
+    auto ctx = std::make_shared<Ctx>(Ctx{&engine, &planner});
     for (auto& row : table) {
         Fn fn = row.fn;
-        server.add(row.name, [e, fn](json params) { return fn(e, std::move(params)); }, row.changes_state);
+        server.add(row.name, [ctx, fn](json params) { return fn(ctx.get(), std::move(params)); }, row.changes_state);
     }
 }
 

@@ -195,6 +195,37 @@ std::optional<std::string> group_problem(CLI::App* group, int argc, char** argv)
     return fmt::format("{}: unknown command '{}' (one of: {})", group->get_name(), *word, fmt::join(names, ", "));
 }
 
+// Follows a node's drain until it ends: a progress line when it changes (and
+// every 10 s); exit 0 when every VM moved.
+int wait_for_drain(const Globals& g, const std::string& node) {
+    std::string last;
+    auto last_time = std::chrono::steady_clock::now();
+    for (;;) {
+        auto r = call(g, "node.drain_status", {{"node", node}});
+        if (!r)
+            return fail(g, r.error());
+        auto d = r->value("drain", json());
+        if (!d.is_object())
+            return fail(g, ferry::make_error(ferry::Errc::not_found, fmt::format("{} has no drain", r->value("node", node))));
+        auto line = ferryctl::drain_line(*r);
+        auto now = std::chrono::steady_clock::now();
+        bool ended = d.value("state", "") != "running";
+        if (!g.json_output && (line != last || now - last_time > std::chrono::seconds(10) || ended)) {
+            std::cout << line << std::endl;
+            last = line;
+            last_time = now;
+        }
+        if (ended) {
+            if (g.json_output)
+                std::cout << ferry::dump_json(*r, 2) << "\n";
+            else
+                ferryctl::print_node_state(*r);
+            return d.value("state", "") == "completed" ? exit_ok : exit_failed;
+        }
+        std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+}
+
 } // namespace
 
 static int ferryctl_main(int argc, char** argv) {
@@ -359,18 +390,70 @@ static int ferryctl_main(int argc, char** argv) {
         }
         if (!wait) {
             rc = show(g, r, [](const json& m) {
-                std::cout << "migration " << m.value("id", "") << " created (" << m.value("phase", "") << ")\n";
+                std::cout << "migration " << m.value("id", "") << " created (" << m.value("phase", "") << ")";
+                if (m.value("phase", "") == "Pending")
+                    std::cout << ": waits for " << m.value("reason", "a slot");
+                std::cout << "\n";
             });
             return;
         }
-        if (!g.json_output)
-            std::cout << "migration " << r->value("id", "") << " started\n";
+        if (!g.json_output) {
+            if (r->value("phase", "") == "Pending")
+                std::cout << "migration " << r->value("id", "") << " waits for " << r->value("reason", "a slot")
+                          << "\n";
+            else
+                std::cout << "migration " << r->value("id", "") << " started\n";
+        }
         rc = wait_for(g, r->value("id", ""));
     });
 
     auto* node = app.add_subcommand("node", "the cluster's nodes")->require_subcommand(0, 1)->allow_extras();
     node->add_subcommand("list", "every node as this one sees it: capacity, VMs, migrations, labels")->callback([&] {
         rc = show(g, call(g, "node.list", json::object()), ferryctl::print_node_table);
+    });
+
+    std::string node_name;
+    auto* cordon = node->add_subcommand("cordon", "take no more migrations in (this node or a peer)");
+    cordon->add_option("node", node_name, "the node (default: this one)");
+    cordon->callback([&] { rc = show(g, call(g, "node.cordon", {{"node", node_name}}), ferryctl::print_node_state); });
+    auto* uncordon = node->add_subcommand("uncordon", "take migrations in again; cancels a drain's VMs that have not "
+                                                      "started (those under way finish)");
+    uncordon->add_option("node", node_name, "the node (default: this one)");
+    uncordon->callback(
+        [&] { rc = show(g, call(g, "node.uncordon", {{"node", node_name}}), ferryctl::print_node_state); });
+    std::int64_t max_parallel = 0, deadline = 0;
+    bool drain_status = false, drain_wait = false;
+    auto* drain = node->add_subcommand("drain", "cordon a node and migrate every VM away from it");
+    drain->add_option("node", node_name, "the node (default: this one)");
+    drain->add_option("--max-parallel", max_parallel, "at most this many of its VMs migrate at once (default: the "
+                                                      "limits alone)")
+        ->check(CLI::Range(1, 1000));
+    drain->add_option("--deadline", deadline, "start nothing new after this long (90s, 30m, 2h; default: none)")
+        ->transform(CLI::AsNumberWithUnit(std::map<std::string, std::int64_t>{{"s", 1}, {"m", 60}, {"h", 3600}},
+                                          CLI::AsNumberWithUnit::CASE_SENSITIVE))
+        ->check(CLI::Range(std::int64_t{1}, std::int64_t{366} * 24 * 3600));
+    drain->add_flag("--status", drain_status, "show the node's drain instead of starting one");
+    drain->add_flag("--wait", drain_wait, "follow the drain to its end, one progress line at a time");
+    drain->callback([&] {
+        if (drain_status && (max_parallel || deadline)) {
+            rc = usage(g, "node drain --status takes no --max-parallel or --deadline");
+            return;
+        }
+        json params{{"node", node_name}};
+        if (!drain_status) {
+            if (max_parallel)
+                params["max_parallel"] = max_parallel;
+            if (deadline)
+                params["deadline_s"] = deadline;
+        }
+        auto r = call(g, drain_status ? "node.drain_status" : "node.drain", params);
+        if (!r || !drain_wait) {
+            rc = show(g, r, ferryctl::print_node_state);
+            return;
+        }
+        if (!g.json_output)
+            ferryctl::print_node_state(*r);
+        rc = wait_for_drain(g, node_name);
     });
 
     std::string id;

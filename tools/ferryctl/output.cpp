@@ -52,6 +52,8 @@ std::string disks_part(const json& p) {
 }
 
 std::string progress_line(const json& m) {
+    if (m.value("phase", "") == "Pending" && !m.contains("progress")) // waiting in the queue
+        return fmt::format("[Pending] waits for {}", m.value("reason", std::string("a slot")));
     const auto& p = m.at("progress");
     auto total = p.value("total_bytes", std::uint64_t{0});
     auto remaining = p.value("remaining_bytes", std::uint64_t{0});
@@ -94,6 +96,20 @@ std::string outlook(const json& p) {
 }
 
 void print_migration(const json& m) {
+    if (!m.contains("progress")) { // waiting in the queue: not started, nothing moved
+        std::cout << fmt::format("id:           {}\n", str(m, "id"));
+        std::cout << fmt::format("vm:           {}\n", str(m, "vm"));
+        std::cout << fmt::format("from -> to:   {} -> {}\n", str(m, "source_node"),
+                                 m.value("target_node", json()).is_string() ? str(m, "target_node")
+                                                                            : "(the scheduler picks when it starts)");
+        std::cout << fmt::format("phase:        {}\n", str(m, "phase"));
+        std::cout << fmt::format("created:      {}\n", str(m, "created_at"));
+        if (m.contains("reason"))
+            std::cout << fmt::format("waits for:    {}\n", str(m, "reason"));
+        if (m.contains("failure_reason"))
+            std::cout << fmt::format("failure:      {}\n", str(m, "failure_reason"));
+        return;
+    }
     std::cout << fmt::format("id:           {}\n", str(m, "id"));
     std::cout << fmt::format("vm:           {}\n", str(m, "vm"));
     std::cout << fmt::format("from -> to:   {} -> {}\n", str(m, "source_node"), str(m, "target_node"));
@@ -220,6 +236,59 @@ void print_placement(const json& p) {
             std::cout << fmt::format("  {:<16} {}\n", str(r, "node"), why);
         }
     }
+}
+
+std::string drain_line(const json& status) {
+    auto d = status.value("drain", json());
+    if (!d.is_object())
+        return fmt::format("{}: {}, no drain", str(status, "node"), str(status, "state"));
+    auto counts = d.value("counts", json::object());
+    auto n = [&](const char* k) { return counts.value(k, 0); };
+    std::string line = fmt::format("{}: drain {}: {} moved, {} migrating, {} waiting", str(d, "node"), str(d, "state"),
+                                   n("moved"), n("migrating"), n("waiting"));
+    for (auto k : {"cannot_move", "gave_up", "not_moved", "gone"})
+        if (n(k))
+            line += fmt::format(", {} {}", n(k), std::string(k) == "cannot_move" ? "cannot move"
+                                                 : std::string(k) == "gave_up"   ? "gave up"
+                                                 : std::string(k) == "not_moved" ? "not moved"
+                                                                                 : "gone");
+    return line;
+}
+
+void print_node_state(const json& status) {
+    std::cout << fmt::format("{} is {}\n", str(status, "node"), str(status, "state"));
+    if (auto pre = status.value("preflight", json()); pre.is_object()) {
+        std::cout << fmt::format("pre-flight: {} VM(s); {} fit on other nodes now\n", pre.value("vms", 0),
+                                 pre.value("fit_elsewhere", 0));
+        for (auto& c : pre.value("cannot_move", json::array()))
+            std::cout << fmt::format("  cannot move {}: {}\n", str(c, "vm"), str(c, "why"));
+        for (auto& c : pre.value("no_room", json::array()))
+            std::cout << fmt::format("  no room now for {}: {}\n", str(c, "vm"), str(c, "why"));
+    }
+    auto d = status.value("drain", json());
+    if (d.is_object()) {
+        std::cout << drain_line(status) << fmt::format(" (started {}{}{})\n", str(d, "started_at"),
+                                                       d.value("max_parallel", 0) ? fmt::format(", max-parallel {}",
+                                                                                                d.value("max_parallel", 0))
+                                                                                  : "",
+                                                       d.contains("ended_at") ? ", ended " + str(d, "ended_at") : "");
+        if (d.contains("note"))
+            std::cout << "  " << str(d, "note") << "\n";
+        for (auto& v : d.value("vms", json::array())) {
+            std::string detail;
+            if (v.contains("target") && (str(v, "state") == "moved" || str(v, "state") == "migrating"))
+                detail = fmt::format("-> {} ({})", str(v, "target"), str(v, "migration"));
+            else if (v.contains("reason"))
+                detail = str(v, "reason");
+            else if (v.contains("error"))
+                detail = str(v, "error");
+            if (v.value("attempts", 0) > 1)
+                detail += fmt::format(" [attempt {}]", v.value("attempts", 0));
+            std::cout << fmt::format("  {:<20} {:<12} {}\n", str(v, "name"), str(v, "state"), detail);
+        }
+    }
+    for (auto& w : status.value("waiting", json::array()))
+        std::cout << fmt::format("  waiting migration {} ({}): {}\n", str(w, "id"), str(w, "vm"), str(w, "reason"));
 }
 
 } // namespace ferryctl

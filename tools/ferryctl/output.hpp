@@ -17,5 +17,7 @@ void print_vm(const nlohmann::json& vm);
 void print_vm_table(const nlohmann::json& list);
 void print_node_table(const nlohmann::json& nodes);       // node.list
 void print_placement(const nlohmann::json& placement);    // migration.create with dry_run
+void print_node_state(const nlohmann::json& status);      // node.cordon, node.uncordon, node.drain_status
+std::string drain_line(const nlohmann::json& status);     // one line of a drain's progress
 
 } // namespace ferryctl

@@ -22,10 +22,13 @@ namespace asio = boost::asio;
 
 namespace {
 
-asio::awaitable<ferry::Result<void>> start(ferry::engine::Engine* engine, ferry::control::Server* server) {
+asio::awaitable<ferry::Result<void>> start(ferry::engine::Engine* engine, ferry::scheduler::Planner* planner,
+                                           ferry::control::Server* server) {
     auto r = co_await engine->start();
     if (!r)
         co_return r;
+    if (auto p = planner->start(); !p)
+        co_return p;
     co_return server->start();
 }
 
@@ -117,10 +120,11 @@ int main(int argc, char** argv) {
                                         std::chrono::seconds(cfg->node.control_idle_timeout)};
     ferry::control::Server server(io.get_executor(), cfg->node.control_socket,
                                   static_cast<unsigned>(std::stoul(cfg->node.control_socket_mode, nullptr, 8)), limits);
-    ferry::control::add_engine_methods(server, engine);
+    ferry::scheduler::Planner planner(engine);
+    ferry::control::add_engine_methods(server, engine, planner);
 
     int exit_code = 0;
-    asio::co_spawn(io, start(&engine, &server), [&](std::exception_ptr ep, ferry::Result<void> r) {
+    asio::co_spawn(io, start(&engine, &planner, &server), [&](std::exception_ptr ep, ferry::Result<void> r) {
         if (ep)
             std::rethrow_exception(ep);
         if (!r) {
@@ -138,6 +142,7 @@ int main(int argc, char** argv) {
             return;
         log->info("signal {}: shutting down; VMs keep running", sig);
         server.stop();
+        planner.stop();
         engine.shutdown();
         io.stop();
     });
