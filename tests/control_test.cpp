@@ -1222,6 +1222,14 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
     EXPECT_EQ(ctl_json(a(), "migration list").size(), 0U) << "a dry run moves nothing";
     auto human = ctl(a(), "migrate demo --dry-run");
     EXPECT_NE(human.out.find("would migrate to node-b"), std::string::npos) << human.out;
+    // A selector added to the request filters too (KubeVirt's addedNodeSelector).
+    EXPECT_EQ(ctl_json(a(), "migrate demo --dry-run --node-selector zone=b")["target_node"], "node-b");
+    auto narrowed = ctl_json(a(), "migrate demo --dry-run --node-selector zone=x");
+    EXPECT_TRUE(narrowed["target_node"].is_null()) << narrowed.dump();
+    EXPECT_NE(narrowed.value("why_none", "").find("added selector zone=x"), std::string::npos) << narrowed.dump();
+    auto refused_sel = ctl(a(), "migrate demo --node-selector zone=x");
+    EXPECT_NE(refused_sel.err.find("no node fits demo"), std::string::npos) << refused_sel.err;
+    EXPECT_EQ(ctl_json(a(), "migration list").size(), 0U) << "nothing queued for a VM that fits nowhere";
     auto shown = ctl_json(a(), "vm show demo");
     EXPECT_EQ(shown["migratable"]["now"], true) << shown.dump();
     EXPECT_EQ(shown["migratable"]["target"], "node-b");

@@ -142,6 +142,21 @@ Result<engine::MigrateRequest> migrate_request(const json& params) {
     return req;
 }
 
+// "node_selector": labels the target must also have, strings only.
+Result<scheduler::Labels> selector_param(const json& params) {
+    auto o = Params("migration.create", params).optional_object("node_selector");
+    if (!o)
+        return o.error();
+    scheduler::Labels labels;
+    for (auto& [k, v] : o->items()) {
+        if (!v.is_string())
+            return make_error(Errc::invalid_argument,
+                              fmt::format("migration.create: 'node_selector.{}' must be a string", k));
+        labels[k] = v.get<std::string>();
+    }
+    return labels;
+}
+
 asio::awaitable<Result<json>> migration_create(Ctx* c, json params) {
     Engine* e = c->engine;
     auto req = migrate_request(params);
@@ -157,10 +172,13 @@ asio::awaitable<Result<json>> migration_create(Ctx* c, json params) {
             co_return make_error(Errc::conflict, fmt::format("VM {} cannot migrate: {}", req->vm,
                                                              fmt::join(blockers, "; ")));
     }
+    auto added = selector_param(params);
+    if (!added)
+        co_return added.error();
     if (dry->value_or(false)) {
         auto& cfg = e->config();
         auto nodes = co_await scheduler::gather(*e);
-        auto p = scheduler::place_vm(nodes, cfg.node.name, req->vm);
+        auto p = scheduler::place_vm(nodes, cfg.node.name, req->vm, true, *added);
         if (!p)
             co_return p.error();
         std::optional<std::string> chosen = req->target_node;
@@ -179,7 +197,11 @@ asio::awaitable<Result<json>> migration_create(Ctx* c, json params) {
     // Without --to, a node with peers lets the scheduler pick the target; a
     // node without any moves the VM into a new QEMU on itself. Over a limit
     // it waits Pending.
-    co_return co_await c->planner->submit(std::move(*req));
+    if (req->target_node && !added->empty())
+        co_return make_error(Errc::invalid_argument,
+                             "migration.create: 'node_selector' is for the scheduler's choice; it cannot go with "
+                             "'target_node'");
+    co_return co_await c->planner->submit(std::move(*req), std::move(*added));
 }
 
 asio::awaitable<Result<json>> migration_list(Ctx* c, json) {

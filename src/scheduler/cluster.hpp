@@ -32,8 +32,9 @@ Result<NodeView> node_view(const json& facts);
 Result<VmView> vm_view(const json& facts, const std::string& name);
 // Placement of VM `name` of `source` among `nodes` (every node's facts);
 // unreachable and malformed nodes are rejected with the reason.
+// `added`: labels the request adds to the VM's node_selector.
 Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& source, const std::string& name,
-                           bool explain = true);
+                           bool explain = true, const Labels& added = {});
 json to_json(const Placement& p);
 
 // Whether VM `name` of `source` can migrate now, and every reason it cannot:

@@ -100,7 +100,12 @@ Result<void> Planner::start() {
                     auto req = request_from(e.value("request", json()));
                     if (!req || !e.contains("id") || !e["id"].is_string())
                         continue;
-                    waiting_.push_back({e["id"], *req, e.value("created_at", std::string()), "", false});
+                    Labels added;
+                    if (auto a = e.find("added_selector"); a != e.end() && a->is_object())
+                        for (auto& [k, v] : a->items())
+                            if (v.is_string())
+                                added[k] = v;
+                    waiting_.push_back({e["id"], *req, added, e.value("created_at", std::string()), "", false});
                 }
             if (auto s = j->find("started_as"); s != j->end() && s->is_object())
                 for (auto& [k, v] : s->items())
@@ -167,7 +172,10 @@ bool Planner::busy() const {
 void Planner::save() {
     json waiting = json::array();
     for (auto& w : waiting_)
-        waiting.push_back({{"id", w.id}, {"created_at", w.created_at}, {"request", request_json(w.request)}});
+        waiting.push_back({{"id", w.id},
+                           {"created_at", w.created_at},
+                           {"request", request_json(w.request)},
+                           {"added_selector", w.added}});
     json j{{"admission", admission_},
            {"drain", drain_ ? to_json(*drain_) : json(nullptr)},
            {"waiting", std::move(waiting)},
@@ -398,10 +406,16 @@ asio::awaitable<void> Planner::pass() {
     }
 
     std::map<std::string, std::string> unplaceable;
+    std::map<std::string, const Labels*> added;
+    for (auto& w : waiting_)
+        added[w.id] = &w.added;
+    static const Labels none;
     auto placer = [&](const Request& r) -> Result<std::vector<std::string>> {
-        auto p = place_vm(nodes, self, r.vm, false);
+        auto a = added.find(r.id);
+        const Labels& extra = a == added.end() ? none : *a->second;
+        auto p = place_vm(nodes, self, r.vm, false, extra);
         if (p && !p->fits())
-            p = place_vm(nodes, self, r.vm, true); // again, to say why
+            p = place_vm(nodes, self, r.vm, true, extra); // again, to say why
         if (!p) {
             unplaceable[r.id] = p.error().message;
             return p.error();
@@ -472,12 +486,13 @@ json Planner::waiting() const {
                        {"target_node", w.request.target_node ? json(*w.request.target_node) : json(nullptr)},
                        {"phase", "Pending"},
                        {"reason", w.reason},
+                       {"node_selector", w.added},
                        {"created_at", w.created_at},
                        {"priority", "user"}});
     return out;
 }
 
-asio::awaitable<Result<json>> Planner::submit(engine::MigrateRequest request) {
+asio::awaitable<Result<json>> Planner::submit(engine::MigrateRequest request, Labels added) {
     if (!started_ || stopped_)
         co_return make_error(Errc::conflict, "ferryd is not ready to plan migrations");
     if (!engine_.holds(request.vm))
@@ -486,7 +501,7 @@ asio::awaitable<Result<json>> Planner::submit(engine::MigrateRequest request) {
         if (w.request.vm == request.vm)
             co_return make_error(Errc::conflict, fmt::format("VM {} already waits to migrate ({})", request.vm, w.id));
     std::string id = fmt::format("{}-queued-{}", request.vm, ++seq_);
-    waiting_.push_back({id, std::move(request), now_string(), "", false});
+    waiting_.push_back({id, std::move(request), std::move(added), now_string(), "", false});
     auto timer = std::make_shared<asio::steady_timer>(timer_.get_executor(), asio::steady_timer::time_point::max());
     submitted_[id] = timer;
     wake();

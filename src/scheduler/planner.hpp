@@ -13,6 +13,7 @@
 // where it arrives).
 #include "engine/engine.hpp"
 #include "scheduler/drain.hpp"
+#include "scheduler/policy.hpp"
 #include "scheduler/queue.hpp"
 
 #include <boost/asio/awaitable.hpp>
@@ -44,7 +45,8 @@ public:
     // A user's migration from this node: started at once when the limits
     // let it (the migration's object), else kept Pending with the reason.
     // A VM that fits no node is refused with every node's reason.
-    boost::asio::awaitable<Result<json>> submit(engine::MigrateRequest request);
+    // `added`: labels the target must also have (KubeVirt's addedNodeSelector).
+    boost::asio::awaitable<Result<json>> submit(engine::MigrateRequest request, Labels added = {});
     // Migrations waiting for a slot, oldest first.
     json waiting() const;
     // A waiting migration, or the one it started as. Null: not one of these.
@@ -61,6 +63,7 @@ private:
     struct Waiting {
         std::string id;
         engine::MigrateRequest request;
+        Labels added;
         std::string created_at;
         std::string reason;
         bool seen = false; // a planning pass has considered it

@@ -333,6 +333,10 @@ static int ferryctl_main(int argc, char** argv) {
     migrate->add_option("--to", target,
                         "target node (default: the node the scheduler picks among the peers; without peers, "
                         "this node, a new QEMU process)");
+    std::vector<std::string> selectors;
+    migrate->add_option("--node-selector", selectors,
+                        "without --to: a label the target must have as well as the VM's node_selector, KEY=VALUE "
+                        "(repeat for more)");
     bool dry_run = false;
     migrate->add_flag("--dry-run", dry_run, "print where the VM would go and why every other node would not; move nothing");
     migrate->add_option("--bandwidth", bandwidth, "per-migration bandwidth, e.g. 64Mi (0 = unlimited)");
@@ -378,6 +382,18 @@ static int ferryctl_main(int argc, char** argv) {
             params["allow_auto_converge"] = auto_converge;
         if (post_copy || no_post_copy)
             params["allow_post_copy"] = post_copy;
+        if (!selectors.empty()) {
+            json sel = json::object();
+            for (auto& kv : selectors) {
+                auto eq = kv.find('=');
+                if (eq == std::string::npos || eq == 0) {
+                    rc = usage(g, "--node-selector: '" + kv + "' is not KEY=VALUE");
+                    return;
+                }
+                sel[kv.substr(0, eq)] = kv.substr(eq + 1);
+            }
+            params["node_selector"] = sel;
+        }
         if (dry_run) {
             params["dry_run"] = true;
             rc = show(g, call(g, "migration.create", params), ferryctl::print_placement);
