@@ -79,7 +79,7 @@ void Drain::failed(VmDrain& vm, std::string error, std::int64_t now_ms) {
         return;
     }
     vm.state = VmDrainState::waiting;
-    std::int64_t backoff = std::min<std::int64_t>(10'000LL << std::min(vm.attempts - 1, 5), 300'000);
+    std::int64_t backoff = std::min<std::int64_t>(10'000LL << std::clamp(vm.attempts - 1, 0, 5), 300'000);
     vm.retry_at_ms = now_ms + std::max<std::int64_t>(backoff, 0);
 }
 
