@@ -91,7 +91,7 @@ DrainResult plan_drain(Cluster c, const SchedulerOptions& o) {
     auto t0 = std::chrono::steady_clock::now();
     for (int i = 0; i < o.drain_vms; ++i) {
         auto& vm = c.vms[static_cast<std::size_t>(i)];
-        auto p = scheduler::place(vm, c.nodes, {}, false);
+        auto p = scheduler::place(vm, c.nodes, {}, false, 1); // the best is all a plan needs
         if (!p.fits()) {
             ++r.unplaceable;
             continue;
@@ -121,9 +121,13 @@ QueueResult place_queue(Cluster c, const SchedulerOptions& o, std::uint64_t seed
         if (!q.push(std::move(r)))
             --i; // the same VM twice: draw again
     }
+    scheduler::InFlight running;
+    const scheduler::InFlight* in_flight = &running; // what the queue counts now
+    std::int64_t min_inbound = 1 << 20;               // the inbound limit in force
     auto placer = [&](const scheduler::Request& r) -> Result<std::vector<std::string>> {
         auto& vm = c.vms[c.vm_index.at(r.vm)];
-        auto p = scheduler::place(vm, c.nodes, {}, false);
+        // As the planner asks: the best (in flight / inbound limit + 1) nodes, one of which has room.
+        auto p = scheduler::place(vm, c.nodes, {}, false, static_cast<std::size_t>(in_flight->total() / min_inbound) + 1);
         if (!p.fits())
             return make_error(Errc::conflict, scheduler::place(vm, c.nodes).why_none(r.vm));
         std::vector<std::string> names;
@@ -132,7 +136,6 @@ QueueResult place_queue(Cluster c, const SchedulerOptions& o, std::uint64_t seed
         return names;
     };
     QueueResult r;
-    scheduler::InFlight running;
     scheduler::Limits limits{1 << 20, 1 << 20, 1 << 20, {}}; // time the placement, not the waiting
     auto t0 = std::chrono::steady_clock::now();
     r.started = static_cast<int>(q.start_all(running, limits, placer, [&](const scheduler::Start& s) {
@@ -144,6 +147,8 @@ QueueResult place_queue(Cluster c, const SchedulerOptions& o, std::uint64_t seed
     scheduler::InFlight busy;
     for (int i = 0; i < 5; ++i)
         busy.add(c.nodes[static_cast<std::size_t>(1 + i)].name, c.nodes[static_cast<std::size_t>(10 + i)].name);
+    in_flight = &busy;
+    min_inbound = scheduler::Limits{}.inbound_per_node;
     t0 = std::chrono::steady_clock::now();
     (void)full.next(busy, scheduler::Limits{}, placer);
     r.blocked_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();

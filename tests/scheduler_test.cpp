@@ -146,6 +146,12 @@ TEST(Placement, RanksByMemoryLoadThenCpuLoadThenName) {
     EXPECT_DOUBLE_EQ(p.ranked[0].memory_load, 5.0 / 16);
     ASSERT_TRUE(rejection(p, "node-a"));
     EXPECT_EQ(joined(rejection(p, "node-a")->reasons), "the VM runs there");
+    // Only the best two, in the same order, when that is all the caller needs.
+    auto top = place(vm(), nodes, {}, false, 2);
+    ASSERT_EQ(top.ranked.size(), 2u);
+    EXPECT_EQ(top.ranked[0].node, "node-b");
+    EXPECT_EQ(top.ranked[1].node, "node-e");
+    EXPECT_TRUE(top.rejected.empty()) << "explain = false formats no reasons";
 }
 
 TEST(Placement, EveryFilterSaysWhy) {

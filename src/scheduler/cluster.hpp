@@ -34,7 +34,7 @@ Result<VmView> vm_view(const json& facts, const std::string& name);
 // unreachable and malformed nodes are rejected with the reason.
 // `added`: labels the request adds to the VM's node_selector.
 Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& source, const std::string& name,
-                           bool explain = true, const Labels& added = {});
+                           bool explain = true, const Labels& added = {}, std::size_t top = SIZE_MAX);
 json to_json(const Placement& p);
 
 // Whether VM `name` of `source` can migrate now, and every reason it cannot:

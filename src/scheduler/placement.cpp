@@ -79,9 +79,16 @@ double load(double committed, double add, double total) { return total > 0 ? (co
 
 } // namespace
 
-Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector, bool explain) {
+Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector, bool explain,
+                std::size_t top) {
     Placement p;
     std::vector<std::string> reasons;
+    // Ranked by index: swapping three words, not a name.
+    struct Ranked {
+        double memory_load, cpu_load;
+        const NodeView* node;
+    };
+    std::vector<Ranked> ranked;
     for (auto& n : nodes) {
         Why why{explain ? &reasons : nullptr};
         reject_reasons(vm, n, added_selector, why);
@@ -90,14 +97,28 @@ Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labe
                 p.rejected.push_back({n.name, std::exchange(reasons, {})});
             continue;
         }
-        p.ranked.push_back({n.name, load(static_cast<double>(n.memory_committed), static_cast<double>(vm.memory),
-                                         static_cast<double>(n.memory)),
-                            load(static_cast<double>(n.cpus_committed), static_cast<double>(vm.cpus),
-                                 static_cast<double>(n.cpus))});
+        ranked.push_back({load(static_cast<double>(n.memory_committed), static_cast<double>(vm.memory),
+                               static_cast<double>(n.memory)),
+                          load(static_cast<double>(n.cpus_committed), static_cast<double>(vm.cpus),
+                               static_cast<double>(n.cpus)),
+                          &n});
     }
-    std::sort(p.ranked.begin(), p.ranked.end(), [](const Candidate& a, const Candidate& b) {
-        return std::tie(a.memory_load, a.cpu_load, a.node) < std::tie(b.memory_load, b.cpu_load, b.node);
-    });
+    auto better = [](const Ranked& a, const Ranked& b) {
+        if (a.memory_load != b.memory_load)
+            return a.memory_load < b.memory_load;
+        if (a.cpu_load != b.cpu_load)
+            return a.cpu_load < b.cpu_load;
+        return a.node->name < b.node->name;
+    };
+    if (top < ranked.size()) {
+        std::partial_sort(ranked.begin(), ranked.begin() + static_cast<std::ptrdiff_t>(top), ranked.end(), better);
+        ranked.resize(top);
+    } else {
+        std::sort(ranked.begin(), ranked.end(), better);
+    }
+    p.ranked.reserve(ranked.size());
+    for (auto& r : ranked)
+        p.ranked.push_back({r.node->name, r.memory_load, r.cpu_load});
     std::sort(p.rejected.begin(), p.rejected.end(),
               [](const Rejection& a, const Rejection& b) { return a.node < b.node; });
     return p;

@@ -11,6 +11,7 @@
 #include "config/vm_spec.hpp"
 #include "scheduler/policy.hpp"
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -68,8 +69,10 @@ struct Placement {
 // added_selector: labels the request adds to the VM's node_selector.
 // explain = false leaves `rejected` empty and formats no reasons: for a
 // planner that only needs the ranking (ask again to explain a miss).
+// top: rank only the best `top` (the queue needs one node with room, and
+// with n migrations in flight at most n nodes can be full).
 Placement place(const VmView& vm, const std::vector<NodeView>& nodes, const Labels& added_selector = {},
-                bool explain = true);
+                bool explain = true, std::size_t top = SIZE_MAX);
 
 // What keeps a VM from migrating anywhere, whatever the nodes: a device
 // passed through from its host (in extra_args). Empty: nothing.

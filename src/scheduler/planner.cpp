@@ -410,10 +410,17 @@ asio::awaitable<void> Planner::pass() {
     for (auto& w : waiting_)
         added[w.id] = &w.added;
     static const Labels none;
+    std::int64_t min_inbound = limits.inbound_per_node;
+    for (auto& [node, limit] : limits.inbound_of)
+        min_inbound = std::min(min_inbound, limit);
+    min_inbound = std::max<std::int64_t>(min_inbound, 1);
     auto placer = [&](const Request& r) -> Result<std::vector<std::string>> {
         auto a = added.find(r.id);
         const Labels& extra = a == added.end() ? none : *a->second;
-        auto p = place_vm(nodes, self, r.vm, false, extra);
+        // With n migrations in flight and inbound limits of at least m, at
+        // most n / m nodes are full: one of the best n / m + 1 has room.
+        auto p = place_vm(nodes, self, r.vm, false, extra,
+                          static_cast<std::size_t>(running.total() / min_inbound) + 1);
         if (p && !p->fits())
             p = place_vm(nodes, self, r.vm, true, extra); // again, to say why
         if (!p) {

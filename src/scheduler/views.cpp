@@ -166,7 +166,7 @@ Result<VmView> vm_view(const json& facts, const std::string& name) {
 }
 
 Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& source, const std::string& name,
-                           bool explain, const Labels& added) {
+                           bool explain, const Labels& added, std::size_t top) {
     std::vector<NodeView> views;
     std::vector<Rejection> broken;
     std::optional<VmView> vm;
@@ -190,7 +190,7 @@ Result<Placement> place_vm(const std::vector<json>& nodes, const std::string& so
     }
     if (!vm)
         return make_error(Errc::not_found, fmt::format("no facts from node {}", source));
-    auto p = place(*vm, views, added, explain);
+    auto p = place(*vm, views, added, explain, top);
     if (explain) {
         p.rejected.insert(p.rejected.end(), broken.begin(), broken.end());
         std::sort(p.rejected.begin(), p.rejected.end(),
