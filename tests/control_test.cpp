@@ -261,6 +261,29 @@ TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFr
     ctl("vm delete demo2");
 }
 
+TEST_F(Ferryd, ADamagedSchedulerFileIsSetAsideAndTheNodeStartsCleanAndACordonSurvivesARestart) {
+    std::filesystem::create_directories(dir_ / "state");
+    ferry::test::write_file(dir_ / "state/scheduler.json", R"({"admission": 5, "waiting": [7]})");
+    start();
+    EXPECT_EQ(ctl_json("node drain --status")["state"], "ready");
+    EXPECT_TRUE(std::filesystem::exists(dir_ / "state/scheduler.json.damaged"));
+    EXPECT_NE(ferry::test::read_file(dir_ / "ferryd.log").find("'admission' must be a string; moved to"),
+              std::string::npos)
+        << ferry::test::read_file(dir_ / "ferryd.log");
+    // A cordon is stored, and holds across a restart.
+    EXPECT_EQ(ctl_json("node cordon")["state"], "cordoned");
+    stop();
+    start();
+    EXPECT_EQ(ctl_json("node drain --status")["state"], "cordoned");
+    auto human = ctl("node uncordon");
+    EXPECT_NE(human.out.find("node-a is ready"), std::string::npos) << human.out << human.err;
+    // A drain of a node with nothing on it completes at once.
+    auto drained = ctl("node drain --wait");
+    EXPECT_EQ(drained.status, 0) << drained.out << drained.err;
+    EXPECT_NE(drained.out.find("drain completed: 0 moved"), std::string::npos) << drained.out;
+    EXPECT_EQ(ctl_json("node drain --status")["state"], "cordoned") << "a drained node stays cordoned";
+}
+
 TEST_F(Ferryd, ClearErrorsForBadInput) {
     start();
     ferry::test::write_file(dir_ / "bad-vm.toml", "name = \"demo\"\nmemory = \"lots\"\n");

@@ -592,6 +592,9 @@ TEST(Drain, BadRecordsAndOptionsNameTheField) {
     j["state"] = "running";
     j["vms"] = json::array({json{{"name", "a"}, {"state", "flying"}}});
     EXPECT_EQ(drain_from_json(j).error().message, "drain vms[0]: unknown state 'flying'");
+    j["vms"] = json::array({json{{"name", "a"}, {"state", "migrating"}}}); // no migration to follow
+    ASSERT_TRUE(drain_from_json(j));
+    EXPECT_EQ(drain_from_json(j)->vms[0].state, VmDrainState::waiting);
 
     EXPECT_EQ(drain_options(json{{"max_parallel", -1}}).error().message, "'max_parallel' must be 0 to 1000, not -1");
     EXPECT_EQ(drain_options(json{{"deadline_s", "1h"}}).error().message, "'deadline_s' must be an integer");

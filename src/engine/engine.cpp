@@ -414,27 +414,27 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
     *migrations_[m.id] = m;
 }
 
-asio::awaitable<Result<json>> Engine::ask_once(const config::Peer& peer, json message) {
+asio::awaitable<Result<json>> Engine::ask_once(const config::Peer& peer, json message, std::chrono::seconds answer) {
     auto c = co_await transport::open_control(ex_, peer.address, peer.name, config_.node.name, tls_);
     if (!c)
         co_return c.error();
     Result<json> reply = ok(json());
     auto w = co_await (*c)->write_frame(message);
     if (w)
-        reply = co_await (*c)->read_frame(std::chrono::seconds(10));
+        reply = co_await (*c)->read_frame(answer);
     else
         reply = w.error();
     (*c)->close();
     co_return reply;
 }
 
-asio::awaitable<Result<json>> Engine::ask_peer(std::string node, json message) {
+asio::awaitable<Result<json>> Engine::ask_peer(std::string node, json message, std::chrono::seconds answer) {
     auto* p = peer(node);
     if (!p)
         co_return make_error(Errc::not_found, fmt::format("unknown node {} (not in [[peers]])", node));
     if (!peer_server_)
         co_return make_error(Errc::conflict, "cross-node traffic is off on this node (no [tls], no disable_tls)");
-    auto reply = co_await ask_once(*p, std::move(message));
+    auto reply = co_await ask_once(*p, std::move(message), answer);
     if (!reply)
         co_return reply.error().wrap(fmt::format("node {}", node));
     if (reply->value("type", "") == "error")

@@ -100,8 +100,14 @@ public:
     using PeerHandler = std::function<boost::asio::awaitable<nlohmann::json>(nlohmann::json)>;
     void on_peer_message(std::string type, PeerHandler handler) { peer_handlers_[std::move(type)] = std::move(handler); }
     // One message to a peer on a control channel of its own, and its answer
-    // (dial 10 s, answer 10 s); an "error" answer is an error.
-    boost::asio::awaitable<Result<nlohmann::json>> ask_peer(std::string node, nlohmann::json message);
+    // (dial 10 s, then `answer`); an "error" answer is an error.
+    boost::asio::awaitable<Result<nlohmann::json>> ask_peer(std::string node, nlohmann::json message,
+                                                            std::chrono::seconds answer = std::chrono::seconds(10));
+    // The VM's migration under way (leaving), if any.
+    std::optional<std::string> migrating(const std::string& vm) const {
+        auto it = vms_.find(vm);
+        return it == vms_.end() ? std::nullopt : it->second->migration_id;
+    }
     // Called when an outgoing migration's run ends (whatever its outcome).
     void on_migration_ended(std::function<void(const std::string& id)> f) { ended_ = std::move(f); }
 
@@ -146,7 +152,8 @@ private:
     boost::asio::awaitable<void> recover_migration(Migration m);
     // One message on a control channel of its own: dial (10 s), send, read
     // the answer (10 s), close.
-    boost::asio::awaitable<Result<json>> ask_once(const config::Peer& peer, json message);
+    boost::asio::awaitable<Result<json>> ask_once(const config::Peer& peer, json message,
+                                                  std::chrono::seconds answer = std::chrono::seconds(10));
     // A source that restarted tells the target to give up the arrival it
     // would otherwise keep for peer_timeout (best effort: logged).
     static boost::asio::awaitable<void> abort_at_target(Engine* self, std::string id, std::string target);

@@ -230,6 +230,8 @@ Result<Drain> drain_from_json(const json& j) {
         for (auto [key, out] : {std::pair{"migration", &vm.migration}, {"target", &vm.target}, {"error", &vm.error}})
             if (auto it = v.find(key); it != v.end() && it->is_string())
                 *out = *it;
+        if (vm.state == VmDrainState::migrating && vm.migration.empty())
+            vm.state = VmDrainState::waiting; // nothing to follow: it starts again
         d.vms.push_back(std::move(vm));
     }
     return d;

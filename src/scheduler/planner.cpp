@@ -85,7 +85,10 @@ Result<void> Planner::start() {
                 return j.error();
             if (!j->is_object())
                 return make_error(Errc::invalid_argument, "not an object");
-            auto a = j->value("admission", std::string("ready"));
+            auto ai = j->find("admission");
+            if (ai != j->end() && !ai->is_string())
+                return make_error(Errc::invalid_argument, "'admission' must be a string");
+            std::string a = ai == j->end() ? "ready" : ai->get<std::string>();
             if (a != "ready" && a != "cordoned" && a != "draining")
                 return make_error(Errc::invalid_argument, fmt::format("unknown admission '{}'", a));
             admission_ = a;
@@ -97,25 +100,36 @@ Result<void> Planner::start() {
             }
             if (auto w = j->find("waiting"); w != j->end() && w->is_array())
                 for (auto& e : *w) {
-                    auto req = request_from(e.value("request", json()));
-                    if (!req || !e.contains("id") || !e["id"].is_string())
+                    if (!e.is_object() || !e.contains("id") || !e["id"].is_string())
                         continue;
+                    auto req = request_from(e.contains("request") ? e["request"] : json());
+                    if (!req)
+                        continue;
+                    std::string created;
+                    if (auto c = e.find("created_at"); c != e.end() && c->is_string())
+                        created = *c;
                     Labels added;
                     if (auto a = e.find("added_selector"); a != e.end() && a->is_object())
                         for (auto& [k, v] : a->items())
                             if (v.is_string())
                                 added[k] = v;
-                    waiting_.push_back({e["id"], *req, added, e.value("created_at", std::string()), "", false});
+                    waiting_.push_back({e["id"], *req, added, created, "", false});
                 }
-            if (auto s = j->find("started_as"); s != j->end() && s->is_object())
-                for (auto& [k, v] : s->items())
-                    if (v.is_string())
-                        started_as_[k] = v;
+            if (auto s = j->find("started_as"); s != j->end() && s->is_array())
+                for (auto& e : *s)
+                    if (e.is_array() && e.size() == 2 && e[0].is_string() && e[1].is_string())
+                        remember_start(e[0], e[1]);
             if (auto s = j->find("seq"); s != j->end() && s->is_number_unsigned())
                 seq_ = s->get<std::uint64_t>();
             return {};
         };
-        if (auto r = load(); !r) {
+        Result<void> r = make_error(Errc::internal, "not read");
+        try {
+            r = load();
+        } catch (const json::exception& e) { // a value of the wrong type
+            r = make_error(Errc::invalid_argument, e.what());
+        }
+        if (!r) {
             // Kept for a person to read; the node starts as a fresh one would.
             auto bad = path + ".damaged";
             fs::rename(path, bad, ec);
@@ -124,6 +138,8 @@ Result<void> Planner::start() {
             admission_ = "ready";
             drain_.reset();
             waiting_.clear();
+            started_as_.clear();
+            start_order_.clear();
         }
     }
     if (drain_)
@@ -169,6 +185,22 @@ bool Planner::busy() const {
     return !tracked_.empty() || !waiting_.empty() || (drain_ && drain_->active());
 }
 
+void Planner::remember_start(const std::string& queued, const std::string& id) {
+    if (!started_as_.count(queued))
+        start_order_.push_back(queued);
+    started_as_[queued] = id;
+    while (start_order_.size() > max_started_as) { // the oldest go
+        started_as_.erase(start_order_.front());
+        ended_.erase(start_order_.front());
+        start_order_.pop_front();
+    }
+}
+
+void Planner::remember_end(const std::string& queued, json object) {
+    remember_start(queued, "");
+    ended_[queued] = std::move(object);
+}
+
 void Planner::save() {
     json waiting = json::array();
     for (auto& w : waiting_)
@@ -179,16 +211,40 @@ void Planner::save() {
     json j{{"admission", admission_},
            {"drain", drain_ ? to_json(*drain_) : json(nullptr)},
            {"waiting", std::move(waiting)},
-           {"started_as", started_as_},
+           {"started_as", started_as_json()},
            {"seq", seq_}};
+    auto text = j.dump();
+    if (text == saved_)
+        return; // nothing changed since the last write
     if (auto r = engine::write_json_file(state_path(), j); !r)
         log()->error("saving {}: {}", state_path(), r.error().message);
+    else
+        saved_ = std::move(text);
+}
+
+json Planner::started_as_json() const {
+    json out = json::array();
+    for (auto& q : start_order_)
+        if (auto it = started_as_.find(q); it != started_as_.end() && !it->second.empty())
+            out.push_back(json::array({q, it->second}));
+    return out;
+}
+
+void Planner::release_submitters() {
+    for (auto& [id, t] : submitted_)
+        t->cancel();
 }
 
 asio::awaitable<void> Planner::loop(Planner* self) {
     while (!self->stopped_) {
         self->dirty_ = false;
-        co_await self->pass();
+        try {
+            co_await self->pass();
+        } catch (const std::exception& e) {
+            // A bug, or facts of a shape not foreseen: planning goes on.
+            log()->error("planning pass: {}", e.what());
+            self->release_submitters();
+        }
         if (self->stopped_)
             break;
         if (self->dirty_)
@@ -294,9 +350,7 @@ void Planner::start_one(const Start& s, Kind kind) {
     auto m = engine_.migrate(resolved(req));
     if (m) {
         auto id = m->value("id", std::string());
-        started_as_[w->id] = id;
-        while (started_as_.size() > max_started_as)
-            started_as_.erase(started_as_.begin());
+        remember_start(w->id, id);
         tracked_[id] = {Kind::user, req.vm};
         if (submitted_.count(w->id) == 0)
             log()->info("{} started as {} ({} to {})", w->id, id, req.vm, s.target);
@@ -305,10 +359,53 @@ void Planner::start_one(const Start& s, Kind kind) {
     } else {
         log()->warn("{} ({}) could not start: {}", w->id, req.vm, m.error().message);
         outcomes_[w->id].result = Result<json>(m.error());
+        remember_end(w->id, failed_json(*w, "it could not start: " + m.error().message));
     }
     if (submitted_.count(w->id) == 0)
         outcomes_.erase(w->id); // nobody waits for it
     waiting_.erase(w);
+}
+
+void Planner::check_deadline(std::int64_t now_ms) {
+    if (drain_->deadline_ms && now_ms >= *drain_->deadline_ms && drain_->count(VmDrainState::waiting)) {
+        drain_->stop_waiting("the drain's deadline passed");
+        drain_->note = "the deadline passed before every VM moved";
+        log()->warn("drain of {}: the deadline passed; what has not started stays", drain_->node);
+    }
+}
+
+json Planner::failed_json(const Waiting& w, const std::string& why) const {
+    return json{{"id", w.id},
+                {"vm", w.request.vm},
+                {"source_node", engine_.config().node.name},
+                {"target_node", w.request.target_node ? json(*w.request.target_node) : json(nullptr)},
+                {"phase", "Failed"},
+                {"failure_reason", why},
+                {"created_at", w.created_at}};
+}
+
+// A VM joining a drain: waiting, or tracked if a migration of it runs.
+VmDrain Planner::drain_vm(const std::string& name) {
+    VmDrain v;
+    v.name = name;
+    const auto* spec = engine_.vm_spec(name);
+    std::vector<std::string> blockers;
+    if (!spec)
+        blockers.push_back("adopted without a spec, so ferry cannot start it elsewhere");
+    else
+        blockers = migration_blockers(*spec);
+    if (!blockers.empty()) {
+        v.state = VmDrainState::cannot_move;
+        v.error = fmt::format("{}", fmt::join(blockers, "; "));
+    } else if (auto id = engine_.migrating(name)) {
+        v.state = VmDrainState::migrating; // settled when it ends; retried if it fails
+        v.migration = *id;
+        v.attempts = 1;
+        if (auto m = engine_.show_migration(*id); m && m->contains("target_node") && (*m)["target_node"].is_string())
+            v.target = (*m)["target_node"];
+        tracked_[*id] = {Kind::drain, name};
+    }
+    return v;
 }
 
 asio::awaitable<void> Planner::pass() {
@@ -316,17 +413,29 @@ asio::awaitable<void> Planner::pass() {
     auto& cfg = engine_.config();
     const auto& self = cfg.node.name;
     auto now_ms = unix_ms();
+    // A waiting request whose VM is gone (deleted, or moved by a drain) ends.
+    for (auto it = waiting_.begin(); it != waiting_.end();) {
+        if (engine_.holds(it->request.vm)) {
+            ++it;
+            continue;
+        }
+        auto why = fmt::format("VM {} is no longer on {}", it->request.vm, self);
+        log()->warn("{} ends before it started: {}", it->id, why);
+        outcomes_[it->id].result = Result<json>(make_error(Errc::not_found, why));
+        remember_end(it->id, failed_json(*it, why));
+        it = waiting_.erase(it);
+    }
     if (drain_ && drain_->active()) {
+        // VMs that came meanwhile (an arrival that was under way) go too.
+        for (auto& name : engine_.vm_names())
+            if (!drain_->find(name))
+                drain_->vms.push_back(drain_vm(name));
         for (auto& v : drain_->vms)
             if (v.state == VmDrainState::waiting && !engine_.holds(v.name)) {
                 v.state = VmDrainState::gone;
                 v.reason.clear();
             }
-        if (drain_->deadline_ms && now_ms >= *drain_->deadline_ms && drain_->count(VmDrainState::waiting)) {
-            drain_->stop_waiting("the drain's deadline passed");
-            drain_->note = "the deadline passed before every VM moved";
-            log()->warn("drain of {}: the deadline passed; what has not started stays", self);
-        }
+        check_deadline(now_ms);
         if (drain_->settle(now_string())) {
             admission_ = "cordoned"; // nothing moves back until it is uncordoned
             set_admission();
@@ -337,6 +446,7 @@ asio::awaitable<void> Planner::pass() {
     bool drain_wants = drain_ && drain_->active() && drain_->count(VmDrainState::waiting) > 0;
     if (!drain_wants && waiting_.empty()) {
         save();
+        release_submitters();
         co_return;
     }
     std::vector<json> nodes;
@@ -347,6 +457,8 @@ asio::awaitable<void> Planner::pass() {
     if (stopped_)
         co_return;
     now_ms = unix_ms();
+    if (drain_ && drain_->active())
+        check_deadline(now_ms); // it may have passed while the peers answered
 
     // What runs now, counted once (a source and its target both list it).
     InFlight running;
@@ -507,6 +619,12 @@ asio::awaitable<Result<json>> Planner::submit(engine::MigrateRequest request, La
     for (auto& w : waiting_)
         if (w.request.vm == request.vm)
             co_return make_error(Errc::conflict, fmt::format("VM {} already waits to migrate ({})", request.vm, w.id));
+    if (drain_ && drain_->active())
+        if (auto* v = drain_->find(request.vm);
+            v && (v->state == VmDrainState::waiting || v->state == VmDrainState::migrating))
+            co_return make_error(Errc::conflict, fmt::format("VM {} is being moved by the drain of {} (ferryctl node "
+                                                             "drain --status)",
+                                                             request.vm, drain_->node));
     std::string id = fmt::format("{}-queued-{}", request.vm, ++seq_);
     waiting_.push_back({id, std::move(request), std::move(added), now_string(), "", false});
     auto timer = std::make_shared<asio::steady_timer>(timer_.get_executor(), asio::steady_timer::time_point::max());
@@ -540,7 +658,9 @@ std::optional<Result<json>> Planner::show(const std::string& id) const {
     for (auto& w : all)
         if (w["id"] == id)
             return ok(std::move(w));
-    if (auto s = started_as_.find(id); s != started_as_.end())
+    if (auto e = ended_.find(id); e != ended_.end())
+        return ok(e->second);
+    if (auto s = started_as_.find(id); s != started_as_.end() && !s->second.empty())
         return engine_.show_migration(s->second);
     return std::nullopt;
 }
@@ -548,11 +668,16 @@ std::optional<Result<json>> Planner::show(const std::string& id) const {
 std::optional<Result<json>> Planner::cancel(const std::string& id) {
     auto w = std::find_if(waiting_.begin(), waiting_.end(), [&](auto& e) { return e.id == id; });
     if (w == waiting_.end()) {
-        if (auto s = started_as_.find(id); s != started_as_.end())
+        if (auto e = ended_.find(id); e != ended_.end())
+            return Result<json>(make_error(Errc::conflict, fmt::format("{} has ended", id)));
+        if (auto s = started_as_.find(id); s != started_as_.end() && !s->second.empty())
             return engine_.abort_migration(s->second);
         return std::nullopt;
     }
-    json out{{"id", id}, {"vm", w->request.vm}, {"phase", "Failed"}, {"failure_reason", "cancelled before it started"}};
+    json out = failed_json(*w, "cancelled before it started");
+    remember_end(id, out);
+    if (auto t = submitted_.find(id); t != submitted_.end())
+        t->second->cancel(); // a submit() still waiting learns it at once
     waiting_.erase(w);
     save();
     log()->info("{} cancelled before it started", id);
@@ -614,9 +739,10 @@ asio::awaitable<Result<json>> Planner::drain_here(DrainOptions options) {
         admission_ = "draining";
         co_return make_error(Errc::conflict, fmt::format("{} is already draining", self));
     }
-    if (admission_ != "draining") { // uncordoned meanwhile
-        co_return make_error(Errc::conflict, fmt::format("{} was uncordoned while the drain was planned", self));
-    }
+    if (admission_ != "draining") // changed meanwhile
+        co_return make_error(Errc::conflict,
+                             fmt::format("{} became {} while the drain was planned; nothing was started", self,
+                                         admission_));
     Drain d;
     d.node = self;
     d.started_at = now_string();
@@ -626,18 +752,15 @@ asio::awaitable<Result<json>> Planner::drain_here(DrainOptions options) {
     json cannot = json::array(), no_room = json::array();
     std::int64_t fit = 0;
     for (auto& name : engine_.vm_names()) {
-        VmDrain v;
-        v.name = name;
+        VmDrain v = drain_vm(name);
         const auto* spec = engine_.vm_spec(name);
-        std::vector<std::string> blockers;
-        if (!spec)
-            blockers.push_back("adopted without a spec, so ferry cannot start it elsewhere");
-        else
-            blockers = migration_blockers(*spec);
-        if (!blockers.empty()) {
-            v.state = VmDrainState::cannot_move;
-            v.error = fmt::format("{}", fmt::join(blockers, "; "));
+        if (v.state == VmDrainState::cannot_move) {
             cannot.push_back({{"vm", name}, {"why", v.error}});
+            d.vms.push_back(std::move(v));
+            continue;
+        }
+        if (v.state == VmDrainState::migrating) { // already leaving
+            ++fit;
             d.vms.push_back(std::move(v));
             continue;
         }
@@ -697,9 +820,10 @@ asio::awaitable<json> Planner::on_peer(Planner* self, json msg) {
 }
 
 namespace {
-asio::awaitable<Result<json>> ask(engine::Engine& engine, const std::string& node, json msg) {
+asio::awaitable<Result<json>> ask(engine::Engine& engine, const std::string& node, json msg,
+                                  std::chrono::seconds answer = std::chrono::seconds(10)) {
     msg["type"] = "scheduler";
-    auto r = co_await engine.ask_peer(node, std::move(msg));
+    auto r = co_await engine.ask_peer(node, std::move(msg), answer);
     if (!r)
         co_return r.error();
     if (!r->contains("result"))
@@ -728,7 +852,8 @@ asio::awaitable<Result<json>> Planner::drain(std::string node, DrainOptions opti
     json msg = json::object();
     msg["op"] = std::string("drain");
     msg["options"] = std::move(o);
-    auto r = co_await ask(engine_, node, std::move(msg));
+    // Its pre-flight asks every node for facts (up to 20 s for one that is down).
+    auto r = co_await ask(engine_, node, std::move(msg), std::chrono::seconds(45));
     co_return r;
 }
 

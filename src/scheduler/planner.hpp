@@ -19,6 +19,7 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include <deque>
 #include <map>
 #include <memory>
 #include <optional>
@@ -74,6 +75,13 @@ private:
     enum class Kind { drain, user };
 
     static boost::asio::awaitable<void> loop(Planner* self);
+    void check_deadline(std::int64_t now_ms);
+    json failed_json(const Waiting& w, const std::string& why) const;
+    VmDrain drain_vm(const std::string& name);
+    void remember_start(const std::string& queued, const std::string& id);
+    void remember_end(const std::string& queued, json object);
+    json started_as_json() const;
+    void release_submitters(); // wakes every submit() to look at its request
     static boost::asio::awaitable<json> on_peer(Planner* self, json msg);
     boost::asio::awaitable<void> pass();
     // Settles the migrations it started that have ended.
@@ -92,7 +100,10 @@ private:
     std::string admission_ = "ready"; // ready | cordoned | draining
     std::optional<Drain> drain_;
     std::vector<Waiting> waiting_;
-    std::map<std::string, std::string> started_as_;  // waiting id -> migration id
+    std::map<std::string, std::string> started_as_;  // waiting id -> migration id ("" when it ended unstarted)
+    std::map<std::string, json> ended_;              // waiting id -> why it ended without starting
+    std::deque<std::string> start_order_;            // waiting ids as they started or ended, oldest first
+    std::string saved_;                              // what the file holds
     std::map<std::string, std::pair<Kind, std::string>> tracked_; // migration id -> (kind, VM)
     std::map<std::string, Outcome> outcomes_;        // of submitted requests, until submit() reads them
     std::map<std::string, std::shared_ptr<boost::asio::steady_timer>> submitted_;
