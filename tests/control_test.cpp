@@ -402,13 +402,68 @@ unsigned short free_port() {
     return a.local_endpoint().port();
 }
 
-class TwoNodes : public ::testing::Test {
+// ferryd processes, one per node, each with its own config, socket and log.
+class NodeProcesses : public ::testing::Test {
 protected:
     struct Node {
         std::string name, socket, config;
         pid_t pid = -1;
         unsigned short port = 0;
     };
+    void start(Node& n) {
+        std::filesystem::remove(n.socket);
+        n.pid = ::fork();
+        if (n.pid == 0) {
+            ::prctl(PR_SET_PDEATHSIG, SIGKILL); // never outlive a crashed test (it would hold meson's pipe)
+            auto log = dir_ / (n.name + ".log");
+            std::freopen(log.c_str(), "a", stderr);
+            ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);
+            _exit(127);
+        }
+        for (int i = 0; i < 200 && !std::filesystem::exists(n.socket); ++i)
+            std::this_thread::sleep_for(20ms);
+        ASSERT_TRUE(std::filesystem::exists(n.socket)) << ferry::test::read_file(dir_ / (n.name + ".log"));
+    }
+    void stop(Node& n, int sig) {
+        if (n.pid <= 0)
+            return;
+        ::kill(n.pid, sig);
+        ::waitpid(n.pid, nullptr, 0);
+        n.pid = -1;
+    }
+    Output ctl(Node& n, const std::string& args) {
+        return sh(ferry::test::ferryctl_bin() + " --socket " + n.socket + " " + args, dir_);
+    }
+    json ctl_json(Node& n, const std::string& args) {
+        auto o = ctl(n, "--json " + args);
+        EXPECT_EQ(o.status, 0) << n.name << " " << args << ": " << o.err;
+        return json::parse(o.out, nullptr, false);
+    }
+    // A node's ferryd.toml up to its peers: TLS from pki/, debug logs, TCG,
+    // `migration` as its [migration] table.
+    std::string node_toml(const Node& n, const std::string& migration) const {
+        return fmt::format(R"([node]
+name = "{0}"
+state_dir = "{1}/state-{2}"
+control_socket = "{3}"
+listen = "127.0.0.1:{4}"
+accel = "tcg"
+log_level = "debug"
+[tls]
+ca = "{1}/pki/ca.pem"
+cert = "{1}/pki/{0}.pem"
+key = "{1}/pki/{0}-key.pem"
+[migration]
+{5}
+)",
+                           n.name, dir_.path(), n.name.substr(5), n.socket, n.port, migration);
+    }
+
+    TempDir dir_;
+};
+
+class TwoNodes : public NodeProcesses {
+protected:
     void SetUp() override {
         auto pki = sh(ferry::test::ferryctl_bin() + " pki init --dir " + (dir_ / "pki") + " --nodes node-a,node-b", dir_);
         ASSERT_EQ(pki.status, 0) << pki.err;
@@ -519,24 +574,9 @@ format = ")" + format + R"("
             auto& n = nodes_[i];
             auto& other = nodes_[1 - i];
             std::string letter = n.name.substr(5);
-            ferry::test::write_file(n.config, fmt::format(R"([node]
-name = "{0}"
-state_dir = "{1}/state-{2}"
-control_socket = "{3}"
-listen = "127.0.0.1:{4}"
-accel = "tcg"
-log_level = "debug"
-[tls]
-ca = "{1}/pki/ca.pem"
-cert = "{1}/pki/{0}.pem"
-key = "{1}/pki/{0}-key.pem"
-[migration]
-{5}
-[[peers]]
-name = "{6}"
-address = "127.0.0.1:{7}"
-)", n.name, dir_.path(), letter, n.socket, n.port, migration, other.name,
-                                                          i == 0 && b_via_ ? b_via_ : other.port) +
+            ferry::test::write_file(n.config, node_toml(n, migration) +
+                                                  fmt::format("[[peers]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n",
+                                                              other.name, i == 0 && b_via_ ? b_via_ : other.port) +
                                                   std::regex_replace(extra, std::regex("\\{letter\\}"), letter));
         }
     }
@@ -549,35 +589,6 @@ address = "127.0.0.1:{7}"
         }
         // A test that failed mid-migration leaves QEMUs a delete refused.
         ferry::test::kill_processes_mentioning(dir_.path() + "/");
-    }
-    void start(Node& n) {
-        std::filesystem::remove(n.socket);
-        n.pid = ::fork();
-        if (n.pid == 0) {
-            ::prctl(PR_SET_PDEATHSIG, SIGKILL); // never outlive a crashed test (it would hold meson's pipe)
-            auto log = dir_ / (n.name + ".log");
-            std::freopen(log.c_str(), "a", stderr);
-            ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);
-            _exit(127);
-        }
-        for (int i = 0; i < 200 && !std::filesystem::exists(n.socket); ++i)
-            std::this_thread::sleep_for(20ms);
-        ASSERT_TRUE(std::filesystem::exists(n.socket)) << ferry::test::read_file(dir_ / (n.name + ".log"));
-    }
-    void stop(Node& n, int sig) {
-        if (n.pid <= 0)
-            return;
-        ::kill(n.pid, sig);
-        ::waitpid(n.pid, nullptr, 0);
-        n.pid = -1;
-    }
-    Output ctl(Node& n, const std::string& args) {
-        return sh(ferry::test::ferryctl_bin() + " --socket " + n.socket + " " + args, dir_);
-    }
-    json ctl_json(Node& n, const std::string& args) {
-        auto o = ctl(n, "--json " + args);
-        EXPECT_EQ(o.status, 0) << n.name << " " << args << ": " << o.err;
-        return json::parse(o.out, nullptr, false);
     }
     void create_on_a() {
         ctl_json(a(), "vm create --spec " + (dir_ / "vm.toml"));
@@ -710,7 +721,6 @@ append = "ws=32 rate=48 hb=50"
         return {source_pid, id};
     }
 
-    TempDir dir_;
     Node nodes_[2];
     unsigned short b_via_ = 0; // node-a reaches node-b through this port (a proxy)
 };
@@ -1481,13 +1491,8 @@ TEST_F(TwoNodes, ADestinationLostInPostcopyFailsAndNeverResumesTheSource) {
 
 namespace {
 
-class ThreeNodes : public ::testing::Test {
+class ThreeNodes : public NodeProcesses {
 protected:
-    struct Node {
-        std::string name, socket, config;
-        pid_t pid = -1;
-        unsigned short port = 0;
-    };
     void SetUp() override {
         auto pki = sh(ferry::test::ferryctl_bin() + " pki init --dir " + (dir_ / "pki") +
                           " --nodes node-a,node-b,node-c",
@@ -1508,56 +1513,13 @@ protected:
     void configure(const std::string& migration) {
         for (int i = 0; i < 3; ++i) {
             auto& n = nodes_[i];
-            std::string text = fmt::format(R"([node]
-name = "{0}"
-state_dir = "{1}/state-{2}"
-control_socket = "{3}"
-listen = "127.0.0.1:{4}"
-accel = "tcg"
-log_level = "debug"
-[tls]
-ca = "{1}/pki/ca.pem"
-cert = "{1}/pki/{0}.pem"
-key = "{1}/pki/{0}-key.pem"
-[migration]
-{5}
-)",
-                                           n.name, dir_.path(), n.name.substr(5), n.socket, n.port, migration);
+            std::string text = node_toml(n, migration);
             for (int j = 0; j < 3; ++j)
                 if (j != i)
                     text += fmt::format("[[peers]]\nname = \"{}\"\naddress = \"127.0.0.1:{}\"\n", nodes_[j].name,
                                         nodes_[j].port);
             ferry::test::write_file(n.config, text);
         }
-    }
-    void start(Node& n) {
-        std::filesystem::remove(n.socket);
-        n.pid = ::fork();
-        if (n.pid == 0) {
-            ::prctl(PR_SET_PDEATHSIG, SIGKILL);
-            auto log = dir_ / (n.name + ".log");
-            std::freopen(log.c_str(), "a", stderr);
-            ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);
-            _exit(127);
-        }
-        for (int i = 0; i < 200 && !std::filesystem::exists(n.socket); ++i)
-            std::this_thread::sleep_for(20ms);
-        ASSERT_TRUE(std::filesystem::exists(n.socket)) << ferry::test::read_file(dir_ / (n.name + ".log"));
-    }
-    void stop(Node& n, int sig) {
-        if (n.pid <= 0)
-            return;
-        ::kill(n.pid, sig);
-        ::waitpid(n.pid, nullptr, 0);
-        n.pid = -1;
-    }
-    Output ctl(Node& n, const std::string& args) {
-        return sh(ferry::test::ferryctl_bin() + " --socket " + n.socket + " " + args, dir_);
-    }
-    json ctl_json(Node& n, const std::string& args) {
-        auto o = ctl(n, "--json " + args);
-        EXPECT_EQ(o.status, 0) << n.name << " " << args << ": " << o.err;
-        return json::parse(o.out, nullptr, false);
     }
     // Small guests (64 MiB, 8 MiB working set: 2048 pages) on node `n`, each writing.
     void create_vms(Node& n, const std::vector<std::string>& names, const std::string& extra = "") {
@@ -1593,17 +1555,15 @@ key = "{1}/pki/{0}-key.pem"
                       " --pages 2048 --dump " + (dir_ / "dump.bin"),
                   dir_);
     }
-    // Follows `node`'s drain (asked on node `via`) until it is no longer running.
-    json wait_drain(Node& via, const std::string& node, int seconds = 240) {
+    // node-b's drain status once `count` of its VMs are in `state` (or the
+    // last status after `limit`).
+    json drain_when(const char* state, int count, std::chrono::seconds limit) {
         json s;
-        for (int i = 0; i < seconds * 5; ++i) {
-            auto o = ctl(via, "--json node drain --status " + node);
-            if (o.status == 0) {
-                s = json::parse(o.out, nullptr, false);
-                if (s["drain"].is_object() && s["drain"]["state"] != "running")
-                    return s;
-            }
-            std::this_thread::sleep_for(200ms);
+        for (auto end = std::chrono::steady_clock::now() + limit; std::chrono::steady_clock::now() < end;) {
+            s = ctl_json(b(), "node drain --status");
+            if (s["drain"]["counts"].value(state, 0) == count)
+                break;
+            std::this_thread::sleep_for(100ms);
         }
         return s;
     }
@@ -1611,7 +1571,6 @@ key = "{1}/pki/{0}-key.pem"
     Node& b() { return nodes_[1]; }
     Node& c() { return nodes_[2]; }
 
-    TempDir dir_;
     Node nodes_[3];
 };
 
@@ -1664,13 +1623,7 @@ TEST_F(ThreeNodes, DrainMovesEveryVmUnderTheLimitsAndReportsTheOneThatFitsNowher
     EXPECT_EQ(nodes[1]["state"], "draining");
 
     // The six move; picky waits, with its reason.
-    json s;
-    for (int i = 0; i < 1200; ++i) {
-        s = ctl_json(b(), "node drain --status");
-        if (s["drain"]["counts"].value("moved", 0) == 6)
-            break;
-        std::this_thread::sleep_for(200ms);
-    }
+    auto s = drain_when("moved", 6, 240s);
     ASSERT_EQ(s["drain"]["counts"].value("moved", 0), 6) << s.dump(2) << ferry::test::read_file(dir_ / "node-b.log");
     EXPECT_EQ(s["drain"]["state"], "running");
     for (auto& v : s["drain"]["vms"])
@@ -1722,13 +1675,7 @@ TEST_F(ThreeNodes, UncordonMidDrainCancelsWhatHasNotStartedAndACordonedNodeTakes
     auto started = ctl_json(b(), "node drain --max-parallel 1");
     EXPECT_EQ(started["drain"]["max_parallel"], 1);
     // One migrates (to node-a: node-c is cordoned), the others wait for it.
-    json s;
-    for (int i = 0; i < 300; ++i) {
-        s = ctl_json(b(), "node drain --status");
-        if (s["drain"]["counts"].value("migrating", 0) == 1)
-            break;
-        std::this_thread::sleep_for(100ms);
-    }
+    auto s = drain_when("migrating", 1, 30s);
     ASSERT_EQ(s["drain"]["counts"].value("migrating", 0), 1) << s.dump(2);
     EXPECT_EQ(s["drain"]["counts"].value("waiting", 0), 2);
     std::string moving;
@@ -1765,13 +1712,7 @@ TEST_F(ThreeNodes, ADrainSurvivesARestartOfItsPlannerAndCompletes) {
         ASSERT_NO_FATAL_FAILURE(start(n));
     ASSERT_NO_FATAL_FAILURE(create_vms(b(), {"vm1", "vm2", "vm3"}));
     ctl_json(b(), "node drain");
-    json s;
-    for (int i = 0; i < 300; ++i) {
-        s = ctl_json(b(), "node drain --status");
-        if (s["drain"]["counts"].value("migrating", 0) == 1)
-            break;
-        std::this_thread::sleep_for(100ms);
-    }
+    auto s = drain_when("migrating", 1, 30s);
     ASSERT_EQ(s["drain"]["counts"].value("migrating", 0), 1) << s.dump(2);
     // node-b's ferryd dies mid-migration; its guests run on.
     stop(b(), SIGKILL);
