@@ -1627,9 +1627,10 @@ TEST_F(ThreeNodes, DrainMovesEveryVmUnderTheLimitsAndReportsTheOneThatFitsNowher
     ASSERT_EQ(s["drain"]["counts"].value("moved", 0), 6) << s.dump(2) << ferry::test::read_file(dir_ / "node-b.log");
     EXPECT_EQ(s["drain"]["state"], "running");
     // Its reason is the next planning pass's, once the last slot is free.
-    json picky;
+    json picky = json::object();
     for (int i = 0; i < 100; ++i) {
-        for (auto& v : ctl_json(b(), "node drain --status")["drain"]["vms"])
+        auto status = ctl_json(b(), "node drain --status"); // kept: the loop below reads into it
+        for (auto& v : status["drain"]["vms"])
             if (v["name"] == "picky")
                 picky = v;
         if (picky.value("reason", "").find("node_selector zone=nowhere") != std::string::npos)
