@@ -49,6 +49,9 @@ append = "ws=32 rate=8 hb=50"
     void TearDown() override {
         ctl("vm delete demo");
         stop();
+        // ferryd leaves QEMU running by design: a test that ended mid-migration
+        // (or failed) leaves its source and destination, which go here.
+        ferry::test::kill_processes_mentioning(dir_.path() + "/");
     }
     // ferryd.toml with extra lines in [node] and [migration].
     void write_config(const std::string& node_extra = "", const std::string& migration_extra = "") {
