@@ -66,6 +66,23 @@ std::optional<engine::MigrateRequest> request_from(const json& j) {
 
 std::string drain_id(const std::string& vm) { return "drain/" + vm; }
 
+// Records in `nodes` (every node's facts) that VM `vm` of `source` is headed
+// to `target`, so later placements count its memory and CPUs there.
+void commit(std::vector<json>& nodes, const engine::Engine& engine, const std::string& source,
+            const std::string& vm, const std::string& target) {
+    const auto* spec = engine.vm_spec(vm);
+    for (auto& f : nodes)
+        if (f.is_object() && f.value("name", std::string()) == target && f.contains("migrations") &&
+            f["migrations"].is_array())
+            f["migrations"].push_back({{"id", "planned/" + vm},
+                                       {"vm", vm},
+                                       {"source_node", source},
+                                       {"target_node", target},
+                                       {"phase", "Scheduling"},
+                                       {"memory", spec ? spec->memory : 0},
+                                       {"cpus", spec ? spec->cpus : 0}});
+}
+
 } // namespace
 
 Planner::Planner(engine::Engine& engine)
@@ -375,13 +392,11 @@ void Planner::check_deadline(std::int64_t now_ms) {
 }
 
 json Planner::failed_json(const Waiting& w, const std::string& why) const {
-    return json{{"id", w.id},
-                {"vm", w.request.vm},
-                {"source_node", engine_.config().node.name},
-                {"target_node", w.request.target_node ? json(*w.request.target_node) : json(nullptr)},
-                {"phase", "Failed"},
-                {"failure_reason", why},
-                {"created_at", w.created_at}};
+    auto j = pending_json(w);
+    j.erase("reason");
+    j["phase"] = "Failed";
+    j["failure_reason"] = why;
+    return j;
 }
 
 // A VM joining a drain: waiting, or tracked if a migration of it runs.
@@ -551,23 +566,7 @@ asio::awaitable<void> Planner::pass() {
     std::vector<Start> starts;
     queue.start_all(running, limits, placer, [&](const Start& s) {
         starts.push_back(s);
-        // Later placements in this pass see the VM's memory headed there.
-        std::uint64_t memory = 0;
-        std::int64_t cpus = 0;
-        if (auto* spec = engine_.vm_spec(s.request.vm)) {
-            memory = spec->memory;
-            cpus = spec->cpus;
-        }
-        for (auto& f : nodes)
-            if (f.is_object() && f.value("name", std::string()) == s.target && f.contains("migrations") &&
-                f["migrations"].is_array())
-                f["migrations"].push_back({{"id", "planned/" + s.request.vm},
-                                           {"vm", s.request.vm},
-                                           {"source_node", self},
-                                           {"target_node", s.target},
-                                           {"phase", "Scheduling"},
-                                           {"memory", memory},
-                                           {"cpus", cpus}});
+        commit(nodes, engine_, self, s.request.vm, s.target); // later placements in this pass see it
     });
     for (auto& s : starts)
         start_one(s, kinds[s.request.id]);
@@ -596,18 +595,22 @@ asio::awaitable<void> Planner::pass() {
         t->cancel();
 }
 
+json Planner::pending_json(const Waiting& w) const {
+    return json{{"id", w.id},
+                {"vm", w.request.vm},
+                {"source_node", engine_.config().node.name},
+                {"target_node", w.request.target_node ? json(*w.request.target_node) : json(nullptr)},
+                {"phase", "Pending"},
+                {"reason", w.reason},
+                {"node_selector", w.added},
+                {"created_at", w.created_at},
+                {"priority", "user"}};
+}
+
 json Planner::waiting() const {
     json out = json::array();
     for (auto& w : waiting_)
-        out.push_back({{"id", w.id},
-                       {"vm", w.request.vm},
-                       {"source_node", engine_.config().node.name},
-                       {"target_node", w.request.target_node ? json(*w.request.target_node) : json(nullptr)},
-                       {"phase", "Pending"},
-                       {"reason", w.reason},
-                       {"node_selector", w.added},
-                       {"created_at", w.created_at},
-                       {"priority", "user"}});
+        out.push_back(pending_json(w));
     return out;
 }
 
@@ -654,10 +657,9 @@ asio::awaitable<Result<json>> Planner::submit(engine::MigrateRequest request, La
 }
 
 std::optional<Result<json>> Planner::show(const std::string& id) const {
-    auto all = waiting();
-    for (auto& w : all)
-        if (w["id"] == id)
-            return ok(std::move(w));
+    for (auto& w : waiting_)
+        if (w.id == id)
+            return ok(pending_json(w));
     if (auto e = ended_.find(id); e != ended_.end())
         return ok(e->second);
     if (auto s = started_as_.find(id); s != started_as_.end() && !s->second.empty())
@@ -753,7 +755,6 @@ asio::awaitable<Result<json>> Planner::drain_here(DrainOptions options) {
     std::int64_t fit = 0;
     for (auto& name : engine_.vm_names()) {
         VmDrain v = drain_vm(name);
-        const auto* spec = engine_.vm_spec(name);
         if (v.state == VmDrainState::cannot_move) {
             cannot.push_back({{"vm", name}, {"why", v.error}});
             d.vms.push_back(std::move(v));
@@ -767,15 +768,7 @@ asio::awaitable<Result<json>> Planner::drain_here(DrainOptions options) {
         auto p = place_vm(nodes, self, name, true);
         if (p && p->fits()) {
             ++fit;
-            auto& target = p->ranked.front().node;
-            for (auto& f : nodes)
-                if (f.is_object() && f.value("name", std::string()) == target && f.contains("migrations") &&
-                    f["migrations"].is_array())
-                    f["migrations"].push_back({{"id", "planned/" + name},
-                                               {"source_node", self},
-                                               {"target_node", target},
-                                               {"memory", spec->memory},
-                                               {"cpus", spec->cpus}});
+            commit(nodes, engine_, self, name, p->ranked.front().node);
         } else {
             no_room.push_back({{"vm", name}, {"why", p ? p->why_none(name) : p.error().message}});
         }

@@ -76,6 +76,7 @@ private:
 
     static boost::asio::awaitable<void> loop(Planner* self);
     void check_deadline(std::int64_t now_ms);
+    json pending_json(const Waiting& w) const;
     json failed_json(const Waiting& w, const std::string& why) const;
     VmDrain drain_vm(const std::string& name);
     void remember_start(const std::string& queued, const std::string& id);
