@@ -102,6 +102,27 @@ bandwidth_per_migration = "64MB"
               std::string::npos) << msg;
 }
 
+TEST(NodeConfig, HooksTakeAnAbsoluteDirAndATimeoutInRange) {
+    auto c = parse_node_config("[node]\nname = \"a\"\n[hooks]\ndir = \"/etc/ferry/hooks.d\"\ntimeout = 5\n"
+                               "announce_self = false\n",
+                               "f.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->hooks.dir, "/etc/ferry/hooks.d");
+    EXPECT_EQ(c->hooks.timeout, 5);
+    EXPECT_FALSE(c->hooks.announce_self);
+    auto defaults = parse_node_config("[node]\nname = \"a\"\n", "f.toml");
+    ASSERT_TRUE(defaults);
+    EXPECT_TRUE(defaults->hooks.dir.empty());
+    EXPECT_EQ(defaults->hooks.timeout, 30);
+    EXPECT_TRUE(defaults->hooks.announce_self);
+    auto bad = parse_node_config("[node]\nname = \"a\"\n[hooks]\ndir = \"hooks.d\"\ntimeout = 0\nrun = 1\n", "f.toml");
+    ASSERT_FALSE(bad);
+    auto msg = bad.error().message;
+    EXPECT_NE(msg.find("f.toml:4: key 'hooks.dir': \"hooks.d\" is not an absolute path"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("f.toml:5: key 'hooks.timeout': 0 is out of range"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("f.toml:6: unknown key 'hooks.run'"), std::string::npos) << msg;
+}
+
 TEST(NodeConfig, MissingNameAndSyntaxErrors) {
     auto missing = parse_node_config("[node]\nstate_dir = \"/x\"\n", "f.toml");
     ASSERT_FALSE(missing);

@@ -1282,8 +1282,8 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
     ctl_json(b(), "vm create --spec " + (dir_ / "picky.toml"));
     auto refused = ctl(b(), "migrate demo");
     EXPECT_NE(refused.status, 0);
-    EXPECT_NE(refused.err.find("no node fits demo"), std::string::npos) << refused.err;
-    EXPECT_NE(refused.err.find("node-a: node_selector zone=c: the node has no label zone"), std::string::npos)
+    EXPECT_NE((refused.out + refused.err).find("no node fits demo"), std::string::npos) << refused.err;
+    EXPECT_NE((refused.out + refused.err).find("node-a: node_selector zone=c: the node has no label zone"), std::string::npos)
         << refused.err;
     EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
     EXPECT_EQ(ctl_json(b(), "migration list").size(), 1U) << "only demo's arrival";
@@ -1302,6 +1302,115 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
     EXPECT_EQ(nodes[1]["name"], "node-a");
     EXPECT_EQ(nodes[1]["state"], "unreachable");
     EXPECT_FALSE(nodes[1]["error"].get<std::string>().empty());
+}
+
+// Hooks on both nodes: the order and input docs/hooks.md promises, a
+// target's failing prepare hook that keeps the VM home with its message, a
+// hook past its timeout killed with what it started, and a failure after
+// the switchover reported and not rolled back.
+TEST_F(TwoNodes, HooksRunInOrderOnBothNodesAndAFailingPrepareHookKeepsTheVmHome) {
+    auto d = dir_.path();
+    for (auto letter : {"a", "b"}) {
+        auto hooks = d + "/hooks-" + letter;
+        std::filesystem::create_directories(hooks);
+        // Every phase: one line in a log both nodes share, and its input.
+        ferry::test::write_file(hooks + "/10-record", "#!/bin/sh\n"
+                                "cat > " + d + "/input-$FERRY_NODE-$2.json\n"
+                                "echo \"$FERRY_NODE $2 $3 vm=$1 id=$4 env=$FERRY_VM/$FERRY_PHASE/$FERRY_ROLE/"
+                                "$FERRY_MIGRATION_ID pid=${FERRY_QEMU_PID:-none}\" >> " + d + "/hooks.log\n");
+        // Skipped: hidden, not executable, an editor's backup.
+        for (auto skipped : {"/.hidden", "/15-not-executable", "/10-record~"})
+            ferry::test::write_file(hooks + skipped, "#!/bin/sh\necho ran $0 >> " + d + "/skipped.log\nexit 1\n");
+        for (auto name : {"/10-record", "/.hidden", "/10-record~"})
+            std::filesystem::permissions(hooks + name, std::filesystem::perms::owner_all);
+    }
+    ferry::test::write_file(d + "/hooks-b/20-gate", "#!/bin/sh\n"
+                            "[ \"$2\" = prepare ] || exit 0\n"
+                            "if [ -e " + d + "/hang ]; then sleep 987 & wait; fi\n"
+                            "if [ -e " + d + "/refuse ]; then echo 'no bridge br-test on node-b' >&2; exit 3; fi\n");
+    ferry::test::write_file(d + "/hooks-a/30-late", "#!/bin/sh\n"
+                            "[ \"$2\" = released ] || exit 0\necho 'route cleanup failed' >&2\nexit 1\n");
+    for (auto name : {"/hooks-b/20-gate", "/hooks-a/30-late"})
+        std::filesystem::permissions(d + name, std::filesystem::perms::owner_all);
+    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 2\n");
+    start(a());
+    start(b());
+    create_on_a();
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto log_lines = [&] {
+        std::vector<std::string> lines;
+        std::istringstream in(ferry::test::read_file(d + "/hooks.log"));
+        // Arguments and environment agree: "<node> <phase> <role> vm=demo id=<id> env=demo/<phase>/<role>/<id>".
+        static const std::regex shape("(node-[ab]) ([a-z]+) (source|target) vm=demo id=(demo-[a-z0-9-]+) "
+                                      "env=demo/\\2/\\3/\\4 pid=.*");
+        for (std::string line; std::getline(in, line);) {
+            EXPECT_TRUE(std::regex_match(line, shape)) << line;
+            lines.push_back(line.substr(0, line.find(" vm=")));
+        }
+        std::filesystem::remove(d + "/hooks.log");
+        return lines;
+    };
+    using Lines = std::vector<std::string>;
+
+    // The target refuses in prepare: its message, the VM home, both sides' aborted.
+    ferry::test::write_file(d + "/refuse", "");
+    auto refused = ctl(a(), "migrate demo --to node-b --wait");
+    EXPECT_NE(refused.status, 0);
+    EXPECT_NE((refused.out + refused.err).find("hook 20-gate (prepare on the target node-b) exited with status 3: no bridge br-test "
+                               "on node-b"),
+              std::string::npos)
+        << refused.out << refused.err;
+    EXPECT_EQ(log_lines(), (Lines{"node-a prepare source", "node-b prepare target", "node-b aborted target",
+                                  "node-a aborted source"}));
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"], pid);
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["status"], "running");
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    std::filesystem::remove(d + "/refuse");
+
+    // A hook past its 2 s: killed with the child it started; the VM stays.
+    ferry::test::write_file(d + "/hang", "");
+    auto hung = ctl(a(), "migrate demo --to node-b --wait");
+    EXPECT_NE(hung.status, 0);
+    EXPECT_NE((hung.out + hung.err).find("hook 20-gate (prepare on the target node-b) did not finish within 2000 ms; its process "
+                            "group was killed"),
+              std::string::npos)
+        << hung.out << hung.err;
+    EXPECT_EQ(sh("pgrep -f '[s]leep 987'", dir_).status, 1) << "the hook's child outlived its timeout";
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"], pid);
+    std::filesystem::remove(d + "/hang");
+    log_lines();
+
+    // Success: the documented order, the input, and a late failure reported.
+    auto done = ctl(a(), "migrate demo --to node-b --wait --json");
+    ASSERT_EQ(done.status, 0) << done.out << done.err << ferry::test::read_file(d + "/node-b.log");
+    auto m = json::parse(done.out);
+    EXPECT_EQ(m["phase"], "Succeeded");
+    auto id = m["id"].get<std::string>();
+    ASSERT_EQ(m["warnings"].size(), 1U) << m.dump(2);
+    EXPECT_EQ(m["warnings"][0], "hook 30-late (released on the source node-a) exited with status 1: route cleanup failed");
+    auto lines = log_lines();
+    EXPECT_EQ(lines, (Lines{"node-a prepare source", "node-b prepare target", "node-b launched target",
+                            "node-b activated target", "node-a released source"}));
+    auto on_b = ctl_json(b(), "vm show demo");
+    auto launched = json::parse(ferry::test::read_file(d + "/input-node-b-launched.json"));
+    EXPECT_EQ(launched["phase"], "launched");
+    EXPECT_EQ(launched["role"], "target");
+    EXPECT_EQ(launched["node"], "node-b");
+    EXPECT_EQ(launched["migration"]["id"], id);
+    EXPECT_EQ(launched["migration"]["source_node"], "node-a");
+    EXPECT_EQ(launched["spec"]["name"], "demo");
+    EXPECT_EQ(launched["qemu_pid"], on_b["pid"]) << "launched names the destination QEMU";
+    auto released = json::parse(ferry::test::read_file(d + "/input-node-a-released.json"));
+    EXPECT_EQ(released["role"], "source");
+    EXPECT_TRUE(released["qemu_pid"].is_null()) << "the source QEMU is gone by released";
+    EXPECT_EQ(released["migration"]["target_node"], "node-b");
+    EXPECT_EQ(json::parse(ferry::test::read_file(d + "/input-node-b-activated.json"))["qemu_pid"], on_b["pid"]);
+    EXPECT_FALSE(std::filesystem::exists(d + "/skipped.log")) << ferry::test::read_file(d + "/skipped.log");
+    EXPECT_NE(ferry::test::read_file(d + "/node-a.log").find("hook 10-record (released on the source node-a) succeeded"),
+              std::string::npos);
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    EXPECT_FALSE(qemu_alive(pid));
 }
 
 TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {

@@ -4,6 +4,7 @@
 #include "engine/disk_plan.hpp"
 #include "engine/engine.hpp"
 #include "engine/heartbeat.hpp"
+#include "engine/hooks.hpp"
 #include "engine/migration.hpp"
 #include "engine/process.hpp"
 #include "engine/host_facts.hpp"
@@ -1218,4 +1219,41 @@ TEST(GuestVerify, DiskImagesHoldOnePassBoundary) {
     ASSERT_FALSE(torn);
     EXPECT_NE(torn.error().message.find("disk sector 1 word 75"), std::string::npos) << torn.error().message;
     EXPECT_FALSE(ferry::guest::verify_disk_image(dir / "torn", 4)) << "a short image must fail";
+}
+
+TEST(Hooks, RunInNameOrderSkippingWhatRunPartsSkips) {
+    ferry::test::TempDir dir;
+    for (auto name : {"20-routes", "10-net", "10-net~", ".hidden", "30-x.dpkg-old", "40-x.swp", "05-data",
+                      "50-rpm.rpmnew"})
+        ferry::test::write_file(dir / name, "#!/bin/sh\n");
+    for (auto name : {"20-routes", "10-net", "10-net~", ".hidden", "30-x.dpkg-old", "40-x.swp", "50-rpm.rpmnew"})
+        std::filesystem::permissions(dir / name, std::filesystem::perms::owner_all);
+    std::filesystem::create_directories(dir / "15-a-directory");
+    auto hooks = ferry::engine::list_hooks(dir.path());
+    std::vector<std::string> want{dir / "10-net", dir / "20-routes"}; // 05-data is not executable
+    EXPECT_EQ(hooks, want);
+    EXPECT_TRUE(ferry::engine::list_hooks("").empty());
+    EXPECT_TRUE(ferry::engine::list_hooks(dir / "missing").empty());
+}
+
+TEST(Hooks, InputCarriesTheMigrationSpecAndPid) {
+    ferry::engine::Migration m;
+    m.id = "demo-1";
+    m.vm = "demo";
+    m.source_node = "a";
+    m.target_node = "b";
+    ferry::config::VmSpec spec;
+    spec.name = "demo";
+    ferry::engine::HookCall call{ferry::engine::HookPhase::Launched, "target", &m, &spec, "b", 42};
+    auto in = ferry::engine::hook_input(call);
+    EXPECT_EQ(in["phase"], "launched");
+    EXPECT_EQ(in["role"], "target");
+    EXPECT_EQ(in["node"], "b");
+    EXPECT_EQ(in["qemu_pid"], 42);
+    EXPECT_EQ(in["migration"]["id"], "demo-1");
+    EXPECT_EQ(in["spec"]["name"], "demo");
+    call.qemu_pid = -1;
+    EXPECT_TRUE(ferry::engine::hook_input(call)["qemu_pid"].is_null());
+    EXPECT_TRUE(ferry::engine::hook_can_abort(ferry::engine::HookPhase::Launched));
+    EXPECT_FALSE(ferry::engine::hook_can_abort(ferry::engine::HookPhase::Activated));
 }

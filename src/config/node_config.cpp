@@ -231,9 +231,19 @@ void read_policy(const toml::table& t, Problems& p, std::size_t i, NodeConfig& c
     c.policies.push_back(std::move(pol));
 }
 
+void read_hooks(const toml::table& t, Problems& p, HooksSection& h) {
+    TableReader r(t, p, "hooks");
+    r.get("dir", h.dir);
+    r.get("timeout", h.timeout, 1, 600);
+    r.get("announce_self", h.announce_self);
+    if (auto* d = t.get("dir"); d && d->is_string() && !h.dir.empty() && h.dir[0] != '/')
+        p.add(d->source(), fmt::format("key 'hooks.dir': \"{}\" is not an absolute path", h.dir));
+    r.finish();
+}
+
 // Line numbers of the keys that later checks (files, sockets) may name.
 void record_lines(const toml::table& root, NodeConfig& c) {
-    for (auto section : {"node", "tls", "migration", "block"}) {
+    for (auto section : {"node", "tls", "migration", "block", "hooks"}) {
         auto* t = root.get(section) ? root.get(section)->as_table() : nullptr;
         if (!t)
             continue;
@@ -274,6 +284,8 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         read_migration(*t, p, c.migration);
     if (auto* t = subtable(r, "block"))
         read_block(*t, p, c.block);
+    if (auto* t = subtable(r, "hooks"))
+        read_hooks(*t, p, c.hooks);
     r.tables("peers", [&](const toml::table& t, std::size_t i) {
         TableReader pr(t, p, fmt::format("peers[{}]", i));
         Peer peer;

@@ -79,6 +79,14 @@ struct BlockSection {
 // same path when none matches.
 std::string map_disk_path(const BlockSection& block, const std::string& path);
 
+// [hooks]: the executables run at each phase of a migration on this node
+// (docs/hooks.md), and what the node the VM arrives on does for its network.
+struct HooksSection {
+    std::string dir;            // empty: no hooks
+    std::int64_t timeout = 30;  // seconds one hook may run before its process group is killed
+    bool announce_self = true;  // QMP announce-self once the guest runs here after a migration
+};
+
 using Labels = std::map<std::string, std::string>;
 
 // Settings a policy (or a request) may set; unset ones fall through to the
@@ -106,6 +114,7 @@ struct NodeConfig {
     TlsSection tls;
     MigrationConfig migration;
     BlockSection block;
+    HooksSection hooks;
     std::vector<Peer> peers;
     std::vector<MigrationPolicy> policies;
 

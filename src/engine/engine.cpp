@@ -150,6 +150,13 @@ Result<void> Engine::preflight(const config::NodeConfig& c) {
         if (!id)
             return make_error(Errc::invalid_argument, fmt::format("{}: {}", c.where("tls.cert"), id.error().message));
     }
+    if (!c.hooks.dir.empty()) {
+        std::error_code ec;
+        if (!fs::is_directory(c.hooks.dir, ec))
+            return make_error(Errc::invalid_argument,
+                              fmt::format("{}: {} {}", c.where("hooks.dir"), c.hooks.dir,
+                                          fs::exists(c.hooks.dir, ec) ? "is not a directory" : "does not exist"));
+    }
     // The QEMU binary: a path, or a name looked up in PATH.
     auto& qemu = c.node.qemu;
     bool found = false;

@@ -2,6 +2,7 @@
 #include "engine/local_destination.hpp"
 
 #include "engine/async.hpp"
+#include "engine/hooks.hpp"
 #include "engine/process.hpp"
 #include "engine/source_run.hpp"
 
@@ -16,6 +17,9 @@ asio::awaitable<Result<void>> LocalDestination::prepare() {
     auto& node = run_.node();
     auto& m = run_.migration();
     auto& vm = run_.vm();
+    auto hooked = co_await hooks(HookPhase::Prepare);
+    if (!hooked)
+        co_return hooked;
     LaunchRequest req{&node.config().node, &*vm.record.spec, node.vm_dir(vm.record.name), vm.record.generation + 1,
                       true};
     auto q = co_await launch_qemu(node.executor(), req);
@@ -37,6 +41,26 @@ asio::awaitable<Result<void>> LocalDestination::prepare() {
     auto incoming = co_await target_.qmp->execute("migrate-incoming", incoming_args);
     if (!incoming)
         co_return incoming.error().wrap("preparing the destination");
+    co_return co_await hooks(HookPhase::Launched);
+}
+
+asio::awaitable<Result<void>> LocalDestination::hooks(HookPhase phase) {
+    if (phase == HookPhase::Prepare)
+        hooks_started_ = true;
+    else if (!hooks_started_)
+        co_return Result<void>{};
+    auto& node = run_.node();
+    auto& m = run_.migration();
+    auto& vm = run_.vm();
+    int pid = phase == HookPhase::Launched ? target_.pid : phase == HookPhase::Activated ? vm.qemu.pid : -1;
+    HookCall call{phase, "target", &m, &*vm.record.spec, node.config().node.name, pid};
+    auto ran = co_await run_hooks(node.executor(), node.config().hooks, call, Clock::now() + std::chrono::hours(1));
+    if (!ran)
+        co_return ran.error();
+    if (!ran->empty()) {
+        m.warnings.insert(m.warnings.end(), ran->begin(), ran->end());
+        node.persist(m);
+    }
     co_return Result<void>{};
 }
 
@@ -108,6 +132,12 @@ asio::awaitable<Result<void>> LocalDestination::hand_off() {
     m.result.downtime_ms = run_.last_info().value("downtime", std::int64_t{0});
     if (!source_beats.empty())
         co_await measure_blackout(source_beats);
+    if (run_.node().config().hooks.announce_self && run_.source_was_running()) {
+        auto announced = co_await announce_self(*vm.qemu.qmp);
+        if (!announced)
+            m.warnings.push_back(fmt::format("announce-self: {}", announced.error().message));
+    }
+    co_await hooks(HookPhase::Activated);
     co_return Result<void>{};
 }
 
@@ -148,6 +178,7 @@ asio::awaitable<void> LocalDestination::discard() {
         co_await destroy_qemu(run_.node().executor(), target_);
     }
     target_ = QemuInstance{};
+    co_await hooks(HookPhase::Aborted);
 }
 
 } // namespace ferry::engine

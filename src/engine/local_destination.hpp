@@ -2,6 +2,7 @@
 // A same-node migration: the destination QEMU runs on this node, QEMU's own
 // max-bandwidth shapes the stream, and no channel is encrypted.
 #include "engine/destination.hpp"
+#include "engine/hooks.hpp"
 #include "engine/vm.hpp"
 
 namespace ferry::engine {
@@ -27,6 +28,9 @@ public:
 
 private:
     boost::asio::awaitable<void> measure_blackout(const std::vector<Heartbeat>& source_beats);
+    // The target side's hooks of a phase (the source's are SourceRun's).
+    boost::asio::awaitable<Result<void>> hooks(HookPhase phase);
+    bool hooks_started_ = false;
 
     SourceRun& run_;
     QemuInstance target_;

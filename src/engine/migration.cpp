@@ -101,6 +101,7 @@ void to_json(json& j, const Migration& m) {
         {"target_dir", m.target_dir},
         {"created_images", m.created_images},
         {"saved_io_limits", m.saved_io_limits},
+        {"warnings", m.warnings},
     };
 }
 
@@ -180,6 +181,10 @@ void from_json(const json& j, Migration& m) {
         for (auto& path : *c)
             if (path.is_string())
                 m.created_images.push_back(path.get<std::string>());
+    if (auto w = j.find("warnings"); w != j.end() && w->is_array())
+        for (auto& text : *w)
+            if (text.is_string())
+                m.warnings.push_back(text.get<std::string>());
     if (auto s = j.find("saved_io_limits"); s != j.end() && s->is_array())
         for (auto& e : *s)
             if (e.is_object() && e.contains("device") && e["device"].is_string() && e.contains("limits") &&

@@ -95,6 +95,9 @@ struct Migration {
     // replaced, [{device, limits}], which ending the migration (or a restart
     // after a crash) puts back.
     json saved_io_limits = json::array();
+    // What went wrong after the switchover and was not rolled back: hooks
+    // that failed once the VM ran on the target.
+    std::vector<std::string> warnings;
 };
 
 void to_json(json& j, const Migration& m);

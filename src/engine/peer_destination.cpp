@@ -452,6 +452,11 @@ asio::awaitable<Result<void>> PeerDestination::hand_off() {
     m.result.downtime_ms = info.value("downtime", std::int64_t{0});
     if (done->contains("guest_blackout_ms") && (*done)["guest_blackout_ms"].is_number_integer())
         m.result.guest_blackout_ms = (*done)["guest_blackout_ms"].get<std::int64_t>();
+    // The target's activated hooks that failed: reported here too.
+    if (auto w = done->find("warnings"); w != done->end() && w->is_array())
+        for (auto& text : *w)
+            if (text.is_string())
+                m.warnings.push_back(text.get<std::string>());
 
     // The VM lives on the target now: stop the source, forget it here.
     vm->qemu.qmp->unsubscribe(run_.source_subscription());

@@ -3,6 +3,7 @@
 #include "engine/source_run.hpp"
 
 #include "engine/async.hpp"
+#include "engine/hooks.hpp"
 #include "engine/local_destination.hpp"
 #include "engine/peer_destination.hpp"
 
@@ -86,6 +87,9 @@ asio::awaitable<void> SourceRun::run(std::shared_ptr<SourceRun> self) {
 
 asio::awaitable<Result<void>> SourceRun::prepare_target() {
     set_phase(Phase::PreparingTarget);
+    auto hooked = co_await hooks(HookPhase::Prepare);
+    if (!hooked)
+        co_return hooked;
     auto prepared = co_await destination_->prepare();
     if (!prepared)
         co_return prepared;
@@ -303,6 +307,7 @@ asio::awaitable<Result<void>> SourceRun::hand_off() {
     m_.target_dir.clear();
     m_.ended_at = now_string();
     vm_->migration_id.reset();
+    co_await hooks(HookPhase::Released);
     set_phase(Phase::Succeeded);
     destination_->log_success();
     co_return Result<void>{};
@@ -353,7 +358,22 @@ asio::awaitable<void> SourceRun::fail(const Error& error) {
     m_.target_dir.clear();
     m_.ended_at = now_string();
     vm_->migration_id.reset();
+    co_await hooks(HookPhase::Aborted);
     set_phase(Phase::Failed);
+}
+
+asio::awaitable<Result<void>> SourceRun::hooks(HookPhase phase) {
+    auto& config = node_.config();
+    int pid = phase == HookPhase::Released ? -1 : vm_->qemu.pid;
+    HookCall call{phase, "source", &m_, vm_->record.spec ? &*vm_->record.spec : nullptr, config.node.name, pid};
+    auto ran = co_await run_hooks(node_.executor(), config.hooks, call, Clock::now() + std::chrono::hours(1));
+    if (!ran)
+        co_return ran.error();
+    if (!ran->empty()) {
+        m_.warnings.insert(m_.warnings.end(), ran->begin(), ran->end());
+        node_.persist(m_);
+    }
+    co_return Result<void>{};
 }
 
 } // namespace ferry::engine

@@ -3,6 +3,7 @@
 // each a short coroutine. Where the two kinds differ, the Destination does.
 #include "engine/convergence.hpp"
 #include "engine/destination.hpp"
+#include "engine/hooks.hpp"
 #include "engine/migration.hpp"
 #include "engine/node.hpp"
 #include "engine/throttle.hpp"
@@ -61,6 +62,9 @@ private:
     boost::asio::awaitable<Result<void>> hand_off();
     boost::asio::awaitable<void> fail(const Error& error);
     boost::asio::awaitable<void> ensure_source_running();
+    // This side's hooks of a phase: an error before the switchover, warnings
+    // on the record after it.
+    boost::asio::awaitable<Result<void>> hooks(HookPhase phase);
 
     Node& node_;
     std::shared_ptr<Migration> record_; // shared with the node's records

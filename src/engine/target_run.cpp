@@ -7,6 +7,7 @@
 #include "block/target_image.hpp"
 #include "engine/async.hpp"
 #include "engine/heartbeat.hpp"
+#include "engine/hooks.hpp"
 #include "engine/process.hpp"
 
 #include <boost/asio/co_spawn.hpp>
@@ -106,6 +107,16 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     auto& name = spec_.name;
     auto dir = node_.vm_dir(name);
     std::error_code ec;
+    // The source waits 120 s for the answer: this side's hooks (prepare and
+    // launched) get 100 s of it in all.
+    auto hooks_deadline = Clock::now() + 100s;
+    auto hooked = co_await hooks(HookPhase::Prepare, hooks_deadline);
+    if (!hooked) {
+        node_.remove_arriving(m_.id);
+        finished_ = true;
+        co_await hooks(HookPhase::Aborted, Clock::now() + 60s);
+        co_return error_message(hooked.error().message);
+    }
     if (!mirrored_.empty()) {
         // On record before the first image is made: a restarted ferryd
         // removes what a crash left half-copied.
@@ -158,6 +169,11 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     if (!exported.empty()) {
         co_await drop(exported);
         co_return error_message(exported);
+    }
+    hooked = co_await hooks(HookPhase::Launched, hooks_deadline);
+    if (!hooked) {
+        co_await drop(hooked.error().message);
+        co_return error_message(hooked.error().message);
     }
     // Our own record of the arrival: visible here, and cleaned up by a
     // restarted ferryd if we die before the hand-off.
@@ -289,6 +305,12 @@ asio::awaitable<json> TargetRun::finish(const json& msg) {
     json reply{{"type", "finished"}, {"guest_blackout_ms", nullptr}};
     if (resume)
         reply["guest_blackout_ms"] = co_await measure_blackout(msg, *vm);
+    if (resume && m_.mode != "postcopy") // post-copy announced when the guest started here
+        co_await announce(*vm->qemu.qmp);
+    // The source waits 60 s for this answer.
+    qemu_pid_for_hooks_ = vm->qemu.pid;
+    co_await hooks(HookPhase::Activated, Clock::now() + 45s);
+    reply["warnings"] = m_.warnings;
     if (auto* record = node_.migration(m_.id)) {
         record->phase = Phase::Succeeded;
         record->ended_at = now_string();
@@ -298,6 +320,7 @@ asio::awaitable<json> TargetRun::finish(const json& msg) {
             record->result.guest_blackout_ms = reply["guest_blackout_ms"].get<std::int64_t>();
         record->result.total_time_ms = msg.value("total_time_ms", std::int64_t{0});
         record->result.downtime_ms = msg.value("downtime_ms", std::int64_t{0});
+        record->warnings = m_.warnings;
         node_.persist(*record);
     }
     engine_log()->info("migration {}: {} arrived from {} and runs here", m_.id, spec_.name, source_node_);
@@ -348,6 +371,7 @@ asio::awaitable<json> TargetRun::start() {
     if (!cont)
         co_return error_message(fmt::format("starting the VM in post-copy: {}", cont.error().message));
     engine_log()->info("migration {}: {} runs here in post-copy", m_.id, spec_.name);
+    co_await announce(*qemu_.qmp);
     json reply{{"type", "started"}};
     co_return reply;
 }
@@ -402,9 +426,42 @@ asio::awaitable<void> TargetRun::drop(std::string why) {
         record->created_images.clear();
         node_.persist(*record);
     }
+    co_await hooks(HookPhase::Aborted, Clock::now() + 60s);
     if (!node_.has_vm(spec_.name)) {
         std::error_code ec;
         fs::remove_all(node_.vm_dir(spec_.name), ec);
+    }
+}
+
+asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_point deadline) {
+    if (phase == HookPhase::Prepare)
+        hooks_started_ = true;
+    else if (!hooks_started_)
+        co_return Result<void>{}; // nothing ran here that an aborted hook would undo
+    auto& config = node_.config();
+    int pid = phase == HookPhase::Launched ? qemu_.pid : phase == HookPhase::Activated ? qemu_pid_for_hooks_ : -1;
+    HookCall call{phase, "target", &m_, &spec_, config.node.name, pid};
+    auto ran = co_await run_hooks(node_.executor(), config.hooks, call, deadline);
+    if (!ran)
+        co_return ran.error();
+    if (!ran->empty()) {
+        m_.warnings.insert(m_.warnings.end(), ran->begin(), ran->end());
+        if (auto* record = node_.migration(m_.id)) {
+            record->warnings = m_.warnings;
+            node_.persist(*record);
+        }
+    }
+    co_return Result<void>{};
+}
+
+asio::awaitable<void> TargetRun::announce(qmp::Client& qmp) {
+    if (!node_.config().hooks.announce_self)
+        co_return;
+    auto done = co_await announce_self(qmp);
+    if (!done) {
+        auto why = fmt::format("announce-self on {}: {}", node_.config().node.name, done.error().message);
+        engine_log()->warn("migration {}: {}", m_.id, why);
+        m_.warnings.push_back(why);
     }
 }
 

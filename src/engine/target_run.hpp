@@ -5,6 +5,7 @@
 // The peer endpoint (Engine::serve_peer) hands it the source's messages.
 #include "config/vm_spec.hpp"
 #include "engine/disk_mirror.hpp"
+#include "engine/hooks.hpp"
 #include "engine/migration.hpp"
 #include "engine/node.hpp"
 #include "engine/vm.hpp"
@@ -80,8 +81,15 @@ private:
     std::shared_ptr<Vm> take_in(bool resume);
     boost::asio::awaitable<nlohmann::json> measure_blackout(const nlohmann::json& msg, const Vm& vm);
 
+    // This side's hooks of a phase; aborted runs only where prepare did.
+    boost::asio::awaitable<Result<void>> hooks(HookPhase phase, Clock::time_point deadline);
+    // announce-self, when [hooks] announce_self; a failure is a warning.
+    boost::asio::awaitable<void> announce(qmp::Client& qmp);
+
     Node& node_;
     Migration m_;
+    bool hooks_started_ = false;
+    int qemu_pid_for_hooks_ = -1; // the QEMU the VM runs in once taken in
     config::VmSpec spec_;
     QemuInstance qemu_;
     std::string source_node_;

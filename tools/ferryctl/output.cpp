@@ -123,6 +123,10 @@ void print_migration(const json& m) {
         std::cout << fmt::format("abort:        {}\n", str(m, "abort_status"));
     if (!m.at("failure_reason").is_null())
         std::cout << fmt::format("failure:      {}\n", str(m, "failure_reason"));
+    if (auto w = m.find("warnings"); w != m.end() && w->is_array())
+        for (auto& text : *w)
+            if (text.is_string())
+                std::cout << fmt::format("warning:      {}\n", text.get<std::string>());
     const auto& p = m.at("progress");
     std::cout << fmt::format("transferred:  {} of {} ({} remaining)\n",
                              bytes(p.value("transferred_bytes", std::uint64_t{0})),

@@ -1,0 +1,274 @@
+#include "engine/hooks.hpp"
+
+#include "engine/async.hpp"
+
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/read.hpp>
+#include <boost/asio/write.hpp>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <csignal>
+#include <cstring>
+#include <fcntl.h>
+#include <filesystem>
+#include <spawn.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+extern char** environ;
+
+namespace ferry::engine {
+
+namespace asio = boost::asio;
+namespace fs = std::filesystem;
+using namespace std::chrono_literals;
+
+std::string_view to_string(HookPhase p) {
+    switch (p) {
+    case HookPhase::Prepare: return "prepare";
+    case HookPhase::Launched: return "launched";
+    case HookPhase::Activated: return "activated";
+    case HookPhase::Released: return "released";
+    case HookPhase::Aborted: return "aborted";
+    }
+    return "?";
+}
+
+namespace {
+
+bool skipped_name(const std::string& name) {
+    auto ends = [&](std::string_view tail) {
+        return name.size() >= tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+    };
+    return name.empty() || name[0] == '.' || ends("~") || ends(".swp") || name.find(".dpkg-") != std::string::npos ||
+           name.find(".rpm") != std::string::npos;
+}
+
+// What the hook's pipes carry back, shared with their readers.
+struct Output {
+    std::string err;
+    std::string out;
+    int open = 2; // readers still reading
+};
+
+asio::awaitable<void> read_all(std::shared_ptr<Output> output, std::shared_ptr<asio::posix::stream_descriptor> d,
+                               bool is_err) {
+    std::array<char, 4096> buf{};
+    for (;;) {
+        auto [ec, n] = co_await d->async_read_some(asio::buffer(buf), asio::as_tuple(asio::use_awaitable));
+        auto& text = is_err ? output->err : output->out;
+        text.append(buf.data(), n);
+        if (text.size() > 2 * hook_stderr_limit)
+            text.erase(0, text.size() - hook_stderr_limit);
+        if (ec)
+            break;
+    }
+    --output->open;
+}
+
+asio::awaitable<void> write_all(std::shared_ptr<asio::posix::stream_descriptor> d, std::string data) {
+    // A hook that does not read its input gets EPIPE here: fine.
+    co_await asio::async_write(*d, asio::buffer(data), asio::as_tuple(asio::use_awaitable));
+    boost::system::error_code ec;
+    d->close(ec);
+}
+
+std::string last_lines(std::string text) {
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' '))
+        text.pop_back();
+    if (text.size() > hook_stderr_limit)
+        text = "..." + text.substr(text.size() - hook_stderr_limit);
+    return text;
+}
+
+// The outcome of one hook: "" when it succeeded, else why not.
+asio::awaitable<std::string> run_one(asio::any_io_executor ex, const std::string& path, const HookCall& call,
+                                     const std::string& input, std::chrono::milliseconds timeout) {
+    auto& m = *call.migration;
+    auto name = fs::path(path).filename().string();
+    auto what = fmt::format("hook {} ({} on the {} {})", name, to_string(call.phase), call.role, call.node);
+    int in[2], out[2], err[2];
+    if (::pipe2(in, O_CLOEXEC) != 0)
+        co_return fmt::format("{} could not start: pipe: {}", what, std::strerror(errno));
+    if (::pipe2(out, O_CLOEXEC) != 0) {
+        ::close(in[0]), ::close(in[1]);
+        co_return fmt::format("{} could not start: pipe: {}", what, std::strerror(errno));
+    }
+    if (::pipe2(err, O_CLOEXEC) != 0) {
+        ::close(in[0]), ::close(in[1]), ::close(out[0]), ::close(out[1]);
+        co_return fmt::format("{} could not start: pipe: {}", what, std::strerror(errno));
+    }
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, in[0], 0);
+    posix_spawn_file_actions_adddup2(&actions, out[1], 1);
+    posix_spawn_file_actions_adddup2(&actions, err[1], 2);
+    posix_spawn_file_actions_addclosefrom_np(&actions, 3);
+    posix_spawnattr_t attr;
+    posix_spawnattr_init(&attr);
+    // A process group of its own: a timeout kills the hook and what it started.
+    posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETPGROUP | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+    posix_spawnattr_setpgroup(&attr, 0);
+    sigset_t empty, all;
+    sigemptyset(&empty);
+    sigfillset(&all);
+    posix_spawnattr_setsigmask(&attr, &empty);
+    posix_spawnattr_setsigdefault(&attr, &all);
+
+    std::vector<std::string> env;
+    for (char** e = environ; *e; ++e)
+        if (std::strncmp(*e, "FERRY_", 6) != 0)
+            env.emplace_back(*e);
+    auto var = [&](const char* key, const std::string& value) { env.push_back(fmt::format("{}={}", key, value)); };
+    var("FERRY_VM", m.vm);
+    var("FERRY_PHASE", std::string(to_string(call.phase)));
+    var("FERRY_ROLE", call.role);
+    var("FERRY_MIGRATION_ID", m.id);
+    var("FERRY_NODE", call.node);
+    var("FERRY_SOURCE_NODE", m.source_node);
+    var("FERRY_TARGET_NODE", m.target_node);
+    var("FERRY_MODE", m.mode);
+    var("FERRY_METHOD", m.method);
+    if (call.qemu_pid > 0)
+        var("FERRY_QEMU_PID", std::to_string(call.qemu_pid));
+    if (m.failure_reason)
+        var("FERRY_FAILURE_REASON", *m.failure_reason);
+    std::vector<char*> envp;
+    for (auto& e : env)
+        envp.push_back(e.data());
+    envp.push_back(nullptr);
+    std::vector<std::string> args{path, m.vm, std::string(to_string(call.phase)), call.role, m.id};
+    std::vector<char*> argv;
+    for (auto& a : args)
+        argv.push_back(a.data());
+    argv.push_back(nullptr);
+
+    pid_t pid = -1;
+    int rc = ::posix_spawn(&pid, path.c_str(), &actions, &attr, argv.data(), envp.data());
+    posix_spawn_file_actions_destroy(&actions);
+    posix_spawnattr_destroy(&attr);
+    ::close(in[0]), ::close(out[1]), ::close(err[1]);
+    if (rc != 0) {
+        ::close(in[1]), ::close(out[0]), ::close(err[0]);
+        co_return fmt::format("{} could not start: {}", what, std::strerror(rc));
+    }
+    auto started = std::chrono::steady_clock::now();
+    auto output = std::make_shared<Output>();
+    auto d_in = std::make_shared<asio::posix::stream_descriptor>(ex, in[1]);
+    auto d_out = std::make_shared<asio::posix::stream_descriptor>(ex, out[0]);
+    auto d_err = std::make_shared<asio::posix::stream_descriptor>(ex, err[0]);
+    asio::co_spawn(ex, write_all(d_in, input), asio::detached);
+    asio::co_spawn(ex, read_all(output, d_out, false), asio::detached);
+    asio::co_spawn(ex, read_all(output, d_err, true), asio::detached);
+
+    int status = 0;
+    bool timed_out = false;
+    asio::steady_timer timer(ex);
+    for (;;) {
+        pid_t r = ::waitpid(pid, &status, WNOHANG);
+        if (r == pid || (r < 0 && errno != EINTR))
+            break;
+        if (std::chrono::steady_clock::now() - started >= timeout) {
+            timed_out = true;
+            ::kill(-pid, SIGKILL);
+            while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
+            }
+            break;
+        }
+        timer.expires_after(10ms);
+        co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+    // What the hook wrote last may still be in the pipes; a child it left
+    // running may hold them open, so the wait is short.
+    for (int i = 0; i < 20 && output->open > 0; ++i) {
+        timer.expires_after(10ms);
+        co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
+    }
+    boost::system::error_code ec;
+    d_in->close(ec), d_out->close(ec), d_err->close(ec);
+    auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - started);
+    auto err_text = last_lines(output->err);
+    auto out_text = last_lines(output->out);
+    if (!out_text.empty())
+        engine_log()->info("migration {}: {} said: {}", m.id, what, out_text);
+
+    std::string failure;
+    if (timed_out)
+        failure = fmt::format("{} did not finish within {} ms; its process group was killed", what, timeout.count());
+    else if (WIFSIGNALED(status))
+        failure = fmt::format("{} was killed by signal {}", what, WTERMSIG(status));
+    else if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
+        failure = fmt::format("{} exited with status {}", what, WEXITSTATUS(status));
+    if (failure.empty()) {
+        engine_log()->info("migration {}: {} succeeded in {} ms", m.id, what, ms.count());
+        if (!err_text.empty())
+            engine_log()->info("migration {}: {} stderr: {}", m.id, what, err_text);
+        co_return std::string();
+    }
+    failure += err_text.empty() ? " (nothing on stderr)" : ": " + err_text;
+    engine_log()->warn("migration {}: {}", m.id, failure);
+    co_return failure;
+}
+
+} // namespace
+
+std::vector<std::string> list_hooks(const std::string& dir) {
+    std::vector<std::string> hooks;
+    if (dir.empty())
+        return hooks;
+    std::error_code ec;
+    for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+        auto name = it->path().filename().string();
+        if (skipped_name(name) || !it->is_regular_file(ec) || ::access(it->path().c_str(), X_OK) != 0)
+            continue;
+        hooks.push_back(it->path().string());
+    }
+    std::sort(hooks.begin(), hooks.end());
+    return hooks;
+}
+
+asio::awaitable<Result<void>> announce_self(qmp::Client& qmp) {
+    nlohmann::json args{{"initial", 50}, {"max", 550}, {"rounds", 5}, {"step", 100}};
+    auto done = co_await qmp.execute("announce-self", args);
+    if (!done)
+        co_return done.error();
+    co_return Result<void>{};
+}
+
+nlohmann::json hook_input(const HookCall& call) {
+    nlohmann::json in{{"phase", to_string(call.phase)},
+                      {"role", call.role},
+                      {"node", call.node},
+                      {"migration", *call.migration},
+                      {"spec", call.spec ? nlohmann::json(*call.spec) : nlohmann::json(nullptr)}};
+    in["qemu_pid"] = call.qemu_pid > 0 ? nlohmann::json(call.qemu_pid) : nlohmann::json(nullptr);
+    return in;
+}
+
+asio::awaitable<Result<std::vector<std::string>>> run_hooks(asio::any_io_executor ex,
+                                                            const config::HooksSection& hooks, const HookCall& call,
+                                                            std::chrono::steady_clock::time_point deadline) {
+    std::vector<std::string> failures;
+    auto list = list_hooks(hooks.dir);
+    if (list.empty())
+        co_return failures;
+    auto input = hook_input(call).dump();
+    for (auto& path : list) {
+        auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+        auto timeout = std::clamp<std::chrono::milliseconds>(left, 1ms, std::chrono::seconds(hooks.timeout));
+        auto failure = co_await run_one(ex, path, call, input, timeout);
+        if (failure.empty())
+            continue;
+        if (hook_can_abort(call.phase))
+            co_return make_error(Errc::conflict, failure);
+        failures.push_back(std::move(failure));
+    }
+    co_return failures;
+}
+
+} // namespace ferry::engine
