@@ -222,6 +222,56 @@ max_downtime_ms = 50
     EXPECT_EQ(m["config"]["bandwidth_per_migration"], 1ULL << 30);
 }
 
+// Same node: the source's and the target's phases on one node; a failing
+// launched hook stops the destination QEMU and the VM keeps running.
+TEST_F(Ferryd, SameNodeHooksRunBothRolesAndAFailingLaunchedHookKeepsTheVmRunning) {
+    auto d = dir_.path();
+    write_config("", "[hooks]\ndir = \"" + d + "/missing\"\n");
+    auto missing = sh(ferry::test::ferryd_bin() + " --check-config " + (dir_ / "ferryd.toml"), dir_);
+    EXPECT_EQ(missing.status, 1);
+    EXPECT_NE(missing.err.find("ferryd.toml:11: key 'hooks.dir': " + d + "/missing does not exist"), std::string::npos)
+        << missing.err;
+    std::filesystem::create_directories(d + "/hooks");
+    ferry::test::write_file(d + "/hooks/10-record", "#!/bin/sh\necho \"$2 $3 ${FERRY_QEMU_PID:-none}\" >> " + d +
+                                                        "/hooks.log\n"
+                                                        "if [ \"$2\" = launched ] && [ -e " + d +
+                                                        "/fail ]; then echo 'tap missing' >&2; exit 2; fi\n");
+    std::filesystem::permissions(d + "/hooks/10-record", std::filesystem::perms::owner_all);
+    write_config("", "[hooks]\ndir = \"" + d + "/hooks\"\n");
+    start();
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm.toml")).status, 0);
+    wait_heartbeats();
+    auto pid = ctl_json("vm show demo")["pid"].get<int>();
+    auto phases = [&] {
+        std::vector<std::string> lines;
+        std::istringstream in(ferry::test::read_file(d + "/hooks.log"));
+        for (std::string line; std::getline(in, line);)
+            lines.push_back(line.substr(0, line.rfind(' ')));
+        std::filesystem::remove(d + "/hooks.log");
+        return lines;
+    };
+    ferry::test::write_file(d + "/fail", "");
+    auto failed = ctl("migrate demo --wait");
+    EXPECT_NE(failed.status, 0);
+    EXPECT_NE((failed.out + failed.err).find("hook 10-record (launched on the target node-a) exited with status 2: tap "
+                                             "missing"),
+              std::string::npos)
+        << failed.out << failed.err;
+    EXPECT_EQ(phases(), (std::vector<std::string>{"prepare source", "prepare target", "launched target",
+                                                  "aborted target", "aborted source"}));
+    auto vm = ctl_json("vm show demo");
+    EXPECT_EQ(vm["pid"], pid);
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(sh("pgrep -fc '[q]emu-system.*" + d + "/state/vms/demo/r2'", dir_).out, "0\n")
+        << "the destination QEMU outlived the failure";
+    std::filesystem::remove(d + "/fail");
+    auto m = ctl_json("migrate demo --wait");
+    EXPECT_EQ(m["phase"], "Succeeded") << m.dump(2);
+    EXPECT_TRUE(m["warnings"].empty()) << m.dump(2);
+    EXPECT_EQ(phases(), (std::vector<std::string>{"prepare source", "prepare target", "launched target",
+                                                  "activated target", "released source"}));
+}
+
 TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFrees) {
     write_config("", "parallel_outbound_migrations_per_node = 1\n");
     ferry::test::write_file(dir_ / "vm2.toml", ferry::test::guest_spec("demo2", "64Mi", "ws=8 rate=2 hb=50"));
