@@ -1,5 +1,6 @@
 // src/control: the request handling as a unit, then ferryd and ferryctl as
 // real processes driving real QEMU.
+#include "control/metrics.hpp"
 #include "control/server.hpp"
 #include "output.hpp"
 #include "ferryd_fixture.hpp"
@@ -135,6 +136,42 @@ TEST(ControlParams, NameTheParameterAndWhatItShouldBe) {
     EXPECT_FALSE(z.optional_int("huge", 1, 10));
     EXPECT_FALSE(z.optional_int("negative", 1, 10));
     EXPECT_EQ(**z.optional_int("ms", 0, 10), 0);
+}
+
+TEST(Metrics, RequestLinesReasonsLabelsAndHistograms) {
+    using ferry::control::parse_http_request;
+    auto get = parse_http_request("GET /metrics?name[]=x HTTP/1.1\r\nHost: a\r\n\r\n");
+    ASSERT_TRUE(get) << get.error().message;
+    EXPECT_EQ(get->method, "GET");
+    EXPECT_EQ(get->path, "/metrics");
+    EXPECT_FALSE(parse_http_request("GET /metrics HTTP/2\r\n\r\n"));
+    EXPECT_FALSE(parse_http_request("GET /metrics"));
+    EXPECT_FALSE(parse_http_request("GET  HTTP/1.1\r\n\r\n"));
+    EXPECT_FALSE(parse_http_request("get /metrics HTTP/1.1\r\n\r\n"));
+    EXPECT_EQ(parse_http_request("GET /a\tb HTTP/1.1\r\n\r\n").error().message,
+              "a control character or space in the path");
+
+    using ferry::control::waiting_reason_kind;
+    EXPECT_EQ(waiting_reason_kind("source node-a outbound 1/1"), "source_limit");
+    EXPECT_EQ(waiting_reason_kind("target node-b inbound 2/2"), "target_limit");
+    EXPECT_EQ(waiting_reason_kind("cluster 5/5"), "cluster_limit");
+    EXPECT_EQ(waiting_reason_kind("every node that fits is full: ..."), "no_room");
+    EXPECT_EQ(waiting_reason_kind("max-parallel 2/2"), "max_parallel");
+    EXPECT_EQ(waiting_reason_kind("retry 2 of 5 in 20 s; it failed: x"), "retry_backoff");
+    EXPECT_EQ(waiting_reason_kind(""), "other");
+    EXPECT_EQ(ferry::control::label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+
+    ferry::control::Histogram h({0.1, 1});
+    h.observe(0.05);
+    h.observe(0.5);
+    h.observe(7);
+    std::string out;
+    h.render(out, "x_seconds", "mode=\"precopy\"");
+    EXPECT_EQ(out, "x_seconds_bucket{mode=\"precopy\",le=\"0.1\"} 1\n"
+                   "x_seconds_bucket{mode=\"precopy\",le=\"1\"} 2\n"
+                   "x_seconds_bucket{mode=\"precopy\",le=\"+Inf\"} 3\n"
+                   "x_seconds_sum{mode=\"precopy\"} 7.55\n"
+                   "x_seconds_count{mode=\"precopy\"} 3\n");
 }
 
 // --- end to end: ferryd + ferryctl + QEMU -----------------------------------
@@ -1461,6 +1498,82 @@ TEST_F(TwoNodes, HooksRunInOrderOnBothNodesAndAFailingPrepareHookKeepsTheVmHome)
     auto check = check_memory(b());
     EXPECT_EQ(check.status, 0) << check.out << check.err;
     EXPECT_FALSE(qemu_alive(pid));
+}
+
+// /metrics read by the Prometheus client library's own text parser: the
+// counters match the migrations run, and a migration under way shows on
+// both nodes with its rate.
+TEST_F(TwoNodes, MetricsParseAsPrometheusTextAndCountTheMigrationsRun) {
+    auto port_a = free_port(), port_b = free_port();
+    configure("bandwidth_per_migration = \"2Mi\"",
+              fmt::format("[metrics]\nlisten = \"127.0.0.1:{{port_{{letter}}}}\"\n"));
+    for (auto [n, port] : {std::pair{&a(), port_a}, std::pair{&b(), port_b}}) {
+        auto text = ferry::test::read_file(n->config);
+        text = std::regex_replace(text, std::regex("\\{port_a\\}"), std::to_string(port_a));
+        text = std::regex_replace(text, std::regex("\\{port_b\\}"), std::to_string(port_b));
+        ferry::test::write_file(n->config, text);
+    }
+    ferry::test::write_file(dir_ / "scrape.py", R"(import json, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+with urllib.request.urlopen(sys.argv[1], timeout=10) as r:
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers["Content-Type"]
+    text = r.read().decode()
+out = {}
+for family in text_string_to_metric_families(text):
+    for s in family.samples:
+        labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()) if k not in ("id", "vm", "target_node"))
+        out[f"{s.name}{{{labels}}}"] = out.get(f"{s.name}{{{labels}}}", 0) + s.value
+    out["type:" + family.name] = family.type
+print(json.dumps(out))
+)");
+    auto scrape = [&](unsigned short port) {
+        auto o = sh(fmt::format("/usr/bin/python3 {} http://127.0.0.1:{}/metrics", dir_ / "scrape.py", port), dir_);
+        EXPECT_EQ(o.status, 0) << o.out << o.err;
+        return json::parse(o.out, nullptr, false);
+    };
+    start(a());
+    start(b());
+    create_on_a();
+    auto idle = scrape(port_a);
+    EXPECT_EQ(idle["ferry_migrations_total{mode=precopy,outcome=succeeded}"], 0) << idle.dump(1);
+    EXPECT_EQ(idle["type:ferry_migrations"], "counter"); // the parser drops _total from the family name
+    EXPECT_EQ(idle["type:ferry_migration_downtime_seconds"], "histogram");
+    EXPECT_EQ(idle["ferry_vms{}"], 1);
+    EXPECT_EQ(idle["ferry_node_admission{state=ready}"], 1);
+
+    // Under way: both nodes show it; the shaper gives it its 2 MiB/s.
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    ASSERT_EQ(wait_running(a(), id), "Running");
+    auto running = scrape(port_a);
+    EXPECT_EQ(running["ferry_migrations_in_flight{direction=outbound}"], 1) << running.dump(1);
+    EXPECT_GT(running["ferry_migration_remaining_bytes{}"].get<double>(), 0);
+    EXPECT_EQ(running["ferry_migration_shaper_rate_bytes_per_second{}"], 2 << 20);
+    EXPECT_EQ(scrape(port_b)["ferry_migrations_in_flight{direction=inbound}"], 1);
+    ASSERT_EQ(ctl(a(), "migration abort " + id).status, 0);
+    EXPECT_EQ(wait_final(a(), id)["phase"], "Failed");
+
+    auto m = ctl_json(a(), "migrate demo --to node-b --bandwidth 1Gi --wait");
+    ASSERT_EQ(m["phase"], "Succeeded") << m.dump(2);
+    auto after = scrape(port_a);
+    EXPECT_EQ(after["ferry_migrations_total{mode=precopy,outcome=succeeded}"], 1) << after.dump(1);
+    EXPECT_EQ(after["ferry_migrations_total{mode=precopy,outcome=failed}"], 1);
+    EXPECT_EQ(after["ferry_migrations_total{mode=postcopy,outcome=succeeded}"], 0);
+    EXPECT_EQ(after["ferry_migration_downtime_seconds_count{mode=precopy}"], 1);
+    EXPECT_EQ(after["ferry_migration_duration_seconds_count{mode=precopy}"], 1);
+    EXPECT_EQ(after["ferry_migration_duration_seconds_bucket{le=+Inf,mode=precopy}"], 1);
+    EXPECT_NEAR(after["ferry_migration_duration_seconds_sum{mode=precopy}"].get<double>(),
+                m["result"]["total_time_ms"].get<double>() / 1000, 0.001);
+    EXPECT_GE(after["ferry_migration_sent_bytes_total{}"].get<double>(),
+              m["progress"]["transferred_bytes"].get<double>());
+    EXPECT_EQ(after["ferry_migrations_in_flight{direction=outbound}"], 0);
+    EXPECT_EQ(after["ferry_vms{}"], 0);
+    EXPECT_EQ(scrape(port_b)["ferry_vms{}"], 1);
+    // Anything but GET /metrics gets a plain answer, not the metrics.
+    auto other = sh(fmt::format("/usr/bin/python3 -c \"import urllib.request,sys\ntry:\n urllib.request.urlopen("
+                                "'http://127.0.0.1:{}/other')\nexcept Exception as e: print(e)\"",
+                                port_a),
+                    dir_);
+    EXPECT_NE(other.out.find("404"), std::string::npos) << other.out << other.err;
 }
 
 TEST_F(TwoNodes, MigratesWithTlsDisabledAndMultifd) {

@@ -241,9 +241,18 @@ void read_hooks(const toml::table& t, Problems& p, HooksSection& h) {
     r.finish();
 }
 
+void read_metrics(const toml::table& t, Problems& p, MetricsSection& m) {
+    TableReader r(t, p, "metrics");
+    r.get("listen", m.listen);
+    if (auto* l = t.get("listen"); l && l->is_string() && !m.listen.empty())
+        if (auto a = check_address(m.listen); !a)
+            p.add(l->source(), fmt::format("key 'metrics.listen': {}", a.error().message));
+    r.finish();
+}
+
 // Line numbers of the keys that later checks (files, sockets) may name.
 void record_lines(const toml::table& root, NodeConfig& c) {
-    for (auto section : {"node", "tls", "migration", "block", "hooks"}) {
+    for (auto section : {"node", "tls", "migration", "block", "hooks", "metrics"}) {
         auto* t = root.get(section) ? root.get(section)->as_table() : nullptr;
         if (!t)
             continue;
@@ -286,6 +295,8 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         read_block(*t, p, c.block);
     if (auto* t = subtable(r, "hooks"))
         read_hooks(*t, p, c.hooks);
+    if (auto* t = subtable(r, "metrics"))
+        read_metrics(*t, p, c.metrics);
     r.tables("peers", [&](const toml::table& t, std::size_t i) {
         TableReader pr(t, p, fmt::format("peers[{}]", i));
         Peer peer;

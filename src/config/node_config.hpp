@@ -87,6 +87,11 @@ struct HooksSection {
     bool announce_self = true;  // QMP announce-self once the guest runs here after a migration
 };
 
+// [metrics]: Prometheus metrics over HTTP (docs/metrics.md).
+struct MetricsSection {
+    std::string listen; // "host:port"; empty: no listener
+};
+
 using Labels = std::map<std::string, std::string>;
 
 // Settings a policy (or a request) may set; unset ones fall through to the
@@ -115,6 +120,7 @@ struct NodeConfig {
     MigrationConfig migration;
     BlockSection block;
     HooksSection hooks;
+    MetricsSection metrics;
     std::vector<Peer> peers;
     std::vector<MigrationPolicy> policies;
 

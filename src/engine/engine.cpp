@@ -814,8 +814,8 @@ asio::awaitable<void> Engine::drive(Engine* self, std::shared_ptr<SourceRun> run
     co_await SourceRun::run(run);
     auto id = run->migration().id;
     self->runs_.erase(id);
-    if (self->ended_)
-        self->ended_(id);
+    for (auto& ended : self->ended_)
+        ended(id);
 }
 
 json Engine::list_migrations() const {

@@ -108,8 +108,11 @@ public:
         auto it = vms_.find(vm);
         return it == vms_.end() ? std::nullopt : it->second->migration_id;
     }
-    // Called when an outgoing migration's run ends (whatever its outcome).
-    void on_migration_ended(std::function<void(const std::string& id)> f) { ended_ = std::move(f); }
+    // Called when an outgoing migration's run ends (whatever its outcome);
+    // every listener added is called, in the order added.
+    void on_migration_ended(std::function<void(const std::string& id)> f) { ended_.push_back(std::move(f)); }
+    // The node-wide shaper's rate for a migration (0: not shaped here).
+    std::uint64_t shaped_rate(const std::string& id) const { return shaper_.rate_of(id); }
 
     const config::NodeConfig& config() const override { return config_; }
     boost::asio::any_io_executor get_executor() const { return ex_; }
@@ -185,7 +188,7 @@ private:
     HostFacts host_;
     std::string admission_ = "ready", admission_why_;
     std::map<std::string, PeerHandler> peer_handlers_;
-    std::function<void(const std::string&)> ended_;
+    std::vector<std::function<void(const std::string&)>> ended_;
 };
 
 } // namespace ferry::engine

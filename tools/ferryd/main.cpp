@@ -4,6 +4,7 @@
 #include "config/node_config.hpp"
 #include "control/methods.hpp"
 #include "control/server.hpp"
+#include "control/metrics.hpp"
 #include "engine/engine.hpp"
 
 #include <CLI/CLI.hpp>
@@ -23,12 +24,15 @@ namespace asio = boost::asio;
 namespace {
 
 asio::awaitable<ferry::Result<void>> start(ferry::engine::Engine* engine, ferry::scheduler::Planner* planner,
-                                           ferry::control::Server* server) {
+                                           ferry::control::Server* server, ferry::control::Metrics* metrics) {
     auto r = co_await engine->start();
     if (!r)
         co_return r;
     if (auto p = planner->start(); !p)
         co_return p;
+    if (auto& listen = engine->config().metrics.listen; !listen.empty())
+        if (auto m = metrics->listen(listen); !m)
+            co_return m.error().wrap(engine->config().where("metrics.listen"));
     co_return server->start();
 }
 
@@ -122,9 +126,10 @@ int main(int argc, char** argv) {
                                   static_cast<unsigned>(std::stoul(cfg->node.control_socket_mode, nullptr, 8)), limits);
     ferry::scheduler::Planner planner(engine);
     ferry::control::add_engine_methods(server, engine, planner);
+    ferry::control::Metrics metrics(engine, planner);
 
     int exit_code = 0;
-    asio::co_spawn(io, start(&engine, &planner, &server), [&](std::exception_ptr ep, ferry::Result<void> r) {
+    asio::co_spawn(io, start(&engine, &planner, &server, &metrics), [&](std::exception_ptr ep, ferry::Result<void> r) {
         if (ep)
             std::rethrow_exception(ep);
         if (!r) {
@@ -142,6 +147,7 @@ int main(int argc, char** argv) {
             return;
         log->info("signal {}: shutting down; VMs keep running", sig);
         server.stop();
+        metrics.stop();
         planner.stop();
         engine.shutdown();
         io.stop();
