@@ -347,10 +347,18 @@ TEST(NodeConfig, TlsNeedsAllThreeFilesAndAListenAddress) {
 }
 
 TEST(NodeConfig, ControlSocketWritableByOthersNeedsConsent) {
-    for (auto mode : {"0666", "0660", "0602"}) {
+    for (auto mode : {"0666", "0602"}) {
         auto p = problems(std::string("[node]\nname = \"a\"\ncontrol_socket_mode = \"") + mode + "\"\n");
-        EXPECT_NE(p.find("lets other users write the control socket"), std::string::npos) << mode << ": " << p;
+        EXPECT_NE(p.find("lets every user write the control socket"), std::string::npos) << mode << ": " << p;
     }
+    auto group = problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0660\"\n");
+    EXPECT_NE(group.find("lets ferryd's group write the control socket"), std::string::npos) << group;
+    EXPECT_NE(group.find("(control_socket_group)"), std::string::npos) << group;
+    // A group named for it may write; others still may not.
+    EXPECT_EQ(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0660\"\ncontrol_socket_group = \"ferry\"\n"), "");
+    EXPECT_NE(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0666\"\ncontrol_socket_group = \"ferry\"\n")
+                  .find("lets every user write"),
+              std::string::npos);
     EXPECT_EQ(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0640\"\n"), "");
     EXPECT_EQ(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0660\"\ninsecure_control_socket = true\n"), "");
 }

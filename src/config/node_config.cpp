@@ -52,6 +52,7 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("state_dir", n.state_dir);
     r.get("control_socket", n.control_socket);
     r.get("control_socket_mode", n.control_socket_mode);
+    r.get("control_socket_group", n.control_socket_group);
     r.get("insecure_control_socket", n.insecure_control_socket);
     r.get("control_max_connections", n.control_max_connections, 1, 10000);
     r.get("control_idle_timeout", n.control_idle_timeout, 1, 86400);
@@ -75,12 +76,15 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
         p.add(t.get("control_socket_mode")->source(),
               fmt::format("key 'node.control_socket_mode': \"{}\" is not an octal mode like \"0600\"",
                           n.control_socket_mode));
-    else if ((std::stoul(n.control_socket_mode, nullptr, 8) & 022) && !n.insecure_control_socket)
+    else if (auto mode = std::stoul(n.control_socket_mode, nullptr, 8);
+             (mode & 002 || (mode & 020 && n.control_socket_group.empty())) && !n.insecure_control_socket)
         p.add(t.get("control_socket_mode")->source(),
-              fmt::format("key 'node.control_socket_mode': \"{}\" lets other users write the control socket, "
-                          "and whoever can write it can run programs as ferryd's user (root); use \"0600\", or "
-                          "set insecure_control_socket = true if you mean it",
-                          n.control_socket_mode));
+              fmt::format("key 'node.control_socket_mode': \"{}\" lets {} write the control socket, and whoever can "
+                          "write it can run programs as ferryd's user (root); use \"0600\"{}, or set "
+                          "insecure_control_socket = true if you mean it",
+                          n.control_socket_mode, mode & 002 ? "every user" : "ferryd's group",
+                          mode & 002 ? ", or \"0660\" with control_socket_group" : ", or name the group that may "
+                                                                                  "(control_socket_group)"));
     if (t.contains("name") && t.get("name")->is_string() && !valid_node_name(n.name))
         p.add(t.get("name")->source(),
               fmt::format("key 'node.name': \"{}\" is not a valid node name (1-63 characters of a-z, 0-9 and "

@@ -35,7 +35,10 @@ struct NodeSection {
     std::string state_dir = "/var/lib/ferry";
     std::string control_socket = "/run/ferry/ferryd.sock";
     std::string control_socket_mode = "0600";
-    bool insecure_control_socket = false; // allow group/other write on the socket
+    // The group the control socket belongs to (its members may use ferryctl;
+    // the mode may then let the group write, like "0660"); empty: ferryd's.
+    std::string control_socket_group;
+    bool insecure_control_socket = false; // allow other users to write the socket
     std::int64_t control_max_connections = 64;
     std::int64_t control_idle_timeout = 60; // seconds without a whole request
     std::string listen = "0.0.0.0:7410";

@@ -19,6 +19,8 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <fmt/format.h>
 
+#include <grp.h>
+
 #include <algorithm>
 #include <filesystem>
 #include <fstream>
@@ -150,6 +152,10 @@ Result<void> Engine::preflight(const config::NodeConfig& c) {
         if (!id)
             return make_error(Errc::invalid_argument, fmt::format("{}: {}", c.where("tls.cert"), id.error().message));
     }
+    if (auto& group = c.node.control_socket_group; !group.empty() && !::getgrnam(group.c_str()))
+        return make_error(Errc::invalid_argument,
+                          fmt::format("{}: there is no group {} on this machine", c.where("node.control_socket_group"),
+                                      group));
     if (!c.hooks.dir.empty()) {
         std::error_code ec;
         if (!fs::is_directory(c.hooks.dir, ec))
@@ -176,6 +182,50 @@ Result<void> Engine::preflight(const config::NodeConfig& c) {
                           fmt::format("{}: {} is not an executable{}", c.where("node.qemu"), qemu,
                                       qemu.find('/') == std::string::npos ? " in PATH" : ""));
     return {};
+}
+
+std::vector<std::string> Engine::reload(const config::NodeConfig& fresh) {
+    std::vector<std::string> kept;
+    auto keep = [&](const char* key, bool same) {
+        if (!same)
+            kept.push_back(fmt::format("{}: changed in {}; it takes effect when ferryd restarts", key, fresh.file));
+    };
+    auto& n = config_.node;
+    auto& f = fresh.node;
+    keep("node.name", n.name == f.name);
+    keep("node.state_dir", n.state_dir == f.state_dir);
+    keep("node.control_socket", n.control_socket == f.control_socket);
+    keep("node.control_socket_mode", n.control_socket_mode == f.control_socket_mode);
+    keep("node.control_socket_group", n.control_socket_group == f.control_socket_group);
+    keep("node.insecure_control_socket", n.insecure_control_socket == f.insecure_control_socket);
+    keep("node.control_max_connections", n.control_max_connections == f.control_max_connections);
+    keep("node.control_idle_timeout", n.control_idle_timeout == f.control_idle_timeout);
+    keep("node.listen", n.listen == f.listen);
+    keep("tls", config_.tls.ca == fresh.tls.ca && config_.tls.cert == fresh.tls.cert && config_.tls.key == fresh.tls.key);
+    keep("migration.disable_tls", config_.migration.disable_tls == fresh.migration.disable_tls);
+    bool same_peers = config_.peers.size() == fresh.peers.size();
+    for (std::size_t i = 0; same_peers && i < config_.peers.size(); ++i)
+        same_peers = config_.peers[i].name == fresh.peers[i].name && config_.peers[i].address == fresh.peers[i].address;
+    keep("peers", same_peers);
+    keep("metrics.listen", config_.metrics.listen == fresh.metrics.listen);
+
+    // What applies from now on.
+    n.max_migration_bandwidth = f.max_migration_bandwidth;
+    n.qemu = f.qemu;
+    n.accel = f.accel;
+    n.log_level = f.log_level;
+    n.labels = f.labels;
+    n.cpu_allocation_ratio = f.cpu_allocation_ratio;
+    auto disable_tls = config_.migration.disable_tls;
+    config_.migration = fresh.migration;
+    config_.migration.disable_tls = disable_tls;
+    config_.block = fresh.block;
+    config_.hooks = fresh.hooks;
+    config_.policies = fresh.policies;
+    config_.lines = fresh.lines;
+    if (peer_server_)
+        shaper_.set_cap(n.max_migration_bandwidth);
+    return kept;
 }
 
 json Engine::vm_json(const Vm& vm) const {

@@ -88,6 +88,13 @@ public:
     Result<json> show_migration(const std::string& id) const;
     Result<json> abort_migration(const std::string& id);
 
+    // A re-read configuration (SIGHUP), already checked (preflight): the
+    // settings that can change while ferryd runs apply to what starts from
+    // now on (migrations under way keep the settings they started with);
+    // the rest (node identity, sockets, TLS, peers) keep their running
+    // values. Returns one line per key kept that way.
+    std::vector<std::string> reload(const config::NodeConfig& fresh);
+
     // Stops background work; VMs keep running.
     void shutdown();
 

@@ -15,6 +15,11 @@
 #include <csignal>
 #include <filesystem>
 #include <iostream>
+#include <cstddef>
+#include <cstring>
+#include <sys/un.h>
+#include <sys/socket.h>
+#include <grp.h>
 #include <optional>
 #include <sys/resource.h>
 #include <sys/stat.h>
@@ -33,7 +38,40 @@ asio::awaitable<ferry::Result<void>> start(ferry::engine::Engine* engine, ferry:
     if (auto& listen = engine->config().metrics.listen; !listen.empty())
         if (auto m = metrics->listen(listen); !m)
             co_return m.error().wrap(engine->config().where("metrics.listen"));
-    co_return server->start();
+    auto started = server->start();
+    if (!started)
+        co_return started;
+    if (auto& group = engine->config().node.control_socket_group; !group.empty()) {
+        auto& socket = engine->config().node.control_socket;
+        auto* g = ::getgrnam(group.c_str());
+        if (!g || ::chown(socket.c_str(), static_cast<uid_t>(-1), g->gr_gid) != 0)
+            co_return ferry::make_error(ferry::Errc::io, fmt::format("{}: giving {} to group {}: {}",
+                                                                     engine->config().where("node.control_socket_group"),
+                                                                     socket, group, std::strerror(errno)));
+    }
+    co_return started;
+}
+
+// systemd's readiness protocol (Type=notify), without libsystemd: one
+// datagram to $NOTIFY_SOCKET. Nothing happens when it is not set.
+void notify_systemd(const std::string& state) {
+    const char* path = std::getenv("NOTIFY_SOCKET");
+    if (!path || (path[0] != '/' && path[0] != '@'))
+        return;
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::string p = path;
+    if (p.size() >= sizeof(addr.sun_path))
+        return;
+    std::memcpy(addr.sun_path, p.data(), p.size());
+    if (p[0] == '@')
+        addr.sun_path[0] = '\0'; // an abstract socket
+    int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return;
+    auto len = static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + p.size());
+    (void)::sendto(fd, state.data(), state.size(), MSG_NOSIGNAL, reinterpret_cast<sockaddr*>(&addr), len);
+    ::close(fd);
 }
 
 // Every check a start makes before it changes anything.
@@ -139,6 +177,7 @@ int main(int argc, char** argv) {
             return;
         }
         log->info("node {} ready (ferryd {})", cfg->node.name, FERRY_VERSION);
+        notify_systemd(fmt::format("READY=1\nSTATUS=node {} ready\nMAINPID={}", cfg->node.name, ::getpid()));
     });
 
     asio::signal_set signals(io, SIGINT, SIGTERM);
@@ -146,24 +185,33 @@ int main(int argc, char** argv) {
         if (ec)
             return;
         log->info("signal {}: shutting down; VMs keep running", sig);
+        notify_systemd("STOPPING=1");
         server.stop();
         metrics.stop();
         planner.stop();
         engine.shutdown();
         io.stop();
     });
-    // SIGHUP: no reload yet; say so instead of dying (its default action).
+    // SIGHUP: re-read the file. A file that would not load keeps the running
+    // configuration, and the log says why.
     asio::signal_set hangup(io, SIGHUP);
     std::function<void(boost::system::error_code, int)> on_hangup = [&](boost::system::error_code ec, int) {
         if (ec)
             return;
+        notify_systemd("RELOADING=1");
         auto fresh = load_checked(config_path);
-        if (fresh)
-            log->warn("SIGHUP: {} is valid, but ferryd does not re-read its configuration while running; restart "
-                      "ferryd to apply it (VMs keep running across a restart)",
-                      config_path);
-        else
-            log->warn("SIGHUP: ignored; {} would not load: {}", config_path, fresh.error().message);
+        if (!fresh) {
+            log->error("SIGHUP: keeping the running configuration; {} would not load: {}", config_path,
+                       fresh.error().message);
+        } else {
+            auto kept = engine.reload(*fresh);
+            if (log_level.empty())
+                ferry::set_log_level(fresh->node.log_level);
+            log->info("SIGHUP: {} re-read; its settings apply to migrations started from now on", config_path);
+            for (auto& k : kept)
+                log->warn("SIGHUP: {}", k);
+        }
+        notify_systemd("READY=1");
         hangup.async_wait(on_hangup);
     };
     hangup.async_wait(on_hangup);
