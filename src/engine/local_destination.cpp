@@ -49,6 +49,8 @@ asio::awaitable<Result<void>> LocalDestination::hooks(HookPhase phase) {
         hooks_started_ = true;
     else if (!hooks_started_)
         co_return Result<void>{};
+    if (phase == HookPhase::Aborted)
+        hooks_started_ = false; // once
     auto& node = run_.node();
     auto& m = run_.migration();
     auto& vm = run_.vm();

@@ -438,6 +438,8 @@ asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_poin
         hooks_started_ = true;
     else if (!hooks_started_)
         co_return Result<void>{}; // nothing ran here that an aborted hook would undo
+    if (phase == HookPhase::Aborted)
+        hooks_started_ = false; // once, however many ways the arrival is given up
     auto& config = node_.config();
     int pid = phase == HookPhase::Launched ? qemu_.pid : phase == HookPhase::Activated ? qemu_pid_for_hooks_ : -1;
     HookCall call{phase, "target", &m_, &spec_, config.node.name, pid};
