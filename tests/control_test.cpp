@@ -309,6 +309,41 @@ TEST_F(Ferryd, SameNodeHooksRunBothRolesAndAFailingLaunchedHookKeepsTheVmRunning
                                                   "activated target", "released source"}));
 }
 
+// The wrapper launcher: every QEMU (the VM's and a migration's destination)
+// starts through the configured argv prefix, which execs it.
+TEST_F(Ferryd, AWrapperLauncherStartsEveryQemuThroughIt) {
+    auto d = dir_.path();
+    write_config("qemu_wrapper = [\"" + d + "/missing-wrapper\", \"--scope\"]\n");
+    auto missing = sh(ferry::test::ferryd_bin() + " --check-config " + (dir_ / "ferryd.toml"), dir_);
+    EXPECT_EQ(missing.status, 1);
+    EXPECT_NE(missing.err.find("key 'node.qemu_wrapper': " + d + "/missing-wrapper is not an executable"),
+              std::string::npos)
+        << missing.err;
+    ferry::test::write_file(d + "/wrap", "#!/bin/sh\necho \"$WRAP_MARK $*\" >> " + d + "/wrapped.log\nexec \"$@\"\n");
+    std::filesystem::permissions(d + "/wrap", std::filesystem::perms::owner_all);
+    write_config("qemu_wrapper = [\"/usr/bin/env\", \"WRAP_MARK=wrapped\", \"" + d + "/wrap\"]\n");
+    start();
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm.toml")).status, 0);
+    wait_heartbeats();
+    auto pid = ctl_json("vm show demo")["pid"].get<int>();
+    EXPECT_EQ(ferry::test::read_file("/proc/" + std::to_string(pid) + "/cmdline").rfind("qemu-system-x86_64", 0), 0U)
+        << "the wrapper execs QEMU in the process ferry started";
+    auto m = ctl_json("migrate demo --wait");
+    EXPECT_EQ(m["phase"], "Succeeded") << m.dump(2);
+    std::vector<std::string> lines;
+    std::istringstream in(ferry::test::read_file(d + "/wrapped.log"));
+    for (std::string line; std::getline(in, line);)
+        lines.push_back(line);
+    ASSERT_EQ(lines.size(), 2U) << ferry::test::read_file(d + "/wrapped.log");
+    EXPECT_EQ(lines[0].rfind("wrapped qemu-system-x86_64 ", 0), 0U) << lines[0];
+    EXPECT_EQ(lines[0].find("-incoming"), std::string::npos) << lines[0];
+    EXPECT_NE(lines[1].find("-incoming defer"), std::string::npos) << "the destination, through the wrapper too";
+    auto check = sh(ferry::test::build_dir() + "/tools/guest/ferry-guest-check --socket " + socket_ +
+                        " --vm demo --dump " + (dir_ / "dump.bin"),
+                    dir_);
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+}
+
 TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFrees) {
     write_config("", "parallel_outbound_migrations_per_node = 1\n");
     ferry::test::write_file(dir_ / "vm2.toml", ferry::test::guest_spec("demo2", "64Mi", "ws=8 rate=2 hb=50"));

@@ -59,6 +59,10 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("listen", n.listen);
     r.get_quantity("max_migration_bandwidth", n.max_migration_bandwidth);
     r.get("qemu", n.qemu);
+    r.get("qemu_wrapper", n.qemu_wrapper);
+    for (std::size_t i = 0; i < n.qemu_wrapper.size(); ++i)
+        if (n.qemu_wrapper[i].empty())
+            p.add(t.get("qemu_wrapper")->source(), fmt::format("key 'node.qemu_wrapper': element {} is empty", i));
     r.get("accel", n.accel);
     r.get("log_level", n.log_level);
     r.get("labels", n.labels);

@@ -44,6 +44,10 @@ struct NodeSection {
     std::string listen = "0.0.0.0:7410";
     std::uint64_t max_migration_bandwidth = 0;
     std::string qemu = "qemu-system-x86_64";
+    // The wrapper launcher: an argv prefix QEMU is started through (e.g.
+    // ["systemd-run", "--scope", "--quiet"] or ["ip", "netns", "exec", "blue"]).
+    // It must exec QEMU in the process ferry starts. Empty: QEMU directly.
+    std::vector<std::string> qemu_wrapper;
     std::string accel = "auto"; // auto (kvm if /dev/kvm is usable, else tcg), kvm, tcg
     std::string log_level = "info";
     std::map<std::string, std::string> labels; // matched by VMs' node_selector and policies

@@ -163,24 +163,27 @@ Result<void> Engine::preflight(const config::NodeConfig& c) {
                               fmt::format("{}: {} {}", c.where("hooks.dir"), c.hooks.dir,
                                           fs::exists(c.hooks.dir, ec) ? "is not a directory" : "does not exist"));
     }
-    // The QEMU binary: a path, or a name looked up in PATH.
-    auto& qemu = c.node.qemu;
-    bool found = false;
-    if (qemu.find('/') != std::string::npos) {
-        found = ::access(qemu.c_str(), X_OK) == 0;
-    } else if (const char* path = std::getenv("PATH")) {
-        std::string_view dirs = path;
-        while (!found && !dirs.empty()) {
+    // The QEMU binary and the wrapper's: a path, or a name looked up in PATH.
+    auto executable = [](const std::string& program) {
+        if (program.find('/') != std::string::npos)
+            return ::access(program.c_str(), X_OK) == 0;
+        const char* path = std::getenv("PATH");
+        std::string_view dirs = path ? path : "";
+        while (!dirs.empty()) {
             auto colon = dirs.find(':');
-            auto dir = dirs.substr(0, colon);
-            found = ::access(fmt::format("{}/{}", dir, qemu).c_str(), X_OK) == 0;
+            if (::access(fmt::format("{}/{}", dirs.substr(0, colon), program).c_str(), X_OK) == 0)
+                return true;
             dirs = colon == std::string_view::npos ? std::string_view{} : dirs.substr(colon + 1);
         }
-    }
-    if (!found)
-        return make_error(Errc::invalid_argument,
-                          fmt::format("{}: {} is not an executable{}", c.where("node.qemu"), qemu,
-                                      qemu.find('/') == std::string::npos ? " in PATH" : ""));
+        return false;
+    };
+    for (auto [key, program] : {std::pair{"node.qemu", &c.node.qemu},
+                                std::pair{"node.qemu_wrapper", c.node.qemu_wrapper.empty() ? nullptr
+                                                                                           : &c.node.qemu_wrapper[0]}})
+        if (program && !executable(*program))
+            return make_error(Errc::invalid_argument,
+                              fmt::format("{}: {} is not an executable{}", c.where(key), *program,
+                                          program->find('/') == std::string::npos ? " in PATH" : ""));
     return {};
 }
 
@@ -212,6 +215,7 @@ std::vector<std::string> Engine::reload(const config::NodeConfig& fresh) {
     // What applies from now on.
     n.max_migration_bandwidth = f.max_migration_bandwidth;
     n.qemu = f.qemu;
+    n.qemu_wrapper = f.qemu_wrapper;
     n.accel = f.accel;
     n.log_level = f.log_level;
     n.labels = f.labels;

@@ -82,6 +82,9 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
     opts.incoming = req.incoming;
     opts.start_paused = !req.incoming || req.hold;
     auto argv = qemu_args(*req.spec, opts);
+    // The wrapper launcher: QEMU's argv after the wrapper's; the wrapper
+    // execs it, so the pid ferry tracks is QEMU's.
+    argv.insert(argv.begin(), req.node->qemu_wrapper.begin(), req.node->qemu_wrapper.end());
     log->info("vm {}: starting QEMU r{}{}", req.spec->name, req.generation, req.incoming ? " (incoming)" : "");
     // extra_args may carry secrets (-object secret,data=...): never logged.
     log->debug("vm {}: {} (and {} extra_args, not logged)", req.spec->name,
