@@ -3,6 +3,7 @@
 #include "common/log.hpp"
 #include "engine/engine.hpp"
 #include "scheduler/planner.hpp"
+#include "transport/channel.hpp"
 
 #include <boost/asio/as_tuple.hpp>
 #include <boost/asio/co_spawn.hpp>
@@ -264,19 +265,12 @@ std::string Metrics::render() const {
 }
 
 Result<void> Metrics::listen(const std::string& address) {
-    auto colon = address.rfind(':');
-    auto host = address.substr(0, colon);
-    if (host.size() > 2 && host.front() == '[')
-        host = host.substr(1, host.size() - 2);
-    if (host == "localhost")
-        host = "127.0.0.1";
+    auto parsed = transport::parse_endpoint(address);
+    if (!parsed)
+        return parsed.error();
+    auto ep = *parsed;
     boost::system::error_code ec;
-    auto ip = asio::ip::make_address(host, ec);
-    if (ec)
-        return make_error(Errc::invalid_argument, fmt::format("metrics.listen \"{}\": {}", address, ec.message()));
-    auto port = static_cast<unsigned short>(std::stoul(address.substr(colon + 1)));
     auto acceptor = std::make_unique<tcp::acceptor>(engine_.get_executor());
-    tcp::endpoint ep(ip, port);
     acceptor->open(ep.protocol(), ec);
     if (!ec)
         acceptor->set_option(tcp::acceptor::reuse_address(true), ec);
@@ -287,7 +281,7 @@ Result<void> Metrics::listen(const std::string& address) {
     if (ec)
         return make_error(Errc::io, fmt::format("metrics.listen \"{}\": {}", address, ec.message()));
     acceptor_ = std::move(acceptor);
-    log()->info("metrics on http://{}:{}/metrics", host, acceptor_->local_endpoint().port());
+    log()->info("metrics on http://{}:{}/metrics", ep.address().to_string(), acceptor_->local_endpoint().port());
     asio::co_spawn(engine_.get_executor(), accept_loop(this), asio::detached);
     return {};
 }
