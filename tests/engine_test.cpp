@@ -1231,9 +1231,12 @@ TEST(Hooks, RunInNameOrderSkippingWhatRunPartsSkips) {
     std::filesystem::create_directories(dir / "15-a-directory");
     auto hooks = ferry::engine::list_hooks(dir.path());
     std::vector<std::string> want{dir / "10-net", dir / "20-routes"}; // 05-data is not executable
-    EXPECT_EQ(hooks, want);
-    EXPECT_TRUE(ferry::engine::list_hooks("").empty());
-    EXPECT_TRUE(ferry::engine::list_hooks(dir / "missing").empty());
+    ASSERT_TRUE(hooks) << hooks.error().message;
+    EXPECT_EQ(*hooks, want);
+    EXPECT_TRUE(ferry::engine::list_hooks("")->empty());
+    auto missing = ferry::engine::list_hooks(dir / "missing");
+    ASSERT_FALSE(missing) << "a directory that went away fails closed";
+    EXPECT_NE(missing.error().message.find("reading the hooks directory " + dir / "missing"), std::string::npos);
 }
 
 TEST(Hooks, InputCarriesTheMigrationSpecAndPid) {

@@ -300,20 +300,26 @@ asio::awaitable<void> Metrics::accept_loop(Metrics* self) {
         auto [ec, socket] = co_await self->acceptor_->async_accept(asio::as_tuple(asio::use_awaitable));
         if (ec == asio::error::operation_aborted || !self->acceptor_->is_open())
             co_return;
-        if (ec)
+        if (ec) { // out of fds, say: do not spin
+            asio::steady_timer pause(self->acceptor_->get_executor(), std::chrono::milliseconds(100));
+            co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
             continue;
-        if (self->connections_ >= max_connections)
+        }
+        if (*self->connections_ >= max_connections)
             continue; // closed as it goes out of scope
         asio::co_spawn(self->acceptor_->get_executor(), serve(self, std::move(socket)), asio::detached);
     }
 }
 
 asio::awaitable<void> Metrics::serve(Metrics* self, tcp::socket socket) {
-    ++self->connections_;
+    // The count outlives the Metrics: a scrape still open when ferryd stops
+    // is destroyed with the io_context, after it.
+    auto count = self->connections_;
+    ++*count;
     struct Leave {
-        Metrics* m;
-        ~Leave() { --m->connections_; }
-    } leave{self};
+        std::shared_ptr<std::size_t> count;
+        ~Leave() { --*count; }
+    } leave{count};
     using namespace asio::experimental::awaitable_operators;
     asio::streambuf buf(max_request_head);
     asio::steady_timer timer(socket.get_executor());

@@ -78,7 +78,7 @@ private:
     std::uint64_t sent_bytes_ = 0;
     std::map<std::string, Histogram> downtime_, blackout_, duration_; // by mode
     std::unique_ptr<boost::asio::ip::tcp::acceptor> acceptor_;
-    std::size_t connections_ = 0;
+    std::shared_ptr<std::size_t> connections_ = std::make_shared<std::size_t>(0);
 };
 
 } // namespace ferry::control

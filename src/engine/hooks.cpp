@@ -167,19 +167,27 @@ asio::awaitable<std::string> run_one(asio::any_io_executor ex, const std::string
     asio::co_spawn(ex, read_all(output, d_err, true), asio::detached);
 
     int status = 0;
-    bool timed_out = false;
+    bool timed_out = false, reaped = false, lost = false;
     asio::steady_timer timer(ex);
     for (;;) {
         pid_t r = ::waitpid(pid, &status, WNOHANG);
-        if (r == pid || (r < 0 && errno != EINTR))
-            break;
-        if (std::chrono::steady_clock::now() - started >= timeout) {
-            timed_out = true;
-            ::kill(-pid, SIGKILL);
-            while (::waitpid(pid, &status, 0) < 0 && errno == EINTR) {
-            }
+        if (r == pid) {
+            reaped = true;
             break;
         }
+        if (r < 0 && errno != EINTR) {
+            lost = true; // not ours to wait for any more (reaped elsewhere)
+            break;
+        }
+        auto now = std::chrono::steady_clock::now();
+        if (!timed_out && now - started >= timeout) {
+            timed_out = true;
+            ::kill(-pid, SIGKILL);
+        }
+        // Killed and still there after 10 s: stuck in the kernel (a hung
+        // NFS mount, say). ferryd goes on; the zombie is reaped later.
+        if (timed_out && now - started >= timeout + 10s)
+            break;
         timer.expires_after(10ms);
         co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
     }
@@ -199,7 +207,10 @@ asio::awaitable<std::string> run_one(asio::any_io_executor ex, const std::string
 
     std::string failure;
     if (timed_out)
-        failure = fmt::format("{} did not finish within {} ms; its process group was killed", what, timeout.count());
+        failure = fmt::format("{} did not finish within {} ms; its process group was killed{}", what, timeout.count(),
+                              reaped ? "" : " (and has not exited yet)");
+    else if (lost)
+        failure = fmt::format("{}: its exit status was lost", what);
     else if (WIFSIGNALED(status))
         failure = fmt::format("{} was killed by signal {}", what, WTERMSIG(status));
     else if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
@@ -217,17 +228,21 @@ asio::awaitable<std::string> run_one(asio::any_io_executor ex, const std::string
 
 } // namespace
 
-std::vector<std::string> list_hooks(const std::string& dir) {
+Result<std::vector<std::string>> list_hooks(const std::string& dir) {
     std::vector<std::string> hooks;
     if (dir.empty())
         return hooks;
     std::error_code ec;
-    for (auto it = fs::directory_iterator(dir, ec); !ec && it != fs::directory_iterator(); it.increment(ec)) {
+    auto it = fs::directory_iterator(dir, ec);
+    for (; !ec && it != fs::directory_iterator(); it.increment(ec)) {
         auto name = it->path().filename().string();
-        if (skipped_name(name) || !it->is_regular_file(ec) || ::access(it->path().c_str(), X_OK) != 0)
+        std::error_code type_ec;
+        if (skipped_name(name) || !it->is_regular_file(type_ec) || ::access(it->path().c_str(), X_OK) != 0)
             continue;
         hooks.push_back(it->path().string());
     }
+    if (ec)
+        return make_error(Errc::io, fmt::format("reading the hooks directory {}: {}", dir, ec.message()));
     std::sort(hooks.begin(), hooks.end());
     return hooks;
 }
@@ -254,11 +269,22 @@ asio::awaitable<Result<std::vector<std::string>>> run_hooks(asio::any_io_executo
                                                             const config::HooksSection& hooks, const HookCall& call,
                                                             std::chrono::steady_clock::time_point deadline) {
     std::vector<std::string> failures;
+    // A directory that cannot be read fails closed: a gate that cannot run
+    // does not let the migration through.
     auto list = list_hooks(hooks.dir);
-    if (list.empty())
+    if (!list) {
+        auto why = fmt::format("{} hooks on the {} {}: {}", to_string(call.phase), call.role, call.node,
+                               list.error().message);
+        engine_log()->warn("migration {}: {}", call.migration->id, why);
+        if (hook_can_abort(call.phase))
+            co_return make_error(Errc::conflict, why);
+        failures.push_back(why);
+        co_return failures;
+    }
+    if (list->empty())
         co_return failures;
     auto input = hook_input(call).dump();
-    for (auto& path : list) {
+    for (auto& path : *list) {
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
         auto timeout = std::clamp<std::chrono::milliseconds>(left, 1ms, std::chrono::seconds(hooks.timeout));
         auto failure = co_await run_one(ex, path, call, input, timeout);

@@ -34,7 +34,8 @@ struct HookCall {
 // The hooks of a directory, in the order they run: regular executable files,
 // by name (bytewise), skipping hidden files and editor and package leftovers
 // (names ending in ~, .dpkg-*, .rpm*, .swp), as run-parts does.
-std::vector<std::string> list_hooks(const std::string& dir);
+// An unreadable directory is an error ("" is no hooks).
+Result<std::vector<std::string>> list_hooks(const std::string& dir);
 
 // What one hook printed on stderr is kept up to this much (its end).
 constexpr std::size_t hook_stderr_limit = 4096;

@@ -46,7 +46,7 @@ asio::awaitable<Result<void>> LocalDestination::prepare() {
 
 asio::awaitable<Result<void>> LocalDestination::hooks(HookPhase phase) {
     if (phase == HookPhase::Prepare)
-        hooks_started_ = true;
+        hooks_started_ = !run_.hooks_config().dir.empty();
     else if (!hooks_started_)
         co_return Result<void>{};
     if (phase == HookPhase::Aborted)
@@ -56,7 +56,7 @@ asio::awaitable<Result<void>> LocalDestination::hooks(HookPhase phase) {
     auto& vm = run_.vm();
     int pid = phase == HookPhase::Launched ? target_.pid : phase == HookPhase::Activated ? vm.qemu.pid : -1;
     HookCall call{phase, "target", &m, &*vm.record.spec, node.config().node.name, pid};
-    auto ran = co_await run_hooks(node.executor(), node.config().hooks, call, Clock::now() + std::chrono::hours(1));
+    auto ran = co_await run_hooks(node.executor(), run_.hooks_config(), call, Clock::now() + std::chrono::hours(1));
     if (!ran)
         co_return ran.error();
     if (!ran->empty()) {
@@ -134,7 +134,7 @@ asio::awaitable<Result<void>> LocalDestination::hand_off() {
     m.result.downtime_ms = run_.last_info().value("downtime", std::int64_t{0});
     if (!source_beats.empty())
         co_await measure_blackout(source_beats);
-    if (run_.node().config().hooks.announce_self && run_.source_was_running()) {
+    if (run_.hooks_config().announce_self && run_.source_was_running()) {
         auto announced = co_await announce_self(*vm.qemu.qmp);
         if (!announced)
             m.warnings.push_back(fmt::format("announce-self: {}", announced.error().message));

@@ -47,7 +47,8 @@ std::shared_ptr<SourceRun> SourceRun::create(Node& node, std::shared_ptr<Migrati
 }
 
 SourceRun::SourceRun(Node& node, std::shared_ptr<Migration> m, std::shared_ptr<Vm> vm)
-    : node_(node), record_(std::move(m)), m_(*record_), vm_(std::move(vm)), wake_(node.executor()) {}
+    : node_(node), record_(std::move(m)), m_(*record_), vm_(std::move(vm)), hooks_config_(node.config().hooks),
+      wake_(node.executor()) {}
 
 void SourceRun::wake_up() {
     woken_ = true;
@@ -306,8 +307,8 @@ asio::awaitable<Result<void>> SourceRun::hand_off() {
     m_.target_pid = -1;
     m_.target_dir.clear();
     m_.ended_at = now_string();
-    vm_->migration_id.reset();
     co_await hooks(HookPhase::Released);
+    vm_->migration_id.reset(); // only now may another migration (or a delete) begin
     set_phase(Phase::Succeeded);
     destination_->log_success();
     co_return Result<void>{};
@@ -357,8 +358,8 @@ asio::awaitable<void> SourceRun::fail(const Error& error) {
     m_.target_pid = -1;
     m_.target_dir.clear();
     m_.ended_at = now_string();
-    vm_->migration_id.reset();
     co_await hooks(HookPhase::Aborted);
+    vm_->migration_id.reset(); // only now may another migration (or a delete) begin
     set_phase(Phase::Failed);
 }
 
@@ -366,7 +367,7 @@ asio::awaitable<Result<void>> SourceRun::hooks(HookPhase phase) {
     auto& config = node_.config();
     int pid = phase == HookPhase::Released ? -1 : vm_->qemu.pid;
     HookCall call{phase, "source", &m_, vm_->record.spec ? &*vm_->record.spec : nullptr, config.node.name, pid};
-    auto ran = co_await run_hooks(node_.executor(), config.hooks, call, Clock::now() + std::chrono::hours(1));
+    auto ran = co_await run_hooks(node_.executor(), hooks_config_, call, Clock::now() + std::chrono::hours(1));
     if (!ran)
         co_return ran.error();
     if (!ran->empty()) {

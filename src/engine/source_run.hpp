@@ -44,6 +44,9 @@ public:
     void keep_source_paused() { source_was_running_ = false; }
     std::size_t source_subscription() const { return source_subscription_; }
     void set_phase(Phase phase);
+    // [hooks] as it was when the migration was created: a reload (SIGHUP)
+    // changes the hooks of later migrations only.
+    const config::HooksSection& hooks_config() const { return hooks_config_; }
 
 private:
     boost::asio::awaitable<Result<void>> prepare_target();
@@ -70,6 +73,7 @@ private:
     std::shared_ptr<Migration> record_; // shared with the node's records
     Migration& m_;
     std::shared_ptr<Vm> vm_;
+    config::HooksSection hooks_config_;
     std::unique_ptr<Destination> destination_;
     Clock::time_point start_;
     bool switchover_started_ = false;

@@ -31,7 +31,8 @@ constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
 json error_message(const std::string& why) { return {{"type", "error"}, {"message", why}}; }
 
 TargetRun::TargetRun(Node& node, std::string source_node)
-    : node_(node), source_node_(std::move(source_node)), order_(node.executor()) {}
+    : node_(node), hooks_config_(node.config().hooks), source_node_(std::move(source_node)),
+      order_(node.executor()) {}
 
 std::string TargetRun::check_prepare(const json& msg) {
     try {
@@ -107,15 +108,15 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     auto& name = spec_.name;
     auto dir = node_.vm_dir(name);
     std::error_code ec;
-    // The source waits 120 s for the answer: this side's hooks (prepare and
-    // launched) get 100 s of it in all.
-    auto hooks_deadline = Clock::now() + 100s;
-    auto hooked = co_await hooks(HookPhase::Prepare, hooks_deadline);
-    if (!hooked) {
-        node_.remove_arriving(m_.id);
-        finished_ = true;
-        co_await hooks(HookPhase::Aborted, Clock::now() + 60s);
-        co_return error_message(hooked.error().message);
+    // The source waits 120 s for the answer: the prepare hooks get 45 s of
+    // it, and the launched hooks what is left of 100 s once QEMU listens.
+    auto started = Clock::now();
+    auto hooked = co_await hooks(HookPhase::Prepare, started + 45s);
+    if (!hooked || finished_) {
+        auto why = hooked ? std::string("the arrival was given up while its prepare hooks ran")
+                          : hooked.error().message;
+        co_await drop(why);
+        co_return error_message(why);
     }
     if (!mirrored_.empty()) {
         // On record before the first image is made: a restarted ferryd
@@ -134,12 +135,7 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     auto q = co_await launch_qemu(node_.executor(), req);
     if (!q) {
         auto why = fmt::format("starting the destination QEMU: {}", q.error().message);
-        if (!mirrored_.empty()) {
-            co_await drop(why);
-        } else {
-            node_.remove_arriving(m_.id);
-            fs::remove_all(dir, ec);
-        }
+        co_await drop(why);
         co_return error_message(why);
     }
     qemu_ = std::move(*q);
@@ -170,11 +166,13 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         co_await drop(exported);
         co_return error_message(exported);
     }
-    hooked = co_await hooks(HookPhase::Launched, hooks_deadline);
+    hooked = co_await hooks(HookPhase::Launched, started + 100s);
     if (!hooked) {
         co_await drop(hooked.error().message);
         co_return error_message(hooked.error().message);
     }
+    if (finished_) // given up meanwhile (its QEMU exited, the source left): drop() said why
+        co_return error_message("the arrival was given up while its launched hooks ran");
     // Our own record of the arrival: visible here, and cleaned up by a
     // restarted ferryd if we die before the hand-off.
     m_.phase = Phase::Running;
@@ -288,6 +286,7 @@ std::shared_ptr<Vm> TargetRun::take_in(bool resume) {
 }
 
 asio::awaitable<json> TargetRun::finish(const json& msg) {
+    auto answer_by = Clock::now() + 50s; // the source waits 60 s for the answer
     auto not_loaded = co_await wait_loaded();
     if (!not_loaded.empty())
         co_return error_message(not_loaded);
@@ -307,9 +306,8 @@ asio::awaitable<json> TargetRun::finish(const json& msg) {
         reply["guest_blackout_ms"] = co_await measure_blackout(msg, *vm);
     if (resume && m_.mode != "postcopy") // post-copy announced when the guest started here
         co_await announce(*vm->qemu.qmp);
-    // The source waits 60 s for this answer.
     qemu_pid_for_hooks_ = vm->qemu.pid;
-    co_await hooks(HookPhase::Activated, Clock::now() + 45s);
+    co_await hooks(HookPhase::Activated, std::max(answer_by, Clock::now() + 1s));
     reply["warnings"] = m_.warnings;
     if (auto* record = node_.migration(m_.id)) {
         record->phase = Phase::Succeeded;
@@ -406,7 +404,6 @@ asio::awaitable<void> TargetRun::drop(std::string why) {
     finished_ = true;
     if (auto* tokens = node_.tokens())
         tokens->revoke(m_.id);
-    node_.remove_arriving(m_.id);
     if (auto* record = node_.migration(m_.id)) {
         record->phase = Phase::Failed;
         record->failure_reason = why;
@@ -426,16 +423,31 @@ asio::awaitable<void> TargetRun::drop(std::string why) {
         record->created_images.clear();
         node_.persist(*record);
     }
-    co_await hooks(HookPhase::Aborted, Clock::now() + 60s);
+    // The aborted hooks run after the source has its answer; the VM's name
+    // stays reserved here until they and the cleanup are done, so a retry
+    // cannot start under them.
+    if (hooks_started_)
+        asio::co_spawn(node_.executor(), release_after_hooks(shared_from_this()), asio::detached);
+    else
+        release();
+}
+
+void TargetRun::release() {
+    node_.remove_arriving(m_.id);
     if (!node_.has_vm(spec_.name)) {
         std::error_code ec;
         fs::remove_all(node_.vm_dir(spec_.name), ec);
     }
 }
 
+asio::awaitable<void> TargetRun::release_after_hooks(std::shared_ptr<TargetRun> run) {
+    co_await run->hooks(HookPhase::Aborted, Clock::now() + 60s);
+    run->release();
+}
+
 asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_point deadline) {
     if (phase == HookPhase::Prepare)
-        hooks_started_ = true;
+        hooks_started_ = !hooks_config_.dir.empty();
     else if (!hooks_started_)
         co_return Result<void>{}; // nothing ran here that an aborted hook would undo
     if (phase == HookPhase::Aborted)
@@ -443,7 +455,7 @@ asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_poin
     auto& config = node_.config();
     int pid = phase == HookPhase::Launched ? qemu_.pid : phase == HookPhase::Activated ? qemu_pid_for_hooks_ : -1;
     HookCall call{phase, "target", &m_, &spec_, config.node.name, pid};
-    auto ran = co_await run_hooks(node_.executor(), config.hooks, call, deadline);
+    auto ran = co_await run_hooks(node_.executor(), hooks_config_, call, deadline);
     if (!ran)
         co_return ran.error();
     if (!ran->empty()) {
@@ -457,7 +469,7 @@ asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_poin
 }
 
 asio::awaitable<void> TargetRun::announce(qmp::Client& qmp) {
-    if (!node_.config().hooks.announce_self)
+    if (!hooks_config_.announce_self)
         co_return;
     auto done = co_await announce_self(qmp);
     if (!done) {

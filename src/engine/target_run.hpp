@@ -81,12 +81,16 @@ private:
     std::shared_ptr<Vm> take_in(bool resume);
     boost::asio::awaitable<nlohmann::json> measure_blackout(const nlohmann::json& msg, const Vm& vm);
 
+    // Ends the arrival's hold on the VM's name and removes its directory.
+    void release();
+    static boost::asio::awaitable<void> release_after_hooks(std::shared_ptr<TargetRun> run);
     // This side's hooks of a phase; aborted runs only where prepare did.
     boost::asio::awaitable<Result<void>> hooks(HookPhase phase, Clock::time_point deadline);
     // announce-self, when [hooks] announce_self; a failure is a warning.
     boost::asio::awaitable<void> announce(qmp::Client& qmp);
 
     Node& node_;
+    config::HooksSection hooks_config_; // as when the arrival began (a reload changes later ones)
     Migration m_;
     bool hooks_started_ = false;
     int qemu_pid_for_hooks_ = -1; // the QEMU the VM runs in once taken in
