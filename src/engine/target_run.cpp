@@ -115,7 +115,8 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     if (!hooked || finished_) {
         auto why = hooked ? std::string("the arrival was given up while its prepare hooks ran")
                           : hooked.error().message;
-        co_await drop(why);
+        if (!finished_) // not dropped already (the source left meanwhile)
+            co_await drop(why);
         co_return error_message(why);
     }
     if (!mirrored_.empty()) {
