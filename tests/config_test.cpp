@@ -346,6 +346,21 @@ TEST(NodeConfig, TlsNeedsAllThreeFilesAndAListenAddress) {
     EXPECT_EQ(c->where("node.qemu"), "n.toml: key 'node.qemu'");
 }
 
+TEST(NodeConfig, LauncherIsBuiltinOrExternalWithABoundedWait) {
+    auto c = parse_node_config("[node]\nname = \"a\"\nlauncher = \"external\"\nexternal_launch_timeout = 20\n", "n.toml");
+    ASSERT_TRUE(c) << c.error().message;
+    EXPECT_EQ(c->node.launcher, "external");
+    EXPECT_EQ(c->node.external_launch_timeout, 20);
+    EXPECT_EQ(parse_node_config("[node]\nname = \"a\"\n", "n.toml")->node.launcher, "builtin");
+    auto bad = problems("[node]\nname = \"a\"\nlauncher = \"wrapper\"\n");
+    EXPECT_NE(bad.find("n.toml:3: key 'node.launcher': \"wrapper\" is not builtin or external (a wrapper is builtin "
+                       "with qemu_wrapper)"),
+              std::string::npos)
+        << bad;
+    auto wait = problems("[node]\nname = \"a\"\nexternal_launch_timeout = 1\n");
+    EXPECT_NE(wait.find("n.toml:3: key 'node.external_launch_timeout'"), std::string::npos) << wait;
+}
+
 TEST(NodeConfig, ControlSocketWritableByOthersNeedsConsent) {
     for (auto mode : {"0666", "0602"}) {
         auto p = problems(std::string("[node]\nname = \"a\"\ncontrol_socket_mode = \"") + mode + "\"\n");

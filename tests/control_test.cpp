@@ -1,5 +1,7 @@
 // src/control: the request handling as a unit, then ferryd and ferryctl as
 // real processes driving real QEMU.
+#include "control/client.hpp"
+#include "control/event_queue.hpp"
 #include "control/metrics.hpp"
 #include "control/server.hpp"
 #include "output.hpp"
@@ -17,7 +19,10 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <sys/socket.h>
+#include <sys/un.h>
 #include <regex>
+#include <set>
 #include <thread>
 #include <unistd.h>
 
@@ -30,6 +35,16 @@ namespace {
 asio::awaitable<ferry::Result<json>> echo(json params) { co_return ferry::ok(json{{"echo", params}}); }
 asio::awaitable<ferry::Result<json>> refuse(json) {
     co_return ferry::make_error(ferry::Errc::conflict, "not now");
+}
+// What each descriptor it was handed has to read.
+asio::awaitable<ferry::Result<json>> read_fds(json, std::vector<ferry::UniqueFd> fds) {
+    json got = json::array();
+    for (auto& f : fds) {
+        char buf[16];
+        auto n = ::read(f.get(), buf, sizeof(buf));
+        got.push_back(std::string(buf, n > 0 ? static_cast<std::size_t>(n) : 0));
+    }
+    co_return ferry::ok(json{{"read", got}});
 }
 } // namespace
 
@@ -117,6 +132,45 @@ TEST(ControlServer, AnswersRequestsAndErrors) {
     EXPECT_EQ(ask(std::string(300 << 10, ' ') + "{}")["error"]["code"], "protocol") << "over 256 KiB";
 }
 
+// Descriptors sent with a request (SCM_RIGHTS) reach a method that takes
+// them, in order; any other method refuses them; the connection stays in step.
+TEST(ControlServer, TakesDescriptorsOnlyWhereAMethodWantsThem) {
+    asio::io_context io;
+    TempDir dir;
+    ferry::control::Server server(io.get_executor(), dir / "s.sock", 0600);
+    server.add("echo", echo);
+    server.add_with_fds("read", read_fds);
+    ASSERT_TRUE(server.start());
+    std::vector<std::string> got;
+    std::thread client([&] {
+        auto c = ferry::control::Client::connect(dir / "s.sock");
+        if (!c) {
+            got.push_back(c.error().message);
+        } else {
+            int tap[2], vhost[2];
+            EXPECT_EQ(::pipe(tap), 0);
+            EXPECT_EQ(::pipe(vhost), 0);
+            EXPECT_EQ(::write(tap[1], "tap", 3), 3);
+            EXPECT_EQ(::write(vhost[1], "vhost", 5), 5);
+            auto r = (*c)->call_with_fds("read", json::object(), {tap[0], vhost[0]});
+            got.push_back(r ? r->dump() : r.error().message);
+            auto e = (*c)->call_with_fds("echo", {{"a", 1}}, {tap[0]});
+            got.push_back(e ? e->dump() : e.error().message);
+            auto plain = (*c)->call("echo", {{"a", 2}});
+            got.push_back(plain ? plain->dump() : plain.error().message);
+            for (int fd : {tap[0], tap[1], vhost[0], vhost[1]})
+                ::close(fd);
+        }
+        asio::post(io, [&] { server.stop(); }); // its connections end, then run() returns
+    });
+    io.run_for(20s);
+    client.join();
+    ASSERT_EQ(got.size(), 3U) << got[0];
+    EXPECT_EQ(got[0], R"({"read":["tap","vhost"]})");
+    EXPECT_EQ(got[1], "echo takes no file descriptors (1 came with the request)");
+    EXPECT_EQ(got[2], R"({"echo":{"a":2}})");
+}
+
 TEST(ControlParams, NameTheParameterAndWhatItShouldBe) {
     using ferry::control::Params;
     json params{{"vm", 5}, {"seconds", 99}, {"flag", "yes"}, {"bw", "lots"}, {"ok", "64Mi"}, {"args", {1}}};
@@ -172,6 +226,51 @@ TEST(Metrics, RequestLinesReasonsLabelsAndHistograms) {
                    "x_seconds_bucket{mode=\"precopy\",le=\"+Inf\"} 3\n"
                    "x_seconds_sum{mode=\"precopy\"} 7.55\n"
                    "x_seconds_count{mode=\"precopy\"} 3\n");
+}
+
+TEST(Events, TheLogNumbersKeepsAndSaysWhenTooMuchWasDropped) {
+    ferry::engine::EventLog log(3);
+    std::vector<std::uint64_t> told;
+    auto id = log.listen([&](const ferry::engine::Event& e) { told.push_back(e.seq); });
+    for (int i = 0; i < 5; ++i)
+        log.publish("phase", "demo", "demo-1", {{"i", i}});
+    EXPECT_EQ(told, (std::vector<std::uint64_t>{1, 2, 3, 4, 5}));
+    EXPECT_EQ(log.last_seq(), 5U);
+    EXPECT_EQ(log.oldest_seq(), 3U);
+    auto after2 = log.since(2);
+    ASSERT_TRUE(after2);
+    ASSERT_EQ(after2->size(), 3U);
+    EXPECT_EQ(after2->front().seq, 3U);
+    EXPECT_FALSE(log.since(1)) << "event 2 was dropped: a resync";
+    EXPECT_TRUE(log.since(5)->empty());
+    log.unlisten(id);
+    log.publish("phase", "demo", "", {});
+    EXPECT_EQ(told.size(), 5U);
+    auto j = ferry::engine::to_json(log.since(5)->front());
+    EXPECT_EQ(j["seq"], 6);
+    EXPECT_TRUE(j["migration"].is_null());
+    EXPECT_EQ(j["time"].get<std::string>().size(), 24U) << j; // 2026-12-05T21:57:07.758Z
+}
+
+TEST(Events, AQueueCoalescesProgressKeepsTheRestInOrderAndOverflows) {
+    ferry::control::EventQueue q({"demo"}, 4);
+    auto ev = [](std::uint64_t seq, std::string type, std::string vm = "demo", std::string m = "demo-1") {
+        return ferry::engine::Event{seq, "t", std::move(type), std::move(vm), std::move(m), {}};
+    };
+    q.push(ev(1, "phase"));
+    q.push(ev(2, "progress"));
+    q.push(ev(3, "progress", "other")); // not asked for
+    q.push(ev(4, "qemu"));
+    q.push(ev(5, "progress")); // replaces 2, goes after 4
+    q.push(ev(6, "progress", "demo", "demo-2")); // another migration's: kept
+    std::vector<std::uint64_t> seqs;
+    while (auto e = q.pop())
+        seqs.push_back(e->seq);
+    EXPECT_EQ(seqs, (std::vector<std::uint64_t>{1, 4, 5, 6}));
+    for (std::uint64_t i = 10; i < 15; ++i)
+        q.push(ev(i, "phase"));
+    EXPECT_TRUE(q.overflowed());
+    EXPECT_EQ(q.size(), 4U) << "phase changes are never dropped silently: the subscriber is told";
 }
 
 // --- end to end: ferryd + ferryctl + QEMU -----------------------------------
@@ -342,6 +441,107 @@ TEST_F(Ferryd, AWrapperLauncherStartsEveryQemuThroughIt) {
                         " --vm demo --dump " + (dir_ / "dump.bin"),
                     dir_);
     EXPECT_EQ(check.status, 0) << check.out << check.err;
+}
+
+// The event stream: a subscriber that drops mid-migration resumes after its
+// last sequence number with nothing missing; one that never reads holds
+// nothing up; ferryctl events prints what happened.
+TEST_F(Ferryd, EventSubscribersResumeWithoutAGapAndASlowOneHoldsNothingUp) {
+    start();
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm.toml")).status, 0);
+    wait_heartbeats();
+    using ferry::control::Client;
+    auto subscribe = [&](json params) {
+        auto c = Client::connect(socket_);
+        EXPECT_TRUE(c) << c.error().message;
+        auto head = (*c)->call("events.subscribe", params);
+        EXPECT_TRUE(head) << head.error().message;
+        return std::pair{std::move(*c), head ? *head : json()};
+    };
+    auto [first, head] = subscribe({{"vms", {"demo"}}, {"heartbeat_ms", 200}});
+    auto start_seq = head["seq"].get<std::uint64_t>();
+    // One that asks and never reads a line.
+    int slow = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::strncpy(addr.sun_path, socket_.c_str(), sizeof(addr.sun_path) - 1);
+    ASSERT_EQ(::connect(slow, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+    std::string request = R"({"id": 1, "method": "events.subscribe", "params": {"heartbeat_ms": 100}})" "\n";
+    ASSERT_EQ(::write(slow, request.data(), request.size()), static_cast<ssize_t>(request.size()));
+
+    // 32 MiB/s for 128 MiB: a few seconds of pre-copy, and fast enough for
+    // the guest's 8 MiB/s of dirtying to converge.
+    auto id = ctl_json("migrate demo --bandwidth 32Mi")["id"].get<std::string>();
+    std::vector<json> got;
+    std::uint64_t last = start_seq;
+    bool saw_progress = false;
+    while (!saw_progress) {
+        auto line = first->next(10s);
+        ASSERT_TRUE(line) << line.error().message;
+        if ((*line)["type"] == "heartbeat")
+            continue;
+        EXPECT_EQ((*line)["vm"], "demo");
+        last = (*line)["seq"].get<std::uint64_t>();
+        saw_progress = (*line)["type"] == "progress";
+        got.push_back(*line);
+    }
+    first.reset(); // gone mid-migration
+    std::this_thread::sleep_for(1500ms);
+    auto [again, head2] = subscribe({{"vms", {"demo"}}, {"since", last}, {"heartbeat_ms", 200}});
+    bool resumed_first = true;
+    for (;;) {
+        auto line = again->next(30s);
+        ASSERT_TRUE(line) << line.error().message;
+        if ((*line)["type"] == "heartbeat")
+            continue;
+        ASSERT_NE((*line)["type"], "resync");
+        if (resumed_first) {
+            EXPECT_EQ((*line)["seq"], last + 1) << "the first event after a resume follows the last one read";
+        }
+        resumed_first = false;
+        got.push_back(*line);
+        if ((*line)["type"] == "result")
+            break;
+    }
+    EXPECT_EQ(got.back()["migration"], id);
+    EXPECT_EQ(got.back()["data"]["phase"], "Succeeded") << got.back().dump();
+    // Against the whole log since the start: every event but coalesced
+    // progress reached the subscriber, in order.
+    auto [all, head3] = subscribe({{"since", start_seq}, {"heartbeat_ms", 200}});
+    std::set<std::uint64_t> seen;
+    std::uint64_t previous = 0;
+    for (auto& e : got) {
+        EXPECT_GT(e["seq"].get<std::uint64_t>(), previous);
+        previous = e["seq"].get<std::uint64_t>();
+        seen.insert(previous);
+    }
+    std::set<std::string> phases, types;
+    for (std::uint64_t expect = start_seq + 1; expect <= head3["seq"].get<std::uint64_t>(); ++expect) {
+        auto line = all->next(10s);
+        ASSERT_TRUE(line) << line.error().message;
+        EXPECT_EQ((*line)["seq"], expect) << "the log has no gaps";
+        types.insert((*line)["type"].get<std::string>());
+        if ((*line)["type"] == "phase")
+            phases.insert((*line)["data"]["phase"].get<std::string>());
+        if ((*line)["type"] != "progress") {
+            EXPECT_TRUE(seen.count(expect)) << "missed " << line->dump();
+        }
+    }
+    EXPECT_EQ(phases, (std::set<std::string>{"Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running",
+                                             "Succeeded"}));
+    EXPECT_EQ(types, (std::set<std::string>{"phase", "progress", "qemu", "result"}));
+    // The one that never read is still connected, and held nothing up.
+    char byte;
+    EXPECT_EQ(::recv(slow, &byte, 1, MSG_DONTWAIT | MSG_PEEK), 1);
+    ::close(slow);
+
+    auto text = ctl("events --since " + std::to_string(start_seq) + " --vm demo");
+    EXPECT_EQ(text.status, 0) << text.err;
+    EXPECT_NE(text.out.find("phase    demo " + id + ": Succeeded (source)"), std::string::npos) << text.out;
+    EXPECT_NE(text.out.find("result   demo " + id + ": Succeeded"), std::string::npos) << text.out;
+    auto lines = ctl("--json events --since " + std::to_string(start_seq));
+    EXPECT_EQ(lines.status, 0);
+    EXPECT_EQ(json::parse(lines.out.substr(0, lines.out.find('\n')))["seq"], start_seq + 1);
 }
 
 TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFrees) {
@@ -1430,6 +1630,103 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
 // target's failing prepare hook that keeps the VM home with its message, a
 // hook past its timeout killed with what it started, and a failure after
 // the switchover reported and not rolled back.
+// The external launcher: node-b never starts a destination QEMU itself. A
+// stack that follows node-b's events starts one with the launch event's
+// argv, registers it with a descriptor of its own, and the VM moves into
+// it. Without the stack the migration fails after the wait and the VM stays.
+TEST_F(TwoNodes, AnExternallyStartedQemuIsAdoptedAsTheTargetAndGetsTheStacksDescriptors) {
+    auto d = dir_.path();
+    configure("bandwidth_per_migration = \"64Mi\"");
+    auto b_config = ferry::test::read_file(b().config);
+    ferry::test::write_file(b().config, std::regex_replace(b_config, std::regex("\\[node\\]\n"),
+                                                           "[node]\nlauncher = \"external\"\n"
+                                                           "external_launch_timeout = 5\n"));
+    start(a());
+    start(b());
+    create_on_a();
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+
+    // Nobody starts it: the wait ends, the VM is home.
+    auto alone = ctl(a(), "migrate demo --to node-b --wait");
+    EXPECT_NE(alone.status, 0);
+    EXPECT_NE((alone.out + alone.err).find("no QEMU registered for demo on node-b within 5 s"), std::string::npos)
+        << alone.out << alone.err;
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"], pid);
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["status"], "running");
+    EXPECT_NE(ctl(a(), "migration list").out.find("Failed"), std::string::npos);
+
+    // The stack: starts what the launch event says, registers it with a
+    // pipe's read end as "tap0", and writes down the pid.
+    ferry::test::write_file(d + "/stack.py", fmt::format(R"PY(
+import json, os, subprocess, sys, time
+ferryctl, sock, out = sys.argv[1], sys.argv[2], sys.argv[3]
+events = subprocess.Popen([ferryctl, "--socket", sock, "--json", "events", "--follow", "--vm", "demo"],
+                          stdout=subprocess.PIPE, text=True)
+for line in events.stdout:
+    e = json.loads(line)
+    if e["type"] != "launch":
+        continue
+    data = e["data"]
+    log = open(data["log"], "a")
+    qemu = subprocess.Popen(data["argv"], stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    while not os.path.exists(data["qmp_socket"]):
+        time.sleep(0.02)
+    r, w = os.pipe()
+    # A wrong pid first: refused, and the arrival waits on for the right one.
+    wrong = subprocess.run([ferryctl, "--socket", sock, "migration", "register-target", "demo",
+                            "--qmp", data["qmp_socket"], "--pid", "1"], capture_output=True, text=True)
+    open(out + ".wrong", "w").write(wrong.stderr)
+    done = subprocess.run([ferryctl, "--socket", sock, "--json", "migration", "register-target", "demo",
+                           "--qmp", data["qmp_socket"], "--pid", str(qemu.pid), "--fd", "tap0=%d" % r],
+                          pass_fds=[r], capture_output=True, text=True)
+    with open(out, "w") as f:
+        f.write(json.dumps({{"pid": qemu.pid, "status": done.returncode, "out": done.stdout, "err": done.stderr}}))
+    events.kill()
+    break
+)PY"));
+    std::string stack_cmd = "timeout 120 /usr/bin/python3 " + d + "/stack.py " + ferry::test::build_dir() +
+                            "/tools/ferryctl " + b().socket + " " + d + "/stack.json >" + d +
+                            "/stack.out 2>&1 </dev/null";
+    std::thread stack([stack_cmd] { (void)std::system(stack_cmd.c_str()); });
+    std::this_thread::sleep_for(500ms); // subscribed
+    auto moved = ctl(a(), "migrate demo --to node-b --wait");
+    EXPECT_EQ(moved.status, 0) << moved.out << moved.err;
+    std::string said;
+    for (int i = 0; i < 100 && said.empty(); ++i) {
+        said = ferry::test::read_file(d + "/stack.json");
+        std::this_thread::sleep_for(50ms);
+    }
+    if (said.empty())
+        stack.join(); // gone after its timeout; what it printed says why
+    ASSERT_FALSE(said.empty()) << "the stack never registered: " << ferry::test::read_file(d + "/stack.out");
+    auto registered = json::parse(said);
+    EXPECT_EQ(registered["status"], 0) << registered.dump();
+    EXPECT_NE(ferry::test::read_file(d + "/stack.json.wrong")
+                  .find("cannot receive demo: pid 1 was given, but the process on that socket is " +
+                        std::to_string(registered["pid"].get<int>())),
+              std::string::npos)
+        << ferry::test::read_file(d + "/stack.json.wrong");
+    auto reply = json::parse(registered["out"].get<std::string>());
+    EXPECT_EQ(reply["pid"], registered["pid"]);
+    ASSERT_EQ(reply["fdsets"].size(), 1U) << reply;
+    EXPECT_EQ(reply["fdsets"][0]["name"], "tap0");
+    // The VM runs on node-b in the stack's QEMU, which holds the descriptor.
+    auto vm = ctl_json(b(), "vm show demo");
+    EXPECT_EQ(vm["pid"], registered["pid"]) << vm;
+    EXPECT_EQ(vm["status"], "running");
+    auto fdsets = ctl_json(b(), "vm qmp demo query-fdsets");
+    ASSERT_TRUE(fdsets.is_array() && fdsets.size() == 1U) << fdsets;
+    EXPECT_EQ(fdsets[0]["fds"][0]["opaque"], "tap0") << fdsets;
+    EXPECT_FALSE(qemu_alive(pid)) << "the source QEMU is gone";
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    // A registration nobody waits for is refused.
+    auto late = ctl(b(), "migration register-target demo --qmp /nonexistent.sock");
+    EXPECT_NE(late.status, 0);
+    EXPECT_NE(late.err.find("no migration of demo arrives on node-b"), std::string::npos) << late.err;
+    stack.join();
+}
+
 TEST_F(TwoNodes, HooksRunInOrderOnBothNodesAndAFailingPrepareHookKeepsTheVmHome) {
     auto d = dir_.path();
     for (auto letter : {"a", "b"}) {

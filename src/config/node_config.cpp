@@ -63,6 +63,13 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     for (std::size_t i = 0; i < n.qemu_wrapper.size(); ++i)
         if (n.qemu_wrapper[i].empty())
             p.add(t.get("qemu_wrapper")->source(), fmt::format("key 'node.qemu_wrapper': element {} is empty", i));
+    r.get("launcher", n.launcher);
+    if (n.launcher != "builtin" && n.launcher != "external")
+        p.add(t.get("launcher")->source(),
+              fmt::format("key 'node.launcher': \"{}\" is not builtin or external (a wrapper is builtin with "
+                          "qemu_wrapper)",
+                          n.launcher));
+    r.get("external_launch_timeout", n.external_launch_timeout, 5, 600);
     r.get("accel", n.accel);
     r.get("log_level", n.log_level);
     r.get("labels", n.labels);

@@ -48,6 +48,11 @@ struct NodeSection {
     // ["systemd-run", "--scope", "--quiet"] or ["ip", "netns", "exec", "blue"]).
     // It must exec QEMU in the process ferry starts. Empty: QEMU directly.
     std::vector<std::string> qemu_wrapper;
+    // Who starts the QEMU of a migration arriving here: "builtin" (ferry,
+    // through qemu_wrapper) or "external" (the stack, told by a "launch"
+    // event; it registers the QEMU with migration.register_target).
+    std::string launcher = "builtin";
+    std::int64_t external_launch_timeout = 60; // seconds ferry waits for that registration
     std::string accel = "auto"; // auto (kvm if /dev/kvm is usable, else tcg), kvm, tcg
     std::string log_level = "info";
     std::map<std::string, std::string> labels; // matched by VMs' node_selector and policies

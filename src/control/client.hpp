@@ -11,6 +11,7 @@
 
 #include <chrono>
 #include <string>
+#include <vector>
 
 namespace ferry::control {
 
@@ -21,8 +22,19 @@ public:
     // One request; the reply's "result", or its error as an Error.
     Result<nlohmann::json> call(const std::string& method, nlohmann::json params = nlohmann::json::object(),
                                 std::chrono::milliseconds timeout = std::chrono::seconds(60));
+    // The same, handing ferryd these descriptors with the request
+    // (SCM_RIGHTS); they stay open here.
+    Result<nlohmann::json> call_with_fds(const std::string& method, nlohmann::json params, const std::vector<int>& fds,
+                                         std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+    // The next line of a stream (after call() of a streaming method such as
+    // events.subscribe answered): the JSON value, or why there is none
+    // (timeout: nothing came within `timeout`; disconnected: ferryd closed).
+    Result<nlohmann::json> next(std::chrono::milliseconds timeout);
 
 private:
+    Result<nlohmann::json> exchange(const std::string& method, nlohmann::json params, const std::vector<int>& fds,
+                                    std::chrono::milliseconds timeout);
     Client() : socket_(io_) {}
     // Runs the io_context until done() or the deadline; false on timeout.
     template <class Done> bool run_until(Done done, std::chrono::steady_clock::time_point deadline);

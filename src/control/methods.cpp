@@ -1,13 +1,21 @@
 #include "control/methods.hpp"
 
+#include "common/time.hpp"
 #include "config/quantity.hpp"
+#include "control/event_queue.hpp"
 #include "control/protocol.hpp"
 #include "config/vm_spec.hpp"
 #include "scheduler/cluster.hpp"
 #include "scheduler/policy.hpp"
 
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/as_tuple.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
+
+#include <limits>
 
 namespace ferry::control {
 
@@ -57,6 +65,43 @@ asio::awaitable<Result<json>> vm_adopt(Ctx* c, json params) {
         spec = std::move(*s);
     }
     co_return co_await e->adopt_vm(*name, *qmp, std::move(spec));
+}
+
+// migration.register_target: the stack's QEMU for an arrival (launcher =
+// "external"), with the descriptors that came with the request, named by
+// "fds" in the order they were sent.
+asio::awaitable<Result<json>> migration_register_target(Ctx* c, json params, std::vector<UniqueFd> fds) {
+    Params p("migration.register_target", params);
+    auto vm = p.string("vm");
+    if (!vm)
+        co_return vm.error();
+    auto qmp = p.string("qmp");
+    if (!qmp)
+        co_return qmp.error();
+    auto pid = p.optional_int("pid", 1, std::numeric_limits<int>::max());
+    if (!pid)
+        co_return pid.error();
+    auto names = p.optional_strings("fds");
+    if (!names)
+        co_return names.error();
+    if (names->size() != fds.size())
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("migration.register_target: \"fds\" names {} descriptors, {} came with the "
+                                         "request",
+                                         names->size(), fds.size()));
+    std::vector<std::pair<std::string, UniqueFd>> named;
+    for (std::size_t i = 0; i < fds.size(); ++i) {
+        auto& n = (*names)[i];
+        bool ok_name = !n.empty() && n.size() <= 64 &&
+                       std::all_of(n.begin(), n.end(), [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.'; });
+        if (!ok_name)
+            co_return make_error(Errc::invalid_argument,
+                                 fmt::format("migration.register_target: fds[{}]: \"{}\" is not a name of 1 to 64 "
+                                             "letters, digits, '-', '_' or '.'",
+                                             i, n));
+        named.emplace_back(n, std::move(fds[i]));
+    }
+    co_return co_await c->engine->register_target(*vm, *qmp, static_cast<int>(pid->value_or(0)), std::move(named));
 }
 
 asio::awaitable<Result<json>> vm_show(Ctx* c, json params) {
@@ -281,6 +326,120 @@ asio::awaitable<Result<json>> node_drain_status(Ctx* c, json params) {
     co_return co_await c->planner->drain_status(*node);
 }
 
+// events.subscribe: the first line answers the request with the last
+// sequence number; then, when `since` is given, the kept events after it
+// (or a "resync" line when some were dropped already), then every new event
+// as it happens, and a heartbeat line after `heartbeat_ms` of silence.
+asio::awaitable<Result<void>> events_subscribe(Ctx* c, json id, json params, Stream& out) {
+    Params p("events.subscribe", params);
+    auto vms = p.optional_strings("vms");
+    if (!vms)
+        co_return vms.error();
+    auto since = p.optional_int("since", 0, std::numeric_limits<std::int64_t>::max());
+    if (!since)
+        co_return since.error();
+    auto heartbeat = p.optional_int("heartbeat_ms", 100, 60'000);
+    if (!heartbeat)
+        co_return heartbeat.error();
+    auto epoch = p.optional_string("epoch");
+    if (!epoch)
+        co_return epoch.error();
+    auto& log = c->engine->events();
+    auto queue = std::make_shared<EventQueue>(std::set<std::string>(vms->begin(), vms->end()));
+    auto wake = std::make_shared<asio::steady_timer>(out.executor());
+    auto woken = std::make_shared<bool>(false);
+    // Listening before the backlog is read: nothing falls between the two.
+    std::vector<engine::Event> backlog;
+    std::optional<std::string> resync;
+    if (*since) {
+        // 0: every event kept; N: the ones after N, or a resync when some
+        // of those were dropped already or N is from another ferryd's log.
+        auto from = **since == 0 ? log.oldest_seq() - 1 : static_cast<std::uint64_t>(**since);
+        std::optional<std::vector<engine::Event>> kept;
+        if (*epoch && **epoch != log.epoch())
+            resync = fmt::format("ferryd restarted (events of epoch {}, this is {}): read the state again "
+                                 "(migration list, vm list); the events kept follow",
+                                 **epoch, log.epoch());
+        else if (from > log.last_seq())
+            resync = fmt::format("event {} has not happened in this ferryd's log (the last is {}; ferryd may have "
+                                 "restarted): read the state again (migration list, vm list); the events kept follow",
+                                 from, log.last_seq());
+        else if (kept = log.since(from); !kept)
+            resync = fmt::format("events after {} were dropped (the oldest kept is {}): read the state again "
+                                 "(migration list, vm list); the events kept follow",
+                                 from, log.oldest_seq());
+        if (resync)
+            kept = log.since(log.oldest_seq() - 1);
+        backlog = std::move(*kept);
+    }
+    auto listener = log.listen([queue, wake, woken](const engine::Event& e) {
+        queue->push(e);
+        *woken = true;
+        wake->cancel();
+    });
+    struct Unlisten {
+        engine::EventLog& log;
+        std::uint64_t id;
+        ~Unlisten() { log.unlisten(id); }
+    } unlisten{log, listener};
+
+    json first{{"id", id},
+               {"result", {{"seq", log.last_seq()}, {"oldest_seq", log.oldest_seq()}, {"epoch", log.epoch()}}}};
+    bool open = co_await out.send(first);
+    if (open && resync) {
+        json line{{"type", "resync"}, {"seq", log.oldest_seq() - 1}, {"message", *resync}};
+        open = co_await out.send(line);
+    }
+    for (auto& e : backlog) {
+        if (!open)
+            break;
+        if (queue->wants(e))
+            open = co_await out.send(engine::to_json(e));
+    }
+    // The client closing its end ends the stream at once.
+    auto done = std::make_shared<bool>(false);
+    asio::co_spawn(
+        out.executor(),
+        [](Stream* s, std::shared_ptr<bool> flag, std::shared_ptr<asio::steady_timer> timer) -> asio::awaitable<void> {
+            co_await s->client_done();
+            *flag = true;
+            timer->cancel();
+        }(&out, done, wake),
+        asio::detached);
+    std::uint64_t last_sent = backlog.empty() ? log.last_seq() : backlog.back().seq;
+    while (open && !*done) {
+        while (open) {
+            auto e = queue->pop();
+            if (!e)
+                break;
+            if (e->seq <= last_sent)
+                continue; // already sent with the backlog
+            last_sent = e->seq;
+            open = co_await out.send(engine::to_json(*e));
+        }
+        if (!open || *done)
+            break;
+        if (queue->overflowed()) {
+            json line{{"type", "overflow"},
+                      {"seq", last_sent},
+                      {"message", fmt::format("this subscriber fell more than 1024 events behind; subscribe again "
+                                              "with since = {}",
+                                              last_sent)}};
+            co_await out.send(line);
+            break;
+        }
+        *woken = false;
+        wake->expires_after(std::chrono::milliseconds(heartbeat->value_or(5000)));
+        co_await wake->async_wait(asio::as_tuple(asio::use_awaitable));
+        if (!*woken && !*done) {
+            json beat{{"type", "heartbeat"}, {"seq", log.last_seq()}, {"time", now_string()}};
+            open = co_await out.send(beat);
+        }
+    }
+    // The watcher above holds the socket's read: close it so it ends too.
+    co_return Result<void>{};
+}
+
 } // namespace
 
 void add_engine_methods(Server& server, Engine& engine, scheduler::Planner& planner) {
@@ -314,6 +473,12 @@ void add_engine_methods(Server& server, Engine& engine, scheduler::Planner& plan
         Fn fn = row.fn;
         server.add(row.name, [ctx, fn](json params) { return fn(ctx.get(), std::move(params)); }, row.changes_state);
     }
+    server.add_with_fds("migration.register_target", [ctx](json params, std::vector<UniqueFd> fds) {
+        return migration_register_target(ctx.get(), std::move(params), std::move(fds));
+    });
+    server.add_stream("events.subscribe", [ctx](json id, json params, Stream& out) {
+        return events_subscribe(ctx.get(), std::move(id), std::move(params), out);
+    });
 }
 
 } // namespace ferry::control

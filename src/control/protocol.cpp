@@ -65,6 +65,21 @@ Result<std::optional<std::string>> Params::optional_string(const char* key) cons
     return std::optional<std::string>(v->get<std::string>());
 }
 
+Result<std::vector<std::string>> Params::optional_strings(const char* key) const {
+    std::vector<std::string> out;
+    auto* v = find(key);
+    if (!v)
+        return out;
+    if (!v->is_array())
+        return wrong(key, "an array of strings", *v);
+    for (auto& e : *v) {
+        if (!e.is_string())
+            return wrong(key, "an array of strings", *v);
+        out.push_back(e.get<std::string>());
+    }
+    return out;
+}
+
 Result<std::optional<bool>> Params::optional_bool(const char* key) const {
     auto* v = find(key);
     if (!v)

@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 #include <string_view>
 
 namespace ferry::control {
@@ -44,6 +45,8 @@ public:
     // A quantity: a non-negative integer or a string like "64Mi".
     Result<std::optional<std::uint64_t>> optional_quantity(const char* key) const;
     Result<json> optional_object(const char* key) const; // {} when absent
+    // An array of strings; empty when absent.
+    Result<std::vector<std::string>> optional_strings(const char* key) const;
 
 private:
     Error wrong(const char* key, std::string_view expected, const json& got) const;

@@ -7,12 +7,14 @@
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
 #include <boost/asio/read_until.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <boost/asio/streambuf.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -65,7 +67,64 @@ struct Server::Connection {
     Clock::time_point idle_since = Clock::now();
     std::uint64_t deadline_generation = 0;
     bool busy = false; // a request is being handled
+    std::vector<UniqueFd> fds; // sent with the request line being read
+    bool fds_lost = false;     // more than max_request_fds, or cut by the kernel
 };
+
+namespace {
+
+// Reads until buf holds a whole line (its length, newline included), taking
+// the descriptors that come with it (SCM_RIGHTS) into conn.fds. not_found:
+// the line is longer than buf may grow.
+template <class Conn>
+asio::awaitable<std::pair<boost::system::error_code, std::size_t>> read_line(Conn& conn, asio::streambuf& buf) {
+    using Reply = std::pair<boost::system::error_code, std::size_t>;
+    for (;;) {
+        auto begin = asio::buffers_begin(buf.data());
+        auto end = asio::buffers_end(buf.data());
+        if (auto nl = std::find(begin, end, '\n'); nl != end)
+            co_return Reply{{}, static_cast<std::size_t>(nl - begin) + 1};
+        if (buf.size() >= buf.max_size())
+            co_return Reply{asio::error::not_found, 0};
+        auto [ec] = co_await conn.socket.async_wait(stream::socket::wait_read, asio::as_tuple(asio::use_awaitable));
+        if (ec)
+            co_return Reply{ec, 0};
+        auto room = buf.prepare(std::min<std::size_t>(4096, buf.max_size() - buf.size()));
+        iovec iov{room.data(), room.size()};
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * max_request_fds)];
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control;
+        msg.msg_controllen = sizeof(control);
+        ssize_t n = ::recvmsg(conn.socket.native_handle(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+            continue;
+        if (n < 0)
+            co_return Reply{boost::system::error_code(errno, boost::system::system_category()), 0};
+        for (auto* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (std::size_t i = 0; i < count; ++i) {
+                int fd;
+                std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
+                UniqueFd owned(fd);
+                if (conn.fds.size() < max_request_fds)
+                    conn.fds.push_back(std::move(owned));
+                else
+                    conn.fds_lost = true;
+            }
+        }
+        if (msg.msg_flags & MSG_CTRUNC)
+            conn.fds_lost = true;
+        if (n == 0)
+            co_return Reply{asio::error::eof, 0};
+        buf.commit(static_cast<std::size_t>(n));
+    }
+}
+
+} // namespace
 
 bool socket_in_use(const std::string& path) {
     if (path.empty() || path.size() >= sizeof(sockaddr_un::sun_path))
@@ -91,7 +150,7 @@ Server::Server(asio::any_io_executor ex, std::string path, unsigned mode, Server
 Server::~Server() { stop(); }
 
 void Server::add(std::string name, Method method, bool changes_state) {
-    methods_[std::move(name)] = Entry{std::move(method), changes_state};
+    methods_[std::move(name)] = Entry{std::move(method), changes_state, nullptr};
 }
 
 Result<void> Server::start() {
@@ -254,7 +313,7 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
         conn->busy = false;
         conn->idle_since = Clock::now();
         self->arm_deadline(conn);
-        auto [ec, n] = co_await asio::async_read_until(conn->socket, buf, '\n', asio::as_tuple(asio::use_awaitable));
+        auto [ec, n] = co_await read_line(*conn, buf);
         self->disarm_deadline(*conn);
         // Closed meanwhile (evicted, or the deadline passed just as the line
         // came): the request is not run, so nothing happens unanswered.
@@ -274,7 +333,35 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
         conn->busy = true;
         std::string line(asio::buffers_begin(buf.data()), asio::buffers_begin(buf.data()) + n);
         buf.consume(n);
-        auto reply = co_await self->handle(std::move(line), conn->peer);
+        // A streaming method takes the connection over until it is done.
+        json stream_id;
+        if (auto request = parse_request(line, stream_id); request) {
+            if (auto it = self->streams_.find(request->method); it != self->streams_.end()) {
+                Stream out(conn->socket, self->limits_.idle_timeout);
+                Result<void> done = make_error(Errc::internal, "not run");
+                try {
+                    done = co_await it->second(stream_id, std::move(request->params), out);
+                } catch (const std::exception& e) {
+                    log()->error("{}: {}", request->method, e.what());
+                    done = make_error(Errc::internal, fmt::format("{}: internal error: {}", request->method, e.what()));
+                }
+                if (!done && conn->socket.is_open()) {
+                    auto error_line = error_reply(stream_id, done.error());
+                    co_await out.send(error_line);
+                }
+                break;
+            }
+        }
+        auto fds = std::move(conn->fds);
+        conn->fds.clear();
+        json reply;
+        if (std::exchange(conn->fds_lost, false))
+            reply = error_reply(stream_id, make_error(Errc::invalid_argument,
+                                                      fmt::format("more than {} file descriptors came with the "
+                                                                  "request",
+                                                                  max_request_fds)));
+        else
+            reply = co_await self->handle(std::move(line), conn->peer, std::move(fds));
         std::string out = dump_json(reply) + "\n";
         // A client that does not read its reply gets as long as an idle one,
         // and may be evicted meanwhile: it cannot hold a slot forever.
@@ -287,7 +374,37 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
     }
 }
 
-asio::awaitable<json> Server::handle(std::string line, std::string caller) {
+void Server::add_stream(std::string name, StreamMethod method) { streams_[std::move(name)] = std::move(method); }
+
+void Server::add_with_fds(std::string name, FdMethod method) {
+    methods_[std::move(name)] = Entry{nullptr, true, std::move(method)};
+}
+
+asio::awaitable<bool> Stream::send(const json& value) {
+    if (!socket_.is_open())
+        co_return false;
+    std::string out = dump_json(value) + "\n";
+    asio::steady_timer deadline(socket_.get_executor());
+    deadline.expires_after(write_timeout_);
+    bool expired = false;
+    deadline.async_wait([&](boost::system::error_code ec) {
+        if (!ec) {
+            expired = true;
+            boost::system::error_code ignored;
+            socket_.close(ignored);
+        }
+    });
+    auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
+    deadline.cancel();
+    co_return !ec && !expired && socket_.is_open();
+}
+
+asio::awaitable<void> Stream::client_done() {
+    std::array<char, 64> ignored{};
+    co_await socket_.async_read_some(asio::buffer(ignored), asio::as_tuple(asio::use_awaitable));
+}
+
+asio::awaitable<json> Server::handle(std::string line, std::string caller, std::vector<UniqueFd> fds) {
     json id;
     auto request = parse_request(line, id);
     if (!request)
@@ -295,11 +412,18 @@ asio::awaitable<json> Server::handle(std::string line, std::string caller) {
     auto it = methods_.find(request->method);
     if (it == methods_.end())
         co_return error_reply(id, make_error(Errc::not_found, fmt::format("unknown method \"{}\"", request->method)));
+    if (!fds.empty() && !it->second.with_fds)
+        co_return error_reply(id, make_error(Errc::invalid_argument,
+                                             fmt::format("{} takes no file descriptors ({} came with the request)",
+                                                         request->method, fds.size())));
     if (it->second.changes_state)
         log()->info("{} requested by {}", request->method, caller);
     Result<json> result = make_error(Errc::internal, "not run");
     try {
-        result = co_await it->second.method(std::move(request->params));
+        if (it->second.with_fds)
+            result = co_await it->second.with_fds(std::move(request->params), std::move(fds));
+        else
+            result = co_await it->second.method(std::move(request->params));
     } catch (const std::exception& e) {
         // A bug (parameters are read through Params): the caller still gets
         // an answer and ferryd keeps running.

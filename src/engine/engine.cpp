@@ -53,36 +53,6 @@ Result<void> check_spec_files(const config::VmSpec& spec) {
     return {};
 }
 
-// The spec of an adopted VM launches its migration destinations: what QEMU
-// can tell (memory, vCPUs) must match, or the migration fails later with a
-// cause nobody sees.
-// Under TCG the destinations get 8 KiB more than the spec's memory (see
-// guest_ram), so the adopted QEMU must have been started that way too.
-asio::awaitable<Result<void>> check_adopted(qmp::Client& qmp, const config::VmSpec& spec, const std::string& accel) {
-    auto memory = co_await qmp.execute("query-memory-size-summary");
-    if (!memory)
-        co_return memory.error();
-    auto base = (*memory).value("base-memory", std::uint64_t{0});
-    auto want = guest_ram(spec.memory, accel);
-    if (base != want)
-        co_return make_error(
-            Errc::invalid_argument,
-            want == spec.memory
-                ? fmt::format("the spec says memory = {} MiB, the running QEMU has {} KiB", spec.memory >> 20, base >> 10)
-                : fmt::format("the spec says memory = {} MiB, which under TCG ferry runs as -m {}K (8 KiB more, so "
-                              "that QEMU before 9.0 tracks every guest write during a migration); the running QEMU "
-                              "has {} KiB",
-                              spec.memory >> 20, want >> 10, base >> 10));
-    auto cpus = co_await qmp.execute("query-cpus-fast");
-    if (!cpus)
-        co_return cpus.error();
-    if (!cpus->is_array() || static_cast<std::int64_t>(cpus->size()) != spec.cpus)
-        co_return make_error(Errc::invalid_argument,
-                             fmt::format("the spec says cpus = {}, the running QEMU has {}", spec.cpus,
-                                         cpus->is_array() ? cpus->size() : 0));
-    co_return Result<void>{};
-}
-
 std::string random_suffix() {
     static std::mt19937_64 rng{std::random_device{}()};
     return fmt::format("{:06x}", rng() & 0xFFFFFF);
@@ -216,6 +186,8 @@ std::vector<std::string> Engine::reload(const config::NodeConfig& fresh) {
     n.max_migration_bandwidth = f.max_migration_bandwidth;
     n.qemu = f.qemu;
     n.qemu_wrapper = f.qemu_wrapper;
+    n.launcher = f.launcher;
+    n.external_launch_timeout = f.external_launch_timeout;
     n.accel = f.accel;
     n.log_level = f.log_level;
     n.labels = f.labels;
@@ -293,6 +265,24 @@ std::optional<std::string> Engine::arriving(const std::string& vm) const {
 }
 
 void Engine::add_arriving(const std::shared_ptr<TargetRun>& run) { incoming_[run->migration().id] = run; }
+
+asio::awaitable<Result<json>> Engine::register_target(std::string vm, std::string qmp_socket, int pid,
+                                                      std::vector<std::pair<std::string, UniqueFd>> fds) {
+    if (config_.node.launcher != "external")
+        co_return make_error(Errc::conflict,
+                             fmt::format("{} starts its destination QEMUs itself ([node] launcher = \"{}\")",
+                                         config_.node.name, config_.node.launcher));
+    std::shared_ptr<TargetRun> run;
+    for (auto& [id, r] : incoming_)
+        if (r->vm_name() == vm)
+            run = r;
+    if (!run)
+        co_return make_error(Errc::not_found, fmt::format("no migration of {} arrives on {}", vm, config_.node.name));
+    std::vector<TargetRun::NamedFd> named;
+    for (auto& [name, fd] : fds)
+        named.push_back({name, std::move(fd)});
+    co_return co_await run->register_external(std::move(qmp_socket), pid, std::move(named));
+}
 
 asio::awaitable<Result<void>> Engine::start() {
     std::error_code ec;
@@ -868,6 +858,8 @@ asio::awaitable<void> Engine::drive(Engine* self, std::shared_ptr<SourceRun> run
     co_await SourceRun::run(run);
     auto id = run->migration().id;
     self->runs_.erase(id);
+    if (auto* m = self->migration(id))
+        self->publish("result", m->vm, id, json(*m));
     for (auto& ended : self->ended_)
         ended(id);
 }

@@ -1,10 +1,12 @@
 #pragma once
 // The engine of one node: its VMs, their QEMU processes, and migrations.
 // Single-threaded: every call runs on the engine's executor.
+#include "common/fd.hpp"
 #include "config/node_config.hpp"
 #include "config/vm_spec.hpp"
 #include "engine/migration.hpp"
 #include "engine/host_facts.hpp"
+#include "engine/events.hpp"
 #include "engine/node.hpp"
 #include "engine/vm.hpp"
 #include "transport/peer_server.hpp"
@@ -60,6 +62,10 @@ public:
                                                   std::optional<config::VmSpec> spec);
     boost::asio::awaitable<Result<json>> show_vm(std::string name);
     json list_vms() const;
+    // launcher = "external": the stack's QEMU for the VM arriving here
+    // (docs/launchers.md); fds are added to it with add-fd under their names.
+    boost::asio::awaitable<Result<json>> register_target(std::string vm, std::string qmp_socket, int pid,
+                                                         std::vector<std::pair<std::string, UniqueFd>> fds);
     std::vector<std::string> vm_names() const;
     bool holds(const std::string& vm) const { return vms_.count(vm) > 0; }
     // What this node offers and holds, for the schedulers of the cluster:
@@ -94,6 +100,9 @@ public:
     // the rest (node identity, sockets, TLS, peers) keep their running
     // values. Returns one line per key kept that way.
     std::vector<std::string> reload(const config::NodeConfig& fresh);
+
+    // What happened here, numbered, for subscribers (events.subscribe).
+    EventLog& events() { return events_; }
 
     // Stops background work; VMs keep running.
     void shutdown();
@@ -196,6 +205,10 @@ private:
     std::string admission_ = "ready", admission_why_;
     std::map<std::string, PeerHandler> peer_handlers_;
     std::vector<std::function<void(const std::string&)>> ended_;
+    EventLog events_;
+    void publish(std::string type, const std::string& vm, const std::string& migration, json data) override {
+        events_.publish(std::move(type), vm, migration, std::move(data));
+    }
 };
 
 } // namespace ferry::engine

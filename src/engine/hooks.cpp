@@ -1,6 +1,7 @@
 #include "engine/hooks.hpp"
 
 #include "engine/async.hpp"
+#include "engine/node.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -245,6 +246,25 @@ Result<std::vector<std::string>> list_hooks(const std::string& dir) {
         return make_error(Errc::io, fmt::format("reading the hooks directory {}: {}", dir, ec.message()));
     std::sort(hooks.begin(), hooks.end());
     return hooks;
+}
+
+void publish_hooks(Node& node, const config::HooksSection& hooks, const HookCall& call,
+                   const Result<std::vector<std::string>>& ran) {
+    if (hooks.dir.empty())
+        return;
+    auto listed = list_hooks(hooks.dir);
+    nlohmann::json failures = nlohmann::json::array();
+    if (!ran)
+        failures.push_back(ran.error().message);
+    else
+        for (auto& f : *ran)
+            failures.push_back(f);
+    node.publish("hooks", call.migration->vm, call.migration->id,
+                 {{"phase", to_string(call.phase)},
+                  {"role", call.role},
+                  {"hooks", listed ? listed->size() : 0},
+                  {"failures", failures},
+                  {"aborts", !ran.has_value()}});
 }
 
 asio::awaitable<Result<void>> announce_self(qmp::Client& qmp) {

@@ -51,6 +51,11 @@ boost::asio::awaitable<Result<std::vector<std::string>>> run_hooks(boost::asio::
                                                                    const HookCall& call,
                                                                    std::chrono::steady_clock::time_point deadline);
 
+class Node;
+// A "hooks" event for a phase's run: how many hooks, and what failed.
+void publish_hooks(Node& node, const config::HooksSection& hooks, const HookCall& call,
+                   const Result<std::vector<std::string>>& ran);
+
 // QMP announce-self with QEMU's default timing (RARP/GARP from every NIC,
 // 5 rounds 50..550 ms apart), so switches learn where the guest is now.
 boost::asio::awaitable<Result<void>> announce_self(qmp::Client& qmp);

@@ -57,6 +57,7 @@ asio::awaitable<Result<void>> LocalDestination::hooks(HookPhase phase) {
     int pid = phase == HookPhase::Launched ? target_.pid : phase == HookPhase::Activated ? vm.qemu.pid : -1;
     HookCall call{phase, "target", &m, &*vm.record.spec, node.config().node.name, pid};
     auto ran = co_await run_hooks(node.executor(), run_.hooks_config(), call, Clock::now() + std::chrono::hours(1));
+    publish_hooks(node, run_.hooks_config(), call, ran);
     if (!ran)
         co_return ran.error();
     if (!ran->empty()) {

@@ -58,6 +58,9 @@ void SourceRun::wake_up() {
 void SourceRun::set_phase(Phase phase) {
     m_.phase = phase;
     node_.persist(m_);
+    node_.publish("phase", m_.vm, m_.id,
+                  {{"phase", to_string(phase)}, {"role", "source"}, {"mode", m_.mode},
+                   {"failure_reason", m_.failure_reason ? json(*m_.failure_reason) : json(nullptr)}});
     engine_log()->info("migration {}: {}", m_.id, to_string(phase));
 }
 
@@ -125,8 +128,10 @@ asio::awaitable<Result<void>> SourceRun::follow_source() {
     std::weak_ptr<SourceRun> weak = weak_from_this();
     source_subscription_ = qmp->subscribe([weak](const qmp::Event& e) {
         auto s = weak.lock();
-        if (s && (e.name == "MIGRATION" || e.name == "MIGRATION_PASS"))
+        if (s && (e.name == "MIGRATION" || e.name == "MIGRATION_PASS")) {
+            s->node_.publish("qemu", s->m_.vm, s->m_.id, {{"event", e.name}, {"data", e.data}});
             s->wake_up();
+        }
     });
     qmp->on_close([weak](const Error&) {
         if (auto s = weak.lock())
@@ -200,6 +205,10 @@ asio::awaitable<Result<bool>> SourceRun::poll() {
     last_info_ = *info;
     auto qemu = progress_from_query_migrate(*info);
     update_progress(m_.progress, qemu);
+    if (auto now = Clock::now(); now - last_progress_event_ >= std::chrono::seconds(1)) {
+        last_progress_event_ = now;
+        node_.publish("progress", m_.vm, m_.id, json(m_)["progress"]);
+    }
     auto status = m_.progress.qemu_status;
     if (status == "pre-switchover" || status == "completed")
         co_return ok(true);
@@ -368,6 +377,7 @@ asio::awaitable<Result<void>> SourceRun::hooks(HookPhase phase) {
     int pid = phase == HookPhase::Released ? -1 : vm_->qemu.pid;
     HookCall call{phase, "source", &m_, vm_->record.spec ? &*vm_->record.spec : nullptr, config.node.name, pid};
     auto ran = co_await run_hooks(node_.executor(), hooks_config_, call, Clock::now() + std::chrono::hours(1));
+    publish_hooks(node_, hooks_config_, call, ran);
     if (!ran)
         co_return ran.error();
     if (!ran->empty()) {

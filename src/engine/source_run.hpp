@@ -82,6 +82,7 @@ private:
     boost::asio::steady_timer wake_; // cut short by events and abort requests
     bool woken_ = false;             // set with every wake-up, so none is lost while busy
     json last_info_;                 // last query-migrate answer from the source
+    Clock::time_point last_progress_event_{}; // progress events: at most one a second
 
     // Convergence (source_run_converge.cpp).
     ConvergenceModel model_;

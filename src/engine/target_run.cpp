@@ -9,6 +9,7 @@
 #include "engine/heartbeat.hpp"
 #include "engine/hooks.hpp"
 #include "engine/process.hpp"
+#include "engine/qemu_args.hpp"
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
@@ -31,8 +32,8 @@ constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
 json error_message(const std::string& why) { return {{"type", "error"}, {"message", why}}; }
 
 TargetRun::TargetRun(Node& node, std::string source_node)
-    : node_(node), hooks_config_(node.config().hooks), source_node_(std::move(source_node)),
-      order_(node.executor()) {}
+    : node_(node), hooks_config_(node.config().hooks), launch_wait_(node.executor()),
+      source_node_(std::move(source_node)), order_(node.executor()) {}
 
 std::string TargetRun::check_prepare(const json& msg) {
     try {
@@ -132,8 +133,15 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         }
     }
     fs::create_directories(dir, ec);
-    LaunchRequest req{&node_.config().node, &spec_, dir, 1, true, true};
-    auto q = co_await launch_qemu(node_.executor(), req);
+    Result<QemuInstance> q = make_error(Errc::internal, "not started");
+    if (node_.config().node.launcher == "external") {
+        q = co_await await_external(std::chrono::seconds(node_.config().node.external_launch_timeout));
+    } else {
+        LaunchRequest req{&node_.config().node, &spec_, dir, 1, true, true};
+        q = co_await launch_qemu(node_.executor(), req);
+    }
+    if (!q && finished_) // given up while waiting for the stack's QEMU: drop() said why
+        co_return error_message(q.error().message);
     if (!q) {
         auto why = fmt::format("starting the destination QEMU: {}", q.error().message);
         co_await drop(why);
@@ -184,11 +192,137 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     node_.persist(m_);
     json tokens = issue_tokens(channels_);
     prepared_ = true;
+    node_.publish("phase", name, m_.id, {{"phase", "Running"}, {"role", "target"}, {"mode", m_.mode}});
     engine_log()->info("migration {}: receiving {} from {}", m_.id, name, source_node_);
     json ready{{"type", "target_ready"}, {"tokens", tokens}, {"preempt", preempt_enabled(m_.config)}};
     if (!mirrored_.empty())
         ready["disk_token"] = node_.tokens()->issue(m_.id, disk_channel_index);
     co_return ready;
+}
+
+asio::awaitable<Result<QemuInstance>> TargetRun::await_external(std::chrono::seconds wait) {
+    auto& node = node_.config().node;
+    auto deadline = Clock::now() + wait;
+    QemuInstance q;
+    q.generation = 1;
+    q.run_dir = node_.vm_dir(spec_.name) + "/r1";
+    q.qmp_socket = q.run_dir + "/qmp.sock";
+    q.console_socket = q.run_dir + "/console.sock";
+    std::error_code ec;
+    fs::remove_all(q.run_dir, ec);
+    fs::create_directories(q.run_dir, ec);
+    if (ec)
+        co_return make_error(Errc::io, fmt::format("creating {}: {}", q.run_dir, ec.message()));
+    // What ferry would have run: the stack may start exactly this, or its
+    // own equivalent (same machine, devices, memory; -incoming defer; -S).
+    LaunchOptions opts;
+    opts.qemu = node.qemu;
+    opts.accel = resolve_accel(node.accel, kvm_usable());
+    opts.qmp_socket = q.qmp_socket;
+    opts.console_socket = q.console_socket;
+    opts.incoming = true;
+    opts.start_paused = true;
+    auto argv = qemu_args(spec_, opts);
+    auto wait_s = wait.count();
+    awaiting_launch_ = true;
+    node_.publish("launch", spec_.name, m_.id,
+                  {{"argv", argv},
+                   {"run_dir", q.run_dir},
+                   {"qmp_socket", q.qmp_socket},
+                   {"console_socket", q.console_socket},
+                   {"log", q.log_path()},
+                   {"timeout_s", wait_s}});
+    engine_log()->info("migration {}: waiting up to {} s for the stack to start {}'s destination QEMU "
+                       "(launcher = external)",
+                       m_.id, wait_s, spec_.name);
+    while (!launched_ && !finished_ && Clock::now() < deadline) {
+        launch_wait_.expires_at(deadline);
+        co_await launch_wait_.async_wait(nothrow);
+    }
+    // One being checked now finishes first (or is refused).
+    while (registering_ && !finished_) {
+        launch_wait_.expires_after(50ms);
+        co_await launch_wait_.async_wait(nothrow);
+    }
+    awaiting_launch_ = false;
+    if (finished_) {
+        if (launched_)
+            co_await destroy_qemu(node_.executor(), *launched_);
+        co_return make_error(Errc::aborted, "the arrival was given up while waiting for the stack's QEMU");
+    }
+    if (!launched_)
+        co_return make_error(Errc::timeout,
+                             fmt::format("no QEMU registered for {} on {} within {} s (launcher = external: start "
+                                         "QEMU with the argv of the launch event and register it with ferryctl "
+                                         "migration register-target)",
+                                         spec_.name, node.name, wait_s));
+    auto out = std::move(*launched_);
+    launched_.reset();
+    co_return out;
+}
+
+asio::awaitable<Result<json>> TargetRun::register_external(std::string qmp_socket, int pid, std::vector<NamedFd> fds) {
+    auto self = shared_from_this(); // alive across the QMP round trips
+    if (!awaiting_launch_ || launched_ || registering_ || finished_)
+        co_return make_error(Errc::conflict,
+                             fmt::format("the arrival of {} ({}) does not wait for a QEMU{}", spec_.name, m_.id,
+                                         launched_ || registering_ ? ": one registered already" : ""));
+    registering_ = true;
+    struct Done {
+        TargetRun* run;
+        ~Done() {
+            run->registering_ = false;
+            run->launch_wait_.cancel();
+        }
+    } done{this};
+    auto c = co_await qmp::Client::connect(node_.executor(), qmp_socket, 5s);
+    if (!c)
+        co_return c.error().wrap(fmt::format("registering the QEMU for {}", spec_.name));
+    auto qmp = *c;
+    auto refuse = [&](std::string why) {
+        qmp->close(); // QEMU serves one QMP client: let the stack's next attempt in
+        return make_error(Errc::invalid_argument, fmt::format("the QEMU at {} cannot receive {}: {}", qmp_socket,
+                                                              spec_.name, why));
+    };
+    if (pid > 0 && qmp->peer_pid() != pid)
+        co_return refuse(fmt::format("pid {} was given, but the process on that socket is {}", pid, qmp->peer_pid()));
+    auto status = co_await qmp->execute("query-status");
+    if (!status)
+        co_return refuse(status.error().message);
+    if (status->value("status", "") != "inmigrate")
+        co_return refuse(fmt::format("its state is {}, not inmigrate (start it with -incoming defer)",
+                                     status->value("status", "?")));
+    auto fits = co_await check_adopted(*qmp, spec_, resolve_accel(node_.config().node.accel, kvm_usable()));
+    if (!fits)
+        co_return refuse(fits.error().message);
+    json fdsets = json::array();
+    for (auto& f : fds) {
+        json args{{"opaque", f.name}};
+        auto added = co_await qmp->execute_with_fd("add-fd", args, f.fd.get());
+        if (!added)
+            co_return refuse(fmt::format("add-fd {}: {}", f.name, added.error().message));
+        fdsets.push_back({{"name", f.name}, {"fdset_id", added->value("fdset-id", -1)}, {"fd", added->value("fd", -1)}});
+    }
+    if (finished_)
+        co_return refuse("the arrival was given up meanwhile");
+    QemuInstance q;
+    q.generation = 1;
+    q.run_dir = node_.vm_dir(spec_.name) + "/r1";
+    q.qmp_socket = qmp_socket;
+    q.console_socket = q.run_dir + "/console.sock";
+    q.pid = qmp->peer_pid();
+    q.qmp = qmp;
+    // Its serial console, when it uses ferry's socket: the guest's heartbeat
+    // (blackout) and console log.
+    if (fs::exists(q.console_socket)) {
+        q.console = std::make_shared<ConsoleCapture>(node_.executor(), q.console_socket,
+                                                     node_.vm_dir(spec_.name) + "/console.log", "r1");
+        q.console->start();
+    }
+    engine_log()->info("migration {}: the stack's QEMU pid {} at {} receives {}{}", m_.id, q.pid, qmp_socket,
+                       spec_.name, fds.empty() ? "" : fmt::format(" ({} descriptors added)", fds.size()));
+    launched_ = std::move(q);
+    co_return ok(json{{"vm", spec_.name}, {"migration", m_.id}, {"pid", launched_->pid}, {"fdsets", fdsets}});
 }
 
 // The source's capabilities and multifd channels, then migrate-incoming.
@@ -323,6 +457,7 @@ asio::awaitable<json> TargetRun::finish(const json& msg) {
         node_.persist(*record);
     }
     engine_log()->info("migration {}: {} arrived from {} and runs here", m_.id, spec_.name, source_node_);
+    node_.publish("phase", spec_.name, m_.id, {{"phase", "Succeeded"}, {"role", "target"}, {"mode", m_.mode}});
     co_return reply;
 }
 
@@ -403,6 +538,9 @@ asio::awaitable<json> TargetRun::recover() {
 asio::awaitable<void> TargetRun::drop(std::string why) {
     engine_log()->warn("migration {}: dropping the incoming {}: {}", m_.id, spec_.name, why);
     finished_ = true;
+    launch_wait_.cancel(); // an await_external gives up
+    node_.publish("phase", spec_.name, m_.id,
+                  {{"phase", "Failed"}, {"role", "target"}, {"mode", m_.mode}, {"failure_reason", why}});
     if (auto* tokens = node_.tokens())
         tokens->revoke(m_.id);
     if (auto* record = node_.migration(m_.id)) {
@@ -457,6 +595,7 @@ asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_poin
     int pid = phase == HookPhase::Launched ? qemu_.pid : phase == HookPhase::Activated ? qemu_pid_for_hooks_ : -1;
     HookCall call{phase, "target", &m_, &spec_, config.node.name, pid};
     auto ran = co_await run_hooks(node_.executor(), hooks_config_, call, deadline);
+    publish_hooks(node_, hooks_config_, call, ran);
     if (!ran)
         co_return ran.error();
     if (!ran->empty()) {

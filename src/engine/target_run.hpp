@@ -14,7 +14,11 @@
 #include <boost/asio/awaitable.hpp>
 #include <boost/asio/steady_timer.hpp>
 
+#include "common/fd.hpp"
+
 #include <memory>
+#include <optional>
+#include <vector>
 #include <string>
 
 namespace ferry::engine {
@@ -46,6 +50,17 @@ public:
     std::string qemu_state() const;
     // Gives up the arrival: the destination QEMU goes, the record says why.
     boost::asio::awaitable<void> drop(std::string why);
+
+    // launcher = "external": the QEMU the stack started for this arrival
+    // (with the argv of the "launch" event) registers here; ferry checks it
+    // (pid, inmigrate, memory, vCPUs), hands it the descriptors (add-fd,
+    // with their names as opaque) and drives it from then on.
+    struct NamedFd {
+        std::string name;
+        UniqueFd fd;
+    };
+    boost::asio::awaitable<Result<nlohmann::json>> register_external(std::string qmp_socket, int pid,
+                                                                     std::vector<NamedFd> fds);
 
     // Connects a data channel to the destination QEMU, in order.
     static boost::asio::awaitable<void> deliver(std::shared_ptr<TargetRun> run, int index,
@@ -86,6 +101,8 @@ private:
     static boost::asio::awaitable<void> release_after_hooks(std::shared_ptr<TargetRun> run);
     // This side's hooks of a phase; aborted runs only where prepare did.
     boost::asio::awaitable<Result<void>> hooks(HookPhase phase, Clock::time_point deadline);
+    // Publishes the "launch" event and waits for register_external.
+    boost::asio::awaitable<Result<QemuInstance>> await_external(std::chrono::seconds wait);
     // announce-self, when [hooks] announce_self; a failure is a warning.
     boost::asio::awaitable<void> announce(qmp::Client& qmp);
 
@@ -96,6 +113,10 @@ private:
     int qemu_pid_for_hooks_ = -1; // the QEMU the VM runs in once taken in
     config::VmSpec spec_;
     QemuInstance qemu_;
+    bool awaiting_launch_ = false;         // launcher = external: the launch event is out
+    bool registering_ = false;             // a register_external is being checked
+    std::optional<QemuInstance> launched_; // what registered
+    boost::asio::steady_timer launch_wait_; // woken when it did (or the arrival ended)
     std::string source_node_;
     int channels_ = 1;
     int next_index_ = 0;              // data channels reach QEMU in this order

@@ -157,4 +157,34 @@ asio::awaitable<void> destroy_qemu(asio::any_io_executor ex, QemuInstance& q) {
     }
 }
 
+// The spec of an adopted VM launches its migration destinations: what QEMU
+// can tell (memory, vCPUs) must match, or the migration fails later with a
+// cause nobody sees.
+// Under TCG the destinations get 8 KiB more than the spec's memory (see
+// guest_ram), so the adopted QEMU must have been started that way too.
+asio::awaitable<Result<void>> check_adopted(qmp::Client& qmp, const config::VmSpec& spec, const std::string& accel) {
+    auto memory = co_await qmp.execute("query-memory-size-summary");
+    if (!memory)
+        co_return memory.error();
+    auto base = (*memory).value("base-memory", std::uint64_t{0});
+    auto want = guest_ram(spec.memory, accel);
+    if (base != want)
+        co_return make_error(
+            Errc::invalid_argument,
+            want == spec.memory
+                ? fmt::format("the spec says memory = {} MiB, the running QEMU has {} KiB", spec.memory >> 20, base >> 10)
+                : fmt::format("the spec says memory = {} MiB, which under TCG ferry runs as -m {}K (8 KiB more, so "
+                              "that QEMU before 9.0 tracks every guest write during a migration); the running QEMU "
+                              "has {} KiB",
+                              spec.memory >> 20, want >> 10, base >> 10));
+    auto cpus = co_await qmp.execute("query-cpus-fast");
+    if (!cpus)
+        co_return cpus.error();
+    if (!cpus->is_array() || static_cast<std::int64_t>(cpus->size()) != spec.cpus)
+        co_return make_error(Errc::invalid_argument,
+                             fmt::format("the spec says cpus = {}, the running QEMU has {}", spec.cpus,
+                                         cpus->is_array() ? cpus->size() : 0));
+    co_return Result<void>{};
+}
+
 } // namespace ferry::engine

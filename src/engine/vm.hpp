@@ -73,6 +73,11 @@ boost::asio::awaitable<Result<QemuInstance>> launch_qemu(boost::asio::any_io_exe
 // Stops an instance: QMP quit, then SIGTERM/SIGKILL; removes its run dir.
 boost::asio::awaitable<void> destroy_qemu(boost::asio::any_io_executor ex, QemuInstance& qemu);
 
+// Whether a QEMU that ferry did not start matches the spec: memory (under
+// TCG the 8 KiB more guest_ram adds) and vCPUs.
+boost::asio::awaitable<Result<void>> check_adopted(qmp::Client& qmp, const config::VmSpec& spec,
+                                                   const std::string& accel);
+
 // The last lines of a QEMU log, for error messages.
 std::string log_tail(const std::string& path, std::size_t max_bytes = 600);
 

@@ -6,12 +6,14 @@
 #include "output.hpp"
 
 #include <CLI/CLI.hpp>
+#include <fcntl.h>
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <filesystem>
 #include <optional>
 #include <fstream>
@@ -110,51 +112,123 @@ template <class Printer> int show(const Globals& g, const ferry::Result<json>& r
     return exit_ok;
 }
 
-int wait_for(const Globals& g, std::string id) {
+// Follows a migration to its end on the node's event stream: its phase and
+// progress events redraw the line, its result event ends the wait. The
+// record is read (migration.show) at the start, after every (re)subscription,
+// while it waits in the queue (at each heartbeat) and after a resync.
+int wait_for(const Globals& g, const std::string& id) {
+    using ferry::control::Client;
     bool tty = ::isatty(STDOUT_FILENO) && !g.json_output;
     std::string last_phase;
     auto last_line = std::chrono::steady_clock::now();
-    std::unique_ptr<ferry::control::Client> client;
-    for (;;) {
-        if (!client) {
-            auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
-            if (!c)
-                return fail(g, c.error());
-            client = std::move(*c);
-        }
-        auto r = client->call("migration.show", {{"id", id}}, request_timeout(g));
-        if (!r && r.error().code == ferry::Errc::disconnected) {
+    std::unique_ptr<Client> requests, stream;
+    auto show = [&]() -> ferry::Result<json> {
+        for (int attempt = 0;; ++attempt) {
+            if (!requests) {
+                auto c = Client::connect(g.socket, request_timeout(g));
+                if (!c)
+                    return c.error();
+                requests = std::move(*c);
+            }
+            auto r = requests->call("migration.show", {{"id", id}}, request_timeout(g));
             // ferryd closes idle connections when it is busy: dial again once.
-            client.reset();
-            auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
-            if (!c)
-                return fail(g, c.error());
-            client = std::move(*c);
-            r = client->call("migration.show", {{"id", id}}, request_timeout(g));
+            if (r || r.error().code != ferry::Errc::disconnected || attempt > 0)
+                return r;
+            requests.reset();
         }
-        if (!r)
-            return fail(g, r.error());
-        auto& m = *r;
+    };
+    json m;
+    auto draw = [&]() {
         std::string phase = m.value("phase", "");
-        bool final = phase == "Succeeded" || phase == "Failed";
         auto now = std::chrono::steady_clock::now();
         if (tty) {
             std::cout << "\r\033[K" << ferryctl::progress_line(m) << std::flush;
-            if (final)
-                std::cout << "\n";
         } else if (!g.json_output && (phase != last_phase || now - last_line > std::chrono::seconds(5))) {
             std::cout << ferryctl::progress_line(m) << std::endl;
             last_line = now;
         }
         last_phase = phase;
-        if (final) {
-            if (g.json_output)
-                std::cout << ferry::dump_json(m, 2) << "\n";
-            else
-                ferryctl::print_migration(m);
-            return phase == "Succeeded" ? exit_ok : exit_failed;
+    };
+    auto ended = [&]() -> int {
+        std::string phase = m.value("phase", "");
+        if (phase != "Succeeded" && phase != "Failed")
+            return -1;
+        if (tty)
+            std::cout << "\r\033[K" << ferryctl::progress_line(m) << "\n";
+        if (g.json_output)
+            std::cout << ferry::dump_json(m, 2) << "\n";
+        else
+            ferryctl::print_migration(m);
+        return phase == "Succeeded" ? exit_ok : exit_failed;
+    };
+    std::string epoch;
+    std::uint64_t last = 0;
+    bool reread = true;
+    for (;;) {
+        if (reread) {
+            auto r = show();
+            if (!r)
+                return fail(g, r.error());
+            m = std::move(*r);
+            reread = false;
+            draw();
+            if (int rc = ended(); rc >= 0)
+                return rc;
         }
-        std::this_thread::sleep_for(std::chrono::milliseconds(tty ? 250 : 500));
+        if (!stream) {
+            auto c = Client::connect(g.socket, request_timeout(g));
+            if (!c)
+                return fail(g, c.error());
+            json params{{"vms", {m.value("vm", "")}}, {"heartbeat_ms", 2000}};
+            if (!epoch.empty()) // resume after the last one read, or resync
+                params.update({{"since", last}, {"epoch", epoch}});
+            auto head = (*c)->call("events.subscribe", params, request_timeout(g));
+            if (!head)
+                return fail(g, head.error());
+            if (epoch.empty())
+                last = head->value("seq", std::uint64_t{0});
+            epoch = head->value("epoch", "");
+            stream = std::move(*c);
+            reread = true; // what happened before the subscription
+            continue;
+        }
+        auto e = stream->next(std::chrono::seconds(15));
+        if (!e) { // ferryd closed it, or went silent: subscribe again
+            stream.reset();
+            continue;
+        }
+        auto type = e->value("type", "");
+        last = e->value("seq", last);
+        if (type == "overflow") {
+            stream.reset();
+            reread = true;
+            continue;
+        }
+        if (type == "resync" || (type == "heartbeat" && m.value("phase", "") == "Pending")) {
+            reread = true; // a queued migration starts, or is cancelled, without an event
+            continue;
+        }
+        if (!e->contains("migration") || !(*e)["migration"].is_string() || (*e)["migration"] != m.value("id", "")) {
+            if (m.value("phase", "") == "Pending" && type == "phase")
+                reread = true; // it may have started under its own id
+            continue;
+        }
+        auto& data = (*e)["data"];
+        if (type == "result") {
+            m = data;
+            return ended();
+        }
+        if (type == "phase" && data.value("role", "") == "source") {
+            m["phase"] = data.value("phase", "");
+            m["mode"] = data.value("mode", m.value("mode", ""));
+        } else if (type == "progress") {
+            m["progress"] = data;
+        } else {
+            continue;
+        }
+        if (m.value("phase", "") == "Succeeded" || m.value("phase", "") == "Failed")
+            continue; // the result event, with the whole record, follows
+        draw();
     }
 }
 
@@ -223,6 +297,71 @@ int wait_for_drain(const Globals& g, const std::string& node) {
             return d.value("state", "") == "completed" ? exit_ok : exit_failed;
         }
         std::this_thread::sleep_for(std::chrono::seconds(1));
+    }
+}
+
+// Prints events (one line each, or JSON lines with --json) from `since`;
+// with follow, until interrupted, reconnecting and resuming after the last
+// one printed when ferryd restarts.
+int follow_events(const Globals& g, const std::vector<std::string>& vms, std::int64_t since, bool follow) {
+    // No --since: --follow starts from now, a one-off read prints every event kept.
+    bool from_now = since < 0 && follow;
+    std::uint64_t last = since < 0 ? 0 : static_cast<std::uint64_t>(since);
+    std::string epoch;
+    bool first = true;
+    for (;;) {
+        auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
+        if (!c) {
+            if (!follow || first)
+                return fail(g, c.error());
+            std::this_thread::sleep_for(std::chrono::seconds(1));
+            continue;
+        }
+        // since 0: every event kept. Without --follow the VMs are picked
+        // here, so the last event read tells when the backlog is over.
+        json params{{"vms", follow ? vms : std::vector<std::string>{}}, {"heartbeat_ms", 5000}};
+        if (!from_now || !epoch.empty())
+            params["since"] = last;
+        if (!epoch.empty())
+            params["epoch"] = epoch; // a restarted ferryd answers with a resync
+
+        auto head = (*c)->call("events.subscribe", params, request_timeout(g));
+        if (!head)
+            return fail(g, head.error());
+        first = false;
+        auto newest = head->value("seq", std::uint64_t{0});
+        if (epoch.empty() && from_now)
+            last = newest;
+        epoch = head->value("epoch", "");
+        for (;;) {
+            // Without --follow: what was there when asked, then done.
+            if (!follow && last >= newest)
+                return exit_ok;
+            auto line = (*c)->next(std::chrono::seconds(15));
+            if (!line) {
+                if (!follow)
+                    return fail(g, line.error());
+                break; // reconnect and resume after `last`
+            }
+            auto type = line->value("type", "");
+            if (type == "heartbeat")
+                continue;
+            if (type == "overflow" || type == "resync") {
+                std::cerr << "ferryctl: " << line->value("message", type) << "\n";
+                last = line->value("seq", last);
+                if (type == "overflow")
+                    break;
+                continue;
+            }
+            last = line->value("seq", last);
+            if (!vms.empty() && std::find(vms.begin(), vms.end(), line->value("vm", "")) == vms.end())
+                continue;
+            if (g.json_output) {
+                std::cout << ferry::dump_json(*line) << std::endl;
+                continue;
+            }
+            std::cout << ferryctl::event_line(*line) << std::endl;
+        }
     }
 }
 
@@ -488,9 +627,70 @@ static int ferryctl_main(int argc, char** argv) {
             std::cout << "abort requested for " << m.value("id", "") << "\n";
         });
     });
+    auto* mig_register = migration->add_subcommand(
+        "register-target", "launcher = external: hand ferryd the QEMU started for a VM arriving on this node");
+    std::string reg_vm, reg_qmp;
+    int reg_pid = 0;
+    std::vector<std::string> reg_fds;
+    mig_register->add_option("vm", reg_vm, "the arriving VM")->required();
+    mig_register->add_option("--qmp", reg_qmp, "its QMP socket")->required();
+    mig_register->add_option("--pid", reg_pid, "its pid (checked against the socket's peer)");
+    mig_register->add_option("--fd", reg_fds,
+                             "NAME=N: hand QEMU this process's descriptor N (added with add-fd, opaque NAME); "
+                             "repeatable");
+    mig_register->callback([&] {
+        json params{{"vm", reg_vm}, {"qmp", reg_qmp}};
+        if (reg_pid > 0)
+            params["pid"] = reg_pid;
+        std::vector<std::string> names;
+        std::vector<int> fds;
+        for (auto& f : reg_fds) {
+            auto eq = f.find('=');
+            int n = -1;
+            if (eq != std::string::npos) {
+                auto digits = f.substr(eq + 1);
+                if (!digits.empty() && digits.size() < 8 &&
+                    std::all_of(digits.begin(), digits.end(), [](char ch) { return ch >= '0' && ch <= '9'; }))
+                    n = std::stoi(digits);
+            }
+            if (eq == std::string::npos || eq == 0 || n < 0 || ::fcntl(n, F_GETFD) < 0) {
+                rc = usage(g, fmt::format("--fd {}: want NAME=N with N a descriptor open in ferryctl", f));
+                return;
+            }
+            names.push_back(f.substr(0, eq));
+            fds.push_back(n);
+        }
+        if (!names.empty())
+            params["fds"] = names;
+        auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
+        if (!c) {
+            rc = fail(g, c.error());
+            return;
+        }
+        auto r = (*c)->call_with_fds("migration.register_target", params, fds, request_timeout(g));
+        rc = show(g, r, [](const json& j) {
+            std::cout << fmt::format("{}: QEMU pid {} registered for migration {}", j.value("vm", ""),
+                                     j.value("pid", 0), j.value("migration", ""));
+            for (auto& f : j.value("fdsets", json::array()))
+                std::cout << fmt::format("; {} in /dev/fdset/{}", f.value("name", ""), f.value("fdset_id", 0));
+            std::cout << "\n";
+        });
+    });
     auto* mig_wait = migration->add_subcommand("wait", "follow a migration to its end");
     mig_wait->add_option("id", id)->required();
     mig_wait->callback([&] { rc = wait_for(g, id); });
+
+    // events: what happened, numbered; --follow keeps reading.
+    std::vector<std::string> event_vms;
+    std::int64_t event_since = -1;
+    bool follow = false;
+    auto* events = app.add_subcommand("events", "the node's events (phases, progress, hooks, QEMU, results)");
+    events->add_option("--vm", event_vms, "only these VMs (repeat for more)");
+    events->add_option("--since", event_since, "the events after this sequence number (0: every one kept; the default without --follow, "
+                                        "which otherwise starts from now)")
+        ->check(CLI::NonNegativeNumber);
+    events->add_flag("--follow,-f", follow, "keep printing new events until interrupted");
+    events->callback([&] { rc = follow_events(g, event_vms, event_since, follow); });
 
     std::string pki_dir, pki_nodes;
     auto* pki = app.add_subcommand("pki", "node certificates for the peer transport")->require_subcommand(0, 1)->allow_extras();

@@ -295,4 +295,44 @@ void print_node_state(const json& status) {
         std::cout << fmt::format("  waiting migration {} ({}): {}\n", str(w, "id"), str(w, "vm"), str(w, "reason"));
 }
 
+std::string event_line(const json& e) {
+    auto& d = e.contains("data") ? e["data"] : e;
+    auto type = e.value("type", "");
+    std::string what;
+    if (type == "phase") {
+        what = fmt::format("{} ({})", d.value("phase", "?"), d.value("role", "?"));
+        if (d.contains("failure_reason") && d["failure_reason"].is_string())
+            what += ": " + d["failure_reason"].get<std::string>();
+    } else if (type == "progress") {
+        // Pre-copy sends pages again as the guest dirties them: what was
+        // sent grows past the RAM's size.
+        what = fmt::format("{} remaining, {} sent (RAM {}), iteration {}, transfer {}, dirty {}",
+                           bytes(d.value("remaining_bytes", std::uint64_t{0})),
+                           bytes(d.value("transferred_bytes", std::uint64_t{0})),
+                           bytes(d.value("total_bytes", std::uint64_t{0})), d.value("iteration", 0),
+                           rate(d.value("transfer_rate_bps", std::uint64_t{0})),
+                           rate(d.value("dirty_rate_bps", std::uint64_t{0})));
+    } else if (type == "hooks") {
+        auto failures = d.contains("failures") ? d["failures"] : json::array();
+        what = fmt::format("{} hook(s) of {} on the {}: {}", d.value("hooks", 0), d.value("phase", "?"),
+                           d.value("role", "?"),
+                           failures.empty() ? std::string("ok")
+                                            : failures[0].is_string() ? failures[0].get<std::string>() : "failed");
+    } else if (type == "qemu") {
+        what = fmt::format("{} {}", d.value("event", "?"), d.contains("data") ? d["data"].dump() : "");
+    } else if (type == "launch") {
+        what = fmt::format("start the destination QEMU (QMP at {}) within {} s and register it", d.value("qmp_socket", "?"),
+                           d.value("timeout_s", 0));
+    } else if (type == "result") {
+        what = d.value("phase", "?");
+        if (d.contains("failure_reason") && d["failure_reason"].is_string())
+            what += ": " + d["failure_reason"].get<std::string>();
+    } else {
+        what = d.dump();
+    }
+    auto migration = e.contains("migration") && e["migration"].is_string() ? e["migration"].get<std::string>() : "-";
+    return fmt::format("{:>6} {} {:<8} {} {}: {}", e.value("seq", 0), e.value("time", ""), type, e.value("vm", ""),
+                       migration, what);
+}
+
 } // namespace ferryctl

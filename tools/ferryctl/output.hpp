@@ -20,4 +20,7 @@ void print_placement(const nlohmann::json& placement);    // migration.create wi
 void print_node_state(const nlohmann::json& status);      // node.cordon, node.uncordon, node.drain_status
 std::string drain_line(const nlohmann::json& status);     // one line of a drain's progress
 
+// One event as a line: "seq time type vm migration: what".
+std::string event_line(const nlohmann::json& event);
+
 } // namespace ferryctl
