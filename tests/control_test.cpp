@@ -1916,6 +1916,19 @@ print(json.dumps(out))
     EXPECT_EQ(after["ferry_migrations_in_flight{direction=outbound}"], 0);
     EXPECT_EQ(after["ferry_vms{}"], 0);
     EXPECT_EQ(scrape(port_b)["ferry_vms{}"], 1);
+    // Peers: each node saw the other on a control channel (dialled or accepted).
+    EXPECT_EQ(after["ferry_peer_up{peer=node-b}"], 1);
+    EXPECT_GT(after["ferry_peer_last_contact_timestamp_seconds{peer=node-b}"].get<double>(), 1.7e9);
+    EXPECT_EQ(after["ferry_peer_contact_failures_total{peer=node-b}"], 0);
+    EXPECT_EQ(scrape(port_b)["ferry_peer_up{peer=node-a}"], 1);
+    // node-b gone: the next contact (node list asks every peer) fails.
+    stop(b(), SIGTERM);
+    ctl(a(), "node list");
+    auto lost = scrape(port_a);
+    EXPECT_EQ(lost["ferry_peer_up{peer=node-b}"], 0) << lost.dump(1);
+    EXPECT_GE(lost["ferry_peer_contact_failures_total{peer=node-b}"].get<double>(), 1);
+    EXPECT_EQ(lost["ferry_peer_last_contact_timestamp_seconds{peer=node-b}"],
+              after["ferry_peer_last_contact_timestamp_seconds{peer=node-b}"]);
     // Anything but GET /metrics gets a plain answer, not the metrics.
     auto other = sh(fmt::format("/usr/bin/python3 -c \"import urllib.request,sys\ntry:\n urllib.request.urlopen("
                                 "'http://127.0.0.1:{}/other')\nexcept Exception as e: print(e)\"",

@@ -261,6 +261,23 @@ std::string Metrics::render() const {
     header(out, "ferry_peer_refused_connections_total", "counter",
            "Connections to the peer endpoint refused (TLS, identity, tokens) since ferryd started");
     out += fmt::format("ferry_peer_refused_connections_total {}\n", engine_.peer_refusals());
+    // Peers as this node last saw them on a control channel; a peer never
+    // contacted since ferryd started has no sample.
+    auto& contacts = engine_.peer_contacts();
+    header(out, "ferry_peer_up", "gauge",
+           "1 when the last control-channel contact with the peer (either way) worked, 0 when it failed");
+    for (auto& [peer, c] : contacts)
+        out += fmt::format("ferry_peer_up{{peer=\"{}\"}} {}\n", label_value(peer), c.up ? 1 : 0);
+    header(out, "ferry_peer_last_contact_timestamp_seconds", "gauge",
+           "When a control-channel contact with the peer last worked (Unix time)");
+    for (auto& [peer, c] : contacts)
+        if (c.last_ok_unix > 0)
+            out += fmt::format("ferry_peer_last_contact_timestamp_seconds{{peer=\"{}\"}} {:.3f}\n", label_value(peer),
+                               c.last_ok_unix);
+    header(out, "ferry_peer_contact_failures_total", "counter",
+           "Control-channel contacts with the peer that failed since ferryd started");
+    for (auto& [peer, c] : contacts)
+        out += fmt::format("ferry_peer_contact_failures_total{{peer=\"{}\"}} {}\n", label_value(peer), c.failures);
     return out;
 }
 

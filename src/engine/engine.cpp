@@ -465,10 +465,23 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
     *migrations_[m.id] = m;
 }
 
+void Engine::note_peer(const std::string& peer, bool ok, const std::string& why) {
+    auto& p = peer_contacts_[peer];
+    p.up = ok;
+    if (ok) {
+        p.last_ok_unix = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    } else {
+        ++p.failures;
+        p.last_error = why;
+    }
+}
+
 asio::awaitable<Result<json>> Engine::ask_once(const config::Peer& peer, json message, std::chrono::seconds answer) {
     auto c = co_await transport::open_control(ex_, peer.address, peer.name, config_.node.name, tls_);
-    if (!c)
+    if (!c) {
+        note_peer(peer.name, false, c.error().message);
         co_return c.error();
+    }
     Result<json> reply = ok(json());
     auto w = co_await (*c)->write_frame(message);
     if (w)
@@ -476,6 +489,7 @@ asio::awaitable<Result<json>> Engine::ask_once(const config::Peer& peer, json me
     else
         reply = w.error();
     (*c)->close();
+    note_peer(peer.name, static_cast<bool>(reply), reply ? "" : reply.error().message);
     co_return reply;
 }
 

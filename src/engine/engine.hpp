@@ -135,6 +135,16 @@ public:
     // The peer endpoint's port (0 when cross-node migration is off).
     unsigned short peer_port() const { return peer_server_ ? peer_server_->port() : 0; }
     std::uint64_t peer_refusals() const { return peer_server_ ? peer_server_->refused() : 0; }
+    // What this node last saw of each peer on a control channel (dialled or
+    // accepted): planning, migrations and their keepalives all count.
+    struct PeerContact {
+        bool up = false;                 // the last contact worked
+        double last_ok_unix = 0;         // when one last worked (0: never)
+        std::uint64_t failures = 0;      // contacts that failed since ferryd started
+        std::string last_error;
+    };
+    const std::map<std::string, PeerContact>& peer_contacts() const { return peer_contacts_; }
+    void note_peer(const std::string& peer, bool ok, const std::string& why = "") override;
 
 private:
     // Node, for the runs.
@@ -199,6 +209,7 @@ private:
     bool stopping_ = false;
     std::shared_ptr<transport::TlsIdentity> tls_;
     std::unique_ptr<transport::PeerServer> peer_server_;
+    std::map<std::string, PeerContact> peer_contacts_;
     transport::NodeShaper shaper_;
     std::map<std::string, std::shared_ptr<TargetRun>> incoming_; // arriving from peers
     HostFacts host_;

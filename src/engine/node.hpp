@@ -53,6 +53,10 @@ public:
     virtual void add_arriving(const std::shared_ptr<TargetRun>& run) = 0;
     virtual void remove_arriving(const std::string& id) = 0;
 
+    // A contact with a peer over a control channel, either way: whether it
+    // worked, and why not (the metrics' peer state).
+    virtual void note_peer(const std::string& peer, bool ok, const std::string& why = "") = 0;
+
     // Into the node's event log (events.hpp).
     virtual void publish(std::string type, const std::string& vm, const std::string& migration,
                          nlohmann::json data) = 0;

@@ -54,9 +54,11 @@ asio::awaitable<Result<json>> PeerDestination::exchange(const json& message, std
     if (!control_)
         co_return make_error(Errc::disconnected, "no control channel");
     auto w = co_await control_->write_frame(message);
-    if (!w)
-        co_return w.error().wrap(fmt::format("node {}", target));
-    auto reply = co_await control_->read_frame(timeout);
+    Result<json> reply = w ? ok(json()) : Result<json>(w.error());
+    if (w)
+        reply = co_await control_->read_frame(timeout);
+    // Keepalives included: what the metrics say of the peer.
+    run_.node().note_peer(target, static_cast<bool>(reply), reply ? "" : reply.error().message);
     if (!reply)
         co_return reply.error().wrap(fmt::format("node {}", target));
     if (reply->value("type", "") == "error")
@@ -84,6 +86,7 @@ asio::awaitable<Result<json>> PeerDestination::request_reconnecting(json message
     control_.reset();
     auto c = co_await transport::open_control(node.executor(), peer_address_, m.target_node, node.config().node.name,
                                               node.tls());
+    node.note_peer(m.target_node, static_cast<bool>(c), c ? "" : c.error().message);
     if (!c)
         co_return c.error().wrap(fmt::format("reconnecting to node {}", m.target_node));
     control_ = *c;
@@ -96,6 +99,7 @@ asio::awaitable<Result<void>> PeerDestination::prepare() {
     auto& node = run_.node();
     auto c = co_await transport::open_control(node.executor(), peer_address_, m.target_node, node.config().node.name,
                                               node.tls());
+    node.note_peer(m.target_node, static_cast<bool>(c), c ? "" : c.error().message);
     if (!c)
         co_return c.error().wrap("preparing the destination");
     control_ = *c;

@@ -47,6 +47,7 @@ Result<void> Engine::start_peer_endpoint() {
                                                            transport::data_plane());
     Engine* self = this;
     peer_server_->on_control([self](std::shared_ptr<Channel> c) {
+        self->note_peer(c->peer_node, true);
         asio::co_spawn(self->ex_, serve_peer(self, std::move(c)), asio::detached);
     });
     peer_server_->on_data([self](transport::TokenGrant grant, std::shared_ptr<Channel> c) {
