@@ -75,6 +75,7 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
         co_return up.error();
     }
     Sample out;
+    out.series.source = "query-migrate";
     auto t0 = std::chrono::steady_clock::now();
     engine::LaunchRequest dst_req{&s.node.node, &s.spec, vm_dir, 2, true};
     auto dst = co_await engine::launch_qemu(ex, dst_req);
@@ -107,6 +108,7 @@ asio::awaitable<Result<Sample>> run_qemu_direct(LocalSetup s) {
             break;
         }
         info = *q;
+        out.series.offer(point_from_query_migrate(ms_since(t0), info));
         if (out.first_pass_mib == 0 && info.contains("ram") && info["ram"].value("dirty-sync-count", 0) >= 2)
             out.first_pass_mib = info["ram"].value("transferred", 0.0) / (1 << 20);
         out.throttle_percent = std::max(out.throttle_percent, info.value("cpu-throttle-percentage", 0));
@@ -184,10 +186,14 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
         // guest's blackout has been measured.
         std::optional<double> handed_off;
         double first_pass_mib = 0;
+        Series series;
+        series.source = "ferry progress";
         while (result) {
             if (!handed_off && engine.list_vms()[0]["generation"].get<int>() > 1)
                 handed_off = ms_since(t0);
             auto shown = *engine.show_migration((*m)["id"]);
+            bool over = shown["phase"] == "Succeeded" || shown["phase"] == "Failed";
+            series.offer(point_from_progress(ms_since(t0), shown["progress"]), over);
             if (first_pass_mib == 0 && shown["progress"]["iteration"].get<int>() >= 2)
                 first_pass_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
             if (shown["phase"] == "Succeeded") {
@@ -201,6 +207,7 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
                 out.mode = shown["mode"];
                 out.throttle_percent = shown["progress"]["throttle_percent"];
                 out.first_pass_mib = first_pass_mib;
+                out.series = std::move(series);
                 result = out;
                 break;
             }
@@ -211,6 +218,7 @@ asio::awaitable<Result<Sample>> run_ferry(LocalSetup s) {
                 out.mode = shown["mode"];
                 out.throttle_percent = shown["progress"]["throttle_percent"];
                 out.transferred_mib = shown["progress"]["transferred_bytes"].get<double>() / (1 << 20);
+                out.series = std::move(series);
                 result = out;
                 break;
             }

@@ -4,6 +4,7 @@
 #include "common/error.hpp"
 #include "config/node_config.hpp"
 #include "config/vm_spec.hpp"
+#include "series.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
 #include <boost/asio/awaitable.hpp>
@@ -24,6 +25,7 @@ struct Sample {
     std::string outcome = "succeeded"; // or "failed: <reason>" / "timeout"
     std::string mode = "precopy";
     int throttle_percent = 0;          // the highest reached
+    Series series;                     // progress over time, from the migration request
 };
 
 struct LocalSetup {

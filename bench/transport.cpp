@@ -72,6 +72,10 @@ done) >/dev/null 2>&1)", dir);
     return {};
 }
 
+double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
 asio::awaitable<void> sleep_for(std::chrono::milliseconds d) {
     asio::steady_timer t(co_await asio::this_coro::executor);
     t.expires_after(d);
@@ -134,6 +138,9 @@ asio::awaitable<Result<TransportSample>> qemu_direct(TransportSetup s, bool tls)
     auto listening = co_await dst->qmp->execute("migrate-incoming", incoming);
     auto set_src = co_await src->qmp->execute("migrate-set-parameters", params);
     json migrate{{"uri", uri}};
+    Series series;
+    series.source = "query-migrate";
+    auto t0 = std::chrono::steady_clock::now();
     auto started = co_await src->qmp->execute("migrate", migrate);
     if (!set_dst || !listening || !set_src || !started) {
         result = make_error(Errc::qemu, !set_dst ? set_dst.error().message : !listening ? listening.error().message
@@ -146,8 +153,11 @@ asio::awaitable<Result<TransportSample>> qemu_direct(TransportSetup s, bool tls)
                 break;
             }
             auto st = (*q).value("status", "");
-            if (st == "completed" && (*q).value("total-time", 0) > 0) {
+            bool over = st == "completed" && (*q).value("total-time", 0) > 0;
+            series.offer(point_from_query_migrate(ms_since(t0), *q), over);
+            if (over) {
                 result = sample_from(*q);
+                result->series = std::move(series);
                 break;
             }
             if (st == "failed" || st == "cancelled") {
@@ -261,6 +271,7 @@ Result<std::vector<TransportSample>> migrate_all(const TransportSetup& s, Pair& 
             return created.error();
     }
     std::this_thread::sleep_for(1500ms);
+    auto t0 = std::chrono::steady_clock::now();
     std::vector<std::string> ids;
     for (auto& name : vms) {
         if (!s.guest_running)
@@ -272,6 +283,8 @@ Result<std::vector<TransportSample>> migrate_all(const TransportSetup& s, Pair& 
     }
     std::vector<TransportSample> out(ids.size());
     std::vector<bool> done(ids.size(), false);
+    for (auto& t : out)
+        t.series.source = "ferry progress";
     for (std::size_t left = ids.size(); left > 0;) {
         for (std::size_t i = 0; i < ids.size(); ++i) {
             if (done[i])
@@ -280,6 +293,7 @@ Result<std::vector<TransportSample>> migrate_all(const TransportSetup& s, Pair& 
             if (!shown)
                 return shown.error();
             auto phase = (*shown)["phase"];
+            out[i].series.offer(point_from_progress(ms_since(t0), (*shown)["progress"]), phase == "Succeeded");
             if (phase == "Failed")
                 return make_error(Errc::internal, "ferry migration failed: " + (*shown)["failure_reason"].get<std::string>());
             if (phase == "Succeeded") {

@@ -3,6 +3,7 @@
 // between two QEMUs via QEMU's plain TCP, QEMU's native TLS, ferry over TLS
 // and ferry plaintext (two real ferryd processes), side by side.
 #include "common/error.hpp"
+#include "series.hpp"
 
 #include <cstdint>
 #include <optional>
@@ -31,6 +32,7 @@ struct TransportSample {
     double total_ms = 0;
     double downtime_ms = 0;
     double transferred_mib = 0;
+    Series series;          // progress over time, from the migration request
 };
 
 // path: "qemu-tcp", "qemu-tls", "ferry-tls", "ferry-plain"

@@ -4,6 +4,7 @@
 #include "config/quantity.hpp"
 #include "convergence.hpp"
 #include "local.hpp"
+#include "report.hpp"
 #include "block.hpp"
 #include "scheduler.hpp"
 #include "stats.hpp"
@@ -19,7 +20,6 @@
 #include <algorithm>
 #include <filesystem>
 #include <iostream>
-#include <numeric>
 #include <map>
 #include <optional>
 #include <sstream>
@@ -36,16 +36,21 @@ template <class F> ferry::Result<ferry::bench::Sample> run_one(F f, ferry::bench
     return fut.get();
 }
 
-struct Stats {
-    double mean = 0, median = 0, min = 0, max = 0;
+// Where --report writes, and the invocation it records.
+struct ReportOut {
+    std::string dir; // empty: no report
+    int argc = 0;
+    char** argv = nullptr;
 };
 
-Stats stats(std::vector<double> v) {
-    if (v.empty())
-        return {};
-    std::sort(v.begin(), v.end());
-    double median = v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
-    return {std::accumulate(v.begin(), v.end(), 0.0) / static_cast<double>(v.size()), median, v.front(), v.back()};
+int write_report(const ReportOut& out, const ferry::bench::Report& report, bool quiet) {
+    if (auto w = ferry::bench::write_report(out.dir, report); !w) {
+        std::cerr << "ferry-bench: --report: " << w.error().message << "\n";
+        return 1;
+    }
+    if (!quiet)
+        std::cerr << "ferry-bench: report in " << out.dir << "/index.html\n";
+    return 0;
 }
 
 json column(const std::vector<ferry::bench::Sample>& samples) {
@@ -58,14 +63,18 @@ json column(const std::vector<ferry::bench::Sample>& samples) {
         if (s.blackout_ms)
             black.push_back(*s.blackout_ms);
     }
-    auto j = [](Stats s) { return json{{"mean", s.mean}, {"median", s.median}, {"min", s.min}, {"max", s.max}}; };
-    return {{"runs", samples.size()},      {"wall_ms", j(stats(wall))},
-            {"total_ms", j(stats(total))}, {"downtime_ms", j(stats(down))},
-            {"blackout_ms", j(stats(black))}, {"transferred_mib", j(stats(mib))}};
+    auto j = [](std::vector<double> v) {
+        auto s = ferry::bench::spread(std::move(v));
+        return json{{"mean", s.mean}, {"median", s.median}, {"min", s.min}, {"max", s.max}};
+    };
+    return {{"runs", samples.size()},  {"wall_ms", j(wall)},
+            {"total_ms", j(total)},    {"downtime_ms", j(down)},
+            {"blackout_ms", j(black)}, {"transferred_mib", j(mib)}};
 }
 
 int run_transport_bench(const std::string& work, const std::string& ram, const std::string& paths_csv, int reps,
-                        int multifd, const std::string& guest, const std::string& certs, bool json_out) {
+                        int multifd, const std::string& guest, const std::string& certs, bool json_out,
+                        const ReportOut& report_out) {
     auto bytes = ferry::config::parse_quantity(ram);
     if (!bytes) {
         std::cerr << "ferry-bench: --ram: " << bytes.error().message << "\n";
@@ -88,6 +97,7 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
     for (std::string p; std::getline(ss, p, ',');)
         paths.push_back(p);
     std::map<std::string, std::vector<ferry::bench::TransportSample>> samples;
+    std::vector<ferry::bench::ReportRun> runs; // in the order they ran
     for (int i = 0; i < reps; ++i) {
         for (auto& p : paths) { // interleaved, so drift hits every path alike
             auto r = ferry::bench::run_transport(setup, p);
@@ -98,6 +108,11 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
             if (!json_out)
                 std::cerr << fmt::format("  run {}/{} {:<12} {:7.1f} MiB/s  ({:.0f} MiB in {:.0f} ms, downtime {:.0f} ms)\n",
                                          i + 1, reps, p, r->mib_per_s, r->transferred_mib, r->total_ms, r->downtime_ms);
+            if (!report_out.dir.empty())
+                runs.push_back({p, i + 1,
+                                {{"mib_per_s", r->mib_per_s}, {"total_ms", r->total_ms}, {"downtime_ms", r->downtime_ms},
+                                 {"transferred_mib", r->transferred_mib}},
+                                r->series});
             samples[p].push_back(*r);
         }
     }
@@ -119,13 +134,35 @@ int run_transport_bench(const std::string& work, const std::string& ram, const s
     report["ratios"] = {{"ferry_tls_over_qemu_tls", ratio("ferry-tls", "qemu-tls")},
                         {"ferry_tls_over_qemu_tcp", ratio("ferry-tls", "qemu-tcp")},
                         {"ferry_plain_over_qemu_tcp", ratio("ferry-plain", "qemu-tcp")}};
+    std::string title = fmt::format("{} of non-zero guest RAM, guest {}, QEMU TLS with {} certificates, {} runs per path",
+                                    ram, guest, certs == "rsa" ? "RSA-2048" : "P-256", reps);
+    if (!report_out.dir.empty()) {
+        ferry::bench::Report rep;
+        rep.scenario = "transport";
+        rep.title = title;
+        rep.environment = ferry::bench::environment(ferry::config::NodeSection{}.qemu, report_out.argc, report_out.argv);
+        rep.parameters = {{"ram", ram}, {"ram_bytes", *bytes}, {"guest", guest}, {"qemu_certs", certs},
+                          {"multifd", multifd}, {"reps", reps}, {"paths", paths_csv}};
+        rep.paths = paths;
+        rep.metrics = {{"mib_per_s", "Throughput", "MiB/s"},
+                       {"total_ms", "QEMU total time", "ms"},
+                       {"downtime_ms", "Downtime", "ms"},
+                       {"transferred_mib", "Transferred", "MiB"}};
+        rep.runs = std::move(runs);
+        for (auto [key, label, a, b] : std::vector<std::tuple<const char*, const char*, const char*, const char*>>{
+                 {"ferry_tls_over_qemu_tls", "ferry TLS / QEMU TLS (MiB/s)", "ferry-tls", "qemu-tls"},
+                 {"ferry_tls_over_qemu_tcp", "ferry TLS / QEMU TCP (MiB/s)", "ferry-tls", "qemu-tcp"},
+                 {"ferry_plain_over_qemu_tcp", "ferry plain / QEMU TCP (MiB/s)", "ferry-plain", "qemu-tcp"}})
+            if (med.count(a) && med.count(b))
+                rep.ratios.push_back({key, label, ratio(a, b)});
+        if (int rc = write_report(report_out, rep, json_out); rc != 0)
+            return rc;
+    }
     if (json_out) {
         std::cout << report.dump(2) << "\n";
         return 0;
     }
-    std::cout << fmt::format("\nferry-bench transport: {} of non-zero guest RAM, guest {}, QEMU TLS with {} certificates, "
-                             "{} runs per path (median MiB/s)\n",
-                             ram, guest, certs == "rsa" ? "RSA-2048" : "P-256", reps);
+    std::cout << fmt::format("\nferry-bench transport: {} (median MiB/s)\n", title);
     for (auto& p : paths)
         std::cout << fmt::format("  {:<12} {:8.1f} MiB/s\n", p, med[p]);
     std::cout << fmt::format("  ferry TLS / QEMU TLS    {:.2f}x   (aim >= 3)\n", ratio("ferry-tls", "qemu-tls"));
@@ -268,6 +305,9 @@ int main(int argc, char** argv) {
     local->add_option("--kernel", kernel, "test guest kernel (default: next to this binary)");
     local->add_option("--work-dir", work, "scratch directory (short path: Unix sockets)");
     local->add_flag("--json", json_out, "print the report as JSON");
+    ReportOut report_out{"", argc, argv};
+    local->add_option("--report", report_out.dir,
+                      "also write a report directory: environment, every sample, summary, index.html with charts");
     auto* xfer = app.add_subcommand("transport", "throughput: QEMU TCP, QEMU TLS, ferry TLS, ferry plaintext");
     int xfer_reps = 3, xfer_multifd = 0;
     std::string xfer_ram = "1Gi", xfer_paths = "qemu-tcp,qemu-tls,ferry-tls,ferry-plain";
@@ -285,6 +325,8 @@ int main(int argc, char** argv) {
         ->check(CLI::IsMember({"rsa", "p256"}));
     xfer->add_option("--work-dir", work, "scratch directory (short path)");
     xfer->add_flag("--json", xfer_json, "print the report as JSON");
+    xfer->add_option("--report", report_out.dir,
+                     "also write a report directory: environment, every sample, summary, index.html with charts");
     auto* shaping = app.add_subcommand("shaping", "achieved vs configured rate; a node cap split between two migrations");
     std::string shape_rate = "32Mi", shape_cap = "48Mi", shape_ram = "256Mi";
     bool shape_json = false;
@@ -353,7 +395,7 @@ int main(int argc, char** argv) {
         return run_shaping_bench(work, shape_rate, shape_cap, shape_ram, shape_json);
     if (xfer->parsed())
         return run_transport_bench(work, xfer_ram, xfer_paths, xfer_reps, xfer_multifd, xfer_guest, xfer_certs,
-                                   xfer_json);
+                                   xfer_json, report_out);
     auto mem = ferry::config::parse_quantity(memory);
     auto bw = ferry::config::parse_quantity(bandwidth);
     if (!mem || !bw) {
@@ -376,6 +418,7 @@ int main(int argc, char** argv) {
     setup.spec.append = fmt::format("ws={} rate={} hb={}", ws, rate, hb);
 
     std::vector<ferry::bench::Sample> direct, ferry_runs;
+    std::vector<ferry::bench::ReportRun> runs; // in the order they ran
     for (int i = 0; i < reps; ++i) {
         // Alternate the two paths so drift on a shared machine hits both.
         for (int path = 0; path < 2; ++path) {
@@ -389,6 +432,18 @@ int main(int argc, char** argv) {
                 return 1;
             }
             (path == 0 ? direct : ferry_runs).push_back(*r);
+            if (!report_out.dir.empty()) {
+                ferry::bench::ReportRun run{path == 0 ? "qemu-direct" : "ferry", i + 1,
+                                            {{"wall_ms", r->wall_ms},
+                                             {"total_ms", r->total_ms},
+                                             {"downtime_ms", r->downtime_ms},
+                                             {"transferred_mib", r->transferred_mib},
+                                             {"throttle_percent", r->throttle_percent}},
+                                            r->series};
+                if (r->blackout_ms)
+                    run.values["blackout_ms"] = *r->blackout_ms;
+                runs.push_back(std::move(run));
+            }
             if (!json_out)
                 std::cerr << fmt::format("  run {}/{} {:<12} wall {:7.0f} ms  qemu total {:6.0f} ms  downtime {:4.0f} ms  blackout {}\n",
                                          i + 1, reps, path == 0 ? "qemu-direct" : "ferry", r->wall_ms, r->total_ms,
@@ -409,12 +464,37 @@ int main(int argc, char** argv) {
     };
     for (auto key : {"wall_ms", "total_ms", "downtime_ms", "blackout_ms"})
         report["ratio_ferry_over_direct"][key] = ratio(key);
+    std::string title = fmt::format("{} VM, {} MiB working set dirtied at {} MiB/s, bandwidth {}, accel {}, {} runs each",
+                                    memory, ws, rate, *bw ? bandwidth + "/s" : std::string("unlimited"), accel, reps);
+    if (!report_out.dir.empty()) {
+        ferry::bench::Report rep;
+        rep.scenario = "local";
+        rep.title = title;
+        rep.environment = ferry::bench::environment(qemu, argc, argv);
+        rep.parameters = {{"memory", memory}, {"ws_mib", ws}, {"dirty_mib_s", rate}, {"heartbeat_ms", hb},
+                          {"bandwidth", *bw ? bandwidth + "/s" : std::string("unlimited")}, {"max_downtime_ms", downtime}, {"accel", accel}, {"reps", reps}};
+        rep.paths = {"qemu-direct", "ferry"};
+        rep.metrics = {{"wall_ms", "Wall time", "ms"},
+                       {"total_ms", "QEMU total time", "ms"},
+                       {"downtime_ms", "QEMU downtime", "ms"},
+                       {"blackout_ms", "Guest blackout", "ms"},
+                       {"transferred_mib", "Transferred", "MiB"},
+                       {"throttle_percent", "Highest throttle", "%"}};
+        rep.runs = std::move(runs);
+        for (auto [key, label] : std::vector<std::pair<const char*, const char*>>{
+                 {"wall_ms", "ferry / qemu-direct: wall time"},
+                 {"total_ms", "ferry / qemu-direct: QEMU total time"},
+                 {"downtime_ms", "ferry / qemu-direct: QEMU downtime"},
+                 {"blackout_ms", "ferry / qemu-direct: guest blackout"}})
+            rep.ratios.push_back({std::string("ferry_over_direct.") + key, label, ratio(key)});
+        if (int rc = write_report(report_out, rep, json_out); rc != 0)
+            return rc;
+    }
     if (json_out) {
         std::cout << report.dump(2) << "\n";
         return 0;
     }
-    std::cout << fmt::format("\nferry-bench local: {} VM, {} MiB working set dirtied at {} MiB/s, bandwidth {}, {} runs each\n",
-                             memory, ws, rate, *bw ? bandwidth + "/s" : std::string("unlimited"), reps);
+    std::cout << fmt::format("\nferry-bench local: {}\n", title);
     std::cout << fmt::format("{:<14} {:>24} {:>24} {:>14}\n", "", "qemu-direct", "ferry", "ratio");
     std::cout << fmt::format("{:<14} {:>24} {:>24} {:>14}\n", "", "median mean (min-max)", "median mean (min-max)", "of medians");
     for (auto key : {"wall_ms", "total_ms", "downtime_ms", "blackout_ms"}) {
