@@ -69,7 +69,7 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
               fmt::format("key 'node.launcher': \"{}\" is not builtin or external (a wrapper is builtin with "
                           "qemu_wrapper)",
                           n.launcher));
-    r.get("external_launch_timeout", n.external_launch_timeout, 5, 600);
+    r.get("external_launch_timeout", n.external_launch_timeout, 5, 85);
     r.get("accel", n.accel);
     r.get("log_level", n.log_level);
     r.get("labels", n.labels);

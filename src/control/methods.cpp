@@ -382,6 +382,10 @@ asio::awaitable<Result<void>> events_subscribe(Ctx* c, json id, json params, Str
         std::uint64_t id;
         ~Unlisten() { log.unlisten(id); }
     } unlisten{log, listener};
+    // Everything up to here is in the backlog (or before `since`); the queue
+    // holds what comes after, including what arrives while the first lines
+    // are written.
+    std::uint64_t last_sent = log.last_seq();
 
     json first{{"id", id},
                {"result", {{"seq", log.last_seq()}, {"oldest_seq", log.oldest_seq()}, {"epoch", log.epoch()}}}};
@@ -406,7 +410,6 @@ asio::awaitable<Result<void>> events_subscribe(Ctx* c, json id, json params, Str
             timer->cancel();
         }(&out, done, wake),
         asio::detached);
-    std::uint64_t last_sent = backlog.empty() ? log.last_seq() : backlog.back().seq;
     while (open && !*done) {
         while (open) {
             auto e = queue->pop();

@@ -135,7 +135,11 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     fs::create_directories(dir, ec);
     Result<QemuInstance> q = make_error(Errc::internal, "not started");
     if (node_.config().node.launcher == "external") {
-        q = co_await await_external(std::chrono::seconds(node_.config().node.external_launch_timeout));
+        // The source waits 120 s for the answer: the wait ends 85 s into the
+        // arrival at the latest, leaving the launched hooks 15 s of their 100.
+        auto wait = std::min<Clock::duration>(std::chrono::seconds(node_.config().node.external_launch_timeout),
+                                              started + 85s - Clock::now());
+        q = co_await await_external(std::max(std::chrono::duration_cast<std::chrono::seconds>(wait), 1s));
     } else {
         LaunchRequest req{&node_.config().node, &spec_, dir, 1, true, true};
         q = co_await launch_qemu(node_.executor(), req);
@@ -465,6 +469,8 @@ asio::awaitable<json> TargetRun::finish(const json& msg) {
 // the first here; null when unknown.
 asio::awaitable<json> TargetRun::measure_blackout(const json& msg, const Vm& vm) {
     json blackout = nullptr;
+    if (!vm.qemu.console) // a stack's QEMU without ferry's console socket: no heartbeat to read
+        co_return blackout;
     auto hb = msg.find("last_heartbeat");
     // Numbers from the peer, bounded before they size a wait.
     auto number = [&](const char* key, std::uint64_t max) {

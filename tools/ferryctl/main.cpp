@@ -163,6 +163,7 @@ int wait_for(const Globals& g, const std::string& id) {
     };
     std::string epoch;
     std::uint64_t last = 0;
+    std::uint64_t quiet = 0; // heartbeats seen
     bool reread = true;
     for (;;) {
         if (reread) {
@@ -204,8 +205,12 @@ int wait_for(const Globals& g, const std::string& id) {
             reread = true;
             continue;
         }
-        if (type == "resync" || (type == "heartbeat" && m.value("phase", "") == "Pending")) {
-            reread = true; // a queued migration starts, or is cancelled, without an event
+        // A queued migration starts, or is cancelled, without an event; and
+        // every 30 s of silence the record is read anyway.
+        if (type == "heartbeat" && (m.value("phase", "") == "Pending" || ++quiet % 15 == 0))
+            reread = true;
+        if (type == "resync" || type == "heartbeat") {
+            reread = reread || type == "resync";
             continue;
         }
         if (!e->contains("migration") || !(*e)["migration"].is_string() || (*e)["migration"] != m.value("id", "")) {
@@ -217,6 +222,11 @@ int wait_for(const Globals& g, const std::string& id) {
         if (type == "result") {
             m = data;
             return ended();
+        }
+        std::string phase = data.value("phase", "");
+        if (type == "phase" && data.value("role", "") != "source" && (phase == "Succeeded" || phase == "Failed")) {
+            reread = true; // waited for on the target node: its record is final, no result event comes
+            continue;
         }
         if (type == "phase" && data.value("role", "") == "source") {
             m["phase"] = data.value("phase", "");
