@@ -66,9 +66,18 @@ struct Server::Connection {
     std::string peer;
     Clock::time_point idle_since = Clock::now();
     std::uint64_t deadline_generation = 0;
-    bool busy = false; // a request is being handled
-    std::vector<UniqueFd> fds; // sent with the request line being read
-    bool fds_lost = false;     // more than max_request_fds, or cut by the kernel
+    bool busy = false;      // a request is being handled
+    bool streaming = false; // a stream (busy for its whole life, yet evictable)
+    // Descriptors (SCM_RIGHTS) by the line they came with, named by the
+    // offset of its first byte in the connection's byte stream.
+    struct Fds {
+        std::uint64_t line = 0;
+        std::vector<UniqueFd> fds;
+        bool lost = false; // more than max_request_fds, or cut by the kernel
+    };
+    std::vector<Fds> fds;
+    std::uint64_t received = 0; // bytes read so far
+    std::uint64_t consumed = 0; // bytes of whole lines taken so far
 };
 
 namespace {
@@ -102,6 +111,7 @@ asio::awaitable<std::pair<boost::system::error_code, std::size_t>> read_line(Con
             continue;
         if (n < 0)
             co_return Reply{boost::system::error_code(errno, boost::system::system_category()), 0};
+        typename Conn::Fds got;
         for (auto* c = CMSG_FIRSTHDR(&msg); c; c = CMSG_NXTHDR(&msg, c)) {
             if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
                 continue;
@@ -110,16 +120,48 @@ asio::awaitable<std::pair<boost::system::error_code, std::size_t>> read_line(Con
                 int fd;
                 std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof(int));
                 UniqueFd owned(fd);
-                if (conn.fds.size() < max_request_fds)
-                    conn.fds.push_back(std::move(owned));
+                if (got.fds.size() < max_request_fds)
+                    got.fds.push_back(std::move(owned));
                 else
-                    conn.fds_lost = true;
+                    got.lost = true;
             }
         }
         if (msg.msg_flags & MSG_CTRUNC)
-            conn.fds_lost = true;
+            got.lost = true;
         if (n == 0)
             co_return Reply{asio::error::eof, 0};
+        if (!got.fds.empty() || got.lost) {
+            // The kernel ends a read with the message that carried
+            // descriptors, and a client sends them with a request's first
+            // byte: they belong to the last line that starts in this read
+            // (or, from a client that sent them mid-line, to that line).
+            auto begin = asio::buffers_begin(buf.data());
+            std::uint64_t pre = conn.received;
+            std::uint64_t line = conn.consumed;
+            for (auto it = begin, end = asio::buffers_end(buf.data()); it != end; ++it)
+                if (*it == '\n')
+                    line = conn.consumed + static_cast<std::uint64_t>(it - begin) + 1;
+            auto* chunk = static_cast<const char*>(room.data());
+            for (ssize_t i = 0; i + 1 < n; ++i)
+                if (chunk[i] == '\n')
+                    line = pre + static_cast<std::uint64_t>(i) + 1;
+            got.line = line;
+            // Several reads may carry descriptors for one line: at most
+            // max_request_fds in all, the rest closed and the line refused.
+            if (!conn.fds.empty() && conn.fds.back().line == line) {
+                auto& same = conn.fds.back();
+                same.lost = same.lost || got.lost;
+                for (auto& fd : got.fds) {
+                    if (same.fds.size() < max_request_fds)
+                        same.fds.push_back(std::move(fd));
+                    else
+                        same.lost = true;
+                }
+            } else {
+                conn.fds.push_back(std::move(got));
+            }
+        }
+        conn.received += static_cast<std::uint64_t>(n);
         buf.commit(static_cast<std::size_t>(n));
     }
 }
@@ -217,9 +259,18 @@ bool Server::evict_idle() {
     for (auto& c : connections_)
         if (!c->busy && c->socket.is_open() && (!oldest || c->idle_since < oldest->idle_since))
             oldest = c;
+    // Else the oldest stream: its client resumes from the last event it took
+    // (ferryctl does), while a request in flight cannot be cut.
+    if (!oldest)
+        for (auto& c : connections_)
+            if (c->streaming && c->socket.is_open() && (!oldest || c->idle_since < oldest->idle_since))
+                oldest = c;
     if (!oldest)
         return false;
-    log()->debug("closing idle connection {} ({}) to make room", oldest->number, oldest->peer);
+    if (oldest->streaming)
+        log()->info("closing the oldest event stream (connection {}, {}) to make room", oldest->number, oldest->peer);
+    else
+        log()->debug("closing idle connection {} ({}) to make room", oldest->number, oldest->peer);
     boost::system::error_code ec;
     oldest->socket.close(ec);
     connections_.erase(oldest); // its fd is free now; serve() finds the socket closed
@@ -259,7 +310,7 @@ asio::awaitable<void> Server::accept_loop(Server* self) {
         }
         backoff = std::chrono::milliseconds(10);
         if (self->connections_.size() >= self->max_connections_ && !self->evict_idle()) {
-            // Every connection is busy with a request: refuse this one.
+            // Every connection is in the middle of a request: refuse this one.
             auto reply = error_reply(nullptr, make_error(Errc::conflict,
                                                          fmt::format("ferryd is busy with {} connections, the most "
                                                                      "it serves at once; try again",
@@ -337,6 +388,8 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
         json stream_id;
         if (auto request = parse_request(line, stream_id); request) {
             if (auto it = self->streams_.find(request->method); it != self->streams_.end()) {
+                conn->streaming = true;
+                conn->idle_since = Clock::now(); // the stream's start: the oldest goes first
                 Stream out(conn->socket, self->limits_.idle_timeout);
                 Result<void> done = make_error(Errc::internal, "not run");
                 try {
@@ -352,10 +405,21 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
                 break;
             }
         }
-        auto fds = std::move(conn->fds);
-        conn->fds.clear();
+        // This line's descriptors; any for an earlier line went unclaimed
+        // (their line was cut) and are closed.
+        std::vector<UniqueFd> fds;
+        bool fds_lost = false;
+        auto line_start = conn->consumed;
+        conn->consumed += n;
+        while (!conn->fds.empty() && conn->fds.front().line <= line_start) {
+            if (conn->fds.front().line == line_start) {
+                fds = std::move(conn->fds.front().fds);
+                fds_lost = conn->fds.front().lost;
+            }
+            conn->fds.erase(conn->fds.begin());
+        }
         json reply;
-        if (std::exchange(conn->fds_lost, false))
+        if (fds_lost)
             reply = error_reply(stream_id, make_error(Errc::invalid_argument,
                                                       fmt::format("more than {} file descriptors came with the "
                                                                   "request",
@@ -386,17 +450,24 @@ asio::awaitable<bool> Stream::send(const json& value) {
     std::string out = dump_json(value) + "\n";
     asio::steady_timer deadline(socket_.get_executor());
     deadline.expires_after(write_timeout_);
-    bool expired = false;
-    deadline.async_wait([&](boost::system::error_code ec) {
-        if (!ec) {
-            expired = true;
-            boost::system::error_code ignored;
-            socket_.close(ignored);
-        }
+    // Shared with the handler: it may already be queued when the write
+    // completes, and then runs after this frame is gone.
+    struct State {
+        bool expired = false;
+        bool written = false;
+    };
+    auto state = std::make_shared<State>();
+    deadline.async_wait([state, socket = &socket_](boost::system::error_code ec) {
+        if (ec || state->written)
+            return;
+        state->expired = true;
+        boost::system::error_code ignored;
+        socket->close(ignored);
     });
     auto [ec, n] = co_await asio::async_write(socket_, asio::buffer(out), asio::as_tuple(asio::use_awaitable));
+    state->written = true;
     deadline.cancel();
-    co_return !ec && !expired && socket_.is_open();
+    co_return !ec && !state->expired && socket_.is_open();
 }
 
 asio::awaitable<void> Stream::client_done() {

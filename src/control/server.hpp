@@ -5,7 +5,8 @@
 // each holding at most one request line (max_request_bytes), its parsed
 // value and its reply; a connection that sends no whole request, or does not
 // take its reply, within `idle_timeout` is closed, and when the cap or the fd
-// limit is reached the longest-idle connection makes room for the new one.
+// limit is reached the longest-idle connection makes room for the new one,
+// or failing that the oldest stream (its client resumes where it was).
 #include "common/error.hpp"
 #include "common/fd.hpp"
 #include "control/protocol.hpp"
