@@ -156,7 +156,13 @@ int main(int argc, char** argv) {
         return 1;
     }
 
-    asio::io_context io;
+    // Declared first, so it outlives everything bound to it; shut down (below)
+    // before those go, so the coroutines still suspended at exit (streams,
+    // connections, the engine's own) are destroyed while what they refer to
+    // still exists.
+    struct IoContext : asio::io_context {
+        using asio::io_context::shutdown;
+    } io;
     ferry::engine::Engine engine(io.get_executor(), *cfg);
     ferry::control::ServerLimits limits{static_cast<std::size_t>(cfg->node.control_max_connections),
                                         std::chrono::seconds(cfg->node.control_idle_timeout)};
@@ -216,5 +222,6 @@ int main(int argc, char** argv) {
     };
     hangup.async_wait(on_hangup);
     io.run();
+    io.shutdown();
     return exit_code;
 }
