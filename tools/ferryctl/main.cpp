@@ -122,10 +122,30 @@ int wait_for(const Globals& g, const std::string& id) {
     std::string last_phase;
     auto last_line = std::chrono::steady_clock::now();
     std::unique_ptr<Client> requests, stream;
+    // Once connected, a ferryd that goes away is waited for (a restart keeps
+    // the migration going) for up to 2 minutes; the first dial fails at once.
+    bool connected_once = false;
+    auto dial = [&]() {
+        auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(2);
+        bool told = false;
+        for (;;) {
+            auto c = Client::connect(g.socket, request_timeout(g));
+            if (c)
+                connected_once = true;
+            if (c || !connected_once || std::chrono::steady_clock::now() > deadline)
+                return c;
+            if (!told)
+                std::cerr << "ferryctl: " << c.error().message << "; waiting up to 2 minutes for ferryd to answer "
+                          << "again (the migration goes on without it)" << std::endl;
+            told = true;
+            std::this_thread::sleep_for(std::chrono::seconds(1));
+        }
+    };
+    int lost_subscriptions = 0; // in a row
     auto show = [&]() -> ferry::Result<json> {
         for (int attempt = 0;; ++attempt) {
             if (!requests) {
-                auto c = Client::connect(g.socket, request_timeout(g));
+                auto c = dial();
                 if (!c)
                     return c.error();
                 requests = std::move(*c);
@@ -177,15 +197,22 @@ int wait_for(const Globals& g, const std::string& id) {
                 return rc;
         }
         if (!stream) {
-            auto c = Client::connect(g.socket, request_timeout(g));
+            auto c = dial();
             if (!c)
                 return fail(g, c.error());
             json params{{"vms", {m.value("vm", "")}}, {"heartbeat_ms", 2000}};
             if (!epoch.empty()) // resume after the last one read, or resync
                 params.update({{"since", last}, {"epoch", epoch}});
             auto head = (*c)->call("events.subscribe", params, request_timeout(g));
+            // Closed before it answered (ferryd stopping, or this idle
+            // connection evicted to make room): again.
+            if (!head && head.error().code == ferry::Errc::disconnected && ++lost_subscriptions < 120) {
+                std::this_thread::sleep_for(std::chrono::seconds(1));
+                continue;
+            }
             if (!head)
                 return fail(g, head.error());
+            lost_subscriptions = 0;
             if (epoch.empty())
                 last = head->value("seq", std::uint64_t{0});
             epoch = head->value("epoch", "");
