@@ -58,6 +58,25 @@ std::string random_suffix() {
     return fmt::format("{:06x}", rng() & 0xFFFFFF);
 }
 
+// The `aborted` hooks of a migration a restart interrupted, as a failure
+// runs them: the target's first (where the VM was arriving here), then the
+// source's, within 60 s in all (ferryd answers only once they end). Their
+// failures become warnings.
+asio::awaitable<void> recovery_hooks(Node& node, const config::HooksSection& hooks, Migration& m,
+                                     const config::VmSpec* spec, int source_pid, bool as_target, bool as_source) {
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    for (bool target : {true, false}) {
+        if (target ? !as_target : !as_source)
+            continue;
+        HookCall call{HookPhase::Aborted, target ? "target" : "source", &m, spec, node.config().node.name,
+                      target ? -1 : source_pid};
+        auto ran = co_await run_hooks(node.executor(), hooks, call, deadline);
+        publish_hooks(node, hooks, call, ran);
+        if (ran)
+            m.warnings.insert(m.warnings.end(), ran->begin(), ran->end());
+    }
+}
+
 } // namespace
 
 Engine::Engine(asio::any_io_executor ex, config::NodeConfig config)
@@ -461,8 +480,27 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
     m.failure_reason = was_source ? "ferryd restarted during the migration; it was cancelled and the VM kept on the source"
                                   : "ferryd restarted while the VM was arriving; the destination was removed";
     m.ended_at = now_string();
+    // A target records an arrival once its prepare hooks ran; a same-node
+    // migration records its destination once that QEMU started.
+    bool arrived_here = m.target_node == config_.node.name && (!was_source || !m.target_dir.empty());
+    m.target_pid = -1;
+    m.target_dir.clear();
+    // Final on disk before the hooks: a restart while they run does not
+    // run them again.
     persist(m);
     *migrations_[m.id] = m;
+    const config::VmSpec* spec = nullptr;
+    int pid = -1;
+    if (auto it = vms_.find(m.vm); it != vms_.end()) {
+        spec = it->second->record.spec ? &*it->second->record.spec : nullptr;
+        pid = it->second->qemu.pid;
+    }
+    auto warnings = m.warnings.size();
+    co_await recovery_hooks(*this, config_.hooks, m, spec, pid, arrived_here, was_source);
+    if (m.warnings.size() != warnings) {
+        persist(m);
+        *migrations_[m.id] = m;
+    }
 }
 
 void Engine::note_peer(const std::string& peer, bool ok, const std::string& why) {

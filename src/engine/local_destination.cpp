@@ -28,6 +28,7 @@ asio::awaitable<Result<void>> LocalDestination::prepare() {
     target_ = std::move(*q);
     m.target_pid = target_.pid;
     m.target_dir = target_.run_dir;
+    node.persist(m); // a restarted ferryd stops it and runs the target's aborted hooks
     std::weak_ptr<SourceRun> weak = run_.weak_from_this();
     target_.qmp->on_close([weak](const Error&) {
         if (auto s = weak.lock())

@@ -120,12 +120,13 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
             co_await drop(why);
         co_return error_message(why);
     }
+    // On record once the prepare hooks ran, before QEMU starts and before
+    // the first image is made: a restarted ferryd stops the QEMU, removes
+    // what a crash left half-copied and runs the aborted hooks.
+    m_.phase = Phase::Running;
+    node_.add_migration(m_);
+    node_.persist(m_);
     if (!mirrored_.empty()) {
-        // On record before the first image is made: a restarted ferryd
-        // removes what a crash left half-copied.
-        m_.phase = Phase::Running;
-        node_.add_migration(m_);
-        node_.persist(m_);
         auto images = co_await prepare_images();
         if (!images.empty()) {
             co_await drop(images);
@@ -152,7 +153,7 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         co_return error_message(why);
     }
     qemu_ = std::move(*q);
-    if (auto* record = node_.migration(m_.id); record && !mirrored_.empty()) {
+    if (auto* record = node_.migration(m_.id)) {
         // A restarted ferryd stops this QEMU too.
         record->target_pid = qemu_.pid;
         record->target_dir = qemu_.run_dir;
@@ -207,26 +208,13 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
 asio::awaitable<Result<QemuInstance>> TargetRun::await_external(std::chrono::seconds wait) {
     auto& node = node_.config().node;
     auto deadline = Clock::now() + wait;
-    QemuInstance q;
-    q.generation = 1;
-    q.run_dir = node_.vm_dir(spec_.name) + "/r1";
-    q.qmp_socket = q.run_dir + "/qmp.sock";
-    q.console_socket = q.run_dir + "/console.sock";
-    std::error_code ec;
-    fs::remove_all(q.run_dir, ec);
-    fs::create_directories(q.run_dir, ec);
-    if (ec)
-        co_return make_error(Errc::io, fmt::format("creating {}: {}", q.run_dir, ec.message()));
     // What ferry would have run: the stack may start exactly this, or its
     // own equivalent (same machine, devices, memory; -incoming defer; -S).
-    LaunchOptions opts;
-    opts.qemu = node.qemu;
-    opts.accel = resolve_accel(node.accel, kvm_usable());
-    opts.qmp_socket = q.qmp_socket;
-    opts.console_socket = q.console_socket;
-    opts.incoming = true;
-    opts.start_paused = true;
-    auto argv = qemu_args(spec_, opts);
+    auto prepared = prepare_launch({&node, &spec_, node_.vm_dir(spec_.name), 1, true, true});
+    if (!prepared)
+        co_return prepared.error();
+    auto& q = prepared->qemu;
+    auto& argv = prepared->argv;
     auto wait_s = wait.count();
     awaiting_launch_ = true;
     node_.publish("launch", spec_.name, m_.id,

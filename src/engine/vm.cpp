@@ -54,26 +54,25 @@ std::string log_tail(const std::string& path, std::size_t max_bytes) {
     return s.empty() ? "(no output)" : s;
 }
 
-asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, LaunchRequest req) {
-    auto log = logger("engine");
-    QemuInstance q;
+Result<PreparedLaunch> prepare_launch(const LaunchRequest& req) {
+    PreparedLaunch p;
+    auto& q = p.qemu;
     q.generation = req.generation;
     q.run_dir = fmt::format("{}/r{}", req.vm_dir, req.generation);
     q.qmp_socket = q.run_dir + "/qmp.sock";
     q.console_socket = q.run_dir + "/console.sock";
     for (auto* path : {&q.qmp_socket, &q.console_socket}) {
         if (path->size() > max_socket_path)
-            co_return make_error(Errc::invalid_argument,
-                                 fmt::format("socket path {} is {} bytes, longer than the {} a Unix "
-                                             "socket allows: use a shorter [node] state_dir",
-                                             *path, path->size(), max_socket_path));
+            return make_error(Errc::invalid_argument,
+                              fmt::format("socket path {} is {} bytes, longer than the {} a Unix "
+                                          "socket allows: use a shorter [node] state_dir",
+                                          *path, path->size(), max_socket_path));
     }
     std::error_code ec;
     fs::remove_all(q.run_dir, ec);
     fs::create_directories(q.run_dir, ec);
     if (ec)
-        co_return make_error(Errc::io, fmt::format("creating {}: {}", q.run_dir, ec.message()));
-
+        return make_error(Errc::io, fmt::format("creating {}: {}", q.run_dir, ec.message()));
     LaunchOptions opts;
     opts.qemu = req.node->qemu;
     opts.accel = resolve_accel(req.node->accel, kvm_usable());
@@ -81,7 +80,17 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
     opts.console_socket = q.console_socket;
     opts.incoming = req.incoming;
     opts.start_paused = !req.incoming || req.hold;
-    auto argv = qemu_args(*req.spec, opts);
+    p.argv = qemu_args(*req.spec, opts);
+    return p;
+}
+
+asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, LaunchRequest req) {
+    auto log = logger("engine");
+    auto prepared = prepare_launch(req);
+    if (!prepared)
+        co_return prepared.error();
+    auto& q = prepared->qemu;
+    auto& argv = prepared->argv;
     // The wrapper launcher: QEMU's argv after the wrapper's; the wrapper
     // execs it, so the pid ferry tracks is QEMU's.
     argv.insert(argv.begin(), req.node->qemu_wrapper.begin(), req.node->qemu_wrapper.end());
@@ -123,7 +132,7 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
     q.console = std::make_shared<ConsoleCapture>(ex, q.console_socket, req.vm_dir + "/console.log",
                                                  fmt::format("r{}", req.generation));
     q.console->start();
-    if (!opts.incoming) {
+    if (!req.incoming) {
         // Give the console a moment to attach so the guest's first lines are kept.
         for (int i = 0; i < 100 && !q.console->connected(); ++i) {
             timer.expires_after(std::chrono::milliseconds(10));

@@ -11,6 +11,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace ferry::engine {
 
@@ -63,6 +64,14 @@ struct LaunchRequest {
     // until the source says so, so the VM never runs on two nodes.
     bool hold = false;
 };
+
+// A launch's run directory (made, empty) and QEMU's argv, the wrapper not
+// included: what launch_qemu runs, and what an external launcher is asked to.
+struct PreparedLaunch {
+    QemuInstance qemu; // generation, run_dir and the socket paths
+    std::vector<std::string> argv;
+};
+Result<PreparedLaunch> prepare_launch(const LaunchRequest& request);
 
 // Starts QEMU, connects QMP and the console capture; a source is started
 // paused and resumed once the console is attached so no output is lost.
