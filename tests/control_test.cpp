@@ -14,7 +14,9 @@
 #include <fmt/format.h>
 #include <boost/asio/ip/tcp.hpp>
 
+#include <algorithm>
 #include <csignal>
+#include <cstring>
 #include <filesystem>
 #include <sys/prctl.h>
 #include <sys/stat.h>
@@ -37,6 +39,16 @@ asio::awaitable<ferry::Result<json>> refuse(json) {
     co_return ferry::make_error(ferry::Errc::conflict, "not now");
 }
 // What each descriptor it was handed has to read.
+// A stream that answers and then waits for its client to leave.
+asio::awaitable<ferry::Result<void>> follow(json id, json, ferry::control::Stream& out) {
+    json first;
+    first["id"] = id;
+    first["result"] = "following";
+    co_await out.send(first);
+    co_await out.client_done();
+    co_return ferry::Result<void>{};
+}
+
 asio::awaitable<ferry::Result<json>> read_fds(json, std::vector<ferry::UniqueFd> fds) {
     json got = json::array();
     for (auto& f : fds) {
@@ -169,6 +181,113 @@ TEST(ControlServer, TakesDescriptorsOnlyWhereAMethodWantsThem) {
     EXPECT_EQ(got[0], R"({"read":["tap","vhost"]})");
     EXPECT_EQ(got[1], "echo takes no file descriptors (1 came with the request)");
     EXPECT_EQ(got[2], R"({"echo":{"a":2}})");
+}
+
+// The kernel hands a read the bytes of several writes at once, descriptors
+// included: they belong to the request they were sent with, not to the one
+// that happens to end first in the same read.
+TEST(ControlServer, DescriptorsGoToTheRequestTheyCameWithWhenRequestsArePipelined) {
+    asio::io_context io;
+    TempDir dir;
+    ferry::control::Server server(io.get_executor(), dir / "s.sock", 0600);
+    server.add("echo", echo);
+    server.add_with_fds("read", read_fds);
+    ASSERT_TRUE(server.start());
+    // Connected and written before the server runs at all: its first read
+    // finds all three requests.
+    int s = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un addr{};
+    addr.sun_family = AF_UNIX;
+    std::string path = dir / "s.sock";
+    std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+    ASSERT_EQ(::connect(s, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0) << std::strerror(errno);
+    int tap[2];
+    ASSERT_EQ(::pipe(tap), 0);
+    ASSERT_EQ(::write(tap[1], "tap", 3), 3);
+    auto send = [&](const std::string& line, int fd) {
+        iovec iov{const_cast<char*>(line.data()), line.size()};
+        alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))]{};
+        msghdr msg{};
+        msg.msg_iov = &iov;
+        msg.msg_iovlen = 1;
+        if (fd >= 0) {
+            msg.msg_control = control;
+            msg.msg_controllen = sizeof control;
+            auto* c = CMSG_FIRSTHDR(&msg);
+            c->cmsg_level = SOL_SOCKET;
+            c->cmsg_type = SCM_RIGHTS;
+            c->cmsg_len = CMSG_LEN(sizeof(int));
+            std::memcpy(CMSG_DATA(c), &fd, sizeof fd);
+        }
+        EXPECT_EQ(::sendmsg(s, &msg, 0), static_cast<ssize_t>(line.size()));
+    };
+    send(R"({"id": 1, "method": "echo", "params": {"a": 1}})" "\n", -1);
+    send(R"({"id": 2, "method": "read"})" "\n", tap[0]);
+    send(R"({"id": 3, "method": "echo", "params": {"a": 3}})" "\n", -1);
+    std::string replies;
+    std::thread client([&] {
+        char buf[4096];
+        while (std::count(replies.begin(), replies.end(), '\n') < 3) {
+            auto n = ::read(s, buf, sizeof buf);
+            if (n <= 0)
+                break;
+            replies.append(buf, static_cast<std::size_t>(n));
+        }
+        asio::post(io, [&] { server.stop(); });
+    });
+    io.run_for(20s);
+    client.join();
+    for (int fd : {s, tap[0], tap[1]})
+        ::close(fd);
+    EXPECT_EQ(replies, "{\"id\":1,\"result\":{\"echo\":{\"a\":1}}}\n"
+                       "{\"id\":2,\"result\":{\"read\":[\"tap\"]}}\n"
+                       "{\"id\":3,\"result\":{\"echo\":{\"a\":3}}}\n");
+}
+
+// Streams hold their connection for as long as the client follows; when the
+// cap is reached and nothing is idle, the oldest stream makes room, so
+// followers can never lock requests out.
+TEST(ControlServer, TheOldestStreamMakesRoomWhenEveryConnectionIsTaken) {
+    asio::io_context io;
+    TempDir dir;
+    ferry::control::Server server(io.get_executor(), dir / "s.sock", 0600, {4, 60s});
+    server.add("echo", echo);
+    server.add_stream("follow", follow);
+    ASSERT_TRUE(server.start());
+    ASSERT_EQ(server.max_connections(), 4U);
+    std::vector<std::string> got;
+    std::thread client([&] {
+        auto text = [](const ferry::Result<json>& r) { return r ? r->dump() : r.error().message; };
+        // Every slot a stream, the first the oldest.
+        std::vector<std::unique_ptr<ferry::control::Client>> streams;
+        for (int i = 0; i < 4; ++i) {
+            auto c = ferry::control::Client::connect(dir / "s.sock");
+            if (!c)
+                break;
+            got.push_back(text((*c)->call("follow")));
+            streams.push_back(std::move(*c));
+            std::this_thread::sleep_for(20ms);
+        }
+        if (streams.size() == 4) {
+            auto more = ferry::control::Client::connect(dir / "s.sock");
+            got.push_back(more ? text((*more)->call("echo", {{"a", 1}})) : more.error().message);
+            auto cut = streams[0]->next(5s);
+            got.push_back(cut                                            ? "first still open"
+                          : cut.error().code == ferry::Errc::disconnected ? "first closed"
+                                                                          : cut.error().message);
+            auto kept = streams[1]->next(300ms);
+            got.push_back(!kept && kept.error().code == ferry::Errc::timeout ? "second open" : "second closed");
+        }
+        asio::post(io, [&] { server.stop(); });
+    });
+    io.run_for(20s);
+    client.join();
+    ASSERT_EQ(got.size(), 7U) << (got.empty() ? "" : got.back());
+    for (int i = 0; i < 4; ++i)
+        EXPECT_EQ(got[i], R"("following")");
+    EXPECT_EQ(got[4], R"({"echo":{"a":1}})");
+    EXPECT_EQ(got[5], "first closed");
+    EXPECT_EQ(got[6], "second open");
 }
 
 TEST(ControlParams, NameTheParameterAndWhatItShouldBe) {
@@ -542,6 +661,22 @@ TEST_F(Ferryd, EventSubscribersResumeWithoutAGapAndASlowOneHoldsNothingUp) {
     auto lines = ctl("--json events --since " + std::to_string(start_seq));
     EXPECT_EQ(lines.status, 0);
     EXPECT_EQ(json::parse(lines.out.substr(0, lines.out.find('\n')))["seq"], start_seq + 1);
+
+    // Stopped while a subscriber follows, ferryd ends its stream before the
+    // engine the stream listens to is gone: a clean exit, the guest kept.
+    auto follower = subscribe({{"heartbeat_ms", 200}}).first;
+    ASSERT_TRUE(follower->next(5s)); // a heartbeat: the stream is in its loop
+    auto qemu = ctl_json("vm show demo")["pid"].get<int>();
+    int status = stop_with_status();
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0)
+        << "status " << status << "\n" << ferry::test::read_file(dir_ / "ferryd.log");
+    // What was sent before the stop, then the end of the stream.
+    auto end = follower->next(5s);
+    for (int i = 0; i < 100 && end; ++i)
+        end = follower->next(5s);
+    ASSERT_FALSE(end);
+    EXPECT_EQ(end.error().code, ferry::Errc::disconnected) << end.error().message;
+    EXPECT_EQ(::kill(qemu, 0), 0);
 }
 
 TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFrees) {
@@ -629,6 +764,16 @@ TEST_F(Ferryd, ClearErrorsForBadInput) {
 }
 
 TEST_F(Ferryd, RestartKeepsVmsAndRecoversAnInterruptedMigration) {
+    // Hooks that record their phase, role and migration id, and the
+    // migration's phase and reason as they read it on stdin.
+    auto d = dir_.path();
+    std::filesystem::create_directories(d + "/hooks");
+    ferry::test::write_file(d + "/hooks/10-record",
+                            "#!/bin/sh\necho \"$2 $3 $4 $(python3 -c 'import json,sys; m=json.load(sys.stdin)"
+                            "[\"migration\"]; print(m[\"phase\"], m[\"failure_reason\"])')\" >> " +
+                                d + "/hooks.log\n");
+    std::filesystem::permissions(d + "/hooks/10-record", std::filesystem::perms::owner_all);
+    write_config("", "[hooks]\ndir = \"" + d + "/hooks\"\n");
     start();
     ctl_json("vm create --spec " + (dir_ / "vm.toml"));
     wait_heartbeats();
@@ -641,15 +786,35 @@ TEST_F(Ferryd, RestartKeepsVmsAndRecoversAnInterruptedMigration) {
             break;
         std::this_thread::sleep_for(50ms);
     }
+    ASSERT_EQ(ctl_json("migration show " + id)["phase"], "Running");
     int target_pid = ctl_json("migration show " + id)["target_pid"];
+    // Someone following it: `migration wait` rides out the restart and
+    // reports how the migration ended.
+    decltype(ctl("")) waited;
+    std::thread waiter([&] { waited = ctl("migration wait " + id); });
+    std::this_thread::sleep_for(2s); // subscribed by now
     ::kill(pid_, SIGKILL);
     ::waitpid(pid_, nullptr, 0);
     pid_ = -1;
     std::filesystem::remove(socket_);
+    std::this_thread::sleep_for(1500ms); // no ferryd for a while
     start();
+    waiter.join();
+    EXPECT_EQ(waited.status, 1) << waited.out << waited.err;
+    EXPECT_NE(waited.err.find("waiting up to 2 minutes for ferryd to answer again"), std::string::npos) << waited.err;
+    EXPECT_NE(waited.out.find("ferryd restarted during the migration"), std::string::npos) << waited.out;
     auto after = ctl_json("migration show " + id);
     EXPECT_EQ(after["phase"], "Failed");
     EXPECT_NE(after["failure_reason"].get<std::string>().find("restarted"), std::string::npos);
+    // The rollback hooks ran at the restart, the target's first, each with
+    // the final record.
+    auto hooks = ferry::test::read_file(d + "/hooks.log");
+    auto reason = after["failure_reason"].get<std::string>();
+    EXPECT_NE(hooks.find("launched target " + id + " "), std::string::npos) << hooks;
+    EXPECT_NE(hooks.find("aborted target " + id + " Failed " + reason + "\naborted source " + id + " Failed " + reason +
+                         "\n"),
+              std::string::npos)
+        << hooks;
     auto vm = ctl_json("vm show demo");
     EXPECT_EQ(vm["pid"], pid);
     EXPECT_EQ(vm["status"], "running");
@@ -2067,9 +2232,17 @@ TEST_F(TwoNodes, PostcopySwitchoverWhenPrecopyCannotConverge) {
     ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
     EXPECT_EQ(done["mode"], "postcopy");
     auto log = ferry::test::read_file(dir_ / "node-a.log");
-    // Decided at the first dirty sync, from the rates the first pass measured.
-    EXPECT_NE(log.find("after 2 iterations (switching over would take"), std::string::npos) << log;
-    EXPECT_NE(log.find("pre-copy will not converge; switching to post-copy"), std::string::npos) << log;
+    // The switch is ferry's decision, logged with its reason. Usually the
+    // rates of the first measured pass decide it; on a busy machine the first
+    // measurement can raise the downtime limit instead, and the next pass (or
+    // the 2 s progress timeout) switches: post-copy either way, never a failure.
+    auto decided = log.find("; switching to post-copy");
+    ASSERT_NE(decided, std::string::npos) << log;
+    auto start = log.rfind('\n', decided) + 1;
+    auto line = log.substr(start, log.find('\n', decided) - start);
+    EXPECT_TRUE(line.find("pre-copy will not converge") != std::string::npos ||
+                line.find("progress timeout") != std::string::npos)
+        << line;
     // QEMU's preempt channel went through a data channel of its own.
     EXPECT_NE(log.find("data channel 1 carries post-copy's urgent pages (preempt)"), std::string::npos) << log;
     EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");

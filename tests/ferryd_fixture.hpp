@@ -80,16 +80,21 @@ bandwidth_per_migration = 0
             ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", (dir_ / "ferryd.toml").c_str(), nullptr);
             _exit(127);
         }
-        for (int i = 0; i < 200 && !std::filesystem::exists(socket_); ++i)
+        // A restart's recovery (stopping QEMUs, hooks) comes first.
+        for (int i = 0; i < 1000 && !std::filesystem::exists(socket_); ++i)
             std::this_thread::sleep_for(20ms);
         ASSERT_TRUE(std::filesystem::exists(socket_)) << ferry::test::read_file(dir_ / "ferryd.log");
     }
-    void stop() {
+    void stop() { stop_with_status(); }
+    // SIGTERM, and how ferryd ended (waitpid's status; -1 if it was not running).
+    int stop_with_status() {
         if (pid_ <= 0)
-            return;
+            return -1;
         ::kill(pid_, SIGTERM);
-        ::waitpid(pid_, nullptr, 0);
+        int status = -1;
+        ::waitpid(pid_, &status, 0);
         pid_ = -1;
+        return status;
     }
     Output ctl(const std::string& args) {
         return sh(ferry::test::ferryctl_bin() + " --socket " + socket_ + " " + args, dir_);
