@@ -76,8 +76,7 @@ struct Server::Connection {
         bool lost = false; // more than max_request_fds, or cut by the kernel
     };
     std::vector<Fds> fds;
-    std::uint64_t received = 0; // bytes read so far
-    std::uint64_t consumed = 0; // bytes of whole lines taken so far
+    std::uint64_t consumed = 0; // bytes of whole lines taken so far (the buffer holds what follows)
 };
 
 namespace {
@@ -135,12 +134,10 @@ asio::awaitable<std::pair<boost::system::error_code, std::size_t>> read_line(Con
             // descriptors, and a client sends them with a request's first
             // byte: they belong to the last line that starts in this read
             // (or, from a client that sent them mid-line, to that line).
-            auto begin = asio::buffers_begin(buf.data());
-            std::uint64_t pre = conn.received;
+            // The buffer holds no newline yet (else this read would not
+            // have happened): its line starts at `consumed`.
+            std::uint64_t pre = conn.consumed + buf.size();
             std::uint64_t line = conn.consumed;
-            for (auto it = begin, end = asio::buffers_end(buf.data()); it != end; ++it)
-                if (*it == '\n')
-                    line = conn.consumed + static_cast<std::uint64_t>(it - begin) + 1;
             auto* chunk = static_cast<const char*>(room.data());
             for (ssize_t i = 0; i + 1 < n; ++i)
                 if (chunk[i] == '\n')
@@ -161,7 +158,6 @@ asio::awaitable<std::pair<boost::system::error_code, std::size_t>> read_line(Con
                 conn.fds.push_back(std::move(got));
             }
         }
-        conn.received += static_cast<std::uint64_t>(n);
         buf.commit(static_cast<std::size_t>(n));
     }
 }
