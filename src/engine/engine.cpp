@@ -70,10 +70,7 @@ asio::awaitable<void> recovery_hooks(Node& node, const config::HooksSection& hoo
             continue;
         HookCall call{HookPhase::Aborted, target ? "target" : "source", &m, spec, node.config().node.name,
                       target ? -1 : source_pid};
-        auto ran = co_await run_hooks(node.executor(), hooks, call, deadline);
-        publish_hooks(node, hooks, call, ran);
-        if (ran)
-            m.warnings.insert(m.warnings.end(), ran->begin(), ran->end());
+        co_await run_phase_hooks(node, hooks, call, deadline, m.warnings); // an aborted hook cannot fail
     }
 }
 

@@ -248,6 +248,8 @@ Result<std::vector<std::string>> list_hooks(const std::string& dir) {
     return hooks;
 }
 
+namespace {
+// A "hooks" event for a phase's run: how many hooks, and what failed.
 void publish_hooks(Node& node, const config::HooksSection& hooks, const HookCall& call,
                    const Result<std::vector<std::string>>& ran) {
     if (hooks.dir.empty())
@@ -265,6 +267,18 @@ void publish_hooks(Node& node, const config::HooksSection& hooks, const HookCall
                   {"hooks", listed ? listed->size() : 0},
                   {"failures", failures},
                   {"aborts", !ran.has_value()}});
+}
+} // namespace
+
+asio::awaitable<Result<bool>> run_phase_hooks(Node& node, const config::HooksSection& hooks, const HookCall& call,
+                                              std::chrono::steady_clock::time_point deadline,
+                                              std::vector<std::string>& warnings) {
+    auto ran = co_await run_hooks(node.executor(), hooks, call, deadline);
+    publish_hooks(node, hooks, call, ran);
+    if (!ran)
+        co_return ran.error();
+    warnings.insert(warnings.end(), ran->begin(), ran->end());
+    co_return !ran->empty();
 }
 
 asio::awaitable<Result<void>> announce_self(qmp::Client& qmp) {

@@ -52,9 +52,13 @@ boost::asio::awaitable<Result<std::vector<std::string>>> run_hooks(boost::asio::
                                                                    std::chrono::steady_clock::time_point deadline);
 
 class Node;
-// A "hooks" event for a phase's run: how many hooks, and what failed.
-void publish_hooks(Node& node, const config::HooksSection& hooks, const HookCall& call,
-                   const Result<std::vector<std::string>>& ran);
+// run_hooks, then a "hooks" event for the run (how many hooks, what
+// failed). The failures of a phase that cannot abort are added to
+// `warnings`; true when there were some.
+boost::asio::awaitable<Result<bool>> run_phase_hooks(Node& node, const config::HooksSection& hooks,
+                                                     const HookCall& call,
+                                                     std::chrono::steady_clock::time_point deadline,
+                                                     std::vector<std::string>& warnings);
 
 // QMP announce-self with QEMU's default timing (RARP/GARP from every NIC,
 // 5 rounds 50..550 ms apart), so switches learn where the guest is now.

@@ -57,14 +57,12 @@ asio::awaitable<Result<void>> LocalDestination::hooks(HookPhase phase) {
     auto& vm = run_.vm();
     int pid = phase == HookPhase::Launched ? target_.pid : phase == HookPhase::Activated ? vm.qemu.pid : -1;
     HookCall call{phase, "target", &m, &*vm.record.spec, node.config().node.name, pid};
-    auto ran = co_await run_hooks(node.executor(), run_.hooks_config(), call, Clock::now() + std::chrono::hours(1));
-    publish_hooks(node, run_.hooks_config(), call, ran);
-    if (!ran)
-        co_return ran.error();
-    if (!ran->empty()) {
-        m.warnings.insert(m.warnings.end(), ran->begin(), ran->end());
+    auto warned = co_await run_phase_hooks(node, run_.hooks_config(), call, Clock::now() + std::chrono::hours(1),
+                                           m.warnings);
+    if (!warned)
+        co_return warned.error();
+    if (*warned)
         node.persist(m);
-    }
     co_return Result<void>{};
 }
 

@@ -376,14 +376,11 @@ asio::awaitable<Result<void>> SourceRun::hooks(HookPhase phase) {
     auto& config = node_.config();
     int pid = phase == HookPhase::Released ? -1 : vm_->qemu.pid;
     HookCall call{phase, "source", &m_, vm_->record.spec ? &*vm_->record.spec : nullptr, config.node.name, pid};
-    auto ran = co_await run_hooks(node_.executor(), hooks_config_, call, Clock::now() + std::chrono::hours(1));
-    publish_hooks(node_, hooks_config_, call, ran);
-    if (!ran)
-        co_return ran.error();
-    if (!ran->empty()) {
-        m_.warnings.insert(m_.warnings.end(), ran->begin(), ran->end());
+    auto warned = co_await run_phase_hooks(node_, hooks_config_, call, Clock::now() + std::chrono::hours(1), m_.warnings);
+    if (!warned)
+        co_return warned.error();
+    if (*warned)
         node_.persist(m_);
-    }
     co_return Result<void>{};
 }
 

@@ -588,12 +588,10 @@ asio::awaitable<Result<void>> TargetRun::hooks(HookPhase phase, Clock::time_poin
     auto& config = node_.config();
     int pid = phase == HookPhase::Launched ? qemu_.pid : phase == HookPhase::Activated ? qemu_pid_for_hooks_ : -1;
     HookCall call{phase, "target", &m_, &spec_, config.node.name, pid};
-    auto ran = co_await run_hooks(node_.executor(), hooks_config_, call, deadline);
-    publish_hooks(node_, hooks_config_, call, ran);
-    if (!ran)
-        co_return ran.error();
-    if (!ran->empty()) {
-        m_.warnings.insert(m_.warnings.end(), ran->begin(), ran->end());
+    auto warned = co_await run_phase_hooks(node_, hooks_config_, call, deadline, m_.warnings);
+    if (!warned)
+        co_return warned.error();
+    if (*warned) {
         if (auto* record = node_.migration(m_.id)) {
             record->warnings = m_.warnings;
             node_.persist(*record);
