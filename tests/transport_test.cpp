@@ -1,6 +1,7 @@
 // src/transport: framing, tokens, shaping and PKI as units; the peer
 // endpoint's security against real TLS clients over loopback.
 #include "support.hpp"
+#include "common/fd.hpp"
 #include "transport/disk_record.hpp"
 #include "transport/frame.hpp"
 #include "transport/peer_server.hpp"
@@ -18,11 +19,22 @@
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/write.hpp>
 #include <gtest/gtest.h>
+#include <fmt/format.h>
 #include <openssl/ssl.h>
 
+#include <arpa/inet.h>
+#include <cstdio>
+#include <cstring>
+#include <fcntl.h>
 #include <filesystem>
 #include <functional>
 #include <future>
+#include <netinet/in.h>
+#include <optional>
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <thread>
 
 namespace asio = boost::asio;
 using namespace std::chrono_literals;
@@ -265,10 +277,20 @@ std::shared_ptr<asio::ssl::context> raw_client(const std::string& ca, const std:
     return ctx;
 }
 
-// Connects, handshakes (if ctx), sends raw bytes, returns the server's first frame (or the error).
-asio::awaitable<ferry::Result<json>> attempt(unsigned short port, std::shared_ptr<asio::ssl::context> ctx, std::string bytes) {
+// Connects (from source, if given: any 127.0.0.0/8 address is loopback),
+// handshakes (if ctx), sends raw bytes, returns the server's first frame (or the error).
+asio::awaitable<ferry::Result<json>> attempt(unsigned short port, std::shared_ptr<asio::ssl::context> ctx, std::string bytes,
+                                             std::string source = "") {
     auto ex = co_await asio::this_coro::executor;
     tcp::socket s(ex);
+    if (!source.empty()) {
+        boost::system::error_code bec;
+        s.open(tcp::v4(), bec);
+        if (!bec)
+            s.bind({asio::ip::make_address(source), 0}, bec);
+        if (bec)
+            co_return ferry::make_error(ferry::Errc::io, "binding to " + source + ": " + bec.message());
+    }
     auto [cec] = co_await s.async_connect({asio::ip::make_address("127.0.0.1"), port}, asio::as_tuple(asio::use_awaitable));
     if (cec)
         co_return ferry::make_error(ferry::Errc::io, cec.message());
@@ -412,6 +434,206 @@ TEST_F(PeerEndpoint, DialRefusesAPeerWithTheWrongName) {
     EXPECT_NE(wrong.error().message.find("TLS handshake with node-x"), std::string::npos) << wrong.error().message;
     auto right = run(io_, open_control(io_.get_executor(), addr, "node-a", "node-b", *b_id));
     ASSERT_TRUE(right) << right.error().message;
+}
+
+// --- the peer endpoint under a flood of unauthenticated connections --------
+
+namespace {
+
+// A TCP connection from source to 127.0.0.1:port that sends nothing.
+ferry::UniqueFd idle_from(const std::string& source, unsigned short port) {
+    ferry::UniqueFd fd(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    sockaddr_in from{};
+    from.sin_family = AF_INET;
+    ::inet_pton(AF_INET, source.c_str(), &from.sin_addr);
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(port);
+    ::inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    if (::bind(fd.get(), reinterpret_cast<sockaddr*>(&from), sizeof from) != 0 ||
+        ::connect(fd.get(), reinterpret_cast<sockaddr*>(&to), sizeof to) != 0)
+        ADD_FAILURE() << "connecting from " << source << ": " << std::strerror(errno);
+    return fd;
+}
+
+// How long until the server closes fd (end of file or a reset), or nothing
+// if it is still open after `wait`.
+std::optional<std::chrono::milliseconds> closed_within(const ferry::UniqueFd& fd, std::chrono::milliseconds wait) {
+    auto t0 = std::chrono::steady_clock::now();
+    pollfd p{fd.get(), POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(wait.count())) <= 0)
+        return std::nullopt;
+    char c;
+    if (::recv(fd.get(), &c, 1, MSG_DONTWAIT) > 0)
+        return std::nullopt; // the server said something: not closed
+    return std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+}
+
+// A TLS peer server with the given limits, run on a thread of its own so
+// the test can hold blocking sockets; clients handshake from io_.
+class PeerEndpointLimits : public ::testing::Test {
+protected:
+    void start(PeerLimits limits) {
+        auto a = pki_.node("node-a", pki_.ca);
+        ca_ = pki_.file("ca.pem", pki_.ca.cert_pem());
+        auto id = TlsIdentity::load({ca_, a.first, a.second}, "node-a");
+        ASSERT_TRUE(id) << id.error().message;
+        server_ = std::make_unique<PeerServer>(server_io_.get_executor(), "127.0.0.1:0", *id, "node-a",
+                                               std::set<std::string>{"node-b"}, asio::any_io_executor{}, limits);
+        ASSERT_TRUE(server_->start());
+        b_ = pki_.node("node-b", pki_.ca);
+        thread_ = std::thread([this] { server_io_.run(); });
+    }
+    // The server's thread stops, so its counters can be read.
+    void stop() {
+        work_.reset();
+        server_io_.stop();
+        if (thread_.joinable())
+            thread_.join();
+    }
+    void TearDown() override {
+        stop();
+        server_.reset();
+    }
+    // A configured peer's hello from source: the server's first answer.
+    ferry::Result<json> hello_from(const std::string& source) {
+        return run(io_, attempt(server_->port(), raw_client(ca_, b_.first, b_.second), encode_frame(control_hello("node-b")),
+                                source),
+                   20s);
+    }
+    asio::io_context io_;
+    asio::io_context server_io_;
+    asio::executor_work_guard<asio::io_context::executor_type> work_ = asio::make_work_guard(server_io_);
+    std::thread thread_;
+    Pki pki_;
+    std::string ca_;
+    std::pair<std::string, std::string> b_;
+    std::unique_ptr<PeerServer> server_;
+};
+
+} // namespace
+
+TEST_F(PeerEndpointLimits, ClosesConnectionsOverThePerAddressCapAtOnceAndServesOtherAddresses) {
+    start({.max_unauthenticated = 16, .max_per_source = 3, .handshake_timeout = 20s});
+    std::vector<ferry::UniqueFd> idle;
+    for (int i = 0; i < 3; ++i)
+        idle.push_back(idle_from("127.0.0.2", server_->port()));
+    auto over = idle_from("127.0.0.2", server_->port());
+    auto closed = closed_within(over, 5s);
+    ASSERT_TRUE(closed) << "the connection over the cap stayed open";
+    EXPECT_LT(*closed, 1s);
+    for (auto& fd : idle)
+        EXPECT_FALSE(closed_within(fd, 0ms)) << "a connection under the cap was closed";
+    // Another address is still served, the handshake and hello included.
+    auto r = hello_from("127.0.0.3");
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ((*r)["type"], "welcome");
+    stop();
+    EXPECT_EQ(server_->over_cap(), 1U);
+    EXPECT_EQ(server_->refused(), 0U);
+}
+
+TEST_F(PeerEndpointLimits, ClosesConnectionsOverTheTotalCapAtOnceUntilSlotsFree) {
+    start({.max_unauthenticated = 4, .max_per_source = 2, .handshake_timeout = 20s});
+    std::vector<ferry::UniqueFd> idle;
+    for (auto* source : {"127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"})
+        idle.push_back(idle_from(source, server_->port()));
+    auto over = idle_from("127.0.0.4", server_->port());
+    auto closed = closed_within(over, 5s);
+    ASSERT_TRUE(closed) << "the connection over the cap stayed open";
+    EXPECT_LT(*closed, 1s);
+    auto refused = hello_from("127.0.0.5");
+    EXPECT_FALSE(refused && (*refused)["type"] == "welcome");
+    // Idle clients that give up free their slots.
+    idle.clear();
+    ferry::Result<json> r = ferry::make_error(ferry::Errc::internal, "not tried");
+    for (int i = 0; i < 50 && !(r && (*r)["type"] == "welcome"); ++i) {
+        std::this_thread::sleep_for(20ms);
+        r = hello_from("127.0.0.5");
+    }
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ((*r)["type"], "welcome");
+    stop();
+    EXPECT_GE(server_->over_cap(), 2U);
+}
+
+TEST_F(PeerEndpointLimits, ClosesAConnectionWithoutHelloAtTheDeadlineAndFreesItsSlot) {
+    start({.max_unauthenticated = 16, .max_per_source = 2, .handshake_timeout = 1s});
+    auto silent = idle_from("127.0.0.2", server_->port());
+    auto t0 = std::chrono::steady_clock::now();
+    // TLS, then no hello.
+    auto no_hello = run(io_, attempt(server_->port(), raw_client(ca_, b_.first, b_.second), "", "127.0.0.2"), 20s);
+    ASSERT_FALSE(no_hello);
+    EXPECT_EQ(no_hello.error().code, ferry::Errc::disconnected) << no_hello.error().message;
+    EXPECT_LT(std::chrono::steady_clock::now() - t0, 1900ms);
+    auto closed = closed_within(silent, 3s);
+    ASSERT_TRUE(closed) << "a connection without a TLS handshake outlived the deadline";
+    EXPECT_GE(std::chrono::steady_clock::now() - t0, 900ms);
+    // Both slots of 127.0.0.2 are free again.
+    std::this_thread::sleep_for(50ms);
+    auto r = hello_from("127.0.0.2");
+    ASSERT_TRUE(r) << r.error().message;
+    EXPECT_EQ((*r)["type"], "welcome");
+    stop();
+    EXPECT_EQ(server_->timed_out(), 2U);
+    EXPECT_EQ(server_->over_cap(), 0U);
+}
+
+namespace {
+// Runs in a child process (a death test): the fd limit is the process's.
+// Fills the fd table, lets a connection wait in the backlog, and checks the
+// accept loop retries every 100 ms or so instead of spinning, then takes
+// the connection once descriptors are free.
+[[noreturn]] void accept_out_of_descriptors() {
+    auto fail = [](const std::string& why) {
+        std::fprintf(stderr, "%s\n", why.c_str());
+        std::fflush(stderr);
+        std::_Exit(1);
+    };
+    asio::io_context io;
+    PeerServer server(io.get_executor(), "127.0.0.1:0", nullptr, "node-a", {"node-b"}, asio::any_io_executor{},
+                      PeerLimits{.handshake_timeout = 30s});
+    if (!server.start())
+        fail("start");
+    ferry::UniqueFd client(::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0));
+    int highest = 0;
+    for (auto& e : std::filesystem::directory_iterator("/proc/self/fd"))
+        highest = std::max(highest, std::stoi(e.path().filename().string()));
+    rlimit rl{};
+    ::getrlimit(RLIMIT_NOFILE, &rl);
+    rl.rlim_cur = static_cast<rlim_t>(highest) + 16;
+    if (::setrlimit(RLIMIT_NOFILE, &rl) != 0)
+        fail("setrlimit");
+    std::vector<ferry::UniqueFd> filler;
+    for (;;) {
+        int fd = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            break;
+        filler.emplace_back(fd);
+    }
+    if (errno != EMFILE)
+        fail("filling the fd table: " + std::string(std::strerror(errno)));
+    sockaddr_in to{};
+    to.sin_family = AF_INET;
+    to.sin_port = htons(server.port());
+    ::inet_pton(AF_INET, "127.0.0.1", &to.sin_addr);
+    if (::connect(client.get(), reinterpret_cast<sockaddr*>(&to), sizeof to) != 0)
+        fail("connect");
+    ferry::test::pump(io, 600ms);
+    auto errors = server.accept_errors();
+    if (errors < 2 || errors > 12)
+        fail(fmt::format("{} failed accepts in 600 ms: expected one every 100 ms", errors));
+    filler.resize(filler.size() - 2);
+    ferry::test::pump(io, 400ms);
+    if (server.unauthenticated() != 1)
+        fail(fmt::format("{} connections taken once descriptors were free", server.unauthenticated()));
+    std::_Exit(0);
+}
+} // namespace
+
+TEST(PeerEndpointFds, AcceptWaitsInsteadOfSpinningWhenOutOfDescriptors) {
+    GTEST_FLAG_SET(death_test_style, "threadsafe");
+    EXPECT_EXIT(accept_out_of_descriptors(), ::testing::ExitedWithCode(0), "");
 }
 
 // --- a tunnel carries bytes both ways, shaped --------------------------------

@@ -11,16 +11,69 @@
 #include <fmt/format.h>
 #include <openssl/ssl.h>
 
+#include <algorithm>
+
 namespace ferry::transport {
 
 namespace {
 constexpr auto nothrow = asio::as_tuple(asio::use_awaitable);
-constexpr auto handshake_timeout = std::chrono::seconds(10);
+constexpr auto accept_backoff = std::chrono::milliseconds(100);
 auto log() {
     static auto l = logger("transport");
     return l;
 }
+
+// "a peer connection from A", or for a report that stands for several
+// "N peer connections in the last S s (the latest from A)".
+std::string connections(const LogThrottle::Report& r, const std::string& from) {
+    if (r.events == 1)
+        return fmt::format("a peer connection from {}", from);
+    return fmt::format("{} peer connections in the last {} s (the latest from {})", r.events, r.over.count(), from);
+}
+
+// The handshake deadline: closes the connection when it passes, unless
+// disarmed first. Shared with the timer's handler, which may already be
+// queued when the coroutine that armed it has moved on.
+struct Deadline {
+    std::shared_ptr<Channel> channel;
+    bool expired = false;
+    bool disarmed = false;
+};
+
+struct Disarm {
+    std::shared_ptr<Deadline> deadline;
+    asio::steady_timer& timer;
+    void now() {
+        deadline->disarmed = true;
+        timer.cancel();
+    }
+    ~Disarm() { now(); }
+};
 } // namespace
+
+// An unauthenticated connection's place under the caps (taken by
+// admissible()), given back once it is authenticated or gone.
+class PeerServer::Slot {
+public:
+    Slot(PeerServer* server, std::string source) : server_(server), alive_(server->alive_), source_(std::move(source)) {}
+    Slot(const Slot&) = delete;
+    Slot& operator=(const Slot&) = delete;
+    ~Slot() { release(); }
+    void release() {
+        if (server_ && *alive_) {
+            --server_->unauthenticated_;
+            auto it = server_->unauthenticated_from_.find(source_);
+            if (it != server_->unauthenticated_from_.end() && --it->second == 0)
+                server_->unauthenticated_from_.erase(it);
+        }
+        server_ = nullptr;
+    }
+
+private:
+    PeerServer* server_;
+    std::shared_ptr<bool> alive_;
+    std::string source_;
+};
 
 nlohmann::json control_hello(const std::string& self) {
     return {{"type", "hello"}, {"version", protocol_version}, {"kind", "control"}, {"node", self}};
@@ -31,9 +84,10 @@ nlohmann::json data_hello(const std::string& token) {
 }
 
 PeerServer::PeerServer(asio::any_io_executor ex, std::string listen, std::shared_ptr<TlsIdentity> tls,
-                       std::string self, std::set<std::string> peers, asio::any_io_executor sockets_ex)
+                       std::string self, std::set<std::string> peers, asio::any_io_executor sockets_ex,
+                       PeerLimits limits)
     : ex_(ex), sockets_ex_(sockets_ex ? sockets_ex : ex), listen_(std::move(listen)), tls_(std::move(tls)), self_(std::move(self)),
-      peers_(std::move(peers)), acceptor_(ex) {}
+      peers_(std::move(peers)), acceptor_(ex), limits_(limits), backoff_(ex) {}
 
 PeerServer::~PeerServer() {
     *alive_ = false;
@@ -61,29 +115,88 @@ Result<void> PeerServer::start() {
                     listen_);
     else
         log()->info("peer endpoint {} (TLS 1.3, mutual authentication as {})", listen_, self_);
+    log()->info("peer endpoint {}: at most {} unauthenticated connections, {} from one address, each closed unless it "
+                "sends its hello within {} s",
+                listen_, limits_.max_unauthenticated, limits_.max_per_source, limits_.handshake_timeout.count());
     asio::co_spawn(ex_, accept_loop(this), asio::detached);
     return {};
 }
 
 void PeerServer::stop() {
+    backoff_.cancel();
     boost::system::error_code ec;
     acceptor_.close(ec);
 }
 
 void PeerServer::refuse(const std::string& from, const std::string& why) {
     ++refused_;
-    log()->warn("refused peer connection from {}: {}", from, why);
+    if (auto r = refusal_log_.note())
+        log()->warn("refused {}: {}", connections(*r, from), why);
+}
+
+void PeerServer::note_timeout(const std::string& from, const char* what) {
+    ++timed_out_;
+    if (auto r = deadline_log_.note())
+        log()->warn("closed {}: no {} within {} s", connections(*r, from), what, limits_.handshake_timeout.count());
+}
+
+void PeerServer::accept_failed(const boost::system::error_code& ec) {
+    ++accept_errors_;
+    if (auto r = accept_log_.note())
+        log()->warn("accepting on the peer endpoint {}: {}{}; retrying in {} ms", listen_, ec.message(),
+                    r->events > 1 ? fmt::format(" ({} times in the last {} s)", r->events, r->over.count()) : "",
+                    accept_backoff.count());
+}
+
+// Takes a slot for a new connection from source, or says it is over a cap.
+bool PeerServer::admissible(const std::string& source) {
+    auto it = unauthenticated_from_.find(source);
+    std::size_t from_source = it == unauthenticated_from_.end() ? 0 : it->second;
+    if (unauthenticated_ >= limits_.max_unauthenticated) {
+        ++over_cap_;
+        if (auto r = total_cap_log_.note())
+            log()->warn("refused {}: over the cap of {} unauthenticated connections", connections(*r, source),
+                        limits_.max_unauthenticated);
+        return false;
+    }
+    if (from_source >= limits_.max_per_source) {
+        ++over_cap_;
+        if (auto r = source_cap_log_.note())
+            log()->warn("refused {}: over the cap of {} unauthenticated connections from one address",
+                        connections(*r, source), limits_.max_per_source);
+        return false;
+    }
+    ++unauthenticated_;
+    ++unauthenticated_from_[source];
+    return true;
 }
 
 asio::awaitable<void> PeerServer::accept_loop(PeerServer* self) {
     auto alive = self->alive_;
     for (;;) {
         auto [ec, socket] = co_await self->acceptor_.async_accept(self->sockets_ex_, nothrow);
-        if (!*alive || !self->acceptor_.is_open())
+        if (!*alive || !self->acceptor_.is_open() || ec == asio::error::operation_aborted)
             co_return;
-        if (ec)
+        if (ec == asio::error::connection_aborted) // that connection is gone; the next may be fine
             continue;
-        asio::co_spawn(self->ex_, admit(self, std::move(socket)), asio::detached);
+        if (ec) {
+            // Out of descriptors (EMFILE, ENFILE) or memory: retrying at once
+            // would only spin. Wait for connections to close.
+            self->accept_failed(ec);
+            self->backoff_.expires_after(accept_backoff);
+            auto [wec] = co_await self->backoff_.async_wait(nothrow);
+            if (!*alive || wec || !self->acceptor_.is_open())
+                co_return;
+            continue;
+        }
+        boost::system::error_code rec;
+        auto remote = socket.remote_endpoint(rec);
+        std::string source = rec ? "?" : remote.address().to_string();
+        if (!self->admissible(source)) {
+            socket.close(rec); // at once: it holds nothing
+            continue;
+        }
+        asio::co_spawn(self->ex_, admit(self, std::move(socket), std::move(source)), asio::detached);
     }
 }
 
@@ -95,50 +208,71 @@ asio::awaitable<void> PeerServer::reject(PeerServer* self, std::shared_ptr<Chann
     channel->close();
 }
 
-asio::awaitable<void> PeerServer::admit(PeerServer* self, tcp::socket socket) {
+asio::awaitable<void> PeerServer::admit(PeerServer* self, tcp::socket socket, std::string source) {
     auto alive = self->alive_;
+    Slot slot(self, source);
     boost::system::error_code ec;
     auto remote = socket.remote_endpoint(ec);
     std::string from = ec ? "?" : fmt::format("{}:{}", remote.address().to_string(), remote.port());
     socket.set_option(tcp::no_delay(true), ec);
 
     std::shared_ptr<Channel> channel;
-    std::string cert_name;
+    TlsStream* tls = nullptr;
     if (self->tls_) {
         auto stream = std::make_unique<TlsStream>(std::move(socket), self->tls_->server());
-        asio::steady_timer timer(self->ex_);
-        timer.expires_after(handshake_timeout);
-        auto* raw = &stream->next_layer();
-        timer.async_wait([raw](boost::system::error_code e) {
-            if (!e) {
-                boost::system::error_code ignored;
-                raw->cancel(ignored);
-            }
-        });
-        auto [hec] = co_await stream->async_handshake(asio::ssl::stream_base::server, nothrow);
-        timer.cancel();
-        if (!*alive)
-            co_return;
-        if (hec) {
-            long verify = SSL_get_verify_result(stream->native_handle());
-            std::string detail = verify != X509_V_OK ? X509_verify_cert_error_string(verify) : hec.message();
-            self->refuse(from, fmt::format("TLS handshake failed: {}", detail));
-            co_return;
-        }
-        X509* peer_cert = SSL_get1_peer_certificate(stream->native_handle());
-        if (peer_cert) {
-            cert_name = certificate_node_name(peer_cert);
-            X509_free(peer_cert);
-        }
+        tls = stream.get();
         channel = std::make_shared<Channel>(std::move(stream));
     } else {
         channel = std::make_shared<Channel>(std::move(socket));
     }
     channel->peer_address = from;
 
-    auto hello = co_await channel->read_frame(handshake_timeout);
+    // One deadline from accept to the hello, whatever the client trickles.
+    auto deadline = std::make_shared<Deadline>();
+    deadline->channel = channel;
+    auto hello_by = std::chrono::steady_clock::now() + self->limits_.handshake_timeout;
+    asio::steady_timer timer(self->ex_);
+    timer.expires_at(hello_by);
+    timer.async_wait([deadline](boost::system::error_code e) {
+        if (e || deadline->disarmed)
+            return;
+        deadline->expired = true;
+        deadline->channel->close();
+    });
+    Disarm disarm{deadline, timer};
+
+    std::string cert_name;
+    if (tls) {
+        auto [hec] = co_await tls->async_handshake(asio::ssl::stream_base::server, nothrow);
+        if (!*alive)
+            co_return;
+        if (deadline->expired) {
+            self->note_timeout(from, "TLS handshake");
+            co_return;
+        }
+        if (hec) {
+            long verify = SSL_get_verify_result(tls->native_handle());
+            std::string detail = verify != X509_V_OK ? X509_verify_cert_error_string(verify) : hec.message();
+            self->refuse(from, fmt::format("TLS handshake failed: {}", detail));
+            channel->close();
+            co_return;
+        }
+        X509* peer_cert = SSL_get1_peer_certificate(tls->native_handle());
+        if (peer_cert) {
+            cert_name = certificate_node_name(peer_cert);
+            X509_free(peer_cert);
+        }
+    }
+
+    auto left = std::chrono::duration_cast<std::chrono::milliseconds>(hello_by - std::chrono::steady_clock::now());
+    auto hello = co_await channel->read_frame(std::max(left, std::chrono::milliseconds(1)));
     if (!*alive)
         co_return;
+    if (deadline->expired || (!hello && hello.error().code == Errc::timeout)) {
+        self->note_timeout(from, "hello");
+        channel->close();
+        co_return;
+    }
     if (!hello) {
         self->refuse(from, fmt::format("no valid hello: {}", hello.error().message));
         channel->close();
@@ -167,8 +301,10 @@ asio::awaitable<void> PeerServer::admit(PeerServer* self, tcp::socket socket) {
         channel->peer_node = node;
         nlohmann::json welcome{{"type", "welcome"}, {"node", self->self_}, {"version", protocol_version}};
         auto w = co_await channel->write_frame(welcome);
-        if (!w || !self->on_control_)
+        if (!*alive || !w || deadline->expired || !self->on_control_)
             co_return;
+        disarm.now();
+        slot.release();
         log()->info("control channel from {} ({})", node, from);
         self->on_control_(channel);
         co_return;
@@ -182,8 +318,10 @@ asio::awaitable<void> PeerServer::admit(PeerServer* self, tcp::socket socket) {
         channel->peer_node = cert_name;
         nlohmann::json welcome{{"type", "welcome"}, {"node", self->self_}};
         auto w = co_await channel->write_frame(welcome);
-        if (!w || !self->on_data_)
+        if (!*alive || !w || deadline->expired || !self->on_data_)
             co_return;
+        disarm.now();
+        slot.release();
         self->on_data_(*grant, channel);
         co_return;
     }

@@ -6,13 +6,33 @@
 // A control channel is accepted from a configured peer whose certificate
 // names it; a data channel only with a token the target issued. Anything
 // else is refused, with the reason logged.
+//
+// Reachable before anyone is authenticated, so bounded: at most
+// max_unauthenticated connections between accept and an accepted hello, at
+// most max_per_source of them from one address; one over either cap is
+// closed at once. A connection that has not sent its hello within
+// handshake_timeout of its accept is closed. Out of descriptors, the accept
+// loop waits instead of spinning. Refusals are logged once per 10 s with
+// their count.
+#include "common/throttle.hpp"
 #include "transport/channel.hpp"
 #include "transport/tokens.hpp"
 
+#include <boost/asio/steady_timer.hpp>
+
+#include <atomic>
+#include <chrono>
 #include <functional>
+#include <map>
 #include <set>
 
 namespace ferry::transport {
+
+struct PeerLimits {
+    std::size_t max_unauthenticated = 64;
+    std::size_t max_per_source = 8;
+    std::chrono::seconds handshake_timeout{10}; // from accept to the hello
+};
 
 class PeerServer {
 public:
@@ -23,7 +43,8 @@ public:
     // plane in ferryd, so data channels can be tunnelled there), or on ex
     // when none is given.
     PeerServer(asio::any_io_executor ex, std::string listen, std::shared_ptr<TlsIdentity> tls,
-               std::string self, std::set<std::string> peers, asio::any_io_executor sockets_ex = {});
+               std::string self, std::set<std::string> peers, asio::any_io_executor sockets_ex = {},
+               PeerLimits limits = {});
     ~PeerServer();
 
     void on_control(ControlHandler h) { on_control_ = std::move(h); }
@@ -33,11 +54,24 @@ public:
     Result<void> start();
     void stop();
     unsigned short port() const { return port_; }
+    // Counters (readable from any thread): refused after a look at what the
+    // connection sent; closed at accept for being over a cap; closed at the
+    // handshake deadline; failed accepts.
     std::uint64_t refused() const { return refused_; }
+    std::uint64_t over_cap() const { return over_cap_; }
+    std::uint64_t timed_out() const { return timed_out_; }
+    std::uint64_t accept_errors() const { return accept_errors_; }
+    // Connections accepted and not yet authenticated (read from the
+    // server's executor only).
+    std::size_t unauthenticated() const { return unauthenticated_; }
 
 private:
+    class Slot;
     static asio::awaitable<void> accept_loop(PeerServer* self);
-    static asio::awaitable<void> admit(PeerServer* self, tcp::socket socket);
+    bool admissible(const std::string& source);
+    void accept_failed(const boost::system::error_code& ec);
+    void note_timeout(const std::string& from, const char* what);
+    static asio::awaitable<void> admit(PeerServer* self, tcp::socket socket, std::string source);
     static asio::awaitable<void> reject(PeerServer* self, std::shared_ptr<Channel> channel, std::string from,
                                         std::string why);
     void refuse(const std::string& from, const std::string& why);
@@ -53,7 +87,15 @@ private:
     TokenRegistry tokens_;
     ControlHandler on_control_;
     DataHandler on_data_;
-    std::uint64_t refused_ = 0;
+    PeerLimits limits_;
+    asio::steady_timer backoff_;
+    std::size_t unauthenticated_ = 0;
+    std::map<std::string, std::size_t> unauthenticated_from_; // by source address
+    std::atomic<std::uint64_t> refused_{0};
+    std::atomic<std::uint64_t> over_cap_{0};
+    std::atomic<std::uint64_t> timed_out_{0};
+    std::atomic<std::uint64_t> accept_errors_{0};
+    LogThrottle refusal_log_, total_cap_log_, source_cap_log_, deadline_log_, accept_log_;
     std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);
 };
 
