@@ -763,6 +763,63 @@ TEST_F(Ferryd, ClearErrorsForBadInput) {
     EXPECT_NE(no_daemon.err.find("cannot reach ferryd"), std::string::npos) << no_daemon.err;
 }
 
+// --spec takes a regular file no larger than a request may carry: ferryctl
+// refuses anything else at once, without reading it (a regression would
+// grow until the ulimit below stops it).
+TEST_F(Ferryd, SpecIsARegularFileUpToTheRequestLimit) {
+    start();
+    auto create = [&](const std::string& spec) {
+        auto t0 = std::chrono::steady_clock::now();
+        auto o = sh("ulimit -v 2000000; timeout 20 " + ferry::test::ferryctl_bin() + " --socket " + socket_ +
+                        " vm create --spec " + spec,
+                    dir_);
+        EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s) << spec;
+        return o;
+    };
+    auto zero = create("/dev/zero");
+    EXPECT_EQ(zero.status, 3) << zero.err;
+    EXPECT_NE(zero.err.find("ferryctl: --spec /dev/zero: not a regular file"), std::string::npos) << zero.err;
+    ASSERT_EQ(::mkfifo((dir_ / "fifo.toml").c_str(), 0600), 0);
+    auto fifo = create(dir_ / "fifo.toml");
+    EXPECT_EQ(fifo.status, 3) << fifo.err;
+    EXPECT_NE(fifo.err.find("fifo.toml: not a regular file"), std::string::npos) << fifo.err;
+    ferry::test::write_file(dir_ / "big.toml", "name = \"big\"\nmemory = \"64Mi\"\n# " + std::string(5 << 20, 'x') + "\n");
+    auto big = create(dir_ / "big.toml");
+    EXPECT_EQ(big.status, 3) << big.err;
+    EXPECT_NE(big.err.find("--spec " + (dir_ / "big.toml") + ": 5 MiB is over the 256 KiB a request may carry"),
+              std::string::npos)
+        << big.err;
+    auto dir = create(dir_.path());
+    EXPECT_EQ(dir.status, 3) << dir.err;
+    EXPECT_NE(dir.err.find("is a directory"), std::string::npos) << dir.err;
+    EXPECT_EQ(ctl_json("vm list").size(), 0U);
+}
+
+// ferry-guest-check has QEMU dump into a private directory of its own
+// (under $TMPDIR) and removes it, after a failed check too.
+TEST_F(Ferryd, GuestCheckLeavesNoDumpBehind) {
+    start();
+    auto created = ctl("vm create --spec " + (dir_ / "vm.toml"));
+    ASSERT_EQ(created.status, 0) << created.err;
+    wait_heartbeats();
+    auto tmp = dir_ / "tmp";
+    std::filesystem::create_directory(tmp);
+    auto check = [&](const std::string& args) {
+        return sh("TMPDIR=" + tmp + " " + ferry::test::build_dir() + "/tools/guest/ferry-guest-check --socket " +
+                      socket_ + " --vm demo " + args,
+                  dir_);
+    };
+    auto good = check("");
+    EXPECT_EQ(good.status, 0) << good.out << good.err;
+    EXPECT_NE(good.out.find("memory verified"), std::string::npos) << good.out;
+    EXPECT_TRUE(std::filesystem::is_empty(tmp)) << "a dump was left in " << tmp;
+    // Past the working set: the check fails, and still cleans up.
+    auto bad = check("--pages 8200");
+    EXPECT_NE(bad.status, 0) << bad.out << bad.err;
+    EXPECT_NE(bad.err.find("memory check FAILED"), std::string::npos) << bad.err;
+    EXPECT_TRUE(std::filesystem::is_empty(tmp)) << "a failed check left its dump in " << tmp;
+}
+
 TEST_F(Ferryd, RestartKeepsVmsAndRecoversAnInterruptedMigration) {
     // Hooks that record their phase, role and migration id, and the
     // migration's phase and reason as they read it on stdin.

@@ -1,7 +1,9 @@
 // ferryctl: talks to the local ferryd over its control socket.
 #include "config/quantity.hpp"
 #include "common/json.hpp"
+#include "common/fd.hpp"
 #include "control/client.hpp"
+#include "control/protocol.hpp"
 #include "transport/pki.hpp"
 #include "output.hpp"
 
@@ -20,6 +22,7 @@
 #include <iostream>
 #include <sstream>
 #include <thread>
+#include <sys/stat.h>
 #include <unistd.h>
 
 using nlohmann::json;
@@ -73,21 +76,58 @@ int usage(const Globals& g, const std::string& message) {
     return fail(g, ferry::make_error(ferry::Errc::invalid_argument, message), exit_usage);
 }
 
-// A spec file as text: it travels inside JSON, so it must be UTF-8.
-ferry::Result<std::string> read_file(const std::string& path) {
-    std::error_code ec;
-    if (std::filesystem::is_directory(path, ec))
-        return ferry::make_error(ferry::Errc::invalid_argument, fmt::format("{}: is a directory, not a file", path));
-    std::ifstream in(path);
-    if (!in)
+// "5 MiB", "256 KiB", "17 bytes": a size for a message (rounded down).
+std::string rough_size(std::uint64_t bytes) {
+    if (bytes >= (1U << 20))
+        return fmt::format("{} MiB", bytes >> 20);
+    if (bytes >= (1U << 10))
+        return fmt::format("{} KiB", bytes >> 10);
+    return fmt::format("{} bytes", bytes);
+}
+
+// A spec file as text. It travels inside one request, as JSON: a regular
+// file (not /dev/zero, a FIFO or a terminal), no larger than a request may
+// carry, and UTF-8.
+ferry::Result<std::string> read_spec(const std::string& path) {
+    constexpr std::uint64_t limit = ferry::control::max_request_bytes;
+    auto too_big = [&](std::uint64_t size) {
+        return ferry::make_error(ferry::Errc::invalid_argument,
+                                 fmt::format("--spec {}: {} is over the {} a request may carry", path,
+                                             rough_size(size), rough_size(limit)));
+    };
+    // Non-blocking: a FIFO opens without waiting for a writer (and is then refused).
+    ferry::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+    if (fd.get() < 0)
         return ferry::make_error(errno == ENOENT ? ferry::Errc::not_found : ferry::Errc::io,
-                                 fmt::format("{}: cannot open: {}", path, std::strerror(errno)));
-    std::stringstream ss;
-    ss << in.rdbuf();
-    auto text = ss.str();
+                                 fmt::format("--spec {}: cannot open: {}", path, std::strerror(errno)));
+    struct stat st {};
+    if (::fstat(fd.get(), &st) != 0)
+        return ferry::make_error(ferry::Errc::io, fmt::format("--spec {}: {}", path, std::strerror(errno)));
+    if (S_ISDIR(st.st_mode))
+        return ferry::make_error(ferry::Errc::invalid_argument, fmt::format("--spec {}: is a directory, not a file", path));
+    if (!S_ISREG(st.st_mode))
+        return ferry::make_error(ferry::Errc::invalid_argument, fmt::format("--spec {}: not a regular file", path));
+    if (static_cast<std::uint64_t>(st.st_size) > limit)
+        return too_big(static_cast<std::uint64_t>(st.st_size));
+    // At most one byte past the limit, should the file grow meanwhile.
+    std::string text(limit + 1, '\0');
+    std::size_t got = 0;
+    while (got < text.size()) {
+        auto n = ::read(fd.get(), text.data() + got, text.size() - got);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n < 0)
+            return ferry::make_error(ferry::Errc::io, fmt::format("--spec {}: reading: {}", path, std::strerror(errno)));
+        if (n == 0)
+            break;
+        got += static_cast<std::size_t>(n);
+    }
+    if (got > limit)
+        return too_big(got);
+    text.resize(got);
     if (auto bad = ferry::invalid_utf8_at(text))
         return ferry::make_error(ferry::Errc::invalid_argument,
-                                 fmt::format("{}: not valid UTF-8 (byte {})", path, *bad));
+                                 fmt::format("--spec {}: not valid UTF-8 (byte {})", path, *bad));
     return text;
 }
 
@@ -425,7 +465,7 @@ static int ferryctl_main(int argc, char** argv) {
     auto* vm_create = vm->add_subcommand("create", "launch a VM from a spec file");
     vm_create->add_option("--spec", spec_path, "VM spec (TOML)")->required();
     vm_create->callback([&] {
-        auto text = read_file(spec_path);
+        auto text = read_spec(spec_path);
         if (!text) {
             rc = fail(g, text.error());
             return;
@@ -448,7 +488,7 @@ static int ferryctl_main(int argc, char** argv) {
     vm_adopt->callback([&] {
         json params{{"name", name}, {"qmp", qmp_path}};
         if (!spec_path.empty()) {
-            auto text = read_file(spec_path);
+            auto text = read_spec(spec_path);
             if (!text) {
                 rc = fail(g, text.error());
                 return;
