@@ -232,7 +232,7 @@ int free_port() {
 
 Result<void> fresh_target(const std::string& path, const Image& img, std::uint64_t size) {
     fs::remove(path);
-    auto r = block::prepare_target_image(path, img.format, size, "");
+    auto r = block::prepare_target_image(path, img.format, size, block::TargetImageRules{});
     if (!r)
         return r.error();
     return {};

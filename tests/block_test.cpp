@@ -586,51 +586,95 @@ TEST_F(QemuBlockTest, RoundsOfDirtyBitmapsReadThroughAnExportThenNothingIsLeft) 
 TEST(TargetImage, CreatesMissingImagesSparseAndChecksExistingOnes) {
     test::TempDir dir;
     const std::uint64_t size = (4ULL << 30) + 512; // over 4 GiB, not a multiple of 4 KiB
+    const TargetImageRules fresh, reuse{"", true};
     auto raw = dir / "a.raw";
-    auto made = prepare_target_image(raw, "raw", size, "");
+    auto made = prepare_target_image(raw, "raw", size, fresh);
     ASSERT_TRUE(made) << made.error().message;
     EXPECT_TRUE(made->created);
     EXPECT_EQ(std::filesystem::file_size(raw), size);
     EXPECT_LT(allocated_bytes(raw), 1u << 20) << "created sparse";
-    auto again = prepare_target_image(raw, "raw", size, "");
+    auto again = prepare_target_image(raw, "raw", size, reuse);
     ASSERT_TRUE(again) << again.error().message;
     EXPECT_FALSE(again->created);
 
     auto qcow = dir / "b.qcow2";
-    made = prepare_target_image(qcow, "qcow2", 64 << 20, "");
+    made = prepare_target_image(qcow, "qcow2", 64 << 20, fresh);
     ASSERT_TRUE(made) << made.error().message;
     auto info = inspect_image(qcow);
     ASSERT_TRUE(info);
     EXPECT_EQ(info->format, "qcow2");
     EXPECT_EQ(info->virtual_size, 64u << 20);
 
-    auto wrong_size = prepare_target_image(raw, "raw", size + 512, "");
+    auto wrong_size = prepare_target_image(raw, "raw", size + 512, reuse);
     ASSERT_FALSE(wrong_size);
     EXPECT_EQ(wrong_size.error().message,
               fmt::format("target image {} holds {} bytes, the disk {} bytes", raw, size, size + 512));
-    auto wrong_format = prepare_target_image(qcow, "raw", 64 << 20, "");
+    auto wrong_format = prepare_target_image(qcow, "raw", 64 << 20, reuse);
     ASSERT_FALSE(wrong_format);
     EXPECT_NE(wrong_format.error().message.find("is qcow2, the disk is raw"), std::string::npos);
-    auto no_dir = prepare_target_image(dir / "missing/x.raw", "raw", 4096, "");
+    auto no_dir = prepare_target_image(dir / "missing/x.raw", "raw", 4096, fresh);
     ASSERT_FALSE(no_dir);
     EXPECT_NE(no_dir.error().message.find("does not exist"), std::string::npos) << no_dir.error().message;
+}
+
+// A file ferry did not create is never written over without the operator's
+// word, and no link at a target path is followed to create or remove one.
+TEST(TargetImage, AnExistingFileOrALinkAtTheTargetPathIsRefusedAndLeftAlone) {
+    test::TempDir dir;
+    const TargetImageRules fresh;
+    auto theirs = dir / "theirs.raw";
+    test::write_file(theirs, std::string(4096, 'x'));
+    auto existing = prepare_target_image(theirs, "raw", 4096, fresh);
+    ASSERT_FALSE(existing);
+    EXPECT_EQ(existing.error().code, Errc::already_exists);
+    EXPECT_NE(existing.error().message.find("target image " + theirs + " already exists"), std::string::npos)
+        << existing.error().message;
+    EXPECT_NE(existing.error().message.find("[block] reuse_existing = true"), std::string::npos);
+    EXPECT_EQ(test::read_file(theirs), std::string(4096, 'x'));
+
+    // A dangling link: nothing is created where it points, and it stays.
+    auto link = dir / "link.raw";
+    auto elsewhere = dir / "elsewhere.raw";
+    std::filesystem::create_symlink(elsewhere, link);
+    auto dangling = prepare_target_image(link, "raw", 4096, fresh);
+    ASSERT_FALSE(dangling);
+    EXPECT_NE(dangling.error().message.find("is a dangling symbolic link (to " + elsewhere + ")"), std::string::npos)
+        << dangling.error().message;
+    EXPECT_FALSE(std::filesystem::exists(elsewhere));
+    EXPECT_TRUE(std::filesystem::is_symlink(link));
+    // A link to a regular file: refused even where reuse is allowed.
+    auto to_file = dir / "to-file.raw";
+    std::filesystem::create_symlink(theirs, to_file);
+    auto linked = prepare_target_image(to_file, "raw", 4096, TargetImageRules{"", true});
+    ASSERT_FALSE(linked);
+    EXPECT_NE(linked.error().message.find("ferry writes through a link only to a block device"), std::string::npos)
+        << linked.error().message;
+    // Removal takes only a regular file at the path itself.
+    EXPECT_FALSE(remove_created_image(to_file));
+    EXPECT_TRUE(std::filesystem::exists(theirs));
+    EXPECT_TRUE(std::filesystem::is_symlink(to_file));
+    // A directory is neither an image nor ferry's to replace.
+    std::filesystem::create_directories(dir / "d.raw");
+    auto directory = prepare_target_image(dir / "d.raw", "raw", 4096, TargetImageRules{"", true});
+    ASSERT_FALSE(directory);
+    EXPECT_NE(directory.error().message.find("neither a regular file nor a block device"), std::string::npos);
 }
 
 TEST(TargetImage, TheCreateCommandGetsQuotedPathNameAndSize) {
     test::TempDir dir;
     auto path = dir / "it's a volume";
-    auto made = prepare_target_image(path, "raw", 1 << 20, "truncate -s {size} {path} && echo {name} > " +
-                                                               shell_quote(dir / "log"));
+    auto made = prepare_target_image(path, "raw", 1 << 20,
+                                     {"truncate -s {size} {path} && echo {name} > " + shell_quote(dir / "log")});
     ASSERT_TRUE(made) << made.error().message;
     EXPECT_TRUE(made->created);
     EXPECT_EQ(std::filesystem::file_size(path), 1u << 20);
     EXPECT_EQ(test::read_file(dir / "log"), "it's a volume\n");
-    auto failing = prepare_target_image(dir / "v2", "raw", 1 << 20, "echo no space left >&2; exit 5");
+    auto failing = prepare_target_image(dir / "v2", "raw", 1 << 20, {"echo no space left >&2; exit 5"});
     ASSERT_FALSE(failing);
     EXPECT_NE(failing.error().message.find("create_command"), std::string::npos) << failing.error().message;
     EXPECT_NE(failing.error().message.find("exit status 5): no space left"), std::string::npos)
         << failing.error().message;
-    auto wrong = prepare_target_image(dir / "v3", "raw", 1 << 20, "truncate -s 4096 {path}");
+    auto wrong = prepare_target_image(dir / "v3", "raw", 1 << 20, {"truncate -s 4096 {path}"});
     ASSERT_FALSE(wrong);
     EXPECT_NE(wrong.error().message.find("raw of 4096 bytes"), std::string::npos) << wrong.error().message;
     EXPECT_FALSE(std::filesystem::exists(dir / "v3")) << "a created image of the wrong size is left behind";

@@ -1716,6 +1716,56 @@ TEST_F(TwoNodes, TwoDisksMappedOntoOneTargetImageAreRefused) {
     EXPECT_TRUE(qemu_alive(pid));
 }
 
+// node-b holds its own image at the path the disk would land at: the
+// migration is refused before anything moves, naming it and the option that
+// allows it, and that image is untouched; a dangling link there is not
+// followed. With [block] reuse_existing the existing image is copied into.
+TEST_F(TwoNodes, AnExistingImageOrALinkAtTheTargetPathIsNeverWrittenOver) {
+    ASSERT_NO_FATAL_FAILURE(start_local_disk_vm("bandwidth_per_migration = \"64Mi\""));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto theirs = dir_ / "disks-b/local.raw";
+    ASSERT_EQ(sh("truncate -s 64M " + theirs + " && qemu-io -f raw -c 'write -q -P 0x77 0 64M' " + theirs, dir_).status,
+              0);
+    auto before = ferry::test::read_file(theirs);
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_NE(why.find("target image " + theirs + " already exists"), std::string::npos) << why;
+    EXPECT_NE(why.find("[block] reuse_existing = true"), std::string::npos) << why;
+    EXPECT_TRUE(ferry::test::read_file(theirs) == before) << "node-b's own image was written";
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+    EXPECT_TRUE(qemu_alive(pid));
+
+    // A dangling link: nothing is made where it points, the link stays.
+    std::filesystem::remove(theirs);
+    auto elsewhere = dir_ / "elsewhere.raw";
+    std::filesystem::create_symlink(elsewhere, theirs);
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_NE(why.find("is a dangling symbolic link (to " + elsewhere + ")"), std::string::npos) << why;
+    EXPECT_FALSE(std::filesystem::exists(elsewhere));
+    EXPECT_TRUE(std::filesystem::is_symlink(theirs));
+    EXPECT_TRUE(qemu_alive(pid));
+
+    // The operator's word: an existing image of the disk's size is copied into.
+    std::filesystem::remove(theirs);
+    ASSERT_EQ(sh("truncate -s 64M " + theirs + " && qemu-io -f raw -c 'write -q -P 0x77 0 64M' " + theirs, dir_).status,
+              0);
+    configure("bandwidth_per_migration = \"64Mi\"", path_map() + "[block]\nreuse_existing = true\n");
+    ::kill(b().pid, SIGHUP);
+    for (int i = 0; i < 200 && ferry::test::read_file(dir_ / "node-b.log").find("SIGHUP:") == std::string::npos; ++i)
+        std::this_thread::sleep_for(20ms);
+    auto source = ferry::test::read_file(local_disk_);
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    done = wait_final(a(), id);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-b.log");
+    ASSERT_EQ(ctl(b(), "vm qmp demo stop").status, 0);
+    EXPECT_TRUE(ferry::test::read_file(theirs) == source) << "the reused image differs from the source's";
+}
+
 // Post-copy of a VM on a local disk: RAM dirtied faster than the link
 // goes post-copy once the disk's tail fits the downtime; the disk's last
 // round runs with the guest paused before it starts on node-b, where it

@@ -10,6 +10,7 @@
 #include <poll.h>
 #include <filesystem>
 #include <spawn.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -150,31 +151,104 @@ bool image_in_use(const std::string& path) {
     return held;
 }
 
-Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
-                                           const std::string& create_command) {
-    std::error_code ec;
-    if (fs::exists(path, ec)) {
-        if (image_in_use(path))
-            return make_error(Errc::conflict, fmt::format("target image {} is in use by another process (a QEMU "
-                                                          "holds it); map the disk elsewhere with [block] path_map",
-                                                          path));
-        auto info = inspect_image(path);
-        if (!info)
-            return info.error();
-        if (info->format != format)
-            return make_error(Errc::conflict, fmt::format("target image {} is {}, the disk is {}", path,
-                                                          info->format, format));
-        if (info->virtual_size != size)
-            return make_error(Errc::conflict, fmt::format("target image {} holds {} bytes, the disk {} bytes", path,
-                                                          info->virtual_size, size));
-        return PreparedImage{false};
+namespace {
+
+// What an existing target path holds, checked before anything is written:
+// the file it is (a link followed only to a block device), in use or not,
+// of the disk's format and size.
+Result<PreparedImage> check_existing(const std::string& path, const std::string& format, std::uint64_t size,
+                                     const TargetImageRules& rules, const struct stat& link) {
+    struct stat st {};
+    if (S_ISLNK(link.st_mode)) {
+        std::error_code ec;
+        auto to = fs::read_symlink(path, ec).string();
+        if (::stat(path.c_str(), &st) != 0)
+            return make_error(Errc::conflict,
+                              fmt::format("target image {} is a dangling symbolic link (to {}); ferry follows no "
+                                          "link to create an image: remove it, or map the disk elsewhere with "
+                                          "[[block.path_map]]",
+                                          path, to));
+        if (!S_ISBLK(st.st_mode))
+            return make_error(Errc::conflict,
+                              fmt::format("target image {} is a symbolic link (to {}); ferry writes through a link "
+                                          "only to a block device: map the disk to a real path with "
+                                          "[[block.path_map]]",
+                                          path, to));
+    } else {
+        st = link;
     }
+    if (S_ISREG(st.st_mode) && !rules.reuse_existing)
+        return make_error(Errc::already_exists,
+                          fmt::format("target image {} already exists, and ferry does not write over a file it did "
+                                      "not create: remove or move it, map the disk elsewhere with "
+                                      "[[block.path_map]], or set [block] reuse_existing = true to copy into it",
+                                      path));
+    if (!S_ISREG(st.st_mode) && !S_ISBLK(st.st_mode))
+        return make_error(Errc::conflict,
+                          fmt::format("target image {} exists and is neither a regular file nor a block device", path));
+    if (image_in_use(path))
+        return make_error(Errc::conflict, fmt::format("target image {} is in use by another process (a QEMU "
+                                                      "holds it); map the disk elsewhere with [[block.path_map]]",
+                                                      path));
+    auto info = inspect_image(path);
+    if (!info)
+        return info.error();
+    if (info->format != format)
+        return make_error(Errc::conflict,
+                          fmt::format("target image {} is {}, the disk is {}", path, info->format, format));
+    if (info->virtual_size != size)
+        return make_error(Errc::conflict, fmt::format("target image {} holds {} bytes, the disk {} bytes", path,
+                                                      info->virtual_size, size));
+    return PreparedImage{false};
+}
+
+// A new file at `path`, made here and nowhere else: O_EXCL refuses anything
+// already there (a link included), so nothing is followed or written over.
+Result<void> create_exclusive(const std::string& path, const std::string& format, std::uint64_t size) {
+    int fd = ::open(path.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0644);
+    if (fd < 0)
+        return make_error(errno == EEXIST ? Errc::already_exists : Errc::io,
+                          fmt::format("creating target image {}: {}", path, std::strerror(errno)));
+    int rc = format == "raw" ? ::ftruncate(fd, static_cast<off_t>(size)) : 0; // sparse
+    int err = errno;
+    ::close(fd);
+    if (rc != 0) {
+        remove_created_image(path);
+        return make_error(Errc::io, fmt::format("creating target image {} of {} bytes: {}", path, size,
+                                                std::strerror(err)));
+    }
+    if (format == "raw")
+        return {};
+    // qemu-img formats the file just made (it opens it again, without O_EXCL).
+    auto r = run_tool({"qemu-img", "create", "-q", "-f", format, path, std::to_string(size)});
+    if (!r) {
+        remove_created_image(path);
+        return r.error().wrap(fmt::format("creating target image {}", path));
+    }
+    return {};
+}
+
+} // namespace
+
+bool remove_created_image(const std::string& path) {
+    struct stat st {};
+    return ::lstat(path.c_str(), &st) == 0 && S_ISREG(st.st_mode) && ::unlink(path.c_str()) == 0;
+}
+
+Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
+                                           const TargetImageRules& rules) {
+    struct stat link {};
+    if (::lstat(path.c_str(), &link) == 0)
+        return check_existing(path, format, size, rules, link);
+    if (errno != ENOENT)
+        return make_error(Errc::io, fmt::format("target image {}: {}", path, std::strerror(errno)));
+    std::error_code ec;
     auto dir = fs::path(path).parent_path();
     if (!dir.empty() && !fs::is_directory(dir, ec))
         return make_error(Errc::not_found, fmt::format("target image {}: directory {} does not exist", path,
                                                        dir.string()));
-    if (format == "raw" && !create_command.empty()) {
-        auto cmd = create_command;
+    if (format == "raw" && !rules.create_command.empty()) {
+        auto cmd = rules.create_command;
         auto fill = [&](const std::string& key, const std::string& value) {
             for (auto at = cmd.find(key); at != std::string::npos; at = cmd.find(key, at + value.size()))
                 cmd.replace(at, key.size(), value);
@@ -185,18 +259,15 @@ Result<PreparedImage> prepare_target_image(const std::string& path, const std::s
         auto r = run_tool({"/bin/sh", "-c", cmd});
         if (!r)
             return r.error().wrap(fmt::format("creating target image {} ([block] create_command)", path));
-    } else {
-        auto r = run_tool({"qemu-img", "create", "-q", "-f", format, path, std::to_string(size)});
-        if (!r)
-            return r.error().wrap(fmt::format("creating target image {}", path));
+    } else if (auto made = create_exclusive(path, format, size); !made) {
+        return made.error();
     }
     // Whatever made it, it must now be what the disk needs.
     auto info = inspect_image(path);
     if (!info)
         return info.error();
     if (info->format != format || info->virtual_size != size) {
-        if (fs::is_regular_file(path, ec)) // ours, and of no use: gone (a volume is the create command's)
-            fs::remove(path, ec);
+        remove_created_image(path); // ours, and of no use: gone (a volume is the create command's)
         return make_error(Errc::conflict, fmt::format("created target image {} is {} of {} bytes, the disk {} of {}",
                                                       path, info->format, info->virtual_size, format, size));
     }

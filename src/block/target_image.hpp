@@ -25,11 +25,26 @@ struct PreparedImage {
     bool created = false; // ferry made it, so a failed migration removes it
 };
 
-// An existing image must have `format` and `size`; a missing one is created:
-// raw with create_command when set ({path}, {name}, {size} filled in, shell
-// quoted), else qemu-img create. Errors name the path and both sizes.
+// What this node allows at a target path ([block] in ferryd.toml).
+struct TargetImageRules {
+    std::string create_command; // makes a missing raw volume; empty: qemu-img or a sparse file
+    bool reuse_existing = false; // copy into an existing regular file (its content is lost)
+};
+
+// A missing image is created exclusively (never through a link, never over
+// a file that appears meanwhile): raw with create_command when set ({path},
+// {name}, {size} filled in, shell quoted), else a sparse file (qemu-img
+// formats it for qcow2). An existing one must have `format` and `size` and
+// be either a block device (a volume provisioned for the VM, also reached
+// through a link such as /dev/vg0/lv) or, only with reuse_existing, a
+// regular file; a symbolic link to anything else, or a dangling one, is
+// refused. Errors name the path, what is there and the option that allows it.
 Result<PreparedImage> prepare_target_image(const std::string& path, const std::string& format, std::uint64_t size,
-                                           const std::string& create_command);
+                                           const TargetImageRules& rules);
+
+// Removes an image prepare_target_image created: only a regular file at
+// `path` itself, never what a link there points to. Whether one was removed.
+bool remove_created_image(const std::string& path);
 
 // Whether a process holds a QEMU image lock on `path` (QEMU takes OFD
 // locks on the bytes from 100 of every image it opens): a target image in

@@ -150,6 +150,7 @@ std::string trim_slashes(std::string p) {
 void read_block(const toml::table& t, Problems& p, BlockSection& b) {
     TableReader r(t, p, "block");
     r.get("create_command", b.create_command);
+    r.get("reuse_existing", b.reuse_existing);
     r.tables("path_map", [&](const toml::table& e, std::size_t i) {
         auto key = fmt::format("block.path_map[{}]", i);
         TableReader er(e, p, key);

@@ -84,6 +84,10 @@ struct BlockSection {
     // {path}, {name} (its file name) and {size} (bytes) filled in; empty:
     // block devices must exist on the target.
     std::string create_command;
+    // An existing regular file at a target path is refused unless this is
+    // set; then its content is replaced by the disk's (and a failed
+    // migration leaves it partly copied).
+    bool reuse_existing = false;
 };
 
 // The path a disk at `path` on the source gets on this node: the longest

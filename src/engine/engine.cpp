@@ -1,6 +1,7 @@
 #include "engine/engine.hpp"
 
 #include "block/qemu_block.hpp"
+#include "block/target_image.hpp"
 #include "transport/peer_server.hpp"
 
 #include "config/quantity.hpp"
@@ -271,6 +272,23 @@ void Engine::add_migration(const Migration& m) { migrations_[m.id] = std::make_s
 Migration* Engine::migration(const std::string& id) {
     auto it = migrations_.find(id);
     return it == migrations_.end() ? nullptr : it->second.get();
+}
+
+std::optional<std::string> Engine::vm_using_disk(const std::string& path) const {
+    // The same path, or the same file under another name (a link, a bind).
+    auto same = [&](const std::string& other) {
+        std::error_code ec;
+        return fs::path(other).lexically_normal() == fs::path(path).lexically_normal() ||
+               fs::equivalent(other, path, ec);
+    };
+    for (auto& [name, vm] : vms_) {
+        if (!vm->record.spec)
+            continue;
+        for (auto& d : vm->record.spec->disks)
+            if (same(d.path))
+                return name;
+    }
+    return std::nullopt;
 }
 
 std::optional<std::string> Engine::arriving(const std::string& vm) const {

@@ -156,6 +156,7 @@ private:
     bool has_vm(const std::string& name) const override { return vms_.count(name) > 0; }
     void add_vm(const std::shared_ptr<Vm>& vm) override;
     void forget_vm(const std::string& name) override { vms_.erase(name); }
+    std::optional<std::string> vm_using_disk(const std::string& path) const override;
     bool has_migration(const std::string& id) const override { return migrations_.count(id) > 0; }
     void add_migration(const Migration& m) override;
     Migration* migration(const std::string& id) override;

@@ -32,6 +32,9 @@ public:
     virtual bool has_vm(const std::string& name) const = 0;
     virtual void add_vm(const std::shared_ptr<Vm>& vm) = 0;
     virtual void forget_vm(const std::string& name) = 0;
+    // The VM on this node whose spec names a disk at `path` (the same file,
+    // also through a link), if any: a target image must never be its.
+    virtual std::optional<std::string> vm_using_disk(const std::string& path) const = 0;
 
     // Migration records (what list and show report). A run keeps its own
     // copy up to date through the pointer, which is null once pruned.

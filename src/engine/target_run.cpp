@@ -618,12 +618,18 @@ asio::awaitable<void> TargetRun::lost_qemu(std::shared_ptr<TargetRun> run, std::
 }
 
 asio::awaitable<std::string> TargetRun::prepare_images() {
-    auto& create = node_.config().block.create_command;
+    auto& block = node_.config().block;
+    block::TargetImageRules rules{block.create_command, block.reuse_existing};
     for (auto& d : mirrored_) {
         std::string path = d.path, format = d.format;
         auto size = d.size;
+        // A disk of a VM this node keeps is never a target, whatever the options.
+        if (auto owner = node_.vm_using_disk(path))
+            co_return fmt::format("disks[{}]: target image {} is a disk of VM {} on {}; map the disk elsewhere "
+                                  "with [[block.path_map]]",
+                                  d.index, path, *owner, node_.config().node.name);
         std::function<Result<block::PreparedImage>()> make = [=] {
-            return block::prepare_target_image(path, format, size, create);
+            return block::prepare_target_image(path, format, size, rules);
         };
         auto made = co_await block::offload(std::move(make));
         if (!made)
@@ -641,11 +647,9 @@ asio::awaitable<std::string> TargetRun::prepare_images() {
 }
 
 void TargetRun::remove_created_images() {
-    for (auto& path : created_) {
-        std::error_code ec;
-        if (fs::is_regular_file(path, ec) && fs::remove(path, ec))
+    for (auto& path : created_)
+        if (block::remove_created_image(path))
             engine_log()->info("migration {}: removed target image {}", m_.id, path);
-    }
     created_.clear();
 }
 
