@@ -7,12 +7,13 @@
 
 #include <cstdlib>
 #include <iostream>
+#include <optional>
 
 using nlohmann::json;
 
 int main(int argc, char** argv) {
     CLI::App app{"Verify the ferry test guest's memory (pauses the VM for the dump)"};
-    std::string socket, vm, dump = "/tmp/ferry-guest-dump.bin";
+    std::string socket, vm, dump;
     const char* env_socket = std::getenv("FERRY_SOCKET");
     socket = env_socket ? env_socket : "/run/ferry/ferryd.sock";
     std::uint32_t pages = 0, stride = 0;
@@ -20,7 +21,8 @@ int main(int argc, char** argv) {
     app.add_option("--vm", vm, "VM name")->required();
     app.add_option("--pages", pages, "working-set pages (default: from the guest's banner)");
     app.add_option("--stride", stride, "the guest's sweep stride (default: from the guest's banner, else 1)");
-    app.add_option("--dump", dump, "where QEMU writes the memory dump");
+    app.add_option("--dump", dump,
+                   "where QEMU writes the memory dump, kept (default: a private temporary directory, removed after)");
     CLI11_PARSE(app, argc, argv);
 
     auto client = ferry::control::Client::connect(socket);
@@ -50,6 +52,17 @@ int main(int argc, char** argv) {
                       << "; give --pages\n";
             return 2;
         }
+    }
+    // Removed however this ends (every exit is a return from main).
+    std::optional<ferry::guest::DumpDir> dump_dir;
+    if (dump.empty()) {
+        auto made = ferry::guest::DumpDir::create();
+        if (!made) {
+            std::cerr << "ferry-guest-check: " << made.error().message << "\n";
+            return 1;
+        }
+        dump_dir.emplace(std::move(*made));
+        dump = dump_dir->file();
     }
     auto status = qmp("query-status", json::object());
     bool was_running = status && status->value("running", false);

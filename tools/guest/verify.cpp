@@ -5,11 +5,17 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <numeric>
 #include <optional>
 #include <regex>
 #include <vector>
+
+#include <unistd.h>
 
 namespace ferry::guest {
 
@@ -67,6 +73,22 @@ Result<VerifyReport> verify_dump(const std::string& path, std::uint32_t pages, s
         prev_p = p;
     }
     return r;
+}
+
+Result<DumpDir> DumpDir::create() {
+    const char* tmp = std::getenv("TMPDIR");
+    std::string pattern = std::string(tmp && *tmp ? tmp : "/tmp") + "/ferry-guest-check.XXXXXX";
+    if (!::mkdtemp(pattern.data())) // mode 0700
+        return make_error(Errc::io, fmt::format("cannot make a directory for the memory dump ({}): {}", pattern,
+                                                std::strerror(errno)));
+    return DumpDir(std::move(pattern));
+}
+
+DumpDir::~DumpDir() {
+    if (path_.empty())
+        return;
+    std::error_code ec;
+    std::filesystem::remove_all(path_, ec);
 }
 
 DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path) {

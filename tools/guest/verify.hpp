@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 
 namespace ferry::guest {
 
@@ -31,6 +32,25 @@ struct DumpPlan {
     nlohmann::json pmemsave_args;
 };
 DumpPlan dump_plan(std::uint32_t pages, const std::string& dump_path);
+
+// A private directory for one memory dump: made with mkdtemp (mode 0700)
+// under $TMPDIR or /tmp, and removed with what it holds when this goes, on
+// every path. QEMU (often root) writes the dump with pmemsave, which follows
+// symlinks: a fixed name in /tmp would let any user point it elsewhere.
+class DumpDir {
+public:
+    static Result<DumpDir> create();
+    DumpDir(DumpDir&& o) noexcept : path_(std::exchange(o.path_, {})) {}
+    DumpDir& operator=(DumpDir&&) = delete;
+    DumpDir(const DumpDir&) = delete;
+    ~DumpDir();
+    const std::string& path() const { return path_; }
+    std::string file() const { return path_ + "/memory.dump"; }
+
+private:
+    explicit DumpDir(std::string path) : path_(std::move(path)) {}
+    std::string path_;
+};
 
 // Pauses the VM (if running), dumps the working set with pmemsave to
 // dump_path, resumes it, and checks the dump.
