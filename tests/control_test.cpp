@@ -719,7 +719,7 @@ TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFr
 }
 
 TEST_F(Ferryd, ADamagedSchedulerFileIsSetAsideAndTheNodeStartsCleanAndACordonSurvivesARestart) {
-    std::filesystem::create_directories(dir_ / "state");
+    std::filesystem::create_directories(dir_ / "state/vms"); // a state_dir a ferryd used before
     ferry::test::write_file(dir_ / "state/scheduler.json", R"({"admission": 5, "waiting": [7]})");
     start();
     EXPECT_EQ(ctl_json("node drain --status")["state"], "ready");

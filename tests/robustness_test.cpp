@@ -361,6 +361,54 @@ TEST_F(Robustness, CheckConfigRunsEveryStartCheck) {
     EXPECT_FALSE(std::filesystem::exists(socket_));
 }
 
+// 10b. Hooks others may change are refused: by --check-config and a start,
+// by a SIGHUP (the running configuration stays), and at run time when one
+// changed under a running ferryd (the gate fails closed; the VM stays).
+TEST_F(Robustness, HooksOthersMayWriteAreRefusedAtStartReloadAndRunTime) {
+    auto d = dir_.path();
+    auto hook = d + "/hooks/10-record";
+    std::filesystem::create_directories(d + "/hooks");
+    ::chmod((d + "/hooks").c_str(), 0755);
+    ferry::test::write_file(hook, "#!/bin/sh\necho \"$2 $3\" >> " + d + "/hooks.log\n");
+    ::chmod(hook.c_str(), 0775);
+    write_config("", "[hooks]\ndir = \"" + d + "/hooks\"\n");
+    auto why = hook + " is writable by group or others (mode 0775); hooks must be writable only by their owner";
+    auto checked = sh(ferry::test::ferryd_bin() + " --check-config " + (dir_ / "ferryd.toml"), dir_);
+    EXPECT_EQ(checked.status, 1);
+    EXPECT_NE(checked.err.find("ferryd.toml:11: key 'hooks.dir': " + why), std::string::npos) << checked.err;
+    auto started = sh(ferry::test::ferryd_bin() + " --config " + (dir_ / "ferryd.toml"), dir_);
+    EXPECT_EQ(started.status, 1);
+    EXPECT_NE(started.err.find(why), std::string::npos) << started.err;
+    EXPECT_FALSE(std::filesystem::exists(socket_));
+
+    ::chmod(hook.c_str(), 0755);
+    start();
+    ASSERT_EQ(ctl("vm create --spec " + (dir_ / "vm.toml")).status, 0);
+    wait_heartbeats();
+    ::chmod(hook.c_str(), 0775);
+    ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+    bool kept = false;
+    for (int i = 0; i < 50 && !kept; ++i, std::this_thread::sleep_for(100ms))
+        kept = ferry::test::read_file(dir_ / "ferryd.log").find("SIGHUP: keeping the running configuration") !=
+               std::string::npos;
+    auto log = ferry::test::read_file(dir_ / "ferryd.log");
+    EXPECT_TRUE(kept) << log;
+    EXPECT_NE(log.find("key 'hooks.dir': " + why), std::string::npos) << log;
+
+    auto refused = ctl("migrate demo --wait");
+    EXPECT_NE(refused.status, 0);
+    EXPECT_NE((refused.out + refused.err).find("hook 10-record (prepare on the source node-a) refused: " + why),
+              std::string::npos)
+        << refused.out << refused.err;
+    EXPECT_FALSE(std::filesystem::exists(d + "/hooks.log")) << "a refused hook never runs";
+    EXPECT_EQ(ctl_json("vm show demo")["status"], "running");
+
+    ::chmod(hook.c_str(), 0755);
+    auto m = ctl_json("migrate demo --wait");
+    EXPECT_EQ(m["phase"], "Succeeded") << m.dump(2);
+    EXPECT_NE(ferry::test::read_file(d + "/hooks.log").find("prepare source\n"), std::string::npos);
+}
+
 // 12. A world-writable socket is refused; every change is logged with the caller.
 TEST_F(Robustness, ControlSocketAccessIsGuardedAndChangesAreAttributed) {
     write_config("control_socket_mode = \"0666\"");
@@ -467,4 +515,75 @@ TEST_F(Robustness, FinishedMigrationRecordsArePruned) {
     stop();
     start();
     EXPECT_EQ(ctl_json("migration list").size(), 2U);
+    // A deleted VM's records go with it.
+    ASSERT_EQ(ctl("vm delete demo").status, 0);
+    EXPECT_TRUE(ctl_json("migration list").empty());
+    EXPECT_TRUE(std::filesystem::is_empty(dir_ / "state/migrations"));
+}
+
+// A state_dir that is not ferry's is refused before anything is written
+// there, by --check-config as by a start, and its mode is never changed.
+TEST_F(Robustness, AStateDirThatIsNotFerrysIsRefusedAndLeftAsItWas) {
+    auto with_state_dir = [&](const std::string& state_dir) {
+        write_config();
+        auto text = ferry::test::read_file(dir_ / "ferryd.toml");
+        auto at = text.find(dir_.path() + "/state\"");
+        text.replace(at, dir_.path().size() + 7, state_dir + "\"");
+        ferry::test::write_file(dir_ / "ferryd.toml", text);
+        return sh(ferry::test::ferryd_bin() + " --check-config " + (dir_ / "ferryd.toml"), dir_);
+    };
+    auto mode_of = [](const std::string& path) {
+        struct stat st {};
+        EXPECT_EQ(::stat(path.c_str(), &st), 0) << path;
+        return st.st_mode & 07777;
+    };
+    auto root_mode = mode_of("/");
+    auto root = with_state_dir("/");
+    EXPECT_EQ(root.status, 1);
+    EXPECT_NE(root.err.find("ferryd.toml:3: key 'node.state_dir': / is the root directory"), std::string::npos)
+        << root.err;
+    auto started = sh(ferry::test::ferryd_bin() + " --config " + (dir_ / "ferryd.toml"), dir_);
+    EXPECT_EQ(started.status, 1);
+    EXPECT_NE(started.err.find("/ is the root directory"), std::string::npos) << started.err;
+    EXPECT_EQ(mode_of("/"), root_mode);
+    EXPECT_FALSE(std::filesystem::exists("/ferryd.lock"));
+
+    // A directory holding someone else's files (a typo such as /var/lib).
+    auto foreign = dir_ / "lib";
+    std::filesystem::create_directories(foreign + "/dpkg");
+    ::chmod(foreign.c_str(), 0755);
+    auto other = with_state_dir(foreign);
+    EXPECT_EQ(other.status, 1);
+    EXPECT_NE(other.err.find(foreign + " holds files that are not ferry's"), std::string::npos) << other.err;
+    started = sh(ferry::test::ferryd_bin() + " --config " + (dir_ / "ferryd.toml"), dir_);
+    EXPECT_EQ(started.status, 1);
+    EXPECT_EQ(mode_of(foreign), 0755U);
+    EXPECT_FALSE(std::filesystem::exists(foreign + "/ferryd.lock"));
+    EXPECT_FALSE(std::filesystem::exists(foreign + "/vms"));
+
+    auto writable = dir_ / "open";
+    std::filesystem::create_directories(writable);
+    ::chmod(writable.c_str(), 0777);
+    auto open = with_state_dir(writable);
+    EXPECT_EQ(open.status, 1);
+    EXPECT_NE(open.err.find(writable + " is writable by group or others (mode 0777)"), std::string::npos) << open.err;
+    EXPECT_EQ(mode_of(writable), 0777U);
+
+    ferry::test::write_file(dir_ / "file", "x");
+    auto file = with_state_dir(dir_ / "file");
+    EXPECT_EQ(file.status, 1);
+    EXPECT_NE(file.err.find(dir_ / "file" + " exists and is not a directory"), std::string::npos) << file.err;
+
+    // An empty directory of the operator's is taken as it is: its mode stays.
+    auto empty = dir_ / "empty";
+    std::filesystem::create_directories(empty);
+    ::chmod(empty.c_str(), 0750);
+    EXPECT_EQ(with_state_dir(empty).status, 0);
+    start();
+    EXPECT_TRUE(std::filesystem::exists(empty + "/ferryd.lock"));
+    EXPECT_EQ(mode_of(empty), 0750U);
+    EXPECT_EQ(mode_of(empty + "/vms"), 0700U);
+    stop();
+    // Used before: accepted again.
+    EXPECT_EQ(with_state_dir(empty).status, 0);
 }

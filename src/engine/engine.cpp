@@ -125,6 +125,8 @@ void Engine::prune_finished(const std::string& vm) {
 }
 
 Result<void> Engine::preflight(const config::NodeConfig& c) {
+    if (auto dir = check_state_dir(c.node.state_dir); !dir)
+        return make_error(Errc::invalid_argument, fmt::format("{}: {}", c.where("node.state_dir"), dir.error().message));
     auto& tls = c.tls;
     if (!c.migration.disable_tls && !tls.ca.empty()) {
         for (auto [key, path] : {std::pair{"tls.ca", &tls.ca}, std::pair{"tls.cert", &tls.cert},
@@ -331,8 +333,9 @@ asio::awaitable<Result<void>> Engine::start() {
         if (ec)
             co_return make_error(Errc::io, fmt::format("creating {}: {}", dir, ec.message()));
     }
-    // Records, console logs and QEMU's sockets: for ferryd's user only.
-    fs::permissions(config_.node.state_dir, fs::perms::owner_all, ec);
+    // Records, console logs and QEMU's sockets: for ferryd's user only (the
+    // directories are made under its umask 077; state_dir's own mode is the
+    // operator's when it existed before).
     for (auto& entry : fs::directory_iterator(config_.node.state_dir + "/vms", ec)) {
         auto rec = read_json_file(entry.path().string() + "/vm.json");
         if (!rec) {
@@ -771,6 +774,16 @@ asio::awaitable<Result<void>> Engine::delete_vm(std::string name) {
     std::error_code ec;
     fs::remove(vm_dir(name) + "/vm.json", ec);
     fs::remove_all(vm_dir(name), ec);
+    // Its migrations' records go with it (a VM that left by migration keeps
+    // its newest ones here, finished_migrations_per_vm, as history).
+    std::vector<std::string> ended;
+    for (auto& [id, m] : migrations_)
+        if (m->vm == name && is_final(m->phase))
+            ended.push_back(id);
+    for (auto& id : ended) {
+        fs::remove(migration_path(id), ec);
+        migrations_.erase(id);
+    }
     co_return Result<void>{};
 }
 

@@ -89,11 +89,14 @@ ferry::Result<ferry::config::NodeConfig> load_checked(const std::string& path) {
 ferry::Result<ferry::LockFile> claim(const ferry::config::NodeConfig& cfg) {
     namespace fs = std::filesystem;
     std::error_code ec;
-    fs::create_directories(cfg.node.state_dir, ec);
-    if (ec)
-        return ferry::make_error(ferry::Errc::io,
-                                 fmt::format("creating state_dir {}: {}", cfg.node.state_dir, ec.message()));
-    ::chmod(cfg.node.state_dir.c_str(), 0700);
+    // Made here (under umask 077: mode 0700) when missing; an existing one
+    // passed the preflight and keeps the mode its owner gave it.
+    if (!fs::exists(cfg.node.state_dir, ec)) {
+        fs::create_directories(cfg.node.state_dir, ec);
+        if (ec)
+            return ferry::make_error(ferry::Errc::io,
+                                     fmt::format("creating state_dir {}: {}", cfg.node.state_dir, ec.message()));
+    }
     auto lock = ferry::LockFile::acquire(cfg.node.state_dir + "/ferryd.lock");
     if (!lock && lock.error().code == ferry::Errc::already_exists)
         return lock.error().wrap(fmt::format("state_dir {} is in use by another ferryd", cfg.node.state_dir));
