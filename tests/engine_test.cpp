@@ -1,5 +1,7 @@
 // src/engine: unit tests of the pure parts, integration tests of migrations
 // of the test guest in real QEMU processes.
+#include "common/log.hpp"
+#include "engine/console.hpp"
 #include "engine/convergence.hpp"
 #include "engine/disk_plan.hpp"
 #include "engine/engine.hpp"
@@ -44,7 +46,7 @@ TEST(QemuArgs, SourceStartsPausedDestinationDefersIncoming) {
     LaunchOptions o;
     o.accel = "tcg";
     o.qmp_socket = "/r/qmp.sock";
-    o.console_socket = "/r/console.sock";
+    o.console_file = "/r/console.out";
     o.start_paused = true;
     auto src = qemu_args(spec, o);
     auto has = [](const std::vector<std::string>& v, const std::string& a, const std::string& b) {
@@ -123,6 +125,60 @@ TEST(Heartbeat, ParsesLines) {
     EXPECT_FALSE(parse_heartbeat("FERRY-HB x 100", 0));
     EXPECT_FALSE(parse_heartbeat("FERRY-HB 4 0", 0));
     EXPECT_FALSE(parse_heartbeat("hello", 0));
+}
+
+TEST(Console, LinesEndAtNewlinesAndLongOnesAreCutIntoPieces) {
+    LineSplitter lines(8);
+    EXPECT_EQ(lines.feed("ab"), std::vector<std::string>{});
+    EXPECT_EQ(lines.feed("c\r\nde\n\nf"), (std::vector<std::string>{"abc", "de", ""}));
+    EXPECT_EQ(lines.feed("0123456789abcdefghij"), (std::vector<std::string>{"f0123456", "789abcde"}));
+    EXPECT_EQ(lines.feed("\n"), std::vector<std::string>{"fghij"});
+    EXPECT_EQ(lines.feed("12345678\n"), std::vector<std::string>{"12345678"});
+    lines.feed("tail");
+    EXPECT_EQ(lines.rest(), "tail");
+    EXPECT_EQ(lines.rest(), "");
+}
+
+// What QEMU writes to console.out: read as it comes, a 2 MiB line cut
+// into pieces (the capture goes on after it), the log rotated at its cap,
+// the read part punched out of console.out, and a last unended line kept.
+TEST(Console, FollowsQemusFileCutsLongLinesRotatesTheLogAndFreesWhatItRead) {
+    TempDir dir;
+    asio::io_context io;
+    auto out = dir / "console.out";
+    auto log = dir / "console.log";
+    int fd = ::open(out.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    ASSERT_GE(fd, 0);
+    auto capture = std::make_shared<ConsoleCapture>(io.get_executor(), out, log, "r1", ConsoleLimits{64 << 10, 4096});
+    capture->start();
+    auto put = [&](const std::string& text) {
+        ASSERT_EQ(::write(fd, text.data(), text.size()), static_cast<ssize_t>(text.size()));
+    };
+    auto until = [&](auto done) {
+        for (int i = 0; i < 400 && !done(); ++i)
+            io.run_for(10ms);
+        return done();
+    };
+    put("FERRY-HB 1 50 pass=1\n");
+    ASSERT_TRUE(until([&] { return capture->heartbeat_list().size() == 1; }));
+    put(std::string(2 << 20, 'x') + "\nFERRY-HB 2 50 pass=1\n");
+    ASSERT_TRUE(until([&] { return capture->heartbeat_list().size() == 2; }));
+    EXPECT_EQ(capture->heartbeat_list()[1].seq, 2u);
+    auto text = ferry::test::read_file(log);
+    EXPECT_NE(text.find("[r1] FERRY-HB 2 50 pass=1\n"), std::string::npos) << text.substr(0, 200);
+    EXPECT_NE(text.find("[r1] " + std::string(4096, 'x') + "\n"), std::string::npos);
+    EXPECT_EQ(text.find(std::string(4097, 'x')), std::string::npos) << "a piece longer than line_max";
+    EXPECT_LE(std::filesystem::file_size(log), 64u << 10);
+    ASSERT_TRUE(std::filesystem::exists(log + ".1"));
+    EXPECT_LE(std::filesystem::file_size(log + ".1"), 64u << 10);
+    struct stat st {};
+    ASSERT_EQ(::stat(out.c_str(), &st), 0);
+    EXPECT_GE(static_cast<std::uint64_t>(st.st_size), 2u << 20) << "console.out keeps its size";
+    EXPECT_LT(static_cast<std::uint64_t>(st.st_blocks) * 512, 1u << 20) << "what was read still takes space";
+    put("the last words");
+    capture->stop();
+    EXPECT_NE(ferry::test::read_file(log).find("[r1] the last words\n"), std::string::npos);
+    ::close(fd);
 }
 
 TEST(Heartbeat, BlackoutIsTheGapLessGuestTime) {

@@ -587,3 +587,58 @@ TEST_F(Robustness, AStateDirThatIsNotFerrysIsRefusedAndLeftAsItWas) {
     // Used before: accepted again.
     EXPECT_EQ(with_state_dir(empty).status, 0);
 }
+
+namespace {
+// The last heartbeat sequence number in a console log (0 for none).
+std::uint64_t last_heartbeat(const std::string& log) {
+    auto at = log.rfind("FERRY-HB ");
+    return at == std::string::npos ? 0 : std::stoull(log.substr(at + 9));
+}
+} // namespace
+
+// No state of ferryd stalls a guest: stopped for 20 s while its guest
+// prints 256 KiB/s, the guest's heartbeats go on at their pace (QEMU writes
+// the console to a file itself; a socket would have filled within a second
+// or two and frozen the guest in its serial writes), and ferry's log has
+// them all once it runs again.
+TEST_F(Robustness, AStoppedFerrydNeverStallsAGuestPrintingToItsConsole) {
+    ferry::test::write_file(dir_ / "vm.toml", R"(name = "demo"
+memory = "128Mi"
+kernel = ")" + ferry::test::guest_kernel() + R"("
+append = "ws=8 rate=1 hb=50 noise=256 nline=200"
+)");
+    start();
+    ctl_json("vm create --spec " + (dir_ / "vm.toml"));
+    wait_heartbeats();
+    auto console = dir_ / "state/vms/demo/console.log";
+    auto before = last_heartbeat(ferry::test::read_file(console));
+    auto t0 = std::chrono::steady_clock::now();
+    ASSERT_EQ(::kill(pid_, SIGSTOP), 0);
+    std::this_thread::sleep_for(20s);
+    ASSERT_EQ(::kill(pid_, SIGCONT), 0);
+    std::uint64_t after = 0;
+    for (int i = 0; i < 100; ++i) { // until the capture has caught up
+        std::this_thread::sleep_for(100ms);
+        auto now = last_heartbeat(ferry::test::read_file(console));
+        if (now == after && now > before)
+            break;
+        after = now;
+    }
+    auto elapsed_ms = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - t0);
+    auto expected = static_cast<std::uint64_t>(elapsed_ms.count() / 50);
+    // A guest blocked in its serial writes prints none while blocked; this
+    // one loses no more than what a busy host takes from its vCPU.
+    EXPECT_GE(after - before, expected / 2) << "heartbeats " << before << " -> " << after << " in " << elapsed_ms.count()
+                                             << " ms";
+    auto text = ferry::test::read_file(console);
+    EXPECT_NE(text.find("FERRY-NOISE abc"), std::string::npos);
+    // And every heartbeat of the stop is in the log, in order, none lost.
+    std::uint64_t prev = 0, gaps = 0;
+    for (auto at = text.find("FERRY-HB "); at != std::string::npos; at = text.find("FERRY-HB ", at + 1)) {
+        auto seq = std::stoull(text.substr(at + 9));
+        gaps += prev && seq != prev + 1;
+        prev = seq;
+    }
+    EXPECT_EQ(gaps, 0u);
+    EXPECT_EQ(ctl_json("vm show demo")["status"], "running");
+}

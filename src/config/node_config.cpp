@@ -58,6 +58,10 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("control_idle_timeout", n.control_idle_timeout, 1, 86400);
     r.get("listen", n.listen);
     r.get_quantity("max_migration_bandwidth", n.max_migration_bandwidth);
+    r.get_quantity("console_log_max", n.console_log_max);
+    if (n.console_log_max < (64 << 10))
+        p.add(t.get("console_log_max")->source(),
+              fmt::format("key 'node.console_log_max': {} bytes is less than the least, 64Ki", n.console_log_max));
     r.get("qemu", n.qemu);
     r.get("qemu_wrapper", n.qemu_wrapper);
     for (std::size_t i = 0; i < n.qemu_wrapper.size(); ++i)

@@ -58,6 +58,8 @@ struct NodeSection {
     std::map<std::string, std::string> labels; // matched by VMs' node_selector and policies
     // vCPUs the scheduler places per host CPU (KubeVirt's cpuAllocationRatio).
     std::int64_t cpu_allocation_ratio = 10;
+    // A VM's console.log rotates to console.log.1 past this size (bytes).
+    std::uint64_t console_log_max = 16 << 20;
 };
 
 struct TlsSection {

@@ -423,10 +423,11 @@ asio::awaitable<void> Engine::reattach(std::shared_ptr<Vm> vm) {
     vm->qemu.run_dir = r.run_dir;
     vm->qemu.qmp_socket = r.qmp_socket;
     if (!r.run_dir.empty()) {
-        vm->qemu.console_socket = r.run_dir + "/console.sock";
-        vm->qemu.console = std::make_shared<ConsoleCapture>(ex_, vm->qemu.console_socket,
+        vm->qemu.console_file = r.run_dir + "/console.out";
+        vm->qemu.console = std::make_shared<ConsoleCapture>(ex_, vm->qemu.console_file,
                                                             vm_dir(r.name) + "/console.log",
-                                                            fmt::format("r{}", r.generation));
+                                                            fmt::format("r{}", r.generation),
+                                                            ConsoleLimits{config_.node.console_log_max});
         vm->qemu.console->start();
     }
     auto status = co_await vm->qemu.qmp->execute("query-status");

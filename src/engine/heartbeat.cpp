@@ -37,4 +37,26 @@ std::optional<std::int64_t> guest_blackout_ms(const std::vector<Heartbeat>& sour
     return std::nullopt;
 }
 
+std::vector<std::string> LineSplitter::feed(std::string_view data) {
+    std::vector<std::string> out;
+    auto cut = [&] {
+        while (partial_.size() > line_max_) {
+            out.push_back(partial_.substr(0, line_max_));
+            partial_.erase(0, line_max_);
+        }
+    };
+    while (!data.empty()) {
+        auto nl = data.find('\n');
+        partial_.append(data.substr(0, nl));
+        cut();
+        if (nl == std::string_view::npos)
+            break;
+        if (!partial_.empty() && partial_.back() == '\r')
+            partial_.pop_back();
+        out.push_back(std::exchange(partial_, {}));
+        data.remove_prefix(nl + 1);
+    }
+    return out;
+}
+
 } // namespace ferry::engine

@@ -1,10 +1,12 @@
 #pragma once
-// Guest heartbeats: a guest that prints "FERRY-HB <seq> <interval_ms> ..." on
+// A guest's console output as lines, and guest heartbeats: a guest that prints "FERRY-HB <seq> <interval_ms> ..." on
 // its serial console every interval of its own time lets ferry measure the
 // blackout the guest saw during a switchover (pure; unit-tested).
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 namespace ferry::engine {
@@ -13,6 +15,21 @@ struct Heartbeat {
     std::int64_t host_ms = 0; // when ferry read the line (Unix ms)
     std::uint64_t seq = 0;
     std::uint32_t interval_ms = 0;
+};
+
+// Splits console output into lines: whole ones as they end, a line that
+// has grown to `line_max` without ending in pieces of that size. Pure.
+class LineSplitter {
+public:
+    explicit LineSplitter(std::size_t line_max) : line_max_(line_max) {}
+    // The lines `data` completes ("\r\n" and "\n" end a line).
+    std::vector<std::string> feed(std::string_view data);
+    // What is left without a newline (at the end of the output).
+    std::string rest() { return std::exchange(partial_, {}); }
+
+private:
+    std::size_t line_max_;
+    std::string partial_;
 };
 
 std::optional<Heartbeat> parse_heartbeat(std::string_view line, std::int64_t host_ms);

@@ -29,7 +29,8 @@ std::vector<std::string> qemu_args(const config::VmSpec& spec, const LaunchOptio
         "-cpu", spec.cpu_model,
         "-nodefaults", "-no-user-config", "-display", "none",
         "-qmp", fmt::format("unix:{},server=on,wait=off", o.qmp_socket),
-        "-chardev", fmt::format("socket,id=ferry-console,path={},server=on,wait=off", o.console_socket),
+        // A file QEMU writes itself: the guest never waits on ferryd.
+        "-chardev", fmt::format("file,id=ferry-console,path={},append=on", o.console_file),
         "-serial", "chardev:ferry-console",
     };
     if (spec.kernel) {

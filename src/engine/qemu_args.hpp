@@ -17,7 +17,7 @@ struct LaunchOptions {
     std::string qemu = "qemu-system-x86_64";
     std::string accel = "tcg";
     std::string qmp_socket;
-    std::string console_socket; // guest serial port (COM1), captured by ferry
+    std::string console_file; // guest serial port (COM1): QEMU writes it, ferry follows it
     bool incoming = false;      // destination: -incoming defer
     bool start_paused = false;  // -S: ferry resumes once the console is attached
 };

@@ -221,7 +221,7 @@ asio::awaitable<Result<QemuInstance>> TargetRun::await_external(std::chrono::sec
                   {{"argv", argv},
                    {"run_dir", q.run_dir},
                    {"qmp_socket", q.qmp_socket},
-                   {"console_socket", q.console_socket},
+                   {"console_file", q.console_file},
                    {"log", q.log_path()},
                    {"timeout_s", wait_s}});
     engine_log()->info("migration {}: waiting up to {} s for the stack to start {}'s destination QEMU "
@@ -301,14 +301,15 @@ asio::awaitable<Result<json>> TargetRun::register_external(std::string qmp_socke
     q.generation = 1;
     q.run_dir = node_.vm_dir(spec_.name) + "/r1";
     q.qmp_socket = qmp_socket;
-    q.console_socket = q.run_dir + "/console.sock";
+    q.console_file = q.run_dir + "/console.out";
     q.pid = qmp->peer_pid();
     q.qmp = qmp;
-    // Its serial console, when it uses ferry's socket: the guest's heartbeat
-    // (blackout) and console log.
-    if (fs::exists(q.console_socket)) {
-        q.console = std::make_shared<ConsoleCapture>(node_.executor(), q.console_socket,
-                                                     node_.vm_dir(spec_.name) + "/console.log", "r1");
+    // Its serial console, when it writes ferry's console file: the guest's
+    // heartbeat (blackout) and console log.
+    if (fs::exists(q.console_file)) {
+        q.console = std::make_shared<ConsoleCapture>(node_.executor(), q.console_file,
+                                                     node_.vm_dir(spec_.name) + "/console.log", "r1",
+                                                     ConsoleLimits{node_.config().node.console_log_max});
         q.console->start();
     }
     engine_log()->info("migration {}: the stack's QEMU pid {} at {} receives {}{}", m_.id, q.pid, qmp_socket,

@@ -60,8 +60,8 @@ Result<PreparedLaunch> prepare_launch(const LaunchRequest& req) {
     q.generation = req.generation;
     q.run_dir = fmt::format("{}/r{}", req.vm_dir, req.generation);
     q.qmp_socket = q.run_dir + "/qmp.sock";
-    q.console_socket = q.run_dir + "/console.sock";
-    for (auto* path : {&q.qmp_socket, &q.console_socket}) {
+    q.console_file = q.run_dir + "/console.out";
+    for (auto* path : {&q.qmp_socket}) {
         if (path->size() > max_socket_path)
             return make_error(Errc::invalid_argument,
                               fmt::format("socket path {} is {} bytes, longer than the {} a Unix "
@@ -77,7 +77,7 @@ Result<PreparedLaunch> prepare_launch(const LaunchRequest& req) {
     opts.qemu = req.node->qemu;
     opts.accel = resolve_accel(req.node->accel, kvm_usable());
     opts.qmp_socket = q.qmp_socket;
-    opts.console_socket = q.console_socket;
+    opts.console_file = q.console_file;
     opts.incoming = req.incoming;
     opts.start_paused = !req.incoming || req.hold;
     p.argv = qemu_args(*req.spec, opts);
@@ -129,15 +129,11 @@ asio::awaitable<Result<QemuInstance>> launch_qemu(asio::any_io_executor ex, Laun
         co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
     }
 
-    q.console = std::make_shared<ConsoleCapture>(ex, q.console_socket, req.vm_dir + "/console.log",
-                                                 fmt::format("r{}", req.generation));
+    q.console = std::make_shared<ConsoleCapture>(ex, q.console_file, req.vm_dir + "/console.log",
+                                                 fmt::format("r{}", req.generation),
+                                                 ConsoleLimits{req.node->console_log_max});
     q.console->start();
     if (!req.incoming) {
-        // Give the console a moment to attach so the guest's first lines are kept.
-        for (int i = 0; i < 100 && !q.console->connected(); ++i) {
-            timer.expires_after(std::chrono::milliseconds(10));
-            co_await timer.async_wait(asio::as_tuple(asio::use_awaitable));
-        }
         auto cont = co_await q.qmp->execute("cont");
         if (!cont) {
             co_await destroy_qemu(ex, q);

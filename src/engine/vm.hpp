@@ -22,7 +22,7 @@ struct QemuInstance {
     int generation = 0;
     std::string run_dir; // empty for an adopted QEMU
     std::string qmp_socket;
-    std::string console_socket;
+    std::string console_file; // the guest's serial output, written by QEMU
     std::shared_ptr<qmp::Client> qmp;
     std::shared_ptr<ConsoleCapture> console;
 

@@ -13,6 +13,9 @@
  *                 rate, sector after sector over a region, pass after pass,
  *                 reading back an older sector after each write (default 0: off)
  *   dsize=<MiB>   the region of the disk written (default 8; clamped to the disk)
+ *   noise=<KiB/s> print filler lines at this rate, per second of CPU time
+ *                 it gets (default 0: off): a guest whose console is busy
+ *   nline=<bytes> the length of each filler line (default 100)
  *
  * Serial (COM1) output:
  *   FERRY-GUEST ws_base=0x1000000 ws_pages=<n> rate=<r> hb=<ms> tsc_khz=<k>
@@ -21,6 +24,7 @@
  *   FERRY-DISK sectors=<n> rate=<KiB/s>           the disk writer's region
  *   FERRY-DISK-HB pass=<p> lba=<next> bad=<n>     with each heartbeat
  *   FERRY-DISK-BAD lba=<s> want=<p> got=<q>       a read-back that differs
+ *   FERRY-NOISE abcd...                           filler, nline bytes a line
  *
  * Memory: page i of the working set holds the pass counter in word 0 and a
  * fixed pattern in the rest. The guest sweeps the pages in order (0, s, 2s,
@@ -275,6 +279,7 @@ struct multiboot_info {
 
 void guest_main(u32 magic, struct multiboot_info* mbi) {
     u32 ws_mib = 64, rate = 8, hb_ms = 100, halt = 0, stride = 1, disk_kib = 0, dsize_mib = 8;
+    u32 noise_kib = 0, nline = 100;
     serial_init();
     if (magic == 0x2BADB002u && (mbi->flags & 4) && mbi->cmdline) {
         const char* p = (const char*)mbi->cmdline;
@@ -296,6 +301,10 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
                 disk_kib = parse_u32(v);
             else if (streq_prefix(p, "dsize=", &v))
                 dsize_mib = parse_u32(v);
+            else if (streq_prefix(p, "noise=", &v))
+                noise_kib = parse_u32(v);
+            else if (streq_prefix(p, "nline=", &v))
+                nline = parse_u32(v);
             while (*p && *p != ' ')
                 ++p;
             while (*p == ' ')
@@ -390,6 +399,10 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
     u64 pages_per_ms_x1024 = (rate == RATE_MAX) ? 0 : (u64)rate * 256u * 1024u / 1000u;
     /* The disk writer: 4 KiB blocks due by guest time, no catch-up. */
     struct disk_writer disk = {start, 0, 0, 1, 0};
+    /* The console filler: whole lines due by guest time, no catch-up. */
+    u64 noise_start = start, noise_done = 0;
+    if (nline < 13)
+        nline = 13;
 
     for (;;) {
         u64 now = rdtsc();
@@ -422,6 +435,19 @@ void guest_main(u32 magic, struct multiboot_info* mbi) {
             }
             for (u32 b = 0; b < 16 && disk.done < due; ++b)
                 disk_step(&disk, disk_sectors);
+        }
+        if (noise_kib) {
+            u64 due_bytes = (now - noise_start) / per_ms * noise_kib * 1024u / 1000u;
+            if (due_bytes > noise_done + (u64)noise_kib * 1024u / 100u + nline) { /* did not run: no burst */
+                noise_start = now;
+                noise_done = 0;
+            } else if (noise_done + nline <= due_bytes) {
+                puts_serial("FERRY-NOISE ");
+                for (u32 i = 12; i + 1 < nline; ++i)
+                    putc_serial((char)('a' + (i - 12) % 26));
+                putc_serial('\n');
+                noise_done += nline;
+            }
         }
         if (pages == 0 || rate == 0)
             continue;
