@@ -1999,6 +1999,53 @@ for line in events.stdout:
     stack.join();
 }
 
+// The source ferryd SIGKILLed at two steps of the hand-off: while the target
+// finishes the arrival (its activated hook runs; the source QEMU is paused
+// after the switchover), and once the source QEMU is gone (its released hook
+// runs). Restarted, the source asks the target before it changes anything:
+// the migration ends Succeeded, the VM is recorded on the target alone (the
+// source QEMU never resumed), and its memory is intact there.
+TEST_F(TwoNodes, ASourceKilledDuringTheHandOffAsksTheTargetAndRecordsTheTruth) {
+    auto d = dir_.path();
+    for (auto letter : {"a", "b"}) {
+        auto hooks = d + "/hooks-" + letter;
+        std::filesystem::create_directories(hooks);
+        // Slow in the phase named by the file "slow-<phase>", and says so.
+        ferry::test::write_file(hooks + "/10-slow", "#!/bin/sh\n[ -e " + d + "/slow-$2 ] || exit 0\ntouch " + d +
+                                                        "/in-$2\nsleep 8\n");
+        std::filesystem::permissions(hooks + "/10-slow", std::filesystem::perms::owner_all);
+    }
+    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 20\n");
+    start(a());
+    start(b());
+    create_on_a();
+    auto kill_source_in = [&](Node& source, Node& target, const std::string& phase) {
+        auto pid = ctl_json(source, "vm show demo")["pid"].get<int>();
+        ferry::test::write_file(d + "/slow-" + phase, "");
+        auto id = ctl_json(source, "migrate demo --to " + target.name)["id"].get<std::string>();
+        for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-" + phase); ++i)
+            std::this_thread::sleep_for(50ms);
+        ASSERT_TRUE(std::filesystem::exists(d + "/in-" + phase)) << ferry::test::read_file(dir_ / (source.name + ".log"));
+        stop(source, SIGKILL);
+        std::filesystem::remove(d + "/slow-" + phase);
+        std::filesystem::remove(d + "/in-" + phase);
+        start(source);
+        auto done = wait_final(source, id);
+        auto log = ferry::test::read_file(dir_ / (source.name + ".log"));
+        ASSERT_EQ(done["phase"], "Succeeded") << phase << ": " << done.dump(2) << log;
+        EXPECT_NE(log.find(target.name + " reports that demo runs there"), std::string::npos) << log;
+        EXPECT_TRUE(ctl_json(source, "vm list").empty()) << "the source keeps a record of the VM";
+        EXPECT_EQ(ctl_json(target, "vm show demo")["status"], "running");
+        for (int i = 0; i < 100 && qemu_alive(pid); ++i)
+            std::this_thread::sleep_for(50ms);
+        EXPECT_FALSE(qemu_alive(pid)) << "the source QEMU still runs";
+        auto check = check_memory(target);
+        EXPECT_EQ(check.status, 0) << check.out << check.err;
+    };
+    ASSERT_NO_FATAL_FAILURE(kill_source_in(a(), b(), "activated"));
+    ASSERT_NO_FATAL_FAILURE(kill_source_in(b(), a(), "released"));
+}
+
 TEST_F(TwoNodes, HooksRunInOrderOnBothNodesAndAFailingPrepareHookKeepsTheVmHome) {
     auto d = dir_.path();
     for (auto letter : {"a", "b"}) {

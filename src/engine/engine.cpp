@@ -59,22 +59,6 @@ std::string random_suffix() {
     return fmt::format("{:06x}", rng() & 0xFFFFFF);
 }
 
-// The `aborted` hooks of a migration a restart interrupted, as a failure
-// runs them: the target's first (where the VM was arriving here), then the
-// source's, within 60 s in all (ferryd answers only once they end). Their
-// failures become warnings.
-asio::awaitable<void> recovery_hooks(Node& node, const config::HooksSection& hooks, Migration& m,
-                                     const config::VmSpec* spec, int source_pid, bool as_target, bool as_source) {
-    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
-    for (bool target : {true, false}) {
-        if (target ? !as_target : !as_source)
-            continue;
-        HookCall call{HookPhase::Aborted, target ? "target" : "source", &m, spec, node.config().node.name,
-                      target ? -1 : source_pid};
-        co_await run_phase_hooks(node, hooks, call, deadline, m.warnings); // an aborted hook cannot fail
-    }
-}
-
 } // namespace
 
 Engine::Engine(asio::any_io_executor ex, config::NodeConfig config)
@@ -383,6 +367,9 @@ asio::awaitable<Result<void>> Engine::start() {
     for (auto& [id, target] : abort_at_targets_)
         asio::co_spawn(ex_, abort_at_target(this, id, target), asio::detached);
     abort_at_targets_.clear();
+    for (auto& id : to_settle_)
+        asio::co_spawn(ex_, settle(this, id), asio::detached);
+    to_settle_.clear();
     asio::co_spawn(ex_, reap_loop(this), asio::detached);
     engine_log()->info("engine ready: {} VMs, {} migrations on record", vms_.size(), migrations_.size());
     co_return Result<void>{};
@@ -434,92 +421,6 @@ asio::awaitable<void> Engine::reattach(std::shared_ptr<Vm> vm) {
     vm->status = status ? (*status).value("status", "unknown") : "unknown";
     attach(vm);
     engine_log()->info("vm {}: re-attached to QEMU pid {} ({})", r.name, r.pid, vm->status);
-}
-
-asio::awaitable<void> Engine::recover_migration(Migration m) {
-    engine_log()->warn("migration {}: interrupted by a ferryd restart; cleaning up", m.id);
-    if (m.mode == "postcopy" && !m.postcopy_continued)
-        m.mode = "precopy"; // asked of QEMU, but it never went past pre-switchover: cancel as below
-    if (m.mode == "postcopy") {
-        // The VM ran on the target already: the source must never resume.
-        // (Surviving a ferryd restart in post-copy is not supported yet.)
-        m.phase = Phase::Failed;
-        m.failure_reason = fmt::format("ferryd restarted during post-copy; both QEMUs were left as they are (the "
-                                       "destination, pid {}, runs the VM; the source must not be resumed) for an "
-                                       "operator to finish",
-                                       m.target_pid);
-        m.ended_at = now_string();
-        persist(m);
-        *migrations_[m.id] = m;
-        co_return;
-    }
-    if (m.target_pid > 0 && process_alive(m.target_pid)) {
-        // Only kill it if it still is the QEMU we started (pids get reused).
-        std::ifstream cmdline(fmt::format("/proc/{}/cmdline", m.target_pid));
-        std::string args((std::istreambuf_iterator<char>(cmdline)), std::istreambuf_iterator<char>());
-        if (!m.target_dir.empty() && args.find(m.target_dir) != std::string::npos)
-            co_await terminate_process(ex_, m.target_pid, std::chrono::seconds(3));
-    }
-    if (!m.target_dir.empty()) {
-        std::error_code ec;
-        fs::remove_all(m.target_dir, ec);
-    }
-    for (auto& image : m.created_images) {
-        std::error_code ec;
-        if (fs::is_regular_file(image, ec) && fs::remove(image, ec))
-            engine_log()->info("migration {}: removed the half-copied target image {}", m.id, image);
-    }
-    m.created_images.clear();
-    // The source QEMU may still be migrating on its own, or paused before
-    // the switchover: cancel and resume it.
-    bool was_source = m.source_node == config_.node.name;
-    if (auto it = vms_.find(m.vm); was_source && it != vms_.end() && it->second->qemu.qmp) {
-        auto& qmp = *it->second->qemu.qmp;
-        co_await qmp.execute("migrate_cancel");
-        // A block migration's bitmaps, exports and NBD server.
-        block::QemuBlock block(it->second->qemu.qmp);
-        co_await restore_io_limits(it->second->qemu.qmp, m);
-        auto swept = co_await block.sweep("ferry-" + m.id, true);
-        if (!swept)
-            engine_log()->warn("migration {}: cleaning up the source QEMU: {}", m.id, swept.error().message);
-        else if (!swept->empty())
-            engine_log()->info("migration {}: removed from the source QEMU: {}", m.id, *swept);
-        auto status = co_await qmp.execute("query-status");
-        if (status && !(*status).value("running", false)) {
-            auto s = (*status).value("status", "");
-            if (s == "finish-migrate" || s == "postmigrate" || s == "paused" || s == "pre-switchover")
-                co_await qmp.execute("cont");
-        }
-        auto again = co_await qmp.execute("query-status");
-        it->second->status = again ? (*again).value("status", "unknown") : "unknown";
-    }
-    if (was_source && !m.target_node.empty() && m.target_node != config_.node.name && peer(m.target_node))
-        abort_at_targets_.emplace_back(m.id, m.target_node);
-    m.phase = Phase::Failed;
-    m.failure_reason = was_source ? "ferryd restarted during the migration; it was cancelled and the VM kept on the source"
-                                  : "ferryd restarted while the VM was arriving; the destination was removed";
-    m.ended_at = now_string();
-    // A target records an arrival once its prepare hooks ran; a same-node
-    // migration records its destination once that QEMU started.
-    bool arrived_here = m.target_node == config_.node.name && (!was_source || !m.target_dir.empty());
-    m.target_pid = -1;
-    m.target_dir.clear();
-    // Final on disk before the hooks: a restart while they run does not
-    // run them again.
-    persist(m);
-    *migrations_[m.id] = m;
-    const config::VmSpec* spec = nullptr;
-    int pid = -1;
-    if (auto it = vms_.find(m.vm); it != vms_.end()) {
-        spec = it->second->record.spec ? &*it->second->record.spec : nullptr;
-        pid = it->second->qemu.pid;
-    }
-    auto warnings = m.warnings.size();
-    co_await recovery_hooks(*this, config_.hooks, m, spec, pid, arrived_here, was_source);
-    if (m.warnings.size() != warnings) {
-        persist(m);
-        *migrations_[m.id] = m;
-    }
 }
 
 void Engine::note_peer(const std::string& peer, bool ok, const std::string& why) {

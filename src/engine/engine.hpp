@@ -179,7 +179,18 @@ private:
     // Recovered cross-node migrations this node was the source of: {id, target}.
     std::vector<std::pair<std::string, std::string>> abort_at_targets_;
     boost::asio::awaitable<void> reattach(std::shared_ptr<Vm> vm);
+    // Restart recovery (recovery.cpp): an unfinished migration is cancelled
+    // and the VM kept where it was, unless the VM may already run on the
+    // target (the source QEMU gone or past the switchover): then the target
+    // is asked, until it answers, whether it runs it.
     boost::asio::awaitable<void> recover_migration(Migration m);
+    boost::asio::awaitable<bool> may_have_moved(const Migration& m);
+    boost::asio::awaitable<void> conclude_stayed(Migration m);
+    boost::asio::awaitable<void> conclude_moved(Migration m);
+    static boost::asio::awaitable<void> settle(Engine* self, std::string id);
+    std::vector<std::string> to_settle_; // in doubt: asked once the peer endpoint is up
+    // The answer to a restarted source's "outcome" question.
+    boost::asio::awaitable<nlohmann::json> outcome(const nlohmann::json& msg, const std::string& peer);
     // One message on a control channel of its own: dial (10 s), send, read
     // the answer (10 s), close.
     boost::asio::awaitable<Result<json>> ask_once(const config::Peer& peer, json message,

@@ -99,6 +99,12 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
             co_return;
         }
         auto type = msg->value("type", "");
+        if (type == "outcome" && !in) { // a restarted source's question, on a channel of its own
+            auto reply = co_await self->outcome(*msg, channel->peer_node);
+            co_await channel->write_frame(reply);
+            channel->close();
+            co_return;
+        }
         bool already_finished = self->continuing(in, *msg, channel->peer_node);
         if (type == "abort") {
             if (in && !in->finished())

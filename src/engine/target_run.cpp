@@ -414,6 +414,13 @@ std::shared_ptr<Vm> TargetRun::take_in(bool resume) {
 }
 
 asio::awaitable<json> TargetRun::finish(const json& msg) {
+    finishing_ = true;
+    auto reply = co_await finish_steps(msg);
+    finishing_ = false;
+    co_return reply;
+}
+
+asio::awaitable<json> TargetRun::finish_steps(const json& msg) {
     auto answer_by = Clock::now() + 50s; // the source waits 60 s for the answer
     auto not_loaded = co_await wait_loaded();
     if (!not_loaded.empty())

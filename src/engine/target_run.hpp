@@ -35,6 +35,7 @@ public:
     boost::asio::awaitable<nlohmann::json> start();
     // "finish": the stream is complete; the VM becomes this node's.
     boost::asio::awaitable<nlohmann::json> finish(const nlohmann::json& msg);
+    boost::asio::awaitable<nlohmann::json> finish_steps(const nlohmann::json& msg);
     // "recover": a broken post-copy stream; listen again, new tokens.
     boost::asio::awaitable<nlohmann::json> recover();
     // "disk_resume": the disk channel broke; a token for a new one.
@@ -68,6 +69,8 @@ public:
 
     bool prepared() const { return prepared_; }
     bool finished() const { return finished_; }
+    // A "finish" is under way: the guest may be resumed here any moment.
+    bool finishing() const { return finishing_; }
     const Migration& migration() const { return m_; }
     const std::string& vm_name() const { return spec_.name; }
     const config::VmSpec& spec() const { return spec_; }
@@ -123,6 +126,7 @@ private:
     boost::asio::steady_timer order_; // woken when next_index_ moves
     bool prepared_ = false;
     bool finished_ = false;
+    bool finishing_ = false;
     const void* control_ = nullptr; // the source's control channel
     std::uint64_t control_epoch_ = 0; // moves with every change of it
     std::string listen_socket_; // where QEMU listens (changes with each post-copy recovery)
