@@ -205,6 +205,34 @@ bus = "scsi"
     EXPECT_NE(msg.find("vm.toml:7: key 'disks[0].bus': \"scsi\" is not virtio or ide"), std::string::npos) << msg;
 }
 
+// Relative to ferryd's working directory, a path would not survive a restart
+// from another one: kernel, initrd and disk paths are absolute.
+TEST(VmSpec, PathsMustBeAbsolute) {
+    auto s = parse_vm_spec(R"(name = "web-1"
+memory = "64Mi"
+kernel = "bzImage"
+initrd = "./initrd.img"
+[[disks]]
+path = "images/web-1.raw"
+)", "vm.toml");
+    ASSERT_FALSE(s);
+    auto msg = s.error().message;
+    EXPECT_NE(msg.find("vm.toml:3: key 'kernel': \"bzImage\" must be an absolute path"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:4: key 'initrd': \"./initrd.img\" must be an absolute path"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("vm.toml:6: key 'disks[0].path': \"images/web-1.raw\" must be an absolute path"),
+              std::string::npos)
+        << msg;
+    auto ok = parse_vm_spec("name = \"web-1\"\nmemory = \"64Mi\"\nkernel = \"/boot/vmlinuz\"\n", "vm.toml");
+    ASSERT_TRUE(ok) << ok.error().message;
+    // The same from JSON (a spec sent over the control socket).
+    auto relative = *ok;
+    relative.disks.push_back({"d.raw", "raw", true, false});
+    auto r = validate_vm_spec(relative);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("disks[0].path \"d.raw\" is not an absolute path"), std::string::npos)
+        << r.error().message;
+}
+
 TEST(VmSpec, RequiresNameAndMemory) {
     auto s = parse_vm_spec("cpus = 1\n", "vm.toml");
     ASSERT_FALSE(s);

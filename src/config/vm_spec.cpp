@@ -36,6 +36,9 @@ void read_disk(const toml::table& t, Problems& p, std::size_t i, DiskSpec& d) {
     if (d.path.find(',') != std::string::npos)
         p.add(t.get("path")->source(),
               fmt::format("key 'disks[{}].path': commas are not allowed in disk paths", i));
+    // Relative to what? ferryd's working directory is no answer a restart keeps.
+    if (!d.path.empty() && d.path.front() != '/')
+        p.add(t.get("path")->source(), fmt::format("key 'disks[{}].path': \"{}\" must be an absolute path", i, d.path));
     r.finish();
 }
 
@@ -96,6 +99,9 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
     r.get("machine", s.machine);
     r.get("kernel", s.kernel);
     r.get("initrd", s.initrd);
+    for (auto [key, value] : {std::pair{"kernel", &s.kernel}, std::pair{"initrd", &s.initrd}})
+        if (*value && (*value)->substr(0, 1) != "/")
+            p.add(root.get(key)->source(), fmt::format("key '{}': \"{}\" must be an absolute path", key, **value));
     r.get("append", s.append);
     r.get("labels", s.labels);
     r.get("node_selector", s.node_selector);
@@ -146,8 +152,13 @@ Result<void> validate_vm_spec(const VmSpec& s) {
     for (std::size_t i = 0; i < s.extra_args.size(); ++i)
         if (auto o = owned_option(s.extra_args[i]); !o.empty())
             return bad(fmt::format("extra_args[{}] \"{}\" is not allowed", i, s.extra_args[i]));
+    for (auto [key, value] : {std::pair{"kernel", &s.kernel}, std::pair{"initrd", &s.initrd}})
+        if (*value && (*value)->substr(0, 1) != "/")
+            return bad(fmt::format("{} \"{}\" is not an absolute path", key, **value));
     for (std::size_t i = 0; i < s.disks.size(); ++i) {
         auto& d = s.disks[i];
+        if (!d.path.empty() && d.path.front() != '/')
+            return bad(fmt::format("disks[{}].path \"{}\" is not an absolute path", i, d.path));
         if ((d.format != "raw" && d.format != "qcow2") || d.path.empty() || d.path.find(',') != std::string::npos)
             return bad(fmt::format("disks[{}] is not a raw or qcow2 disk with a path free of commas", i));
         if (d.bus != "virtio" && d.bus != "ide")

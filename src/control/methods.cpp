@@ -184,6 +184,9 @@ Result<engine::MigrateRequest> migrate_request(const json& params) {
                    into(p.optional_bool("allow_post_copy"), req.allow_post_copy)})
         if (!r)
             return r.error();
+    if (req.target_node && req.target_node->empty())
+        return make_error(Errc::invalid_argument, "migration.create: 'target_node' is empty: name a node, or leave "
+                                                  "it out to let the scheduler choose");
     return req;
 }
 
