@@ -16,9 +16,14 @@
 #include "verify.hpp"
 
 #include <gtest/gtest.h>
+#include <spdlog/sinks/ostream_sink.h>
 
 #include <regex>
 #include <set>
+#include <sstream>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <csignal>
@@ -1293,6 +1298,215 @@ TEST(Hooks, RunInNameOrderSkippingWhatRunPartsSkips) {
     auto missing = ferry::engine::list_hooks(dir / "missing");
     ASSERT_FALSE(missing) << "a directory that went away fails closed";
     EXPECT_NE(missing.error().message.find("reading the hooks directory " + dir / "missing"), std::string::npos);
+}
+
+// A hooks dir of 0755 holding a 0755 hook, both root's, and a hook linked
+// from a directory of its own: what ferryd accepts.
+namespace {
+struct HooksFixture {
+    TempDir dir; // 0700, root's
+    std::string hooks = dir / "hooks", other = dir / "other";
+    HooksFixture() {
+        namespace fs = std::filesystem;
+        fs::create_directories(hooks);
+        fs::create_directories(other);
+        ferry::test::write_file(hooks + "/10-net", "#!/bin/sh\necho ran >> " + dir / "ran.log" + "\n");
+        ferry::test::write_file(other + "/real", "#!/bin/sh\n");
+        fs::create_symlink(other + "/real", hooks + "/20-link");
+        for (auto p : {hooks, other, hooks + "/10-net", other + "/real"})
+            chmod(p, 0755);
+    }
+    static void chmod(const std::string& path, int mode) { ASSERT_EQ(::chmod(path.c_str(), mode), 0) << path; }
+    static void chown(const std::string& path, uid_t uid) {
+        ASSERT_EQ(::chown(path.c_str(), uid, 0), 0) << path << ": the tests run as root";
+    }
+    static std::string refusal(const std::string& path) {
+        auto r = check_hook_path(path);
+        return r ? "" : r.error().message;
+    }
+    std::string refusal_of_dir() {
+        auto r = check_hooks(hooks);
+        return r ? "" : r.error().message;
+    }
+};
+} // namespace
+
+TEST(Hooks, RefusedWhenWritableByGroupOrOthers) {
+    HooksFixture f;
+    EXPECT_EQ(f.refusal(f.hooks), "");
+    EXPECT_EQ(f.refusal(f.hooks + "/10-net"), "");
+    EXPECT_EQ(f.refusal(f.hooks + "/20-link"), "");
+    EXPECT_EQ(f.refusal_of_dir(), "");
+    EXPECT_TRUE(check_hooks("")) << "no hooks dir, nothing to refuse";
+    // 0700 and 0500 are fine: only writing by others matters.
+    f.chmod(f.hooks + "/10-net", 0500);
+    EXPECT_EQ(f.refusal(f.hooks + "/10-net"), "");
+
+    for (int mode : {0775, 0757, 0666}) {
+        f.chmod(f.hooks + "/10-net", mode);
+        auto why = f.refusal(f.hooks + "/10-net");
+        EXPECT_EQ(why, fmt::format("{}/10-net is writable by group or others (mode {:04o}); hooks must be writable "
+                                   "only by their owner",
+                                   f.hooks, mode));
+        if (mode & 0111) {
+            EXPECT_EQ(f.refusal_of_dir(), why);
+        }
+    }
+    f.chmod(f.hooks + "/10-net", 0755);
+
+    // The dir itself, and through it each hook it holds.
+    f.chmod(f.hooks, 0777);
+    EXPECT_EQ(f.refusal(f.hooks), f.hooks + " is writable by group or others (mode 0777); a directory holding hooks "
+                                            "must be writable only by its owner");
+    EXPECT_EQ(f.refusal_of_dir(), f.refusal(f.hooks));
+    EXPECT_NE(f.refusal(f.hooks + "/10-net").find(f.hooks + ", which holds " + f.hooks + "/10-net, is writable"),
+              std::string::npos)
+        << f.refusal(f.hooks + "/10-net");
+    f.chmod(f.hooks, 01777); // sticky or not
+    EXPECT_NE(f.refusal(f.hooks), "");
+    f.chmod(f.hooks, 0755);
+
+    // A symlink: judged by its target, and the directory that holds that.
+    f.chmod(f.other + "/real", 0777);
+    EXPECT_EQ(f.refusal(f.hooks + "/20-link"),
+              fmt::format("{}/20-link (-> {}/real) is writable by group or others (mode 0777); hooks must be "
+                          "writable only by their owner",
+                          f.hooks, f.other));
+    EXPECT_EQ(f.refusal_of_dir(), f.refusal(f.hooks + "/20-link"));
+    f.chmod(f.other + "/real", 0755);
+    f.chmod(f.other, 0775);
+    EXPECT_NE(f.refusal(f.hooks + "/20-link")
+                  .find(fmt::format("{}, which holds {}/20-link (-> {}/real), is writable by group or others (mode "
+                                    "0775); a directory holding hooks must be writable only by its owner",
+                                    f.other, f.hooks, f.other)),
+              std::string::npos)
+        << f.refusal(f.hooks + "/20-link");
+    f.chmod(f.other, 0755);
+    EXPECT_EQ(f.refusal_of_dir(), "");
+
+    EXPECT_NE(f.refusal(f.dir / "missing").find(f.dir / "missing: No such file or directory"), std::string::npos);
+}
+
+TEST(Hooks, RefusedWhenOwnedByAnotherUser) {
+    HooksFixture f;
+    f.chown(f.hooks + "/10-net", 65534);
+    auto why = f.refusal(f.hooks + "/10-net");
+    EXPECT_EQ(why, f.hooks + "/10-net is owned by uid 65534, not by root; hooks must be owned by root or by the user "
+                             "ferryd runs as");
+    EXPECT_EQ(f.refusal_of_dir(), why);
+    f.chown(f.hooks + "/10-net", 0);
+    EXPECT_EQ(f.refusal_of_dir(), "");
+
+    f.chown(f.hooks, 65534);
+    EXPECT_EQ(f.refusal_of_dir(), f.hooks + " is owned by uid 65534, not by root; a directory holding hooks must be "
+                                            "owned by root or by the user ferryd runs as");
+    f.chown(f.hooks, 0);
+
+    f.chown(f.other + "/real", 65534);
+    EXPECT_NE(f.refusal(f.hooks + "/20-link").find(f.hooks + "/20-link (-> " + f.other + "/real) is owned by uid 65534"),
+              std::string::npos)
+        << f.refusal(f.hooks + "/20-link");
+    f.chown(f.other + "/real", 0);
+    f.chown(f.other, 65534);
+    EXPECT_NE(f.refusal(f.hooks + "/20-link").find(f.other + ", which holds"), std::string::npos)
+        << f.refusal(f.hooks + "/20-link");
+    EXPECT_NE(f.refusal_of_dir(), "");
+    f.chown(f.other, 0);
+    EXPECT_EQ(f.refusal_of_dir(), "");
+}
+
+// ferryd --check-config, its start and SIGHUP all go through preflight.
+TEST(Hooks, PreflightRefusesADirOthersMayWriteNamingTheConfigLine) {
+    HooksFixture f;
+    ferry::config::NodeConfig c;
+    c.file = "/etc/ferry/ferryd.toml";
+    c.lines["hooks.dir"] = 12;
+    c.node.qemu = "/bin/sh";
+    c.hooks.dir = f.hooks;
+    auto ok = Engine::preflight(c);
+    EXPECT_TRUE(ok) << ok.error().message;
+    f.chmod(f.hooks + "/10-net", 0775);
+    auto bad = Engine::preflight(c);
+    ASSERT_FALSE(bad);
+    EXPECT_EQ(bad.error().message, "/etc/ferry/ferryd.toml:12: key 'hooks.dir': " + f.hooks +
+                                       "/10-net is writable by group or others (mode 0775); hooks must be writable "
+                                       "only by their owner");
+}
+
+// At run time the files are checked again: they may have changed since
+// ferryd started. A gate fails closed before any of its hooks runs; after
+// the switchover the refused hook is a failure and the others run.
+TEST(Hooks, RunRefusesAHookOthersMayWriteAndAGateFailsClosed) {
+    HooksFixture f;
+    std::filesystem::remove(f.hooks + "/20-link");
+    ferry::test::write_file(f.hooks + "/20-open", "#!/bin/sh\necho open >> " + f.dir / "ran.log" + "\n");
+    f.chmod(f.hooks + "/20-open", 0777);
+    asio::io_context io;
+    Migration m;
+    m.id = "demo-1";
+    m.vm = "demo";
+    ferry::config::HooksSection section;
+    section.dir = f.hooks;
+    HookCall call{HookPhase::Prepare, "target", &m, nullptr, "b", -1};
+    auto deadline = std::chrono::steady_clock::now() + 30s;
+
+    auto gate = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    ASSERT_FALSE(gate);
+    EXPECT_EQ(gate.error().message, "hook 20-open (prepare on the target b) refused: " + f.hooks +
+                                        "/20-open is writable by group or others (mode 0777); hooks must be writable "
+                                        "only by their owner");
+    EXPECT_FALSE(std::filesystem::exists(f.dir / "ran.log")) << "a gate that refuses a hook runs none of them";
+
+    call.phase = HookPhase::Activated;
+    auto after = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    ASSERT_TRUE(after) << after.error().message;
+    ASSERT_EQ(after->size(), 1U);
+    EXPECT_EQ((*after)[0], "hook 20-open (activated on the target b) refused: " + f.hooks +
+                               "/20-open is writable by group or others (mode 0777); hooks must be writable only by "
+                               "their owner");
+    EXPECT_EQ(ferry::test::read_file(f.dir / "ran.log"), "ran\n") << "10-net runs, 20-open does not";
+
+    // The dir others may write: nothing in it runs.
+    f.chmod(f.hooks + "/20-open", 0755);
+    f.chmod(f.hooks, 0757);
+    call.phase = HookPhase::Launched;
+    auto dir_gate = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    ASSERT_FALSE(dir_gate);
+    EXPECT_EQ(dir_gate.error().message, "launched hooks on the target b: " + f.hooks +
+                                            " is writable by group or others (mode 0757); a directory holding hooks "
+                                            "must be writable only by its owner");
+    EXPECT_EQ(ferry::test::read_file(f.dir / "ran.log"), "ran\n");
+    f.chmod(f.hooks, 0755);
+    call.phase = HookPhase::Prepare;
+    auto fixed = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    ASSERT_TRUE(fixed) << fixed.error().message;
+    EXPECT_EQ(ferry::test::read_file(f.dir / "ran.log"), "ran\nran\nopen\n");
+}
+
+// A file that is not a hook is logged once, not at every migration.
+TEST(Hooks, SkippedFilesAreLoggedOncePerPath) {
+    HooksFixture f;
+    ferry::test::write_file(f.hooks + "/30-data", "x\n");
+    std::filesystem::create_directories(f.hooks + "/40-dir");
+    std::filesystem::create_symlink(f.dir / "nowhere", f.hooks + "/50-dangling");
+    std::ostringstream seen;
+    auto log = ferry::logger("engine");
+    auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(seen);
+    log->sinks().push_back(sink);
+    for (int i = 0; i < 3; ++i)
+        ASSERT_TRUE(list_hooks(f.hooks));
+    log->sinks().pop_back();
+    auto text = seen.str();
+    auto count = [&](const std::string& what) {
+        std::size_t n = 0;
+        for (auto at = text.find(what); at != std::string::npos; at = text.find(what, at + 1))
+            ++n;
+        return n;
+    };
+    EXPECT_EQ(count(f.hooks + "/30-data is not executable: skipped"), 1U) << text;
+    EXPECT_EQ(count(f.hooks + "/40-dir is a directory: skipped"), 1U) << text;
+    EXPECT_EQ(count(f.hooks + "/50-dangling is a dangling symlink: skipped"), 1U) << text;
+    EXPECT_EQ(count("skipped"), 3U) << text;
 }
 
 TEST(Hooks, InputCarriesTheMigrationSpecAndPid) {

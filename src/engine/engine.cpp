@@ -135,6 +135,10 @@ Result<void> Engine::preflight(const config::NodeConfig& c) {
             return make_error(Errc::invalid_argument,
                               fmt::format("{}: {} {}", c.where("hooks.dir"), c.hooks.dir,
                                           fs::exists(c.hooks.dir, ec) ? "is not a directory" : "does not exist"));
+        // As sshd and cron: nothing another user may change runs as ferryd.
+        if (auto trusted = check_hooks(c.hooks.dir); !trusted)
+            return make_error(Errc::invalid_argument,
+                              fmt::format("{}: {}", c.where("hooks.dir"), trusted.error().message));
     }
     // The QEMU binary and the wrapper's: a path, or a name looked up in PATH.
     auto executable = [](const std::string& program) {

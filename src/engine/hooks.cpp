@@ -16,6 +16,9 @@
 #include <cstring>
 #include <fcntl.h>
 #include <filesystem>
+#include <map>
+#include <mutex>
+#include <optional>
 #include <spawn.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -48,6 +51,53 @@ bool skipped_name(const std::string& name) {
     };
     return name.empty() || name[0] == '.' || ends("~") || ends(".swp") || name.find(".dpkg-") != std::string::npos ||
            name.find(".rpm") != std::string::npos;
+}
+
+// Why a file of a hooks directory with a name run-parts would take is not
+// a hook, or nullopt when it is one ("" when it went away meanwhile).
+std::optional<std::string> not_a_hook(const fs::directory_entry& entry) {
+    std::error_code ec;
+    auto st = entry.status(ec); // through a symlink
+    if (!fs::exists(st))
+        return std::string(entry.is_symlink(ec) ? "is a dangling symlink" : "");
+    if (fs::is_directory(st))
+        return std::string("is a directory");
+    if (!fs::is_regular_file(st))
+        return std::string("is not a regular file");
+    if (::access(entry.path().c_str(), X_OK) != 0)
+        return std::string("is not executable");
+    return std::nullopt;
+}
+
+// Logs a skipped file once per path and reason, not at every migration:
+// ferryd lists its hooks at each phase of each migration.
+void log_skipped(const std::string& path, const std::optional<std::string>& why) {
+    static std::mutex mutex;
+    static std::map<std::string, std::string> logged; // path -> why it was skipped
+    std::lock_guard lock(mutex);
+    if (!why) {
+        logged.erase(path); // a hook now: a later problem is logged again
+        return;
+    }
+    auto [it, fresh] = logged.try_emplace(path, *why);
+    if (!fresh && it->second == *why)
+        return;
+    it->second = *why;
+    engine_log()->warn("hooks: {} {}: skipped, it is not run as a hook", path, *why);
+}
+
+// Why `st` (of `shown`) may not be run as ferryd, or nullopt.
+std::optional<std::string> untrusted(const std::string& shown, const struct stat& st, bool dir) {
+    auto euid = ::geteuid();
+    if (st.st_uid != 0 && st.st_uid != euid)
+        return fmt::format("{} is owned by uid {}, not by root{}; {} must be owned by root or by the user ferryd runs as",
+                           shown, st.st_uid, euid == 0 ? "" : fmt::format(" or ferryd's uid {}", euid),
+                           dir ? "a directory holding hooks" : "hooks");
+    if ((st.st_mode & (S_IWGRP | S_IWOTH)) != 0)
+        return fmt::format("{} is writable by group or others (mode {:04o}); {} must be writable only by {} owner",
+                           shown, st.st_mode & 07777, dir ? "a directory holding hooks" : "hooks",
+                           dir ? "its" : "their");
+    return std::nullopt;
 }
 
 // What the hook's pipes carry back, shared with their readers.
@@ -236,16 +286,57 @@ Result<std::vector<std::string>> list_hooks(const std::string& dir) {
     std::error_code ec;
     auto it = fs::directory_iterator(dir, ec);
     for (; !ec && it != fs::directory_iterator(); it.increment(ec)) {
-        auto name = it->path().filename().string();
-        std::error_code type_ec;
-        if (skipped_name(name) || !it->is_regular_file(type_ec) || ::access(it->path().c_str(), X_OK) != 0)
+        if (skipped_name(it->path().filename().string()))
             continue;
-        hooks.push_back(it->path().string());
+        auto why = not_a_hook(*it);
+        if (why && why->empty())
+            continue; // removed while we looked
+        log_skipped(it->path().string(), why);
+        if (!why)
+            hooks.push_back(it->path().string());
     }
     if (ec)
         return make_error(Errc::io, fmt::format("reading the hooks directory {}: {}", dir, ec.message()));
     std::sort(hooks.begin(), hooks.end());
     return hooks;
+}
+
+Result<void> check_hook_path(const std::string& path) {
+    struct stat st {};
+    if (::stat(path.c_str(), &st) != 0)
+        return make_error(Errc::io, fmt::format("{}: {}", path, std::strerror(errno)));
+    std::error_code ec;
+    auto real = fs::canonical(path, ec);
+    if (ec)
+        return make_error(Errc::io, fmt::format("{}: resolving its symlinks: {}", path, ec.message()));
+    // A symlink is judged by what it points to, and named with it.
+    auto shown = real == fs::path(path).lexically_normal() ? path : fmt::format("{} (-> {})", path, real.string());
+    bool dir = S_ISDIR(st.st_mode);
+    if (auto why = untrusted(shown, st, dir))
+        return make_error(Errc::invalid_argument, *why);
+    if (dir)
+        return {};
+    // Whoever may write the directory holding the file may replace it.
+    auto holder = real.parent_path();
+    if (::stat(holder.c_str(), &st) != 0)
+        return make_error(Errc::io, fmt::format("{}: {}", holder.string(), std::strerror(errno)));
+    if (auto why = untrusted(holder.string() + ", which holds " + shown + ",", st, true))
+        return make_error(Errc::invalid_argument, *why);
+    return {};
+}
+
+Result<void> check_hooks(const std::string& dir) {
+    if (dir.empty())
+        return {};
+    if (auto ok = check_hook_path(dir); !ok)
+        return ok;
+    auto list = list_hooks(dir);
+    if (!list)
+        return list.error();
+    for (auto& path : *list)
+        if (auto ok = check_hook_path(path); !ok)
+            return ok;
+    return {};
 }
 
 namespace {
@@ -303,9 +394,14 @@ asio::awaitable<Result<std::vector<std::string>>> run_hooks(asio::any_io_executo
                                                             const config::HooksSection& hooks, const HookCall& call,
                                                             std::chrono::steady_clock::time_point deadline) {
     std::vector<std::string> failures;
-    // A directory that cannot be read fails closed: a gate that cannot run
-    // does not let the migration through.
-    auto list = list_hooks(hooks.dir);
+    // A directory that cannot be read, or that others may write, fails
+    // closed: a gate that cannot run does not let the migration through.
+    // (Checked again here: the files may have changed since ferryd started.)
+    Result<std::vector<std::string>> list = std::vector<std::string>{};
+    if (!hooks.dir.empty()) {
+        auto trusted = check_hook_path(hooks.dir);
+        list = trusted ? list_hooks(hooks.dir) : Result<std::vector<std::string>>(trusted.error());
+    }
     if (!list) {
         auto why = fmt::format("{} hooks on the {} {}: {}", to_string(call.phase), call.role, call.node,
                                list.error().message);
@@ -317,8 +413,25 @@ asio::awaitable<Result<std::vector<std::string>>> run_hooks(asio::any_io_executo
     }
     if (list->empty())
         co_return failures;
+    // A hook that others may change is refused; before a gate runs any.
+    std::map<std::string, std::string> refused;
+    for (auto& path : *list) {
+        auto trusted = check_hook_path(path);
+        if (trusted)
+            continue;
+        auto why = fmt::format("hook {} ({} on the {} {}) refused: {}", fs::path(path).filename().string(),
+                               to_string(call.phase), call.role, call.node, trusted.error().message);
+        engine_log()->warn("migration {}: {}", call.migration->id, why);
+        if (hook_can_abort(call.phase))
+            co_return make_error(Errc::conflict, why);
+        refused.emplace(path, std::move(why));
+    }
     auto input = hook_input(call).dump();
     for (auto& path : *list) {
+        if (auto it = refused.find(path); it != refused.end()) {
+            failures.push_back(it->second);
+            continue;
+        }
         auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
         auto timeout = std::clamp<std::chrono::milliseconds>(left, 1ms, std::chrono::seconds(hooks.timeout));
         auto failure = co_await run_one(ex, path, call, input, timeout);

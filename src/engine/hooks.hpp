@@ -33,9 +33,22 @@ struct HookCall {
 
 // The hooks of a directory, in the order they run: regular executable files,
 // by name (bytewise), skipping hidden files and editor and package leftovers
-// (names ending in ~, .dpkg-*, .rpm*, .swp), as run-parts does.
-// An unreadable directory is an error ("" is no hooks).
+// (names ending in ~, .dpkg-*, .rpm*, .swp), as run-parts does. Any other
+// file it skips (not executable, a directory, a dangling symlink) is logged,
+// once per path and reason. An unreadable directory is an error ("" is no
+// hooks).
 Result<std::vector<std::string>> list_hooks(const std::string& dir);
+
+// Whether `path`, a hooks directory or a hook, may be run as ferryd, as
+// sshd, cron and run-parts decide: after its symlinks, it is owned by root or
+// by ferryd's effective uid and writable by that owner alone; for a file, so
+// is the directory that holds it (after the symlinks). Otherwise, or when
+// it cannot be stat'ed, an error that names the path and why.
+Result<void> check_hook_path(const std::string& path);
+
+// check_hook_path of `dir` and of each of its hooks; the first that fails
+// ("" has no hooks and passes).
+Result<void> check_hooks(const std::string& dir);
 
 // What one hook printed on stderr is kept up to this much (its end).
 constexpr std::size_t hook_stderr_limit = 4096;
@@ -45,7 +58,10 @@ constexpr std::size_t hook_stderr_limit = 4096;
 // min(hooks.timeout, deadline - now) to finish; then its process group is
 // killed. When the phase can abort, the first failure stops the rest and is
 // returned as the error; otherwise every hook runs and each failure is one
-// entry of the returned list.
+// entry of the returned list. The directory and its hooks are checked
+// (check_hook_path) before any runs: a directory that fails runs none, and
+// a hook that fails does not run and counts as failed (when the phase can
+// abort, before any hook of it ran).
 boost::asio::awaitable<Result<std::vector<std::string>>> run_hooks(boost::asio::any_io_executor ex,
                                                                    const config::HooksSection& hooks,
                                                                    const HookCall& call,
