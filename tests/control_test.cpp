@@ -758,6 +758,9 @@ TEST_F(Ferryd, ClearErrorsForBadInput) {
     EXPECT_NE(bw.err.find("--bandwidth"), std::string::npos) << bw.err;
     auto usage = ctl("migrate");
     EXPECT_EQ(usage.status, 2);
+    auto empty_to = ctl("migrate ghost --to ''");
+    EXPECT_EQ(empty_to.status, 2);
+    EXPECT_NE(empty_to.err.find("--to: empty"), std::string::npos) << empty_to.err;
     auto no_daemon = sh(ferry::test::ferryctl_bin() + " --socket " + (dir_ / "none.sock") + " vm list", dir_);
     EXPECT_EQ(no_daemon.status, 7); // ferryd unreachable
     EXPECT_NE(no_daemon.err.find("cannot reach ferryd"), std::string::npos) << no_daemon.err;

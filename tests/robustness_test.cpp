@@ -110,6 +110,11 @@ TEST_F(Robustness, DeeplyNestedRequestGetsAnErrorNotACrash) {
     EXPECT_NE(reply["error"]["message"].get<std::string>().find("number overflow"), std::string::npos) << reply;
     EXPECT_TRUE(alive(pid_));
     EXPECT_EQ(ctl("vm list").status, 0);
+    // An empty target is no target: refused, not taken as "let the scheduler pick".
+    ASSERT_TRUE(c.send(R"({"id":2,"method":"migration.create","params":{"vm":"demo","target_node":""}})" "\n"));
+    reply = reply_of(c.line());
+    EXPECT_EQ(reply["error"]["code"], "invalid_argument") << reply;
+    EXPECT_NE(reply["error"]["message"].get<std::string>().find("'target_node' is empty"), std::string::npos) << reply;
 }
 
 // 2. At its fd limit, with more idle clients than it serves, ferryd neither

@@ -546,7 +546,7 @@ static int ferryctl_main(int argc, char** argv) {
     bool wait = false;
     auto* migrate = app.add_subcommand("migrate", "live-migrate a VM");
     migrate->add_option("name", name)->required();
-    migrate->add_option("--to", target,
+    auto* to = migrate->add_option("--to", target,
                         "target node (default: the node the scheduler picks among the peers; without peers, "
                         "this node, a new QEMU process)");
     std::vector<std::string> selectors;
@@ -582,6 +582,10 @@ static int ferryctl_main(int argc, char** argv) {
     pc->excludes(no_pc);
     migrate->callback([&] {
         json params{{"vm", name}};
+        if (to->count() > 0 && target.empty()) {
+            rc = usage(g, "--to: empty: name a node, or leave --to out to let the scheduler choose");
+            return;
+        }
         if (!target.empty())
             params["target_node"] = target;
         if (!bandwidth.empty()) {
