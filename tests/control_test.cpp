@@ -647,7 +647,7 @@ TEST_F(Ferryd, EventSubscribersResumeWithoutAGapAndASlowOneHoldsNothingUp) {
         }
     }
     EXPECT_EQ(phases, (std::set<std::string>{"Scheduling", "Scheduled", "PreparingTarget", "TargetReady", "Running",
-                                             "Succeeded"}));
+                                             "Switchover", "Succeeded"}));
     EXPECT_EQ(types, (std::set<std::string>{"phase", "progress", "qemu", "result"}));
     // The one that never read is still connected, and held nothing up.
     char byte;

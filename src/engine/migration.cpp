@@ -8,13 +8,14 @@
 namespace ferry::engine {
 
 namespace {
-constexpr std::array<std::pair<Phase, std::string_view>, 8> phase_names{{
+constexpr std::array<std::pair<Phase, std::string_view>, 9> phase_names{{
     {Phase::Pending, "Pending"},
     {Phase::Scheduling, "Scheduling"},
     {Phase::Scheduled, "Scheduled"},
     {Phase::PreparingTarget, "PreparingTarget"},
     {Phase::TargetReady, "TargetReady"},
     {Phase::Running, "Running"},
+    {Phase::Switchover, "Switchover"},
     {Phase::Succeeded, "Succeeded"},
     {Phase::Failed, "Failed"},
 }};

@@ -16,7 +16,9 @@ namespace ferry::engine {
 
 using json = nlohmann::json;
 
-enum class Phase { Pending, Scheduling, Scheduled, PreparingTarget, TargetReady, Running, Succeeded, Failed };
+// Switchover: from the moment the guest pauses for the switchover (or, in
+// post-copy, starts on the target) until the hand-off ends.
+enum class Phase { Pending, Scheduling, Scheduled, PreparingTarget, TargetReady, Running, Switchover, Succeeded, Failed };
 
 std::string_view to_string(Phase p);
 std::optional<Phase> phase_from_string(std::string_view s);

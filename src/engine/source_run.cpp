@@ -244,7 +244,7 @@ asio::awaitable<void> SourceRun::wait_poll_interval() {
 asio::awaitable<Result<void>> SourceRun::switch_over() {
     auto qmp = vm_->qemu.qmp;
     switchover_started_ = true;
-    engine_log()->info("migration {}: switching over", m_.id);
+    set_phase(Phase::Switchover); // a tool can tell the guest is leaving (or has left) the source
     // The guest is paused now; not in post-copy, where the guest runs on.
     if (m_.mode != "postcopy")
         destination_->switching_over();

@@ -59,7 +59,7 @@ std::string progress_line(const json& m) {
     auto remaining = p.value("remaining_bytes", std::uint64_t{0});
     double pct = total ? 100.0 * static_cast<double>(total - std::min(total, remaining)) / static_cast<double>(total) : 0.0;
     std::string phase = m.value("phase", "?");
-    if (phase != "Running")
+    if (phase != "Running" && phase != "Switchover")
         return fmt::format("[{}]", phase);
     std::string qemu = p.value("qemu_status", "");
     auto disks = disks_part(p);
