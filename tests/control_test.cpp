@@ -13,12 +13,15 @@
 #include <gtest/gtest.h>
 #include <fmt/format.h>
 #include <boost/asio/ip/tcp.hpp>
+#include <boost/asio/write.hpp>
 
 #include <algorithm>
 #include <csignal>
 #include <cstring>
 #include <filesystem>
+#include <poll.h>
 #include <sys/prctl.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <sys/socket.h>
@@ -92,18 +95,25 @@ TEST(ProgressLine, ShowsTheDisksOfABlockMigration) {
                          {"disks", {{"total_bytes", 64ULL << 30}, {"sent_bytes", 3ULL << 30},
                                     {"remaining_bytes", 2ULL << 20}, {"dirty_rate_bps", 1ULL << 20}, {"rounds", 2}}}}}};
     auto line = ferryctl::progress_line(m);
-    EXPECT_NE(line.find("copying the disks before RAM:  disks 3.0 GiB of 64.0 GiB sent, 2.0 MiB dirty (1.0 MiB/s), "
-                        "round 2"),
+    EXPECT_NE(line.find("copying the disks before RAM:  disks 2.0 MiB dirty (1.0 MiB/s) after round 2"),
               std::string::npos)
         << line;
+    // The first round, as far as it got (it never shows more than it copies).
+    m["progress"]["disks"].update({{"round", 1}, {"round_bytes", 48ULL << 30}, {"round_sent_bytes", 3ULL << 30}});
+    line = ferryctl::progress_line(m);
+    EXPECT_NE(line.find("copying the disks before RAM:  disks round 1: 3.0 GiB of 48.0 GiB copied, 2.0 MiB dirty "
+                        "(1.0 MiB/s)"),
+              std::string::npos)
+        << line;
+    m["progress"]["disks"]["round"] = 0;
     m["progress"]["qemu_status"] = "active";
     m["progress"]["total_bytes"] = 100ULL << 20;
     line = ferryctl::progress_line(m);
-    EXPECT_NE(line.find("iteration 0  first pass  disks 3.0 GiB of 64.0 GiB sent"), std::string::npos) << line;
+    EXPECT_NE(line.find("iteration 0  first pass  disks 2.0 MiB dirty"), std::string::npos) << line;
     EXPECT_EQ(line.find("capped"), std::string::npos) << line;
     m["progress"]["disks"]["write_cap_bps"] = 512 << 10;
     line = ferryctl::progress_line(m);
-    EXPECT_NE(line.find("round 2, guest disk writes capped at 512.0 KiB/s"), std::string::npos) << line;
+    EXPECT_NE(line.find("after round 2, guest disk writes capped at 512.0 KiB/s"), std::string::npos) << line;
     m["progress"]["disks"] = nullptr;
     EXPECT_EQ(ferryctl::progress_line(m).find("disks"), std::string::npos);
 }
@@ -1466,6 +1476,17 @@ TEST_F(TwoNodes, AFailedBlockMigrationLeavesTheVmHomeAndNothingBehind) {
 
     auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
     ASSERT_TRUE(round_one_under_way(id)) << ctl(a(), "migration show " + id).out;
+    // The first round shows how far it got (nothing is acknowledged yet).
+    std::uint64_t sent = 0;
+    for (int i = 0; i < 100 && sent == 0; ++i) {
+        auto disks = ctl_json(a(), "migration show " + id)["progress"]["disks"];
+        if (disks["round"] == 1)
+            sent = disks["round_sent_bytes"].get<std::uint64_t>();
+        EXPECT_LE(sent, disks["round_bytes"].get<std::uint64_t>());
+        if (sent == 0)
+            std::this_thread::sleep_for(20ms);
+    }
+    EXPECT_GT(sent, 0u) << "round 1 showed no progress";
     ASSERT_EQ(ctl(a(), "migration abort " + id).status, 0);
     auto done = wait_final(a(), id);
     EXPECT_EQ(done["phase"], "Failed");
@@ -1769,6 +1790,33 @@ TEST_F(TwoNodes, AnExistingImageOrALinkAtTheTargetPathIsNeverWrittenOver) {
     EXPECT_TRUE(ferry::test::read_file(theirs) == source) << "the reused image differs from the source's";
 }
 
+// The target runs out of space while the disks copy (its image directory a
+// small tmpfs): the source fails at once with the target's own error, not
+// after waiting for an acknowledgement that never comes; the VM stays and
+// node-b keeps nothing.
+TEST_F(TwoNodes, ATargetOutOfSpaceFailsTheMigrationWithItsError) {
+    ASSERT_NO_FATAL_FAILURE(start_local_disk_vm("bandwidth_per_migration = \"64Mi\""));
+    auto small = dir_ / "disks-b";
+    ASSERT_EQ(sh("mount -t tmpfs -o size=8m ferry-test " + small, dir_).status, 0);
+    struct Unmount {
+        std::string path;
+        ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+    } unmount{small};
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_NE(why.find("node node-b: receiving the disks: "), std::string::npos) << why;
+    EXPECT_NE(why.find(small + "/local.raw"), std::string::npos) << why;
+    EXPECT_NE(why.find("No space left on device"), std::string::npos) << why;
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+    EXPECT_TRUE(qemu_alive(pid));
+    for (int i = 0; i < 100 && std::filesystem::exists(small + "/local.raw"); ++i)
+        std::this_thread::sleep_for(50ms);
+    EXPECT_FALSE(std::filesystem::exists(small + "/local.raw")) << "the half-copied image stayed";
+}
+
 // Post-copy of a VM on a local disk: RAM dirtied faster than the link
 // goes post-copy once the disk's tail fits the downtime; the disk's last
 // round runs with the guest paused before it starts on node-b, where it
@@ -1796,6 +1844,52 @@ TEST_F(TwoNodes, PostCopyMovesAVmOnALocalDiskOnceTheDiskIsInSync) {
     ASSERT_NO_FATAL_FAILURE(expect_writer_arrived());
     auto verified = ferry::guest::verify_disk_image(dir_ / "disks-b/local.raw", sectors);
     EXPECT_TRUE(verified) << verified.error().message;
+}
+
+// The destination QEMU killed while RAM moves: the source QEMU only sees its
+// connection break, but the failure says what happened on node-b, and the
+// VM runs on at home.
+TEST_F(TwoNodes, AKilledDestinationQemuIsNamedAsTheCause) {
+    auto m = start_slow_migration();
+    ASSERT_GT(m.target_qemu, 0);
+    ::kill(m.target_qemu, SIGKILL);
+    auto done = wait_final(a(), m.id);
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_EQ(why.rfind("node node-b: the destination QEMU exited", 0), 0u) << why;
+    EXPECT_EQ(why.find("Broken pipe"), std::string::npos) << why;
+    expect_home_on_a(m);
+}
+
+// A shared disk that is another image on the target (node-b sees another
+// file at the same path: its own mount namespace here) is refused before
+// anything moves, naming both sides; the VM stays where it runs.
+TEST_F(TwoNodes, ASharedDiskThatIsAnotherImageOnTheTargetIsRefused) {
+    configure("bandwidth_per_migration = \"64Mi\"");
+    auto shared = dir_ / "shared";
+    auto view = dir_ / "b-view";
+    std::filesystem::create_directories(shared);
+    std::filesystem::create_directories(view);
+    ASSERT_EQ(sh("truncate -s 64M " + shared + "/disk.raw && truncate -s 32M " + view + "/disk.raw", dir_).status, 0);
+    ferry::test::write_file(dir_ / "vm-shared.toml", ferry::test::read_file(dir_ / "vm.toml") + "[[disks]]\npath = \"" +
+                                                         shared + "/disk.raw\"\n");
+    start(a());
+    start(b(), "unshare --mount --propagation private -- sh -c 'mount --bind " + view + " " + shared +
+                   " && exec \"$0\" \"$@\"'");
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm-shared.toml"));
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    auto why = done["failure_reason"].is_string() ? done["failure_reason"].get<std::string>() : "";
+    EXPECT_NE(why.find("shared disks[0] " + shared + "/disk.raw is raw of 33554432 bytes on node-b but raw of "
+                       "67108864 bytes on node-a"),
+              std::string::npos)
+        << why << ferry::test::read_file(dir_ / "node-b.log");
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+    EXPECT_TRUE(qemu_alive(pid));
+    EXPECT_TRUE(ctl_json(b(), "vm list").empty());
+    EXPECT_EQ(std::filesystem::file_size(view + "/disk.raw"), 32u << 20);
 }
 
 TEST_F(TwoNodes, OverTheTargetsInboundLimitAMigrationWaitsThenStartsAndTheVmStaysMeanwhile) {

@@ -42,6 +42,12 @@ public:
     virtual boost::asio::awaitable<Result<void>> check() = 0;
     // The destination QEMU is known to be gone (only a local one is seen).
     virtual std::optional<Error> lost() const = 0;
+    // An abort was requested: a destination still being prepared is told
+    // at once (the prepare fails with why), not after it answers.
+    virtual void abort_requested() {}
+    // QEMU reported the migration failed: the destination's side of it
+    // (its QEMU exited, the arrival was dropped and why), when it has one.
+    virtual boost::asio::awaitable<std::optional<Error>> gone() { co_return lost(); }
 
     // The guest is paused for the last round (not in post-copy).
     virtual void switching_over() = 0;

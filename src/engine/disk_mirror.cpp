@@ -387,6 +387,7 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
     for (std::size_t d = 0; d < disks_.size() && r; ++d)
         r = co_await plan_disk(d, *work);
     work->first_seq = seq_;
+    current_ = work;
     for (bool more = r.has_value(); more;) {
         r = co_await copy(work);
         // A broken stream resumes where the target is; anything else fails.
@@ -399,6 +400,7 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
             r = resumed.error();
         more = resumed && *resumed;
     }
+    current_.reset();
     co_await drop_round_exports(*work, !r);
     round_ = work->round; // its number is used, even when it failed
     if (!r)
@@ -407,6 +409,16 @@ asio::awaitable<Result<DiskRoundStats>> DiskSender::round() {
     work->stats.round = work->round;
     work->stats.took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() - began);
     co_return work->stats;
+}
+
+std::optional<DiskSender::RoundProgress> DiskSender::round_progress() const {
+    if (!current_)
+        return std::nullopt;
+    RoundProgress p{current_->round, current_->stats.data_bytes + current_->stats.zero_bytes, 0};
+    for (auto& item : current_->items)
+        p.total += item.extent.length;
+    p.done = std::min(p.done, p.total); // a resumed round sends a few records again
+    return p;
 }
 
 void DiskSender::abort() {

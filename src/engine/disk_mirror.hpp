@@ -74,12 +74,21 @@ public:
 
     const std::vector<DiskTotals>& totals() const { return totals_; }
     std::uint32_t rounds() const { return round_; }
+    // The round under way: bytes it covers and how many of them have gone
+    // (data and zero records). Empty between rounds.
+    struct RoundProgress {
+        std::uint32_t round = 0;
+        std::uint64_t done = 0;
+        std::uint64_t total = 0;
+    };
+    std::optional<RoundProgress> round_progress() const;
     // Times a broken stream was replaced and the round went on, and the
     // bytes sent again because the target did not have them.
     std::uint32_t resumes() const { return resumes_; }
     std::uint64_t resent_bytes() const { return resent_bytes_; }
 
     struct Work; // one round's shared state
+    std::shared_ptr<Work> current_; // the round under way
 
 private:
     std::string bitmap(std::size_t disk, std::uint32_t round) const;

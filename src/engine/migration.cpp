@@ -35,6 +35,9 @@ json disks_json(const std::optional<DiskProgress>& d) {
             {"remaining_bytes", d->remaining_bytes},
             {"dirty_rate_bps", d->dirty_rate_bps},
             {"rounds", d->rounds},
+            {"round", d->round},
+            {"round_bytes", d->round_bytes},
+            {"round_sent_bytes", d->round_sent_bytes},
             {"write_cap_bps", d->write_cap_bps}};
 }
 
@@ -162,6 +165,9 @@ void from_json(const json& j, Migration& m) {
             dp.dirty_rate_bps = d->value("dirty_rate_bps", std::uint64_t{0});
             dp.write_cap_bps = d->value("write_cap_bps", std::uint64_t{0});
             dp.rounds = d->value("rounds", std::uint32_t{0});
+            dp.round = d->value("round", std::uint32_t{0});
+            dp.round_bytes = d->value("round_bytes", std::uint64_t{0});
+            dp.round_sent_bytes = d->value("round_sent_bytes", std::uint64_t{0});
             m.progress.disks = dp;
         }
     }

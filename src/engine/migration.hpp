@@ -31,6 +31,9 @@ struct DiskProgress {
     std::uint64_t remaining_bytes = 0; // written by the guest and not copied yet
     std::uint64_t dirty_rate_bps = 0;  // how fast the guest writes them
     std::uint32_t rounds = 0;          // rounds acknowledged by the target
+    std::uint32_t round = 0;           // the round under way (0: none)
+    std::uint64_t round_bytes = 0;     // what it copies (the first: every allocated block)
+    std::uint64_t round_sent_bytes = 0; // of that, sent so far
     std::uint64_t write_cap_bps = 0;   // ferry's cap on the guest's disk writes (0: none)
 };
 

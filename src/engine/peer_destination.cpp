@@ -208,6 +208,7 @@ asio::awaitable<Result<std::string>> PeerDestination::disk_token_again() {
 
 asio::awaitable<Result<void>> PeerDestination::check() {
     if (disks_) {
+        disks_->refresh_progress();
         if (auto failed = disks_->failed(run_.migration().config.progress_timeout))
             co_return failed->wrap("disk mirror");
     }
@@ -288,8 +289,13 @@ asio::awaitable<void> PeerDestination::carry(std::shared_ptr<SourceRun> run, Pee
 
 asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
     auto& m = run_.migration();
-    if (tunnel_error_)
+    if (tunnel_error_) {
+        // A data channel broke: the target may know why (its QEMU exited).
+        auto why = co_await gone();
+        if (why)
+            co_return *why;
         co_return *tunnel_error_;
+    }
     if (Clock::now() - last_ping_ < keepalive_interval(m.config))
         co_return Result<void>{};
     last_ping_ = Clock::now();
@@ -302,10 +308,59 @@ asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
         pong = co_await request(ping, peer_timeout(m.config));
     if (!pong)
         co_return pong.error().wrap(fmt::format("lost node {}", m.target_node));
-    if (pong->value("qemu", "running") != "running")
-        co_return make_error(Errc::disconnected,
-                             fmt::format("node {}: the destination QEMU {}", m.target_node, pong->value("qemu", "?")));
+    if (auto failed = target_failure(*pong))
+        co_return *failed;
     co_return Result<void>{};
+}
+
+void PeerDestination::abort_requested() {
+    if (!prepare_abort_->control || prepare_abort_->sent)
+        return;
+    prepare_abort_->sent = true;
+    auto& m = run_.migration();
+    asio::co_spawn(run_.node().executor(),
+                   abort_prepare(prepare_abort_, run_.node(), peer_address_, m.target_node, m.id), asio::detached);
+}
+
+asio::awaitable<void> PeerDestination::abort_prepare(std::shared_ptr<PrepareAbort> state, Node& node,
+                                                     std::string address, std::string target, std::string id) {
+    auto c = co_await transport::open_control(node.executor(), address, target, node.config().node.name, node.tls());
+    if (c) {
+        json abort{{"type", "abort"}, {"migration_id", id}};
+        auto written = co_await (*c)->write_frame(abort);
+        if (written) {
+            auto reply = co_await (*c)->read_frame(30s);
+            if (reply && reply->contains("during") && (*reply)["during"].is_string())
+                state->during = (*reply)["during"].get<std::string>();
+        }
+        (*c)->close();
+    } else {
+        engine_log()->warn("migration {}: telling node {} of the abort: {}", id, target, c.error().message);
+    }
+    if (state->control) // the prepare still waits: it ends now
+        state->control->close();
+}
+
+// What the target says of its side, asked at once (the source QEMU only
+// saw its connection break): its QEMU exited, or it dropped the arrival.
+asio::awaitable<std::optional<Error>> PeerDestination::gone() {
+    if (!control_)
+        co_return std::nullopt;
+    json ping{{"type", "ping"}};
+    auto pong = co_await request(ping, 5s);
+    if (!pong)
+        co_return std::nullopt;
+    co_return target_failure(*pong);
+}
+
+std::optional<Error> PeerDestination::target_failure(const json& pong) const {
+    auto& m = run_.migration();
+    // conflict: the target answered, and cannot go on (not a lost link).
+    if (auto failed = pong.find("failed"); failed != pong.end() && failed->is_string())
+        return make_error(Errc::conflict, fmt::format("node {}: {}", m.target_node, failed->get<std::string>()));
+    if (auto q = pong.value("qemu", "running"); q != "running")
+        return make_error(Errc::conflict, fmt::format("node {}: the destination QEMU {}", m.target_node, q));
+    return std::nullopt;
 }
 
 // The guest is paused now: like QEMU with its own max-bandwidth, lift the

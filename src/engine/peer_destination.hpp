@@ -36,6 +36,8 @@ public:
     boost::asio::awaitable<Result<void>> check() override;
     boost::asio::awaitable<Result<void>> before_continue() override;
     std::optional<Error> lost() const override { return std::nullopt; }
+    boost::asio::awaitable<std::optional<Error>> gone() override;
+    void abort_requested() override;
     void switching_over() override;
     boost::asio::awaitable<Result<void>> follow_postcopy(const std::string& status) override;
     boost::asio::awaitable<Result<void>> wait_resumed() override;
@@ -60,6 +62,9 @@ private:
     // A ping at the keepalive interval; `redial`: on a control channel
     // dialled again if it broke.
     boost::asio::awaitable<Result<void>> keepalive(bool redial = false);
+    // The target's failure named in a ping's answer, if any.
+    std::optional<Error> target_failure(const nlohmann::json& pong) const;
+    static boost::asio::awaitable<Result<nlohmann::json>> describe_shared_disks(const config::VmSpec& spec);
     nlohmann::json finish_message() const;
     Result<void> listen_tunnels(const std::string& path);
     static boost::asio::awaitable<void> accept_tunnels(std::shared_ptr<SourceRun> run, PeerDestination* self);

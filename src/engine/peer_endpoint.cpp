@@ -156,6 +156,8 @@ asio::awaitable<json> Engine::answer(Engine* self, std::shared_ptr<TargetRun>& i
         reply = {{"type", "pong"}};
         if (in)
             reply["qemu"] = in->qemu_state();
+        if (auto failed = in ? in->failure() : std::string(); !failed.empty())
+            reply["failed"] = failed; // the source fails at once, with this
     } else if (type == "finish" && in) {
         reply = co_await in->finish(msg);
     } else if (type == "start" && in) {

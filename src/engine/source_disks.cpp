@@ -142,29 +142,45 @@ asio::awaitable<Result<void>> SourceDisks::sync(Link link) {
         co_return started.error().wrap("starting the disk mirror");
     engine_log()->info("migration {}: mirroring {} disk(s), {} bytes", m.id, disks_.size(), total_bytes());
     std::uint64_t last = UINT64_MAX;
+    auto last_published = std::chrono::steady_clock::time_point{};
     for (int i = 0; i < max_sync_rounds; ++i) {
         if (m.abort_requested)
             co_return make_error(Errc::aborted, "aborted by request while copying the disks");
         // A round may take long (the first copies everything): an abort
         // cuts it short.
         std::optional<Result<void>> r;
+        std::optional<Error> target_failed;
         asio::co_spawn(node.executor(), run_round(this, alive_, &r), asio::detached);
         while (!r) {
             if (m.abort_requested && sender_)
                 sender_->abort();
+            refresh_progress();
+            if (auto now = std::chrono::steady_clock::now(); now - last_published >= std::chrono::seconds(1)) {
+                last_published = now; // `migrate --wait` shows how far the round got
+                node.publish("progress", m.vm, m.id, json(m)["progress"]);
+            }
             // The target hears from us while only disks move (it gives an
             // arrival up after peer_timeout of silence). A failed ping is
             // not the verdict: the disk stream's own errors are.
             if (link_.ping) {
                 auto alive = co_await link_.ping();
-                if (!alive)
+                if (!alive && alive.error().code == Errc::conflict && !target_failed) {
+                    // The target answered that it cannot go on (a disk it
+                    // cannot write, its QEMU gone): the round ends now.
+                    target_failed = alive.error();
+                    if (sender_)
+                        sender_->abort();
+                } else if (!alive) {
                     engine_log()->debug("migration {}: pinging node {}: {}", m.id, m.target_node,
                                         alive.error().message);
+                }
             }
             co_await sleep_for(50ms);
         }
         if (m.abort_requested)
             co_return make_error(Errc::aborted, "aborted by request while copying the disks");
+        if (target_failed)
+            co_return *target_failed;
         if (!*r)
             co_return *r;
         auto dirty = m.progress.disks->remaining_bytes;
@@ -292,6 +308,16 @@ std::optional<Error> SourceDisks::failed(std::int64_t progress_timeout) const {
                                   "copied ({:.1f} MiB/s), for {} s (limit {} s); {:.1f} MiB dirty after round {}, {}",
                                   mib(d.dirty_rate_bps), mib(copy_rate_bps_), behind.count(), progress_timeout,
                                   mib(d.remaining_bytes), d.rounds, help));
+}
+
+void SourceDisks::refresh_progress() {
+    auto& d = run_.migration().progress.disks;
+    if (!d || !sender_)
+        return;
+    auto p = sender_->round_progress();
+    d->round = p ? p->round : 0;
+    d->round_bytes = p ? p->total : 0;
+    d->round_sent_bytes = p ? p->done : 0;
 }
 
 bool SourceDisks::may_cap() const {

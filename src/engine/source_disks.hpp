@@ -67,6 +67,8 @@ public:
     // channel, or a guest that has written its disks faster than they are
     // copied for longer than `progress_timeout` seconds.
     std::optional<Error> failed(std::int64_t progress_timeout) const;
+    // The round under way into the migration's progress (how far it got).
+    void refresh_progress();
     // The guest is paused: the last round; the stream ends and QEMU is
     // cleaned up. Nothing the guest wrote is left behind.
     boost::asio::awaitable<Result<void>> last_round();

@@ -213,7 +213,8 @@ asio::awaitable<Result<bool>> SourceRun::poll() {
     if (status == "pre-switchover" || status == "completed")
         co_return ok(true);
     if (status == "failed") {
-        if (auto gone = destination_->lost())
+        auto gone = co_await destination_->gone();
+        if (gone)
             co_return *gone;
         co_return make_error(Errc::qemu, fmt::format("QEMU reports the migration failed: {}",
                                                      (*info).value("error-desc", "no reason given")));

@@ -344,6 +344,14 @@ json TargetRun::issue_tokens(int count) {
     return tokens;
 }
 
+std::string TargetRun::failure() const {
+    if (!dropped_why_.empty())
+        return dropped_why_;
+    if (disks_done_ && !*disks_done_)
+        return fmt::format("receiving the disks: {}", disks_done_->error().message);
+    return "";
+}
+
 std::string TargetRun::qemu_state() const {
     return qemu_.qmp && qemu_.qmp->connected() && process_alive(qemu_.pid)
                ? "running"
@@ -540,6 +548,7 @@ asio::awaitable<json> TargetRun::recover() {
 asio::awaitable<void> TargetRun::drop(std::string why) {
     engine_log()->warn("migration {}: dropping the incoming {}: {}", m_.id, spec_.name, why);
     finished_ = true;
+    dropped_why_ = why;
     launch_wait_.cancel(); // an await_external gives up
     node_.publish("phase", spec_.name, m_.id,
                   {{"phase", "Failed"}, {"role", "target"}, {"mode", m_.mode}, {"failure_reason", why}});

@@ -71,6 +71,11 @@ public:
     bool finished() const { return finished_; }
     // A "finish" is under way: the guest may be resumed here any moment.
     bool finishing() const { return finishing_; }
+    // Why the arrival cannot go on: given up, or its disks could not be
+    // written ("" while it goes on or once it arrived).
+    std::string failure() const;
+    // What the arrival is doing now, for a source that aborts it.
+    const std::string& step() const { return step_; }
     const Migration& migration() const { return m_; }
     const std::string& vm_name() const { return spec_.name; }
     const config::VmSpec& spec() const { return spec_; }
@@ -127,12 +132,15 @@ private:
     bool prepared_ = false;
     bool finished_ = false;
     bool finishing_ = false;
+    std::string dropped_why_;
+    std::string step_ = "checking the request";
     const void* control_ = nullptr; // the source's control channel
     std::uint64_t control_epoch_ = 0; // moves with every change of it
     std::string listen_socket_; // where QEMU listens (changes with each post-copy recovery)
     int recoveries_ = 0;
 
     // Block migrations.
+    std::vector<SharedDisk> shared_;                    // as the source sees them
     std::vector<MirrorDisk> mirrored_;                  // path: the target image
     std::vector<std::string> created_;                  // images made here: a failed arrival removes them
     std::vector<std::optional<NbdTarget>> nbd_targets_; // qcow2: the destination QEMU's writable export

@@ -41,11 +41,15 @@ std::string disks_part(const json& p) {
     auto d = p.find("disks");
     if (d == p.end() || !d->is_object())
         return "";
-    auto line = fmt::format("  disks {} of {} sent, {} dirty ({}), round {}",
-                            bytes(d->value("sent_bytes", std::uint64_t{0})),
-                            bytes(d->value("total_bytes", std::uint64_t{0})),
-                            bytes(d->value("remaining_bytes", std::uint64_t{0})),
-                            rate(d->value("dirty_rate_bps", std::uint64_t{0})), d->value("rounds", 0));
+    // The round under way, as far as it got (the first copies every
+    // allocated block: hours on big disks); between rounds, the last one.
+    auto dirty = fmt::format("{} dirty ({})", bytes(d->value("remaining_bytes", std::uint64_t{0})),
+                             rate(d->value("dirty_rate_bps", std::uint64_t{0})));
+    auto round = d->value("round", 0);
+    auto line = round > 0 ? fmt::format("  disks round {}: {} of {} copied, {}", round,
+                                        bytes(d->value("round_sent_bytes", std::uint64_t{0})),
+                                        bytes(d->value("round_bytes", std::uint64_t{0})), dirty)
+                          : fmt::format("  disks {} after round {}", dirty, d->value("rounds", 0));
     if (auto cap = d->value("write_cap_bps", std::uint64_t{0}); cap != 0)
         line += fmt::format(", guest disk writes capped at {}", rate(cap));
     return line;
