@@ -1966,6 +1966,14 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
     auto check = check_memory(b());
     EXPECT_EQ(check.status, 0) << check.out << check.err;
 
+    // A node that already has a VM of that name is no target for it.
+    ctl_json(a(), "vm create --spec " + (dir_ / "vm.toml"));
+    auto taken = ctl_json(b(), "migrate demo --dry-run");
+    EXPECT_TRUE(taken["target_node"].is_null()) << taken.dump();
+    EXPECT_NE(taken.value("why_none", "").find("node-a: already has a VM named demo"), std::string::npos)
+        << taken.dump();
+    ctl(a(), "vm delete demo");
+
     // From node-b, a VM whose node_selector no node matches stays, named.
     ctl(b(), "vm delete demo");
     ferry::test::write_file(dir_ / "picky.toml", ferry::test::guest_spec("demo", "64Mi", "ws=8 rate=2 hb=50",

@@ -203,6 +203,27 @@ TEST(Placement, MigrationsHeadedThereCountAndHostCpuNeedsTheSameCpu) {
     EXPECT_DOUBLE_EQ(p.ranked[0].memory_load, 1.0);
 }
 
+TEST(Placement, ANodeThatHoldsOrReceivesAVmOfTheSameNameIsRejected) {
+    auto b = node("node-b", 64, 64);
+    b.vms = {"db-1", "web-1"};
+    auto c = node("node-c", 64, 64);
+    c.arriving = {"web-1"};
+    auto d = node("node-d", 64, 64);
+    d.vms = {"web-10"};
+    d.arriving = {"web"};
+    auto p = place(vm(), {b, c, d});
+    ASSERT_EQ(p.ranked.size(), 1u);
+    EXPECT_EQ(p.ranked[0].node, "node-d") << "only the exact name counts";
+    ASSERT_TRUE(rejection(p, "node-b"));
+    EXPECT_EQ(joined(rejection(p, "node-b")->reasons), "already has a VM named web-1");
+    ASSERT_TRUE(rejection(p, "node-c"));
+    EXPECT_EQ(joined(rejection(p, "node-c")->reasons), "a VM named web-1 is already arriving there");
+    p = place(vm(), {b});
+    EXPECT_FALSE(p.fits());
+    EXPECT_EQ(p.why_none("web-1"), "no node fits web-1: node-b: already has a VM named web-1");
+    EXPECT_FALSE(place(vm(), {b}, {}, false).fits()) << "filtered without explaining too";
+}
+
 TEST(Placement, PassthroughDevicesBlockMigration) {
     ferry::config::VmSpec spec;
     spec.extra_args = {"-device", "virtio-rng-pci"};
@@ -468,6 +489,40 @@ TEST(Cluster, VcpusAreTheAllocationRatiosAndArrivalsCountTheirCpus) {
     EXPECT_EQ(v->cpus, 20);
     EXPECT_EQ(v->cpus_committed, 2 + 3);
     EXPECT_EQ(v->memory_committed, 2 * gib);
+}
+
+TEST(Cluster, TheNamesOfAPeersVmsAndArrivalsKeepItsNameTakenFromPlacement) {
+    std::vector<nlohmann::json> nodes{
+        facts("node-a", 16, {vm("web-1", 1), vm("db", 1)}),
+        facts("node-b", 16, {vm("web-1", 1)}),
+        facts("node-c", 16, {}, {{{"id", "db-7"}, {"vm", "db"}, {"source_node", "node-d"}, {"target_node", "node-c"}}}),
+    };
+    auto b = node_view(nodes[1]);
+    ASSERT_TRUE(b) << b.error().message;
+    EXPECT_EQ(b->vms, std::vector<std::string>{"web-1"});
+    EXPECT_EQ(node_view(nodes[2])->arriving, std::vector<std::string>{"db"});
+    auto p = ferry::scheduler::place_vm(nodes, "node-a", "web-1");
+    ASSERT_TRUE(p) << p.error().message;
+    ASSERT_EQ(p->ranked.size(), 1U);
+    EXPECT_EQ(p->ranked[0].node, "node-c");
+    EXPECT_EQ(ferry::scheduler::to_json(*p)["rejected"][1],
+              (nlohmann::json{{"node", "node-b"}, {"reasons", nlohmann::json::array({"already has a VM named web-1"})}}));
+    p = ferry::scheduler::place_vm(nodes, "node-a", "db");
+    ASSERT_TRUE(p) << p.error().message;
+    ASSERT_EQ(p->ranked.size(), 1U);
+    EXPECT_EQ(p->ranked[0].node, "node-b");
+    ASSERT_EQ(p->rejected.size(), 2U);
+    EXPECT_EQ(p->rejected[1].node, "node-c");
+    EXPECT_EQ(p->rejected[1].reasons, std::vector<std::string>{"a VM named db is already arriving there"});
+    nodes[2]["migrations"] = nlohmann::json::array();
+    nodes[2]["vms"] = {vm("web-1", 1)};
+    ferry::config::VmSpec spec;
+    spec.name = "web-1";
+    auto m = ferry::scheduler::migratability(&spec, nodes, "node-a", "web-1");
+    EXPECT_FALSE(m["now"]);
+    EXPECT_EQ(m["reasons"][0], "no node fits web-1: node-a: the VM runs there; node-b: already has a VM named web-1; "
+                               "node-c: already has a VM named web-1")
+        << m.dump();
 }
 
 TEST(Cluster, MigratabilityGivesEveryReason) {

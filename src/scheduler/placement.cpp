@@ -56,6 +56,11 @@ void reject_reasons(const VmView& vm, const NodeView& n, const Labels& added, Wh
     }
     if (n.state != NodeState::ready)
         why.add("{}", to_string(n.state));
+    // A VM's name is unique on a node: its arrival would be refused there.
+    if (has(n.vms, vm.name))
+        why.add("already has a VM named {}", vm.name);
+    else if (has(n.arriving, vm.name))
+        why.add("a VM named {} is already arriving there", vm.name);
     check_selector(vm.node_selector, "node_selector", n.labels, why);
     check_selector(added, "added selector", n.labels, why);
     auto free_memory = n.memory > n.memory_committed ? n.memory - n.memory_committed : 0;

@@ -3,7 +3,8 @@
 // tie-break. Pure: the planner feeds it the cluster as this node sees it.
 //
 // Filters: the node is alive and neither cordoned nor draining, it is not
-// where the VM runs, the VM's memory and CPUs fit beside what already runs
+// where the VM runs, it holds no VM of the same name (nor one arriving), the
+// VM's memory and CPUs fit beside what already runs
 // there and what is already headed there, its CPU model and machine type
 // exist there, and its labels match the VM's node_selector and the
 // request's added selector. Score: the lowest memory load the node would
@@ -33,6 +34,8 @@ struct NodeView {
     std::vector<std::string> machine_types;  // machine types its QEMU offers
     std::string qemu_version;
     Labels labels;
+    std::vector<std::string> vms;      // names of the VMs it holds
+    std::vector<std::string> arriving; // names of the VMs headed there
 };
 
 struct VmView {

@@ -114,6 +114,8 @@ Result<NodeView> node_view(const json& facts) {
             if (v.is_object()) {
                 optional_field(v, "memory", memory);
                 optional_field(v, "cpus", cpus);
+                if (auto name = text(v, "name"); !name.empty())
+                    n.vms.push_back(std::move(name));
             }
             cpus = std::clamp<std::int64_t>(cpus, 0, max_cpus); // sums stay far from overflowing
             n.memory_committed += memory;
@@ -131,6 +133,8 @@ Result<NodeView> node_view(const json& facts) {
             optional_field(m, "memory", memory);
             optional_field(m, "cpus", cpus);
             if (target == n.name && source != n.name) { // headed here, not yet among its VMs
+                if (auto name = text(m, "vm"); !name.empty())
+                    n.arriving.push_back(std::move(name));
                 n.memory_committed += memory;
                 n.cpus_committed += std::clamp<std::int64_t>(cpus, 0, max_cpus);
             }
