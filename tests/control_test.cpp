@@ -728,15 +728,35 @@ TEST_F(Ferryd, AMigrationOverTheOutboundLimitWaitsPendingThenStartsWhenTheSlotFr
     ctl("vm delete demo2");
 }
 
-TEST_F(Ferryd, ADamagedSchedulerFileIsSetAsideAndTheNodeStartsCleanAndACordonSurvivesARestart) {
+TEST_F(Ferryd, ADamagedSchedulerFileIsSetAsideAndTheNodeStartsCordonedUntilUncordonedAndACordonSurvivesARestart) {
     std::filesystem::create_directories(dir_ / "state/vms"); // a state_dir a ferryd used before
     ferry::test::write_file(dir_ / "state/scheduler.json", R"({"admission": 5, "waiting": [7]})");
     start();
-    EXPECT_EQ(ctl_json("node drain --status")["state"], "ready");
-    EXPECT_TRUE(std::filesystem::exists(dir_ / "state/scheduler.json.damaged"));
-    EXPECT_NE(ferry::test::read_file(dir_ / "ferryd.log").find("'admission' must be a string; moved to"),
+    // What it held is unknown (a cordon perhaps): the node takes nothing in.
+    auto status = ctl_json("node drain --status");
+    EXPECT_EQ(status["state"], "cordoned") << status.dump();
+    auto reason = status.value("reason", "");
+    EXPECT_NE(reason.find(dir_.path() + "/state/scheduler.json was damaged ('admission' must be a string)"),
               std::string::npos)
-        << ferry::test::read_file(dir_ / "ferryd.log");
+        << reason;
+    EXPECT_NE(reason.find("moved to " + dir_.path() + "/state/scheduler.json.damaged;"), std::string::npos) << reason;
+    EXPECT_NE(reason.find("ferryctl node uncordon node-a"), std::string::npos) << reason;
+    EXPECT_EQ(ctl_json("node list")[0]["state"], "cordoned");
+    EXPECT_TRUE(std::filesystem::exists(dir_ / "state/scheduler.json.damaged"));
+    auto log = ferry::test::read_file(dir_ / "ferryd.log");
+    EXPECT_NE(log.find("'admission' must be a string; moved to " + dir_.path() + "/state/scheduler.json.damaged; "
+                       "node-a starts cordoned"),
+              std::string::npos)
+        << log;
+    // The cordon and its reason hold across a restart, until an operator lifts it.
+    stop();
+    start();
+    status = ctl_json("node drain --status");
+    EXPECT_EQ(status["state"], "cordoned");
+    EXPECT_EQ(status.value("reason", ""), reason);
+    auto lifted = ctl("node uncordon");
+    EXPECT_NE(lifted.out.find("node-a is ready"), std::string::npos) << lifted.out << lifted.err;
+    EXPECT_FALSE(ctl_json("node drain --status").contains("reason"));
     // A cordon is stored, and holds across a restart.
     EXPECT_EQ(ctl_json("node cordon")["state"], "cordoned");
     stop();
@@ -749,6 +769,32 @@ TEST_F(Ferryd, ADamagedSchedulerFileIsSetAsideAndTheNodeStartsCleanAndACordonSur
     EXPECT_EQ(drained.status, 0) << drained.out << drained.err;
     EXPECT_NE(drained.out.find("drain completed: 0 moved"), std::string::npos) << drained.out;
     EXPECT_EQ(ctl_json("node drain --status")["state"], "cordoned") << "a drained node stays cordoned";
+}
+
+// A directory where scheduler.json belongs is really moved aside (beside an
+// earlier damaged copy, which stays), and the file is written again.
+TEST_F(Ferryd, ADirectoryInPlaceOfTheSchedulerFileIsMovedAsideAndTheStateIsSavedAgain) {
+    std::filesystem::create_directories(dir_ / "state/vms");
+    std::filesystem::create_directories(dir_ / "state/scheduler.json/inside");
+    ferry::test::write_file(dir_ / "state/scheduler.json.damaged", "an earlier one");
+    start();
+    auto log = ferry::test::read_file(dir_ / "ferryd.log");
+    EXPECT_NE(log.find("scheduler.json: it is a directory, not a file; moved to " + dir_.path() +
+                       "/state/scheduler.json.damaged.1; node-a starts cordoned"),
+              std::string::npos)
+        << log;
+    EXPECT_TRUE(std::filesystem::is_directory(dir_ / "state/scheduler.json.damaged.1/inside"));
+    EXPECT_EQ(ferry::test::read_file(dir_ / "state/scheduler.json.damaged"), "an earlier one");
+    ASSERT_TRUE(std::filesystem::is_regular_file(dir_ / "state/scheduler.json")) << "the cordon is saved at once";
+    EXPECT_EQ(ctl_json("node drain --status")["state"], "cordoned");
+    EXPECT_EQ(ctl_json("node uncordon")["state"], "ready");
+    auto saved = json::parse(ferry::test::read_file(dir_ / "state/scheduler.json"), nullptr, false);
+    EXPECT_EQ(saved.value("admission", ""), "ready") << saved.dump();
+    stop();
+    start();
+    EXPECT_EQ(ctl_json("node drain --status")["state"], "ready");
+    log = ferry::test::read_file(dir_ / "ferryd.log");
+    EXPECT_EQ(log.find("saving "), std::string::npos) << log;
 }
 
 TEST_F(Ferryd, ClearErrorsForBadInput) {

@@ -95,8 +95,13 @@ std::string Planner::state_path() const { return engine_.config().node.state_dir
 Result<void> Planner::start() {
     auto path = state_path();
     std::error_code ec;
-    if (fs::exists(path, ec)) {
-        auto j = engine::read_json_file(path);
+    if (fs::exists(fs::symlink_status(path, ec))) {
+        auto type = fs::status(path, ec).type();
+        auto j = type == fs::file_type::regular     ? engine::read_json_file(path)
+                 : type == fs::file_type::directory ? Result<json>(make_error(Errc::invalid_argument,
+                                                                              "it is a directory, not a file"))
+                                                    : Result<json>(make_error(Errc::invalid_argument,
+                                                                              "it is not a regular file"));
         auto load = [&]() -> Result<void> {
             if (!j)
                 return j.error();
@@ -109,6 +114,8 @@ Result<void> Planner::start() {
             if (a != "ready" && a != "cordoned" && a != "draining")
                 return make_error(Errc::invalid_argument, fmt::format("unknown admission '{}'", a));
             admission_ = a;
+            if (auto n = j->find("reason"); n != j->end() && n->is_string() && a == "cordoned")
+                note_ = n->get<std::string>();
             if (auto d = j->find("drain"); d != j->end() && !d->is_null()) {
                 auto drain = drain_from_json(*d);
                 if (!drain)
@@ -147,16 +154,36 @@ Result<void> Planner::start() {
             r = make_error(Errc::invalid_argument, e.what());
         }
         if (!r) {
-            // Kept for a person to read; the node starts as a fresh one would.
-            auto bad = path + ".damaged";
-            fs::rename(path, bad, ec);
-            log()->error("{}: {}; moved to {}, starting with no cordon, drain or waiting migrations", path,
-                         r.error().message, bad);
-            admission_ = "ready";
+            auto why = r.error().message;
+            if (why.rfind(path + ": ", 0) == 0)
+                why.erase(0, path.size() + 2);
+            // What it held is unknown: a cordon, a drain, waiting migrations.
+            // The node takes nothing in until an operator has looked, and the
+            // file is kept for them to read.
+            auto aside = set_aside(path);
+            if (!aside)
+                return make_error(Errc::io, fmt::format("{}: {}; it cannot be moved aside ({}), so ferryd does not "
+                                                        "start: move it away yourself and start ferryd again (the "
+                                                        "node then starts uncordoned: cordon it again if it was)",
+                                                        path, why, aside.error().message));
+            auto& node = engine_.config().node.name;
+            admission_ = "cordoned";
             drain_.reset();
             waiting_.clear();
             started_as_.clear();
             start_order_.clear();
+            ended_.clear();
+            note_ = fmt::format("{} is cordoned: its scheduler state {} was damaged ({}) and was moved to {}; its "
+                                "cordon, drain and waiting migrations are unknown, so it takes no migrations in "
+                                "until you lift the cordon (ferryctl node uncordon {})",
+                                node, path, why, *aside, node);
+            log()->error("{}: {}; moved to {}; {} starts cordoned, with no drain or waiting migrations: check what "
+                         "it held, then ferryctl node uncordon {}",
+                         path, why, *aside, node, node);
+            if (!save())
+                return make_error(Errc::io, fmt::format("{} cannot be written, so the cordon of {} would not hold "
+                                                        "(see the error above)",
+                                                        path, node));
         }
     }
     if (drain_)
@@ -193,6 +220,8 @@ void Planner::set_admission() {
     auto& node = engine_.config().node.name;
     if (admission_ == "ready")
         engine_.set_admission("ready", "");
+    else if (admission_ == "cordoned" && !note_.empty())
+        engine_.set_admission(admission_, note_);
     else
         engine_.set_admission(admission_, fmt::format("{} is {}: it takes no migrations in (ferryctl node uncordon {})",
                                                       node, admission_, node));
@@ -218,7 +247,23 @@ void Planner::remember_end(const std::string& queued, json object) {
     ended_[queued] = std::move(object);
 }
 
-void Planner::save() {
+// The file moved to <path>.damaged (or .damaged.1, ...: an earlier one is
+// kept), whatever it is: a file, a directory, a link.
+Result<std::string> Planner::set_aside(const std::string& path) {
+    std::error_code ec;
+    for (int i = 0; i < 100; ++i) {
+        auto to = path + ".damaged" + (i ? fmt::format(".{}", i) : std::string());
+        if (fs::exists(fs::symlink_status(to, ec)))
+            continue;
+        fs::rename(path, to, ec);
+        if (ec)
+            return make_error(Errc::io, fmt::format("renaming it to {}: {}", to, ec.message()));
+        return ok(std::move(to));
+    }
+    return make_error(Errc::io, fmt::format("{}.damaged to {}.damaged.99 all exist", path, path));
+}
+
+bool Planner::save() {
     json waiting = json::array();
     for (auto& w : waiting_)
         waiting.push_back({{"id", w.id},
@@ -226,17 +271,20 @@ void Planner::save() {
                            {"request", request_json(w.request)},
                            {"added_selector", w.added}});
     json j{{"admission", admission_},
+           {"reason", admission_ == "cordoned" && !note_.empty() ? json(note_) : json(nullptr)},
            {"drain", drain_ ? to_json(*drain_) : json(nullptr)},
            {"waiting", std::move(waiting)},
            {"started_as", started_as_json()},
            {"seq", seq_}};
     auto text = j.dump();
     if (text == saved_)
-        return; // nothing changed since the last write
-    if (auto r = engine::write_json_file(state_path(), j); !r)
+        return true; // nothing changed since the last write
+    if (auto r = engine::write_json_file(state_path(), j); !r) {
         log()->error("saving {}: {}", state_path(), r.error().message);
-    else
-        saved_ = std::move(text);
+        return false;
+    }
+    saved_ = std::move(text);
+    return true;
 }
 
 json Planner::started_as_json() const {
@@ -689,10 +737,13 @@ std::optional<Result<json>> Planner::cancel(const std::string& id) {
 // ---- cordon and drain ----
 
 json Planner::status_here() const {
-    return json{{"node", engine_.config().node.name},
-                {"state", admission_},
-                {"drain", drain_ ? to_json(*drain_) : json(nullptr)},
-                {"waiting", waiting()}};
+    json out{{"node", engine_.config().node.name},
+             {"state", admission_},
+             {"drain", drain_ ? to_json(*drain_) : json(nullptr)},
+             {"waiting", waiting()}};
+    if (admission_ == "cordoned" && !note_.empty())
+        out["reason"] = note_;
+    return out;
 }
 
 Result<json> Planner::cordon_here(bool on) {
@@ -714,6 +765,7 @@ Result<json> Planner::cordon_here(bool on) {
         if (admission_ != "ready")
             log()->info("{} uncordoned", node);
         admission_ = "ready";
+        note_.clear();
     }
     set_admission();
     save();
@@ -775,6 +827,7 @@ asio::awaitable<Result<json>> Planner::drain_here(DrainOptions options) {
         d.vms.push_back(std::move(v));
     }
     drain_ = std::move(d);
+    note_.clear(); // the operator has looked: the drain's own cordon follows
     save();
     log()->info("drain of {} started (was {}): {} VM(s), {} fit elsewhere now, {} cannot move, {} fit nowhere now{}{}",
                 self, before, drain_->vms.size(), fit, cannot.size(), no_room.size(),

@@ -33,7 +33,9 @@ public:
     ~Planner();
 
     // Loads the stored state and carries on: a cordon holds, a drain goes
-    // on, waiting migrations wait. After the engine started.
+    // on, waiting migrations wait. After the engine started. A state file
+    // that cannot be read is moved aside and the node starts cordoned (what
+    // it held is unknown); one that cannot be moved aside is an error.
     Result<void> start();
     void stop();
 
@@ -90,7 +92,8 @@ private:
     void start_one(const Start& s, Kind kind);
     engine::MigrateRequest resolved(engine::MigrateRequest request) const;
     void wake();
-    void save();
+    bool save(); // false: it could not be written (logged)
+    static Result<std::string> set_aside(const std::string& path);
     bool busy() const; // a drain runs or something waits or is tracked
     void set_admission();
     std::string state_path() const;
@@ -99,6 +102,7 @@ private:
     boost::asio::steady_timer timer_;
     bool dirty_ = false, stopped_ = false, started_ = false;
     std::string admission_ = "ready"; // ready | cordoned | draining
+    std::string note_;                // why it is cordoned, when not by an operator (a damaged scheduler.json)
     std::optional<Drain> drain_;
     std::vector<Waiting> waiting_;
     std::map<std::string, std::string> started_as_;  // waiting id -> migration id ("" when it ended unstarted)
