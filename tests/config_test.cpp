@@ -69,7 +69,7 @@ cert = "a.pem"
 key = "a-key.pem"
 [migration]
 bandwidth_per_migration = 0
-allow_post_copy = true
+allow_auto_converge = true
 multifd_channels = 4
 [[peers]]
 name = "node-b"
@@ -78,7 +78,7 @@ address = "10.0.0.2:7410"
     ASSERT_TRUE(c) << c.error().message;
     EXPECT_EQ(c->node.max_migration_bandwidth, 1ULL << 30);
     EXPECT_EQ(c->migration.bandwidth_per_migration, 0ULL);
-    EXPECT_TRUE(c->migration.allow_post_copy);
+    EXPECT_TRUE(c->migration.allow_auto_converge);
     EXPECT_EQ(c->migration.multifd_channels, 4);
     ASSERT_EQ(c->peers.size(), 1U);
     EXPECT_EQ(c->peers[0].address, "10.0.0.2:7410");
@@ -512,4 +512,135 @@ bandwith_per_migration = "1Mi"
     EXPECT_NE(msg.find("n.toml:13: key 'policies[3].name': \"slow\" is already policies[2]"), std::string::npos)
         << msg;
     EXPECT_NE(msg.find("n.toml:14: unknown key 'policies[3].bandwith_per_migration'"), std::string::npos) << msg;
+}
+
+TEST(NodeConfig, RefusesSettingsThatCannotWork) {
+    auto create = problems("[node]\nname = \"a\"\n[block]\ncreate_command = \"\"\n");
+    EXPECT_NE(create.find("n.toml:4: key 'block.create_command': the command is empty"), std::string::npos) << create;
+    EXPECT_NE(problems("[node]\nname = \"a\"\n[block]\ncreate_command = \"  \"\n").find("the command is empty"),
+              std::string::npos);
+    auto both = problems("[node]\nname = \"a\"\n[migration]\nmultifd_channels = 4\nallow_post_copy = true\n");
+    EXPECT_NE(both.find("n.toml:5: key 'migration.allow_post_copy': true together with key "
+                        "'migration.multifd_channels' = 4 (line 4): QEMU cannot do post-copy with multifd"),
+              std::string::npos)
+        << both;
+    EXPECT_EQ(problems("[node]\nname = \"a\"\n[migration]\nmultifd_channels = 4\nallow_post_copy = false\n"), "");
+    auto policy = problems("[node]\nname = \"a\"\n[[policies]]\nname = \"pc\"\nallow_post_copy = true\n"
+                           "[migration]\nmultifd_channels = 2\n");
+    EXPECT_NE(policy.find("n.toml:5: key 'policies[0].allow_post_copy': true, but key 'migration.multifd_channels' "
+                          "is 2: QEMU cannot do post-copy with multifd"),
+              std::string::npos)
+        << policy;
+    EXPECT_EQ(problems("[node]\nname = \"a\"\n[[policies]]\nname = \"pc\"\nallow_post_copy = true\n"), "");
+    for (auto mode : {"0000", "0400", "0200", "0060"}) {
+        auto m = problems(std::string("[node]\nname = \"a\"\ncontrol_socket_mode = \"") + mode + "\"\n");
+        EXPECT_NE(m.find(std::string("n.toml:3: key 'node.control_socket_mode': \"") + mode +
+                         "\" does not let the socket's owner (ferryd's user) read and write it"),
+                  std::string::npos)
+            << mode << ": " << m;
+    }
+    EXPECT_EQ(problems("[node]\nname = \"a\"\ncontrol_socket_mode = \"0700\"\n"), "");
+}
+
+TEST(NodeConfig, TlsAndPeersNeedThePeerEndpoint) {
+    auto tls = problems("[node]\nname = \"a\"\nlisten = \"\"\n[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n");
+    EXPECT_NE(tls.find("n.toml:4: table 'tls' is set while key 'node.listen' (n.toml:3) is \"\", which turns the peer "
+                       "endpoint off"),
+              std::string::npos)
+        << tls;
+    auto peers = problems("[node]\nname = \"a\"\nlisten = \"\"\n[[peers]]\nname = \"b\"\naddress = \"10.0.0.2:7410\"\n");
+    EXPECT_NE(peers.find("key 'peers' is set while key 'node.listen' (n.toml:3) is \"\""), std::string::npos) << peers;
+    EXPECT_NE(peers.find("n.toml:4: key 'peers'"), std::string::npos) << peers;
+    EXPECT_EQ(problems("[node]\nname = \"a\"\nlisten = \"10.0.0.1:7410\"\n[[peers]]\nname = \"b\"\naddress = "
+                       "\"10.0.0.2:7410\"\n"),
+              "");
+}
+
+TEST(NodeConfig, RefusesLabelsNoSelectorCanMatch) {
+    auto node = problems("[node]\nname = \"a\"\nlabels = { \"\" = \"x\", zone = \"a\" }\n");
+    EXPECT_NE(node.find("n.toml:3: key 'node.labels': a label key is empty"), std::string::npos) << node;
+    auto space = problems("[node]\nname = \"a\"\n[node.labels]\nzone = \"a\"\n\"disk type\" = \"ssd\"\n");
+    EXPECT_NE(space.find("n.toml:5: key 'node.labels': label key \"disk type\" holds whitespace"), std::string::npos)
+        << space;
+    auto tab = problems("[node]\nname = \"a\"\nlabels = { \"a\\tb\" = \"x\" }\n");
+    EXPECT_NE(tab.find("label key \"a\\x09b\" holds whitespace"), std::string::npos) << tab;
+    auto nul = problems("[node]\nname = \"a\"\nlabels = { zone = \"a\\u0000b\" }\n");
+    EXPECT_NE(nul.find("n.toml:3: key 'node.labels': the value of label \"zone\" holds a NUL character"),
+              std::string::npos)
+        << nul;
+    auto policy = problems("[node]\nname = \"a\"\n[[policies]]\nname = \"p\"\nvm_selector = { \" tier\" = \"db\" }\n"
+                           "node_selector = { zone = \"\\u0000\" }\n");
+    EXPECT_NE(policy.find("n.toml:5: key 'policies[0].vm_selector': label key \" tier\" holds whitespace"),
+              std::string::npos)
+        << policy;
+    EXPECT_NE(policy.find("n.toml:6: key 'policies[0].node_selector': the value of label \"zone\" holds a NUL "
+                          "character"),
+              std::string::npos)
+        << policy;
+    EXPECT_EQ(problems("[node]\nname = \"a\"\nlabels = { \"ferry.io/zone\" = \"a b\", empty = \"\" }\n"), "");
+}
+
+TEST(VmSpec, RefusesLabelsNoSelectorCanMatch) {
+    auto s = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nlabels = { \"\" = \"x\" }\n"
+                           "node_selector = { \"zone \" = \"a\", disk = \"s\\u0000\" }\n",
+                           "s.toml");
+    ASSERT_FALSE(s);
+    auto msg = s.error().message;
+    EXPECT_NE(msg.find("s.toml:3: key 'labels': a label key is empty"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("s.toml:4: key 'node_selector': label key \"zone \" holds whitespace"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("s.toml:4: key 'node_selector': the value of label \"disk\" holds a NUL character"),
+              std::string::npos)
+        << msg;
+    auto ok = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nlabels = { tier = \"db\" }\n", "s");
+    ASSERT_TRUE(ok) << ok.error().message;
+    auto spaced = *ok;
+    spaced.labels = {{"a b", "x"}};
+    auto r = validate_vm_spec(spaced);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("VM spec a: labels: label key \"a b\" holds whitespace"), std::string::npos)
+        << r.error().message;
+    auto nul = *ok;
+    nul.node_selector = {{"zone", std::string("a\0b", 3)}};
+    r = validate_vm_spec(nul);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("node_selector: the value of label \"zone\" holds a NUL character"),
+              std::string::npos)
+        << r.error().message;
+}
+
+TEST(VmSpec, MachineAndCpuModelAreNamesOnly) {
+    auto machine = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nmachine = \"pc,memory-backend=x\"\n", "s.toml");
+    ASSERT_FALSE(machine);
+    EXPECT_NE(machine.error().message.find("s.toml:3: key 'machine': \"pc,memory-backend=x\" is not a machine type "
+                                           "name (1-128 of A-Z, a-z, 0-9, '.', '_' and '-'; no options)"),
+              std::string::npos)
+        << machine.error().message;
+    auto cpu = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\ncpu_model = \"qemu64,+vmx\"\n", "s.toml");
+    ASSERT_FALSE(cpu);
+    EXPECT_NE(cpu.error().message.find("s.toml:3: key 'cpu_model': \"qemu64,+vmx\" is not a CPU model name (1-128 of "
+                                       "A-Z, a-z, 0-9, '.', '_' and '-'; no options or features)"),
+              std::string::npos)
+        << cpu.error().message;
+    for (auto bad : {"", "pc accel=kvm", "q35\n"})
+        EXPECT_FALSE(parse_vm_spec(std::string("name = \"a\"\nmemory = \"64Mi\"\nmachine = \"") +
+                                       (std::string(bad) == "q35\n" ? "q35\\n" : bad) + "\"\n",
+                                   "s"))
+            << bad;
+    auto ok = parse_vm_spec("name = \"a\"\nmemory = \"64Mi\"\nmachine = \"pc-i440fx-7.2\"\ncpu_model = "
+                            "\"Skylake-Server_v1.x\"\n",
+                            "s");
+    ASSERT_TRUE(ok) << ok.error().message;
+    auto json_machine = *ok;
+    json_machine.machine = "pc,memory-backend=x";
+    auto r = validate_vm_spec(json_machine);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("VM spec a: machine \"pc,memory-backend=x\" is not a machine type name"),
+              std::string::npos)
+        << r.error().message;
+    auto json_cpu = *ok;
+    json_cpu.cpu_model = "qemu64,+vmx";
+    r = validate_vm_spec(json_cpu);
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("VM spec a: cpu_model \"qemu64,+vmx\" is not a CPU model name"), std::string::npos)
+        << r.error().message;
 }

@@ -9,6 +9,7 @@
 #include <regex>
 
 #include <fstream>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -364,6 +365,67 @@ TEST_F(Robustness, CheckConfigRunsEveryStartCheck) {
     EXPECT_EQ(started.status, 1);
     EXPECT_NE(started.err.find("key 'node.qemu'"), std::string::npos) << started.err;
     EXPECT_FALSE(std::filesystem::exists(socket_));
+}
+
+// 10a. What only a start checks (the control socket's path, the metrics
+// port, the command line's log level), --check-config says too, the same way;
+// a running ferryd's own port is no reason to refuse its SIGHUP.
+TEST_F(Robustness, CheckConfigFailsLikeTheStartOnSocketPathPortAndLogLevel) {
+    auto config = dir_ / "ferryd.toml";
+    auto both = [&](const std::string& flags = "") {
+        auto checked = sh(ferry::test::ferryd_bin() + flags + " --check-config " + config, dir_);
+        auto started = sh("timeout 60 " + ferry::test::ferryd_bin() + flags + " --config " + config, dir_);
+        return std::pair{checked, started};
+    };
+    auto expect_same = [&](const std::pair<Output, Output>& r, int status, const std::string& why) {
+        EXPECT_EQ(r.first.status, status) << r.first.out << r.first.err;
+        EXPECT_NE(r.first.err.find(why), std::string::npos) << r.first.err;
+        EXPECT_EQ(r.second.status, status) << r.second.err;
+        EXPECT_NE(r.second.err.find(why), std::string::npos) << r.second.err;
+    };
+    // The socket path is a directory.
+    std::filesystem::create_directories(socket_);
+    expect_same(both(), 1, "ferryd.toml:4: key 'node.control_socket': " + socket_ + " is a directory");
+    std::filesystem::remove(socket_);
+    // It is the state_dir's lock file.
+    auto text = ferry::test::read_file(config);
+    auto lock = dir_.path() + "/state/ferryd.lock";
+    auto at = text.find(socket_);
+    ASSERT_NE(at, std::string::npos);
+    ferry::test::write_file(config, std::string(text).replace(at, socket_.size(), lock));
+    expect_same(both(), 1, "ferryd.toml:4: key 'node.control_socket': " + lock + " is the lock file of node.state_dir");
+    // The metrics port is taken.
+    int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in addr{};
+    addr.sin_family = AF_INET;
+    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof addr;
+    ASSERT_EQ(::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+    ASSERT_EQ(::listen(fd, 1), 0);
+    ASSERT_EQ(::getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+    auto metrics = fmt::format("\n[metrics]\nlisten = \"127.0.0.1:{}\"\n", ntohs(addr.sin_port));
+    write_config("", metrics);
+    expect_same(both(), 1,
+                fmt::format("ferryd.toml:12: key 'metrics.listen': metrics.listen \"127.0.0.1:{}\": Address already "
+                            "in use",
+                            ntohs(addr.sin_port)));
+    // A log level nobody knows, before anything else.
+    ::close(fd);
+    expect_same(both(" --log-level loud"), 2, "ferryd: --log-level: unknown level loud");
+    EXPECT_FALSE(std::filesystem::exists(socket_));
+
+    // A running ferryd holds its metrics port: --check-config and a SIGHUP
+    // take that for what it is.
+    start();
+    auto checked = sh(ferry::test::ferryd_bin() + " --check-config " + config, dir_);
+    EXPECT_EQ(checked.status, 0) << checked.err;
+    ASSERT_EQ(::kill(pid_, SIGHUP), 0);
+    bool reread = false;
+    for (int i = 0; i < 50 && !reread; ++i, std::this_thread::sleep_for(100ms))
+        reread = ferry::test::read_file(dir_ / "ferryd.log").find("SIGHUP: " + config + " re-read") != std::string::npos;
+    auto log = ferry::test::read_file(dir_ / "ferryd.log");
+    EXPECT_TRUE(reread) << log;
+    EXPECT_EQ(log.find("SIGHUP: keeping the running configuration"), std::string::npos) << log;
 }
 
 // 10b. Hooks others may change are refused: by --check-config and a start,

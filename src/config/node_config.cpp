@@ -76,7 +76,7 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     r.get("external_launch_timeout", n.external_launch_timeout, 5, 85);
     r.get("accel", n.accel);
     r.get("log_level", n.log_level);
-    r.get("labels", n.labels);
+    r.get_labels("labels", n.labels);
     r.get("cpu_allocation_ratio", n.cpu_allocation_ratio, 1, 100);
     static const std::set<std::string> levels{"trace", "debug", "info", "warn", "error", "critical", "off"};
     if (!levels.count(n.log_level))
@@ -90,6 +90,11 @@ void read_node(const toml::table& t, Problems& p, NodeSection& n) {
     if (!valid_mode(n.control_socket_mode))
         p.add(t.get("control_socket_mode")->source(),
               fmt::format("key 'node.control_socket_mode': \"{}\" is not an octal mode like \"0600\"",
+                          n.control_socket_mode));
+    else if ((std::stoul(n.control_socket_mode, nullptr, 8) & 0600) != 0600)
+        p.add(t.get("control_socket_mode")->source(),
+              fmt::format("key 'node.control_socket_mode': \"{}\" does not let the socket's owner (ferryd's user) "
+                          "read and write it, and a client connects by writing it; use \"0600\"",
                           n.control_socket_mode));
     else if (auto mode = std::stoul(n.control_socket_mode, nullptr, 8);
              (mode & 002 || (mode & 020 && n.control_socket_group.empty())) && !n.insecure_control_socket)
@@ -142,6 +147,12 @@ void read_migration(const toml::table& t, Problems& p, MigrationConfig& m) {
     r.get("multifd_channels", m.multifd_channels, 0, 255);
     r.get("peer_timeout", m.peer_timeout, 3, 3600);
     r.get("finished_migrations_per_vm", m.finished_migrations_per_vm, 1, 10000);
+    // QEMU cannot combine them (engine::postcopy_enabled would drop post-copy).
+    if (m.allow_post_copy && m.multifd_channels > 0)
+        p.add(t.get("allow_post_copy")->source(),
+              fmt::format("key 'migration.allow_post_copy': true together with key 'migration.multifd_channels' = {} "
+                          "(line {}): QEMU cannot do post-copy with multifd; set one of them",
+                          m.multifd_channels, t.get("multifd_channels")->source().begin.line));
     r.finish();
 }
 
@@ -155,6 +166,10 @@ void read_block(const toml::table& t, Problems& p, BlockSection& b) {
     TableReader r(t, p, "block");
     r.get("create_command", b.create_command);
     r.get("reuse_existing", b.reuse_existing);
+    if (auto* n = t.get("create_command"); n && n->is_string() &&
+        b.create_command.find_first_not_of(" \t\n\r\f\v") == std::string::npos)
+        p.add(n->source(), "key 'block.create_command': the command is empty; leave the key out when target block "
+                           "devices must exist already");
     r.tables("path_map", [&](const toml::table& e, std::size_t i) {
         auto key = fmt::format("block.path_map[{}]", i);
         TableReader er(e, p, key);
@@ -200,8 +215,8 @@ void read_policy(const toml::table& t, Problems& p, std::size_t i, NodeConfig& c
     TableReader r(t, p, key);
     MigrationPolicy pol;
     r.get_required("name", pol.name);
-    r.get("vm_selector", pol.vm_selector);
-    r.get("node_selector", pol.node_selector);
+    r.get_labels("vm_selector", pol.vm_selector);
+    r.get_labels("node_selector", pol.node_selector);
     auto& s = pol.settings;
     auto quantity = [&](std::string_view k, std::optional<std::uint64_t>& out) {
         if (!t.contains(k))
@@ -230,6 +245,11 @@ void read_policy(const toml::table& t, Problems& p, std::size_t i, NodeConfig& c
     integer("progress_timeout", s.progress_timeout, 0, 1'000'000);
     boolean("allow_auto_converge", s.allow_auto_converge);
     boolean("allow_post_copy", s.allow_post_copy);
+    if (s.allow_post_copy.value_or(false) && c.migration.multifd_channels > 0)
+        p.add(t.get("allow_post_copy")->source(),
+              fmt::format("key '{}.allow_post_copy': true, but key 'migration.multifd_channels' is {}: QEMU cannot do "
+                          "post-copy with multifd",
+                          key, c.migration.multifd_channels));
     // What a policy may not change gets its own reason, not "unknown key".
     for (auto k : {"parallel_migrations_per_cluster", "parallel_outbound_migrations_per_node",
                    "parallel_inbound_migrations_per_node", "disable_tls", "postcopy_preempt", "multifd_channels",
@@ -285,6 +305,16 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
     Problems p(name);
     NodeConfig c;
     TableReader r(root, p, "");
+    // [tls] and [[peers]] serve the peer endpoint; listen = "" turns it off.
+    auto endpoint_off = [&](const toml::source_region& where, std::string_view what, std::string_view why) {
+        auto* node = root.get("node");
+        auto* listen = node && node->is_table() ? node->as_table()->get("listen") : nullptr;
+        if (!listen || !listen->is_string() || !listen->value<std::string>()->empty())
+            return;
+        p.add(where, fmt::format("{} is set while key 'node.listen' ({}:{}) is \"\", which turns the peer endpoint "
+                                 "off, so {}; give node.listen the address peers reach this node at, or remove {}",
+                                 what, name, listen->source().begin.line, why, what));
+    };
     if (!r.require("node")) {
         // fall through to report the rest too
     }
@@ -308,6 +338,8 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         if (missing.size() < 3 && node && node->is_table() && !node->as_table()->contains("listen"))
             p.add(t->source(), "table 'tls' needs [node] listen: the address peers reach this node at (e.g. "
                                "\"10.0.0.1:7410\")");
+        if (missing.size() < 3)
+            endpoint_off(t->source(), "table 'tls'", "nothing would use its certificates");
     }
     if (auto* t = subtable(r, "migration"))
         read_migration(*t, p, c.migration);
@@ -326,6 +358,8 @@ Result<NodeConfig> read(const toml::table& root, const std::string& name) {
         check_peer(t, p, i, peer, c);
         c.peers.push_back(peer);
     });
+    if (auto* peers = root.get("peers"); peers && !c.peers.empty())
+        endpoint_off(peers->source(), "key 'peers'", "no peer could migrate a VM to this node");
     r.tables("policies", [&](const toml::table& t, std::size_t i) { read_policy(t, p, i, c); });
     r.finish();
     if (!p.empty())

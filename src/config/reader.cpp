@@ -192,6 +192,45 @@ void TableReader::get(std::string_view key, std::map<std::string, std::string>& 
     out = std::move(values);
 }
 
+void TableReader::get_labels(std::string_view key, std::map<std::string, std::string>& out) {
+    get(key, out);
+    auto* n = table_.get(key);
+    auto* tbl = n ? n->as_table() : nullptr;
+    if (!tbl)
+        return;
+    for (auto&& [k, v] : *tbl) {
+        if (!v.is_string())
+            continue;
+        auto why = label_problem(k.str(), *v.value<std::string>());
+        if (!why.empty())
+            problems_.add(k.source().begin.line ? k.source() : v.source(), fmt::format("key '{}': {}", path(key), why));
+    }
+}
+
+namespace {
+// A key as it can be shown: control characters as \xNN.
+std::string printable(std::string_view text) {
+    std::string out;
+    for (unsigned char ch : text)
+        out += ch < 0x20 || ch == 0x7f ? fmt::format("\\x{:02x}", ch) : std::string(1, static_cast<char>(ch));
+    return out;
+}
+} // namespace
+
+std::string label_problem(std::string_view key, std::string_view value) {
+    if (key.empty())
+        return "a label key is empty";
+    for (unsigned char ch : key) {
+        if (ch == ' ' || (ch >= '\t' && ch <= '\r'))
+            return fmt::format("label key \"{}\" holds whitespace", printable(key));
+        if (ch < 0x20 || ch == 0x7f)
+            return fmt::format("label key \"{}\" holds a control character", printable(key));
+    }
+    if (value.find('\0') != std::string_view::npos)
+        return fmt::format("the value of label \"{}\" holds a NUL character", printable(key));
+    return {};
+}
+
 bool TableReader::require(std::string_view key) {
     if (table_.contains(key))
         return true;

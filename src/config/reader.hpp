@@ -44,6 +44,9 @@ public:
     void get_quantity(std::string_view key, std::uint64_t& out);
     void get(std::string_view key, std::vector<std::string>& out);
     void get(std::string_view key, std::map<std::string, std::string>& out);
+    // Labels or a selector: a table of strings whose keys and values pass
+    // label_problem (each problem on its own key's line).
+    void get_labels(std::string_view key, std::map<std::string, std::string>& out);
     // Marks key as required: a problem if absent.
     bool require(std::string_view key);
     // A string that must be there.
@@ -72,6 +75,11 @@ private:
     std::string prefix_;
     std::set<std::string, std::less<>> seen_;
 };
+
+// What is wrong with a label (node labels, a VM's labels, a selector), or ""
+// when nothing is: a key must be non-empty and free of whitespace and control
+// characters, a value free of NUL characters.
+std::string label_problem(std::string_view key, std::string_view value);
 
 // Parses a TOML file; a syntax error names the file, line and column.
 Result<toml::table> parse_toml_file(const std::string& path);

@@ -19,7 +19,26 @@ bool valid_vm_name(std::string_view name) {
     return alnum(name.front()) && alnum(name.back());
 }
 
+bool valid_qemu_name(std::string_view name) {
+    if (name.empty() || name.size() > 128)
+        return false;
+    for (char c : name)
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '.' || c == '_' ||
+              c == '-'))
+            return false;
+    return true;
+}
+
 namespace {
+
+// What is wrong with a machine type or CPU model name, or "": a name only,
+// so no options or CPU features reach QEMU's -machine or -cpu through it.
+std::string qemu_name_problem(std::string_view key, const std::string& value) {
+    if (valid_qemu_name(value))
+        return {};
+    return fmt::format("\"{}\" is not a {} name (1-128 of A-Z, a-z, 0-9, '.', '_' and '-'; no options{})", value,
+                       key == "machine" ? "machine type" : "CPU model", key == "machine" ? "" : " or features");
+}
 
 void read_disk(const toml::table& t, Problems& p, std::size_t i, DiskSpec& d) {
     TableReader r(t, p, fmt::format("disks[{}]", i));
@@ -97,14 +116,18 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
     r.get("cpus", s.cpus, 1, 255);
     r.get("cpu_model", s.cpu_model);
     r.get("machine", s.machine);
+    for (auto [key, value] : {std::pair{"cpu_model", &s.cpu_model}, std::pair{"machine", &s.machine}})
+        if (auto* n = root.get(key); n && n->is_string())
+            if (auto why = qemu_name_problem(key, *value); !why.empty())
+                p.add(n->source(), fmt::format("key '{}': {}", key, why));
     r.get("kernel", s.kernel);
     r.get("initrd", s.initrd);
     for (auto [key, value] : {std::pair{"kernel", &s.kernel}, std::pair{"initrd", &s.initrd}})
         if (*value && (*value)->substr(0, 1) != "/")
             p.add(root.get(key)->source(), fmt::format("key '{}': \"{}\" must be an absolute path", key, **value));
     r.get("append", s.append);
-    r.get("labels", s.labels);
-    r.get("node_selector", s.node_selector);
+    r.get_labels("labels", s.labels);
+    r.get_labels("node_selector", s.node_selector);
     r.get("extra_args", s.extra_args);
     check_extra_args(root, p, s.extra_args);
     auto* disks = r.tables("disks", [&](const toml::table& t, std::size_t i) {
@@ -149,6 +172,13 @@ Result<void> validate_vm_spec(const VmSpec& s) {
         return bad(fmt::format("memory {} is not a whole number of MiB of at least 16Mi", s.memory));
     if (s.cpus < 1 || s.cpus > 255)
         return bad(fmt::format("cpus {} is out of range [1, 255]", s.cpus));
+    for (auto [key, value] : {std::pair{"cpu_model", &s.cpu_model}, std::pair{"machine", &s.machine}})
+        if (auto why = qemu_name_problem(key, *value); !why.empty())
+            return bad(fmt::format("{} {}", key, why));
+    for (auto [key, labels] : {std::pair{"labels", &s.labels}, std::pair{"node_selector", &s.node_selector}})
+        for (auto& [k, v] : *labels)
+            if (auto why = label_problem(k, v); !why.empty())
+                return bad(fmt::format("{}: {}", key, why));
     for (std::size_t i = 0; i < s.extra_args.size(); ++i)
         if (auto o = owned_option(s.extra_args[i]); !o.empty())
             return bad(fmt::format("extra_args[{}] \"{}\" is not allowed", i, s.extra_args[i]));

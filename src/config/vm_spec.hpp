@@ -39,11 +39,16 @@ Result<VmSpec> load_vm_spec(const std::string& path);
 Result<VmSpec> parse_vm_spec(std::string_view text, const std::string& name);
 
 // The checks of parse_vm_spec for a spec that arrived as JSON (from a peer
-// node, or a record): name, memory, cpus, extra_args, disks.
+// node, or a record): name, memory, cpus, machine, cpu_model, labels,
+// node_selector, extra_args, disks.
 Result<void> validate_vm_spec(const VmSpec& spec);
 
 // A valid VM name: 1-63 of [a-z0-9-], starting and ending alphanumeric.
 bool valid_vm_name(std::string_view name);
+
+// A machine type or CPU model name as QEMU lists them (-machine help, -cpu
+// help): 1-128 of [A-Za-z0-9._-], so no options or CPU features.
+bool valid_qemu_name(std::string_view name);
 
 void to_json(nlohmann::json& j, const DiskSpec& d);
 void from_json(const nlohmann::json& j, DiskSpec& d);

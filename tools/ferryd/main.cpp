@@ -6,13 +6,19 @@
 #include "control/server.hpp"
 #include "control/metrics.hpp"
 #include "engine/engine.hpp"
+#include "transport/channel.hpp"
 
 #include <CLI/CLI.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/signal_set.hpp>
 
+#include <boost/asio/ip/tcp.hpp>
+
 #include <csignal>
+#include <fcntl.h>
+#include <sys/file.h>
+#include <unistd.h>
 #include <filesystem>
 #include <iostream>
 #include <cstddef>
@@ -84,6 +90,60 @@ ferry::Result<ferry::config::NodeConfig> load_checked(const std::string& path) {
     return cfg;
 }
 
+// A ferryd holds state_dir's lock (tried shared and let go at once; nothing
+// is created).
+bool state_dir_in_use(const ferry::config::NodeConfig& cfg) {
+    int fd = ::open((cfg.node.state_dir + "/ferryd.lock").c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return false;
+    bool held = ::flock(fd, LOCK_SH | LOCK_NB) != 0 && errno == EWOULDBLOCK;
+    ::close(fd);
+    return held;
+}
+
+// The checks only a start makes, which --check-config makes too: what a
+// running ferryd holds itself (its control socket, its metrics port) is no
+// reason to refuse a SIGHUP, so Engine::preflight leaves these out.
+ferry::Result<void> check_start(const ferry::config::NodeConfig& cfg) {
+    namespace fs = std::filesystem;
+    auto& socket = cfg.node.control_socket;
+    auto lock = cfg.node.state_dir + "/ferryd.lock";
+    std::error_code ec;
+    if (fs::path(socket).lexically_normal() == fs::path(lock).lexically_normal() || fs::equivalent(socket, lock, ec))
+        return ferry::make_error(ferry::Errc::invalid_argument,
+                                 fmt::format("{}: {} is the lock file of node.state_dir; give the control socket a "
+                                             "path of its own",
+                                             cfg.where("node.control_socket"), socket));
+    auto status = fs::symlink_status(socket, ec);
+    if (!ec && fs::exists(status) && !fs::is_socket(status))
+        return ferry::make_error(ferry::Errc::invalid_argument,
+                                 fmt::format("{}: {} {}; ferryd replaces only a stale socket there: remove it or pick "
+                                             "another path",
+                                             cfg.where("node.control_socket"), socket,
+                                             fs::is_directory(status) ? "is a directory"
+                                                                      : "exists and is not a socket"));
+    // The ferryd on this state_dir holds the port itself (a start would be
+    // refused for the state_dir anyway).
+    if (auto& listen = cfg.metrics.listen; !listen.empty() && !state_dir_in_use(cfg)) {
+        auto ep = ferry::transport::parse_endpoint(listen);
+        if (!ep)
+            return ep.error().wrap(cfg.where("metrics.listen"));
+        asio::io_context io;
+        asio::ip::tcp::acceptor acceptor(io);
+        boost::system::error_code bec;
+        acceptor.open(ep->protocol(), bec);
+        if (!bec)
+            acceptor.set_option(asio::ip::tcp::acceptor::reuse_address(true), bec);
+        if (!bec)
+            acceptor.bind(*ep, bec);
+        if (bec)
+            return ferry::make_error(ferry::Errc::invalid_argument,
+                                     fmt::format("{}: metrics.listen \"{}\": {}", cfg.where("metrics.listen"), listen,
+                                                 bec.message()));
+    }
+    return {};
+}
+
 // Before anything reads or changes the state: one ferryd per state_dir, and
 // none on a control socket that another ferryd answers on.
 ferry::Result<ferry::LockFile> claim(const ferry::config::NodeConfig& cfg) {
@@ -129,9 +189,18 @@ int main(int argc, char** argv) {
     app.add_option("--check-config", check_path, "validate a ferryd.toml as a start would, and exit");
     app.add_option("--log-level", log_level, "override [node] log_level");
     CLI11_PARSE(app, argc, argv);
+    // Before anything, as a start would (and for --check-config too).
+    if (!log_level.empty() && !ferry::set_log_level(log_level)) {
+        std::cerr << "ferryd: --log-level: unknown level " << log_level
+                  << " (trace, debug, info, warn, error, critical, off)\n";
+        return 2;
+    }
 
     if (!check_path.empty()) {
         auto cfg = load_checked(check_path);
+        if (cfg)
+            if (auto r = check_start(*cfg); !r)
+                cfg = r.error();
         if (!cfg) {
             std::cerr << cfg.error().message << "\n";
             return 1;
@@ -141,14 +210,15 @@ int main(int argc, char** argv) {
     }
 
     auto cfg = load_checked(config_path);
+    if (cfg)
+        if (auto r = check_start(*cfg); !r)
+            cfg = r.error();
     if (!cfg) {
         std::cerr << "ferryd: " << cfg.error().message << "\n";
         return 1;
     }
-    if (!ferry::set_log_level(log_level.empty() ? cfg->node.log_level : log_level)) {
-        std::cerr << "ferryd: --log-level: unknown level " << log_level << "\n";
-        return 2;
-    }
+    if (log_level.empty())
+        ferry::set_log_level(cfg->node.log_level); // checked by the config reader
     ::signal(SIGPIPE, SIG_IGN);
     ::umask(077); // records, logs and sockets are ferryd's user's alone
     raise_fd_limit();
