@@ -31,5 +31,16 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
                     __builtin_trap();
         }
     }
+    // The same input as a prepare's "shared_disks": each a shared disk, once.
+    std::vector<ferry::engine::SharedDisk> shared;
+    if (ferry::engine::read_shared_disks(disks, spec, shared).empty()) {
+        for (std::size_t i = 0; i < shared.size(); ++i) {
+            if (shared[i].index >= spec.disks.size() || !spec.disks[shared[i].index].shared)
+                __builtin_trap();
+            for (std::size_t j = i + 1; j < shared.size(); ++j)
+                if (shared[i].index == shared[j].index)
+                    __builtin_trap();
+        }
+    }
     return 0;
 }

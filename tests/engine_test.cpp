@@ -652,6 +652,24 @@ TEST(DiskThrottle, SizedFromTheRatesThenHalvedToAFloor) {
 // What a peer's prepare may ask of the target's disks: each a local disk of
 // the spec, once, of its format, with a size; mapped by path_map; never two
 // onto one image. Each refusal says which disk and why.
+TEST(DiskPlan, SharedDisksNamedByThePeerAreTheSpecsSharedOnes) {
+    ferry::config::VmSpec spec;
+    spec.disks = {{"/vm/shared.raw", "raw", true, false, "virtio"}, {"/local/a.qcow2", "qcow2", false, false, "virtio"}};
+    std::vector<ferry::engine::SharedDisk> out;
+    auto read = [&](const char* text) { return ferry::engine::read_shared_disks(json::parse(text), spec, out); };
+    EXPECT_EQ(read(R"([{"index":0,"format":"raw","size":1048576}])"), "");
+    ASSERT_EQ(out.size(), 1u);
+    EXPECT_EQ(out[0].size, 1048576u);
+    EXPECT_EQ(read("[]"), "");
+    EXPECT_TRUE(out.empty());
+    EXPECT_EQ(read(R"([{"index":1,"format":"qcow2","size":1}])"),
+              "bad prepare: shared_disks names disk 1, not a shared disk of the spec");
+    EXPECT_EQ(read(R"([{"index":0,"format":"raw","size":1},{"index":0,"format":"raw","size":1}])"),
+              "bad prepare: shared disk 0 listed twice");
+    EXPECT_EQ(read(R"([{"index":0,"format":"raw","size":-1}])"), "bad prepare: a shared disk needs index, format and size");
+    EXPECT_EQ(read(R"({"index":0})"), "bad prepare: shared_disks must be an array of the spec's disks");
+}
+
 TEST(DiskPlan, ChecksThePeersDisksAgainstTheSpecAndMapsThem) {
     using ferry::engine::plan_arriving_disks;
     ferry::config::VmSpec spec;
@@ -1436,6 +1454,29 @@ TEST(Hooks, PreflightRefusesADirOthersMayWriteNamingTheConfigLine) {
 // At run time the files are checked again: they may have changed since
 // ferryd started. A gate fails closed before any of its hooks runs; after
 // the switchover the refused hook is a failure and the others run.
+// What a hook prints reaches the log and `migrate --wait` as one line with
+// its control characters shown, never as a forged log line or an escape
+// sequence for the reader's terminal.
+TEST(Hooks, OutputIsOneLineWithControlCharactersShown) {
+    HooksFixture f;
+    std::filesystem::remove(f.hooks + "/20-link");
+    ferry::test::write_file(f.hooks + "/10-net",
+                            "#!/bin/sh\nprintf 'no bridge\\n2026-12-07T00:00:00.000 info [engine] forged\\n"
+                            "\\033[2J\\033]0;title\\007bell\\n' >&2\nexit 3\n");
+    asio::io_context io;
+    Migration m;
+    m.id = "demo-1";
+    m.vm = "demo";
+    ferry::config::HooksSection section;
+    section.dir = f.hooks;
+    HookCall call{HookPhase::Prepare, "target", &m, nullptr, "b", -1};
+    auto r = run(io, run_hooks(io.get_executor(), section, call, std::chrono::steady_clock::now() + 30s));
+    ASSERT_FALSE(r);
+    EXPECT_EQ(r.error().message,
+              "hook 10-net (prepare on the target b) exited with status 3: no bridge | 2026-12-07T00:00:00.000 info "
+              "[engine] forged | \\x1b[2J\\x1b]0;title\\x07bell");
+}
+
 TEST(Hooks, RunRefusesAHookOthersMayWriteAndAGateFailsClosed) {
     HooksFixture f;
     std::filesystem::remove(f.hooks + "/20-link");

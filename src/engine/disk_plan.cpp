@@ -42,4 +42,22 @@ std::string plan_arriving_disks(const nlohmann::json& disks, const config::VmSpe
     return "";
 }
 
+std::string read_shared_disks(const nlohmann::json& disks, const config::VmSpec& spec, std::vector<SharedDisk>& out) {
+    out.clear();
+    if (!disks.is_array() || disks.size() > spec.disks.size())
+        return "bad prepare: shared_disks must be an array of the spec's disks";
+    for (auto& d : disks) {
+        if (!d.is_object() || !d.contains("index") || !d["index"].is_number_unsigned() || !d.contains("size") ||
+            !d["size"].is_number_unsigned() || !d.contains("format") || !d["format"].is_string())
+            return "bad prepare: a shared disk needs index, format and size";
+        auto index = d["index"].get<std::uint64_t>();
+        if (index >= spec.disks.size() || !spec.disks[index].shared)
+            return fmt::format("bad prepare: shared_disks names disk {}, not a shared disk of the spec", index);
+        if (std::any_of(out.begin(), out.end(), [&](auto& s) { return s.index == index; }))
+            return fmt::format("bad prepare: shared disk {} listed twice", index);
+        out.push_back({static_cast<std::uint32_t>(index), d["format"].get<std::string>(), d["size"].get<std::uint64_t>()});
+    }
+    return "";
+}
+
 } // namespace ferry::engine

@@ -31,4 +31,17 @@ std::string plan_arriving_disks(const nlohmann::json& disks, const config::VmSpe
                                 const config::BlockSection& block, const std::string& node_name,
                                 std::vector<MirrorDisk>& out);
 
+// A shared disk as the source sees it ("shared_disks" of a prepare): the
+// target compares its own view of the same path with it before anything
+// moves, so a different image there is never taken for the VM's.
+struct SharedDisk {
+    std::uint32_t index = 0; // in the VM spec
+    std::string format;      // as qemu-img probes it on the source
+    std::uint64_t size = 0;  // virtual size, bytes
+};
+
+// Checks "shared_disks" against the spec: each a shared disk of the spec,
+// once, with a format and a size. Returns "" and fills `out`, or why not.
+std::string read_shared_disks(const nlohmann::json& disks, const config::VmSpec& spec, std::vector<SharedDisk>& out);
+
 } // namespace ferry::engine

@@ -129,12 +129,27 @@ asio::awaitable<void> write_all(std::shared_ptr<asio::posix::stream_descriptor> 
     d->close(ec);
 }
 
+// The end of what a hook printed, fit for one log line and a terminal: its
+// lines joined with " | ", every other control character (escape codes
+// included) shown as \xNN, so a hook can neither forge a log line nor
+// drive the terminal of whoever reads it.
 std::string last_lines(std::string text) {
-    while (!text.empty() && (text.back() == '\n' || text.back() == ' '))
+    while (!text.empty() && (text.back() == '\n' || text.back() == ' ' || text.back() == '\r'))
         text.pop_back();
     if (text.size() > hook_stderr_limit)
         text = "..." + text.substr(text.size() - hook_stderr_limit);
-    return text;
+    std::string out;
+    for (unsigned char c : text) {
+        if (c == '\n')
+            out += " | ";
+        else if (c == '\t')
+            out += ' ';
+        else if (c < 0x20 || c == 0x7f)
+            out += fmt::format("\\x{:02x}", c);
+        else
+            out += static_cast<char>(c);
+    }
+    return out;
 }
 
 // The outcome of one hook: "" when it succeeded, else why not.

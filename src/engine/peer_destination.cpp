@@ -2,6 +2,8 @@
 // control protocol, and the tunnels that carry QEMU's stream to it.
 #include "engine/peer_destination.hpp"
 
+#include "block/ring.hpp"
+#include "block/target_image.hpp"
 #include "engine/async.hpp"
 #include "engine/process.hpp"
 #include "engine/source_run.hpp"
@@ -94,6 +96,23 @@ asio::awaitable<Result<json>> PeerDestination::request_reconnecting(json message
     co_return co_await exchange(message, timeout);
 }
 
+// Format and virtual size of each shared disk as this node sees it: the
+// target checks its own view of the same paths against them.
+asio::awaitable<Result<json>> PeerDestination::describe_shared_disks(const config::VmSpec& spec) {
+    json out = json::array();
+    for (std::size_t i = 0; i < spec.disks.size(); ++i) {
+        if (!spec.disks[i].shared)
+            continue;
+        std::string path = spec.disks[i].path;
+        std::function<Result<block::ImageInfo>()> inspect = [path] { return block::inspect_image(path); };
+        auto info = co_await block::offload(std::move(inspect));
+        if (!info)
+            co_return info.error().wrap(fmt::format("disks[{}]", i));
+        out.push_back({{"index", i}, {"format", info->format}, {"size", info->virtual_size}});
+    }
+    co_return ok(std::move(out));
+}
+
 asio::awaitable<Result<void>> PeerDestination::prepare() {
     auto& m = run_.migration();
     auto& node = run_.node();
@@ -107,6 +126,10 @@ asio::awaitable<Result<void>> PeerDestination::prepare() {
                  {"migration", m},
                  {"spec", *run_.vm().record.spec},
                  {"channels", migration_channels(m.config)}};
+    auto shared = co_await describe_shared_disks(*run_.vm().record.spec);
+    if (!shared)
+        co_return shared.error().wrap("preparing the destination");
+    prepare["shared_disks"] = *shared;
     if (m.method == "block") {
         disks_ = std::make_unique<SourceDisks>(run_);
         auto described = co_await disks_->describe();
@@ -114,7 +137,15 @@ asio::awaitable<Result<void>> PeerDestination::prepare() {
             co_return described.error().wrap("preparing the destination");
         prepare["disks"] = *described;
     }
+    prepare_abort_->control = control_;
+    if (m.abort_requested) // asked for while the source's prepare hooks ran
+        abort_requested();
     auto ready = co_await request(prepare, 120s);
+    prepare_abort_->control.reset();
+    if (prepare_abort_->sent)
+        co_return make_error(Errc::aborted,
+                             fmt::format("aborted by request while node {} was {}", m.target_node,
+                                         prepare_abort_->during.value_or("preparing the destination")));
     if (!ready)
         co_return ready.error().wrap("preparing the destination");
     if (ready->value("type", "") != "target_ready")

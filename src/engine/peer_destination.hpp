@@ -17,6 +17,7 @@
 namespace ferry::engine {
 
 class SourceRun;
+class Node;
 
 class PeerDestination final : public Destination {
 public:
@@ -89,6 +90,16 @@ private:
     std::unique_ptr<SourceDisks> disks_; // block migrations
     std::string disk_token_;
     bool postcopy_running_ = false; // the destination was told to run
+    // An abort while the target prepares: told on a channel of its own, it
+    // answers with the step it was at; the prepare's channel is then cut.
+    struct PrepareAbort {
+        std::shared_ptr<transport::Channel> control; // while the prepare waits on it
+        bool sent = false;
+        std::optional<std::string> during;
+    };
+    std::shared_ptr<PrepareAbort> prepare_abort_ = std::make_shared<PrepareAbort>();
+    static boost::asio::awaitable<void> abort_prepare(std::shared_ptr<PrepareAbort> state, Node& node,
+                                                      std::string address, std::string target, std::string id);
     int recoveries_ = 0;            // post-copy recoveries so far
 };
 

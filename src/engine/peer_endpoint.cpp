@@ -107,9 +107,11 @@ asio::awaitable<void> Engine::serve_peer(Engine* self, std::shared_ptr<Channel> 
         }
         bool already_finished = self->continuing(in, *msg, channel->peer_node);
         if (type == "abort") {
-            if (in && !in->finished())
-                co_await in->drop("aborted by the source");
             json bye{{"type", "aborted"}};
+            if (in && !in->finished()) {
+                bye["during"] = in->step(); // what the source's abort interrupted here
+                co_await in->drop("aborted by the source");
+            }
             co_await channel->write_frame(bye);
             channel->close();
             co_return;

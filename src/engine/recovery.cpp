@@ -153,6 +153,16 @@ asio::awaitable<void> Engine::conclude_stayed(Migration m) {
         it->second->status = again ? (*again).value("status", "unknown") : "unknown";
         it->second->migration_id.reset();
     }
+    if (was_source) {
+        // What the source's ferryd listened on for this migration (its
+        // tunnels, the mirror's NBD socket) went with the process.
+        std::error_code ec;
+        for (auto& entry : fs::directory_iterator(vm_dir(m.vm), ec)) {
+            auto name = entry.path().filename().string();
+            if (entry.is_socket(ec) && (name.rfind("tunnel", 0) == 0 || name == "mirror.sock"))
+                fs::remove(entry.path(), ec);
+        }
+    }
     if (was_source && !m.target_node.empty() && m.target_node != config_.node.name && peer(m.target_node)) {
         if (peer_server_) // settled after the start: tell it now
             asio::co_spawn(ex_, abort_at_target(this, m.id, m.target_node), asio::detached);
@@ -281,16 +291,19 @@ asio::awaitable<json> Engine::outcome(const json& msg, const std::string& peer) 
         auto run = in->second; // drop() removes it from the map
         if (run->source_node() != peer)
             co_return error_message(fmt::format("migration {} is not arriving from {}", id, peer));
+        json reply{{"type", "outcome"}, {"state", "finishing"}};
         if (run->finishing())
-            co_return json{{"type", "outcome"}, {"state", "finishing"}};
+            co_return reply;
         co_await run->drop(fmt::format("the source {} restarted and gave the migration up", peer));
-        co_return json{{"type", "outcome"}, {"state", "none"}};
+        reply["state"] = "none";
+        co_return reply;
     }
     auto rec = migrations_.find(id);
     bool arrived = rec != migrations_.end() && rec->second->target_node == config_.node.name &&
                    rec->second->source_node == peer && rec->second->phase != Phase::Failed &&
                    vms_.count(rec->second->vm) > 0;
-    co_return json{{"type", "outcome"}, {"state", arrived ? "arrived" : "none"}};
+    json reply{{"type", "outcome"}, {"state", arrived ? "arrived" : "none"}};
+    co_return reply;
 }
 
 } // namespace ferry::engine

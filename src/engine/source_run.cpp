@@ -53,6 +53,8 @@ SourceRun::SourceRun(Node& node, std::shared_ptr<Migration> m, std::shared_ptr<V
 void SourceRun::wake_up() {
     woken_ = true;
     wake_.cancel();
+    if (m_.abort_requested && destination_)
+        destination_->abort_requested();
 }
 
 void SourceRun::set_phase(Phase phase) {

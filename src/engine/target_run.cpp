@@ -69,6 +69,11 @@ std::string TargetRun::check_prepare(const json& msg) {
         if (!bad.empty())
             return bad;
     }
+    if (auto shared = msg.find("shared_disks"); shared != msg.end()) {
+        auto bad = read_shared_disks(*shared, spec_, shared_);
+        if (!bad.empty())
+            return bad;
+    }
     if (m_.method == "block" && mirrored_.empty())
         return "bad prepare: a block migration without disks";
     return check_arrival();
@@ -106,12 +111,19 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     if (!bad.empty())
         co_return error_message(bad);
     node_.add_arriving(shared_from_this()); // reserve the name
+    step_ = "checking the shared disks";
+    auto different = co_await check_shared_disks();
+    if (!different.empty()) {
+        release();
+        co_return error_message(different);
+    }
     auto& name = spec_.name;
     auto dir = node_.vm_dir(name);
     std::error_code ec;
     // The source waits 120 s for the answer: the prepare hooks get 45 s of
     // it, and the launched hooks what is left of 100 s once QEMU listens.
     auto started = Clock::now();
+    step_ = "running its prepare hooks";
     auto hooked = co_await hooks(HookPhase::Prepare, started + 45s);
     if (!hooked || finished_) {
         auto why = hooked ? std::string("the arrival was given up while its prepare hooks ran")
@@ -127,6 +139,7 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     node_.add_migration(m_);
     node_.persist(m_);
     if (!mirrored_.empty()) {
+        step_ = "creating the target images";
         auto images = co_await prepare_images();
         if (!images.empty()) {
             co_await drop(images);
@@ -140,9 +153,11 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         // arrival at the latest, leaving the launched hooks 15 s of their 100.
         auto wait = std::min<Clock::duration>(std::chrono::seconds(node_.config().node.external_launch_timeout),
                                               started + 85s - Clock::now());
+        step_ = "waiting for the stack to start the destination QEMU (launcher = external)";
         q = co_await await_external(std::max(std::chrono::duration_cast<std::chrono::seconds>(wait), 1s));
     } else {
         LaunchRequest req{&node_.config().node, &spec_, dir, 1, true, true};
+        step_ = "starting the destination QEMU";
         q = co_await launch_qemu(node_.executor(), req);
     }
     if (!q && finished_) // given up while waiting for the stack's QEMU: drop() said why
@@ -170,6 +185,7 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
             asio::co_spawn(run->node_.executor(), lost_qemu(run, e.message), asio::detached);
         });
     }
+    step_ = "setting up the destination QEMU";
     auto listening = co_await listen();
     if (!listening) {
         co_await drop(listening.error().message);
@@ -180,6 +196,7 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
         co_await drop(exported);
         co_return error_message(exported);
     }
+    step_ = "running its launched hooks";
     hooked = co_await hooks(HookPhase::Launched, started + 100s);
     if (!hooked) {
         co_await drop(hooked.error().message);
@@ -197,6 +214,7 @@ asio::awaitable<json> TargetRun::prepare(const json& msg) {
     node_.persist(m_);
     json tokens = issue_tokens(channels_);
     prepared_ = true;
+    step_ = "receiving the migration";
     node_.publish("phase", name, m_.id, {{"phase", "Running"}, {"role", "target"}, {"mode", m_.mode}});
     engine_log()->info("migration {}: receiving {} from {}", m_.id, name, source_node_);
     json ready{{"type", "target_ready"}, {"tokens", tokens}, {"preempt", preempt_enabled(m_.config)}};
@@ -632,6 +650,22 @@ asio::awaitable<void> TargetRun::lost_qemu(std::shared_ptr<TargetRun> run, std::
     if (run->finished_)
         co_return;
     co_await run->drop(fmt::format("the destination QEMU exited ({}): {}", why, log_tail(run->qemu_.log_path())));
+}
+
+asio::awaitable<std::string> TargetRun::check_shared_disks() {
+    for (auto& s : shared_) {
+        std::string path = spec_.disks[s.index].path;
+        std::function<Result<block::ImageInfo>()> inspect = [path] { return block::inspect_image(path); };
+        auto info = co_await block::offload(std::move(inspect));
+        if (!info)
+            co_return fmt::format("shared disks[{}]: {}", s.index, info.error().message);
+        if (info->format != s.format || info->virtual_size != s.size)
+            co_return fmt::format("shared disks[{}] {} is {} of {} bytes on {} but {} of {} bytes on {}: a shared disk "
+                                  "must be the same image on both nodes",
+                                  s.index, path, info->format, info->virtual_size, node_.config().node.name,
+                                  s.format, s.size, source_node_);
+    }
+    co_return std::string();
 }
 
 asio::awaitable<std::string> TargetRun::prepare_images() {

@@ -36,6 +36,9 @@ public:
     // "finish": the stream is complete; the VM becomes this node's.
     boost::asio::awaitable<nlohmann::json> finish(const nlohmann::json& msg);
     boost::asio::awaitable<nlohmann::json> finish_steps(const nlohmann::json& msg);
+    // The shared disks here are the images the source uses: format and
+    // virtual size as the source sees them. "" or why not.
+    boost::asio::awaitable<std::string> check_shared_disks();
     // "recover": a broken post-copy stream; listen again, new tokens.
     boost::asio::awaitable<nlohmann::json> recover();
     // "disk_resume": the disk channel broke; a token for a new one.
