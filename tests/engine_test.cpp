@@ -1346,6 +1346,16 @@ struct HooksFixture {
         auto r = check_hooks(hooks);
         return r ? "" : r.error().message;
     }
+    // The hooks of one phase of migration demo-1, on the target node b.
+    ferry::Result<std::vector<std::string>> run_phase(asio::io_context& io, HookPhase phase) {
+        Migration m;
+        m.id = "demo-1";
+        m.vm = "demo";
+        ferry::config::HooksSection section;
+        section.dir = hooks;
+        HookCall call{phase, "target", &m, nullptr, "b", -1};
+        return run(io, run_hooks(io.get_executor(), section, call, std::chrono::steady_clock::now() + 30s));
+    }
 };
 } // namespace
 
@@ -1464,13 +1474,7 @@ TEST(Hooks, OutputIsOneLineWithControlCharactersShown) {
                             "#!/bin/sh\nprintf 'no bridge\\n2026-12-07T00:00:00.000 info [engine] forged\\n"
                             "\\033[2J\\033]0;title\\007bell\\n' >&2\nexit 3\n");
     asio::io_context io;
-    Migration m;
-    m.id = "demo-1";
-    m.vm = "demo";
-    ferry::config::HooksSection section;
-    section.dir = f.hooks;
-    HookCall call{HookPhase::Prepare, "target", &m, nullptr, "b", -1};
-    auto r = run(io, run_hooks(io.get_executor(), section, call, std::chrono::steady_clock::now() + 30s));
+    auto r = f.run_phase(io, HookPhase::Prepare);
     ASSERT_FALSE(r);
     EXPECT_EQ(r.error().message,
               "hook 10-net (prepare on the target b) exited with status 3: no bridge | 2026-12-07T00:00:00.000 info "
@@ -1483,23 +1487,14 @@ TEST(Hooks, RunRefusesAHookOthersMayWriteAndAGateFailsClosed) {
     ferry::test::write_file(f.hooks + "/20-open", "#!/bin/sh\necho open >> " + f.dir / "ran.log" + "\n");
     f.chmod(f.hooks + "/20-open", 0777);
     asio::io_context io;
-    Migration m;
-    m.id = "demo-1";
-    m.vm = "demo";
-    ferry::config::HooksSection section;
-    section.dir = f.hooks;
-    HookCall call{HookPhase::Prepare, "target", &m, nullptr, "b", -1};
-    auto deadline = std::chrono::steady_clock::now() + 30s;
-
-    auto gate = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    auto gate = f.run_phase(io, HookPhase::Prepare);
     ASSERT_FALSE(gate);
     EXPECT_EQ(gate.error().message, "hook 20-open (prepare on the target b) refused: " + f.hooks +
                                         "/20-open is writable by group or others (mode 0777); hooks must be writable "
                                         "only by their owner");
     EXPECT_FALSE(std::filesystem::exists(f.dir / "ran.log")) << "a gate that refuses a hook runs none of them";
 
-    call.phase = HookPhase::Activated;
-    auto after = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    auto after = f.run_phase(io, HookPhase::Activated);
     ASSERT_TRUE(after) << after.error().message;
     ASSERT_EQ(after->size(), 1U);
     EXPECT_EQ((*after)[0], "hook 20-open (activated on the target b) refused: " + f.hooks +
@@ -1510,16 +1505,14 @@ TEST(Hooks, RunRefusesAHookOthersMayWriteAndAGateFailsClosed) {
     // The dir others may write: nothing in it runs.
     f.chmod(f.hooks + "/20-open", 0755);
     f.chmod(f.hooks, 0757);
-    call.phase = HookPhase::Launched;
-    auto dir_gate = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    auto dir_gate = f.run_phase(io, HookPhase::Launched);
     ASSERT_FALSE(dir_gate);
     EXPECT_EQ(dir_gate.error().message, "launched hooks on the target b: " + f.hooks +
                                             " is writable by group or others (mode 0757); a directory holding hooks "
                                             "must be writable only by its owner");
     EXPECT_EQ(ferry::test::read_file(f.dir / "ran.log"), "ran\n");
     f.chmod(f.hooks, 0755);
-    call.phase = HookPhase::Prepare;
-    auto fixed = run(io, run_hooks(io.get_executor(), section, call, deadline));
+    auto fixed = f.run_phase(io, HookPhase::Prepare);
     ASSERT_TRUE(fixed) << fixed.error().message;
     EXPECT_EQ(ferry::test::read_file(f.dir / "ran.log"), "ran\nran\nopen\n");
 }
