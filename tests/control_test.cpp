@@ -1013,13 +1013,19 @@ protected:
         pid_t pid = -1;
         unsigned short port = 0;
     };
-    void start(Node& n) {
+    // wrapper: a shell command line ferryd runs at the end of (its own pid
+    // all along: each step execs the next), e.g. an unshare.
+    void start(Node& n, const std::string& wrapper = "") {
         std::filesystem::remove(n.socket);
         n.pid = ::fork();
         if (n.pid == 0) {
             ::prctl(PR_SET_PDEATHSIG, SIGKILL); // never outlive a crashed test (it would hold meson's pipe)
             auto log = dir_ / (n.name + ".log");
             std::freopen(log.c_str(), "a", stderr);
+            if (!wrapper.empty()) {
+                auto line = "exec " + wrapper + " " + ferry::test::ferryd_bin() + " --config " + n.config;
+                ::execl("/bin/sh", "sh", "-c", line.c_str(), nullptr);
+            }
             ::execl(ferry::test::ferryd_bin().c_str(), "ferryd", "--config", n.config.c_str(), nullptr);
             _exit(127);
         }
@@ -1275,6 +1281,11 @@ format = ")" + format + R"("
         }
         ASSERT_EQ(list.status, 0) << list.out << list.err << ferry::test::read_file(dir_ / "node-b.log");
         EXPECT_TRUE(json::parse(list.out, nullptr, false).empty()) << list.out;
+        // Nothing of the arrival stays on disk either (not even its console log).
+        auto left = dir_ / "state-b/vms/demo";
+        for (int i = 0; i < 100 && std::filesystem::exists(left); ++i)
+            std::this_thread::sleep_for(50ms);
+        EXPECT_FALSE(std::filesystem::exists(left)) << "the failed arrival's directory stayed on node-b";
     }
 
     // A guest that dirties 48 MiB/s (per second of CPU time) over 32 MiB,
@@ -2031,7 +2042,7 @@ TEST_F(TwoNodes, WithoutToTheSchedulerPicksTheNodeAndDryRunSaysWhy) {
     EXPECT_NE((refused.out + refused.err).find("node-a: node_selector zone=c: the node has no label zone"), std::string::npos)
         << refused.err;
     EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "running");
-    EXPECT_EQ(ctl_json(b(), "migration list").size(), 1U) << "only demo's arrival";
+    EXPECT_TRUE(ctl_json(b(), "migration list").empty()) << "demo's arrival went with the deleted VM";
     plan = ctl_json(b(), "migrate demo --dry-run");
     EXPECT_TRUE(plan["target_node"].is_null());
     shown = ctl_json(b(), "vm show demo");
@@ -2195,6 +2206,38 @@ TEST_F(TwoNodes, ASourceKilledDuringTheHandOffAsksTheTargetAndRecordsTheTruth) {
     };
     ASSERT_NO_FATAL_FAILURE(kill_source_in(a(), b(), "activated"));
     ASSERT_NO_FATAL_FAILURE(kill_source_in(b(), a(), "released"));
+}
+
+// An abort while the target prepares (a slow prepare hook there) reaches
+// the target at once, on a channel of its own: the migration fails naming
+// what the target was doing, without waiting for the prepare's answer.
+TEST_F(TwoNodes, AnAbortWhileTheTargetPreparesReachesItAndNamesItsStep) {
+    auto d = dir_.path();
+    std::filesystem::create_directories(d + "/hooks-b");
+    ferry::test::write_file(d + "/hooks-b/10-slow", "#!/bin/sh\n[ \"$2\" = prepare ] || exit 0\ntouch " + d +
+                                                        "/in-prepare\nsleep 40\n");
+    std::filesystem::permissions(d + "/hooks-b/10-slow", std::filesystem::perms::owner_all);
+    std::filesystem::create_directories(d + "/hooks-a");
+    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 60\n");
+    start(a());
+    start(b());
+    create_on_a();
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    for (int i = 0; i < 400 && !std::filesystem::exists(d + "/in-prepare"); ++i)
+        std::this_thread::sleep_for(50ms);
+    ASSERT_TRUE(std::filesystem::exists(d + "/in-prepare"));
+    EXPECT_EQ(ctl_json(a(), "migration show " + id)["phase"], "PreparingTarget");
+    ctl_json(a(), "migration abort " + id);
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed");
+    EXPECT_EQ(done["abort_status"], "Succeeded") << done.dump(2);
+    EXPECT_EQ(done["failure_reason"], "aborted by request while node node-b was running its prepare hooks")
+        << done.dump(2);
+    EXPECT_NE(ferry::test::read_file(dir_ / "node-b.log").find("dropping the incoming demo: aborted by the source"),
+              std::string::npos);
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["pid"].get<int>(), pid);
+    EXPECT_TRUE(qemu_alive(pid));
 }
 
 TEST_F(TwoNodes, HooksRunInOrderOnBothNodesAndAFailingPrepareHookKeepsTheVmHome) {
@@ -2440,9 +2483,11 @@ TEST_F(TwoNodes, SourceKilledMidMigrationLeavesTheVmOnTheSource) {
     // The target notices the lost control channel and drops the destination.
     expect_target_dropped(m);
     EXPECT_EQ(ctl_json(b(), "migration show " + m.id)["phase"], "Failed");
+    EXPECT_TRUE(std::filesystem::exists(dir_ / "state-a/vms/demo/tunnel.sock")) << "nothing to clean up: no test";
     start(a());
     EXPECT_EQ(ctl_json(a(), "migration show " + m.id)["phase"], "Failed");
     expect_home_on_a(m);
+    EXPECT_FALSE(std::filesystem::exists(dir_ / "state-a/vms/demo/tunnel.sock")) << "the dead ferryd's tunnel socket";
 }
 
 TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
