@@ -15,6 +15,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <algorithm>
 #include <limits>
 
 namespace ferry::control {
@@ -92,6 +93,12 @@ asio::awaitable<Result<json>> migration_register_target(Ctx* c, json params, std
     std::vector<std::pair<std::string, UniqueFd>> named;
     for (std::size_t i = 0; i < fds.size(); ++i) {
         auto& n = (*names)[i];
+        if (auto first = std::find(names->begin(), names->begin() + static_cast<std::ptrdiff_t>(i), n);
+            first != names->begin() + static_cast<std::ptrdiff_t>(i))
+            co_return make_error(Errc::invalid_argument,
+                                 fmt::format("migration.register_target: fds[{}]: \"{}\" is already the name of "
+                                             "fds[{}]: each descriptor needs a name of its own",
+                                             i, n, first - names->begin()));
         bool ok_name = !n.empty() && n.size() <= 64 &&
                        std::all_of(n.begin(), n.end(), [](char ch) { return std::isalnum(static_cast<unsigned char>(ch)) || ch == '-' || ch == '_' || ch == '.'; });
         if (!ok_name)
@@ -136,6 +143,19 @@ asio::awaitable<Result<json>> vm_qmp(Ctx* c, json params) {
     co_return co_await e->qmp_command(*name, *command, std::move(*arguments));
 }
 
+// QMP's errors name their command already; context that names it again
+// ("query-dirty-rate: query-dirty-rate: QMP connection ... closed") is
+// said once.
+Error one_prefix(Error e) {
+    auto colon = e.message.find(": ");
+    if (colon == std::string::npos)
+        return e;
+    auto head = e.message.substr(0, colon + 2);
+    while (e.message.compare(head.size(), head.size(), head) == 0)
+        e.message.erase(0, head.size());
+    return e;
+}
+
 asio::awaitable<Result<json>> vm_dirty_rate(Ctx* c, json params) {
     Engine* e = c->engine;
     Params p("vm.dirty_rate", params);
@@ -145,7 +165,10 @@ asio::awaitable<Result<json>> vm_dirty_rate(Ctx* c, json params) {
     auto seconds = p.optional_int("seconds", 1, 60);
     if (!seconds)
         co_return seconds.error();
-    co_return co_await e->dirty_rate(*name, static_cast<int>(seconds->value_or(1)));
+    auto r = co_await e->dirty_rate(*name, static_cast<int>(seconds->value_or(1)));
+    if (!r)
+        co_return one_prefix(r.error());
+    co_return r;
 }
 
 asio::awaitable<Result<json>> vm_list(Ctx* c, json) { co_return ok(c->engine->list_vms()); }
@@ -335,6 +358,8 @@ asio::awaitable<Result<json>> node_drain_status(Ctx* c, json params) {
 // as it happens, and a heartbeat line after `heartbeat_ms` of silence.
 asio::awaitable<Result<void>> events_subscribe(Ctx* c, json id, json params, Stream& out) {
     Params p("events.subscribe", params);
+    if (auto checked = p.only({"vms", "since", "epoch", "heartbeat_ms"}); !checked)
+        co_return checked.error();
     auto vms = p.optional_strings("vms");
     if (!vms)
         co_return vms.error();
@@ -446,6 +471,9 @@ asio::awaitable<Result<void>> events_subscribe(Ctx* c, json id, json params, Str
     co_return Result<void>{};
 }
 
+// A request refused before its method runs.
+asio::awaitable<Result<json>> refused(Error e) { co_return e; }
+
 } // namespace
 
 void add_engine_methods(Server& server, Engine& engine, scheduler::Planner& planner) {
@@ -454,32 +482,45 @@ void add_engine_methods(Server& server, Engine& engine, scheduler::Planner& plan
         const char* name;
         Fn fn;
         bool changes_state; // logged with the caller's credentials
+        std::vector<std::string_view> params; // every one it takes: any other is refused
     };
     const Row table[] = {
-        {"node.info", node_info, false},
-        {"node.list", node_list, false},
-        {"node.cordon", node_cordon, true},
-        {"node.uncordon", node_uncordon, true},
-        {"node.drain", node_drain, true},
-        {"node.drain_status", node_drain_status, false},
-        {"vm.create", vm_create, true},
-        {"vm.adopt", vm_adopt, true},
-        {"vm.show", vm_show, false},
-        {"vm.list", vm_list, false},
-        {"vm.delete", vm_delete, true},
-        {"vm.qmp", vm_qmp, true},
-        {"vm.dirty_rate", vm_dirty_rate, false},
-        {"migration.create", migration_create, true},
-        {"migration.list", migration_list, false},
-        {"migration.show", migration_show, false},
-        {"migration.abort", migration_abort, true},
+        {"node.info", node_info, false, {}},
+        {"node.list", node_list, false, {}},
+        {"node.cordon", node_cordon, true, {"node"}},
+        {"node.uncordon", node_uncordon, true, {"node"}},
+        {"node.drain", node_drain, true, {"node", "max_parallel", "deadline_s"}},
+        {"node.drain_status", node_drain_status, false, {"node"}},
+        {"vm.create", vm_create, true, {"spec", "source"}},
+        {"vm.adopt", vm_adopt, true, {"name", "qmp", "spec", "source"}},
+        {"vm.show", vm_show, false, {"name"}},
+        {"vm.list", vm_list, false, {}},
+        {"vm.delete", vm_delete, true, {"name"}},
+        {"vm.qmp", vm_qmp, true, {"name", "command", "arguments"}},
+        {"vm.dirty_rate", vm_dirty_rate, false, {"name", "seconds"}},
+        {"migration.create", migration_create, true,
+         {"vm", "target_node", "bandwidth", "max_downtime_ms", "allow_auto_converge", "allow_post_copy",
+          "node_selector", "dry_run"}},
+        {"migration.list", migration_list, false, {}},
+        {"migration.show", migration_show, false, {"id"}},
+        {"migration.abort", migration_abort, true, {"id"}},
     };
     auto ctx = std::make_shared<Ctx>(Ctx{&engine, &planner});
     for (auto& row : table) {
         Fn fn = row.fn;
-        server.add(row.name, [ctx, fn](json params) { return fn(ctx.get(), std::move(params)); }, row.changes_state);
+        std::string name = row.name;
+        server.add(
+            row.name,
+            [ctx, fn, name, known = row.params](json params) -> asio::awaitable<Result<json>> {
+                if (auto checked = Params(name, params).only(known); !checked)
+                    return refused(checked.error());
+                return fn(ctx.get(), std::move(params));
+            },
+            row.changes_state);
     }
     server.add_with_fds("migration.register_target", [ctx](json params, std::vector<UniqueFd> fds) {
+        if (auto checked = Params("migration.register_target", params).only({"vm", "qmp", "pid", "fds"}); !checked)
+            return refused(checked.error());
         return migration_register_target(ctx.get(), std::move(params), std::move(fds));
     });
     server.add_stream("events.subscribe", [ctx](json id, json params, Stream& out) {

@@ -3,6 +3,9 @@
 #include "config/quantity.hpp"
 
 #include <fmt/format.h>
+#include <fmt/ranges.h>
+
+#include <algorithm>
 
 namespace ferry::control {
 
@@ -33,6 +36,19 @@ Result<Request> parse_request(std::string_view line, json& id) {
         r.params = std::move(*params);
     }
     return r;
+}
+
+Result<void> Params::only(const std::vector<std::string_view>& known) const {
+    if (!params_.is_object())
+        return {};
+    for (auto& [key, value] : params_.items())
+        if (std::find(known.begin(), known.end(), key) == known.end())
+            return make_error(Errc::invalid_argument,
+                              known.size() == 0
+                                  ? fmt::format("{}: unknown parameter '{}' (it takes none)", method_, key)
+                                  : fmt::format("{}: unknown parameter '{}' (it takes {})", method_, key,
+                                                fmt::join(known, ", ")));
+    return {};
 }
 
 const json* Params::find(const char* key) const {

@@ -38,6 +38,10 @@ class Params {
 public:
     Params(std::string_view method, const json& params) : method_(method), params_(params) {}
 
+    // Refuses a parameter the method does not take, naming it (a misspelt
+    // optional one would otherwise be dropped without a word).
+    Result<void> only(const std::vector<std::string_view>& known) const;
+
     Result<std::string> string(const char* key) const;
     Result<std::optional<std::string>> optional_string(const char* key) const;
     Result<std::optional<bool>> optional_bool(const char* key) const;

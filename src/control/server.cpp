@@ -380,27 +380,6 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
         conn->busy = true;
         std::string line(asio::buffers_begin(buf.data()), asio::buffers_begin(buf.data()) + n);
         buf.consume(n);
-        // A streaming method takes the connection over until it is done.
-        json stream_id;
-        if (auto request = parse_request(line, stream_id); request) {
-            if (auto it = self->streams_.find(request->method); it != self->streams_.end()) {
-                conn->streaming = true;
-                conn->idle_since = Clock::now(); // the stream's start: the oldest goes first
-                Stream out(conn->socket, self->limits_.idle_timeout);
-                Result<void> done = make_error(Errc::internal, "not run");
-                try {
-                    done = co_await it->second(stream_id, std::move(request->params), out);
-                } catch (const std::exception& e) {
-                    log()->error("{}: {}", request->method, e.what());
-                    done = make_error(Errc::internal, fmt::format("{}: internal error: {}", request->method, e.what()));
-                }
-                if (!done && conn->socket.is_open()) {
-                    auto error_line = error_reply(stream_id, done.error());
-                    co_await out.send(error_line);
-                }
-                break;
-            }
-        }
         // This line's descriptors; any for an earlier line went unclaimed
         // (their line was cut) and are closed.
         std::vector<UniqueFd> fds;
@@ -414,12 +393,46 @@ asio::awaitable<void> Server::serve(Server* self, std::shared_ptr<Connection> co
             }
             conn->fds.erase(conn->fds.begin());
         }
+        // A streaming method takes the connection over until it is done; it
+        // takes no descriptors, so a request that brings some is refused
+        // (and they are closed) before it starts.
+        json stream_id;
+        std::string stream_with_fds; // the stream method a request with descriptors asked for
+        if (auto request = parse_request(line, stream_id); request) {
+            if (auto it = self->streams_.find(request->method); it != self->streams_.end()) {
+                if (fds_lost || !fds.empty()) {
+                    stream_with_fds = request->method;
+                } else {
+                    conn->streaming = true;
+                    conn->idle_since = Clock::now(); // the stream's start: the oldest goes first
+                    Stream out(conn->socket, self->limits_.idle_timeout);
+                    Result<void> done = make_error(Errc::internal, "not run");
+                    try {
+                        done = co_await it->second(stream_id, std::move(request->params), out);
+                    } catch (const std::exception& e) {
+                        log()->error("{}: {}", request->method, e.what());
+                        done = make_error(Errc::internal,
+                                          fmt::format("{}: internal error: {}", request->method, e.what()));
+                    }
+                    if (!done && conn->socket.is_open()) {
+                        auto error_line = error_reply(stream_id, done.error());
+                        co_await out.send(error_line);
+                    }
+                    break;
+                }
+            }
+        }
         json reply;
         if (fds_lost)
             reply = error_reply(stream_id, make_error(Errc::invalid_argument,
                                                       fmt::format("more than {} file descriptors came with the "
                                                                   "request",
                                                                   max_request_fds)));
+        else if (!stream_with_fds.empty())
+            reply = error_reply(stream_id, make_error(Errc::invalid_argument,
+                                                      fmt::format("{} takes no file descriptors ({} came with the "
+                                                                  "request)",
+                                                                  stream_with_fds, fds.size())));
         else
             reply = co_await self->handle(std::move(line), conn->peer, std::move(fds));
         std::string out = dump_json(reply) + "\n";
