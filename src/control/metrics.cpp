@@ -312,6 +312,32 @@ void Metrics::stop() {
     }
 }
 
+// Every slot taken: a short 503 written without waiting (a full socket
+// buffer just drops it), and a warning at most once per interval with the
+// count of scrapes refused meanwhile.
+void Metrics::refuse_busy(tcp::socket& socket) {
+    auto body = fmt::format("ferryd serves at most {} scrapes at once; try again\n", max_connections);
+    auto reply = fmt::format("HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                             "Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{}",
+                             body.size(), body);
+    boost::system::error_code ec;
+    socket.non_blocking(true, ec);
+    asio::write(socket, asio::buffer(reply), ec);
+    socket.shutdown(tcp::socket::shutdown_send, ec);
+    // What the scraper sent already is read, so the close that follows
+    // ends the connection plainly instead of resetting it.
+    std::array<char, 4096> ignored{};
+    boost::system::error_code rec;
+    for (int i = 0; i < 4 && !rec; ++i)
+        socket.read_some(asio::buffer(ignored), rec);
+    if (auto r = refused_.note())
+        log()->warn("{} scrape{} refused with 503{}: {} at once is the most served (slow or stuck "
+                    "scrapers hold them up to 10 s each)",
+                    r->events, r->events == 1 ? "" : "s",
+                    r->over.count() > 0 ? fmt::format(" in the last {} s", r->over.count()) : std::string(),
+                    max_connections);
+}
+
 asio::awaitable<void> Metrics::accept_loop(Metrics* self) {
     for (;;) {
         auto [ec, socket] = co_await self->acceptor_->async_accept(asio::as_tuple(asio::use_awaitable));
@@ -322,8 +348,10 @@ asio::awaitable<void> Metrics::accept_loop(Metrics* self) {
             co_await pause.async_wait(asio::as_tuple(asio::use_awaitable));
             continue;
         }
-        if (*self->connections_ >= max_connections)
+        if (*self->connections_ >= max_connections) {
+            self->refuse_busy(socket);
             continue; // closed as it goes out of scope
+        }
         asio::co_spawn(self->acceptor_->get_executor(), serve(self, std::move(socket)), asio::detached);
     }
 }

@@ -3,6 +3,7 @@
 // what runs is read at each scrape, and a small HTTP listener serves the
 // text format on GET /metrics.
 #include "common/error.hpp"
+#include "common/throttle.hpp"
 #include "control/http.hpp"
 
 #include <boost/asio/any_io_executor.hpp>
@@ -70,6 +71,7 @@ public:
 private:
     static boost::asio::awaitable<void> accept_loop(Metrics* self);
     static boost::asio::awaitable<void> serve(Metrics* self, boost::asio::ip::tcp::socket socket);
+    void refuse_busy(boost::asio::ip::tcp::socket& socket);
 
     engine::Engine& engine_;
     scheduler::Planner& planner_;
@@ -79,6 +81,7 @@ private:
     std::map<std::string, Histogram> downtime_, blackout_, duration_; // by mode
     std::unique_ptr<boost::asio::ip::tcp::acceptor> acceptor_;
     std::shared_ptr<std::size_t> connections_ = std::make_shared<std::size_t>(0);
+    LogThrottle refused_; // scrapes refused because every slot was taken
 };
 
 } // namespace ferry::control
