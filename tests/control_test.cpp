@@ -995,6 +995,230 @@ TEST_F(Ferryd, ShowsALiveProgressLineOnATerminal) {
     EXPECT_NE(o.out.find("phase:        Succeeded"), std::string::npos) << o.out;
 }
 
+// A progress line is cut to the terminal's width, counting characters, not
+// bytes; an unknown width cuts nothing.
+TEST(ProgressLine, IsCutToTheTerminalsWidth) {
+    std::string line = "[Running]  42.0%  1.0 MiB/s  remaining 10.0 MiB  dirty 0 B/s  iteration 3  first pass";
+    EXPECT_EQ(ferryctl::fit_width(line, 0), line);
+    EXPECT_EQ(ferryctl::fit_width(line, 200), line);
+    EXPECT_EQ(ferryctl::fit_width(line, 20), "[Running]  42.0%  1");
+    EXPECT_EQ(ferryctl::fit_width("\xc3\xa9t\xc3\xa9 abc", 4), "\xc3\xa9t\xc3\xa9");
+}
+
+// A request names only parameters its method takes; descriptors go only to
+// the method that takes them (a stream refuses them before it starts and
+// closes them), each under a name of its own.
+TEST_F(Ferryd, UnknownParametersStrayDescriptorsAndDuplicateFdNamesAreRefused) {
+    start();
+    auto c = ferry::control::Client::connect(socket_);
+    ASSERT_TRUE(c) << c.error().message;
+    auto typo = (*c)->call("migration.create", {{"vm", "demo"}, {"targte_node", "node-b"}});
+    ASSERT_FALSE(typo);
+    EXPECT_EQ(typo.error().code, ferry::Errc::invalid_argument);
+    EXPECT_NE(typo.error().message.find("migration.create: unknown parameter 'targte_node'"), std::string::npos)
+        << typo.error().message;
+    auto none = (*c)->call("vm.list", {{"all", true}});
+    ASSERT_FALSE(none);
+    EXPECT_EQ(none.error().message, "vm.list: unknown parameter 'all' (it takes none)");
+    auto stream_typo = (*c)->call("events.subscribe", {{"sinc", 3}});
+    ASSERT_FALSE(stream_typo);
+    EXPECT_NE(stream_typo.error().message.find("events.subscribe: unknown parameter 'sinc'"), std::string::npos)
+        << stream_typo.error().message;
+
+    auto c2 = ferry::control::Client::connect(socket_);
+    ASSERT_TRUE(c2) << c2.error().message;
+    int sv[2];
+    ASSERT_EQ(::socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
+    auto held = (*c2)->call_with_fds("events.subscribe", {{"heartbeat_ms", 100}}, {sv[0]});
+    ASSERT_FALSE(held);
+    EXPECT_EQ(held.error().code, ferry::Errc::invalid_argument);
+    EXPECT_EQ(held.error().message, "events.subscribe takes no file descriptors (1 came with the request)");
+    ::close(sv[0]);
+    // ferryd closed its copy: the other end reads end-of-file, not silence.
+    pollfd p{sv[1], POLLIN, 0};
+    EXPECT_EQ(::poll(&p, 1, 5000), 1);
+    char byte;
+    EXPECT_EQ(::recv(sv[1], &byte, 1, MSG_DONTWAIT), 0);
+    // The connection is still in step.
+    auto info = (*c2)->call("node.info");
+    EXPECT_TRUE(info) << info.error().message;
+
+    int a[2], b[2];
+    ASSERT_EQ(::pipe(a), 0);
+    ASSERT_EQ(::pipe(b), 0);
+    auto twice = (*c2)->call_with_fds("migration.register_target",
+                                      {{"vm", "demo"}, {"qmp", "/nonexistent/qmp.sock"}, {"fds", {"tap", "tap"}}},
+                                      {a[0], b[0]});
+    ASSERT_FALSE(twice);
+    EXPECT_EQ(twice.error().code, ferry::Errc::invalid_argument);
+    EXPECT_NE(twice.error().message.find("fds[1]: \"tap\" is already the name of fds[0]"), std::string::npos)
+        << twice.error().message;
+    for (int fd : {sv[1], a[0], a[1], b[0], b[1]})
+        ::close(fd);
+    // What ferryctl sends still passes.
+    EXPECT_EQ(ctl("vm list").status, 0);
+    EXPECT_EQ(ctl("node drain --status").status, 0);
+    EXPECT_EQ(ctl("migrate demo --to node-a --max-downtime 50 --bandwidth 1Mi --no-post-copy --dry-run").status, 4);
+}
+
+// Every scrape slot taken: the next scrapes get a short 503 at once, and
+// the log one warning with the count, not a line each.
+TEST_F(Ferryd, AFullMetricsListenerAnswers503AndWarnsOnce) {
+    unsigned short port = 0;
+    {
+        asio::io_context io;
+        asio::ip::tcp::acceptor probe(io, {asio::ip::make_address("127.0.0.1"), 0});
+        port = probe.local_endpoint().port();
+    }
+    write_config("", fmt::format("\n[metrics]\nlisten = \"127.0.0.1:{}\"\n", port));
+    start();
+    asio::io_context io;
+    asio::ip::tcp::endpoint ep(asio::ip::make_address("127.0.0.1"), port);
+    std::vector<asio::ip::tcp::socket> holders;
+    for (int i = 0; i < 16; ++i) {
+        holders.emplace_back(io);
+        holders.back().connect(ep);
+    }
+    std::this_thread::sleep_for(300ms);
+    auto scrape = [&]() {
+        asio::ip::tcp::socket s(io);
+        s.connect(ep);
+        std::string request = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+        asio::write(s, asio::buffer(request));
+        std::string reply;
+        boost::system::error_code ec;
+        char buf[4096];
+        for (;;) {
+            auto n = s.read_some(asio::buffer(buf), ec);
+            if (ec)
+                break;
+            reply.append(buf, n);
+        }
+        return reply;
+    };
+    for (int i = 0; i < 5; ++i) {
+        auto reply = scrape();
+        EXPECT_EQ(reply.rfind("HTTP/1.1 503 Service Unavailable\r\n", 0), 0U) << reply;
+        EXPECT_NE(reply.find("at most 16 scrapes at once"), std::string::npos) << reply;
+        EXPECT_LT(reply.size(), 400U) << reply;
+    }
+    auto log = ferry::test::read_file(dir_ / "ferryd.log");
+    std::regex warning("refused with 503");
+    auto warnings = std::distance(std::sregex_iterator(log.begin(), log.end(), warning), std::sregex_iterator());
+    EXPECT_EQ(warnings, 1) << log;
+    EXPECT_NE(log.find("1 scrape refused with 503"), std::string::npos) << log;
+    holders.clear();
+    std::this_thread::sleep_for(300ms);
+    EXPECT_EQ(scrape().rfind("HTTP/1.1 200 OK\r\n", 0), 0U);
+}
+
+// Ctrl-C stops the waiting, not the migration, and says how to stop it.
+TEST_F(Ferryd, InterruptingAWaitLeavesTheMigrationRunningAndSaysHowToAbortIt) {
+    start();
+    ctl_json("vm create --spec " + (dir_ / "vm.toml"));
+    wait_heartbeats();
+    auto o = sh("timeout --preserve-status -s INT 3 " + ferry::test::ferryctl_bin() + " --socket " + socket_ +
+                    " migrate demo --wait --bandwidth 1Mi",
+                dir_);
+    EXPECT_EQ(o.status, 130) << o.out << o.err;
+    std::smatch m;
+    ASSERT_TRUE(std::regex_search(o.err, m,
+                                  std::regex("ferryctl: stopped waiting; migration (\\S+) goes on \xe2\x80\x94 "
+                                             "`ferryctl migration abort (\\S+)` stops it\n")))
+        << o.err;
+    EXPECT_EQ(m[1], m[2]);
+    std::string id = m[1];
+    EXPECT_EQ(ctl_json("migration show " + id)["phase"], "Running");
+    auto again = sh("timeout --preserve-status -s INT 2 " + ferry::test::ferryctl_bin() + " --socket " + socket_ +
+                        " migration wait " + id,
+                    dir_);
+    EXPECT_EQ(again.status, 130) << again.out << again.err;
+    EXPECT_NE(again.err.find("migration " + id + " goes on"), std::string::npos) << again.err;
+    ASSERT_EQ(ctl("migration abort " + id).status, 0);
+    json final;
+    for (int i = 0; i < 200; ++i) {
+        final = ctl_json("migration show " + id);
+        if (final["phase"] == "Failed" || final["phase"] == "Succeeded")
+            break;
+        std::this_thread::sleep_for(100ms);
+    }
+    EXPECT_EQ(final["phase"], "Failed");
+}
+
+// On a terminal narrower than the progress line, the line is cut to fit:
+// a wrapped line would not be redrawn in place.
+TEST_F(Ferryd, TheProgressLineFitsTheTerminal) {
+    start();
+    ctl_json("vm create --spec " + (dir_ / "vm.toml"));
+    wait_heartbeats();
+    auto o = sh("script -qec 'stty cols 50; " + ferry::test::ferryctl_bin() + " --socket " + socket_ +
+                    " migrate demo --wait --bandwidth 16Mi' /dev/null",
+                dir_);
+    EXPECT_EQ(o.status, 0) << o.out << o.err;
+    std::size_t lines = 0;
+    for (auto at = o.out.find("\r\033[K"); at != std::string::npos; at = o.out.find("\r\033[K", at + 1)) {
+        auto end = o.out.find_first_of("\r\n", at + 4);
+        auto line = o.out.substr(at + 4, end == std::string::npos ? std::string::npos : end - at - 4);
+        EXPECT_LE(line.size(), 49U) << line;
+        ++lines;
+    }
+    EXPECT_GT(lines, 0U) << o.out;
+    EXPECT_NE(o.out.find("phase:        Succeeded"), std::string::npos) << o.out;
+}
+
+// vm dirty-rate on a VM whose QEMU dies while it measures: ferryd's error,
+// said once, with the exit code of ferryd's answer (not "unreachable").
+TEST_F(Ferryd, ADirtyRateWhoseQemuDiesReportsFerrydsErrorOnce) {
+    start();
+    ctl_json("vm create --spec " + (dir_ / "vm.toml"));
+    wait_heartbeats();
+    int pid = ctl_json("vm show demo")["pid"];
+    Output o;
+    std::thread measure([&] { o = ctl("vm dirty-rate demo --seconds 5"); });
+    std::this_thread::sleep_for(1500ms);
+    ::kill(pid, SIGKILL);
+    measure.join();
+    EXPECT_NE(o.status, 0) << o.err;
+    EXPECT_NE(o.status, 7) << o.err;
+    EXPECT_EQ(o.err.rfind("ferryctl: ", 0), 0U) << o.err;
+    auto rest = o.err.substr(10);
+    auto colon = rest.find(": ");
+    ASSERT_NE(colon, std::string::npos) << o.err;
+    auto head = rest.substr(0, colon + 2);
+    EXPECT_NE(rest.compare(head.size(), head.size(), head), 0) << "doubled prefix: " << o.err;
+    EXPECT_EQ(o.err.find("ferryctl: ", 1), std::string::npos) << o.err;
+}
+
+// Range errors name the option and the value as given, with readable
+// bounds; every positional argument has help text.
+TEST_F(Ferryd, CommandLineErrorsSpeakTheUsersTerms) {
+    auto deadline = ctl("node drain --deadline -5m");
+    EXPECT_EQ(deadline.status, 2);
+    EXPECT_NE(deadline.err.find("--deadline"), std::string::npos) << deadline.err;
+    EXPECT_NE(deadline.err.find("'-5m'"), std::string::npos) << deadline.err;
+    EXPECT_EQ(deadline.err.find("-300"), std::string::npos) << deadline.err;
+    EXPECT_LT(deadline.err.size(), 200U) << deadline.err;
+    EXPECT_EQ(ctl("node drain --deadline 400d").status, 2);
+    auto long_deadline = ctl("node drain --deadline 9000h");
+    EXPECT_EQ(long_deadline.status, 2);
+    EXPECT_NE(long_deadline.err.find("366 days"), std::string::npos) << long_deadline.err;
+    auto since = ctl("events --since -1");
+    EXPECT_EQ(since.status, 2);
+    EXPECT_NE(since.err.find("--since"), std::string::npos) << since.err;
+    EXPECT_NE(since.err.find("'-1'"), std::string::npos) << since.err;
+    EXPECT_LT(since.err.size(), 200U) << since.err;
+    for (auto [command, positional] :
+         {std::pair{"vm show", "name"}, {"vm adopt", "name"}, {"vm delete", "name"}, {"vm qmp", "command"},
+          {"vm dirty-rate", "name"}, {"migrate", "name"}, {"migration show", "id"}, {"migration abort", "id"},
+          {"migration wait", "id"}, {"migration register-target", "vm"}, {"node drain", "node"}}) {
+        auto help = ctl(std::string(command) + " --help");
+        EXPECT_EQ(help.status, 0) << command;
+        std::smatch m;
+        EXPECT_TRUE(std::regex_search(help.out, m, std::regex("\\n +" + std::string(positional) + " [A-Z]+( REQUIRED)? +(?!REQUIRED)\\S")))
+            << command << ": " << help.out;
+    }
+}
+
 // --- two nodes: ferryd processes talking over the peer transport -------------
 
 namespace {

@@ -110,6 +110,7 @@ boost::system::error_code send_with_fds(int sock, const std::string& out, const 
 Result<nlohmann::json> Client::exchange(const std::string& method, nlohmann::json params, const std::vector<int>& fds,
                                         std::chrono::milliseconds timeout) {
     auto deadline = Clock::now() + timeout;
+    answered_ = false;
     auto id = next_id_++;
     nlohmann::json request{{"id", id}, {"method", method}, {"params", std::move(params)}};
     std::string out = dump_json(request) + "\n";
@@ -151,6 +152,7 @@ Result<nlohmann::json> Client::exchange(const std::string& method, nlohmann::jso
     auto reply = parse_json(line, JsonLimits{1024});
     if (!reply || !reply->is_object())
         return make_error(Errc::protocol, fmt::format("ferryd at {} sent a malformed reply", path_));
+    answered_ = true;
     if (auto err = reply->find("error"); err != reply->end() && err->is_object()) {
         auto code = err->find("code");
         auto message = err->find("message");

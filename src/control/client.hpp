@@ -32,6 +32,11 @@ public:
     // (timeout: nothing came within `timeout`; disconnected: ferryd closed).
     Result<nlohmann::json> next(std::chrono::milliseconds timeout);
 
+    // Whether ferryd answered the last call (its error, if any, is ferryd's
+    // own: about a VM, QEMU or a peer), rather than the call failing on the
+    // way to or from ferryd.
+    bool answered() const { return answered_; }
+
 private:
     Result<nlohmann::json> exchange(const std::string& method, nlohmann::json params, const std::vector<int>& fds,
                                     std::chrono::milliseconds timeout);
@@ -43,6 +48,7 @@ private:
     boost::asio::streambuf buf_;
     std::string path_;
     std::uint64_t next_id_ = 1;
+    bool answered_ = false;
 };
 
 // Maps an error code's wire name back to Errc (internal when unknown).

@@ -13,6 +13,7 @@
 #include <fmt/ranges.h>
 
 #include <cerrno>
+#include <csignal>
 #include <cstdlib>
 #include <cstring>
 #include <algorithm>
@@ -22,6 +23,7 @@
 #include <iostream>
 #include <sstream>
 #include <thread>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -42,8 +44,15 @@ enum Exit {
     exit_timeout = 8,       // no answer in time
 };
 
-int exit_code(ferry::Errc code) {
-    switch (code) {
+// The last error ferryd itself answered with: a `disconnected` that ferryd
+// reports (its QMP connection to a VM's QEMU, or a peer, went away) is not
+// ferryd being unreachable.
+std::string ferryd_error;
+
+int exit_code(const ferry::Error& e) {
+    if (e.code == ferry::Errc::disconnected && e.message == ferryd_error)
+        return exit_failed;
+    switch (e.code) {
     case ferry::Errc::invalid_argument: return exit_invalid;
     case ferry::Errc::not_found: return exit_not_found;
     case ferry::Errc::already_exists: return exit_exists;
@@ -63,7 +72,7 @@ struct Globals {
 // Prints an error as JSON on stdout (--json) or as text on stderr.
 int fail(const Globals& g, const ferry::Error& e, int code = -1) {
     if (code < 0)
-        code = exit_code(e.code);
+        code = exit_code(e);
     if (g.json_output)
         std::cout << ferry::dump_json(json{{"error", {{"code", to_string(e.code)}, {"message", e.message}}}}, 2)
                   << "\n";
@@ -133,12 +142,63 @@ ferry::Result<std::string> read_spec(const std::string& path) {
 
 std::chrono::seconds request_timeout(const Globals& g) { return std::chrono::seconds(g.timeout); }
 
+// A call's result, noting whether an error is ferryd's answer.
+ferry::Result<json> noted(const ferry::control::Client& c, ferry::Result<json> r) {
+    if (!r && c.answered())
+        ferryd_error = r.error().message;
+    return r;
+}
+
 ferry::Result<json> call(const Globals& g, const std::string& method, json params,
                          std::chrono::seconds extra = std::chrono::seconds(0)) {
     auto c = ferry::control::Client::connect(g.socket, request_timeout(g));
     if (!c)
         return c.error();
-    return (*c)->call(method, std::move(params), request_timeout(g) + extra);
+    return noted(**c, (*c)->call(method, std::move(params), request_timeout(g) + extra));
+}
+
+// How wide the terminal on fd is: its window size, else $COLUMNS, else 0
+// (unknown: nothing is cut).
+std::size_t terminal_columns(int fd) {
+    winsize ws{};
+    if (::ioctl(fd, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0)
+        return ws.ws_col;
+    if (const char* env = std::getenv("COLUMNS")) {
+        char* end = nullptr;
+        auto n = std::strtol(env, &end, 10);
+        if (end != env && *end == '\0' && n > 0 && n < 100000)
+            return static_cast<std::size_t>(n);
+    }
+    return 0;
+}
+
+// Ctrl-C while waiting stops the waiting, not the migration: say so, and
+// how to stop it. Written from the signal handler, so prepared beforehand.
+char interrupted_message[1024];
+std::size_t interrupted_length = 0;
+
+extern "C" void on_interrupt(int) {
+    ssize_t ignored = ::write(STDERR_FILENO, interrupted_message, interrupted_length);
+    (void)ignored;
+    ::_exit(130);
+}
+
+void explain_interrupt(const std::string& id, bool tty) {
+    auto text = fmt::format("{}ferryctl: stopped waiting; migration {} goes on \u2014 `ferryctl migration abort {}` "
+                            "stops it\n",
+                            tty ? "\n" : "", id, id);
+    // Not while the handler could be reading it.
+    sigset_t block, old;
+    sigemptyset(&block);
+    sigaddset(&block, SIGINT);
+    ::sigprocmask(SIG_BLOCK, &block, &old);
+    interrupted_length = std::min(text.size(), sizeof interrupted_message);
+    std::memcpy(interrupted_message, text.data(), interrupted_length);
+    ::sigprocmask(SIG_SETMASK, &old, nullptr);
+    struct sigaction sa {};
+    sa.sa_handler = on_interrupt;
+    sigemptyset(&sa.sa_mask);
+    ::sigaction(SIGINT, &sa, nullptr);
 }
 
 // Prints a result as JSON or with the given printer; returns the exit code.
@@ -159,6 +219,8 @@ template <class Printer> int show(const Globals& g, const ferry::Result<json>& r
 int wait_for(const Globals& g, const std::string& id) {
     using ferry::control::Client;
     bool tty = ::isatty(STDOUT_FILENO) && !g.json_output;
+    std::string told_id = id; // the id Ctrl-C names
+    explain_interrupt(told_id, tty);
     std::string last_phase;
     auto last_line = std::chrono::steady_clock::now();
     std::unique_ptr<Client> requests, stream;
@@ -190,7 +252,7 @@ int wait_for(const Globals& g, const std::string& id) {
                     return c.error();
                 requests = std::move(*c);
             }
-            auto r = requests->call("migration.show", {{"id", id}}, request_timeout(g));
+            auto r = noted(*requests, requests->call("migration.show", {{"id", id}}, request_timeout(g)));
             // ferryd closes idle connections when it is busy: dial again once.
             if (r || r.error().code != ferry::Errc::disconnected || attempt > 0)
                 return r;
@@ -202,7 +264,9 @@ int wait_for(const Globals& g, const std::string& id) {
         std::string phase = m.value("phase", "");
         auto now = std::chrono::steady_clock::now();
         if (tty) {
-            std::cout << "\r\033[K" << ferryctl::progress_line(m) << std::flush;
+            // Cut to the terminal's width: a wrapped line is not redrawn in place.
+            std::cout << "\r\033[K" << ferryctl::fit_width(ferryctl::progress_line(m), terminal_columns(STDOUT_FILENO))
+                      << std::flush;
         } else if (!g.json_output && (phase != last_phase || now - last_line > std::chrono::seconds(5))) {
             std::cout << ferryctl::progress_line(m) << std::endl;
             last_line = now;
@@ -214,7 +278,8 @@ int wait_for(const Globals& g, const std::string& id) {
         if (phase != "Succeeded" && phase != "Failed")
             return -1;
         if (tty)
-            std::cout << "\r\033[K" << ferryctl::progress_line(m) << "\n";
+            std::cout << "\r\033[K" << ferryctl::fit_width(ferryctl::progress_line(m), terminal_columns(STDOUT_FILENO))
+                      << "\n";
         if (g.json_output)
             std::cout << ferry::dump_json(m, 2) << "\n";
         else
@@ -232,6 +297,11 @@ int wait_for(const Globals& g, const std::string& id) {
                 return fail(g, r.error());
             m = std::move(*r);
             reread = false;
+            // A queued migration starts under an id of its own.
+            if (auto now_id = m.value("id", id); now_id != told_id) {
+                told_id = now_id;
+                explain_interrupt(told_id, tty);
+            }
             draw();
             if (int rc = ended(); rc >= 0)
                 return rc;
@@ -243,7 +313,7 @@ int wait_for(const Globals& g, const std::string& id) {
             json params{{"vms", {m.value("vm", "")}}, {"heartbeat_ms", 2000}};
             if (!epoch.empty()) // resume after the last one read, or resync
                 params.update({{"since", last}, {"epoch", epoch}});
-            auto head = (*c)->call("events.subscribe", params, request_timeout(g));
+            auto head = noted(**c, (*c)->call("events.subscribe", params, request_timeout(g)));
             // Closed before it answered (ferryd stopping, or this idle
             // connection evicted to make room): again.
             if (!head && head.error().code == ferry::Errc::disconnected && ++lost_subscriptions < 120) {
@@ -307,6 +377,41 @@ int wait_for(const Globals& g, const std::string& id) {
             continue; // the result event, with the whole record, follows
         draw();
     }
+}
+
+// A duration in whole seconds, minutes or hours ("90s", "30m", "2h"; a bare
+// number is seconds), turned into seconds. A bad one is named as it was
+// given, with the range in words.
+CLI::Validator duration_validator(std::int64_t max_seconds, std::string max_words) {
+    return CLI::Validator(
+        [max_seconds, max_words](std::string& v) -> std::string {
+            auto bad = "'" + v + "' is not a duration from 1s to " + max_words + " (like 90s, 30m or 2h)";
+            std::size_t digits = 0;
+            while (digits < v.size() && v[digits] >= '0' && v[digits] <= '9')
+                ++digits;
+            std::string unit = v.substr(digits);
+            std::int64_t scale = unit.empty() || unit == "s" ? 1 : unit == "m" ? 60 : unit == "h" ? 3600 : 0;
+            if (digits == 0 || digits > 12 || scale == 0)
+                return bad;
+            auto seconds = std::stoll(v.substr(0, digits)) * scale;
+            if (seconds < 1 || seconds > max_seconds)
+                return bad;
+            v = std::to_string(seconds);
+            return "";
+        },
+        "DURATION");
+}
+
+// A whole number, 0 or more, within what an int64 holds; `what` says what
+// it is when it is not one.
+CLI::Validator whole_number_validator(std::string what) {
+    return CLI::Validator(
+        [what](std::string& v) -> std::string {
+            bool digits = !v.empty() && v.size() <= 18 &&
+                          std::all_of(v.begin(), v.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+            return digits ? "" : "'" + v + "' is not " + what;
+        },
+        "N");
 }
 
 std::vector<std::string> split_names(const std::string& list) {
@@ -402,7 +507,7 @@ int follow_events(const Globals& g, const std::vector<std::string>& vms, std::in
         if (!epoch.empty())
             params["epoch"] = epoch; // a restarted ferryd answers with a resync
 
-        auto head = (*c)->call("events.subscribe", params, request_timeout(g));
+        auto head = noted(**c, (*c)->call("events.subscribe", params, request_timeout(g)));
         if (!head)
             return fail(g, head.error());
         first = false;
@@ -478,11 +583,11 @@ static int ferryctl_main(int argc, char** argv) {
     });
 
     auto* vm_show = vm->add_subcommand("show", "show a VM");
-    vm_show->add_option("name", name)->required();
+    vm_show->add_option("name", name, "the VM")->required();
     vm_show->callback([&] { rc = show(g, call(g, "vm.show", {{"name", name}}), ferryctl::print_vm); });
 
     auto* vm_adopt = vm->add_subcommand("adopt", "manage a QEMU started elsewhere");
-    vm_adopt->add_option("name", name)->required();
+    vm_adopt->add_option("name", name, "the name ferry knows the VM by from now on")->required();
     vm_adopt->add_option("--qmp", qmp_path, "its QMP socket")->required();
     vm_adopt->add_option("--spec", spec_path, "spec to launch its migration destinations from");
     vm_adopt->callback([&] {
@@ -500,7 +605,7 @@ static int ferryctl_main(int argc, char** argv) {
     });
 
     auto* vm_delete = vm->add_subcommand("delete", "stop a VM (an adopted VM is only released)");
-    vm_delete->add_option("name", name)->required();
+    vm_delete->add_option("name", name, "the VM")->required();
     vm_delete->callback([&] {
         rc = show(g, call(g, "vm.delete", {{"name", name}}), [](const json& j) {
             std::cout << "deleted " << j.value("deleted", "") << "\n";
@@ -509,8 +614,8 @@ static int ferryctl_main(int argc, char** argv) {
 
     std::string qmp_command, qmp_args;
     auto* vm_qmp = vm->add_subcommand("qmp", "run a QMP command on the VM's QEMU (debugging)");
-    vm_qmp->add_option("name", name)->required();
-    vm_qmp->add_option("command", qmp_command)->required();
+    vm_qmp->add_option("name", name, "the VM")->required();
+    vm_qmp->add_option("command", qmp_command, "the QMP command, e.g. query-status")->required();
     vm_qmp->add_option("--args", qmp_args, "arguments as a JSON object");
     vm_qmp->callback([&] {
         json args = json::object();
@@ -529,7 +634,7 @@ static int ferryctl_main(int argc, char** argv) {
 
     int dirty_seconds = 1;
     auto* vm_dirty = vm->add_subcommand("dirty-rate", "measure how fast the guest dirties its memory");
-    vm_dirty->add_option("name", name)->required();
+    vm_dirty->add_option("name", name, "the VM (it must be running)")->required();
     vm_dirty->add_option("--seconds", dirty_seconds, "how long to measure (1-60)")->check(CLI::Range(1, 60));
     vm_dirty->callback([&] {
         auto r = call(g, "vm.dirty_rate", {{"name", name}, {"seconds", dirty_seconds}},
@@ -545,7 +650,7 @@ static int ferryctl_main(int argc, char** argv) {
     std::int64_t max_downtime = 0;
     bool wait = false;
     auto* migrate = app.add_subcommand("migrate", "live-migrate a VM");
-    migrate->add_option("name", name)->required();
+    migrate->add_option("name", name, "the VM to move")->required();
     auto* to = migrate->add_option("--to", target,
                         "target node (default: the node the scheduler picks among the peers; without peers, "
                         "this node, a new QEMU process)");
@@ -665,9 +770,7 @@ static int ferryctl_main(int argc, char** argv) {
                                                       "limits alone)")
         ->check(CLI::Range(1, 1000));
     drain->add_option("--deadline", deadline, "start nothing new after this long (90s, 30m, 2h; default: none)")
-        ->transform(CLI::AsNumberWithUnit(std::map<std::string, std::int64_t>{{"s", 1}, {"m", 60}, {"h", 3600}},
-                                          CLI::AsNumberWithUnit::CASE_SENSITIVE))
-        ->check(CLI::Range(std::int64_t{1}, std::int64_t{366} * 24 * 3600));
+        ->transform(duration_validator(std::int64_t{366} * 24 * 3600, "366 days"));
     drain->add_flag("--status", drain_status, "show the node's drain instead of starting one");
     drain->add_flag("--wait", drain_wait, "follow the drain to its end, one progress line at a time");
     drain->callback([&] {
@@ -699,10 +802,10 @@ static int ferryctl_main(int argc, char** argv) {
         rc = show(g, call(g, "migration.list", json::object()), ferryctl::print_migration_table);
     });
     auto* mig_show = migration->add_subcommand("show", "show a migration");
-    mig_show->add_option("id", id)->required();
+    mig_show->add_option("id", id, "the migration's id (migration list shows them)")->required();
     mig_show->callback([&] { rc = show(g, call(g, "migration.show", {{"id", id}}), ferryctl::print_migration); });
     auto* mig_abort = migration->add_subcommand("abort", "abort a migration (before its switchover)");
-    mig_abort->add_option("id", id)->required();
+    mig_abort->add_option("id", id, "the migration's id (migration list shows them)")->required();
     mig_abort->callback([&] {
         rc = show(g, call(g, "migration.abort", {{"id", id}}), [](const json& m) {
             std::cout << "abort requested for " << m.value("id", "") << "\n";
@@ -748,7 +851,7 @@ static int ferryctl_main(int argc, char** argv) {
             rc = fail(g, c.error());
             return;
         }
-        auto r = (*c)->call_with_fds("migration.register_target", params, fds, request_timeout(g));
+        auto r = noted(**c, (*c)->call_with_fds("migration.register_target", params, fds, request_timeout(g)));
         rc = show(g, r, [](const json& j) {
             std::cout << fmt::format("{}: QEMU pid {} registered for migration {}", j.value("vm", ""),
                                      j.value("pid", 0), j.value("migration", ""));
@@ -758,7 +861,7 @@ static int ferryctl_main(int argc, char** argv) {
         });
     });
     auto* mig_wait = migration->add_subcommand("wait", "follow a migration to its end");
-    mig_wait->add_option("id", id)->required();
+    mig_wait->add_option("id", id, "the migration's id (migration list shows them)")->required();
     mig_wait->callback([&] { rc = wait_for(g, id); });
 
     // events: what happened, numbered; --follow keeps reading.
@@ -769,7 +872,7 @@ static int ferryctl_main(int argc, char** argv) {
     events->add_option("--vm", event_vms, "only these VMs (repeat for more)");
     events->add_option("--since", event_since, "the events after this sequence number (0: every one kept; the default without --follow, "
                                         "which otherwise starts from now)")
-        ->check(CLI::NonNegativeNumber);
+        ->check(whole_number_validator("a sequence number: a whole number, 0 or more"));
     events->add_flag("--follow,-f", follow, "keep printing new events until interrupted");
     events->callback([&] { rc = follow_events(g, event_vms, event_since, follow); });
 

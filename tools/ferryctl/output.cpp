@@ -86,6 +86,21 @@ std::string progress_line(const json& m) {
                        disks);
 }
 
+std::string fit_width(const std::string& line, std::size_t columns) {
+    if (columns == 0)
+        return line;
+    // Columns counted as UTF-8 characters (the line holds no wide ones).
+    std::size_t shown = 0;
+    for (std::size_t i = 0; i < line.size(); ++i) {
+        if ((static_cast<unsigned char>(line[i]) & 0xC0) == 0x80)
+            continue; // a continuation byte
+        if (shown == columns - 1)
+            return line.substr(0, i);
+        ++shown;
+    }
+    return line;
+}
+
 // The convergence model's verdict, in words.
 std::string outlook(const json& p) {
     auto c = p.find("converging");

@@ -2,6 +2,7 @@
 // Human-readable output for ferryctl.
 #include <nlohmann/json.hpp>
 
+#include <cstddef>
 #include <cstdint>
 #include <string>
 
@@ -10,6 +11,9 @@ namespace ferryctl {
 std::string bytes(std::uint64_t n);     // "1.5 GiB"
 std::string rate(std::uint64_t bps);    // "120.0 MiB/s"
 std::string progress_line(const nlohmann::json& migration);
+// A line cut to fit a terminal `columns` wide (one column spare, so that it
+// never wraps); columns 0: left whole.
+std::string fit_width(const std::string& line, std::size_t columns);
 std::string outlook(const nlohmann::json& progress); // the convergence model's verdict
 void print_migration(const nlohmann::json& migration);
 void print_migration_table(const nlohmann::json& list);
