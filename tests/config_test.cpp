@@ -207,6 +207,14 @@ bus = "scsi"
 
 // Relative to ferryd's working directory, a path would not survive a restart
 // from another one: kernel, initrd and disk paths are absolute.
+TEST(VmSpec, AMemoryThatDoesNotReadSaysSoOnce) {
+    auto s = parse_vm_spec("name = \"demo\"\nmemory = \"16Ei\"\n", "vm.toml");
+    ASSERT_FALSE(s);
+    auto msg = s.error().message;
+    EXPECT_NE(msg.find("vm.toml:2: key 'memory': bad quantity \"16Ei\""), std::string::npos) << msg;
+    EXPECT_EQ(msg.find('\n'), std::string::npos) << "one problem, one line: " << msg;
+}
+
 TEST(VmSpec, PathsMustBeAbsolute) {
     auto s = parse_vm_spec(R"(name = "web-1"
 memory = "64Mi"
@@ -506,7 +514,10 @@ bandwith_per_migration = "1Mi"
     EXPECT_NE(msg.find("n.toml:6: key 'policies[0].parallel_outbound_migrations_per_node': a policy cannot set this"),
               std::string::npos)
         << msg;
-    EXPECT_NE(msg.find("missing required key 'policies[1].name'"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("n.toml:7: missing required key 'policies[1].name'"), std::string::npos) << msg;
+    // In the file's order.
+    EXPECT_LT(msg.find("n.toml:4:"), msg.find("n.toml:7:")) << msg;
+    EXPECT_LT(msg.find("n.toml:7:"), msg.find("n.toml:13:")) << msg;
     EXPECT_NE(msg.find("n.toml:8: key 'policies[1].vm_selector'"), std::string::npos) << msg;
     EXPECT_NE(msg.find("n.toml:9: key 'policies[1].max_downtime_ms'"), std::string::npos) << msg;
     EXPECT_NE(msg.find("n.toml:13: key 'policies[3].name': \"slow\" is already policies[2]"), std::string::npos)

@@ -4,6 +4,8 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
+
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -12,17 +14,20 @@
 namespace ferry::config {
 
 void Problems::add(const toml::source_region& where, const std::string& message) {
-    list_.push_back(fmt::format("{}:{}: {}", file_, where.begin.line, message));
+    list_.push_back({where.begin.line, fmt::format("{}:{}: {}", file_, where.begin.line, message)});
 }
 
-void Problems::add(const std::string& message) { list_.push_back(fmt::format("{}: {}", file_, message)); }
+void Problems::add(const std::string& message) { list_.push_back({0, fmt::format("{}: {}", file_, message)}); }
 
 Error Problems::error() const {
+    // In the file's order, as a reader goes through it.
+    auto sorted = list_;
+    std::stable_sort(sorted.begin(), sorted.end(), [](auto& a, auto& b) { return a.line < b.line; });
     std::string all;
-    for (auto& p : list_) {
+    for (auto& p : sorted) {
         if (!all.empty())
             all += '\n';
-        all += p;
+        all += p.text;
     }
     return make_error(Errc::invalid_argument, all);
 }
@@ -234,7 +239,11 @@ std::string label_problem(std::string_view key, std::string_view value) {
 bool TableReader::require(std::string_view key) {
     if (table_.contains(key))
         return true;
-    problems_.add(fmt::format("missing required key '{}'", path(key)));
+    // In a table of its own ([[policies]]), the line of its header.
+    if (!prefix_.empty() && table_.source().begin.line > 0)
+        problems_.add(table_.source(), fmt::format("missing required key '{}'", path(key)));
+    else
+        problems_.add(fmt::format("missing required key '{}'", path(key)));
     return false;
 }
 

@@ -4,6 +4,8 @@
 // an operator sees all of them at once.
 #include "common/error.hpp"
 
+#include <cstdint>
+
 #include <toml++/toml.h>
 
 #include <cstdint>
@@ -23,11 +25,16 @@ public:
     void add(const std::string& message); // no line (e.g. a missing key)
     const std::string& file() const { return file_; }
     bool empty() const { return list_.empty(); }
+    std::size_t size() const { return list_.size(); }
     Error error() const; // all problems, one per line
 
 private:
+    struct Problem {
+        std::uint32_t line = 0; // 0: none (listed first)
+        std::string text;
+    };
     std::string file_;
-    std::vector<std::string> list_;
+    std::vector<Problem> list_;
 };
 
 class TableReader {

@@ -106,9 +106,11 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
                               s.name));
     }
     if (r.require("memory")) {
+        auto before = p.size();
         r.get_quantity("memory", s.memory);
         auto* n = root.get("memory");
-        if (s.memory % (1 << 20) != 0 || s.memory < (16ULL << 20))
+        // A value that did not read has said why: no second message about it.
+        if (p.size() == before && (s.memory % (1 << 20) != 0 || s.memory < (16ULL << 20)))
             p.add(n->source(), fmt::format("key 'memory': {} bytes is not a whole number of MiB "
                                            "of at least 16Mi",
                                            s.memory));
@@ -130,9 +132,15 @@ Result<VmSpec> read(const toml::table& root, const std::string& file) {
     r.get_labels("node_selector", s.node_selector);
     r.get("extra_args", s.extra_args);
     check_extra_args(root, p, s.extra_args);
+    s.source = file;
+    for (auto key : {"kernel", "initrd"})
+        if (auto* n = root.get(key))
+            s.lines[key] = n->source().begin.line;
     auto* disks = r.tables("disks", [&](const toml::table& t, std::size_t i) {
         DiskSpec d;
         read_disk(t, p, i, d);
+        if (auto* n = t.get("path"))
+            s.lines[fmt::format("disks[{}].path", i)] = n->source().begin.line;
         s.disks.push_back(d);
     });
     auto ide = std::count_if(s.disks.begin(), s.disks.end(), [](const DiskSpec& d) { return d.bus == "ide"; });
@@ -160,6 +168,15 @@ Result<VmSpec> parse_vm_spec(std::string_view text, const std::string& name) {
     if (!table)
         return table.error();
     return read(*table, name);
+}
+
+std::string VmSpec::where(const std::string& key) const {
+    if (source.empty())
+        return fmt::format("spec key '{}'", key);
+    auto it = lines.find(key);
+    if (it == lines.end())
+        return fmt::format("{}: key '{}'", source, key);
+    return fmt::format("{}:{}: key '{}'", source, it->second, key);
 }
 
 Result<void> validate_vm_spec(const VmSpec& s) {

@@ -33,6 +33,14 @@ struct VmSpec {
     std::map<std::string, std::string> node_selector;
     std::vector<DiskSpec> disks;
     std::vector<std::string> extra_args;
+
+    // Where it was read from (empty for a spec that came as JSON) and the
+    // line of each key naming a file ("kernel", "disks[0].path"), so that a
+    // check made later (does the file exist?) names them too.
+    std::string source;
+    std::map<std::string, std::int64_t> lines;
+    // "vm.toml:3: key 'kernel'", or "spec key 'kernel'" without a file.
+    std::string where(const std::string& key) const;
 };
 
 Result<VmSpec> load_vm_spec(const std::string& path);

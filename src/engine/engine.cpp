@@ -37,21 +37,19 @@ namespace fs = std::filesystem;
 namespace {
 
 Result<void> check_spec_files(const config::VmSpec& spec) {
-    auto need = [](const std::optional<std::string>& path, const char* key) -> Result<void> {
-        if (path && !fs::is_regular_file(*path))
-            return make_error(Errc::invalid_argument,
-                              fmt::format("spec key '{}': {} does not exist or is not a file", key, *path));
-        return {};
-    };
-    if (auto r = need(spec.kernel, "kernel"); !r)
-        return r;
-    if (auto r = need(spec.initrd, "initrd"); !r)
-        return r;
+    // Every file the spec names, each with its key (and line when it came
+    // from a file): all at once, in the spec's order.
+    std::vector<std::string> problems;
+    for (auto [key, path] : {std::pair{"kernel", &spec.kernel}, std::pair{"initrd", &spec.initrd}})
+        if (*path && !fs::is_regular_file(**path))
+            problems.push_back(fmt::format("{}: {} does not exist or is not a file", spec.where(key), **path));
     for (std::size_t i = 0; i < spec.disks.size(); ++i)
         if (!fs::exists(spec.disks[i].path))
-            return make_error(Errc::invalid_argument,
-                              fmt::format("spec key 'disks[{}].path': {} does not exist", i, spec.disks[i].path));
-    return {};
+            problems.push_back(fmt::format("{}: {} does not exist", spec.where(fmt::format("disks[{}].path", i)),
+                                           spec.disks[i].path));
+    if (problems.empty())
+        return {};
+    return make_error(Errc::invalid_argument, fmt::format("{}", fmt::join(problems, "\n")));
 }
 
 std::string random_suffix() {
