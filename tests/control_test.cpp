@@ -803,6 +803,16 @@ TEST_F(Ferryd, ClearErrorsForBadInput) {
     auto bad = ctl("vm create --spec " + (dir_ / "bad-vm.toml"));
     EXPECT_EQ(bad.status, 3); // invalid_argument
     EXPECT_NE(bad.err.find("bad-vm.toml:2: key 'memory': bad quantity \"lots\""), std::string::npos) << bad.err;
+    // Files the spec names that are not there: every one, with its line.
+    ferry::test::write_file(dir_ / "files.toml", "name = \"demo\"\nmemory = \"64Mi\"\nkernel = \"/nonexistent/k\"\n"
+                                                 "[[disks]]\npath = \"/nonexistent/d.raw\"\n");
+    auto files = ctl("vm create --spec " + (dir_ / "files.toml"));
+    EXPECT_EQ(files.status, 3);
+    EXPECT_NE(files.err.find("files.toml:3: key 'kernel': /nonexistent/k does not exist or is not a file"),
+              std::string::npos)
+        << files.err;
+    EXPECT_NE(files.err.find("files.toml:5: key 'disks[0].path': /nonexistent/d.raw does not exist"), std::string::npos)
+        << files.err;
     auto missing = ctl("vm create --spec " + (dir_ / "nope.toml"));
     EXPECT_EQ(missing.status, 4); // not_found
     EXPECT_NE(missing.err.find("nope.toml"), std::string::npos);
