@@ -143,19 +143,6 @@ asio::awaitable<Result<json>> vm_qmp(Ctx* c, json params) {
     co_return co_await e->qmp_command(*name, *command, std::move(*arguments));
 }
 
-// QMP's errors name their command already; context that names it again
-// ("query-dirty-rate: query-dirty-rate: QMP connection ... closed") is
-// said once.
-Error one_prefix(Error e) {
-    auto colon = e.message.find(": ");
-    if (colon == std::string::npos)
-        return e;
-    auto head = e.message.substr(0, colon + 2);
-    while (e.message.compare(head.size(), head.size(), head) == 0)
-        e.message.erase(0, head.size());
-    return e;
-}
-
 asio::awaitable<Result<json>> vm_dirty_rate(Ctx* c, json params) {
     Engine* e = c->engine;
     Params p("vm.dirty_rate", params);
@@ -167,7 +154,7 @@ asio::awaitable<Result<json>> vm_dirty_rate(Ctx* c, json params) {
         co_return seconds.error();
     auto r = co_await e->dirty_rate(*name, static_cast<int>(seconds->value_or(1)));
     if (!r)
-        co_return one_prefix(r.error());
+        co_return r.error();
     co_return r;
 }
 

@@ -622,13 +622,13 @@ asio::awaitable<Result<json>> Engine::dirty_rate(std::string name, int seconds) 
     json args{{"calc-time", seconds}, {"mode", "page-sampling"}};
     auto started = co_await qmp->execute("calc-dirty-rate", args);
     if (!started)
-        co_return started.error().wrap("calc-dirty-rate");
+        co_return started.error(); // QMP's errors name the command already
     auto deadline = Clock::now() + std::chrono::seconds(seconds + 10);
     for (;;) {
         co_await sleep_for(std::chrono::milliseconds(200));
         auto r = co_await qmp->execute("query-dirty-rate");
         if (!r)
-            co_return r.error().wrap("query-dirty-rate");
+            co_return r.error();
         auto status = (*r).value("status", "");
         if (status == "measured") {
             json out{{"vm", name},

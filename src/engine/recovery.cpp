@@ -124,6 +124,12 @@ asio::awaitable<void> Engine::conclude_stayed(Migration m) {
         std::error_code ec;
         fs::remove_all(m.target_dir, ec);
     }
+    // An arrival that never became a VM here leaves no directory (its
+    // console log included).
+    if (m.source_node != config_.node.name && !vms_.count(m.vm)) {
+        std::error_code ec;
+        fs::remove_all(vm_dir(m.vm), ec);
+    }
     for (auto& image : m.created_images) {
         if (block::remove_created_image(image))
             engine_log()->info("migration {}: removed the half-copied target image {}", m.id, image);
