@@ -210,9 +210,9 @@ asio::awaitable<Result<void>> PeerDestination::sync_disks() {
         // The disk stream broke: the target may know why (its QEMU died).
         json ping{{"type", "ping"}};
         auto pong = co_await request(ping, 5s);
-        if (pong && pong->value("qemu", "running") != "running")
-            co_return make_error(Errc::disconnected, fmt::format("node {}: the destination QEMU {}", m.target_node,
-                                                                 pong->value("qemu", "?")));
+        auto failed = pong ? target_failure(*pong) : std::nullopt;
+        if (failed)
+            co_return *failed;
         if (!pong && synced.error().code != Errc::aborted)
             co_return make_error(Errc::disconnected, fmt::format("lost node {} while copying the disks ({}); it "
                                                                  "does not answer: {}",
