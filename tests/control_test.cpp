@@ -2727,9 +2727,20 @@ TEST_F(TwoNodes, SourceKilledMidMigrationLeavesTheVmOnTheSource) {
 }
 
 TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
-    auto m = start_slow_migration("peer_timeout = 3");
+    auto m = start_slow_migration("peer_timeout = 8");
     // Frozen, not dead: its connections stay open but nothing answers.
     ::kill(b().pid, SIGSTOP);
+    // Before giving up, the progress says how long the target is silent.
+    json seen;
+    std::string shown;
+    for (int i = 0; i < 160 && shown.find("node-b has not answered for") == std::string::npos; ++i) {
+        std::this_thread::sleep_for(50ms);
+        seen = ctl_json(a(), "migration show " + m.id);
+        shown = ctl(a(), "migration show " + m.id).out;
+    }
+    EXPECT_NE(shown.find("node-b has not answered for"), std::string::npos) << shown;
+    EXPECT_NE(shown.find("(given up after 8 s)"), std::string::npos) << shown;
+    EXPECT_GE(seen["progress"]["peer_silent_ms"].get<int>(), 1000) << seen.dump(2);
     auto done = wait_final(a(), m.id);
     ::kill(b().pid, SIGCONT);
     EXPECT_EQ(done["phase"], "Failed");

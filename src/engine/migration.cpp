@@ -95,6 +95,7 @@ void to_json(json& j, const Migration& m) {
           {"converging", opt(p.converging)},
           {"time_left_ms", p.time_left_ms},
           {"qemu_status", p.qemu_status},
+          {"peer_silent_ms", p.peer_silent_ms},
           {"disks", disks_json(p.disks)}}},
         {"result",
          {{"total_time_ms", opt(m.result.total_time_ms)},
@@ -157,6 +158,7 @@ void from_json(const json& j, Migration& m) {
         if (auto c = p->find("converging"); c != p->end() && c->is_boolean())
             m.progress.converging = c->get<bool>();
         m.progress.qemu_status = p->value("qemu_status", "");
+        m.progress.peer_silent_ms = p->value("peer_silent_ms", std::int64_t{0});
         if (auto d = p->find("disks"); d != p->end() && d->is_object()) {
             DiskProgress dp;
             dp.total_bytes = d->value("total_bytes", std::uint64_t{0});

@@ -50,6 +50,9 @@ struct Progress {
     std::optional<bool> converging;        // the model's verdict (unset until the first full round)
     std::int64_t time_left_ms = -1;        // the model's estimate; -1 = never at these rates
     std::string qemu_status; // QEMU's migration status ("active", ...)
+    // How long the target node has not answered a keepalive that waits for
+    // its answer (0 while it answers): shown before peer_timeout gives up.
+    std::int64_t peer_silent_ms = 0;
     std::optional<DiskProgress> disks; // block migrations
 };
 

@@ -11,6 +11,8 @@
 
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/detached.hpp>
+#include <boost/asio/experimental/awaitable_operators.hpp>
+#include <boost/asio/steady_timer.hpp>
 #include <fmt/format.h>
 
 #include <filesystem>
@@ -21,6 +23,7 @@ namespace asio = boost::asio;
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
 using transport::Channel;
+using namespace asio::experimental::awaitable_operators;
 
 namespace {
 
@@ -59,6 +62,8 @@ asio::awaitable<Result<json>> PeerDestination::exchange(const json& message, std
     Result<json> reply = w ? ok(json()) : Result<json>(w.error());
     if (w)
         reply = co_await control_->read_frame(timeout);
+    if (reply)
+        last_answer_ = Clock::now();
     // Keepalives included: what the metrics say of the peer.
     run_.node().note_peer(target, static_cast<bool>(reply), reply ? "" : reply.error().message);
     if (!reply)
@@ -330,18 +335,56 @@ asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
     if (Clock::now() - last_ping_ < keepalive_interval(m.config))
         co_return Result<void>{};
     last_ping_ = Clock::now();
-    json ping{{"type", "ping"}};
-    // No co_await inside a conditional expression: GCC 12 miscompiles it.
-    Result<json> pong = ok(json::object());
-    if (redial)
-        pong = co_await request_reconnecting(ping, std::min<std::chrono::milliseconds>(peer_timeout(m.config), 5s));
-    else
-        pong = co_await request(ping, peer_timeout(m.config));
-    if (!pong)
+    // While the answer is awaited, the progress says how long the target
+    // has been silent (a frozen node is otherwise seen only after
+    // peer_timeout).
+    auto answer = co_await (ping(redial) || show_silence());
+    auto pong = std::get<0>(std::move(answer));
+    if (!pong) {
+        note_silence();
         co_return pong.error().wrap(fmt::format("lost node {}", m.target_node));
+    }
+    if (m.progress.peer_silent_ms > 0) {
+        engine_log()->info("migration {}: node {} answers again after {:.1f} s", m.id, m.target_node,
+                           static_cast<double>(m.progress.peer_silent_ms) / 1000.0);
+        m.progress.peer_silent_ms = 0;
+        run_.node().publish("progress", m.vm, m.id, json(m)["progress"]);
+    }
     if (auto failed = target_failure(*pong))
         co_return *failed;
     co_return Result<void>{};
+}
+
+asio::awaitable<Result<json>> PeerDestination::ping(bool redial) {
+    auto& m = run_.migration();
+    json message{{"type", "ping"}};
+    if (redial)
+        co_return co_await request_reconnecting(message,
+                                                std::min<std::chrono::milliseconds>(peer_timeout(m.config), 5s));
+    co_return co_await request(message, peer_timeout(m.config));
+}
+
+// Runs beside a ping until its answer comes (which cancels it).
+asio::awaitable<void> PeerDestination::show_silence() {
+    asio::steady_timer tick(co_await asio::this_coro::executor);
+    for (;;) {
+        tick.expires_after(1s);
+        co_await tick.async_wait(asio::use_awaitable);
+        note_silence();
+    }
+}
+
+void PeerDestination::note_silence() {
+    auto& m = run_.migration();
+    auto since = last_answer_ == Clock::time_point{} ? last_ping_ : last_answer_;
+    auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
+    if (silent < 1000)
+        return;
+    if (m.progress.peer_silent_ms == 0)
+        engine_log()->warn("migration {}: node {} has not answered for {:.1f} s (given up after {} s)", m.id,
+                           m.target_node, static_cast<double>(silent) / 1000.0, m.config.peer_timeout);
+    m.progress.peer_silent_ms = silent;
+    run_.node().publish("progress", m.vm, m.id, json(m)["progress"]);
 }
 
 void PeerDestination::abort_requested() {

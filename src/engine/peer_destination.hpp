@@ -63,6 +63,10 @@ private:
     // A ping at the keepalive interval; `redial`: on a control channel
     // dialled again if it broke.
     boost::asio::awaitable<Result<void>> keepalive(bool redial = false);
+    boost::asio::awaitable<Result<nlohmann::json>> ping(bool redial);
+    boost::asio::awaitable<void> show_silence();
+    // The target's silence into the progress, once it passes a second.
+    void note_silence();
     // The target's failure named in a ping's answer, if any.
     std::optional<Error> target_failure(const nlohmann::json& pong) const;
     static boost::asio::awaitable<Result<nlohmann::json>> describe_shared_disks(const config::VmSpec& spec);
@@ -86,6 +90,7 @@ private:
     std::shared_ptr<transport::TokenBucket> bucket_;
     std::optional<Error> tunnel_error_;
     Clock::time_point last_ping_;
+    Clock::time_point last_answer_; // the target's last reply on the control channel
     bool requesting_ = false; // a request holds the control channel
     std::unique_ptr<SourceDisks> disks_; // block migrations
     std::string disk_token_;

@@ -30,6 +30,7 @@ void update_progress(Progress& p, const Progress& qemu) {
     p.converging = kept.converging;
     p.time_left_ms = kept.time_left_ms;
     p.disks = kept.disks;
+    p.peer_silent_ms = kept.peer_silent_ms;
     if (kept.dirty_rate_bps > 0) // the model's smoothed rate
         p.dirty_rate_bps = kept.dirty_rate_bps;
 }

@@ -65,6 +65,11 @@ std::string progress_line(const json& m) {
     std::string phase = m.value("phase", "?");
     if (phase != "Running" && phase != "Switchover")
         return fmt::format("[{}]", phase);
+    // A silent target first, so a line cut to the terminal keeps it.
+    if (auto silent = p.value("peer_silent_ms", std::int64_t{0}); silent >= 1000)
+        return fmt::format("[{}] {} has not answered for {} s (given up after {} s)", phase,
+                           m.value("target_node", "?"), silent / 1000,
+                           m.contains("config") ? m.at("config").value("peer_timeout", 0) : 0);
     std::string qemu = p.value("qemu_status", "");
     auto disks = disks_part(p);
     if (!disks.empty() && (qemu.empty() || qemu == "none" || qemu == "setup"))
@@ -155,6 +160,9 @@ void print_migration(const json& m) {
                              rate(p.value("transfer_rate_bps", std::uint64_t{0})),
                              rate(p.value("dirty_rate_bps", std::uint64_t{0})));
     std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
+    if (auto silent = p.value("peer_silent_ms", std::int64_t{0}); silent >= 1000)
+        std::cout << fmt::format("peer:         {} has not answered for {} s (given up after {} s)\n",
+                                 str(m, "target_node"), silent / 1000, m.at("config").value("peer_timeout", 0));
     if (auto d = disks_part(p); !d.empty())
         std::cout << fmt::format("disks:        {}\n", d.substr(8));
     if (m.value("phase", "") == "Running")
