@@ -2444,6 +2444,67 @@ TEST_F(TwoNodes, ASourceKilledDuringTheHandOffAsksTheTargetAndRecordsTheTruth) {
     ASSERT_NO_FATAL_FAILURE(kill_source_in(b(), a(), "released"));
 }
 
+// The source ferryd SIGKILLed during the hand-off, and the target lost with
+// it (its ferryd and QEMU killed): restarted, the source cannot learn the
+// outcome, so the VM is in doubt. It neither resumes nor is removed; an
+// abort is refused, naming the way out; the operator's --target-lost
+// resumes it on the source with its memory intact.
+TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLost) {
+    auto d = dir_.path();
+    std::filesystem::create_directories(d + "/hooks-a");
+    std::filesystem::create_directories(d + "/hooks-b");
+    ferry::test::write_file(d + "/hooks-b/10-slow", "#!/bin/sh\n[ \"$2\" = activated ] || exit 0\ntouch " + d +
+                                                        "/in-activated\nsleep 8\n");
+    std::filesystem::permissions(d + "/hooks-b/10-slow", std::filesystem::perms::owner_all);
+    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 20\n");
+    start(a());
+    start(b());
+    create_on_a();
+    auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-activated"); ++i)
+        std::this_thread::sleep_for(50ms);
+    ASSERT_TRUE(std::filesystem::exists(d + "/in-activated")) << ferry::test::read_file(dir_ / "node-a.log");
+    stop(a(), SIGKILL);
+    stop(b(), SIGKILL);
+    ferry::test::kill_processes_mentioning(dir_ / "state-b/");
+    start(a());
+    json m;
+    for (int i = 0; i < 200; ++i) {
+        m = ctl_json(a(), "migration show " + id);
+        if (m.contains("in_doubt") && m["in_doubt"].get<std::string>().find("has not been asked") == std::string::npos)
+            break;
+        std::this_thread::sleep_for(50ms);
+    }
+    ASSERT_TRUE(m.contains("in_doubt")) << m.dump(2);
+    EXPECT_FALSE(m["phase"] == "Succeeded" || m["phase"] == "Failed") << m.dump(2);
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["status"], "unknown");
+    EXPECT_TRUE(qemu_alive(pid)) << "the source QEMU was removed while in doubt";
+    auto shown = ctl(a(), "migration show " + id).out;
+    EXPECT_NE(shown.find("in doubt:     whether demo runs on node-b"), std::string::npos) << shown;
+    auto refused = ctl(a(), "migration abort " + id);
+    EXPECT_NE(refused.status, 0);
+    EXPECT_NE(refused.err.find("is in doubt"), std::string::npos) << refused.err;
+    EXPECT_NE(refused.err.find("migration abort " + id + " --target-lost"), std::string::npos) << refused.err;
+    auto moved = ctl(a(), "migrate demo --to node-b");
+    EXPECT_NE(moved.status, 0) << "a VM in doubt must not migrate again";
+    auto resumed = ctl(a(), "migration abort " + id + " --target-lost");
+    ASSERT_EQ(resumed.status, 0) << resumed.err;
+    EXPECT_NE(resumed.out.find("demo resumes on node-a"), std::string::npos) << resumed.out;
+    auto done = wait_final(a(), id);
+    EXPECT_EQ(done["phase"], "Failed") << done.dump(2);
+    EXPECT_EQ(done["abort_status"], "Succeeded") << done.dump(2);
+    EXPECT_FALSE(done.contains("in_doubt")) << done.dump(2);
+    auto vm = ctl_json(a(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running") << vm.dump(2);
+    EXPECT_EQ(vm["pid"].get<int>(), pid);
+    auto check = check_memory(a());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
+    auto not_in_doubt = ctl(a(), "migration abort " + id + " --target-lost");
+    EXPECT_NE(not_in_doubt.status, 0);
+    EXPECT_NE(not_in_doubt.err.find("already ended"), std::string::npos) << not_in_doubt.err;
+}
+
 // An abort while the target prepares (a slow prepare hook there) reaches
 // the target at once, on a channel of its own: the migration fails naming
 // what the target was doing, without waiting for the prepare's answer.

@@ -279,12 +279,16 @@ asio::awaitable<Result<json>> migration_show(Ctx* c, json params) {
 }
 
 asio::awaitable<Result<json>> migration_abort(Ctx* c, json params) {
-    auto id = Params("migration.abort", params).string("id");
+    Params p("migration.abort", params);
+    auto id = p.string("id");
     if (!id)
         co_return id.error();
+    auto lost = p.optional_bool("target_lost");
+    if (!lost)
+        co_return lost.error();
     if (auto r = c->planner->cancel(*id))
         co_return std::move(*r);
-    co_return c->engine->abort_migration(*id);
+    co_return c->engine->abort_migration(*id, lost->value_or(false));
 }
 
 asio::awaitable<Result<json>> node_list(Ctx* c, json) {
@@ -490,7 +494,7 @@ void add_engine_methods(Server& server, Engine& engine, scheduler::Planner& plan
           "node_selector", "dry_run"}},
         {"migration.list", migration_list, false, {}},
         {"migration.show", migration_show, false, {"id"}},
-        {"migration.abort", migration_abort, true, {"id"}},
+        {"migration.abort", migration_abort, true, {"id", "target_lost"}},
     };
     auto ctx = std::make_shared<Ctx>(Ctx{&engine, &planner});
     for (auto& row : table) {

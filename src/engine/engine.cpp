@@ -369,9 +369,8 @@ asio::awaitable<Result<void>> Engine::start() {
     for (auto& [id, target] : abort_at_targets_)
         asio::co_spawn(ex_, abort_at_target(this, id, target), asio::detached);
     abort_at_targets_.clear();
-    for (auto& id : to_settle_)
+    for (auto& [id, why] : in_doubt_)
         asio::co_spawn(ex_, settle(this, id), asio::detached);
-    to_settle_.clear();
     asio::co_spawn(ex_, reap_loop(this), asio::detached);
     engine_log()->info("engine ready: {} VMs, {} migrations on record", vms_.size(), migrations_.size());
     co_return Result<void>{};
@@ -587,7 +586,9 @@ asio::awaitable<Result<json>> Engine::show_vm(std::string name) {
     if (it == vms_.end())
         co_return make_error(Errc::not_found, fmt::format("no VM named {}", name));
     auto vm = it->second;
-    if (vm->qemu.qmp && vm->qemu.qmp->connected()) {
+    // In doubt, what the source QEMU says (paused) is not where the VM is.
+    bool in_doubt = vm->migration_id && in_doubt_.count(*vm->migration_id);
+    if (!in_doubt && vm->qemu.qmp && vm->qemu.qmp->connected()) {
         auto status = co_await vm->qemu.qmp->execute("query-status", {}, std::chrono::seconds(3));
         if (status)
             vm->status = (*status).value("status", vm->status);
@@ -863,10 +864,13 @@ Result<json> Engine::show_migration(const std::string& id) const {
     auto it = migrations_.find(id);
     if (it == migrations_.end())
         return make_error(Errc::not_found, fmt::format("no migration {}", id));
-    return ok(json(*it->second));
+    json out = *it->second;
+    if (auto doubt = in_doubt_.find(id); doubt != in_doubt_.end())
+        out["in_doubt"] = doubt->second;
+    return ok(std::move(out));
 }
 
-Result<json> Engine::abort_migration(const std::string& id) {
+Result<json> Engine::abort_migration(const std::string& id, bool target_lost) {
     auto it = migrations_.find(id);
     if (it == migrations_.end())
         return make_error(Errc::not_found, fmt::format("no migration {}", id));
@@ -876,6 +880,12 @@ Result<json> Engine::abort_migration(const std::string& id) {
         return make_error(Errc::conflict, fmt::format("migration {} is driven by node {}: abort it there", id, m.source_node));
     if (is_final(m.phase))
         return make_error(Errc::conflict, fmt::format("migration {} already ended ({})", id, to_string(m.phase)));
+    if (auto doubt = in_doubt_.find(id); doubt != in_doubt_.end())
+        return resolve_doubt(m, doubt->second, target_lost);
+    if (target_lost)
+        return make_error(Errc::conflict, fmt::format("migration {} is not in doubt: --target-lost is only for a "
+                                                      "migration whose hand-off a restart interrupted",
+                                                      id));
     if (m.mode == "postcopy")
         return make_error(Errc::conflict,
                           fmt::format("migration {} is in post-copy: the VM already runs on {} and part of its "

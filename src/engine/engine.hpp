@@ -92,7 +92,10 @@ public:
     Result<json> migrate(const MigrateRequest& request);
     json list_migrations() const;
     Result<json> show_migration(const std::string& id) const;
-    Result<json> abort_migration(const std::string& id);
+    // `target_lost`: for a migration in doubt after a restart, the
+    // operator's word that the target does not run the VM and never will
+    // (the node is gone): the source resumes it.
+    Result<json> abort_migration(const std::string& id, bool target_lost = false);
 
     // A re-read configuration (SIGHUP), already checked (preflight): the
     // settings that can change while ferryd runs apply to what starts from
@@ -188,7 +191,10 @@ private:
     boost::asio::awaitable<void> conclude_stayed(Migration m);
     boost::asio::awaitable<void> conclude_moved(Migration m);
     static boost::asio::awaitable<void> settle(Engine* self, std::string id);
-    std::vector<std::string> to_settle_; // in doubt: asked once the peer endpoint is up
+    Result<json> resolve_doubt(Migration& m, const std::string& why, bool target_lost);
+    // In doubt, with what the target last said (or why it did not): asked
+    // from the start of the peer endpoint until it answers.
+    std::map<std::string, std::string> in_doubt_;
     // The answer to a restarted source's "outcome" question.
     boost::asio::awaitable<nlohmann::json> outcome(const nlohmann::json& msg, const std::string& peer);
     // One message on a control channel of its own: dial (10 s), send, read

@@ -89,7 +89,7 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
                                              m.vm, m.target_node, m.target_node));
             persist(m);
             *migrations_[m.id] = m;
-            to_settle_.push_back(m.id);
+            in_doubt_[m.id] = fmt::format("{} has not been asked yet", m.target_node);
             co_return;
         }
     }
@@ -263,7 +263,12 @@ asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
         Migration m = *it->second;
         json ask{{"type", "outcome"}, {"migration_id", id}};
         auto reply = co_await self->ask_peer(m.target_node, ask, std::chrono::seconds(10));
+        auto doubt = self->in_doubt_.find(id);
+        if (doubt == self->in_doubt_.end())
+            co_return; // the operator settled it meanwhile (migration abort --target-lost)
         auto state = reply ? reply->value("state", "") : "";
+        if (state == "arrived" || state == "none")
+            self->in_doubt_.erase(doubt);
         if (state == "arrived") {
             co_await self->conclude_moved(std::move(m));
             co_return;
@@ -274,6 +279,7 @@ asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
             co_return;
         }
         auto why = reply ? fmt::format("{} is still finishing the arrival", m.target_node) : reply.error().message;
+        doubt->second = why;
         if (why != last_why)
             engine_log()->warn("migration {}: {} in doubt: {}; asking again every {} s", id, m.vm, why,
                                settle_interval.count());
@@ -283,6 +289,36 @@ asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
         if (ec)
             co_return;
     }
+}
+
+// An abort of a migration in doubt: refused (the target may run the VM),
+// unless the operator says the target is lost and does not run it; then
+// the source resumes it as though the target had said so.
+Result<json> Engine::resolve_doubt(Migration& m, const std::string& why, bool target_lost) {
+    if (m.mode == "postcopy" && m.postcopy_continued)
+        return make_error(Errc::conflict,
+                          fmt::format("migration {} was in post-copy: {} ran on {} and its latest state is there, "
+                                      "so this node cannot resume it; bring {} back (ferry then finishes it)",
+                                      m.id, m.vm, m.target_node, m.target_node));
+    if (!target_lost)
+        return make_error(Errc::conflict,
+                          fmt::format("migration {} is in doubt: ferryd restarted during the hand-off, and whether "
+                                      "{} runs on {} is not known ({}; asked every {} s). If {} is lost for good "
+                                      "and does not run {}, `ferryctl migration abort {} --target-lost` resumes it "
+                                      "here",
+                                      m.id, m.vm, m.target_node, why, settle_interval.count(), m.target_node, m.vm,
+                                      m.id));
+    in_doubt_.erase(m.id);
+    engine_log()->warn("migration {}: the operator says {} is lost and does not run {}: resuming it here", m.id,
+                       m.target_node, m.vm);
+    m.abort_requested = true;
+    m.abort_status = "Succeeded";
+    m.warnings.push_back(fmt::format("{} was declared lost by the operator (migration abort --target-lost) while the "
+                                     "outcome was in doubt ({}); {} was resumed here",
+                                     m.target_node, why, m.vm));
+    persist(m);
+    asio::co_spawn(ex_, conclude_stayed(m), asio::detached);
+    return ok(json(m));
 }
 
 // A restarted source asks what became of a migration it cannot finish: an

@@ -806,9 +806,20 @@ static int ferryctl_main(int argc, char** argv) {
     mig_show->callback([&] { rc = show(g, call(g, "migration.show", {{"id", id}}), ferryctl::print_migration); });
     auto* mig_abort = migration->add_subcommand("abort", "abort a migration (before its switchover)");
     mig_abort->add_option("id", id, "the migration's id (migration list shows them)")->required();
+    bool target_lost = false;
+    mig_abort->add_flag("--target-lost", target_lost,
+                        "a migration in doubt after a restart: the target node is lost for good and does not run "
+                        "the VM; resume it here");
     mig_abort->callback([&] {
-        rc = show(g, call(g, "migration.abort", {{"id", id}}), [](const json& m) {
-            std::cout << "abort requested for " << m.value("id", "") << "\n";
+        json params{{"id", id}};
+        if (target_lost)
+            params["target_lost"] = true;
+        rc = show(g, call(g, "migration.abort", params), [&](const json& m) {
+            if (target_lost)
+                std::cout << m.value("vm", "") << " resumes on " << m.value("source_node", "") << "; migration "
+                          << m.value("id", "") << " ends Failed\n";
+            else
+                std::cout << "abort requested for " << m.value("id", "") << "\n";
         });
     });
     auto* mig_register = migration->add_subcommand(

@@ -147,6 +147,11 @@ void print_migration(const json& m) {
         std::cout << fmt::format("abort:        {}\n", str(m, "abort_status"));
     if (!m.at("failure_reason").is_null())
         std::cout << fmt::format("failure:      {}\n", str(m, "failure_reason"));
+    if (auto doubt = m.find("in_doubt"); doubt != m.end() && doubt->is_string())
+        std::cout << fmt::format("in doubt:     whether {} runs on {} ({}); if {} is lost for good, "
+                                 "`migration abort {} --target-lost` resumes it here\n",
+                                 str(m, "vm"), str(m, "target_node"), doubt->get<std::string>(),
+                                 str(m, "target_node"), str(m, "id"));
     if (auto w = m.find("warnings"); w != m.end() && w->is_array())
         for (auto& text : *w)
             if (text.is_string())
