@@ -88,6 +88,20 @@ TEST(ProgressLine, ShowsTheConvergenceOutlook) {
     EXPECT_NE(line.find("post-copy (postcopy-paused): the VM runs on node-b"), std::string::npos) << line;
 }
 
+TEST(ProgressLine, SaysFirstThatTheTargetIsSilent) {
+    json m{{"phase", "Running"}, {"target_node", "node-b"}, {"mode", "precopy"},
+           {"config", {{"peer_timeout", 30}}},
+           {"progress", {{"total_bytes", 100ULL << 20}, {"remaining_bytes", 40ULL << 20}, {"iteration", 2},
+                         {"converging", true}, {"time_left_ms", 2000}, {"qemu_status", "active"},
+                         {"peer_silent_ms", 999}}}};
+    EXPECT_EQ(ferryctl::progress_line(m).find("answered"), std::string::npos) << "under a second is no silence";
+    m["progress"]["peer_silent_ms"] = 7400;
+    auto line = ferryctl::progress_line(m);
+    EXPECT_EQ(line.rfind("[Running] node-b has not answered for 7 s (given up after 30 s)", 0), 0u) << line;
+    m["progress"]["peer_silent_ms"] = 0;
+    EXPECT_EQ(ferryctl::progress_line(m).find("answered"), std::string::npos);
+}
+
 TEST(ProgressLine, ShowsTheDisksOfABlockMigration) {
     json m{{"phase", "Running"}, {"target_node", "node-b"}, {"mode", "precopy"},
            {"progress", {{"total_bytes", 0}, {"remaining_bytes", 0}, {"transfer_rate_bps", 0}, {"dirty_rate_bps", 0},
