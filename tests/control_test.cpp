@@ -2504,7 +2504,9 @@ TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLos
     EXPECT_NE(moved.status, 0) << "a VM in doubt must not migrate again";
     auto resumed = ctl(a(), "migration abort " + id + " --target-lost");
     ASSERT_EQ(resumed.status, 0) << resumed.err;
-    EXPECT_NE(resumed.out.find("demo resumes on node-a"), std::string::npos) << resumed.out;
+    EXPECT_NE(resumed.out.find("ends Failed: node-b was declared lost by the operator"), std::string::npos)
+        << resumed.out;
+    EXPECT_NE(resumed.out.find("demo was resumed here"), std::string::npos) << resumed.out;
     auto done = wait_final(a(), id);
     EXPECT_EQ(done["phase"], "Failed") << done.dump(2);
     EXPECT_EQ(done["abort_status"], "Succeeded") << done.dump(2);
@@ -2517,6 +2519,92 @@ TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLos
     auto not_in_doubt = ctl(a(), "migration abort " + id + " --target-lost");
     EXPECT_NE(not_in_doubt.status, 0);
     EXPECT_NE(not_in_doubt.err.find("already ended"), std::string::npos) << not_in_doubt.err;
+
+    // node-b, back, holds what it had taken over: a stopped record of demo
+    // (its QEMU gone), for its operator to delete.
+    std::filesystem::remove(d + "/in-activated");
+    start(b());
+    EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "stopped");
+    EXPECT_EQ(ctl(b(), "vm delete demo").status, 0);
+
+    // Again, and both QEMUs lost: node-b answers that it took demo over but
+    // its QEMU is gone, which keeps it in doubt (the copy on node-a would be
+    // older); --target-lost then leaves demo stopped on node-a, not stuck.
+    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-activated"); ++i)
+        std::this_thread::sleep_for(50ms);
+    ASSERT_TRUE(std::filesystem::exists(d + "/in-activated")) << ferry::test::read_file(dir_ / "node-a.log");
+    stop(a(), SIGKILL);
+    stop(b(), SIGKILL);
+    ferry::test::kill_processes_mentioning(dir_ / "state-b/");
+    ::kill(pid, SIGKILL);
+    start(b());
+    start(a());
+    std::string why;
+    for (int i = 0; i < 200 && why.find("its QEMU there is gone") == std::string::npos; ++i) {
+        std::this_thread::sleep_for(50ms);
+        why = ctl_json(a(), "migration show " + id).value("in_doubt", "");
+    }
+    EXPECT_NE(why.find("node-b took demo over, but its QEMU there is gone"), std::string::npos) << why;
+    auto lost = ctl(a(), "migration abort " + id + " --target-lost");
+    ASSERT_EQ(lost.status, 0) << lost.err;
+    EXPECT_NE(lost.out.find("the source QEMU was gone too: demo is stopped here"), std::string::npos) << lost.out;
+    EXPECT_EQ(wait_final(a(), id)["phase"], "Failed");
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["status"], "stopped");
+    auto deleted = ctl(a(), "vm delete demo");
+    EXPECT_EQ(deleted.status, 0) << deleted.err;
+}
+
+// The target ferryd SIGKILLed during its activated hook (the guest already
+// resumed there) and restarted: the source got no answer to the hand-off, so
+// it keeps its copy paused and asks until the target says it runs the VM;
+// the migration then succeeds, the VM in the same QEMU on node-b.
+TEST_F(TwoNodes, ATargetKilledDuringTheHandOffKeepsTheVmAndTheSourceLearnsIt) {
+    auto d = dir_.path();
+    std::filesystem::create_directories(d + "/hooks-a");
+    std::filesystem::create_directories(d + "/hooks-b");
+    ferry::test::write_file(d + "/hooks-b/10-slow", "#!/bin/sh\n[ \"$2\" = activated ] || exit 0\n"
+                                                    "[ -e " + d + "/slow ] || exit 0\ntouch " + d +
+                                                        "/in-activated\nsleep 8\n");
+    std::filesystem::permissions(d + "/hooks-b/10-slow", std::filesystem::perms::owner_all);
+    ferry::test::write_file(d + "/slow", "");
+    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 20\n");
+    start(a());
+    start(b());
+    create_on_a();
+    auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
+    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+    for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-activated"); ++i)
+        std::this_thread::sleep_for(50ms);
+    ASSERT_TRUE(std::filesystem::exists(d + "/in-activated")) << ferry::test::read_file(dir_ / "node-a.log");
+    auto target_pid = ctl_json(b(), "vm show demo")["pid"].get<int>();
+    stop(b(), SIGKILL);
+    std::filesystem::remove(d + "/slow");
+    json m;
+    for (int i = 0; i < 200 && !m.contains("in_doubt"); ++i) {
+        std::this_thread::sleep_for(50ms);
+        m = ctl_json(a(), "migration show " + id);
+    }
+    ASSERT_TRUE(m.contains("in_doubt")) << m.dump(2);
+    EXPECT_EQ(m["phase"], "Switchover");
+    EXPECT_EQ(ctl_json(a(), "vm show demo")["status"], "unknown");
+    EXPECT_TRUE(qemu_alive(source_pid));
+    start(b());
+    auto done = wait_final(a(), id);
+    ASSERT_EQ(done["phase"], "Succeeded") << done.dump(2) << ferry::test::read_file(dir_ / "node-a.log");
+    EXPECT_NE(done["warnings"].dump().find("node-b did not answer the hand-off; node-b reported that demo runs there"),
+              std::string::npos)
+        << done.dump(2);
+    EXPECT_EQ(ctl_json(b(), "migration show " + id)["phase"], "Succeeded");
+    auto vm = ctl_json(b(), "vm show demo");
+    EXPECT_EQ(vm["status"], "running");
+    EXPECT_EQ(vm["pid"].get<int>(), target_pid) << "the QEMU the guest resumed in was replaced";
+    EXPECT_TRUE(ctl_json(a(), "vm list").empty());
+    for (int i = 0; i < 100 && qemu_alive(source_pid); ++i)
+        std::this_thread::sleep_for(50ms);
+    EXPECT_FALSE(qemu_alive(source_pid));
+    auto check = check_memory(b());
+    EXPECT_EQ(check.status, 0) << check.out << check.err;
 }
 
 // An abort while the target prepares (a slow prepare hook there) reaches

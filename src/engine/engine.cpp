@@ -369,7 +369,7 @@ asio::awaitable<Result<void>> Engine::start() {
     for (auto& [id, target] : abort_at_targets_)
         asio::co_spawn(ex_, abort_at_target(this, id, target), asio::detached);
     abort_at_targets_.clear();
-    for (auto& [id, why] : in_doubt_)
+    for (auto& [id, doubt] : in_doubt_)
         asio::co_spawn(ex_, settle(this, id), asio::detached);
     asio::co_spawn(ex_, reap_loop(this), asio::detached);
     engine_log()->info("engine ready: {} VMs, {} migrations on record", vms_.size(), migrations_.size());
@@ -866,7 +866,7 @@ Result<json> Engine::show_migration(const std::string& id) const {
         return make_error(Errc::not_found, fmt::format("no migration {}", id));
     json out = *it->second;
     if (auto doubt = in_doubt_.find(id); doubt != in_doubt_.end())
-        out["in_doubt"] = doubt->second;
+        out["in_doubt"] = doubt->second.why;
     return ok(std::move(out));
 }
 

@@ -155,6 +155,7 @@ private:
     std::string vm_dir(const std::string& name) const override;
     void persist(const Vm& vm) override;
     void persist(const Migration& m) override;
+    void leave_in_doubt(const std::string& id, std::string cause) override;
     void attach(const std::shared_ptr<Vm>& vm) override; // subscribes to the QEMU's events and loss
     bool has_vm(const std::string& name) const override { return vms_.count(name) > 0; }
     void add_vm(const std::shared_ptr<Vm>& vm) override;
@@ -188,13 +189,23 @@ private:
     // is asked, until it answers, whether it runs it.
     boost::asio::awaitable<void> recover_migration(Migration m);
     boost::asio::awaitable<bool> may_have_moved(const Migration& m);
-    boost::asio::awaitable<void> conclude_stayed(Migration m);
-    boost::asio::awaitable<void> conclude_moved(Migration m);
+    // `reason`: the failure to record (a restart's, when empty).
+    boost::asio::awaitable<void> conclude_stayed(Migration m, std::string reason = "");
+    // `cause`: why the source had to ask (a restart, an unanswered hand-off).
+    boost::asio::awaitable<void> conclude_moved(Migration m, std::string cause);
+    struct Doubt {
+        std::string why;       // what the target last said, or why it did not
+        bool settling = false; // answered (or the operator decided): being concluded
+        bool by_operator = false;
+        std::string cause = "ferryd restarted during the hand-off"; // why the source had to ask
+    };
     static boost::asio::awaitable<void> settle(Engine* self, std::string id);
-    Result<json> resolve_doubt(Migration& m, const std::string& why, bool target_lost);
-    // In doubt, with what the target last said (or why it did not): asked
-    // from the start of the peer endpoint until it answers.
-    std::map<std::string, std::string> in_doubt_;
+    Result<json> resolve_doubt(Migration& m, Doubt& doubt, bool target_lost);
+    // A conclusion of a migration in doubt, then the doubt removed.
+    static boost::asio::awaitable<void> conclude_doubt(Engine* self, Migration m, bool moved, std::string reason);
+    // In doubt: asked from the start of the peer endpoint until the target
+    // answers; kept until the conclusion is on record.
+    std::map<std::string, Doubt> in_doubt_;
     // The answer to a restarted source's "outcome" question.
     boost::asio::awaitable<nlohmann::json> outcome(const nlohmann::json& msg, const std::string& peer);
     // One message on a control channel of its own: dial (10 s), send, read

@@ -60,6 +60,11 @@ public:
     // worked, and why not (the metrics' peer state).
     virtual void note_peer(const std::string& peer, bool ok, const std::string& why = "") = 0;
 
+    // A migration whose hand-off got no answer: the target may run the VM.
+    // The node asks the target until it answers (recovery.cpp), the VM
+    // meanwhile neither resumed nor removed here.
+    virtual void leave_in_doubt(const std::string& id, std::string cause) = 0;
+
     // Into the node's event log (events.hpp).
     virtual void publish(std::string type, const std::string& vm, const std::string& migration,
                          nlohmann::json data) = 0;

@@ -62,14 +62,17 @@ asio::awaitable<Result<json>> PeerDestination::exchange(const json& message, std
     Result<json> reply = w ? ok(json()) : Result<json>(w.error());
     if (w)
         reply = co_await control_->read_frame(timeout);
-    if (reply)
-        last_answer_ = Clock::now();
     // Keepalives included: what the metrics say of the peer.
     run_.node().note_peer(target, static_cast<bool>(reply), reply ? "" : reply.error().message);
     if (!reply)
         co_return reply.error().wrap(fmt::format("node {}", target));
-    if (reply->value("type", "") == "error")
-        co_return make_error(Errc::conflict, fmt::format("node {}: {}", target, reply->value("message", "?")));
+    if (auto type = reply->find("type"); type != reply->end() && *type == "error") {
+        auto text = reply->find("message");
+        co_return make_error(Errc::conflict, fmt::format("node {}: {}", target,
+                                                         text != reply->end() && text->is_string()
+                                                             ? text->get<std::string>()
+                                                             : std::string("an error without a message")));
+    }
     co_return reply;
 }
 
@@ -335,6 +338,8 @@ asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
     if (Clock::now() - last_ping_ < keepalive_interval(m.config))
         co_return Result<void>{};
     last_ping_ = Clock::now();
+    if (!silent_since_)
+        silent_since_ = last_ping_; // unanswered from now until a reply
     // While the answer is awaited, the progress says how long the target
     // has been silent (a frozen node is otherwise seen only after
     // peer_timeout).
@@ -344,6 +349,7 @@ asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
         note_silence();
         co_return pong.error().wrap(fmt::format("lost node {}", m.target_node));
     }
+    silent_since_.reset();
     if (m.progress.peer_silent_ms > 0) {
         engine_log()->info("migration {}: node {} answers again after {:.1f} s", m.id, m.target_node,
                            static_cast<double>(m.progress.peer_silent_ms) / 1000.0);
@@ -355,13 +361,18 @@ asio::awaitable<Result<void>> PeerDestination::keepalive(bool redial) {
     co_return Result<void>{};
 }
 
+// Never throws: the silence beside it ends only when this does.
 asio::awaitable<Result<json>> PeerDestination::ping(bool redial) {
     auto& m = run_.migration();
     json message{{"type", "ping"}};
-    if (redial)
-        co_return co_await request_reconnecting(message,
-                                                std::min<std::chrono::milliseconds>(peer_timeout(m.config), 5s));
-    co_return co_await request(message, peer_timeout(m.config));
+    try {
+        if (redial)
+            co_return co_await request_reconnecting(message,
+                                                    std::min<std::chrono::milliseconds>(peer_timeout(m.config), 5s));
+        co_return co_await request(message, peer_timeout(m.config));
+    } catch (const std::exception& e) {
+        co_return make_error(Errc::protocol, fmt::format("node {}: pinging: {}", m.target_node, e.what()));
+    }
 }
 
 // Runs beside a ping until its answer comes (which cancels it).
@@ -376,8 +387,9 @@ asio::awaitable<void> PeerDestination::show_silence() {
 
 void PeerDestination::note_silence() {
     auto& m = run_.migration();
-    auto since = last_answer_ == Clock::time_point{} ? last_ping_ : last_answer_;
-    auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - since).count();
+    if (!silent_since_)
+        return;
+    auto silent = std::chrono::duration_cast<std::chrono::milliseconds>(Clock::now() - *silent_since_).count();
     if (silent < 1000)
         return;
     if (m.progress.peer_silent_ms == 0)
@@ -573,12 +585,13 @@ asio::awaitable<Result<void>> PeerDestination::hand_off() {
         if (done.error().code == Errc::conflict) // the target answered: its QEMU did not resume
             co_return done.error().wrap("handing the VM over");
         // No answer: the target may or may not run the VM. Keep the source
-        // paused so it never runs twice.
+        // paused so it never runs twice, and ask the target until it says.
         run_.keep_source_paused();
+        run_.outcome_unknown();
         co_return make_error(Errc::disconnected,
-                             fmt::format("handing the VM over: {}; the outcome is unknown, so the source was "
-                                         "kept paused (check node {} before resuming it)",
-                                         done.error().message, m.target_node));
+                             fmt::format("handing the VM over: {}; whether {} runs on {} is not known: the source "
+                                         "is kept paused and {} is asked until it answers",
+                                         done.error().message, m.vm, m.target_node, m.target_node));
     }
     auto& info = run_.last_info();
     m.result.total_time_ms = info.value("total-time", std::int64_t{0});

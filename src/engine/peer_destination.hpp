@@ -90,7 +90,8 @@ private:
     std::shared_ptr<transport::TokenBucket> bucket_;
     std::optional<Error> tunnel_error_;
     Clock::time_point last_ping_;
-    Clock::time_point last_answer_; // the target's last reply on the control channel
+    // Since the first ping still without an answer (unset while it answers).
+    std::optional<Clock::time_point> silent_since_;
     bool requesting_ = false; // a request holds the control channel
     std::unique_ptr<SourceDisks> disks_; // block migrations
     std::string disk_token_;

@@ -71,6 +71,32 @@ asio::awaitable<bool> Engine::may_have_moved(const Migration& m) {
 asio::awaitable<void> Engine::recover_migration(Migration m) {
     bool was_source = m.source_node == config_.node.name;
     bool cross_node = !m.target_node.empty() && m.target_node != config_.node.name;
+    // A target that had taken the VM in (resumed it, then ran its activated
+    // hooks) when it stopped: the guest ran here. Its QEMU is never killed
+    // as a mere destination, and the source is told the truth.
+    if (!was_source && m.mode != "postcopy") {
+        auto it = vms_.find(m.vm);
+        if (it != vms_.end() && m.target_pid > 0 && it->second->record.pid == m.target_pid) {
+            bool runs = it->second->status != "stopped";
+            m.phase = runs ? Phase::Succeeded : Phase::Failed;
+            if (runs)
+                m.warnings.push_back(fmt::format("ferryd restarted during the hand-off, after {} was taken over "
+                                                 "here; its activated hooks did not finish",
+                                                 m.vm));
+            else
+                m.failure_reason = fmt::format("ferryd restarted during the hand-off, after {} was taken over here, "
+                                               "and its QEMU is gone",
+                                               m.vm);
+            m.target_pid = -1;
+            m.target_dir.clear();
+            m.ended_at = now_string();
+            persist(m);
+            *migrations_[m.id] = m;
+            engine_log()->warn("migration {}: interrupted after {} was taken over here: {}", m.id, m.vm,
+                               runs ? "it runs here" : "its QEMU is gone");
+            co_return;
+        }
+    }
     if (was_source && cross_node && peer(m.target_node)) {
         bool moved = co_await may_have_moved(m);
         if (moved) {
@@ -89,14 +115,14 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
                                              m.vm, m.target_node, m.target_node));
             persist(m);
             *migrations_[m.id] = m;
-            in_doubt_[m.id] = fmt::format("{} has not been asked yet", m.target_node);
+            in_doubt_[m.id] = Doubt{fmt::format("{} has not been asked yet", m.target_node)};
             co_return;
         }
     }
     co_await conclude_stayed(std::move(m));
 }
 
-asio::awaitable<void> Engine::conclude_stayed(Migration m) {
+asio::awaitable<void> Engine::conclude_stayed(Migration m, std::string reason) {
     engine_log()->warn("migration {}: interrupted by a ferryd restart; cleaning up", m.id);
     if (m.mode == "postcopy" && !m.postcopy_continued)
         m.mode = "precopy"; // asked of QEMU, but it never went past pre-switchover: cancel as below
@@ -157,6 +183,10 @@ asio::awaitable<void> Engine::conclude_stayed(Migration m) {
         }
         auto again = co_await qmp.execute("query-status");
         it->second->status = again ? (*again).value("status", "unknown") : "unknown";
+    }
+    if (auto it = vms_.find(m.vm); was_source && it != vms_.end()) {
+        if (!it->second->qemu.qmp || !it->second->qemu.qmp->connected())
+            it->second->status = "stopped"; // its QEMU is gone: nothing to resume
         it->second->migration_id.reset();
     }
     if (was_source) {
@@ -176,8 +206,10 @@ asio::awaitable<void> Engine::conclude_stayed(Migration m) {
             abort_at_targets_.emplace_back(m.id, m.target_node);
     }
     m.phase = Phase::Failed;
-    m.failure_reason = was_source ? "ferryd restarted during the migration; it was cancelled and the VM kept on the source"
-                                  : "ferryd restarted while the VM was arriving; the destination was removed";
+    m.failure_reason = !reason.empty() ? reason
+                       : was_source    ? "ferryd restarted during the migration; it was cancelled and the VM kept on "
+                                         "the source"
+                                       : "ferryd restarted while the VM was arriving; the destination was removed";
     m.ended_at = now_string();
     // A target records an arrival once its prepare hooks ran; a same-node
     // migration records its destination once that QEMU started.
@@ -205,7 +237,7 @@ asio::awaitable<void> Engine::conclude_stayed(Migration m) {
 // The target runs the VM: the migration succeeded. The source's QEMU (if
 // it still exists, necessarily paused after the switchover) is quit and the
 // VM forgotten here, as the hand-off would have done.
-asio::awaitable<void> Engine::conclude_moved(Migration m) {
+asio::awaitable<void> Engine::conclude_moved(Migration m, std::string cause) {
     auto vm = vms_.find(m.vm) == vms_.end() ? nullptr : vms_[m.vm];
     if (vm && vm->qemu.qmp && vm->qemu.qmp->connected()) {
         auto status = co_await vm->qemu.qmp->execute("query-status");
@@ -233,8 +265,7 @@ asio::awaitable<void> Engine::conclude_moved(Migration m) {
     m.target_pid = -1;
     m.target_dir.clear();
     m.ended_at = now_string();
-    m.warnings.push_back(fmt::format("ferryd restarted during the hand-off; {} reported that {} runs there",
-                                     m.target_node, m.vm));
+    m.warnings.push_back(fmt::format("{}; {} reported that {} runs there", cause, m.target_node, m.vm));
     persist(m);
     *migrations_[m.id] = m;
     engine_log()->info("migration {}: {} reports that {} runs there: the migration succeeded{}", m.id,
@@ -253,6 +284,8 @@ asio::awaitable<void> Engine::conclude_moved(Migration m) {
 // Asks the target of a migration in doubt what became of it, until it
 // answers: it runs the VM (the migration succeeded), or it does not and
 // never will (the source resumes it), or it is still finishing (ask again).
+// A target whose QEMU died after it took the VM over ("lost") leaves it in
+// doubt: resuming the older copy here is the operator's call.
 asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
     asio::steady_timer timer(self->ex_);
     std::string last_why;
@@ -264,22 +297,34 @@ asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
         json ask{{"type", "outcome"}, {"migration_id", id}};
         auto reply = co_await self->ask_peer(m.target_node, ask, std::chrono::seconds(10));
         auto doubt = self->in_doubt_.find(id);
-        if (doubt == self->in_doubt_.end())
+        auto state = reply && (*reply)["state"].is_string() ? (*reply)["state"].get<std::string>() : "";
+        if (doubt == self->in_doubt_.end() || doubt->second.settling) {
+            if (state == "arrived" && doubt != self->in_doubt_.end() && doubt->second.by_operator) {
+                // The operator declared the target lost, and it was not.
+                auto twice = fmt::format("{} reports that it runs {}, but it was declared lost and {} was resumed "
+                                         "here: stop one of them",
+                                         m.target_node, m.vm, m.vm);
+                engine_log()->error("migration {}: {}", id, twice);
+                self->migrations_[id]->warnings.push_back(twice);
+                self->persist(*self->migrations_[id]);
+            }
             co_return; // the operator settled it meanwhile (migration abort --target-lost)
-        auto state = reply ? reply->value("state", "") : "";
-        if (state == "arrived" || state == "none")
-            self->in_doubt_.erase(doubt);
-        if (state == "arrived") {
-            co_await self->conclude_moved(std::move(m));
+        }
+        if (state == "arrived" || state == "none") {
+            doubt->second.settling = true;
+            if (state == "none")
+                engine_log()->info("migration {}: {} does not run {}: resuming it here", id, m.target_node, m.vm);
+            co_await conclude_doubt(self, std::move(m), state == "arrived",
+                                    fmt::format("{}; {} does not run {}: it was resumed here", doubt->second.cause,
+                                                m.target_node, m.vm));
             co_return;
         }
-        if (state == "none") {
-            engine_log()->info("migration {}: {} does not run {}: resuming it here", id, m.target_node, m.vm);
-            co_await self->conclude_stayed(std::move(m));
-            co_return;
-        }
-        auto why = reply ? fmt::format("{} is still finishing the arrival", m.target_node) : reply.error().message;
-        doubt->second = why;
+        auto why = !reply            ? reply.error().message
+                   : state == "lost" ? fmt::format("{} took {} over, but its QEMU there is gone; the copy paused "
+                                                   "here is from the switchover",
+                                                   m.target_node, m.vm)
+                                     : fmt::format("{} is still finishing the arrival", m.target_node);
+        doubt->second.why = why;
         if (why != last_why)
             engine_log()->warn("migration {}: {} in doubt: {}; asking again every {} s", id, m.vm, why,
                                settle_interval.count());
@@ -294,7 +339,12 @@ asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
 // An abort of a migration in doubt: refused (the target may run the VM),
 // unless the operator says the target is lost and does not run it; then
 // the source resumes it as though the target had said so.
-Result<json> Engine::resolve_doubt(Migration& m, const std::string& why, bool target_lost) {
+Result<json> Engine::resolve_doubt(Migration& m, Doubt& doubt, bool target_lost) {
+    if (doubt.settling)
+        return make_error(Errc::conflict, fmt::format("migration {} is being settled ({}): it ends in a moment",
+                                                      m.id, doubt.by_operator ? "by an earlier --target-lost"
+                                                                              : m.target_node + " answered"));
+    const auto& why = doubt.why;
     if (m.mode == "postcopy" && m.postcopy_continued)
         return make_error(Errc::conflict,
                           fmt::format("migration {} was in post-copy: {} ran on {} and its latest state is there, "
@@ -308,17 +358,40 @@ Result<json> Engine::resolve_doubt(Migration& m, const std::string& why, bool ta
                                       "here",
                                       m.id, m.vm, m.target_node, why, settle_interval.count(), m.target_node, m.vm,
                                       m.id));
-    in_doubt_.erase(m.id);
-    engine_log()->warn("migration {}: the operator says {} is lost and does not run {}: resuming it here", m.id,
-                       m.target_node, m.vm);
+    auto vm = vms_.find(m.vm);
+    bool resumable = vm != vms_.end() && vm->second->qemu.qmp && vm->second->qemu.qmp->connected();
+    engine_log()->warn("migration {}: the operator says {} is lost and does not run {}: {}", m.id, m.target_node,
+                       m.vm, resumable ? "resuming it here" : "its source QEMU is gone too");
     m.abort_requested = true;
     m.abort_status = "Succeeded";
     m.warnings.push_back(fmt::format("{} was declared lost by the operator (migration abort --target-lost) while the "
-                                     "outcome was in doubt ({}); {} was resumed here",
-                                     m.target_node, why, m.vm));
+                                     "outcome was in doubt ({}); {}",
+                                     m.target_node, doubt.why,
+                                     resumable ? m.vm + " was resumed here"
+                                               : "the source QEMU was gone too: " + m.vm + " is stopped here"));
+    doubt.settling = true;
+    doubt.by_operator = true;
     persist(m);
-    asio::co_spawn(ex_, conclude_stayed(m), asio::detached);
+    asio::co_spawn(ex_,
+                   conclude_doubt(this, m, false,
+                                  fmt::format("{}; {} was declared lost by the operator", doubt.cause, m.target_node)),
+                   asio::detached);
     return ok(json(m));
+}
+
+asio::awaitable<void> Engine::conclude_doubt(Engine* self, Migration m, bool moved, std::string reason) {
+    auto id = m.id;
+    auto cause = self->in_doubt_[id].cause;
+    if (moved)
+        co_await self->conclude_moved(std::move(m), cause);
+    else
+        co_await self->conclude_stayed(std::move(m), std::move(reason));
+    self->in_doubt_.erase(id);
+}
+
+void Engine::leave_in_doubt(const std::string& id, std::string cause) {
+    in_doubt_[id] = Doubt{"not asked yet", false, false, std::move(cause)};
+    asio::co_spawn(ex_, settle(this, id), asio::detached);
 }
 
 // A restarted source asks what became of a migration it cannot finish: an
@@ -341,10 +414,14 @@ asio::awaitable<json> Engine::outcome(const json& msg, const std::string& peer) 
         co_return reply;
     }
     auto rec = migrations_.find(id);
-    bool arrived = rec != migrations_.end() && rec->second->target_node == config_.node.name &&
-                   rec->second->source_node == peer && rec->second->phase != Phase::Failed &&
-                   vms_.count(rec->second->vm) > 0;
-    json reply{{"type", "outcome"}, {"state", arrived ? "arrived" : "none"}};
+    // The VM of an arrival is recorded here only once it was taken over.
+    bool taken = rec != migrations_.end() && rec->second->target_node == config_.node.name &&
+                 rec->second->source_node == peer && vms_.count(rec->second->vm) > 0;
+    // Taken over, but its QEMU is gone since: the guest ran here, so the
+    // source's paused copy is older; only an operator may resume it.
+    bool lost = taken && vms_[rec->second->vm]->status == "stopped";
+    bool arrived = taken && !lost && rec->second->phase != Phase::Failed;
+    json reply{{"type", "outcome"}, {"state", lost ? "lost" : arrived ? "arrived" : "none"}};
     co_return reply;
 }
 

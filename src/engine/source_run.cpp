@@ -87,7 +87,9 @@ asio::awaitable<void> SourceRun::run(std::shared_ptr<SourceRun> self) {
     if (r)
         r = co_await run.hand_off();
     co_await run.destination_->release(!r);
-    if (!r)
+    if (!r && run.outcome_unknown_)
+        run.leave_in_doubt(r.error());
+    else if (!r)
         co_await run.fail(r.error());
     run.destination_->close();
 }
@@ -349,6 +351,18 @@ asio::awaitable<void> SourceRun::ensure_source_running() {
         co_await sleep_for(100ms);
     }
     engine_log()->error("migration {}: the source VM did not resume", m_.id);
+}
+
+// The source QEMU stays paused and the VM bound to this migration (no other
+// migration, no delete) until the target says whether it runs the VM.
+void SourceRun::leave_in_doubt(const Error& error) {
+    engine_log()->warn("migration {}: {}", m_.id, error.message);
+    if (vm_->qemu.qmp)
+        vm_->qemu.qmp->unsubscribe(source_subscription_);
+    vm_->status = "unknown";
+    m_.warnings.push_back(error.message);
+    node_.persist(m_);
+    node_.leave_in_doubt(m_.id, fmt::format("{} did not answer the hand-off", m_.target_node));
 }
 
 asio::awaitable<void> SourceRun::fail(const Error& error) {

@@ -42,6 +42,9 @@ public:
     // The source's copy is, or may be, older than the destination's: never
     // resume it.
     void keep_source_paused() { source_was_running_ = false; }
+    // The hand-off got no answer: whether the target runs the VM is not
+    // known. The run ends in doubt, not failed (the node asks the target).
+    void outcome_unknown() { outcome_unknown_ = true; }
     std::size_t source_subscription() const { return source_subscription_; }
     void set_phase(Phase phase);
     // [hooks] as it was when the migration was created: a reload (SIGHUP)
@@ -64,6 +67,7 @@ private:
     boost::asio::awaitable<Result<void>> complete_stream();
     boost::asio::awaitable<Result<void>> hand_off();
     boost::asio::awaitable<void> fail(const Error& error);
+    void leave_in_doubt(const Error& error);
     boost::asio::awaitable<void> ensure_source_running();
     // This side's hooks of a phase: an error before the switchover, warnings
     // on the record after it.
@@ -77,6 +81,7 @@ private:
     std::unique_ptr<Destination> destination_;
     Clock::time_point start_;
     bool switchover_started_ = false;
+    bool outcome_unknown_ = false;
     bool source_was_running_ = true;
     std::size_t source_subscription_ = 0;
     boost::asio::steady_timer wake_; // cut short by events and abort requests

@@ -815,9 +815,10 @@ static int ferryctl_main(int argc, char** argv) {
         if (target_lost)
             params["target_lost"] = true;
         rc = show(g, call(g, "migration.abort", params), [&](const json& m) {
-            if (target_lost)
-                std::cout << m.value("vm", "") << " resumes on " << m.value("source_node", "") << "; migration "
-                          << m.value("id", "") << " ends Failed\n";
+            auto w = m.find("warnings");
+            if (target_lost && w != m.end() && w->is_array() && !w->empty() && w->back().is_string())
+                std::cout << "migration " << m.value("id", "") << " ends Failed: " << w->back().get<std::string>()
+                          << "\n";
             else
                 std::cout << "abort requested for " << m.value("id", "") << "\n";
         });

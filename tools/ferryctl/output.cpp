@@ -165,7 +165,8 @@ void print_migration(const json& m) {
                              rate(p.value("transfer_rate_bps", std::uint64_t{0})),
                              rate(p.value("dirty_rate_bps", std::uint64_t{0})));
     std::cout << fmt::format("iteration:    {}\n", p.value("iteration", 0));
-    if (auto silent = p.value("peer_silent_ms", std::int64_t{0}); silent >= 1000)
+    if (auto silent = p.value("peer_silent_ms", std::int64_t{0});
+        silent >= 1000 && (m.value("phase", "") == "Running" || m.value("phase", "") == "Switchover"))
         std::cout << fmt::format("peer:         {} has not answered for {} s (given up after {} s)\n",
                                  str(m, "target_node"), silent / 1000, m.at("config").value("peer_timeout", 0));
     if (auto d = disks_part(p); !d.empty())
