@@ -1498,6 +1498,34 @@ format = ")" + format + R"("
         std::string id;
         int target_qemu = -1;
     };
+    // Both nodes up with demo on node-a; node-b's activated hook (the guest
+    // already resumed there) announces itself and takes 8 s while the file
+    // <dir>/slow exists (made here).
+    void start_with_slow_activated_hook() {
+        auto d = dir_.path();
+        std::filesystem::create_directories(d + "/hooks-a");
+        std::filesystem::create_directories(d + "/hooks-b");
+        ferry::test::write_file(d + "/hooks-b/10-slow", "#!/bin/sh\n[ \"$2\" = activated ] || exit 0\n[ -e " + d +
+                                                            "/slow ] || exit 0\ntouch " + d +
+                                                            "/in-activated\nsleep 8\n");
+        std::filesystem::permissions(d + "/hooks-b/10-slow", std::filesystem::perms::owner_all);
+        ferry::test::write_file(d + "/slow", "");
+        configure("bandwidth_per_migration = \"64Mi\"",
+                  "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 20\n");
+        start(a());
+        start(b());
+        create_on_a();
+    }
+    // Migrates demo to node-b; returns its id once node-b runs that hook.
+    std::string migrate_until_activated() {
+        auto flag = dir_ / "in-activated";
+        std::filesystem::remove(flag);
+        auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
+        for (int i = 0; i < 600 && !std::filesystem::exists(flag); ++i)
+            std::this_thread::sleep_for(50ms);
+        EXPECT_TRUE(std::filesystem::exists(flag)) << ferry::test::read_file(dir_ / "node-a.log");
+        return id;
+    }
     Slow start_slow_migration(const std::string& extra_migration_config = "") {
         configure("bandwidth_per_migration = \"2Mi\"\n" + extra_migration_config);
         start(a());
@@ -2464,21 +2492,9 @@ TEST_F(TwoNodes, ASourceKilledDuringTheHandOffAsksTheTargetAndRecordsTheTruth) {
 // abort is refused, naming the way out; the operator's --target-lost
 // resumes it on the source with its memory intact.
 TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLost) {
-    auto d = dir_.path();
-    std::filesystem::create_directories(d + "/hooks-a");
-    std::filesystem::create_directories(d + "/hooks-b");
-    ferry::test::write_file(d + "/hooks-b/10-slow", "#!/bin/sh\n[ \"$2\" = activated ] || exit 0\ntouch " + d +
-                                                        "/in-activated\nsleep 8\n");
-    std::filesystem::permissions(d + "/hooks-b/10-slow", std::filesystem::perms::owner_all);
-    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 20\n");
-    start(a());
-    start(b());
-    create_on_a();
+    start_with_slow_activated_hook();
     auto pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
-    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-activated"); ++i)
-        std::this_thread::sleep_for(50ms);
-    ASSERT_TRUE(std::filesystem::exists(d + "/in-activated")) << ferry::test::read_file(dir_ / "node-a.log");
+    auto id = migrate_until_activated();
     stop(a(), SIGKILL);
     stop(b(), SIGKILL);
     ferry::test::kill_processes_mentioning(dir_ / "state-b/");
@@ -2522,7 +2538,6 @@ TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLos
 
     // node-b, back, holds what it had taken over: a stopped record of demo
     // (its QEMU gone), for its operator to delete.
-    std::filesystem::remove(d + "/in-activated");
     start(b());
     EXPECT_EQ(ctl_json(b(), "vm show demo")["status"], "stopped");
     EXPECT_EQ(ctl(b(), "vm delete demo").status, 0);
@@ -2530,10 +2545,7 @@ TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLos
     // Again, and both QEMUs lost: node-b answers that it took demo over but
     // its QEMU is gone, which keeps it in doubt (the copy on node-a would be
     // older); --target-lost then leaves demo stopped on node-a, not stuck.
-    id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-activated"); ++i)
-        std::this_thread::sleep_for(50ms);
-    ASSERT_TRUE(std::filesystem::exists(d + "/in-activated")) << ferry::test::read_file(dir_ / "node-a.log");
+    id = migrate_until_activated();
     stop(a(), SIGKILL);
     stop(b(), SIGKILL);
     ferry::test::kill_processes_mentioning(dir_ / "state-b/");
@@ -2560,26 +2572,12 @@ TEST_F(TwoNodes, AMigrationInDoubtWaitsForTheTargetUntilTheOperatorDeclaresItLos
 // it keeps its copy paused and asks until the target says it runs the VM;
 // the migration then succeeds, the VM in the same QEMU on node-b.
 TEST_F(TwoNodes, ATargetKilledDuringTheHandOffKeepsTheVmAndTheSourceLearnsIt) {
-    auto d = dir_.path();
-    std::filesystem::create_directories(d + "/hooks-a");
-    std::filesystem::create_directories(d + "/hooks-b");
-    ferry::test::write_file(d + "/hooks-b/10-slow", "#!/bin/sh\n[ \"$2\" = activated ] || exit 0\n"
-                                                    "[ -e " + d + "/slow ] || exit 0\ntouch " + d +
-                                                        "/in-activated\nsleep 8\n");
-    std::filesystem::permissions(d + "/hooks-b/10-slow", std::filesystem::perms::owner_all);
-    ferry::test::write_file(d + "/slow", "");
-    configure("bandwidth_per_migration = \"64Mi\"", "[hooks]\ndir = \"" + d + "/hooks-{letter}\"\ntimeout = 20\n");
-    start(a());
-    start(b());
-    create_on_a();
+    start_with_slow_activated_hook();
     auto source_pid = ctl_json(a(), "vm show demo")["pid"].get<int>();
-    auto id = ctl_json(a(), "migrate demo --to node-b")["id"].get<std::string>();
-    for (int i = 0; i < 600 && !std::filesystem::exists(d + "/in-activated"); ++i)
-        std::this_thread::sleep_for(50ms);
-    ASSERT_TRUE(std::filesystem::exists(d + "/in-activated")) << ferry::test::read_file(dir_ / "node-a.log");
+    auto id = migrate_until_activated();
     auto target_pid = ctl_json(b(), "vm show demo")["pid"].get<int>();
     stop(b(), SIGKILL);
-    std::filesystem::remove(d + "/slow");
+    std::filesystem::remove(dir_ / "slow");
     json m;
     for (int i = 0; i < 200 && !m.contains("in_doubt"); ++i) {
         std::this_thread::sleep_for(50ms);
@@ -2898,9 +2896,9 @@ TEST_F(TwoNodes, AFrozenPeerIsDeclaredDeadAfterPeerTimeout) {
     std::string shown;
     for (int i = 0; i < 160 && shown.find("node-b has not answered for") == std::string::npos; ++i) {
         std::this_thread::sleep_for(50ms);
-        seen = ctl_json(a(), "migration show " + m.id);
         shown = ctl(a(), "migration show " + m.id).out;
     }
+    seen = ctl_json(a(), "migration show " + m.id); // after the text: the silence only grows until the end
     EXPECT_NE(shown.find("node-b has not answered for"), std::string::npos) << shown;
     EXPECT_NE(shown.find("(given up after 8 s)"), std::string::npos) << shown;
     EXPECT_GE(seen["progress"]["peer_silent_ms"].get<int>(), 1000) << seen.dump(2);
