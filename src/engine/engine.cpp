@@ -884,7 +884,7 @@ Result<json> Engine::abort_migration(const std::string& id, bool target_lost) {
         return resolve_doubt(m, doubt->second, target_lost);
     if (target_lost)
         return make_error(Errc::conflict, fmt::format("migration {} is not in doubt: --target-lost is only for a "
-                                                      "migration whose hand-off a restart interrupted",
+                                                      "migration whose hand-off got no answer",
                                                       id));
     if (m.mode == "postcopy")
         return make_error(Errc::conflict,

@@ -30,6 +30,8 @@ namespace {
 
 constexpr auto settle_interval = std::chrono::seconds(5);
 
+std::string not_asked(const Migration& m) { return fmt::format("{} has not been asked yet", m.target_node); }
+
 // The `aborted` hooks of a migration a restart interrupted, as a failure
 // runs them: the target's first (where the VM was arriving here), then the
 // source's, within 60 s in all (ferryd answers only once they end). Their
@@ -115,7 +117,7 @@ asio::awaitable<void> Engine::recover_migration(Migration m) {
                                              m.vm, m.target_node, m.target_node));
             persist(m);
             *migrations_[m.id] = m;
-            in_doubt_[m.id] = Doubt{fmt::format("{} has not been asked yet", m.target_node)};
+            in_doubt_[m.id] = Doubt{.why = not_asked(m)};
             co_return;
         }
     }
@@ -297,7 +299,10 @@ asio::awaitable<void> Engine::settle(Engine* self, std::string id) {
         json ask{{"type", "outcome"}, {"migration_id", id}};
         auto reply = co_await self->ask_peer(m.target_node, ask, std::chrono::seconds(10));
         auto doubt = self->in_doubt_.find(id);
-        auto state = reply && (*reply)["state"].is_string() ? (*reply)["state"].get<std::string>() : "";
+        std::string state;
+        if (auto field = reply ? reply->find("state") : json::iterator{}; reply && field != reply->end() &&
+                                                                            field->is_string())
+            state = field->get<std::string>();
         if (doubt == self->in_doubt_.end() || doubt->second.settling) {
             if (state == "arrived" && doubt != self->in_doubt_.end() && doubt->second.by_operator) {
                 // The operator declared the target lost, and it was not.
@@ -352,12 +357,11 @@ Result<json> Engine::resolve_doubt(Migration& m, Doubt& doubt, bool target_lost)
                                       m.id, m.vm, m.target_node, m.target_node));
     if (!target_lost)
         return make_error(Errc::conflict,
-                          fmt::format("migration {} is in doubt: ferryd restarted during the hand-off, and whether "
-                                      "{} runs on {} is not known ({}; asked every {} s). If {} is lost for good "
-                                      "and does not run {}, `ferryctl migration abort {} --target-lost` resumes it "
-                                      "here",
-                                      m.id, m.vm, m.target_node, why, settle_interval.count(), m.target_node, m.vm,
-                                      m.id));
+                          fmt::format("migration {} is in doubt: {}, and whether {} runs on {} is not known ({}; "
+                                      "asked every {} s). If {} is lost for good and does not run {}, `ferryctl "
+                                      "migration abort {} --target-lost` resumes it here",
+                                      m.id, doubt.cause, m.vm, m.target_node, why, settle_interval.count(),
+                                      m.target_node, m.vm, m.id));
     auto vm = vms_.find(m.vm);
     bool resumable = vm != vms_.end() && vm->second->qemu.qmp && vm->second->qemu.qmp->connected();
     engine_log()->warn("migration {}: the operator says {} is lost and does not run {}: {}", m.id, m.target_node,
@@ -390,7 +394,7 @@ asio::awaitable<void> Engine::conclude_doubt(Engine* self, Migration m, bool mov
 }
 
 void Engine::leave_in_doubt(const std::string& id, std::string cause) {
-    in_doubt_[id] = Doubt{"not asked yet", false, false, std::move(cause)};
+    in_doubt_[id] = Doubt{.why = not_asked(*migrations_.at(id)), .cause = std::move(cause)};
     asio::co_spawn(ex_, settle(this, id), asio::detached);
 }
 

@@ -808,8 +808,8 @@ static int ferryctl_main(int argc, char** argv) {
     mig_abort->add_option("id", id, "the migration's id (migration list shows them)")->required();
     bool target_lost = false;
     mig_abort->add_flag("--target-lost", target_lost,
-                        "a migration in doubt after a restart: the target node is lost for good and does not run "
-                        "the VM; resume it here");
+                        "a migration in doubt (its hand-off got no answer): the target node is lost for good and "
+                        "does not run the VM; resume it here");
     mig_abort->callback([&] {
         json params{{"id", id}};
         if (target_lost)
